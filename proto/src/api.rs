@@ -1,0 +1,191 @@
+//! Types of the tracker's HTTP API (JSON). `docs/protocol.md` lists the endpoints.
+
+use std::net::SocketAddr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::origins::OriginList;
+use crate::{ContentId, Manifest, NodeId};
+
+/// A message a node signs with its identity key, so nobody can register or heartbeat in its name.
+/// The signature covers `"fog-signed-v1\0" ‖ kind ‖ "\0" ‖ payload`, where `payload` is the exact JSON text
+/// of the inner message: the verifier checks those bytes, then parses them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Signed {
+    pub node_id: NodeId,
+    pub payload: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignedError {
+    #[error("node id is not a valid ed25519 public key")]
+    BadKey,
+    #[error("signature is malformed or does not verify")]
+    BadSignature,
+    #[error("payload is not a valid {kind} message: {reason}")]
+    Payload { kind: &'static str, reason: String },
+}
+
+fn signed_bytes(kind: &str, payload: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(payload.len() + kind.len() + 16);
+    m.extend_from_slice(b"fog-signed-v1\0");
+    m.extend_from_slice(kind.as_bytes());
+    m.push(0);
+    m.extend_from_slice(payload.as_bytes());
+    m
+}
+
+impl Signed {
+    pub fn sign<T: Serialize>(key: &SigningKey, kind: &str, message: &T) -> Self {
+        let payload = serde_json::to_string(message).expect("API messages always serialise");
+        let signature = key.sign(&signed_bytes(kind, &payload));
+        Self { node_id: key.verifying_key().into(), payload, signature: hex::encode(signature.to_bytes()) }
+    }
+
+    pub fn open<T: DeserializeOwned>(&self, kind: &'static str) -> Result<T, SignedError> {
+        let key = self.node_id.verifying_key().map_err(|_| SignedError::BadKey)?;
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(&self.signature, &mut sig).map_err(|_| SignedError::BadSignature)?;
+        key.verify(&signed_bytes(kind, &self.payload), &Signature::from_bytes(&sig))
+            .map_err(|_| SignedError::BadSignature)?;
+        serde_json::from_str(&self.payload)
+            .map_err(|e| SignedError::Payload { kind, reason: e.to_string() })
+    }
+}
+
+pub const KIND_REGISTER: &str = "register";
+pub const KIND_HEARTBEAT: &str = "heartbeat";
+
+/// `POST /v1/nodes/register`, signed as [`KIND_REGISTER`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Register {
+    /// Address clients should dial. An unspecified IP (0.0.0.0) means "the address you see me from".
+    pub quic_addr: SocketAddr,
+    pub cache_capacity: u64,
+    /// Upload cap in bytes/s, if the owner set one.
+    pub upload_limit: Option<u64>,
+    pub version: String,
+    /// Milliseconds since the Unix epoch; the tracker refuses stale or future messages (replay guard).
+    pub timestamp_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub heartbeat_interval_secs: u64,
+    /// The address the tracker will hand to clients.
+    pub advertised_addr: SocketAddr,
+    /// Origins the node may pull from on a miss.
+    pub origins: OriginList,
+}
+
+/// `POST /v1/nodes/heartbeat`, signed as [`KIND_HEARTBEAT`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub timestamp_ms: u64,
+    pub stats: NodeStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// False when the tracker does not know this node (it restarted or forgot it): register again.
+    pub registered: bool,
+    pub origins: OriginList,
+}
+
+/// What a node reports about itself. Counters are totals since the node started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub cache_used: u64,
+    pub cache_capacity: u64,
+    pub cached_chunks: u64,
+    pub active_streams: u64,
+    pub requests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_served: u64,
+    pub origin_fills: u64,
+    pub origin_bytes: u64,
+    /// Chunks read back from disk that no longer matched their hash (dropped, never served).
+    pub corrupt_chunks: u64,
+    pub bad_requests: u64,
+    pub store_errors: u64,
+}
+
+/// One node a client may fetch from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeContact {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+/// `GET /v1/resolve?url=…`: the manifest and, per chunk, candidate nodes best first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resolve {
+    pub content_id: ContentId,
+    pub manifest: Manifest,
+    pub nodes: Vec<NodeContact>,
+    /// `schedule[i]` lists indices into `nodes` for chunk `i`, best candidate first.
+    pub schedule: Vec<Vec<u32>>,
+}
+
+/// Machine-readable error codes of the tracker API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownOrigin,
+    OriginNotFound,
+    OriginError,
+    TooLarge,
+    Unauthorized,
+    RegistryFull,
+    Internal,
+}
+
+/// The body of every non-2xx tracker response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ErrorCode,
+    pub message: String,
+    /// Whether the same request may succeed later.
+    pub retryable: bool,
+}
+
+/// `GET /v1/stats`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrackerStats {
+    pub nodes_total: u64,
+    pub nodes_healthy: u64,
+    pub manifests: u64,
+    pub cache_used: u64,
+    pub cache_capacity: u64,
+    /// Sum of bytes served as reported by healthy nodes.
+    pub bytes_served: u64,
+    pub resolves: u64,
+    pub ingests: u64,
+    pub ingest_errors: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_messages_verify_and_resist_tampering() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default() };
+        let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
+        let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");
+        assert_eq!(back.timestamp_ms, 1);
+        assert_eq!(s.open::<Heartbeat>(KIND_REGISTER).unwrap_err(), SignedError::BadSignature);
+        let mut tampered = s.clone();
+        tampered.payload = tampered.payload.replace("\"timestamp_ms\":1", "\"timestamp_ms\":2");
+        assert_eq!(tampered.open::<Heartbeat>(KIND_HEARTBEAT).unwrap_err(), SignedError::BadSignature);
+        let mut other = s;
+        other.node_id = SigningKey::from_bytes(&[8u8; 32]).verifying_key().into();
+        assert_eq!(other.open::<Heartbeat>(KIND_HEARTBEAT).unwrap_err(), SignedError::BadSignature);
+    }
+}

@@ -1,0 +1,22 @@
+//! fog-proto: the vocabulary every fogcdn component shares, with no I/O.
+//!
+//! - [`id`]: BLAKE3 chunk hashes and content ids, ed25519 node ids.
+//! - [`manifest`]: how an origin object is split into verified chunks.
+//! - [`wire`]: the QUIC chunk protocol frames (the normative spec is `docs/protocol.md`).
+//! - [`api`]: the tracker's HTTP API types.
+//! - [`placement`]: rendezvous hashing, the one placement function tracker and nodes share.
+//! - [`cache`]: the cache eviction policy, pure so the node and the simulator run the same code.
+//! - [`origins`]: which URLs belong to operator-registered origins.
+//! - [`size`]: human-friendly byte sizes (`64MiB`) for configuration.
+
+pub mod api;
+pub mod cache;
+pub mod id;
+pub mod manifest;
+pub mod origins;
+pub mod placement;
+pub mod size;
+pub mod wire;
+
+pub use id::{ChunkHash, ContentId, NodeId};
+pub use manifest::Manifest;

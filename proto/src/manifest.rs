@@ -1,0 +1,137 @@
+//! A manifest describes one immutable version of an origin object as a list of fixed-size chunks, each named
+//! by its BLAKE3 hash. Whoever holds the manifest can verify every chunk from any untrusted source.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ChunkHash, ContentId};
+
+/// Smallest and largest chunk sizes we accept. The upper bound keeps one chunk comfortably in memory on a
+/// 1 GB node; the lower bound keeps manifests (32 B per chunk) small.
+pub const MIN_CHUNK_SIZE: u32 = 16 * 1024;
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Default chunk size: big enough that per-request overhead is small, small enough to spread load.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The origin URL this object was ingested from.
+    pub url: String,
+    /// Object size in bytes.
+    pub size: u64,
+    /// Every chunk but the last is exactly this long.
+    pub chunk_size: u32,
+    /// BLAKE3 hash of each chunk, in order.
+    pub chunks: Vec<ChunkHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// A manifest whose fields contradict each other (for example from a misbehaving tracker).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(u32),
+    #[error("manifest lists {listed} chunks but size {size} with chunk size {chunk_size} needs {expected}")]
+    ChunkCount { listed: usize, expected: u64, size: u64, chunk_size: u32 },
+}
+
+impl Manifest {
+    /// Number of chunks an object of `size` bytes needs (an empty object has none).
+    pub fn chunk_count_for(size: u64, chunk_size: u32) -> u64 {
+        size.div_ceil(u64::from(chunk_size))
+    }
+
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return Err(ManifestError::ChunkSize(self.chunk_size));
+        }
+        let expected = Self::chunk_count_for(self.size, self.chunk_size);
+        if self.chunks.len() as u64 != expected {
+            return Err(ManifestError::ChunkCount {
+                listed: self.chunks.len(),
+                expected,
+                size: self.size,
+                chunk_size: self.chunk_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Byte offset and length of chunk `index` within the object. Panics if `index` is out of range.
+    pub fn chunk_span(&self, index: usize) -> (u64, u32) {
+        assert!(index < self.chunks.len(), "chunk {index} out of range");
+        let offset = index as u64 * u64::from(self.chunk_size);
+        let len = (self.size - offset).min(u64::from(self.chunk_size)) as u32;
+        (offset, len)
+    }
+
+    /// The content id: BLAKE3 over a canonical binary encoding, so it does not depend on JSON formatting.
+    /// Layout: `"fog-manifest-v1"`, then url, content type and etag as (u32 BE length, bytes), then size (u64 BE),
+    /// chunk size (u32 BE), chunk count (u64 BE) and the chunk hashes.
+    pub fn content_id(&self) -> ContentId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"fog-manifest-v1");
+        for field in [Some(&self.url), self.content_type.as_ref(), self.etag.as_ref()] {
+            let bytes = field.map(|s| s.as_bytes()).unwrap_or_default();
+            h.update(&(bytes.len() as u32).to_be_bytes());
+            h.update(bytes);
+        }
+        h.update(&self.size.to_be_bytes());
+        h.update(&self.chunk_size.to_be_bytes());
+        h.update(&(self.chunks.len() as u64).to_be_bytes());
+        for c in &self.chunks {
+            h.update(c.as_bytes());
+        }
+        ContentId(*h.finalize().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(size: u64) -> Manifest {
+        let n = Manifest::chunk_count_for(size, MIN_CHUNK_SIZE);
+        Manifest {
+            url: "http://o.example/a".into(),
+            size,
+            chunk_size: MIN_CHUNK_SIZE,
+            chunks: (0..n).map(|i| ChunkHash::of(&i.to_be_bytes())).collect(),
+            content_type: None,
+            etag: Some("\"x\"".into()),
+        }
+    }
+
+    #[test]
+    fn spans_cover_object_exactly() {
+        for size in [0, 1, u64::from(MIN_CHUNK_SIZE), u64::from(MIN_CHUNK_SIZE) + 1, 100_000] {
+            let m = sample(size);
+            m.validate().expect("valid");
+            let total: u64 = (0..m.chunks.len()).map(|i| u64::from(m.chunk_span(i).1)).sum();
+            assert_eq!(total, size);
+        }
+    }
+
+    #[test]
+    fn content_id_changes_with_any_field() {
+        let a = sample(100_000);
+        let mut b = a.clone();
+        b.etag = None;
+        assert_ne!(a.content_id(), b.content_id());
+        let mut c = a.clone();
+        c.chunks.swap(0, 1);
+        assert_ne!(a.content_id(), c.content_id());
+        assert_eq!(a.content_id(), a.clone().content_id());
+    }
+
+    #[test]
+    fn validate_rejects_inconsistent() {
+        let mut m = sample(100_000);
+        m.chunks.pop();
+        assert!(matches!(m.validate(), Err(ManifestError::ChunkCount { .. })));
+        m.chunk_size = 1;
+        assert!(matches!(m.validate(), Err(ManifestError::ChunkSize(1))));
+    }
+}

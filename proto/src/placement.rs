@@ -1,0 +1,69 @@
+//! Rendezvous (highest-random-weight) hashing: every party that knows the same node set ranks the nodes for a
+//! chunk identically, and when a node joins or leaves only ~1/n of the chunks move. The tracker uses it to
+//! schedule, nodes will use it to find peers holding a chunk, the simulator to model both.
+
+use crate::{ChunkHash, NodeId};
+
+/// The pseudo-random weight of `node` for `chunk`: the first 8 bytes of BLAKE3(chunk ‖ node).
+pub fn weight(chunk: &ChunkHash, node: &NodeId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(chunk.as_bytes());
+    h.update(node.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Indices into `nodes` of the `k` highest-weight nodes for `chunk`, best first. Ties (practically
+/// impossible) break by node id so the order is total and deterministic.
+pub fn top_k(chunk: &ChunkHash, nodes: &[NodeId], k: usize) -> Vec<usize> {
+    let mut ranked: Vec<(u64, &NodeId, usize)> =
+        nodes.iter().enumerate().map(|(i, n)| (weight(chunk, n), n, i)).collect();
+    let k = k.min(ranked.len());
+    let by_weight = |a: &(u64, &NodeId, usize), b: &(u64, &NodeId, usize)| b.0.cmp(&a.0).then(a.1.cmp(b.1));
+    if k < ranked.len() && k > 0 {
+        ranked.select_nth_unstable_by(k - 1, by_weight);
+    }
+    ranked.truncate(k);
+    ranked.sort_unstable_by(by_weight);
+    ranked.into_iter().map(|(_, _, i)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: u8) -> Vec<NodeId> {
+        (0..n).map(|i| NodeId(*blake3::hash(&[i]).as_bytes())).collect()
+    }
+
+    #[test]
+    fn deterministic_and_order_independent() {
+        let ns = nodes(20);
+        let c = ChunkHash::of(b"chunk");
+        let a: Vec<NodeId> = top_k(&c, &ns, 3).into_iter().map(|i| ns[i]).collect();
+        let mut rev = ns.clone();
+        rev.reverse();
+        let b: Vec<NodeId> = top_k(&c, &rev, 3).into_iter().map(|i| rev[i]).collect();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn removing_a_node_moves_only_its_chunks() {
+        let ns = nodes(10);
+        let chunks: Vec<ChunkHash> = (0..2000u32).map(|i| ChunkHash::of(&i.to_be_bytes())).collect();
+        let before: Vec<NodeId> = chunks.iter().map(|c| ns[top_k(c, &ns, 1)[0]]).collect();
+        let fewer: Vec<NodeId> = ns[1..].to_vec();
+        for (c, owner) in chunks.iter().zip(&before) {
+            let now = fewer[top_k(c, &fewer, 1)[0]];
+            if *owner != ns[0] {
+                assert_eq!(now, *owner, "a chunk not on the removed node moved");
+            }
+        }
+        // Each node owns roughly a tenth.
+        let owned = before.iter().filter(|n| **n == ns[0]).count();
+        assert!((100..=300).contains(&owned), "node 0 owns {owned} of 2000");
+    }
+}

@@ -1,0 +1,334 @@
+//! Frames of the QUIC chunk protocol (ALPN `fog/1`). The normative description is `docs/protocol.md`.
+//!
+//! One request per bidirectional stream. The client writes a request frame and finishes its side; the node
+//! answers with a response header and, on success, the bytes, then finishes. Every length is bounded here
+//! so a reader never allocates more than these limits on a peer's say-so.
+
+use crate::ChunkHash;
+
+pub const ALPN: &[u8] = b"fog/1";
+pub const VERSION: u8 = 1;
+/// Largest request body (after its u16 length prefix).
+pub const MAX_REQUEST_LEN: usize = 4096;
+/// Longest origin URL in a hint.
+pub const MAX_URL_LEN: usize = 2048;
+/// Longest error message in a response.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Largest payload a response may announce: one whole chunk.
+pub const MAX_PAYLOAD_LEN: u32 = crate::manifest::MAX_CHUNK_SIZE;
+
+const FLAG_RANGE: u8 = 1;
+const FLAG_ORIGIN: u8 = 2;
+
+/// Where the node may pull a chunk it does not have (pull-through), and which bytes of the object it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginHint {
+    pub url: String,
+    /// Offset of the chunk within the origin object.
+    pub offset: u64,
+    /// Chunk length.
+    pub length: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRequest {
+    pub hash: ChunkHash,
+    /// A byte range within the chunk: (offset, length). `None` asks for the whole chunk.
+    pub range: Option<(u32, u32)>,
+    pub origin: Option<OriginHint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    /// Not cached and no origin hint given.
+    NotFound = 1,
+    /// The request frame was malformed.
+    BadRequest = 2,
+    /// The origin failed or timed out while the node pulled the chunk.
+    OriginFailed = 3,
+    /// The origin's bytes do not hash to the requested chunk: the object changed after ingest.
+    OriginMismatch = 4,
+    /// The hint names a URL outside the registered origins.
+    OriginNotAllowed = 5,
+    /// The node is over its limits; try another node.
+    Busy = 6,
+    /// The node failed internally (for example its disk).
+    Internal = 7,
+}
+
+impl Status {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Ok,
+            1 => Self::NotFound,
+            2 => Self::BadRequest,
+            3 => Self::OriginFailed,
+            4 => Self::OriginMismatch,
+            5 => Self::OriginNotAllowed,
+            6 => Self::Busy,
+            7 => Self::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame ends early: needed {needed} more bytes")]
+    Truncated { needed: usize },
+    #[error("unsupported protocol version {0} (this node speaks {VERSION})")]
+    Version(u8),
+    #[error("unknown flag bits {0:#04x}")]
+    Flags(u8),
+    #[error("{what} length {len} exceeds the limit {max}")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("origin URL is not UTF-8")]
+    Utf8,
+    #[error("{0} trailing bytes after the frame")]
+    Trailing(usize),
+    #[error("unknown status code {0}")]
+    UnknownStatus(u8),
+    #[error("empty range")]
+    EmptyRange,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.0.len() < n {
+            return Err(FrameError::Truncated { needed: n - self.0.len() });
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        self.array().map(u16::from_be_bytes)
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        self.array().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        self.array().map(u64::from_be_bytes)
+    }
+}
+
+impl ChunkRequest {
+    /// The request body, without its u16 length prefix (see [`ChunkRequest::encode_framed`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(VERSION);
+        let flags = if self.range.is_some() { FLAG_RANGE } else { 0 }
+            | if self.origin.is_some() { FLAG_ORIGIN } else { 0 };
+        out.push(flags);
+        out.extend_from_slice(self.hash.as_bytes());
+        if let Some((off, len)) = self.range {
+            out.extend_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+        if let Some(o) = &self.origin {
+            out.extend_from_slice(&o.offset.to_be_bytes());
+            out.extend_from_slice(&o.length.to_be_bytes());
+            out.extend_from_slice(&(o.url.len() as u16).to_be_bytes());
+            out.extend_from_slice(o.url.as_bytes());
+        }
+        out
+    }
+
+    /// The request as it goes on the wire: u16 BE body length, then the body. Fails if the URL is too long.
+    pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
+        if let Some(o) = &self.origin {
+            if o.url.len() > MAX_URL_LEN {
+                return Err(FrameError::TooLong { what: "origin URL", len: o.url.len(), max: MAX_URL_LEN });
+            }
+        }
+        let body = self.encode();
+        let mut out = Vec::with_capacity(body.len() + 2);
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Checks a length prefix before the body is read.
+    pub fn check_len(len: u16) -> Result<usize, FrameError> {
+        let len = usize::from(len);
+        if len > MAX_REQUEST_LEN {
+            return Err(FrameError::TooLong { what: "request", len, max: MAX_REQUEST_LEN });
+        }
+        Ok(len)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader(body);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let flags = r.u8()?;
+        if flags & !(FLAG_RANGE | FLAG_ORIGIN) != 0 {
+            return Err(FrameError::Flags(flags));
+        }
+        let hash = ChunkHash(r.array()?);
+        let range = if flags & FLAG_RANGE != 0 {
+            let (off, len) = (r.u32()?, r.u32()?);
+            if len == 0 {
+                return Err(FrameError::EmptyRange);
+            }
+            Some((off, len))
+        } else {
+            None
+        };
+        let origin = if flags & FLAG_ORIGIN != 0 {
+            let offset = r.u64()?;
+            let length = r.u32()?;
+            if length > MAX_PAYLOAD_LEN {
+                return Err(FrameError::TooLong {
+                    what: "hinted chunk",
+                    len: length as usize,
+                    max: MAX_PAYLOAD_LEN as usize,
+                });
+            }
+            let url_len = usize::from(r.u16()?);
+            if url_len > MAX_URL_LEN {
+                return Err(FrameError::TooLong { what: "origin URL", len: url_len, max: MAX_URL_LEN });
+            }
+            let url = std::str::from_utf8(r.take(url_len)?).map_err(|_| FrameError::Utf8)?.to_owned();
+            Some(OriginHint { url, offset, length })
+        } else {
+            None
+        };
+        if !r.0.is_empty() {
+            return Err(FrameError::Trailing(r.0.len()));
+        }
+        Ok(Self { hash, range, origin })
+    }
+}
+
+/// The fixed part of a response: status, then either the payload length (Ok) or an error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseHead {
+    Ok { len: u32 },
+    Error { status: Status, message: String },
+}
+
+impl ResponseHead {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Ok { len } => {
+                let mut out = vec![Status::Ok as u8];
+                out.extend_from_slice(&len.to_be_bytes());
+                out
+            }
+            Self::Error { status, message } => {
+                // Truncate on a char boundary so the message stays valid UTF-8.
+                let mut end = message.len().min(MAX_MESSAGE_LEN);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let mut out = vec![*status as u8];
+                out.extend_from_slice(&(end as u16).to_be_bytes());
+                out.extend_from_slice(&message.as_bytes()[..end]);
+                out
+            }
+        }
+    }
+
+    /// Length of the part after the status byte that tells how long the rest is: 4 (Ok) or 2 (error).
+    pub fn len_field_size(status: Status) -> usize {
+        if status == Status::Ok {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Validates the announced length of an Ok payload or error message.
+    pub fn check_len(status: Status, len: u32) -> Result<usize, FrameError> {
+        let (what, max) = if status == Status::Ok {
+            ("payload", MAX_PAYLOAD_LEN as usize)
+        } else {
+            ("message", MAX_MESSAGE_LEN)
+        };
+        let len = len as usize;
+        if len > max {
+            return Err(FrameError::TooLong { what, len, max });
+        }
+        Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips() {
+        let reqs = [
+            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None },
+            ChunkRequest {
+                hash: ChunkHash::of(b"b"),
+                range: Some((10, 20)),
+                origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
+            },
+        ];
+        for r in reqs {
+            let framed = r.encode_framed().expect("encode");
+            let len = u16::from_be_bytes([framed[0], framed[1]]);
+            assert_eq!(usize::from(len), framed.len() - 2);
+            assert_eq!(ChunkRequest::decode(&framed[2..]).expect("decode"), r);
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_rejected() {
+        let good = ChunkRequest {
+            hash: ChunkHash::of(b"a"),
+            range: None,
+            origin: Some(OriginHint { url: "http://o/x".into(), offset: 0, length: 5 }),
+        }
+        .encode();
+        for cut in 0..good.len() {
+            assert!(ChunkRequest::decode(&good[..cut]).is_err(), "prefix of {cut} bytes accepted");
+        }
+        let mut bad_version = good.clone();
+        bad_version[0] = 9;
+        assert_eq!(ChunkRequest::decode(&bad_version), Err(FrameError::Version(9)));
+        let mut bad_flags = good.clone();
+        bad_flags[1] = 0x80;
+        assert!(matches!(ChunkRequest::decode(&bad_flags), Err(FrameError::Flags(_))));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(ChunkRequest::decode(&trailing), Err(FrameError::Trailing(1)));
+        assert!(ChunkRequest::check_len(u16::MAX).is_err());
+        let long = ChunkRequest {
+            hash: ChunkHash::of(b"a"),
+            range: None,
+            origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN + 1), offset: 0, length: 1 }),
+        };
+        assert!(long.encode_framed().is_err());
+    }
+
+    #[test]
+    fn response_heads() {
+        let ok = ResponseHead::Ok { len: 7 }.encode();
+        assert_eq!(ok, vec![0, 0, 0, 0, 7]);
+        let err = ResponseHead::Error { status: Status::NotFound, message: "é".repeat(600) }.encode();
+        assert_eq!(Status::from_u8(err[0]), Some(Status::NotFound));
+        let len = usize::from(u16::from_be_bytes([err[1], err[2]]));
+        assert!(len <= MAX_MESSAGE_LEN);
+        assert!(std::str::from_utf8(&err[3..]).is_ok());
+        assert!(ResponseHead::check_len(Status::Ok, MAX_PAYLOAD_LEN + 1).is_err());
+    }
+}

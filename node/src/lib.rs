@@ -1,1 +1,14 @@
+//! fog-node: a volunteer's node. It caches verified chunks in RocksDB under the owner's disk quota, serves
+//! them over QUIC under the owner's upload cap, pulls misses through from registered origins, and reports
+//! to the tracker without depending on it.
 
+pub mod config;
+pub mod identity;
+pub mod limits;
+pub mod serve;
+pub mod stats;
+pub mod store;
+pub mod tracker_link;
+
+mod run;
+pub use run::{run, NodeError};

@@ -28,9 +28,49 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// A byte size in configuration: parses from `64MiB` on the command line, and from either `"64MiB"` or a
+/// plain integer in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_size(s).map(Size)
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Size(n)),
+            Raw::Text(t) => parse_size(&t).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, Size};
+
+    #[test]
+    fn size_from_toml_values() {
+        assert_eq!(serde_json::from_str::<Size>("\"2MiB\"").expect("text"), Size(2 << 20));
+        assert_eq!(serde_json::from_str::<Size>("42").expect("int"), Size(42));
+        assert!(serde_json::from_str::<Size>("\"2 furlongs\"").is_err());
+    }
 
     #[test]
     fn units() {

@@ -1,1 +1,10 @@
+//! fog-tracker: ingests objects from registered origins into BLAKE3 manifests, keeps the registry of fog
+//! nodes and their health, schedules each chunk to candidate nodes, and reports stats and metrics.
 
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod registry;
+pub mod scheduler;

@@ -1,1 +1,119 @@
-fn main() {}
+//! `fog`: the fogcdn command-line client.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fog_client::{ClientConfig, FetchReport, FogClient};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Parser, Debug)]
+#[command(name = "fog", version, about = "Fetch content through fogcdn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Fetch ORIGIN_URL through the fog (verified chunks from nodes, origin fallback).
+    Get {
+        /// Tracker base URL, e.g. http://127.0.0.1:7700.
+        #[arg(long, env = "FOG_TRACKER")]
+        tracker: String,
+        /// The origin URL to fetch.
+        origin_url: String,
+        /// Write here instead of standard output (written to FILE.part, renamed when complete).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Chunks fetched in parallel.
+        #[arg(long, default_value_t = 8, env = "FOG_PARALLEL")]
+        parallel: usize,
+    },
+}
+
+fn summary(url: &str, r: &FetchReport, elapsed: Duration) -> String {
+    let share = if r.bytes == 0 { 0.0 } else { r.fog_bytes as f64 * 100.0 / r.bytes as f64 };
+    let tracker = if r.tracker_unreachable.is_some() { "unreachable" } else { "ok" };
+    format!(
+        "fog: url={url} bytes={} fog_bytes={} origin_bytes={} fog_share={share:.1}% nodes={} node_failures={} tracker={tracker} elapsed_ms={}",
+        r.bytes,
+        r.fog_bytes,
+        r.origin_bytes,
+        r.by_node.len(),
+        r.node_failures,
+        elapsed.as_millis()
+    )
+}
+
+async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: usize) -> anyhow::Result<()> {
+    let client = FogClient::new(ClientConfig { tracker: Some(tracker), parallel, ..Default::default() })?;
+    let started = Instant::now();
+    let report = match &output {
+        Some(path) => {
+            let mut part = path.clone().into_os_string();
+            part.push(".part");
+            let part = PathBuf::from(part);
+            let mut file = tokio::fs::File::create(&part)
+                .await
+                .with_context(|| format!("cannot create {}", part.display()))?;
+            let result = client.fetch_to(&url, &mut file).await;
+            drop(file);
+            match result {
+                Ok(r) => {
+                    tokio::fs::rename(&part, path)
+                        .await
+                        .with_context(|| format!("cannot move {} to {}", part.display(), path.display()))?;
+                    r
+                }
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&part).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        None => {
+            let mut stdout = tokio::io::stdout();
+            let r = client.fetch_to(&url, &mut stdout).await?;
+            stdout.flush().await?;
+            r
+        }
+    };
+    if let Some(why) = &report.tracker_unreachable {
+        eprintln!("fog: warning: fetched straight from the origin without verification: {why}");
+    }
+    eprintln!("{}", summary(&url, &report, started.elapsed()));
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fog: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Get { tracker, origin_url, output, parallel } => get(tracker, origin_url, output, parallel).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fog: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

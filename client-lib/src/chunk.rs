@@ -1,0 +1,92 @@
+//! One chunk request over QUIC: open a bidirectional stream, send the frame, read a bounded response.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fog_proto::wire::{ChunkRequest, FrameError, ResponseHead, Status};
+use tokio::time::timeout;
+
+/// How long a node may stay silent before we give up on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From sending the request to the first response byte (covers a node's origin pull on a miss).
+    pub first_byte: Duration,
+    /// Longest gap between two pieces of the payload: a node that stalls is abandoned, not waited out.
+    pub stall: Duration,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChunkError {
+    #[error("QUIC stream failed: {0}")]
+    Stream(String),
+    #[error("node silent for longer than {0:?}")]
+    Timeout(Duration),
+    #[error("node answered {status:?}: {message}")]
+    Refused { status: Status, message: String },
+    #[error("node broke the protocol: {0}")]
+    Protocol(String),
+}
+
+impl From<FrameError> for ChunkError {
+    fn from(e: FrameError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+async fn read_exact_within(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    limit: Duration,
+) -> Result<(), ChunkError> {
+    timeout(limit, recv.read_exact(buf))
+        .await
+        .map_err(|_| ChunkError::Timeout(limit))?
+        .map_err(|e| ChunkError::Stream(e.to_string()))
+}
+
+/// Sends `req` on a new stream of `conn` and returns the payload, which must be exactly `expected_len`
+/// bytes. The caller verifies the bytes against the chunk hash.
+pub async fn request(
+    conn: &quinn::Connection,
+    req: &ChunkRequest,
+    expected_len: u32,
+    deadlines: Deadlines,
+) -> Result<Bytes, ChunkError> {
+    let framed = req.encode_framed()?;
+    let (mut send, mut recv) = timeout(deadlines.first_byte, conn.open_bi())
+        .await
+        .map_err(|_| ChunkError::Timeout(deadlines.first_byte))?
+        .map_err(|e| ChunkError::Stream(e.to_string()))?;
+    send.write_all(&framed).await.map_err(|e| ChunkError::Stream(e.to_string()))?;
+    send.finish().map_err(|e| ChunkError::Stream(e.to_string()))?;
+
+    let mut status = [0u8; 1];
+    read_exact_within(&mut recv, &mut status, deadlines.first_byte).await?;
+    let status = Status::from_u8(status[0]).ok_or(FrameError::UnknownStatus(status[0]))?;
+    let mut len_buf = [0u8; 4];
+    let len_field = &mut len_buf[..ResponseHead::len_field_size(status)];
+    read_exact_within(&mut recv, len_field, deadlines.stall).await?;
+    let len = len_field.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+    let len = ResponseHead::check_len(status, len)?;
+
+    if status != Status::Ok {
+        let mut msg = vec![0u8; len];
+        read_exact_within(&mut recv, &mut msg, deadlines.stall).await?;
+        return Err(ChunkError::Refused { status, message: String::from_utf8_lossy(&msg).into_owned() });
+    }
+    if len != expected_len as usize {
+        return Err(ChunkError::Protocol(format!("announced {len} bytes, expected {expected_len}")));
+    }
+    let mut out = BytesMut::with_capacity(len);
+    while out.len() < len {
+        let piece = timeout(deadlines.stall, recv.read_chunk(len - out.len(), true))
+            .await
+            .map_err(|_| ChunkError::Timeout(deadlines.stall))?
+            .map_err(|e| ChunkError::Stream(e.to_string()))?;
+        match piece {
+            Some(c) => out.extend_from_slice(&c.bytes),
+            None => return Err(ChunkError::Protocol(format!("stream ended after {} of {len} bytes", out.len()))),
+        }
+    }
+    Ok(out.freeze())
+}

@@ -1,0 +1,102 @@
+//! The tracker's HTTP API as seen by clients and nodes.
+
+use std::time::Duration;
+
+use fog_proto::api::{ApiError, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
+use fog_proto::ContentId;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TrackerError {
+    #[error("cannot reach the tracker at {base}: {reason}")]
+    Unreachable { base: String, reason: String },
+    #[error("tracker refused: {} ({:?})", .0.message, .0.error)]
+    Api(ApiError),
+    #[error("tracker sent a response this client cannot read: {0}")]
+    BadResponse(String),
+}
+
+impl TrackerError {
+    /// Whether trying again later may help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::BadResponse(_) => true,
+            Self::Api(e) => e.retryable,
+        }
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api(e) => Some(e.error),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackerClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// Largest tracker response we read: a manifest of a 64 GiB object at 1 MiB chunks is ~5 MB of JSON.
+const MAX_RESPONSE: usize = 64 << 20;
+
+impl TrackerClient {
+    /// `base` is the tracker's URL, e.g. `http://127.0.0.1:7700`.
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .build()
+            .expect("static reqwest configuration is valid");
+        Self { base: base.trim_end_matches('/').to_string(), http }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The manifest of `url` and a schedule of nodes per chunk. `stale` names a content id the caller found
+    /// no longer matching the origin, asking the tracker to ingest the object again.
+    pub async fn resolve(&self, url: &str, stale: Option<ContentId>) -> Result<Resolve, TrackerError> {
+        let mut req = self.http.get(format!("{}/v1/resolve", self.base)).query(&[("url", url)]);
+        if let Some(s) = stale {
+            req = req.query(&[("stale", s.to_string())]);
+        }
+        self.send(req).await
+    }
+
+    pub async fn register(&self, msg: &Signed) -> Result<RegisterResponse, TrackerError> {
+        self.send(self.http.post(format!("{}/v1/nodes/register", self.base)).json(msg)).await
+    }
+
+    pub async fn heartbeat(&self, msg: &Signed) -> Result<HeartbeatResponse, TrackerError> {
+        self.send(self.http.post(format!("{}/v1/nodes/heartbeat", self.base)).json(msg)).await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, TrackerError> {
+        let unreachable = |e: reqwest::Error| TrackerError::Unreachable { base: self.base.clone(), reason: e.to_string() };
+        let mut resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let mut body = Vec::new();
+        while let Some(piece) = resp.chunk().await.map_err(unreachable)? {
+            if body.len() + piece.len() > MAX_RESPONSE {
+                return Err(TrackerError::BadResponse(format!("response over {MAX_RESPONSE} bytes")));
+            }
+            body.extend_from_slice(&piece);
+        }
+        if status.is_success() {
+            serde_json::from_slice(&body).map_err(|e| TrackerError::BadResponse(e.to_string()))
+        } else {
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => Err(TrackerError::Api(e)),
+                // Not our tracker (a proxy's error page, say): treat like an outage.
+                Err(_) => Err(TrackerError::Unreachable {
+                    base: self.base.clone(),
+                    reason: format!("HTTP {status} without a tracker error body"),
+                }),
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! fog-node configuration: command-line flags, environment variables (`FOG_NODE_*`) and an optional TOML
+//! file (`--config`). A flag or variable wins over the file; the file wins over the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use fog_proto::size::Size;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(name = "fog-node", version, about = "fogcdn volunteer node: caches verified chunks and serves them over QUIC")]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    /// TOML file with any of the options below (as snake_case keys).
+    #[arg(long, env = "FOG_NODE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Tracker base URL [default: http://127.0.0.1:7700].
+    #[arg(long, env = "FOG_NODE_TRACKER")]
+    pub tracker: Option<String>,
+    /// Where the node keeps its identity key and cache [default: ~/.local/share/fogcdn/node].
+    #[arg(long, env = "FOG_NODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// UDP address for QUIC; port 0 picks a free one [default: 0.0.0.0:7701].
+    #[arg(long, env = "FOG_NODE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address clients should dial, when it differs from what the tracker sees (port forwarding).
+    #[arg(long, env = "FOG_NODE_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+    /// Disk quota for cached chunks, e.g. 10GiB [default: 1GiB].
+    #[arg(long, env = "FOG_NODE_CACHE_SIZE")]
+    pub cache_size: Option<Size>,
+    /// Upload cap in bytes per second across all clients, e.g. 2MiB [default: no cap].
+    #[arg(long, env = "FOG_NODE_UPLOAD_LIMIT")]
+    pub upload_limit: Option<Size>,
+    /// Most client connections at once [default: 512].
+    #[arg(long, env = "FOG_NODE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most origin pulls at once [default: 16].
+    #[arg(long, env = "FOG_NODE_MAX_FILLS")]
+    pub max_fills: Option<usize>,
+}
+
+/// The configuration after merging, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub tracker: String,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub cache_size: u64,
+    pub upload_limit: Option<u64>,
+    pub max_connections: usize,
+    pub max_fills: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn default_data_dir(role: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("fogcdn").join(role)
+}
+
+impl NodeArgs {
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<NodeArgs>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
+            }
+            None => NodeArgs::default(),
+        };
+        let cfg = NodeConfig {
+            tracker: self.tracker.or(file.tracker).unwrap_or_else(|| "http://127.0.0.1:7700".into()),
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7701))),
+            advertise: self.advertise.or(file.advertise),
+            cache_size: self.cache_size.or(file.cache_size).map_or(1 << 30, |s| s.0),
+            upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
+            max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),
+        };
+        if cfg.upload_limit == Some(0) {
+            return Err(ConfigError::Invalid("--upload-limit must be above 0 (omit it for no cap)".into()));
+        }
+        if cfg.upload_limit.is_some_and(|l| l > u64::from(u32::MAX)) {
+            return Err(ConfigError::Invalid("--upload-limit must be below 4GiB per second".into()));
+        }
+        if cfg.max_connections == 0 || cfg.max_fills == 0 {
+            return Err(ConfigError::Invalid("--max-connections and --max-fills must be above 0".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_sizes_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "cache_size = \"2MiB\"\nupload_limit = 1000\ntracker = \"http://file\"\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8"), "--tracker", "http://flag"]);
+        let cfg = args.resolve().expect("valid");
+        assert_eq!(cfg.tracker, "http://flag");
+        assert_eq!(cfg.cache_size, 2 << 20);
+        assert_eq!(cfg.upload_limit, Some(1000));
+        std::fs::write(&path, "cache_sise = 1\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));
+    }
+}

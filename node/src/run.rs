@@ -1,0 +1,92 @@
+//! Wiring: identity, store, QUIC endpoint, tracker link, graceful shutdown.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fog_client::tracker::TrackerClient;
+use fog_client::transport;
+use fog_proto::NodeId;
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::identity::{self, IdentityError};
+use crate::serve::Server;
+use crate::stats::Counters;
+use crate::store::{Store, StoreError};
+use crate::tracker_link::{load_origins, TrackerLink};
+
+/// Requests per client connection in flight at once.
+const STREAMS_PER_CONNECTION: u32 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("cannot read the QUIC socket address: {0}")]
+    LocalAddr(std::io::Error),
+}
+
+/// Runs the node until `shutdown` resolves, then drains in-flight requests (up to 10 s) and flushes the store.
+pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
+    let key = identity::load_or_create(&cfg.data_dir)?;
+    let node_id = NodeId::from(key.verifying_key());
+    let store = Arc::new(Store::open(&cfg.data_dir.join("store"), cfg.cache_size)?);
+    let origins_file = cfg.data_dir.join("origins.json");
+    let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
+
+    let server_config = transport::server_config(&key, STREAMS_PER_CONNECTION)?;
+    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+        .map_err(|source| transport::TransportError::Bind { addr: cfg.listen, source })?;
+    let local = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
+    let (used, chunks) = store.usage();
+    tracing::info!(%node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, "fog-node listening on {local}");
+
+    let server = Arc::new(Server::new(
+        store.clone(),
+        Arc::new(Counters::default()),
+        origins.clone(),
+        cfg.upload_limit,
+        cfg.max_connections,
+        cfg.max_fills,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let link = TrackerLink {
+        tracker: TrackerClient::new(&cfg.tracker, Duration::from_secs(10)),
+        key,
+        quic_addr: cfg.advertise.unwrap_or(local),
+        server: server.clone(),
+        origins,
+        origins_file,
+        upload_limit: cfg.upload_limit,
+    };
+    let link_task = tokio::spawn(link.run(stop_rx));
+    let serve_task = tokio::spawn(server.clone().run(endpoint.clone()));
+
+    shutdown.await;
+    tracing::info!("shutting down: refusing new connections, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    endpoint.set_server_config(None);
+    let drain = async {
+        while server.counters.active_streams.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
+    }
+    endpoint.close(0u32.into(), b"node shutting down");
+    serve_task.abort();
+    let _ = link_task.await;
+    endpoint.wait_idle().await;
+    store.flush()?;
+    tracing::info!("fog-node stopped");
+    Ok(())
+}

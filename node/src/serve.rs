@@ -1,0 +1,263 @@
+//! The QUIC chunk server: one request per bidirectional stream (see `docs/protocol.md`).
+//!
+//! A hit is read from the store (verified on read); a miss with an origin hint is pulled from the origin,
+//! verified, stored and served; concurrent misses for one chunk share a single pull.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
+use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, ResponseHead, Status};
+use fog_proto::ChunkHash;
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::limits::{UploadLimit, PIECE};
+use crate::stats::Counters;
+use crate::store::{Lookup, Store};
+
+/// How long a client may take to send its request frame.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, thiserror::Error)]
+enum FillError {
+    #[error("{0}")]
+    Origin(#[from] OriginError),
+    #[error("origin bytes at {url} offset {offset} do not hash to chunk {hash}: the object changed after ingest")]
+    Mismatch { url: String, offset: u64, hash: ChunkHash },
+    #[error("too many origin pulls in progress")]
+    Busy,
+}
+
+impl FillError {
+    fn status(&self) -> Status {
+        match self {
+            Self::Origin(OriginError::NotAllowed { .. }) => Status::OriginNotAllowed,
+            Self::Origin(_) => Status::OriginFailed,
+            Self::Mismatch { .. } => Status::OriginMismatch,
+            Self::Busy => Status::Busy,
+        }
+    }
+}
+
+type FillCell = Arc<OnceCell<Result<Bytes, FillError>>>;
+
+/// Everything a stream handler needs.
+#[derive(Debug)]
+pub struct Server {
+    pub store: Arc<Store>,
+    pub counters: Arc<Counters>,
+    origin: OriginClient,
+    upload: Option<UploadLimit>,
+    fills: Mutex<HashMap<ChunkHash, FillCell>>,
+    fill_slots: Semaphore,
+    max_connections: usize,
+    connections: AtomicUsize,
+}
+
+/// Decrements a gauge when a connection or stream ends, however it ends.
+struct Gauge<'a>(&'a AtomicUsize);
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Server {
+    pub fn new(
+        store: Arc<Store>,
+        counters: Arc<Counters>,
+        origins: SharedOrigins,
+        upload_limit: Option<u64>,
+        max_connections: usize,
+        max_fills: usize,
+    ) -> Self {
+        Self {
+            store,
+            counters,
+            origin: OriginClient::new(Some(origins)),
+            upload: upload_limit.map(UploadLimit::new),
+            fills: Mutex::new(HashMap::new()),
+            fill_slots: Semaphore::new(max_fills),
+            max_connections,
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Accepts connections until the endpoint is closed.
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            if self.connections.load(Ordering::Relaxed) >= self.max_connections {
+                tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+                incoming.refuse();
+                continue;
+            }
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            let server = self.clone();
+            tokio::spawn(async move {
+                let _gauge = Gauge(&server.connections);
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => server.serve_connection(conn).await,
+                    Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(self: &Arc<Self>, conn: quinn::Connection) {
+        // quinn's max_concurrent_bidi_streams bounds the streams in flight per connection.
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
+                    return;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                server.counters.active_streams.fetch_add(1, Ordering::Relaxed);
+                server.serve_stream(send, recv).await;
+                server.counters.active_streams.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        Counters::add(&self.counters.requests, 1);
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut recv)).await {
+            Ok(Ok(req)) => req,
+            Ok(Err(e)) => {
+                Counters::add(&self.counters.bad_requests, 1);
+                tracing::warn!(error = %e, "malformed chunk request");
+                return respond_error(&mut send, Status::BadRequest, &e.to_string()).await;
+            }
+            Err(_) => {
+                Counters::add(&self.counters.bad_requests, 1);
+                return respond_error(&mut send, Status::BadRequest, "request frame not received in time").await;
+            }
+        };
+        let bytes = match self.chunk(&req).await {
+            Ok(b) => b,
+            Err((status, message)) => return respond_error(&mut send, status, &message).await,
+        };
+        let body = match req.range {
+            None => bytes,
+            Some((off, len)) => {
+                let end = u64::from(off) + u64::from(len);
+                if end > bytes.len() as u64 {
+                    Counters::add(&self.counters.bad_requests, 1);
+                    let msg = format!("range {off}+{len} is outside the {}-byte chunk", bytes.len());
+                    return respond_error(&mut send, Status::BadRequest, &msg).await;
+                }
+                bytes.slice(off as usize..end as usize)
+            }
+        };
+        if let Err(e) = self.send_payload(&mut send, body).await {
+            tracing::debug!(chunk = %req.hash, error = %e, "client went away mid-response");
+        }
+    }
+
+    /// The verified chunk, from the store or pulled through from the origin.
+    async fn chunk(&self, req: &ChunkRequest) -> Result<Bytes, (Status, String)> {
+        let store = self.store.clone();
+        let hash = req.hash;
+        let lookup = tokio::task::spawn_blocking(move || store.get(&hash))
+            .await
+            .map_err(|e| (Status::Internal, e.to_string()))?;
+        match lookup {
+            Ok(Lookup::Hit(b)) => {
+                Counters::add(&self.counters.hits, 1);
+                return Ok(b);
+            }
+            Ok(Lookup::Corrupt) => Counters::add(&self.counters.corrupt_chunks, 1),
+            Ok(Lookup::Miss) => {}
+            Err(e) => {
+                Counters::add(&self.counters.store_errors, 1);
+                tracing::error!(error = %e, "store read failed; treating as a miss");
+            }
+        }
+        Counters::add(&self.counters.misses, 1);
+        let Some(hint) = &req.origin else {
+            return Err((Status::NotFound, format!("chunk {hash} is not cached here and no origin hint was given")));
+        };
+        self.fill(hash, hint).await.map_err(|e| (e.status(), e.to_string()))
+    }
+
+    async fn fill(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
+        let cell = self.fills.lock().expect("fills lock").entry(hash).or_default().clone();
+        let result = cell.get_or_init(|| self.pull(hash, hint)).await.clone();
+        let mut fills = self.fills.lock().expect("fills lock");
+        if fills.get(&hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fills.remove(&hash);
+        }
+        result
+    }
+
+    async fn pull(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
+        let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
+        let bytes = self.origin.fetch_range(&hint.url, hint.offset, hint.length).await.inspect_err(|e| {
+            tracing::warn!(url = %hint.url, offset = hint.offset, error = %e, "origin pull failed");
+        })?;
+        Counters::add(&self.counters.origin_fills, 1);
+        Counters::add(&self.counters.origin_bytes, bytes.len() as u64);
+        if ChunkHash::of(&bytes) != hash {
+            tracing::warn!(url = %hint.url, offset = hint.offset, chunk = %hash, "origin bytes do not match the requested chunk");
+            return Err(FillError::Mismatch { url: hint.url.clone(), offset: hint.offset, hash });
+        }
+        let (store, stored) = (self.store.clone(), bytes.clone());
+        match tokio::task::spawn_blocking(move || store.put(&hash, &stored)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                Counters::add(&self.counters.store_errors, 1);
+                tracing::error!(chunk = %hash, error = %e, "could not cache chunk; serving it anyway");
+            }
+            Err(e) => tracing::error!(error = %e, "store task failed"),
+        }
+        Ok(bytes)
+    }
+
+    async fn send_payload(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
+        let head = ResponseHead::Ok { len: body.len() as u32 }.encode();
+        send.write_all(&head).await?;
+        let mut offset = 0;
+        while offset < body.len() {
+            let end = (offset + PIECE).min(body.len());
+            if let Some(limit) = &self.upload {
+                limit.acquire(end - offset).await;
+            }
+            send.write_chunk(body.slice(offset..end)).await?;
+            Counters::add(&self.counters.bytes_served, (end - offset) as u64);
+            offset = end;
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("reading request: {0}")]
+    Read(#[from] quinn::ReadExactError),
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<ChunkRequest, RequestError> {
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len).await?;
+    let len = ChunkRequest::check_len(u16::from_be_bytes(len))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(ChunkRequest::decode(&body)?)
+}
+
+async fn respond_error(send: &mut quinn::SendStream, status: Status, message: &str) {
+    let head = ResponseHead::Error { status, message: message.to_string() }.encode();
+    if send.write_all(&head).await.is_ok() {
+        let _ = send.finish();
+    }
+}

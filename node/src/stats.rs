@@ -1,0 +1,44 @@
+//! Counters the node keeps about itself and reports in heartbeats.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fog_proto::api::NodeStats;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub active_streams: AtomicU64,
+    pub requests: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub origin_fills: AtomicU64,
+    pub origin_bytes: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub store_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self, cache_used: u64, cached_chunks: u64, cache_capacity: u64) -> NodeStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NodeStats {
+            cache_used,
+            cache_capacity,
+            cached_chunks,
+            active_streams: get(&self.active_streams),
+            requests: get(&self.requests),
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            bytes_served: get(&self.bytes_served),
+            origin_fills: get(&self.origin_fills),
+            origin_bytes: get(&self.origin_bytes),
+            corrupt_chunks: get(&self.corrupt_chunks),
+            bad_requests: get(&self.bad_requests),
+            store_errors: get(&self.store_errors),
+        }
+    }
+}

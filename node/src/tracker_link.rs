@@ -1,0 +1,125 @@
+//! Registration and heartbeats. The tracker is not on the data path: while it is unreachable the node keeps
+//! serving with the origin list it last received (persisted in `origins.json`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use fog_client::origin::SharedOrigins;
+use fog_client::tracker::TrackerClient;
+use fog_proto::api::{Heartbeat, Register, Signed, KIND_HEARTBEAT, KIND_REGISTER};
+use fog_proto::origins::OriginList;
+use tokio::sync::watch;
+
+use crate::serve::Server;
+
+#[derive(Debug)]
+pub struct TrackerLink {
+    pub tracker: TrackerClient,
+    pub key: SigningKey,
+    pub quic_addr: SocketAddr,
+    pub server: Arc<Server>,
+    pub origins: SharedOrigins,
+    pub origins_file: PathBuf,
+    pub upload_limit: Option<u64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Loads the origin list saved from the last tracker contact, if any.
+pub fn load_origins(path: &std::path::Path) -> OriginList {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+impl TrackerLink {
+    fn update_origins(&self, list: OriginList) {
+        let changed = *self.origins.read().expect("origins lock") != list;
+        if !changed {
+            return;
+        }
+        tracing::info!(origins = ?list.prefixes(), "origin list from tracker");
+        if let Ok(json) = serde_json::to_vec(&list) {
+            let tmp = self.origins_file.with_extension("tmp");
+            if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.origins_file)) {
+                tracing::warn!(error = %e, "cannot save the origin list; it will be fetched again on restart");
+            }
+        }
+        *self.origins.write().expect("origins lock") = list;
+    }
+
+    async fn register(&self) -> Result<Duration, fog_client::tracker::TrackerError> {
+        let msg = Register {
+            quic_addr: self.quic_addr,
+            cache_capacity: self.server.store.capacity(),
+            upload_limit: self.upload_limit,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            timestamp_ms: now_ms(),
+        };
+        let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
+        tracing::info!(tracker = self.tracker.base(), advertised = %resp.advertised_addr, "registered with tracker");
+        self.update_origins(resp.origins);
+        Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
+    }
+
+    async fn heartbeat(&self) -> Result<bool, fog_client::tracker::TrackerError> {
+        let (used, chunks) = self.server.store.usage();
+        let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
+        let msg = Heartbeat { timestamp_ms: now_ms(), stats };
+        let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
+        self.update_origins(resp.origins);
+        Ok(resp.registered)
+    }
+
+    /// Registers, then heartbeats until `shutdown` flips; retries with backoff while the tracker is away.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut interval: Option<Duration> = None;
+        let mut backoff = Duration::from_secs(1);
+        let mut failures = 0u32;
+        loop {
+            let wait = match interval {
+                None => match self.register().await {
+                    Ok(i) => {
+                        interval = Some(i);
+                        failures = 0;
+                        backoff = Duration::from_secs(1);
+                        i
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        // Log the first failure and then every tenth, so an outage does not flood the log.
+                        if failures == 1 || failures % 10 == 0 {
+                            tracing::warn!(error = %e, failures, "cannot register with the tracker; still serving, will retry");
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        backoff
+                    }
+                },
+                Some(i) => {
+                    match self.heartbeat().await {
+                        Ok(true) => failures = 0,
+                        Ok(false) => {
+                            tracing::info!("tracker does not know this node (restarted?); registering again");
+                            interval = None;
+                            continue;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures == 1 || failures % 10 == 0 {
+                                tracing::warn!(error = %e, failures, "heartbeat failed; still serving");
+                            }
+                        }
+                    }
+                    i
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+# Shared helpers for fogcdn's scripts. Source it; do not run it.
+
+# One build directory for every clone, so a fresh clone reuses the (slow, RocksDB) build.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fogcdn/target}"
+FOG_BIN="$CARGO_TARGET_DIR/release"
+
+log() { printf '%s\n' "$*" >&2; }
+
+# ensure_packages PKG...: installs the Debian packages that are missing (as root, or through sudo).
+ensure_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing missing system packages: ${missing[*]}"
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null; then sudo="sudo"; else
+            log "error: need root (or sudo) to install: ${missing[*]}"; return 1
+        fi
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# ensure_build_deps: what compiling fogcdn needs (librocksdb-sys runs bindgen, which needs libclang).
+ensure_build_deps() {
+    command -v cargo >/dev/null || { log "error: cargo not found; install Rust from rustup.rs"; return 1; }
+    ensure_packages libclang-dev clang curl
+}
+
+build_release() {
+    log "building (release; the first build compiles RocksDB and takes ~20 min) into $CARGO_TARGET_DIR"
+    cargo build --release --locked --workspace --bins
+}
+
+# wait_listening LOGFILE: prints the address a fogcdn process logged as "listening on ADDR".
+wait_listening() {
+    local logfile=$1 addr=""
+    for _ in $(seq 1 600); do
+        addr=$(grep -o 'listening on [^ ]*' "$logfile" 2>/dev/null | head -n1 | sed 's/^listening on //; s#^http://##') || true
+        [ -n "$addr" ] && { printf '%s\n' "$addr"; return 0; }
+        sleep 0.1
+    done
+    log "error: $(basename "$logfile" .log) did not start; its log:"; cat "$logfile" >&2; return 1
+}

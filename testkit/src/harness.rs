@@ -1,0 +1,214 @@
+//! Runs fogcdn's real binaries as child processes for integration tests: a tracker, nodes, an origin.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fog_client::{ClientConfig, FogClient};
+use fog_proto::api::TrackerStats;
+use tempfile::TempDir;
+
+use crate::origin::{Quirks, TestOrigin};
+
+/// Path of a workspace binary in the same target directory as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/release/deps/test-xxxx → target/release/NAME
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --release --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process whose stderr goes to a log file; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+    /// The address the process said it listens on.
+    pub addr: String,
+}
+
+impl Proc {
+    /// Starts `bin(name)` with `args` and waits (up to 60 s) for its "listening on ADDR" log line.
+    pub async fn spawn(name: &str, args: &[String], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("create log");
+        let child = Command::new(bin(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut p = Proc { name: name.to_string(), child, log, addr: String::new() };
+        let started = Instant::now();
+        loop {
+            let text = p.log_text();
+            if let Some(pos) = text.find("listening on ") {
+                let rest = &text[pos + "listening on ".len()..];
+                let token = rest.split_whitespace().next().unwrap_or("");
+                p.addr = token.trim_start_matches("http://").to_string();
+                return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("{name} exited with {status} before listening; log:\n{text}");
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{name} did not start in 60 s; log:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a graceful exit (SIGKILL after 20 s).
+    pub async fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let started = Instant::now();
+        while self.is_running() {
+            if started.elapsed() > Duration::from_secs(20) {
+                self.kill();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An origin, a tracker and some nodes on 127.0.0.1, all in one temporary directory.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: TempDir,
+    pub origin: TestOrigin,
+    pub tracker: Proc,
+    pub nodes: Vec<Proc>,
+    node_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    pub quirks: Quirks,
+    /// Extra tracker flags, e.g. `--chunk-size 64KiB`.
+    pub tracker_args: Vec<String>,
+    /// Extra flags for every node, e.g. `--cache-size 4MiB`.
+    pub node_args: Vec<String>,
+}
+
+impl Cluster {
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("fogcdn-test").tempdir().expect("tempdir");
+        let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, opts.quirks).await.expect("origin");
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.path().join("tracker").display().to_string(),
+            "--origin".into(),
+            origin.base_url(),
+            "--heartbeat-secs".into(),
+            "1".into(),
+        ];
+        args.extend(opts.tracker_args);
+        let tracker = Proc::spawn("fog-tracker", &args, dir.path().join("tracker.log")).await;
+        let mut cluster = Cluster { dir, origin, tracker, nodes: Vec::new(), node_args: opts.node_args };
+        for _ in 0..opts.nodes {
+            cluster.add_node(&[]).await;
+        }
+        cluster.wait_healthy(opts.nodes as u64).await;
+        cluster
+    }
+
+    pub fn tracker_url(&self) -> String {
+        format!("http://{}", self.tracker.addr)
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{i}"))
+    }
+
+    fn node_command(&self, i: usize, extra: &[String]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--tracker".into(),
+            self.tracker_url(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            self.node_dir(i).display().to_string(),
+        ];
+        args.extend(self.node_args.iter().cloned());
+        args.extend(extra.iter().cloned());
+        args
+    }
+
+    /// Starts one more node (with extra flags); returns its index. Does not wait for it to be healthy.
+    pub async fn add_node(&mut self, extra: &[String]) -> usize {
+        let i = self.nodes.len();
+        let args = self.node_command(i, extra);
+        let log = self.dir.path().join(format!("node{i}.log"));
+        self.nodes.push(Proc::spawn("fog-node", &args, log).await);
+        i
+    }
+
+    /// Starts node `i` again on the same data directory (after it was stopped).
+    pub async fn restart_node(&mut self, i: usize) {
+        let args = self.node_command(i, &[]);
+        let log = self.dir.path().join(format!("node{i}.restart.log"));
+        self.nodes[i] = Proc::spawn("fog-node", &args, log).await;
+    }
+
+    pub async fn stats(&self) -> TrackerStats {
+        let url = format!("{}/v1/stats", self.tracker_url());
+        let body = reqwest::get(&url).await.expect("stats request").bytes().await.expect("stats body");
+        serde_json::from_slice(&body).expect("stats json")
+    }
+
+    /// Waits (up to 30 s) until exactly `n` nodes are healthy.
+    pub async fn wait_healthy(&self, n: u64) {
+        self.wait_stats(&format!("{n} healthy nodes"), |s| s.nodes_healthy == n).await;
+    }
+
+    /// Polls `/v1/stats` (up to 30 s) until `done` holds; returns the stats that satisfied it.
+    pub async fn wait_stats(&self, what: &str, done: impl Fn(&TrackerStats) -> bool) -> TrackerStats {
+        let started = Instant::now();
+        loop {
+            let s = self.stats().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "waited 30 s for {what}; last stats: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn client(&self) -> FogClient {
+        FogClient::new(ClientConfig { tracker: Some(self.tracker_url()), ..Default::default() }).expect("client")
+    }
+}

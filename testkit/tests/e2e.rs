@@ -1,0 +1,268 @@
+//! End-to-end tests: real fog-tracker and fog-node processes (RocksDB, QUIC, HTTP on 127.0.0.1), a real
+//! origin, and the real client library and `fog` CLI.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fog_client::transport;
+use fog_proto::api::Resolve;
+use fog_proto::wire::{ChunkRequest, Status, MAX_REQUEST_LEN};
+use fog_proto::ChunkHash;
+use fog_testkit::harness::{bin, Cluster, ClusterOptions};
+use fog_testkit::origin::Quirks;
+use fog_testkit::test_bytes;
+
+const MIB: usize = 1 << 20;
+
+fn opts(nodes: usize) -> ClusterOptions {
+    ClusterOptions { nodes, ..Default::default() }
+}
+
+/// Runs `fog get` and returns (exit success, stdout bytes, stderr text).
+fn fog_get(tracker: &str, url: &str, out: Option<&std::path::Path>) -> (bool, Vec<u8>, String) {
+    let mut cmd = Command::new(bin("fog"));
+    cmd.args(["get", "--tracker", tracker, url]);
+    if let Some(path) = out {
+        cmd.arg("-o").arg(path);
+    }
+    let output = cmd.output().expect("run fog");
+    (output.status.success(), output.stdout, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Reads `key=N` from the CLI's summary line.
+fn summary_value(stderr: &str, key: &str) -> u64 {
+    let line = stderr.lines().rev().find(|l| l.contains("fog_bytes=")).unwrap_or_else(|| panic!("no summary in {stderr}"));
+    let field = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).expect("field present");
+    field.parse().expect("number")
+}
+
+async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
+    let body = reqwest::get(format!("{}/v1/resolve?url={}", cluster.tracker_url(), url))
+        .await
+        .expect("resolve")
+        .bytes()
+        .await
+        .expect("body");
+    serde_json::from_slice(&body).expect("resolve json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_every_size_arrive_intact_and_second_fetch_is_fog_only() {
+    let cluster = Cluster::start(opts(3)).await;
+    let sizes = [1, MIB, MIB + 1, 64 * MIB];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let content = test_bytes(size, i as u64);
+        let path = format!("obj{i}.bin");
+        cluster.origin.put(&path, content.clone());
+        let url = cluster.origin.url(&path);
+        let out = cluster.dir.path().join(format!("out{i}"));
+
+        let (ok, _, stderr) = fog_get(&cluster.tracker_url(), &url, Some(&out));
+        assert!(ok, "first fetch of {size} bytes failed: {stderr}");
+        assert!(std::fs::read(&out).expect("output") == content, "first fetch of {size} bytes differs");
+        assert_eq!(summary_value(&stderr, "bytes"), size as u64);
+
+        let origin_before = cluster.origin.requests_for(&path);
+        let (ok, _, stderr) = fog_get(&cluster.tracker_url(), &url, Some(&out));
+        assert!(ok, "second fetch failed: {stderr}");
+        assert!(std::fs::read(&out).expect("output") == content, "second fetch of {size} bytes differs");
+        assert_eq!(summary_value(&stderr, "fog_bytes"), size as u64, "second fetch not all from fog: {stderr}");
+        assert_eq!(summary_value(&stderr, "origin_bytes"), 0);
+        assert_eq!(cluster.origin.requests_for(&path), origin_before, "warm fetch reached the origin");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_fetch_does_not_break_the_fetch() {
+    // Upload caps slow the nodes down so the kill lands mid-transfer.
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: 3,
+        node_args: vec!["--upload-limit".into(), "8MiB".into()],
+        ..Default::default()
+    })
+    .await;
+    let content = test_bytes(48 * MIB, 7);
+    cluster.origin.put("big.bin", content.clone());
+    let url = cluster.origin.url("big.bin");
+    let client = cluster.client();
+    let fetch = tokio::spawn(async move { client.get(&url).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!fetch.is_finished(), "fetch finished before the kill; the test proves nothing");
+    cluster.nodes[1].kill();
+    let (bytes, report) = fetch.await.expect("join").expect("fetch survives a dead node");
+    assert!(bytes == content, "bytes differ after a node died");
+    assert_eq!(report.bytes, content.len() as u64);
+    assert!(report.node_failures > 0, "the dead node was never noticed: {report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_stored_chunks_are_detected_and_never_delivered() {
+    let mut cluster = Cluster::start(opts(1)).await;
+    let content = test_bytes(4 * MIB + 123, 3);
+    cluster.origin.put("c.bin", content.clone());
+    let url = cluster.origin.url("c.bin");
+    let (bytes, _) = cluster.client().get(&url).await.expect("warm-up fetch");
+    assert!(bytes == content);
+    let origin_before = cluster.origin.requests_for("c.bin");
+
+    // Flip a byte inside every stored chunk while the node is down.
+    cluster.nodes[0].terminate().await;
+    let store = cluster.node_dir(0).join("store");
+    {
+        let cfs = [fog_node::store::CF_CHUNKS, fog_node::store::CF_META];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).expect("open node store");
+        let cf = db.cf_handle(fog_node::store::CF_CHUNKS).expect("chunks cf");
+        let entries: Vec<(Box<[u8]>, Box<[u8]>)> =
+            db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.expect("iterate")).collect();
+        assert_eq!(entries.len(), 5, "expected 5 stored chunks");
+        for (k, v) in entries {
+            let mut v = v.to_vec();
+            v[v.len() / 2] ^= 0x01;
+            db.put_cf(cf, k, v).expect("corrupt");
+        }
+    }
+    cluster.restart_node(0).await;
+    cluster.wait_healthy(1).await;
+
+    let (bytes, report) = cluster.client().get(&url).await.expect("fetch after corruption");
+    assert!(bytes == content, "corrupted bytes reached the client");
+    assert_eq!(report.fog_bytes, content.len() as u64, "node should refill and serve: {report:?}");
+    assert_eq!(cluster.origin.requests_for("c.bin"), origin_before + 5, "each corrupt chunk is refilled once");
+    assert!(cluster.nodes[0].log_text().contains("does not match its hash"), "corruption not logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_quota_is_never_exceeded_by_more_than_one_chunk() {
+    let quota = 3 * MIB as u64;
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--cache-size".into(), quota.to_string()],
+        ..Default::default()
+    })
+    .await;
+    for i in 0..3 {
+        let content = test_bytes(5 * MIB + 17, 100 + i);
+        let path = format!("q{i}.bin");
+        cluster.origin.put(&path, content.clone());
+        let (bytes, _) = cluster.client().get(&cluster.origin.url(&path)).await.expect("fetch");
+        assert!(bytes == content);
+    }
+    let served = 3 * (5 * MIB as u64 + 17);
+    let stats = cluster.wait_stats("node to report its traffic", |s| s.bytes_served >= served).await;
+    assert!(stats.cache_used > 0, "nothing cached: {stats:?}");
+    assert!(stats.cache_used <= quota + MIB as u64, "cache {} exceeds quota {quota} by more than a chunk", stats.cache_used);
+    assert_eq!(stats.cache_capacity, quota);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_processes_keep_running() {
+    let mut cluster = Cluster::start(opts(1)).await;
+    let content = test_bytes(100_000, 9);
+    cluster.origin.put("ok.bin", content.clone());
+
+    // Unknown origin: refused, never fetched.
+    let (ok, _, stderr) = fog_get(&cluster.tracker_url(), "http://127.0.0.1:9/elsewhere.bin", None);
+    assert!(!ok);
+    assert!(stderr.contains("not under an origin registered"), "unclear error: {stderr}");
+
+    // Origin 404.
+    let (ok, _, stderr) = fog_get(&cluster.tracker_url(), &cluster.origin.url("missing.bin"), None);
+    assert!(!ok);
+    assert!(stderr.contains("404"), "unclear error: {stderr}");
+
+    // Malformed QUIC frames straight at the node.
+    let resolved = resolve(&cluster, &cluster.origin.url("ok.bin")).await;
+    let node = resolved.nodes[0].clone();
+    let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let conn = endpoint
+        .connect_with(transport::client_config(node.id, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let good = ChunkRequest { hash: ChunkHash::of(b"x"), range: None, origin: None }.encode();
+    let mut bad_version = good.clone();
+    bad_version[0] = 99;
+    let frames: Vec<Vec<u8>> = vec![
+        [&(bad_version.len() as u16).to_be_bytes()[..], &bad_version].concat(),
+        ((MAX_REQUEST_LEN + 1) as u16).to_be_bytes().to_vec(),
+        [&(good.len() as u16 + 5).to_be_bytes()[..], &good].concat(), // shorter than announced
+        vec![0x00],
+    ];
+    for frame in frames {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&frame).await.expect("write");
+        send.finish().expect("finish");
+        let resp = recv.read_to_end(4096).await.expect("response");
+        assert_eq!(Status::from_u8(resp[0]), Some(Status::BadRequest), "frame {frame:?} got {resp:?}");
+        assert!(resp.len() > 3, "error response carries a message");
+    }
+    // Wrong pinned key: the handshake must fail.
+    let impostor = fog_proto::NodeId([1u8; 32]);
+    let wrong = endpoint
+        .connect_with(transport::client_config(impostor, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
+        .expect("connect")
+        .await;
+    assert!(wrong.is_err(), "connected to a node under the wrong key");
+
+    assert!(cluster.tracker.is_running() && cluster.nodes[0].is_running());
+    let (bytes, report) = cluster.client().get(&cluster.origin.url("ok.bin")).await.expect("good fetch after bad input");
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awkward_origins_are_handled() {
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 2,
+        quirks: Quirks { ignore_range: true, omit_length: true },
+        ..Default::default()
+    })
+    .await;
+    let content = test_bytes(3 * MIB + 5, 11);
+    cluster.origin.put("real.bin", content.clone());
+    cluster.origin.redirect("moved.bin", &cluster.origin.url("real.bin"));
+    let (bytes, report) = cluster.client().get(&cluster.origin.url("moved.bin")).await.expect("fetch via redirect");
+    assert!(bytes == content, "wrong bytes from an origin that ignores Range and omits Content-Length");
+    assert_eq!(report.fog_bytes, content.len() as u64);
+
+    // A redirect out of the registered origins is refused by the tracker.
+    cluster.origin.redirect("escape.bin", "http://127.0.0.2:9/secret");
+    let err = cluster.client().get(&cluster.origin.url("escape.bin")).await.expect_err("escape refused");
+    assert!(err.to_string().contains("redirect"), "unclear error: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_changed_at_the_origin_is_reingested_not_mixed() {
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 2,
+        tracker_args: vec!["--min-reingest-secs".into(), "0".into()],
+        ..Default::default()
+    })
+    .await;
+    let v1 = test_bytes(2 * MIB + 1, 1);
+    let v2 = test_bytes(2 * MIB + 1, 2);
+    cluster.origin.put("v.bin", v1);
+    let url = cluster.origin.url("v.bin");
+    let first = resolve(&cluster, &url).await;
+    cluster.origin.put("v.bin", v2.clone());
+    let (bytes, report) = cluster.client().get(&url).await.expect("fetch after change");
+    assert!(bytes == v2, "client got bytes of the old version or a mix");
+    assert_ne!(report.content_id, Some(first.content_id), "manifest was not refreshed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_tracker_the_origin_still_serves_and_total_outage_is_an_error() {
+    let cluster = Cluster::start(opts(0)).await;
+    let content = test_bytes(300_000, 5);
+    cluster.origin.put("t.bin", content.clone());
+    let dead_tracker = "http://127.0.0.1:9";
+    let (ok, stdout, stderr) = fog_get(dead_tracker, &cluster.origin.url("t.bin"), None);
+    assert!(ok, "origin fallback failed: {stderr}");
+    assert!(stdout == content);
+    assert!(stderr.contains("tracker=unreachable"), "did not say the tracker was unreachable: {stderr}");
+    assert_eq!(summary_value(&stderr, "origin_bytes"), content.len() as u64);
+
+    let (ok, _, stderr) = fog_get(dead_tracker, "http://127.0.0.1:9/none.bin", None);
+    assert!(!ok);
+    assert!(stderr.contains("neither the tracker nor the origin is reachable"), "unclear error: {stderr}");
+}

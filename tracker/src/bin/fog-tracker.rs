@@ -1,0 +1,39 @@
+use std::io::IsTerminal;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use clap::Parser;
+use fog_client::origin::OriginClient;
+use fog_tracker::config::TrackerArgs;
+use fog_tracker::db::Db;
+use fog_tracker::http::{serve, App};
+use fog_tracker::ingest::Ingest;
+
+/// Ingests running at once; more wait for a retry (the object streams through, so each costs little memory).
+const MAX_CONCURRENT_INGESTS: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cfg = TrackerArgs::parse().resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+        let db = Arc::new(Db::open(&cfg.data_dir.join("db"))?);
+        let origin = OriginClient::new(Some(Arc::new(RwLock::new(cfg.origins.clone()))));
+        let ingest = Ingest::new(origin, db.clone(), &cfg, MAX_CONCURRENT_INGESTS);
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
+        let app = Arc::new(App::new(cfg, db, ingest)?);
+        serve(app, listener, fog_client::signal::shutdown()).await;
+        tracing::info!("fog-tracker stopped");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,137 @@
+//! fog-tracker configuration: flags, `FOG_TRACKER_*` environment variables, optional TOML file (`--config`).
+//! A flag or variable wins over the file; the file wins over the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use fog_proto::origins::OriginList;
+use fog_proto::size::Size;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(name = "fog-tracker", version, about = "fogcdn tracker: ingest, node registry, scheduling, stats")]
+#[serde(deny_unknown_fields)]
+pub struct TrackerArgs {
+    /// TOML file with any of the options below (as snake_case keys; `origin` is a list).
+    #[arg(long, env = "FOG_TRACKER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address; port 0 picks a free one [default: 127.0.0.1:7700].
+    #[arg(long, env = "FOG_TRACKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where manifests are kept [default: ~/.local/share/fogcdn/tracker].
+    #[arg(long, env = "FOG_TRACKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URL prefix of a registered origin; repeat for several. Nothing outside these is ever fetched.
+    #[arg(long = "origin", env = "FOG_TRACKER_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub origin: Vec<String>,
+    /// Chunk size for newly ingested objects, 16KiB..16MiB [default: 1MiB].
+    #[arg(long, env = "FOG_TRACKER_CHUNK_SIZE")]
+    pub chunk_size: Option<Size>,
+    /// Largest object the tracker ingests [default: 64GiB].
+    #[arg(long, env = "FOG_TRACKER_MAX_OBJECT_SIZE")]
+    pub max_object_size: Option<Size>,
+    /// Seconds between node heartbeats [default: 5].
+    #[arg(long, env = "FOG_TRACKER_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
+    /// Candidate nodes returned per chunk [default: 3].
+    #[arg(long, env = "FOG_TRACKER_CANDIDATES")]
+    pub candidates: Option<usize>,
+    /// A client's report that an object changed at its origin re-ingests it only if the manifest is older
+    /// than this, so clients cannot make the tracker hammer an origin [default: 30].
+    #[arg(long, env = "FOG_TRACKER_MIN_REINGEST_SECS")]
+    pub min_reingest_secs: Option<u64>,
+    /// Most registered nodes kept [default: 100000].
+    #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
+    pub max_nodes: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub origins: OriginList,
+    pub chunk_size: u32,
+    pub max_object_size: u64,
+    pub heartbeat_interval: Duration,
+    /// A node missing heartbeats this long is unhealthy: three intervals.
+    pub node_timeout: Duration,
+    pub candidates: usize,
+    pub min_reingest_age: Duration,
+    pub max_nodes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TrackerArgs {
+    pub fn resolve(self) -> Result<TrackerConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<TrackerArgs>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
+            }
+            None => TrackerArgs::default(),
+        };
+        let origins = if self.origin.is_empty() { file.origin } else { self.origin };
+        if origins.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no origins registered: pass --origin URL_PREFIX (e.g. --origin https://videos.example.com/)".into(),
+            ));
+        }
+        let origins = OriginList::new(origins).map_err(ConfigError::Invalid)?;
+        let chunk_size = self.chunk_size.or(file.chunk_size).map_or(u64::from(DEFAULT_CHUNK_SIZE), |s| s.0);
+        if !(u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&chunk_size) {
+            return Err(ConfigError::Invalid(format!(
+                "--chunk-size {chunk_size} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes"
+            )));
+        }
+        let heartbeat = self.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(5).clamp(1, 300);
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            home.join(".local/share/fogcdn/tracker")
+        });
+        Ok(TrackerConfig {
+            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700))),
+            data_dir,
+            origins,
+            chunk_size: chunk_size as u32,
+            max_object_size: self.max_object_size.or(file.max_object_size).map_or(64 << 30, |s| s.0),
+            heartbeat_interval: Duration::from_secs(heartbeat),
+            node_timeout: Duration::from_secs(heartbeat * 3),
+            candidates: self.candidates.or(file.candidates).unwrap_or(3).clamp(1, 16),
+            min_reingest_age: Duration::from_secs(self.min_reingest_secs.or(file.min_reingest_secs).unwrap_or(30)),
+            max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requires_origins_and_valid_chunk_size() {
+        assert!(matches!(TrackerArgs::parse_from(["t"]).resolve(), Err(ConfigError::Invalid(_))));
+        let cfg = TrackerArgs::parse_from(["t", "--origin", "http://a.example", "--chunk-size", "64KiB"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(cfg.chunk_size, 64 << 10);
+        assert!(cfg.origins.allows("http://a.example/x"));
+        let bad = TrackerArgs::parse_from(["t", "--origin", "http://a", "--chunk-size", "1"]).resolve();
+        assert!(matches!(bad, Err(ConfigError::Invalid(_))));
+    }
+}

@@ -1,0 +1,74 @@
+//! Tracker persistence in RocksDB: manifests by URL. Node registrations are soft state kept in memory:
+//! after a tracker restart nodes learn from their next heartbeat that they must register again.
+
+use std::path::Path;
+
+use fog_proto::Manifest;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
+use serde::{Deserialize, Serialize};
+
+const CF_MANIFESTS: &str = "manifests";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open tracker database at {path}: {source}; is another fog-tracker using this --data-dir?")]
+    Open { path: String, source: rocksdb::Error },
+    #[error("tracker database: {0}")]
+    Io(#[from] rocksdb::Error),
+    #[error("stored manifest for {url} is unreadable: {reason}")]
+    Corrupt { url: String, reason: String },
+}
+
+/// A manifest and when it was ingested (ms since the Unix epoch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredManifest {
+    pub manifest: Manifest,
+    pub ingested_at_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct Db {
+    db: DB,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(3);
+        let cfs = vec![ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default())];
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
+        Ok(Self { db })
+    }
+
+    fn manifests(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_MANIFESTS).expect("created at open")
+    }
+
+    pub fn manifest(&self, url: &str) -> Result<Option<StoredManifest>, DbError> {
+        let Some(bytes) = self.db.get_pinned_cf(self.manifests(), url.as_bytes())? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DbError::Corrupt { url: url.to_string(), reason: e.to_string() })
+    }
+
+    /// Durable (synced) write: a manifest handed to clients must survive a crash.
+    pub fn put_manifest(&self, stored: &StoredManifest) -> Result<(), DbError> {
+        let value = serde_json::to_vec(stored).expect("manifests serialise");
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db.put_cf_opt(self.manifests(), stored.manifest.url.as_bytes(), value, &opts)?;
+        Ok(())
+    }
+
+    pub fn count_manifests(&self) -> Result<u64, DbError> {
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.manifests(), IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

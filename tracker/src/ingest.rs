@@ -1,0 +1,129 @@
+//! Ingest: fetch an origin object once, split it into fixed-size chunks, hash each with BLAKE3 and keep
+//! the manifest. Concurrent requests for one URL share a single fetch. The object streams through; only
+//! the hashes are kept, so memory does not grow with object size.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fog_client::origin::{OriginClient, OriginError};
+use fog_proto::{ChunkHash, ContentId, Manifest};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::db::{Db, StoredManifest};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Origin(#[from] OriginError),
+    #[error("tracker database: {0}")]
+    Db(String),
+    #[error("too many ingests in progress; retry shortly")]
+    Busy,
+}
+
+type IngestCell = Arc<OnceCell<Result<Arc<Manifest>, IngestError>>>;
+
+#[derive(Debug)]
+pub struct Ingest {
+    origin: OriginClient,
+    db: Arc<Db>,
+    chunk_size: u32,
+    max_object_size: u64,
+    /// A manifest younger than this is not re-ingested on a client's "stale" report.
+    min_reingest_age: Duration,
+    inflight: Mutex<HashMap<String, IngestCell>>,
+    slots: Semaphore,
+}
+
+/// What [`Ingest::manifest`] did, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Stored,
+    Ingested,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Ingest {
+    pub fn new(origin: OriginClient, db: Arc<Db>, cfg: &crate::config::TrackerConfig, max_concurrent: usize) -> Self {
+        Self {
+            origin,
+            db,
+            chunk_size: cfg.chunk_size,
+            max_object_size: cfg.max_object_size,
+            min_reingest_age: cfg.min_reingest_age,
+            inflight: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(max_concurrent),
+        }
+    }
+
+    /// The manifest for `url`, ingesting it on first use. `stale`: the client found the origin no longer
+    /// matches this content id; if it is still the stored one (and not brand new) the object is re-ingested.
+    pub async fn manifest(&self, url: &str, stale: Option<ContentId>) -> Result<(Arc<Manifest>, Origin), IngestError> {
+        if let Some(stored) = self.db.manifest(url).map_err(|e| IngestError::Db(e.to_string()))? {
+            let id = stored.manifest.content_id();
+            let young = now_ms().saturating_sub(stored.ingested_at_ms) < self.min_reingest_age.as_millis() as u64;
+            if stale != Some(id) || young {
+                return Ok((Arc::new(stored.manifest), Origin::Stored));
+            }
+            tracing::info!(url, stale = %id, "client reports the origin object changed; re-ingesting");
+        }
+        let cell = self.inflight.lock().expect("inflight lock").entry(url.to_string()).or_default().clone();
+        let result = cell.get_or_init(|| self.ingest_and_store(url)).await.clone();
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if inflight.get(url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(url);
+        }
+        result.map(|m| (m, Origin::Ingested))
+    }
+
+    async fn ingest_and_store(&self, url: &str) -> Result<Arc<Manifest>, IngestError> {
+        let _slot = self.slots.try_acquire().map_err(|_| IngestError::Busy)?;
+        let manifest = self.ingest(url).await.inspect_err(|e| tracing::warn!(url, error = %e, "ingest failed"))?;
+        let stored = StoredManifest { manifest, ingested_at_ms: now_ms() };
+        self.db.put_manifest(&stored).map_err(|e| IngestError::Db(e.to_string()))?;
+        tracing::info!(
+            url,
+            size = stored.manifest.size,
+            chunks = stored.manifest.chunks.len(),
+            content_id = %stored.manifest.content_id(),
+            "ingested"
+        );
+        Ok(Arc::new(stored.manifest))
+    }
+
+    async fn ingest(&self, url: &str) -> Result<Manifest, IngestError> {
+        let mut body = self.origin.get(url, self.max_object_size).await?;
+        let chunk_size = self.chunk_size as usize;
+        let mut chunks = Vec::new();
+        let mut hasher = blake3::Hasher::new();
+        let (mut in_chunk, mut size) = (0usize, 0u64);
+        while let Some(mut piece) = body.next_piece().await? {
+            size += piece.len() as u64;
+            while !piece.is_empty() {
+                let take = piece.len().min(chunk_size - in_chunk);
+                hasher.update(&piece.split_to(take));
+                in_chunk += take;
+                if in_chunk == chunk_size {
+                    chunks.push(ChunkHash(*hasher.finalize().as_bytes()));
+                    hasher.reset();
+                    in_chunk = 0;
+                }
+            }
+        }
+        if in_chunk > 0 {
+            chunks.push(ChunkHash(*hasher.finalize().as_bytes()));
+        }
+        Ok(Manifest {
+            url: url.to_string(),
+            size,
+            chunk_size: self.chunk_size,
+            chunks,
+            content_type: body.content_type.take(),
+            etag: body.etag.take(),
+        })
+    }
+}

@@ -1,0 +1,67 @@
+//! Prometheus metrics of the tracker (`GET /metrics`). Labels stay low-cardinality: no URLs, no node ids.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Resolve requests by outcome (stored, ingested, unknown_origin, origin_not_found, origin_error, …).
+    pub resolves: Family<ResultLabel, Counter>,
+    pub ingest_errors: Counter,
+    pub bad_node_messages: Counter,
+    pub nodes: Family<StateLabel, Gauge>,
+    pub manifests: Gauge,
+    pub node_cache_used_bytes: Gauge,
+    pub node_bytes_served: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let (resolves, nodes) = (Family::default(), Family::default());
+        let (ingest_errors, bad_node_messages) = (Counter::default(), Counter::default());
+        let (manifests, node_cache_used_bytes, node_bytes_served) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let mut registry = Registry::default();
+        registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
+        registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
+        registry.register(
+            "fog_tracker_bad_node_messages",
+            "Node register/heartbeat messages rejected (bad signature, replay, clock)",
+            bad_node_messages.clone(),
+        );
+        registry.register("fog_tracker_nodes", "Registered nodes by state", nodes.clone());
+        registry.register("fog_tracker_manifests", "Manifests stored", manifests.clone());
+        registry.register(
+            "fog_tracker_node_cache_used_bytes",
+            "Cache bytes used across healthy nodes, as they report",
+            node_cache_used_bytes.clone(),
+        );
+        registry.register(
+            "fog_tracker_node_bytes_served",
+            "Bytes served by healthy nodes since they started, as they report",
+            node_bytes_served.clone(),
+        );
+        Self { registry, resolves, ingest_errors, bad_node_messages, nodes, manifests, node_cache_used_bytes, node_bytes_served }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The fogcdn demo: a local origin with sample content, a tracker and 3 fog nodes on 127.0.0.1. Fetches the
+# content through the fog twice and prints the fog share, then leaves everything running until Ctrl-C.
+#   scripts/demo.sh [--once]     --once: exit after printing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+once=false
+[ "${1:-}" = "--once" ] && once=true
+
+ensure_build_deps
+build_release
+
+work=$(mktemp -d -t fogcdn-demo.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    log "demo stopped; logs and data were in $work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$work/origin"
+head -c $((32 * 1024 * 1024)) /dev/urandom > "$work/origin/video.bin"
+log "sample content: $work/origin/video.bin (32 MiB)"
+
+"$FOG_BIN/fog-test-origin" --dir "$work/origin" --listen 127.0.0.1:0 2> "$work/origin.log" & pids+=($!)
+origin=$(wait_listening "$work/origin.log")
+
+"$FOG_BIN/fog-tracker" --listen 127.0.0.1:0 --data-dir "$work/tracker" --origin "http://$origin/" \
+    --heartbeat-secs 1 2> "$work/tracker.log" & pids+=($!)
+tracker="http://$(wait_listening "$work/tracker.log")"
+
+for i in 1 2 3; do
+    "$FOG_BIN/fog-node" --tracker "$tracker" --listen 127.0.0.1:0 --data-dir "$work/node$i" \
+        --cache-size 256MiB 2> "$work/node$i.log" & pids+=($!)
+    wait_listening "$work/node$i.log" >/dev/null
+done
+for _ in $(seq 1 100); do
+    healthy=$(curl -fsS "$tracker/v1/stats" | jq -r .nodes_healthy)
+    [ "$healthy" = 3 ] && break
+    sleep 0.2
+done
+log "origin http://$origin/  tracker $tracker  nodes healthy: $healthy"
+
+url="http://$origin/video.bin"
+for round in first second; do
+    "$FOG_BIN/fog" get --tracker "$tracker" "$url" -o "$work/$round.bin" 2> "$work/$round.fetch.log" \
+        || { cat "$work/$round.fetch.log" >&2; exit 1; }
+    cmp -s "$work/$round.bin" "$work/origin/video.bin" || { log "error: $round fetch differs from the origin"; exit 1; }
+    line=$(grep 'fog_bytes=' "$work/$round.fetch.log")
+    share=$(sed -n 's/.*fog_share=\([^ ]*\).*/\1/p' <<<"$line")
+    echo "$round fetch: byte-identical, fog share $share   ($line)"
+done
+echo "tracker stats: $(curl -fsS "$tracker/v1/stats")"
+
+if $once; then exit 0; fi
+echo "running: tracker $tracker, origin http://$origin/ — try: $FOG_BIN/fog get --tracker $tracker $url -o /tmp/x"
+echo "press Ctrl-C to stop"
+while true; do sleep 3600; done

@@ -117,7 +117,8 @@ async fn corrupted_stored_chunks_are_detected_and_never_delivered() {
         assert_eq!(entries.len(), 5, "expected 5 stored chunks");
         for (k, v) in entries {
             let mut v = v.to_vec();
-            v[v.len() / 2] ^= 0x01;
+            let mid = v.len() / 2;
+            v[mid] ^= 0x01;
             db.put_cf(cf, k, v).expect("corrupt");
         }
     }

@@ -31,6 +31,9 @@ pub struct NodeArgs {
     /// Disk quota for cached chunks, e.g. 10GiB [default: 1GiB].
     #[arg(long, env = "FOG_NODE_CACHE_SIZE")]
     pub cache_size: Option<Size>,
+    /// RAM for hot chunks in front of the disk cache; 0 turns it off [default: 64MiB].
+    #[arg(long, env = "FOG_NODE_MEMORY_CACHE")]
+    pub memory_cache: Option<Size>,
     /// Upload cap in bytes per second across all clients, e.g. 2MiB [default: no cap].
     #[arg(long, env = "FOG_NODE_UPLOAD_LIMIT")]
     pub upload_limit: Option<Size>,
@@ -50,6 +53,7 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub advertise: Option<SocketAddr>,
     pub cache_size: u64,
+    pub memory_cache: u64,
     pub upload_limit: Option<u64>,
     pub max_connections: usize,
     pub max_fills: usize,
@@ -90,6 +94,7 @@ impl NodeArgs {
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7701))),
             advertise: self.advertise.or(file.advertise),
             cache_size: self.cache_size.or(file.cache_size).map_or(1 << 30, |s| s.0),
+            memory_cache: self.memory_cache.or(file.memory_cache).map_or(64 << 20, |s| s.0),
             upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
             max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),

@@ -38,7 +38,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
     let key = identity::load_or_create(&cfg.data_dir)?;
     let node_id = NodeId::from(key.verifying_key());
-    let store = Arc::new(Store::open(&cfg.data_dir.join("store"), cfg.cache_size)?);
+    let store = Arc::new(Store::open(&cfg.data_dir.join("store"), cfg.cache_size, cfg.memory_cache)?);
     let origins_file = cfg.data_dir.join("origins.json");
     let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
 

@@ -6,9 +6,12 @@
 //!   scan at start-up to rebuild the in-memory eviction index without touching chunk data.
 //!
 //! The quota is enforced by [`fog_proto::cache::CacheIndex`] before every write, so the bytes of indexed
-//! chunks never exceed it. Writes are not synced: the cache is reconstructible and every read is verified,
+//! chunks never exceed it. In front of RocksDB a small RAM tier, under the same policy, keeps hot chunks
+//! that were verified when they entered it: a popular chunk is then served without a disk read, a copy
+//! and a re-hash each time (measured in `docs/benchmarks.md`). Writes are not synced: the cache is reconstructible and every read is verified,
 //! so a crash costs at most some refills (never a wrong byte).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,7 +19,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::ChunkHash;
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 
 pub const CF_CHUNKS: &str = "chunks";
 pub const CF_META: &str = "chunk_meta";
@@ -47,6 +50,37 @@ pub struct Store {
     db: DB,
     index: Mutex<CacheIndex>,
     next_seq: AtomicU64,
+    hot: Mutex<HotTier>,
+}
+
+/// Verified chunks held in memory, least recently used evicted first.
+#[derive(Debug)]
+struct HotTier {
+    index: CacheIndex,
+    chunks: HashMap<ChunkHash, Bytes>,
+}
+
+impl HotTier {
+    fn get(&mut self, hash: &ChunkHash) -> Option<Bytes> {
+        let bytes = self.chunks.get(hash)?.clone();
+        self.index.touch(hash);
+        Some(bytes)
+    }
+
+    /// Keeps `bytes`, which the caller has verified.
+    fn insert(&mut self, hash: ChunkHash, bytes: &Bytes) {
+        if let Admission::Admit { evict } = self.index.admit(hash, bytes.len() as u64) {
+            for victim in evict {
+                self.chunks.remove(&victim);
+            }
+            self.chunks.insert(hash, bytes.clone());
+        }
+    }
+
+    fn remove(&mut self, hash: &ChunkHash) {
+        self.index.remove(hash);
+        self.chunks.remove(hash);
+    }
 }
 
 fn meta_value(size: u32, seq: u64) -> [u8; 12] {
@@ -57,7 +91,8 @@ fn meta_value(size: u32, seq: u64) -> [u8; 12] {
 }
 
 impl Store {
-    pub fn open(path: &Path, quota: u64) -> Result<Self, StoreError> {
+    /// Opens the store at `path` with a disk `quota` and a RAM tier of `memory` bytes (0: none).
+    pub fn open(path: &Path, quota: u64, memory: u64) -> Result<Self, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -79,7 +114,12 @@ impl Store {
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
-        let store = Self { db, index: Mutex::new(CacheIndex::new(quota)), next_seq: AtomicU64::new(0) };
+        let store = Self {
+            db,
+            index: Mutex::new(CacheIndex::new(quota)),
+            next_seq: AtomicU64::new(0),
+            hot: Mutex::new(HotTier { index: CacheIndex::new(memory), chunks: HashMap::new() }),
+        };
         store.rebuild_index()?;
         Ok(store)
     }
@@ -120,12 +160,20 @@ impl Store {
         self.db.write(batch).map_err(StoreError::Write)
     }
 
-    /// Reads a chunk and verifies it against its hash, so a damaged disk never serves a wrong byte.
+    /// Reads a chunk, from the RAM tier or from disk. What comes from disk is verified against its hash,
+    /// so a damaged disk never serves a wrong byte.
     pub fn get(&self, hash: &ChunkHash) -> Result<Lookup, StoreError> {
         if !self.index.lock().expect("store index lock").touch(hash) {
             return Ok(Lookup::Miss);
         }
-        let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), hash.as_bytes()).map_err(StoreError::Read)? else {
+        if let Some(bytes) = self.hot.lock().expect("hot tier lock").get(hash) {
+            return Ok(Lookup::Hit(bytes));
+        }
+        // RocksDB's own CRC check is redundant under the BLAKE3 check below, and costs as much CPU again.
+        let mut opts = ReadOptions::default();
+        opts.set_verify_checksums(false);
+        let value = self.db.get_pinned_cf_opt(self.cf(CF_CHUNKS), hash.as_bytes(), &opts).map_err(StoreError::Read)?;
+        let Some(value) = value else {
             // Indexed but gone (a write that did not survive a crash): forget it.
             self.index.lock().expect("store index lock").remove(hash);
             return Ok(Lookup::Miss);
@@ -135,11 +183,13 @@ impl Store {
             self.remove(hash)?;
             return Ok(Lookup::Corrupt);
         }
-        Ok(Lookup::Hit(Bytes::copy_from_slice(&value)))
+        let bytes = Bytes::copy_from_slice(&value);
+        self.hot.lock().expect("hot tier lock").insert(*hash, &bytes);
+        Ok(Lookup::Hit(bytes))
     }
 
     /// Stores a chunk the caller has verified, evicting least recently used chunks to stay within quota.
-    pub fn put(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn put(&self, hash: &ChunkHash, bytes: &Bytes) -> Result<(), StoreError> {
         debug_assert_eq!(ChunkHash::of(bytes), *hash, "only verified chunks are stored");
         let admission = self.index.lock().expect("store index lock").admit(*hash, bytes.len() as u64);
         let evict = match admission {
@@ -150,23 +200,30 @@ impl Store {
             Admission::Admit { evict } => evict,
         };
         let mut batch = WriteBatch::default();
-        for victim in &evict {
-            batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
-            batch.delete_cf(self.cf(CF_META), victim.as_bytes());
+        {
+            let mut hot = self.hot.lock().expect("hot tier lock");
+            for victim in &evict {
+                hot.remove(victim);
+                batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
+                batch.delete_cf(self.cf(CF_META), victim.as_bytes());
+            }
+            hot.insert(*hash, bytes);
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        batch.put_cf(self.cf(CF_CHUNKS), hash.as_bytes(), bytes);
+        batch.put_cf(self.cf(CF_CHUNKS), hash.as_bytes(), &bytes[..]);
         batch.put_cf(self.cf(CF_META), hash.as_bytes(), meta_value(bytes.len() as u32, seq));
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(batch, &opts).map_err(|e| {
             self.index.lock().expect("store index lock").remove(hash);
+            self.hot.lock().expect("hot tier lock").remove(hash);
             StoreError::Write(e)
         })
     }
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), StoreError> {
         self.index.lock().expect("store index lock").remove(hash);
+        self.hot.lock().expect("hot tier lock").remove(hash);
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_CHUNKS), hash.as_bytes());
         batch.delete_cf(self.cf(CF_META), hash.as_bytes());
@@ -196,8 +253,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn chunk(i: u8, len: usize) -> (ChunkHash, Vec<u8>) {
-        let bytes = vec![i; len];
+    fn chunk(i: u8, len: usize) -> (ChunkHash, Bytes) {
+        let bytes = Bytes::from(vec![i; len]);
         (ChunkHash::of(&bytes), bytes)
     }
 
@@ -206,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let quota = 3 * 100_000;
         {
-            let store = Store::open(dir.path(), quota).expect("open");
+            let store = Store::open(dir.path(), quota, 100_000).expect("open");
             for i in 0..5 {
                 let (h, b) = chunk(i, 100_000);
                 store.put(&h, &b).expect("put");
@@ -220,7 +277,7 @@ mod tests {
             store.flush().expect("flush");
         }
         // A smaller quota on restart evicts the oldest chunks.
-        let store = Store::open(dir.path(), 2 * 100_000).expect("reopen");
+        let store = Store::open(dir.path(), 2 * 100_000, 0).expect("reopen");
         assert_eq!(store.usage(), (200_000, 2));
         assert!(matches!(store.get(&chunk(2, 100_000).0).expect("get"), Lookup::Miss));
         assert!(matches!(store.get(&chunk(3, 100_000).0).expect("get"), Lookup::Hit(_)));
@@ -230,10 +287,11 @@ mod tests {
     #[test]
     fn corrupted_chunk_is_dropped_not_served() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), 1 << 20).expect("open");
+        // No RAM tier: every read comes from disk and is verified.
+        let store = Store::open(dir.path(), 1 << 20, 0).expect("open");
         let (h, b) = chunk(1, 70_000);
         store.put(&h, &b).expect("put");
-        let mut bad = b.clone();
+        let mut bad = b.to_vec();
         bad[123] ^= 0xff;
         store.db.put_cf(store.cf(CF_CHUNKS), h.as_bytes(), &bad).expect("corrupt");
         assert!(matches!(store.get(&h).expect("get"), Lookup::Corrupt));

@@ -66,18 +66,37 @@ http {
 }
 CONF
 nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' 2> "$work/nginx.stderr" & pids+=($!)
-for _ in $(seq 1 50); do curl -kfsS -o /dev/null "https://127.0.0.1:$port/chunk_00" && break; sleep 0.1; done
+for _ in $(seq 1 50); do curl -kfsS -o /dev/null "https://127.0.0.1:$port/chunk_00" 2>/dev/null && break; sleep 0.1; done
 
 urls=()
 for f in "$work"/www/chunk_*; do urls+=("https://127.0.0.1:$port/$(basename "$f")"); done
 
-fog=$("$FOG_BIN/fog-loadgen" --clients "$clients" --seconds "$seconds" quic --tracker "$tracker" "http://$origin/object.bin")
-ngx=$("$FOG_BIN/fog-loadgen" --clients "$clients" --seconds "$seconds" https "${urls[@]}")
+# CPU seconds (user+system) a process and its children have used, to report server CPU per GiB served.
+cpu_seconds() {
+    local total=0 p
+    for p in "$@" $(pgrep -P "$1" || true); do
+        total=$(awk -v t="$total" '{print t + ($14 + $15) / 100}' "/proc/$p/stat")
+    done
+    echo "$total"
+}
+node_pid=${pids[2]} nginx_pid=${pids[3]}
+run() { # run NAME PID loadgen-args...: prints the loadgen JSON with the server's CPU seconds added
+    local pid=$2; shift 2
+    local before after out
+    before=$(cpu_seconds "$pid")
+    out=$("$FOG_BIN/fog-loadgen" --clients "$clients" --seconds "$seconds" "$@")
+    after=$(cpu_seconds "$pid")
+    jq -c --argjson cpu "$(python3 -c "print(round($after - $before, 2))")" \
+        '. + {server_cpu_s: $cpu, server_cpu_s_per_gib: (if .bytes > 0 then ($cpu / (.bytes / 1073741824) * 100 | round / 100) else null end)}' <<<"$out"
+}
+fog=$(run fog "$node_pid" quic --tracker "$tracker" "http://$origin/object.bin")
+ngx=$(run nginx "$nginx_pid" https "${urls[@]}")
 echo "fog-node: $fog"
 echo "nginx:    $ngx"
 f=$(jq -r .mib_per_s <<<"$fog"); n=$(jq -r .mib_per_s <<<"$ngx")
 ratio=$(python3 -c "print(f'{$f / $n:.2f}' if $n > 0 else 'n/a')")
+row() { jq -r '"\(.mib_per_s) | \(.p50_ms) / \(.p99_ms) | \(.server_cpu_s_per_gib)"' <<<"$1"; }
 echo
-echo "| clients | fog-node QUIC MiB/s | p50 / p99 ms | nginx HTTPS MiB/s | p50 / p99 ms | fog/nginx |"
-echo "|---|---|---|---|---|---|"
-echo "| $clients | $f | $(jq -r '"\(.p50_ms) / \(.p99_ms)"' <<<"$fog") | $n | $(jq -r '"\(.p50_ms) / \(.p99_ms)"' <<<"$ngx") | $ratio |"
+echo "| clients | fog-node QUIC MiB/s | p50 / p99 ms | server CPU s/GiB | nginx HTTPS MiB/s | p50 / p99 ms | server CPU s/GiB | fog/nginx |"
+echo "|---|---|---|---|---|---|---|---|"
+echo "| $clients | $(row "$fog") | $(row "$ngx") | $ratio |"

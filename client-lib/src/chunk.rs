@@ -33,11 +33,7 @@ impl From<FrameError> for ChunkError {
     }
 }
 
-async fn read_exact_within(
-    recv: &mut quinn::RecvStream,
-    buf: &mut [u8],
-    limit: Duration,
-) -> Result<(), ChunkError> {
+async fn read_exact_within(recv: &mut quinn::RecvStream, buf: &mut [u8], limit: Duration) -> Result<(), ChunkError> {
     timeout(limit, recv.read_exact(buf))
         .await
         .map_err(|_| ChunkError::Timeout(limit))?

@@ -58,7 +58,7 @@ pub enum ClientError {
     #[error("{0}")]
     Origin(#[from] OriginError),
     #[error("neither the tracker nor the origin is reachable for {url}: tracker: {tracker}; origin: {origin}")]
-    Unreachable { url: String, tracker: TrackerError, origin: OriginError },
+    Unreachable { url: String, tracker: Box<TrackerError>, origin: Box<OriginError> },
     #[error("{url} changed at its origin after it was ingested; the fetch stopped rather than deliver mixed versions")]
     ContentChanged { url: String },
     #[error("tracker sent an inconsistent manifest or schedule: {0}")]
@@ -181,9 +181,11 @@ impl FogClient {
             _ => {
                 tracing::warn!(url, error = %e, "tracker unavailable; fetching straight from the origin");
                 match self.direct(url, out, e.to_string()).await {
-                    Err(ClientError::Origin(origin)) if origin.is_retryable() => {
-                        Err(ClientError::Unreachable { url: url.into(), tracker: e, origin })
-                    }
+                    Err(ClientError::Origin(origin)) if origin.is_retryable() => Err(ClientError::Unreachable {
+                        url: url.into(),
+                        tracker: Box::new(e),
+                        origin: Box::new(origin),
+                    }),
                     other => other,
                 }
             }
@@ -216,9 +218,7 @@ impl FogClient {
     ) -> Result<FetchReport, ClientError> {
         let Resolve { content_id, manifest, nodes, schedule } = resolved;
         manifest.validate().map_err(|e| ClientError::BadSchedule(e.to_string()))?;
-        if schedule.len() != manifest.chunks.len()
-            || schedule.iter().flatten().any(|&i| i as usize >= nodes.len())
-        {
+        if schedule.len() != manifest.chunks.len() || schedule.iter().flatten().any(|&i| i as usize >= nodes.len()) {
             return Err(ClientError::BadSchedule("schedule does not match the manifest or node list".into()));
         }
         if manifest.content_id() != content_id {
@@ -286,7 +286,7 @@ impl Inner {
             if failed.lock().expect("lock").contains(&node.id) {
                 continue;
             }
-            let err = match self.from_node(&node, &req, len).await {
+            let err = match self.fetch_from_node(&node, &req, len).await {
                 Ok(bytes) if ChunkHash::of(&bytes) == hash => {
                     return Ok(ChunkOutcome { bytes, source: Source::Node(node.id), failures });
                 }
@@ -320,7 +320,7 @@ impl Inner {
         Ok(ChunkOutcome { bytes, source: Source::Origin, failures })
     }
 
-    async fn from_node(&self, node: &NodeContact, req: &ChunkRequest, len: u32) -> Result<Bytes, ChunkError> {
+    async fn fetch_from_node(&self, node: &NodeContact, req: &ChunkRequest, len: u32) -> Result<Bytes, ChunkError> {
         let conn = self.connection(node).await?;
         chunk::request(&conn, req, len, self.cfg.deadlines).await
     }

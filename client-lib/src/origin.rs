@@ -157,7 +157,15 @@ impl OriginClient {
             tracing::debug!(url, n, limit, "object over the size limit");
             return Err(OriginError::TooLarge { url: url.into(), limit });
         }
-        Ok(OriginBody { url: url.into(), expected: resp.content_length(), resp, limit, received: 0, content_type, etag })
+        Ok(OriginBody {
+            url: url.into(),
+            expected: resp.content_length(),
+            resp,
+            limit,
+            received: 0,
+            content_type,
+            etag,
+        })
     }
 }
 

@@ -76,7 +76,8 @@ impl TrackerClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, TrackerError> {
-        let unreachable = |e: reqwest::Error| TrackerError::Unreachable { base: self.base.clone(), reason: e.to_string() };
+        let unreachable =
+            |e: reqwest::Error| TrackerError::Unreachable { base: self.base.clone(), reason: e.to_string() };
         let mut resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let mut body = Vec::new();

@@ -48,8 +48,7 @@ fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
 /// `max_streams_per_connection` concurrent requests per client.
 pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Result<quinn::ServerConfig, TransportError> {
     let pkcs8 = key.to_pkcs8_der().map_err(|e| TransportError::Identity(e.to_string()))?;
-    let key_pair =
-        rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| TransportError::Identity(e.to_string()))?;
+    let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| TransportError::Identity(e.to_string()))?;
     let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
         .map_err(|e| TransportError::Identity(e.to_string()))?;
     let cert = params.self_signed(&key_pair).map_err(|e| TransportError::Identity(e.to_string()))?;
@@ -62,8 +61,8 @@ pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Resul
         .map_err(|e| TransportError::Identity(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TransportError::Identity(e.to_string()))?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Identity(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(64 << 10))

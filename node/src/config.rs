@@ -9,7 +9,11 @@ use fog_proto::size::Size;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
-#[command(name = "fog-node", version, about = "fogcdn volunteer node: caches verified chunks and serves them over QUIC")]
+#[command(
+    name = "fog-node",
+    version,
+    about = "fogcdn volunteer node: caches verified chunks and serves them over QUIC"
+)]
 #[serde(deny_unknown_fields)]
 pub struct NodeArgs {
     /// TOML file with any of the options below (as snake_case keys).
@@ -120,8 +124,10 @@ mod tests {
     fn flags_win_over_file_and_sizes_parse() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "cache_size = \"2MiB\"\nupload_limit = 1000\ntracker = \"http://file\"\n").expect("write");
-        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8"), "--tracker", "http://flag"]);
+        std::fs::write(&path, "cache_size = \"2MiB\"\nupload_limit = 1000\ntracker = \"http://file\"\n")
+            .expect("write");
+        let args =
+            NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8"), "--tracker", "http://flag"]);
         let cfg = args.resolve().expect("valid");
         assert_eq!(cfg.tracker, "http://flag");
         assert_eq!(cfg.cache_size, 2 << 20);

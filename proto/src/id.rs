@@ -17,10 +17,7 @@ pub struct ParseIdError {
 
 fn parse_32(kind: &'static str, s: &str) -> Result<[u8; 32], ParseIdError> {
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).map_err(|_| ParseIdError {
-        kind,
-        got: s.chars().take(80).collect(),
-    })?;
+    hex::decode_to_slice(s, &mut out).map_err(|_| ParseIdError { kind, got: s.chars().take(80).collect() })?;
     Ok(out)
 }
 

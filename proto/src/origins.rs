@@ -52,8 +52,7 @@ mod tests {
 
     #[test]
     fn prefix_rules() {
-        let o = OriginList::new(["http://a.example".to_string(), "https://b.example/vod/".to_string()])
-            .expect("valid");
+        let o = OriginList::new(["http://a.example".to_string(), "https://b.example/vod/".to_string()]).expect("valid");
         assert!(o.allows("http://a.example/x.mp4"));
         assert!(!o.allows("http://a.example.evil.net/x"));
         assert!(o.allows("https://b.example/vod/1.ts"));

@@ -6,9 +6,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: write bytes (1048576) or a unit (64MiB, 10GiB)"))?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("{text:?} is not a size: write bytes (1048576) or a unit (64MiB, 10GiB)"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "k" => 1 << 10,
@@ -20,9 +19,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
         other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {text:?}: use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB"
-            ))
+            return Err(format!("unknown size unit {other:?} in {text:?}: use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB"))
         }
     };
     n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))

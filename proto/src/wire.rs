@@ -130,8 +130,8 @@ impl ChunkRequest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.push(VERSION);
-        let flags = if self.range.is_some() { FLAG_RANGE } else { 0 }
-            | if self.origin.is_some() { FLAG_ORIGIN } else { 0 };
+        let flags =
+            if self.range.is_some() { FLAG_RANGE } else { 0 } | if self.origin.is_some() { FLAG_ORIGIN } else { 0 };
         out.push(flags);
         out.extend_from_slice(self.hash.as_bytes());
         if let Some((off, len)) = self.range {
@@ -256,11 +256,8 @@ impl ResponseHead {
 
     /// Validates the announced length of an Ok payload or error message.
     pub fn check_len(status: Status, len: u32) -> Result<usize, FrameError> {
-        let (what, max) = if status == Status::Ok {
-            ("payload", MAX_PAYLOAD_LEN as usize)
-        } else {
-            ("message", MAX_MESSAGE_LEN)
-        };
+        let (what, max) =
+            if status == Status::Ok { ("payload", MAX_PAYLOAD_LEN as usize) } else { ("message", MAX_MESSAGE_LEN) };
         let len = len as usize;
         if len > max {
             return Err(FrameError::TooLong { what, len, max });

@@ -67,7 +67,9 @@ impl TestOrigin {
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -168,14 +170,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Or
     let range = req.headers().get(hyper::header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, len));
     let mut r = match range {
         Some(Ok((start, end))) if !quirks.ignore_range => {
-            let mut r = reply(StatusCode::PARTIAL_CONTENT, object.slice(start as usize..=end as usize), quirks.omit_length);
+            let mut r =
+                reply(StatusCode::PARTIAL_CONTENT, object.slice(start as usize..=end as usize), quirks.omit_length);
             let cr = format!("bytes {start}-{end}/{len}");
             r.headers_mut().insert(hyper::header::CONTENT_RANGE, cr.parse().expect("valid header"));
             r
         }
         Some(Err(())) if !quirks.ignore_range => {
             let mut r = reply(StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new(), false);
-            r.headers_mut().insert(hyper::header::CONTENT_RANGE, format!("bytes */{len}").parse().expect("valid header"));
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_RANGE, format!("bytes */{len}").parse().expect("valid header"));
             r
         }
         _ => reply(StatusCode::OK, object, quirks.omit_length),

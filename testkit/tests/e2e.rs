@@ -31,7 +31,8 @@ fn fog_get(tracker: &str, url: &str, out: Option<&std::path::Path>) -> (bool, Ve
 
 /// Reads `key=N` from the CLI's summary line.
 fn summary_value(stderr: &str, key: &str) -> u64 {
-    let line = stderr.lines().rev().find(|l| l.contains("fog_bytes=")).unwrap_or_else(|| panic!("no summary in {stderr}"));
+    let line =
+        stderr.lines().rev().find(|l| l.contains("fog_bytes=")).unwrap_or_else(|| panic!("no summary in {stderr}"));
     let field = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).expect("field present");
     field.parse().expect("number")
 }
@@ -112,8 +113,7 @@ async fn corrupted_stored_chunks_are_detected_and_never_delivered() {
         let cfs = [fog_node::store::CF_CHUNKS, fog_node::store::CF_META];
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).expect("open node store");
         let cf = db.cf_handle(fog_node::store::CF_CHUNKS).expect("chunks cf");
-        let entries: Vec<(Box<[u8]>, Box<[u8]>)> =
-            db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.expect("iterate")).collect();
+        let entries: Vec<_> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.expect("iterate")).collect();
         assert_eq!(entries.len(), 5, "expected 5 stored chunks");
         for (k, v) in entries {
             let mut v = v.to_vec();
@@ -151,7 +151,11 @@ async fn cache_quota_is_never_exceeded_by_more_than_one_chunk() {
     let served = 3 * (5 * MIB as u64 + 17);
     let stats = cluster.wait_stats("node to report its traffic", |s| s.bytes_served >= served).await;
     assert!(stats.cache_used > 0, "nothing cached: {stats:?}");
-    assert!(stats.cache_used <= quota + MIB as u64, "cache {} exceeds quota {quota} by more than a chunk", stats.cache_used);
+    assert!(
+        stats.cache_used <= quota + MIB as u64,
+        "cache {} exceeds quota {quota} by more than a chunk",
+        stats.cache_used
+    );
     assert_eq!(stats.cache_capacity, quota);
 }
 
@@ -206,7 +210,8 @@ async fn bad_requests_get_clear_errors_and_processes_keep_running() {
     assert!(wrong.is_err(), "connected to a node under the wrong key");
 
     assert!(cluster.tracker.is_running() && cluster.nodes[0].is_running());
-    let (bytes, report) = cluster.client().get(&cluster.origin.url("ok.bin")).await.expect("good fetch after bad input");
+    let (bytes, report) =
+        cluster.client().get(&cluster.origin.url("ok.bin")).await.expect("good fetch after bad input");
     assert!(bytes == content);
     assert_eq!(report.fog_bytes, content.len() as u64);
 }

@@ -121,7 +121,10 @@ impl App {
             return error(
                 StatusCode::FORBIDDEN,
                 ErrorCode::UnknownOrigin,
-                format!("{url} is not under a registered origin (registered: {})", self.cfg.origins.prefixes().join(", ")),
+                format!(
+                    "{url} is not under a registered origin (registered: {})",
+                    self.cfg.origins.prefixes().join(", ")
+                ),
                 false,
             );
         }
@@ -154,7 +157,9 @@ impl App {
             IngestError::Origin(OriginError::TooLarge { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, "too_large", false)
             }
-            IngestError::Origin(o) => (StatusCode::BAD_GATEWAY, ErrorCode::OriginError, "origin_error", o.is_retryable()),
+            IngestError::Origin(o) => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::OriginError, "origin_error", o.is_retryable())
+            }
             IngestError::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "busy", true),
             IngestError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal", true),
         };
@@ -165,10 +170,16 @@ impl App {
 
     async fn signed_body(req: Request<Incoming>) -> Result<Signed, Reply> {
         let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
-            error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("cannot read body (limit {MAX_BODY} bytes): {e}"), false)
+            error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("cannot read body (limit {MAX_BODY} bytes): {e}"),
+                false,
+            )
         })?;
-        serde_json::from_slice(&body.to_bytes())
-            .map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("not a signed message: {e}"), false))
+        serde_json::from_slice(&body.to_bytes()).map_err(|e| {
+            error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("not a signed message: {e}"), false)
+        })
     }
 
     fn reject_node(&self, e: impl std::fmt::Display) -> Reply {
@@ -233,7 +244,9 @@ impl App {
             Err(e) => return self.reject_node(e),
         };
         match self.registry.heartbeat(&signed.node_id, hb.stats, hb.timestamp_ms, now_ms()) {
-            Ok(registered) => json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() }),
+            Ok(registered) => {
+                json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
+            }
             Err(e) => self.reject_node(e),
         }
     }

@@ -33,7 +33,8 @@ impl Default for Metrics {
     fn default() -> Self {
         let (resolves, nodes) = (Family::default(), Family::default());
         let (ingest_errors, bad_node_messages) = (Counter::default(), Counter::default());
-        let (manifests, node_cache_used_bytes, node_bytes_served) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (manifests, node_cache_used_bytes, node_bytes_served) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
         let mut registry = Registry::default();
         registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
         registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
@@ -54,7 +55,16 @@ impl Default for Metrics {
             "Bytes served by healthy nodes since they started, as they report",
             node_bytes_served.clone(),
         );
-        Self { registry, resolves, ingest_errors, bad_node_messages, nodes, manifests, node_cache_used_bytes, node_bytes_served }
+        Self {
+            registry,
+            resolves,
+            ingest_errors,
+            bad_node_messages,
+            nodes,
+            manifests,
+            node_cache_used_bytes,
+            node_bytes_served,
+        }
     }
 }
 

@@ -108,7 +108,13 @@ impl Registry {
     }
 
     /// Records a heartbeat. `Ok(false)`: the node is unknown and must register.
-    pub fn heartbeat(&self, id: &NodeId, stats: NodeStats, timestamp_ms: u64, now_ms: u64) -> Result<bool, RegistryError> {
+    pub fn heartbeat(
+        &self,
+        id: &NodeId,
+        stats: NodeStats,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, RegistryError> {
         check_clock(now_ms, timestamp_ms)?;
         let mut nodes = self.nodes.write().expect("registry lock");
         let Some(n) = nodes.get_mut(id) else { return Ok(false) };
@@ -128,7 +134,11 @@ impl Registry {
     pub fn snapshot(&self) -> Snapshot {
         let nodes = self.nodes.read().expect("registry lock");
         Snapshot::new(
-            nodes.iter().filter(|(_, n)| self.healthy(n)).map(|(id, n)| NodeContact { id: *id, addr: n.addr }).collect(),
+            nodes
+                .iter()
+                .filter(|(_, n)| self.healthy(n))
+                .map(|(id, n)| NodeContact { id: *id, addr: n.addr })
+                .collect(),
         )
     }
 

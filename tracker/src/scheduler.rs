@@ -18,7 +18,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(mut nodes: Vec<NodeContact>) -> Self {
-        nodes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        nodes.sort_unstable_by_key(|n| n.id);
         Self { nodes }
     }
 }
@@ -51,7 +51,10 @@ mod tests {
     use std::net::SocketAddr;
 
     fn node(i: u8) -> NodeContact {
-        NodeContact { id: NodeId(*blake3::hash(&[i]).as_bytes()), addr: SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(i))) }
+        NodeContact {
+            id: NodeId(*blake3::hash(&[i]).as_bytes()),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(i))),
+        }
     }
 
     #[test]

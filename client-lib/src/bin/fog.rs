@@ -56,9 +56,8 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
             let mut part = path.clone().into_os_string();
             part.push(".part");
             let part = PathBuf::from(part);
-            let mut file = tokio::fs::File::create(&part)
-                .await
-                .with_context(|| format!("cannot create {}", part.display()))?;
+            let mut file =
+                tokio::fs::File::create(&part).await.with_context(|| format!("cannot create {}", part.display()))?;
             let result = client.fetch_to(&url, &mut file).await;
             drop(file);
             match result {
@@ -90,9 +89,7 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fog_client::chunk::{self, Deadlines};
-use fog_client::transport;
 use fog_client::tracker::TrackerClient;
+use fog_client::transport;
 use fog_proto::wire::ChunkRequest;
 
 #[derive(Parser, Debug)]
@@ -73,7 +73,11 @@ async fn main() -> anyhow::Result<()> {
             let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
             for c in 0..args.clients {
                 let conn = endpoint
-                    .connect_with(transport::client_config(node.id, Duration::from_secs(30)), node.addr, transport::SERVER_NAME)?
+                    .connect_with(
+                        transport::client_config(node.id, Duration::from_secs(30)),
+                        node.addr,
+                        transport::SERVER_NAME,
+                    )?
                     .await
                     .context("QUIC handshake")?;
                 let (m, tally) = (m.clone(), tally.clone());
@@ -127,7 +131,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut lat = std::mem::take(&mut *tally.latencies_us.lock().expect("lock"));
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
     let bytes = tally.bytes.load(Ordering::Relaxed);
     let mib_s = bytes as f64 / (1 << 20) as f64 / args.seconds as f64;
     println!(

@@ -97,6 +97,9 @@ struct ChunkOutcome {
     failures: u64,
 }
 
+/// One node's connection, dialled at most once at a time.
+type ConnectionSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
 /// Connections kept open to nodes at most; beyond that an arbitrary one is closed.
 const MAX_CACHED_CONNECTIONS: usize = 256;
 
@@ -111,7 +114,7 @@ struct Inner {
     tracker: Option<TrackerClient>,
     origin: OriginClient,
     endpoint: quinn::Endpoint,
-    connections: Mutex<HashMap<NodeId, quinn::Connection>>,
+    connections: Mutex<HashMap<NodeId, ConnectionSlot>>,
 }
 
 impl FogClient {
@@ -325,11 +328,22 @@ impl Inner {
         chunk::request(&conn, req, len, self.cfg.deadlines).await
     }
 
+    /// A live connection to `node`, reusing one if open. Chunk tasks that need the same node while it is
+    /// being dialled wait for that handshake instead of starting their own.
     async fn connection(&self, node: &NodeContact) -> Result<quinn::Connection, ChunkError> {
-        if let Some(c) = self.connections.lock().expect("lock").get(&node.id) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        let slot = {
+            let mut conns = self.connections.lock().expect("lock");
+            if conns.len() >= MAX_CACHED_CONNECTIONS && !conns.contains_key(&node.id) {
+                // Dropping the slot drops the connection handle; quinn closes it once no task uses it.
+                if let Some(victim) = conns.keys().next().copied() {
+                    conns.remove(&victim);
+                }
             }
+            conns.entry(node.id).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
         }
         let idle = self.cfg.deadlines.first_byte * 2;
         let connecting = self
@@ -340,15 +354,7 @@ impl Inner {
             .await
             .map_err(|_| ChunkError::Timeout(self.cfg.connect_timeout))?
             .map_err(|e| ChunkError::Stream(format!("handshake with {}: {e}", node.addr)))?;
-        let mut conns = self.connections.lock().expect("lock");
-        if conns.len() >= MAX_CACHED_CONNECTIONS {
-            if let Some(victim) = conns.keys().next().copied() {
-                if let Some(old) = conns.remove(&victim) {
-                    old.close(0u32.into(), b"connection cache full");
-                }
-            }
-        }
-        conns.insert(node.id, conn.clone());
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 }

@@ -109,6 +109,7 @@ pub struct Cluster {
     pub origin: TestOrigin,
     pub tracker: Proc,
     pub nodes: Vec<Proc>,
+    tracker_args: Vec<String>,
     node_args: Vec<String>,
 }
 
@@ -138,12 +139,22 @@ impl Cluster {
         ];
         args.extend(opts.tracker_args);
         let tracker = Proc::spawn("fog-tracker", &args, dir.path().join("tracker.log")).await;
-        let mut cluster = Cluster { dir, origin, tracker, nodes: Vec::new(), node_args: opts.node_args };
+        let mut cluster =
+            Cluster { dir, origin, tracker, tracker_args: args, nodes: Vec::new(), node_args: opts.node_args };
         for _ in 0..opts.nodes {
             cluster.add_node(&[]).await;
         }
         cluster.wait_healthy(opts.nodes as u64).await;
         cluster
+    }
+
+    /// Starts the tracker again on the same address and data directory (after it was stopped).
+    pub async fn restart_tracker(&mut self) {
+        let mut args = self.tracker_args.clone();
+        let listen = args.iter().position(|a| a == "--listen").expect("listen flag") + 1;
+        args[listen] = self.tracker.addr.clone();
+        let log = self.dir.path().join("tracker.restart.log");
+        self.tracker = Proc::spawn("fog-tracker", &args, log).await;
     }
 
     pub fn tracker_url(&self) -> String {

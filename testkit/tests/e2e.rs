@@ -2,8 +2,9 @@
 //! origin, and the real client library and `fog` CLI.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use fog_client::chunk::{self, Deadlines};
 use fog_client::transport;
 use fog_proto::api::Resolve;
 use fog_proto::wire::{ChunkRequest, Status, MAX_REQUEST_LEN};
@@ -271,4 +272,66 @@ async fn without_a_tracker_the_origin_still_serves_and_total_outage_is_an_error(
     let (ok, _, stderr) = fog_get(dead_tracker, "http://127.0.0.1:9/none.bin", None);
     assert!(!ok);
     assert!(stderr.contains("neither the tracker nor the origin is reachable"), "unclear error: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upload_cap_is_kept() {
+    let cap = 2 * MIB as u64;
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--upload-limit".into(), cap.to_string()],
+        ..Default::default()
+    })
+    .await;
+    let content = test_bytes(6 * MIB, 21);
+    cluster.origin.put("capped.bin", content.clone());
+    let started = Instant::now();
+    let (bytes, report) = cluster.client().get(&cluster.origin.url("capped.bin")).await.expect("fetch");
+    let elapsed = started.elapsed();
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64, "all bytes should come from the capped node");
+    // A lower bound only (a slow machine can only make it longer): beyond one burst of cap/20 bytes,
+    // every byte waits for the token bucket.
+    let burst = cap / 20;
+    let floor = Duration::from_secs_f64((content.len() as u64 - burst) as f64 / cap as f64);
+    assert!(elapsed >= floor, "served {} bytes in {elapsed:?}, faster than the cap allows ({floor:?})", content.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_keep_serving_without_the_tracker_and_rejoin_when_it_returns() {
+    let mut cluster = Cluster::start(opts(1)).await;
+    let content = test_bytes(3 * MIB + 77, 31);
+    cluster.origin.put("keep.bin", content.clone());
+    let url = cluster.origin.url("keep.bin");
+    cluster.client().get(&url).await.expect("warm-up fetch");
+    let resolved = resolve(&cluster, &url).await;
+    let origin_before = cluster.origin.requests();
+
+    cluster.tracker.kill();
+    // A client that already holds the manifest keeps fetching from the node.
+    let node = resolved.nodes[0].clone();
+    let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let conn = endpoint
+        .connect_with(transport::client_config(node.id, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
+    let mut fetched = Vec::new();
+    for (i, hash) in resolved.manifest.chunks.iter().enumerate() {
+        let req = ChunkRequest { hash: *hash, range: None, origin: None };
+        let bytes = chunk::request(&conn, &req, resolved.manifest.chunk_span(i).1, deadlines).await.expect("chunk");
+        assert_eq!(ChunkHash::of(&bytes), *hash);
+        fetched.extend_from_slice(&bytes);
+    }
+    assert!(fetched == content);
+    assert_eq!(cluster.origin.requests(), origin_before, "warm chunks must not touch the origin");
+    assert!(cluster.nodes[0].is_running());
+
+    // The tracker comes back with an empty registry; the node is told to register again.
+    cluster.restart_tracker().await;
+    cluster.wait_healthy(1).await;
+    let (bytes, report) = cluster.client().get(&url).await.expect("fetch after tracker restart");
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64);
 }

@@ -346,14 +346,9 @@ impl Inner {
             return Ok(c.clone());
         }
         let idle = self.cfg.deadlines.first_byte * 2;
-        let connecting = self
-            .endpoint
-            .connect_with(transport::client_config(node.id, idle), node.addr, transport::SERVER_NAME)
-            .map_err(|e| ChunkError::Stream(format!("connect to {}: {e}", node.addr)))?;
-        let conn = tokio::time::timeout(self.cfg.connect_timeout, connecting)
+        let conn = transport::connect(&self.endpoint, node.id, node.addr, idle, self.cfg.connect_timeout)
             .await
-            .map_err(|_| ChunkError::Timeout(self.cfg.connect_timeout))?
-            .map_err(|e| ChunkError::Stream(format!("handshake with {}: {e}", node.addr)))?;
+            .map_err(ChunkError::Stream)?;
         *slot = Some(conn.clone());
         Ok(conn)
     }

@@ -7,10 +7,10 @@
 //!
 //! The [`origin`], [`tracker`], [`transport`] and [`chunk`] modules are shared with fog-node.
 
+pub mod bin_support;
 pub mod chunk;
 mod fetch;
 pub mod origin;
-pub mod signal;
 pub mod tracker;
 pub mod transport;
 

@@ -89,6 +89,24 @@ pub fn client_config(node: NodeId, idle_timeout: Duration) -> quinn::ClientConfi
     cfg
 }
 
+/// Dials `node` at `addr` from `endpoint`, accepting only a server that holds `node`'s key; gives up after
+/// `timeout`. The error says what failed, for logs.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    node: NodeId,
+    addr: SocketAddr,
+    idle_timeout: Duration,
+    timeout: Duration,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect_with(client_config(node, idle_timeout), addr, SERVER_NAME)
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| format!("no handshake with {addr} within {timeout:?}"))?
+        .map_err(|e| format!("handshake with {addr}: {e}"))
+}
+
 /// A client endpoint on an ephemeral UDP port.
 pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, TransportError> {
     quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use fog_client::bin_support::{default_data_dir, load_toml, ConfigError};
 use fog_proto::size::Size;
 use serde::Deserialize;
 
@@ -63,35 +64,9 @@ pub struct NodeConfig {
     pub max_fills: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-fn default_data_dir(role: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("fogcdn").join(role)
-}
-
 impl NodeArgs {
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<NodeArgs>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
-            }
-            None => NodeArgs::default(),
-        };
+        let file: NodeArgs = load_toml(self.config.as_deref())?;
         let cfg = NodeConfig {
             tracker: self.tracker.or(file.tracker).unwrap_or_else(|| "http://127.0.0.1:7700".into()),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),

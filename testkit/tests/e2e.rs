@@ -38,6 +38,14 @@ fn summary_value(stderr: &str, key: &str) -> u64 {
     field.parse().expect("number")
 }
 
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    node: fog_proto::NodeId,
+    addr: std::net::SocketAddr,
+) -> Result<quinn::Connection, String> {
+    transport::connect(endpoint, node, addr, Duration::from_secs(10), Duration::from_secs(10)).await
+}
+
 async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
     let body = reqwest::get(format!("{}/v1/resolve?url={}", cluster.tracker_url(), url))
         .await
@@ -180,11 +188,7 @@ async fn bad_requests_get_clear_errors_and_processes_keep_running() {
     let resolved = resolve(&cluster, &cluster.origin.url("ok.bin")).await;
     let node = resolved.nodes[0].clone();
     let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
-    let conn = endpoint
-        .connect_with(transport::client_config(node.id, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let conn = connect(&endpoint, node.id, node.addr).await.expect("handshake");
     let good = ChunkRequest { hash: ChunkHash::of(b"x"), range: None, origin: None }.encode();
     let mut bad_version = good.clone();
     bad_version[0] = 99;
@@ -204,10 +208,7 @@ async fn bad_requests_get_clear_errors_and_processes_keep_running() {
     }
     // Wrong pinned key: the handshake must fail.
     let impostor = fog_proto::NodeId([1u8; 32]);
-    let wrong = endpoint
-        .connect_with(transport::client_config(impostor, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
-        .expect("connect")
-        .await;
+    let wrong = connect(&endpoint, impostor, node.addr).await;
     assert!(wrong.is_err(), "connected to a node under the wrong key");
 
     assert!(cluster.tracker.is_running() && cluster.nodes[0].is_running());
@@ -311,11 +312,7 @@ async fn nodes_keep_serving_without_the_tracker_and_rejoin_when_it_returns() {
     // A client that already holds the manifest keeps fetching from the node.
     let node = resolved.nodes[0].clone();
     let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
-    let conn = endpoint
-        .connect_with(transport::client_config(node.id, Duration::from_secs(10)), node.addr, transport::SERVER_NAME)
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let conn = connect(&endpoint, node.id, node.addr).await.expect("handshake");
     let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
     let mut fetched = Vec::new();
     for (i, hash) in resolved.manifest.chunks.iter().enumerate() {

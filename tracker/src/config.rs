@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use fog_client::bin_support::{default_data_dir, load_toml, ConfigError};
 use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use fog_proto::origins::OriginList;
 use fog_proto::size::Size;
@@ -65,27 +66,9 @@ pub struct TrackerConfig {
     pub max_nodes: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl TrackerArgs {
     pub fn resolve(self) -> Result<TrackerConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<TrackerArgs>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
-            }
-            None => TrackerArgs::default(),
-        };
+        let file: TrackerArgs = load_toml(self.config.as_deref())?;
         let origins = if self.origin.is_empty() { file.origin } else { self.origin };
         if origins.is_empty() {
             return Err(ConfigError::Invalid(
@@ -100,10 +83,7 @@ impl TrackerArgs {
             )));
         }
         let heartbeat = self.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(5).clamp(1, 300);
-        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".local/share/fogcdn/tracker")
-        });
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("tracker"));
         Ok(TrackerConfig {
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use fog_client::chunk::{self, Deadlines};
 use fog_client::tracker::TrackerClient;
@@ -72,14 +72,10 @@ async fn main() -> anyhow::Result<()> {
             let endpoint = transport::client_endpoint(([0, 0, 0, 0], 0).into())?;
             let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
             for c in 0..args.clients {
-                let conn = endpoint
-                    .connect_with(
-                        transport::client_config(node.id, Duration::from_secs(30)),
-                        node.addr,
-                        transport::SERVER_NAME,
-                    )?
+                let timeout = Duration::from_secs(30);
+                let conn = transport::connect(&endpoint, node.id, node.addr, timeout, timeout)
                     .await
-                    .context("QUIC handshake")?;
+                    .map_err(anyhow::Error::msg)?;
                 let (m, tally) = (m.clone(), tally.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut i = c;

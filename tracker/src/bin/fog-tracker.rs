@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
@@ -13,11 +12,7 @@ use fog_tracker::ingest::Ingest;
 const MAX_CONCURRENT_INGESTS: usize = 32;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    fog_client::bin_support::init_logging("info");
     let cfg = TrackerArgs::parse().resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -32,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
         let app = Arc::new(App::new(cfg, db, ingest)?);
-        serve(app, listener, fog_client::signal::shutdown()).await;
+        serve(app, listener, fog_client::bin_support::shutdown()).await;
         tracing::info!("fog-tracker stopped");
         anyhow::Ok(())
     })

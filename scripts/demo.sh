@@ -53,7 +53,11 @@ for round in first second; do
     share=$(sed -n 's/.*fog_share=\([^ ]*\).*/\1/p' <<<"$line")
     echo "$round fetch: byte-identical, fog share $share   ($line)"
 done
-echo "tracker stats: $(curl -fsS "$tracker/v1/stats")"
+sleep 1.5 # one heartbeat, so the tracker has the nodes' counters
+stats=$(curl -fsS "$tracker/v1/stats")
+echo "nodes served $(jq .bytes_served <<<"$stats") bytes and pulled $(jq .origin_fill_bytes <<<"$stats") from the origin:"
+echo "(the tracker also read the object once to ingest it.) The first fetch filled the fog, each chunk pulled once; the second came from node caches alone."
+echo "tracker stats: $stats"
 
 if $once; then exit 0; fi
 echo "running: tracker $tracker, origin http://$origin/ — try: $FOG_BIN/fog get --tracker $tracker $url -o /tmp/x"

@@ -163,6 +163,8 @@ pub struct TrackerStats {
     pub cache_capacity: u64,
     /// Sum of bytes served as reported by healthy nodes.
     pub bytes_served: u64,
+    /// Sum of bytes healthy nodes pulled from origins on misses, as they report.
+    pub origin_fill_bytes: u64,
     pub resolves: u64,
     pub ingests: u64,
     pub ingest_errors: u64,

@@ -260,6 +260,7 @@ impl App {
             cache_used: c.cache_used,
             cache_capacity: c.cache_capacity,
             bytes_served: c.bytes_served,
+            origin_fill_bytes: c.origin_fill_bytes,
             resolves: self.resolves.load(Ordering::Relaxed),
             ingests: self.ingests.load(Ordering::Relaxed),
             ingest_errors: self.ingest_errors.load(Ordering::Relaxed),

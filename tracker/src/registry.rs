@@ -53,6 +53,7 @@ pub struct Counts {
     pub cache_used: u64,
     pub cache_capacity: u64,
     pub bytes_served: u64,
+    pub origin_fill_bytes: u64,
 }
 
 fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
@@ -150,6 +151,7 @@ impl Registry {
             c.cache_used += n.stats.cache_used;
             c.cache_capacity += n.cache_capacity;
             c.bytes_served += n.stats.bytes_served;
+            c.origin_fill_bytes += n.stats.origin_bytes;
         }
         c
     }

@@ -33,7 +33,7 @@ origin=$(wait_listening "$work/origin.log")
 tracker="http://$(wait_listening "$work/tracker.log")"
 
 for i in 1 2 3; do
-    "$FOG_BIN/fog-node" --tracker "$tracker" --listen 127.0.0.1:0 --data-dir "$work/node$i" \
+    "$FOG_BIN/fog-node" --tracker "$tracker" --listen 127.0.0.1:0 --status-listen 127.0.0.1:0 --data-dir "$work/node$i" \
         --cache-size 256MiB 2> "$work/node$i.log" & pids+=($!)
     wait_listening "$work/node$i.log" >/dev/null
 done

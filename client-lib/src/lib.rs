@@ -5,11 +5,13 @@
 //! candidate on any error, timeout or wrong byte, and finally fetches the range from the origin. A caller
 //! never receives a byte that did not verify. If the tracker is unreachable it fetches from the origin.
 //!
-//! The [`origin`], [`tracker`], [`transport`] and [`chunk`] modules are shared with fog-node.
+//! The [`origin`], [`tracker`], [`transport`], [`chunk`], [`http_server`] and [`bin_support`] modules are
+//! shared with fog-node and fog-tracker.
 
 pub mod bin_support;
 pub mod chunk;
 mod fetch;
+pub mod http_server;
 pub mod origin;
 pub mod tracker;
 pub mod transport;

@@ -30,6 +30,10 @@ pub struct NodeArgs {
     /// UDP address for QUIC; port 0 picks a free one [default: 0.0.0.0:7701].
     #[arg(long, env = "FOG_NODE_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// TCP address of the local status page, `/status` and `/metrics`; keep it on 127.0.0.1 unless a
+    /// firewall guards it [default: 127.0.0.1:7702].
+    #[arg(long, env = "FOG_NODE_STATUS_LISTEN")]
+    pub status_listen: Option<SocketAddr>,
     /// Address clients should dial, when it differs from what the tracker sees (port forwarding).
     #[arg(long, env = "FOG_NODE_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
@@ -57,6 +61,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub advertise: Option<SocketAddr>,
+    pub status_listen: SocketAddr,
     pub cache_size: u64,
     pub memory_cache: u64,
     pub upload_limit: Option<u64>,
@@ -72,6 +77,10 @@ impl NodeArgs {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7701))),
             advertise: self.advertise.or(file.advertise),
+            status_listen: self
+                .status_listen
+                .or(file.status_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7702))),
             cache_size: self.cache_size.or(file.cache_size).map_or(1 << 30, |s| s.0),
             memory_cache: self.memory_cache.or(file.memory_cache).map_or(64 << 20, |s| s.0),
             upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),

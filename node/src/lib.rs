@@ -7,8 +7,9 @@ pub mod identity;
 pub mod limits;
 pub mod serve;
 pub mod stats;
+pub mod status;
 pub mod store;
 pub mod tracker_link;
 
 mod run;
-pub use run::{run, NodeError};
+pub use run::{run, NodeError, STATUS_ADDR_FILE};

@@ -12,8 +12,13 @@ use crate::config::NodeConfig;
 use crate::identity::{self, IdentityError};
 use crate::serve::Server;
 use crate::stats::Counters;
+use crate::status::{Status, StatusInfo};
 use crate::store::{Store, StoreError};
+use crate::tracker_link::SharedLinkState;
 use crate::tracker_link::{load_origins, TrackerLink};
+
+/// File in the data directory holding the status page's address, for `fog-node status`.
+pub const STATUS_ADDR_FILE: &str = "status.addr";
 
 /// Requests per client connection in flight at once.
 const STREAMS_PER_CONNECTION: u32 = 32;
@@ -30,6 +35,8 @@ pub enum NodeError {
     Transport(#[from] transport::TransportError),
     #[error("cannot read the QUIC socket address: {0}")]
     LocalAddr(std::io::Error),
+    #[error("cannot listen for the status page on {addr}: {source}; pick another --status-listen")]
+    StatusListen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// Runs the node until `shutdown` resolves, then drains in-flight requests (up to 10 s) and flushes the store.
@@ -58,7 +65,35 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         cfg.max_fills,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let link_state = SharedLinkState::default();
+    let status = Arc::new(Status::new(
+        StatusInfo {
+            node_id,
+            tracker_url: cfg.tracker.clone(),
+            quic_listen: local,
+            upload_limit: cfg.upload_limit,
+            memory_cache: cfg.memory_cache,
+            usage_file: cfg.data_dir.join("usage.json"),
+        },
+        server.clone(),
+        link_state.clone(),
+    ));
+    let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
+        .await
+        .map_err(|source| NodeError::StatusListen { addr: cfg.status_listen, source })?;
+    let status_addr = status_listener.local_addr().map_err(NodeError::LocalAddr)?;
+    // `fog-node status` finds the page through this file.
+    if let Err(e) = std::fs::write(cfg.data_dir.join(STATUS_ADDR_FILE), status_addr.to_string()) {
+        tracing::warn!(error = %e, "cannot record the status address; `fog-node status` will need --url");
+    }
+    tracing::info!("status page at http://{status_addr}/");
+    let mut stop_status = stop_rx.clone();
+    let status_task = tokio::spawn(status.clone().serve(status_listener, async move {
+        let _ = stop_status.changed().await;
+    }));
+    let track_task = tokio::spawn(status.clone().track_forever());
     let link = TrackerLink {
+        state: link_state,
         tracker: TrackerClient::new(&cfg.tracker, Duration::from_secs(10)),
         key,
         quic_addr: cfg.advertise.unwrap_or(local),
@@ -84,7 +119,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     endpoint.close(0u32.into(), b"node shutting down");
     serve_task.abort();
+    track_task.abort();
+    status.save_usage();
     let _ = link_task.await;
+    let _ = status_task.await;
     endpoint.wait_idle().await;
     store.flush()?;
     tracing::info!("fog-node stopped");

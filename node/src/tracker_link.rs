@@ -3,20 +3,35 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use fog_client::origin::SharedOrigins;
-use fog_client::tracker::TrackerClient;
-use fog_proto::api::{Heartbeat, Register, Signed, KIND_HEARTBEAT, KIND_REGISTER};
+use fog_client::tracker::{TrackerClient, TrackerError};
+use fog_proto::api::{ErrorCode, Heartbeat, Register, Signed, KIND_HEARTBEAT, KIND_REGISTER};
 use fog_proto::origins::OriginList;
 use tokio::sync::watch;
 
 use crate::serve::Server;
 
+/// How the conversation with the tracker is going, for the status page.
+#[derive(Debug, Clone, Default)]
+pub struct LinkState {
+    pub registered: bool,
+    pub last_ok: Option<Instant>,
+    /// The latest failure, cleared by the next success.
+    pub last_error: Option<String>,
+    /// Set when the tracker refuses this node (blocked, bad clock): retrying alone will not help.
+    pub refused: Option<String>,
+    pub advertised: Option<SocketAddr>,
+}
+
+pub type SharedLinkState = Arc<Mutex<LinkState>>;
+
 #[derive(Debug)]
 pub struct TrackerLink {
+    pub state: SharedLinkState,
     pub tracker: TrackerClient,
     pub key: SigningKey,
     pub quic_addr: SocketAddr,
@@ -61,6 +76,7 @@ impl TrackerLink {
         };
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
         tracing::info!(tracker = self.tracker.base(), advertised = %resp.advertised_addr, "registered with tracker");
+        self.state.lock().expect("link state lock").advertised = Some(resp.advertised_addr);
         self.update_origins(resp.origins);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }
@@ -74,6 +90,26 @@ impl TrackerLink {
         Ok(resp.registered)
     }
 
+    /// Notes the outcome of one exchange: `Ok(registered)` or the error.
+    fn record(&self, outcome: Result<bool, &TrackerError>) {
+        let mut s = self.state.lock().expect("link state lock");
+        match outcome {
+            Ok(registered) => {
+                s.registered = registered;
+                s.last_ok = Some(Instant::now());
+                s.last_error = None;
+                s.refused = None;
+            }
+            Err(e) => {
+                s.last_error = Some(e.to_string());
+                if e.code() == Some(ErrorCode::Unauthorized) {
+                    s.registered = false;
+                    s.refused = Some(e.to_string());
+                }
+            }
+        }
+    }
+
     /// Registers, then heartbeats until `shutdown` flips; retries with backoff while the tracker is away.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut interval: Option<Duration> = None;
@@ -83,12 +119,14 @@ impl TrackerLink {
             let wait = match interval {
                 None => match self.register().await {
                     Ok(i) => {
+                        self.record(Ok(true));
                         interval = Some(i);
                         failures = 0;
                         backoff = Duration::from_secs(1);
                         i
                     }
                     Err(e) => {
+                        self.record(Err(&e));
                         failures += 1;
                         // Log the first failure and then every tenth, so an outage does not flood the log.
                         if failures == 1 || failures % 10 == 0 {
@@ -99,7 +137,9 @@ impl TrackerLink {
                     }
                 },
                 Some(i) => {
-                    match self.heartbeat().await {
+                    let result = self.heartbeat().await;
+                    self.record(result.as_ref().copied());
+                    match result {
                         Ok(true) => failures = 0,
                         Ok(false) => {
                             tracing::info!("tracker does not know this node (restarted?); registering again");

@@ -35,7 +35,7 @@ origin=$(wait_listening "$work/origin.log")
 "$FOG_BIN/fog-tracker" --listen 127.0.0.1:0 --data-dir "$work/tracker" --origin "http://$origin/" \
     --heartbeat-secs 1 2> "$work/tracker.log" & pids+=($!)
 tracker="http://$(wait_listening "$work/tracker.log")"
-"$FOG_BIN/fog-node" --tracker "$tracker" --listen 127.0.0.1:0 --data-dir "$work/node" --cache-size 1GiB \
+"$FOG_BIN/fog-node" --tracker "$tracker" --listen 127.0.0.1:0 --status-listen 127.0.0.1:0 --data-dir "$work/node" --cache-size 1GiB \
     2> "$work/node.log" & pids+=($!)
 wait_listening "$work/node.log" >/dev/null
 until [ "$(curl -fsS "$tracker/v1/stats" | jq -r .nodes_healthy)" = 1 ]; do sleep 0.2; done

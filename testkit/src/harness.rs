@@ -171,6 +171,8 @@ impl Cluster {
             self.tracker_url(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--status-listen".into(),
+            "127.0.0.1:0".into(),
             "--data-dir".into(),
             self.node_dir(i).display().to_string(),
         ];

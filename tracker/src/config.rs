@@ -46,6 +46,10 @@ pub struct TrackerArgs {
     /// than this, so clients cannot make the tracker hammer an origin [default: 30].
     #[arg(long, env = "FOG_TRACKER_MIN_REINGEST_SECS")]
     pub min_reingest_secs: Option<u64>,
+    /// Bearer token for operator-only views (node addresses) and actions (blocking nodes); without one
+    /// those are off.
+    #[arg(long, env = "FOG_TRACKER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Most registered nodes kept [default: 100000].
     #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
     pub max_nodes: Option<usize>,
@@ -64,6 +68,7 @@ pub struct TrackerConfig {
     pub candidates: usize,
     pub min_reingest_age: Duration,
     pub max_nodes: usize,
+    pub admin_token: Option<String>,
 }
 
 impl TrackerArgs {
@@ -84,6 +89,10 @@ impl TrackerArgs {
         }
         let heartbeat = self.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(5).clamp(1, 300);
         let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("tracker"));
+        let admin_token = self.admin_token.or(file.admin_token).filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid("--admin-token must be at least 16 characters".into()));
+        }
         Ok(TrackerConfig {
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir,
@@ -95,6 +104,7 @@ impl TrackerArgs {
             candidates: self.candidates.or(file.candidates).unwrap_or(3).clamp(1, 16),
             min_reingest_age: Duration::from_secs(self.min_reingest_secs.or(file.min_reingest_secs).unwrap_or(30)),
             max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
+            admin_token,
         })
     }
 }

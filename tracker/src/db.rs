@@ -1,13 +1,17 @@
-//! Tracker persistence in RocksDB: manifests by URL. Node registrations are soft state kept in memory:
-//! after a tracker restart nodes learn from their next heartbeat that they must register again.
+//! Tracker persistence in RocksDB: manifests by URL, and the operator's block list. Node registrations are
+//! soft state kept in memory: after a tracker restart nodes learn from their next heartbeat that they must
+//! register again.
 
+use std::collections::HashSet;
 use std::path::Path;
 
-use fog_proto::Manifest;
+use fog_proto::{Manifest, NodeId};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
 const CF_MANIFESTS: &str = "manifests";
+/// Nodes the operator blocked: node id → empty value.
+const CF_BLOCKED: &str = "blocked_nodes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -37,7 +41,10 @@ impl Db {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(3);
-        let cfs = vec![ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default())];
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_BLOCKED, Options::default()),
+        ];
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
         Ok(Self { db })
@@ -60,6 +67,30 @@ impl Db {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.put_cf_opt(self.manifests(), stored.manifest.url.as_bytes(), value, &opts)?;
+        Ok(())
+    }
+
+    pub fn blocked_nodes(&self) -> Result<HashSet<NodeId>, DbError> {
+        let cf = self.db.cf_handle(CF_BLOCKED).expect("created at open");
+        let mut out = HashSet::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item?;
+            if let Ok(id) = <[u8; 32]>::try_from(&*k) {
+                out.insert(NodeId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_blocked(&self, id: &NodeId, blocked: bool) -> Result<(), DbError> {
+        let cf = self.db.cf_handle(CF_BLOCKED).expect("created at open");
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        if blocked {
+            self.db.put_cf_opt(cf, id.as_bytes(), [], &opts)?;
+        } else {
+            self.db.delete_cf_opt(cf, id.as_bytes(), &opts)?;
+        }
         Ok(())
     }
 

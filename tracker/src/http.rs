@@ -1,37 +1,43 @@
-//! The tracker's HTTP API (hyper). Endpoints are specified in `docs/protocol.md`.
+//! The tracker's HTTP surface: the API (specified in `docs/protocol.md`), the operators' dashboard and its
+//! JSON feeds, and Prometheus metrics.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
 use fog_proto::api::{
     ApiError, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed, TrackerStats,
     KIND_HEARTBEAT, KIND_REGISTER,
 };
-use fog_proto::ContentId;
-use http_body_util::{BodyExt, Full, Limited};
+use fog_proto::{ContentId, NodeId};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::TrackerConfig;
+use crate::dashboard::{now_ms, Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
 use crate::metrics::{Metrics, ResultLabel, StateLabel};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Registration, Registry, RegistryError, SortBy};
 use crate::scheduler;
 
 /// Largest request body (register and heartbeat messages are a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;
 /// Most client connections served at once.
 const MAX_CONNECTIONS: usize = 4096;
+/// Most dashboards following the live stream at once.
+const MAX_STREAMS: usize = 64;
+
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const UPLOT_JS: &[u8] = include_bytes!("../assets/vendor/uplot/uPlot.iife.min.js");
+const UPLOT_CSS: &[u8] = include_bytes!("../assets/vendor/uplot/uPlot.min.css");
 
 #[derive(Debug)]
 pub struct App {
@@ -39,36 +45,46 @@ pub struct App {
     pub ingest: Ingest,
     pub registry: Registry,
     pub metrics: Metrics,
+    pub dashboard: Dashboard,
     pub db: Arc<Db>,
     manifests: AtomicU64,
     resolves: AtomicU64,
     ingests: AtomicU64,
     ingest_errors: AtomicU64,
-}
-
-type Reply = Response<Full<Bytes>>;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Reply {
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).expect("API types serialise"))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-    resp
+    streams: Arc<Semaphore>,
 }
 
 fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>, retryable: bool) -> Reply {
     json(status, &ApiError { error: code, message: message.into(), retryable })
 }
 
+/// What the dashboard's header, charts and side panels show; pushed every sample over the live stream.
+#[derive(Debug, Serialize)]
+struct Summary {
+    now_ms: u64,
+    stats: TrackerStats,
+    /// Totals since the tracker started, from the growth of node counters.
+    fog_bytes_total: u64,
+    origin_fill_bytes_total: u64,
+    node_requests_total: u64,
+    samples: Vec<Sample>,
+    events: Vec<Event>,
+    top_content: Vec<TopContent>,
+    admin_enabled: bool,
+}
+
+fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
+}
+
 impl App {
     pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest) -> Result<Self, crate::db::DbError> {
         let manifests = db.count_manifests()?;
+        let blocked = db.blocked_nodes()?;
         Ok(Self {
-            registry: Registry::new(cfg.node_timeout, cfg.max_nodes),
+            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked),
             metrics: Metrics::default(),
+            dashboard: Dashboard::default(),
             cfg,
             ingest,
             db,
@@ -76,21 +92,39 @@ impl App {
             resolves: AtomicU64::new(0),
             ingests: AtomicU64::new(0),
             ingest_errors: AtomicU64::new(0),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Reply, Infallible> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let path = req.uri().path().to_string();
-        let reply = match (req.method(), path.as_str()) {
-            (&Method::GET, "/v1/resolve") => self.resolve(req.uri().query().unwrap_or("")).await,
+        let query = req.uri().query().unwrap_or("").to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/v1/resolve") => self.resolve(&query).await,
             (&Method::POST, "/v1/nodes/register") => self.register(req, peer).await,
             (&Method::POST, "/v1/nodes/heartbeat") => self.heartbeat(req).await,
             (&Method::GET, "/v1/stats") => json(StatusCode::OK, &self.stats()),
-            (&Method::GET, "/metrics") => self.metrics_text(),
+            (&Method::GET, "/metrics") => http_server::metrics(self.metrics_text()),
             (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+            (&Method::GET, "/") => reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD_HTML),
+            (&Method::GET, "/assets/uplot.min.js") => {
+                reply(StatusCode::OK, "text/javascript", Bytes::from_static(UPLOT_JS))
+            }
+            (&Method::GET, "/assets/uplot.min.css") => reply(StatusCode::OK, "text/css", Bytes::from_static(UPLOT_CSS)),
+            (&Method::GET, "/v1/dashboard/summary") => json(StatusCode::OK, &self.summary()),
+            (&Method::GET, "/v1/dashboard/nodes") => {
+                let admin = self.is_admin(&req);
+                self.nodes_page(&query, admin)
+            }
+            (&Method::GET, "/v1/dashboard/stream") => self.stream(),
+            (&Method::GET, "/v1/admin/blocked") => {
+                self.refuse_non_admin(&req).unwrap_or_else(|| json(StatusCode::OK, &self.registry.blocked()))
+            }
+            (&Method::POST, p) if p.starts_with("/v1/admin/nodes/") => {
+                self.refuse_non_admin(&req).unwrap_or_else(|| self.admin_node_action(p))
+            }
             _ => error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, format!("no such endpoint: {path}"), false),
-        };
-        Ok(reply)
+        }
     }
 
     fn count_resolve(&self, result: &'static str) {
@@ -101,9 +135,9 @@ impl App {
         self.resolves.fetch_add(1, Ordering::Relaxed);
         let mut url = None;
         let mut stale = None;
-        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-            match &*k {
-                "url" => url = Some(v.into_owned()),
+        for (k, v) in query_pairs(query) {
+            match k.as_str() {
+                "url" => url = Some(v),
                 "stale" => match v.parse::<ContentId>() {
                     Ok(id) => stale = Some(id),
                     Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false),
@@ -141,6 +175,7 @@ impl App {
             }
             Err(e) => return self.ingest_error(&url, e),
         };
+        self.dashboard.count_resolve(&url);
         let snapshot = self.registry.snapshot();
         let (nodes, schedule) = scheduler::schedule(&snapshot, &manifest.chunks, self.cfg.candidates);
         let content_id = manifest.content_id();
@@ -165,6 +200,7 @@ impl App {
         };
         self.count_resolve(result);
         tracing::warn!(url, error = %e, "resolve failed");
+        self.dashboard.event("ingest_error", e.to_string());
         error(status, code, e.to_string(), retryable)
     }
 
@@ -182,9 +218,10 @@ impl App {
         })
     }
 
-    fn reject_node(&self, e: impl std::fmt::Display) -> Reply {
+    fn reject_node(&self, node: &NodeId, e: impl std::fmt::Display) -> Reply {
         self.metrics.bad_node_messages.inc();
-        tracing::warn!(error = %e, "rejected node message");
+        tracing::warn!(%node, error = %e, "rejected node message");
+        self.dashboard.event("node_rejected", format!("node {}: {e}", &node.to_hex()[..16]));
         error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, e.to_string(), false)
     }
 
@@ -195,7 +232,7 @@ impl App {
         };
         let reg: Register = match signed.open(KIND_REGISTER) {
             Ok(r) => r,
-            Err(e) => return self.reject_node(e),
+            Err(e) => return self.reject_node(&signed.node_id, e),
         };
         // An unspecified address means "where you see me from" (a node listening on 0.0.0.0).
         let addr = if reg.quic_addr.ip().is_unspecified() {
@@ -203,18 +240,16 @@ impl App {
         } else {
             reg.quic_addr
         };
-        let result = self.registry.register(
-            signed.node_id,
+        let registration = Registration {
             addr,
-            reg.cache_capacity,
-            reg.upload_limit,
-            reg.version,
-            reg.timestamp_ms,
-            now_ms(),
-        );
-        match result {
+            cache_capacity: reg.cache_capacity,
+            upload_limit: reg.upload_limit,
+            version: reg.version,
+        };
+        match self.registry.register(signed.node_id, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
                 tracing::info!(node = %signed.node_id, %addr, "node registered");
+                self.dashboard.event("node_registered", format!("node {} registered", &signed.node_id.to_hex()[..16]));
                 json(
                     StatusCode::OK,
                     &RegisterResponse {
@@ -230,7 +265,7 @@ impl App {
                 format!("tracker registry is full ({n} nodes)"),
                 true,
             ),
-            Err(e) => self.reject_node(e),
+            Err(e) => self.reject_node(&signed.node_id, e),
         }
     }
 
@@ -241,13 +276,13 @@ impl App {
         };
         let hb: Heartbeat = match signed.open(KIND_HEARTBEAT) {
             Ok(h) => h,
-            Err(e) => return self.reject_node(e),
+            Err(e) => return self.reject_node(&signed.node_id, e),
         };
         match self.registry.heartbeat(&signed.node_id, hb.stats, hb.timestamp_ms, now_ms()) {
             Ok(registered) => {
                 json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
             }
-            Err(e) => self.reject_node(e),
+            Err(e) => self.reject_node(&signed.node_id, e),
         }
     }
 
@@ -267,55 +302,161 @@ impl App {
         }
     }
 
-    fn metrics_text(&self) -> Reply {
+    fn summary(&self) -> Summary {
+        let t = &self.registry.totals;
+        Summary {
+            now_ms: now_ms(),
+            stats: self.stats(),
+            fog_bytes_total: t.fog_bytes.load(Ordering::Relaxed),
+            origin_fill_bytes_total: t.origin_fill_bytes.load(Ordering::Relaxed),
+            node_requests_total: t.node_requests.load(Ordering::Relaxed),
+            samples: self.dashboard.samples(),
+            events: self.dashboard.recent_events(),
+            top_content: self.dashboard.top_content(),
+            admin_enabled: self.cfg.admin_token.is_some(),
+        }
+    }
+
+    /// Takes dashboard samples until the process ends.
+    pub async fn sample_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        loop {
+            tick.tick().await;
+            self.dashboard.sample(&self.registry, self.resolves.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Live summaries as server-sent events, one per sample, for a bounded number of dashboards.
+    fn stream(self: &Arc<Self>) -> Reply {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "too many live dashboards", true);
+        };
+        let (tx, resp) = http_server::event_stream(4);
+        let app = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            loop {
+                tick.tick().await;
+                let data = serde_json::to_string(&app.summary()).expect("summary serialises");
+                // A reader that fell behind skips a summary; one that left ends the stream.
+                match tx.try_send(http_server::sse_event("summary", &data)) {
+                    Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+        });
+        resp
+    }
+
+    fn nodes_page(&self, query: &str, admin: bool) -> Reply {
+        let (mut page, mut per_page, mut sort) = (0usize, 50usize, SortBy::State);
+        for (k, v) in query_pairs(query) {
+            let bad =
+                |what: &str| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("bad {what}: {v:?}"), false);
+            match k.as_str() {
+                "page" => {
+                    page = match v.parse() {
+                        Ok(p) => p,
+                        Err(_) => return bad("page"),
+                    }
+                }
+                "per_page" => {
+                    per_page = match v.parse() {
+                        Ok(p) => p,
+                        Err(_) => return bad("per_page"),
+                    }
+                }
+                "sort" => {
+                    sort = match SortBy::parse(&v) {
+                        Some(s) => s,
+                        None => return bad("sort (id, state, bytes, rate, last_seen)"),
+                    }
+                }
+                _ => {}
+            }
+        }
+        json(StatusCode::OK, &self.registry.page(page, per_page, sort, admin))
+    }
+
+    fn is_admin(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.cfg.admin_token else { return false };
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant-time comparison, so the token cannot be guessed byte by byte from response times.
+        given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// The refusal for a request that lacks the admin token; `None` lets it through.
+    fn refuse_non_admin(&self, req: &Request<Incoming>) -> Option<Reply> {
+        if self.cfg.admin_token.is_none() {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Unauthorized,
+                "admin actions are off: start the tracker with --admin-token",
+                false,
+            ));
+        }
+        if !self.is_admin(req) {
+            return Some(error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong admin token (Authorization: Bearer …)",
+                false,
+            ));
+        }
+        None
+    }
+
+    /// `POST /v1/admin/nodes/{id}/block` and `…/unblock`.
+    fn admin_node_action(&self, path: &str) -> Reply {
+        let rest = path.trim_start_matches("/v1/admin/nodes/");
+        let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+        let id: NodeId = match id.parse() {
+            Ok(id) => id,
+            Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false),
+        };
+        let block = match action {
+            "block" => true,
+            "unblock" => false,
+            _ => return error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "action must be block or unblock", false),
+        };
+        if let Err(e) = self.db.set_blocked(&id, block) {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string(), true);
+        }
+        let changed = if block { self.registry.block(id) } else { self.registry.unblock(&id) };
+        let verb = if block { "blocked" } else { "unblocked" };
+        tracing::info!(node = %id, "operator {verb} node");
+        self.dashboard.event("node_blocked", format!("operator {verb} node {}", &id.to_hex()[..16]));
+        json(StatusCode::OK, &serde_json::json!({ "node": id, verb: true, "changed": changed }))
+    }
+
+    fn metrics_text(&self) -> String {
         let s = self.stats();
         let m = &self.metrics;
         m.nodes.get_or_create(&StateLabel { state: "healthy" }).set(s.nodes_healthy as i64);
         m.nodes.get_or_create(&StateLabel { state: "unhealthy" }).set((s.nodes_total - s.nodes_healthy) as i64);
         m.manifests.set(s.manifests as i64);
         m.node_cache_used_bytes.set(s.cache_used as i64);
-        m.node_bytes_served.set(s.bytes_served as i64);
-        let mut resp = Response::new(Full::new(Bytes::from(m.encode())));
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        resp
+        let t = &self.registry.totals;
+        let catch_up = |c: &prometheus_client::metrics::counter::Counter, total: &AtomicU64| {
+            c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
+        };
+        catch_up(&m.fog_bytes, &t.fog_bytes);
+        catch_up(&m.origin_fill_bytes, &t.origin_fill_bytes);
+        catch_up(&m.node_requests, &t.node_requests);
+        catch_up(&m.corrupt_chunks, &t.corrupt_chunks);
+        m.encode()
     }
 }
 
-/// Serves HTTP on `listener` until `shutdown` resolves.
+/// Serves HTTP on `listener` until `shutdown` resolves; samples the dashboard history meanwhile.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; dropping connection");
-            continue;
-        };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| app.clone().handle(req, peer));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
+    let sampler = tokio::spawn(app.clone().sample_forever());
+    http_server::serve(listener, MAX_CONNECTIONS, move |req, peer| app.clone().handle(req, peer), shutdown).await;
+    sampler.abort();
 }

@@ -26,15 +26,19 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     pub manifests: Gauge,
     pub node_cache_used_bytes: Gauge,
-    pub node_bytes_served: Gauge,
+    pub fog_bytes: Counter,
+    pub origin_fill_bytes: Counter,
+    pub node_requests: Counter,
+    pub corrupt_chunks: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let (resolves, nodes) = (Family::default(), Family::default());
         let (ingest_errors, bad_node_messages) = (Counter::default(), Counter::default());
-        let (manifests, node_cache_used_bytes, node_bytes_served) =
-            (Gauge::default(), Gauge::default(), Gauge::default());
+        let (manifests, node_cache_used_bytes) = (Gauge::default(), Gauge::default());
+        let (fog_bytes, origin_fill_bytes) = (Counter::default(), Counter::default());
+        let (node_requests, corrupt_chunks) = (Counter::default(), Counter::default());
         let mut registry = Registry::default();
         registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
         registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
@@ -50,10 +54,21 @@ impl Default for Metrics {
             "Cache bytes used across healthy nodes, as they report",
             node_cache_used_bytes.clone(),
         );
+        registry.register("fog_tracker_fog_bytes", "Bytes nodes served to clients, as they report", fog_bytes.clone());
         registry.register(
-            "fog_tracker_node_bytes_served",
-            "Bytes served by healthy nodes since they started, as they report",
-            node_bytes_served.clone(),
+            "fog_tracker_origin_fill_bytes",
+            "Bytes nodes pulled from origins to fill cache misses, as they report",
+            origin_fill_bytes.clone(),
+        );
+        registry.register(
+            "fog_tracker_node_requests",
+            "Chunk requests nodes received, as they report",
+            node_requests.clone(),
+        );
+        registry.register(
+            "fog_tracker_corrupt_chunks",
+            "Chunks nodes found corrupt on their disks and dropped, as they report",
+            corrupt_chunks.clone(),
         );
         Self {
             registry,
@@ -63,7 +78,10 @@ impl Default for Metrics {
             nodes,
             manifests,
             node_cache_used_bytes,
-            node_bytes_served,
+            fog_bytes,
+            origin_fill_bytes,
+            node_requests,
+            corrupt_chunks,
         }
     }
 }

@@ -1,13 +1,16 @@
-//! The node registry: who is registered, where clients reach them, and whether they are healthy (heard
-//! from within the node timeout). Soft state, rebuilt from registrations after a restart.
+//! The node registry: who is registered, where clients reach them, whether they are healthy (heard from
+//! within the node timeout), what they report, and which nodes the operator blocked. Registrations are soft
+//! state, rebuilt from the nodes' next heartbeats after a restart; the block list is persisted by the caller.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use fog_proto::api::{NodeContact, NodeStats};
 use fog_proto::NodeId;
+use serde::Serialize;
 
 use crate::scheduler::Snapshot;
 
@@ -15,17 +18,27 @@ use crate::scheduler::Snapshot;
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Nodes silent this long are forgotten, so the registry cannot fill up with departed nodes.
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Largest page of the node table.
+pub const MAX_PAGE: usize = 200;
 
+/// What a node says about itself when it registers.
 #[derive(Debug, Clone)]
-pub struct NodeEntry {
+pub struct Registration {
     pub addr: SocketAddr,
     pub cache_capacity: u64,
     pub upload_limit: Option<u64>,
     pub version: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub reg: Registration,
     pub last_seen: Instant,
     /// Newest message timestamp accepted: older or equal ones are replays.
     pub last_timestamp_ms: u64,
     pub stats: NodeStats,
+    /// Upload rate between its last two heartbeats, bytes/s.
+    pub upload_rate: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,11 +49,25 @@ pub enum RegistryError {
     Replay,
     #[error("message timestamp is more than 5 minutes off the tracker's clock; check the node's clock")]
     Clock,
+    #[error("this node was blocked by the operator")]
+    Blocked,
+}
+
+/// Totals accumulated from the growth of node counters between heartbeats, so they keep counting when
+/// nodes restart (their counters reset) or leave.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub fog_bytes: AtomicU64,
+    pub origin_fill_bytes: AtomicU64,
+    pub node_requests: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
 }
 
 #[derive(Debug)]
 pub struct Registry {
     nodes: RwLock<HashMap<NodeId, NodeEntry>>,
+    blocked: RwLock<HashSet<NodeId>>,
+    pub totals: Totals,
     timeout: Duration,
     max_nodes: usize,
 }
@@ -56,6 +83,59 @@ pub struct Counts {
     pub origin_fill_bytes: u64,
 }
 
+/// One row of the dashboard's node table.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub state: &'static str,
+    /// Only shown to operators (a volunteer's address is personal data).
+    pub addr: Option<SocketAddr>,
+    /// Whether clients can reach it directly; the overlay will tell public, NAT'd and relayed apart.
+    pub reachability: &'static str,
+    pub version: String,
+    pub upload_limit: Option<u64>,
+    pub upload_rate: u64,
+    pub cache_used: u64,
+    pub cache_capacity: u64,
+    pub hit_ratio: Option<f64>,
+    pub bytes_served: u64,
+    pub corrupt_chunks: u64,
+    /// Credits arrive with client-signed receipts; none are kept yet.
+    pub credits: Option<u64>,
+    pub last_heartbeat_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodePage {
+    pub total: usize,
+    pub page: usize,
+    pub per_page: usize,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Sort orders of the node table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortBy {
+    Id,
+    State,
+    BytesServed,
+    UploadRate,
+    LastSeen,
+}
+
+impl SortBy {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "id" => Self::Id,
+            "state" => Self::State,
+            "bytes" => Self::BytesServed,
+            "rate" => Self::UploadRate,
+            "last_seen" => Self::LastSeen,
+            _ => return None,
+        })
+    }
+}
+
 fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
     if now_ms.abs_diff(ts) > MAX_CLOCK_SKEW_MS {
         return Err(RegistryError::Clock);
@@ -63,47 +143,51 @@ fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Growth of a counter that may have been reset (node restart): the new value itself in that case.
+fn growth(old: u64, new: u64) -> u64 {
+    if new >= old {
+        new - old
+    } else {
+        new
+    }
+}
+
 impl Registry {
-    pub fn new(timeout: Duration, max_nodes: usize) -> Self {
-        Self { nodes: RwLock::new(HashMap::new()), timeout, max_nodes }
+    pub fn new(timeout: Duration, max_nodes: usize, blocked: HashSet<NodeId>) -> Self {
+        Self {
+            nodes: RwLock::new(HashMap::new()),
+            blocked: RwLock::new(blocked),
+            totals: Totals::default(),
+            timeout,
+            max_nodes,
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn register(
-        &self,
-        id: NodeId,
-        addr: SocketAddr,
-        cache_capacity: u64,
-        upload_limit: Option<u64>,
-        version: String,
-        timestamp_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), RegistryError> {
+    fn check_blocked(&self, id: &NodeId) -> Result<(), RegistryError> {
+        if self.blocked.read().expect("blocked lock").contains(id) {
+            return Err(RegistryError::Blocked);
+        }
+        Ok(())
+    }
+
+    pub fn register(&self, id: NodeId, reg: Registration, timestamp_ms: u64, now_ms: u64) -> Result<(), RegistryError> {
         check_clock(now_ms, timestamp_ms)?;
+        self.check_blocked(&id)?;
         let mut nodes = self.nodes.write().expect("registry lock");
         if let Some(old) = nodes.get(&id) {
             if timestamp_ms <= old.last_timestamp_ms {
                 return Err(RegistryError::Replay);
             }
         } else if nodes.len() >= self.max_nodes {
-            let timeout = FORGET_AFTER;
-            nodes.retain(|_, n| n.last_seen.elapsed() < timeout);
+            nodes.retain(|_, n| n.last_seen.elapsed() < FORGET_AFTER);
             if nodes.len() >= self.max_nodes {
                 return Err(RegistryError::Full(self.max_nodes));
             }
         }
-        let stats = nodes.get(&id).map(|n| n.stats.clone()).unwrap_or_default();
+        let (stats, upload_rate) = nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate)).unwrap_or_default();
         nodes.insert(
             id,
-            NodeEntry {
-                addr,
-                cache_capacity,
-                upload_limit,
-                version,
-                last_seen: Instant::now(),
-                last_timestamp_ms: timestamp_ms,
-                stats,
-            },
+            NodeEntry { reg, last_seen: Instant::now(), last_timestamp_ms: timestamp_ms, stats, upload_rate },
         );
         Ok(())
     }
@@ -117,15 +201,41 @@ impl Registry {
         now_ms: u64,
     ) -> Result<bool, RegistryError> {
         check_clock(now_ms, timestamp_ms)?;
+        self.check_blocked(id)?;
         let mut nodes = self.nodes.write().expect("registry lock");
         let Some(n) = nodes.get_mut(id) else { return Ok(false) };
         if timestamp_ms <= n.last_timestamp_ms {
             return Err(RegistryError::Replay);
         }
+        let served = growth(n.stats.bytes_served, stats.bytes_served);
+        let t = &self.totals;
+        t.fog_bytes.fetch_add(served, Ordering::Relaxed);
+        t.origin_fill_bytes.fetch_add(growth(n.stats.origin_bytes, stats.origin_bytes), Ordering::Relaxed);
+        t.node_requests.fetch_add(growth(n.stats.requests, stats.requests), Ordering::Relaxed);
+        t.corrupt_chunks.fetch_add(growth(n.stats.corrupt_chunks, stats.corrupt_chunks), Ordering::Relaxed);
+        let secs = timestamp_ms.saturating_sub(n.last_timestamp_ms) as f64 / 1000.0;
+        n.upload_rate = if secs > 0.0 { (served as f64 / secs) as u64 } else { 0 };
         n.last_timestamp_ms = timestamp_ms;
         n.last_seen = Instant::now();
         n.stats = stats;
         Ok(true)
+    }
+
+    /// Blocks a node: refused at its next message, dropped from scheduling now. Returns false if it
+    /// already was blocked.
+    pub fn block(&self, id: NodeId) -> bool {
+        self.nodes.write().expect("registry lock").remove(&id);
+        self.blocked.write().expect("blocked lock").insert(id)
+    }
+
+    pub fn unblock(&self, id: &NodeId) -> bool {
+        self.blocked.write().expect("blocked lock").remove(id)
+    }
+
+    pub fn blocked(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.blocked.read().expect("blocked lock").iter().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     fn healthy(&self, n: &NodeEntry) -> bool {
@@ -138,9 +248,14 @@ impl Registry {
             nodes
                 .iter()
                 .filter(|(_, n)| self.healthy(n))
-                .map(|(id, n)| NodeContact { id: *id, addr: n.addr })
+                .map(|(id, n)| NodeContact { id: *id, addr: n.reg.addr })
                 .collect(),
         )
+    }
+
+    pub fn healthy_ids(&self) -> HashSet<NodeId> {
+        let nodes = self.nodes.read().expect("registry lock");
+        nodes.iter().filter(|(_, n)| self.healthy(n)).map(|(id, _)| *id).collect()
     }
 
     pub fn counts(&self) -> Counts {
@@ -149,11 +264,52 @@ impl Registry {
         for n in nodes.values().filter(|n| self.healthy(n)) {
             c.healthy += 1;
             c.cache_used += n.stats.cache_used;
-            c.cache_capacity += n.cache_capacity;
+            c.cache_capacity += n.reg.cache_capacity;
             c.bytes_served += n.stats.bytes_served;
             c.origin_fill_bytes += n.stats.origin_bytes;
         }
         c
+    }
+
+    /// One page of the node table, sorted; `with_addr` reveals addresses (operators only).
+    pub fn page(&self, page: usize, per_page: usize, sort: SortBy, with_addr: bool) -> NodePage {
+        let per_page = per_page.clamp(1, MAX_PAGE);
+        let nodes = self.nodes.read().expect("registry lock");
+        let mut rows: Vec<(&NodeId, &NodeEntry, bool)> = nodes.iter().map(|(id, n)| (id, n, self.healthy(n))).collect();
+        match sort {
+            SortBy::Id => rows.sort_unstable_by_key(|r| *r.0),
+            // Unhealthy first: that is what an operator looks for.
+            SortBy::State => rows.sort_unstable_by_key(|r| (r.2, *r.0)),
+            SortBy::BytesServed => rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.1.stats.bytes_served), *r.0)),
+            SortBy::UploadRate => rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.1.upload_rate), *r.0)),
+            SortBy::LastSeen => rows.sort_unstable_by_key(|r| (r.1.last_seen, *r.0)),
+        }
+        let total = rows.len();
+        let views = rows
+            .into_iter()
+            .skip(page.saturating_mul(per_page))
+            .take(per_page)
+            .map(|(id, n, healthy)| {
+                let lookups = n.stats.hits + n.stats.misses;
+                NodeView {
+                    id: *id,
+                    state: if healthy { "healthy" } else { "unhealthy" },
+                    addr: with_addr.then_some(n.reg.addr),
+                    reachability: "direct",
+                    version: n.reg.version.clone(),
+                    upload_limit: n.reg.upload_limit,
+                    upload_rate: n.upload_rate,
+                    cache_used: n.stats.cache_used,
+                    cache_capacity: n.reg.cache_capacity,
+                    hit_ratio: (lookups > 0).then(|| n.stats.hits as f64 / lookups as f64),
+                    bytes_served: n.stats.bytes_served,
+                    corrupt_chunks: n.stats.corrupt_chunks,
+                    credits: None,
+                    last_heartbeat_secs: n.last_seen.elapsed().as_secs(),
+                }
+            })
+            .collect();
+        NodePage { total, page, per_page, nodes: views }
     }
 }
 
@@ -161,26 +317,74 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn id(i: u8) -> NodeId {
-        NodeId([i; 32])
+    fn id(i: u32) -> NodeId {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        NodeId(b)
+    }
+
+    fn reg() -> Registration {
+        Registration {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            cache_capacity: 1,
+            upload_limit: None,
+            version: "t".into(),
+        }
     }
 
     #[test]
-    fn replay_clock_capacity_and_health() {
-        let r = Registry::new(Duration::from_millis(50), 2);
-        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+    fn replay_clock_capacity_block_and_health() {
+        let r = Registry::new(Duration::from_millis(50), 2, HashSet::new());
         let now = 10_000_000;
-        r.register(id(1), addr, 1, None, "t".into(), now, now).expect("register");
-        assert_eq!(r.register(id(1), addr, 1, None, "t".into(), now, now), Err(RegistryError::Replay));
-        assert_eq!(r.register(id(2), addr, 1, None, "t".into(), 1, now), Err(RegistryError::Clock));
-        r.register(id(2), addr, 1, None, "t".into(), now, now).expect("second");
-        assert_eq!(r.register(id(3), addr, 1, None, "t".into(), now, now), Err(RegistryError::Full(2)));
+        r.register(id(1), reg(), now, now).expect("register");
+        assert_eq!(r.register(id(1), reg(), now, now), Err(RegistryError::Replay));
+        assert_eq!(r.register(id(2), reg(), 1, now), Err(RegistryError::Clock));
+        r.register(id(2), reg(), now, now).expect("second");
+        assert_eq!(r.register(id(3), reg(), now, now), Err(RegistryError::Full(2)));
         assert_eq!(r.heartbeat(&id(9), NodeStats::default(), now, now), Ok(false));
         assert_eq!(r.heartbeat(&id(1), NodeStats::default(), now + 1, now), Ok(true));
         assert_eq!(r.counts().healthy, 2);
+        assert!(r.block(id(2)));
+        assert_eq!(r.heartbeat(&id(2), NodeStats::default(), now + 2, now), Err(RegistryError::Blocked));
+        assert_eq!(r.register(id(2), reg(), now + 3, now), Err(RegistryError::Blocked));
+        assert_eq!(r.counts().total, 1);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(r.counts().healthy, 0);
         assert!(r.snapshot().nodes.is_empty());
-        assert_eq!(r.counts().total, 2);
+    }
+
+    #[test]
+    fn totals_survive_counter_resets() {
+        let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+        let now = 10_000_000;
+        r.register(id(1), reg(), now, now).expect("register");
+        let stats = |b| NodeStats { bytes_served: b, ..Default::default() };
+        r.heartbeat(&id(1), stats(100), now + 1000, now).expect("hb");
+        r.heartbeat(&id(1), stats(300), now + 2000, now).expect("hb");
+        r.heartbeat(&id(1), stats(50), now + 3000, now).expect("hb after restart");
+        assert_eq!(r.totals.fog_bytes.load(Ordering::Relaxed), 350);
+        assert_eq!(r.page(0, 10, SortBy::Id, false).nodes[0].upload_rate, 50);
+    }
+
+    #[test]
+    fn pages_are_bounded_and_complete_with_ten_thousand_nodes() {
+        let r = Registry::new(Duration::from_secs(60), 20_000, HashSet::new());
+        let now = 10_000_000;
+        for i in 0..10_000 {
+            r.register(id(i), reg(), now, now).expect("register");
+        }
+        let huge = r.page(0, 1_000_000, SortBy::Id, false);
+        assert_eq!(huge.per_page, MAX_PAGE);
+        assert_eq!(huge.nodes.len(), MAX_PAGE);
+        assert!(huge.nodes.iter().all(|n| n.addr.is_none()));
+        let mut seen = HashSet::new();
+        for p in 0..(10_000 / 100) {
+            let page = r.page(p, 100, SortBy::Id, true);
+            assert_eq!(page.total, 10_000);
+            assert!(page.nodes.iter().all(|n| n.addr.is_some()));
+            seen.extend(page.nodes.into_iter().map(|n| n.id));
+        }
+        assert_eq!(seen.len(), 10_000);
+        assert!(r.page(100, 100, SortBy::State, false).nodes.is_empty());
     }
 }

@@ -1,0 +1,476 @@
+//! The node's own status for its owner: a local page, `GET /status` (JSON) and `GET /metrics`, served on
+//! `--status-listen` (127.0.0.1 by default), and the same answers for `fog-node status` in a terminal.
+//!
+//! Bytes served today and this month (UTC) persist in `usage.json`, so they survive restarts.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fog_client::http_server::{self, json, reply, Reply};
+use fog_proto::api::NodeStats;
+use fog_proto::NodeId;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+
+use crate::serve::Server;
+use crate::tracker_link::SharedLinkState;
+
+const STATUS_HTML: &str = include_str!("../assets/status.html");
+/// Activity window for "am I getting traffic?", and the window of the current upload rate.
+const ACTIVITY_WINDOW: Duration = Duration::from_secs(300);
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_secs(1);
+/// Above this share of the cap, the cap is what limits the node's traffic.
+const CAP_SATURATED: f64 = 0.9;
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Today's UTC date as ("YYYY-MM-DD", "YYYY-MM").
+fn today() -> (String, String) {
+    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let (y, m, d) = civil_from_days(days);
+    (format!("{y:04}-{m:02}-{d:02}"), format!("{y:04}-{m:02}"))
+}
+
+/// Bytes served per UTC day and month, as kept in `usage.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub day: String,
+    pub day_bytes: u64,
+    pub month: String,
+    pub month_bytes: u64,
+}
+
+impl Usage {
+    /// Adds `bytes` served on (`day`, `month`), starting new periods when the date moved on.
+    fn add(&mut self, bytes: u64, day: &str, month: &str) {
+        if self.day != day {
+            self.day = day.to_string();
+            self.day_bytes = 0;
+        }
+        if self.month != month {
+            self.month = month.to_string();
+            self.month_bytes = 0;
+        }
+        self.day_bytes += bytes;
+        self.month_bytes += bytes;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub quic_listen: SocketAddr,
+    pub tracker: TrackerStatus,
+    pub reachability: String,
+    pub caps: Caps,
+    pub cache: CacheStatus,
+    pub served: Served,
+    pub credits: Credits,
+    /// The plain-language answer to "why am I (not) getting traffic?".
+    pub traffic: Traffic,
+    pub counters: NodeStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrackerStatus {
+    pub url: String,
+    /// `connected`, `unreachable`, `refused` or `connecting`.
+    pub state: String,
+    pub last_contact_secs_ago: Option<u64>,
+    pub last_error: Option<String>,
+    pub advertised_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Caps {
+    pub upload_limit: Option<u64>,
+    pub upload_rate: u64,
+    pub cache_quota: u64,
+    pub memory_cache: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub used: u64,
+    pub quota: u64,
+    pub chunks: u64,
+    pub hit_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Served {
+    pub today_bytes: u64,
+    pub month_bytes: u64,
+    pub since_start_bytes: u64,
+    pub requests_last_5_min: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credits {
+    /// What this node counts itself.
+    pub own_bytes_served: u64,
+    /// What the tracker credited; `None` until credits exist.
+    pub tracker_credited: Option<u64>,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Traffic {
+    pub getting_traffic: bool,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Tick {
+    at: Instant,
+    bytes_served: u64,
+    requests: u64,
+}
+
+/// Static facts the status reports.
+#[derive(Debug, Clone)]
+pub struct StatusInfo {
+    pub node_id: NodeId,
+    pub tracker_url: String,
+    pub quic_listen: SocketAddr,
+    pub upload_limit: Option<u64>,
+    pub memory_cache: u64,
+    pub usage_file: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Status {
+    info: StatusInfo,
+    started: Instant,
+    server: Arc<Server>,
+    link: SharedLinkState,
+    usage: Mutex<Usage>,
+    ticks: Mutex<VecDeque<Tick>>,
+    metrics: NodeMetrics,
+}
+
+impl Status {
+    pub fn new(info: StatusInfo, server: Arc<Server>, link: SharedLinkState) -> Self {
+        let usage =
+            std::fs::read(&info.usage_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Self {
+            info,
+            started: Instant::now(),
+            server,
+            link,
+            usage: Mutex::new(usage),
+            ticks: Mutex::new(VecDeque::new()),
+            metrics: NodeMetrics::default(),
+        }
+    }
+
+    /// Once a second: account usage and keep the activity window; saves usage every 10 s.
+    pub async fn track_forever(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(TICK);
+        let mut n = 0u64;
+        loop {
+            interval.tick().await;
+            self.tick();
+            n += 1;
+            if n % 10 == 0 {
+                self.save_usage();
+            }
+        }
+    }
+
+    fn tick(&self) {
+        let c = &self.server.counters;
+        let now = Tick {
+            at: Instant::now(),
+            bytes_served: c.bytes_served.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+        };
+        let mut ticks = self.ticks.lock().expect("ticks lock");
+        let served = ticks.back().map_or(now.bytes_served, |t| now.bytes_served.saturating_sub(t.bytes_served));
+        let (day, month) = today();
+        self.usage.lock().expect("usage lock").add(served, &day, &month);
+        ticks.push_back(now);
+        while ticks.front().is_some_and(|t| now.at.duration_since(t.at) > ACTIVITY_WINDOW) {
+            ticks.pop_front();
+        }
+    }
+
+    /// Writes `usage.json` (atomically); called periodically and at shutdown.
+    pub fn save_usage(&self) {
+        let usage = self.usage.lock().expect("usage lock").clone();
+        let tmp = self.info.usage_file.with_extension("tmp");
+        let json = serde_json::to_vec(&usage).expect("usage serialises");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &self.info.usage_file)) {
+            tracing::warn!(error = %e, "cannot save usage counters");
+        }
+    }
+
+    /// (upload rate over the last seconds, requests in the activity window).
+    fn activity(&self) -> (u64, u64) {
+        let ticks = self.ticks.lock().expect("ticks lock");
+        let (Some(last), Some(first)) = (ticks.back(), ticks.front()) else { return (0, 0) };
+        let recent = ticks.iter().rev().find(|t| last.at.duration_since(t.at) >= RATE_WINDOW).unwrap_or(first);
+        let secs = last.at.duration_since(recent.at).as_secs_f64();
+        let rate = if secs > 0.0 { (last.bytes_served - recent.bytes_served) as f64 / secs } else { 0.0 };
+        (rate as u64, last.requests - first.requests)
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let store = &self.server.store;
+        let (used, chunks) = store.usage();
+        let counters = self.server.counters.snapshot(used, chunks, store.capacity());
+        let (upload_rate, recent_requests) = self.activity();
+        let link = self.link.lock().expect("link state lock").clone();
+        let tracker_state = if link.refused.is_some() {
+            "refused"
+        } else if link.last_error.is_some() {
+            "unreachable"
+        } else if link.registered {
+            "connected"
+        } else {
+            "connecting"
+        };
+        let usage = self.usage.lock().expect("usage lock").clone();
+        let lookups = counters.hits + counters.misses;
+        let traffic = self.why(&link, tracker_state, upload_rate, recent_requests);
+        NodeStatus {
+            node_id: self.info.node_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            quic_listen: self.info.quic_listen,
+            tracker: TrackerStatus {
+                url: self.info.tracker_url.clone(),
+                state: tracker_state.to_string(),
+                last_contact_secs_ago: link.last_ok.map(|t| t.elapsed().as_secs()),
+                last_error: link.refused.clone().or(link.last_error.clone()),
+                advertised_addr: link.advertised,
+            },
+            reachability: "direct: clients dial the advertised address (NAT detection comes with the overlay)".into(),
+            caps: Caps {
+                upload_limit: self.info.upload_limit,
+                upload_rate,
+                cache_quota: store.capacity(),
+                memory_cache: self.info.memory_cache,
+            },
+            cache: CacheStatus {
+                used,
+                quota: store.capacity(),
+                chunks,
+                hit_ratio: (lookups > 0).then(|| counters.hits as f64 / lookups as f64),
+            },
+            served: Served {
+                today_bytes: usage.day_bytes,
+                month_bytes: usage.month_bytes,
+                since_start_bytes: counters.bytes_served,
+                requests_last_5_min: recent_requests,
+            },
+            credits: Credits {
+                own_bytes_served: usage.month_bytes,
+                tracker_credited: None,
+                note: "bandwidth credits from client-signed receipts are not issued yet; this is the node's own count for the month".into(),
+            },
+            traffic,
+            counters,
+        }
+    }
+
+    fn why(&self, link: &crate::tracker_link::LinkState, state: &str, rate: u64, requests: u64) -> Traffic {
+        let tracker = &self.info.tracker_url;
+        let (getting_traffic, why) = match state {
+            "refused" => (false, format!(
+                "The tracker refuses this node: {}. It will send you no clients until that is resolved; if your clock is off, fix it; if the operator blocked the node, contact them.",
+                link.refused.as_deref().unwrap_or("no reason given")
+            )),
+            "unreachable" => (requests > 0, format!(
+                "The tracker at {tracker} cannot be reached ({}). Clients are only sent to nodes the tracker sees as healthy, so new traffic stops until it is reachable again. Check this device's internet connection and the --tracker URL. The node keeps serving clients that already know it.",
+                link.last_error.as_deref().unwrap_or("unknown error")
+            )),
+            "connecting" => (false, format!("Registering with the tracker at {tracker}…")),
+            _ => match self.info.upload_limit {
+                Some(limit) if rate as f64 >= CAP_SATURATED * limit as f64 => (true, format!(
+                    "Serving at your upload cap ({} bytes/s): the cap you set is what limits this node. Raise --upload-limit to serve more.",
+                    limit
+                )),
+                _ if requests > 0 => (true, format!("Serving: {requests} requests in the last 5 minutes.")),
+                _ => (false, "Nothing is wrong: the tracker knows this node and it is healthy, but no clients have been sent here in the last 5 minutes. Traffic follows demand for the content this node is assigned; quiet periods are normal.".into()),
+            },
+        };
+        Traffic { getting_traffic, why }
+    }
+
+    fn metrics_text(&self) -> String {
+        let s = self.status();
+        self.metrics.update(&s);
+        self.metrics.encode()
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Reply {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/") => reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_HTML),
+            (&Method::GET, "/status") => json(StatusCode::OK, &self.status()),
+            (&Method::GET, "/metrics") => http_server::metrics(self.metrics_text()),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try / , /status or /metrics\n"),
+        }
+    }
+
+    /// Serves the status page on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        http_server::serve(listener, 64, move |req, _| self.clone().handle(req), shutdown).await;
+    }
+}
+
+/// Reads one metric's value from a node counter snapshot or from the whole status.
+type ReadCounter = fn(&NodeStats) -> u64;
+type ReadGauge = fn(&NodeStatus) -> u64;
+
+/// Prometheus metrics of a node (`fog_node_*`).
+#[derive(Debug)]
+struct NodeMetrics {
+    registry: prometheus_client::registry::Registry,
+    counters: Vec<(Counter, ReadCounter)>,
+    gauges: Vec<(Gauge, ReadGauge)>,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counter_defs: [(&str, &str, ReadCounter); 9] = [
+            ("fog_node_requests", "Chunk requests received", |s| s.requests),
+            ("fog_node_hits", "Requests served from the cache", |s| s.hits),
+            ("fog_node_misses", "Requests not in the cache", |s| s.misses),
+            ("fog_node_served_bytes", "Bytes sent to clients", |s| s.bytes_served),
+            ("fog_node_origin_fills", "Chunks pulled from origins", |s| s.origin_fills),
+            ("fog_node_origin_bytes", "Bytes pulled from origins", |s| s.origin_bytes),
+            ("fog_node_corrupt_chunks", "Stored chunks found corrupt and dropped", |s| s.corrupt_chunks),
+            ("fog_node_bad_requests", "Malformed requests received", |s| s.bad_requests),
+            ("fog_node_store_errors", "Chunk store read/write failures", |s| s.store_errors),
+        ];
+        let gauge_defs: [(&str, &str, ReadGauge); 7] = [
+            ("fog_node_cache_used_bytes", "Bytes of cached chunks", |s| s.cache.used),
+            ("fog_node_cache_quota_bytes", "Cache quota", |s| s.cache.quota),
+            ("fog_node_cached_chunks", "Cached chunks", |s| s.cache.chunks),
+            ("fog_node_active_streams", "Requests in progress", |s| s.counters.active_streams),
+            ("fog_node_upload_rate_bytes", "Upload rate over the last 5 s, bytes/s", |s| s.caps.upload_rate),
+            ("fog_node_upload_limit_bytes", "Upload cap, bytes/s (0: none)", |s| s.caps.upload_limit.unwrap_or(0)),
+            ("fog_node_tracker_connected", "1 when the last tracker exchange succeeded", |s| {
+                u64::from(s.tracker.state == "connected")
+            }),
+        ];
+        let counters = counter_defs
+            .into_iter()
+            .map(|(name, help, read)| {
+                let c = Counter::default();
+                registry.register(name, help, c.clone());
+                (c, read)
+            })
+            .collect();
+        let gauges = gauge_defs
+            .into_iter()
+            .map(|(name, help, read)| {
+                let g = Gauge::default();
+                registry.register(name, help, g.clone());
+                (g, read)
+            })
+            .collect();
+        Self { registry, counters, gauges }
+    }
+}
+
+impl NodeMetrics {
+    fn update(&self, s: &NodeStatus) {
+        for (c, read) in &self.counters {
+            // Counters only go up: add what the node counted since the last scrape.
+            c.inc_by(read(&s.counters).saturating_sub(c.get()));
+        }
+        for (g, read) in &self.gauges {
+            g.set(read(s) as i64);
+        }
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Text for `fog-node status`.
+pub fn render_text(s: &NodeStatus) -> String {
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30));
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18} {v}\n"));
+    line("node", s.node_id.to_string());
+    line("version", format!("{} (up {} s)", s.version, s.uptime_secs));
+    line("tracker", format!("{} — {}", s.tracker.url, s.tracker.state));
+    if let Some(e) = &s.tracker.last_error {
+        line("  last error", e.clone());
+    }
+    line("listening (QUIC)", s.quic_listen.to_string());
+    if let Some(a) = s.tracker.advertised_addr {
+        line("advertised as", a.to_string());
+    }
+    line("reachability", s.reachability.clone());
+    let cap = s.caps.upload_limit.map_or("no cap".into(), |l| format!("{}/s", mib(l)));
+    line("upload", format!("{}/s now, cap {cap}", mib(s.caps.upload_rate)));
+    let hit = s.cache.hit_ratio.map_or("–".into(), |h| format!("{:.1} %", h * 100.0));
+    line(
+        "cache",
+        format!("{} of {} in {} chunks, hit ratio {hit}", gib(s.cache.used), gib(s.cache.quota), s.cache.chunks),
+    );
+    line("served", format!("today {}, this month {}", mib(s.served.today_bytes), mib(s.served.month_bytes)));
+    line("credits", s.credits.note.clone());
+    out.push('\n');
+    out.push_str(if s.traffic.getting_traffic { "Traffic: yes. " } else { "Why no traffic? " });
+    out.push_str(&s.traffic.why);
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
+    }
+
+    #[test]
+    fn usage_rolls_over_days_and_months() {
+        let mut u = Usage::default();
+        u.add(10, "2026-11-30", "2026-11");
+        u.add(5, "2026-11-30", "2026-11");
+        assert_eq!((u.day_bytes, u.month_bytes), (15, 15));
+        u.add(7, "2026-12-01", "2026-12");
+        assert_eq!(u, Usage { day: "2026-12-01".into(), day_bytes: 7, month: "2026-12".into(), month_bytes: 7 });
+    }
+}

@@ -332,3 +332,92 @@ async fn nodes_keep_serving_without_the_tracker_and_rejoin_when_it_returns() {
     assert!(bytes == content);
     assert_eq!(report.fog_bytes, content.len() as u64);
 }
+
+/// Unmounts a tmpfs when dropped, even if the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_the_node_keeps_serving() {
+    let mut cluster = Cluster::start(opts(0)).await;
+    // The node's data directory is a 12 MiB tmpfs while its quota claims 1 GiB: writes will fail.
+    let dir = cluster.node_dir(0);
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&dir).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root) to fill a disk");
+        return;
+    }
+    let _tmpfs = Tmpfs(dir);
+    cluster.add_node(&["--cache-size".into(), "1GiB".into(), "--memory-cache".into(), "0".into()]).await;
+    cluster.wait_healthy(1).await;
+    let content = test_bytes(40 * MIB, 41);
+    cluster.origin.put("full.bin", content.clone());
+    let (bytes, report) = cluster.client().get(&cluster.origin.url("full.bin")).await.expect("fetch on a full disk");
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64, "the node should serve what it cannot cache");
+    assert!(cluster.nodes[0].is_running(), "node died on a full disk");
+    let metrics_url = format!(
+        "http://{}/metrics",
+        std::fs::read_to_string(cluster.node_dir(0).join(fog_node::STATUS_ADDR_FILE)).expect("status addr").trim()
+    );
+    let metrics = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fog_node_store_errors_total "))
+        .expect("store error metric")
+        .parse()
+        .expect("number");
+    assert!(errors > 0, "no store errors counted on a full disk");
+    assert!(cluster.nodes[0].log_text().contains("could not cache chunk"), "full disk not logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_node_messages_are_rejected() {
+    use fog_proto::api::{Heartbeat, NodeStats, Signed, KIND_HEARTBEAT};
+    let cluster = Cluster::start(opts(1)).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: &Signed| http.post(format!("{}{path}", cluster.tracker_url())).json(body).send();
+    // A heartbeat in the name of the real node, signed by someone else.
+    let node_id: fog_proto::NodeId = resolve_node_id(&cluster).await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let mut forged = Signed::sign(&key, KIND_HEARTBEAT, &Heartbeat { timestamp_ms: now, stats: NodeStats::default() });
+    forged.node_id = node_id;
+    let resp = post("/v1/nodes/heartbeat", &forged).await.expect("post");
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: fog_proto::api::ApiError = resp.json().await.expect("error body");
+    assert!(body.message.contains("signature"), "{}", body.message);
+    // A correctly signed message replayed: the second copy is refused.
+    let honest = Signed::sign(&key, KIND_HEARTBEAT, &Heartbeat { timestamp_ms: now, stats: NodeStats::default() });
+    let reg = fog_proto::api::Register {
+        quic_addr: "127.0.0.1:9".parse().expect("addr"),
+        cache_capacity: 1,
+        upload_limit: None,
+        version: "test".into(),
+        timestamp_ms: now - 1,
+    };
+    let registration = Signed::sign(&key, fog_proto::api::KIND_REGISTER, &reg);
+    assert_eq!(post("/v1/nodes/register", &registration).await.expect("post").status().as_u16(), 200);
+    assert_eq!(post("/v1/nodes/heartbeat", &honest).await.expect("post").status().as_u16(), 200);
+    assert_eq!(post("/v1/nodes/heartbeat", &honest).await.expect("post").status().as_u16(), 401);
+    assert_eq!(post("/v1/nodes/register", &registration).await.expect("post").status().as_u16(), 401);
+    // Garbage bodies get a clear 400 and the tracker keeps going.
+    let resp =
+        http.post(format!("{}/v1/nodes/heartbeat", cluster.tracker_url())).body("{nope").send().await.expect("post");
+    assert_eq!(resp.status().as_u16(), 400);
+    let metrics =
+        reqwest::get(format!("{}/metrics", cluster.tracker_url())).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("fog_tracker_bad_node_messages_total 3"), "{metrics}");
+    cluster.wait_healthy(2).await;
+}
+
+async fn resolve_node_id(cluster: &Cluster) -> fog_proto::NodeId {
+    cluster.origin.put("id.bin", test_bytes(10, 1));
+    resolve(cluster, &cluster.origin.url("id.bin")).await.nodes[0].id
+}

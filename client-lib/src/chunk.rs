@@ -25,6 +25,9 @@ pub enum ChunkError {
     Refused { status: Status, message: String },
     #[error("node broke the protocol: {0}")]
     Protocol(String),
+    /// The payload stopped part-way; what arrived is kept so the rest can come from elsewhere.
+    #[error("transfer interrupted after {} bytes: {cause}", received.len())]
+    Interrupted { received: Bytes, cause: Box<ChunkError> },
 }
 
 impl From<FrameError> for ChunkError {
@@ -75,13 +78,16 @@ pub async fn request(
     }
     let mut out = BytesMut::with_capacity(len);
     while out.len() < len {
-        let piece = timeout(deadlines.stall, recv.read_chunk(len - out.len(), true))
-            .await
-            .map_err(|_| ChunkError::Timeout(deadlines.stall))?
-            .map_err(|e| ChunkError::Stream(e.to_string()))?;
+        let piece = match timeout(deadlines.stall, recv.read_chunk(len - out.len(), true)).await {
+            Err(_) => Err(ChunkError::Timeout(deadlines.stall)),
+            Ok(Err(e)) => Err(ChunkError::Stream(e.to_string())),
+            Ok(Ok(None)) => Err(ChunkError::Protocol(format!("stream ended after {} of {len} bytes", out.len()))),
+            Ok(Ok(Some(c))) => Ok(c.bytes),
+        };
         match piece {
-            Some(c) => out.extend_from_slice(&c.bytes),
-            None => return Err(ChunkError::Protocol(format!("stream ended after {} of {len} bytes", out.len()))),
+            Ok(bytes) => out.extend_from_slice(&bytes),
+            Err(cause) if out.is_empty() => return Err(cause),
+            Err(cause) => return Err(ChunkError::Interrupted { received: out.freeze(), cause: Box::new(cause) }),
         }
     }
     Ok(out.freeze())

@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use fog_proto::api::{ErrorCode, NodeContact, Resolve};
 use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
@@ -72,29 +72,100 @@ pub enum ClientError {
 }
 
 /// Bytes by source for one fetch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FetchReport {
     pub bytes: u64,
     pub fog_bytes: u64,
     pub origin_bytes: u64,
-    pub by_node: BTreeMap<NodeId, u64>,
+    /// What each node contributed, and how it went.
+    pub nodes: BTreeMap<NodeId, NodeUse>,
     /// Node attempts that failed (error, timeout, wrong bytes) before another source succeeded.
     pub node_failures: u64,
+    /// Why chunks (or their remainders) came from the origin or another node, by reason.
+    pub fallbacks: BTreeMap<&'static str, u64>,
     pub content_id: Option<ContentId>,
     /// Set when the tracker could not be used and the object came straight from the origin.
     pub tracker_unreachable: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Node(NodeId),
-    Origin,
+/// One node's part in a fetch.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NodeUse {
+    pub bytes: u64,
+    pub chunks: u64,
+    pub errors: u64,
+    /// Time spent receiving its chunks, for throughput.
+    pub busy_ms: u64,
+    /// Latest smoothed RTT of the QUIC connection.
+    pub rtt_ms: Option<u64>,
 }
 
+impl FetchReport {
+    fn merge_chunk(&mut self, outcome: &ChunkOutcome, delivered: u64) {
+        self.bytes += delivered;
+        self.node_failures += outcome.failures.len() as u64;
+        for (node, reason) in &outcome.failures {
+            self.nodes.entry(*node).or_default().errors += 1;
+            *self.fallbacks.entry(reason).or_default() += 1;
+        }
+        // A chunk finished from the origin after a node's partial transfer counts each source's share.
+        let from_node = outcome.node_bytes.min(delivered);
+        if let Some((id, ms, rtt)) = outcome.node {
+            let n = self.nodes.entry(id).or_default();
+            n.bytes += from_node;
+            n.chunks += 1;
+            n.busy_ms += ms;
+            n.rtt_ms = rtt.or(n.rtt_ms);
+            self.fog_bytes += from_node;
+        }
+        self.origin_bytes += delivered - from_node;
+    }
+}
+
+/// What to fetch of an object, and by when.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FetchOptions {
+    /// Bytes `[start, end)` of the object; `None` for all of it.
+    pub range: Option<(u64, u64)>,
+    /// When set, a node that has not delivered by then (or stalls) is not waited for: the rest of its
+    /// chunk comes from the origin, keeping what it already sent.
+    pub deadline: Option<Instant>,
+}
+
+/// A validated resolve: manifest, candidates per chunk.
+#[derive(Debug, Clone)]
+pub struct Resolved(Arc<Resolve>);
+
+impl Resolved {
+    pub fn manifest(&self) -> &Manifest {
+        &self.0.manifest
+    }
+
+    pub fn content_id(&self) -> ContentId {
+        self.0.content_id
+    }
+
+    fn validate(r: Resolve) -> Result<Self, ClientError> {
+        r.manifest.validate().map_err(|e| ClientError::BadSchedule(e.to_string()))?;
+        if r.schedule.len() != r.manifest.chunks.len()
+            || r.schedule.iter().flatten().any(|&i| i as usize >= r.nodes.len())
+        {
+            return Err(ClientError::BadSchedule("schedule does not match the manifest or node list".into()));
+        }
+        if r.manifest.content_id() != r.content_id {
+            return Err(ClientError::BadSchedule("content id does not match the manifest".into()));
+        }
+        Ok(Self(Arc::new(r)))
+    }
+}
+
+#[derive(Debug)]
 struct ChunkOutcome {
     bytes: Bytes,
-    source: Source,
-    failures: u64,
+    /// The node that sent all or the first `node_bytes` of the chunk: (id, ms spent, RTT ms).
+    node: Option<(NodeId, u64, Option<u64>)>,
+    node_bytes: u64,
+    failures: Vec<(NodeId, &'static str)>,
 }
 
 /// One node's connection, dialled at most once at a time.
@@ -140,20 +211,26 @@ impl FogClient {
         Ok((out, report))
     }
 
+    /// Asks the tracker for `url`'s manifest and candidates. `stale`: see [`TrackerClient::resolve`].
+    pub async fn resolve(&self, url: &str, stale: Option<ContentId>) -> Result<Resolved, TrackerError> {
+        let Some(tracker) = &self.inner.tracker else {
+            return Err(TrackerError::Unreachable { base: String::new(), reason: "no tracker configured".into() });
+        };
+        let r = tracker.resolve(url, stale).await?;
+        Resolved::validate(r).map_err(|e| TrackerError::BadResponse(e.to_string()))
+    }
+
     /// Streams `url` into `out`, in order, every byte verified against the manifest when there is one.
     pub async fn fetch_to<W: AsyncWrite + Unpin>(&self, url: &str, out: &mut W) -> Result<FetchReport, ClientError> {
-        let Some(tracker) = &self.inner.tracker else {
-            return self.direct(url, out, "no tracker configured".into()).await;
-        };
         let mut stale = None;
         loop {
-            let resolved = match tracker.resolve(url, stale).await {
+            let resolved = match self.resolve(url, stale).await {
                 Ok(r) => r,
                 Err(e) => return self.after_tracker_error(url, e, out).await,
             };
-            let content_id = resolved.content_id;
+            let content_id = resolved.content_id();
             let mut written = 0u64;
-            match self.fetch_resolved(resolved, out, &mut written).await {
+            match self.fetch_resolved(&resolved, FetchOptions::default(), out, &mut written).await {
                 // Nothing delivered yet: ask the tracker to ingest the new version and start over, once.
                 Err(ClientError::ContentChanged { .. }) if written == 0 && stale.is_none() => {
                     tracing::warn!(url, %content_id, "origin object changed since ingest; asking the tracker to re-ingest");
@@ -213,54 +290,52 @@ impl FogClient {
         Ok(report)
     }
 
-    async fn fetch_resolved<W: AsyncWrite + Unpin>(
+    /// Streams bytes of a resolved object (all, or `opts.range`) into `out`, in order, each chunk verified
+    /// before any of its bytes are written. `written` counts what reached `out`.
+    pub async fn fetch_resolved<W: AsyncWrite + Unpin>(
         &self,
-        resolved: Resolve,
+        resolved: &Resolved,
+        opts: FetchOptions,
         out: &mut W,
         written: &mut u64,
     ) -> Result<FetchReport, ClientError> {
-        let Resolve { content_id, manifest, nodes, schedule } = resolved;
-        manifest.validate().map_err(|e| ClientError::BadSchedule(e.to_string()))?;
-        if schedule.len() != manifest.chunks.len() || schedule.iter().flatten().any(|&i| i as usize >= nodes.len()) {
-            return Err(ClientError::BadSchedule("schedule does not match the manifest or node list".into()));
+        let r = &resolved.0;
+        let manifest = &r.manifest;
+        let (start, end) = opts.range.unwrap_or((0, manifest.size));
+        let end = end.min(manifest.size);
+        let mut report = FetchReport { content_id: Some(r.content_id), ..Default::default() };
+        if start >= end {
+            return Ok(report);
         }
-        if manifest.content_id() != content_id {
-            return Err(ClientError::BadSchedule("content id does not match the manifest".into()));
-        }
-        let manifest = Arc::new(manifest);
+        let chunk_size = u64::from(manifest.chunk_size);
+        let (first, last) = ((start / chunk_size) as usize, ((end - 1) / chunk_size) as usize);
         let failed = Arc::new(Mutex::new(HashSet::new()));
-        let mut report = FetchReport { content_id: Some(content_id), ..Default::default() };
-        let mut inflight: VecDeque<JoinHandle<Result<ChunkOutcome, ClientError>>> = VecDeque::new();
-        let mut next = 0usize;
+        let mut inflight: VecDeque<(usize, JoinHandle<Result<ChunkOutcome, ClientError>>)> = VecDeque::new();
+        let mut next = first;
         let result = loop {
-            while next < manifest.chunks.len() && inflight.len() < self.inner.cfg.parallel.max(1) {
-                let candidates: Vec<NodeContact> = schedule[next].iter().map(|&i| nodes[i as usize].clone()).collect();
-                let task = self.inner.clone().fetch_chunk(manifest.clone(), next, candidates, failed.clone());
-                inflight.push_back(tokio::spawn(task));
+            while next <= last && inflight.len() < self.inner.cfg.parallel.max(1) {
+                let task = self.inner.clone().fetch_chunk(resolved.clone(), next, failed.clone(), opts.deadline);
+                inflight.push_back((next, tokio::spawn(task)));
                 next += 1;
             }
-            let Some(head) = inflight.pop_front() else { break Ok(()) };
+            let Some((index, head)) = inflight.pop_front() else { break Ok(()) };
             let outcome = match head.await {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => break Err(e),
                 Err(join) => break Err(ClientError::Internal(join.to_string())),
             };
-            if let Err(e) = out.write_all(&outcome.bytes).await {
+            // Trim the first and last chunk to the requested range.
+            let offset = index as u64 * chunk_size;
+            let from = start.saturating_sub(offset) as usize;
+            let to = (end - offset).min(outcome.bytes.len() as u64) as usize;
+            if let Err(e) = out.write_all(&outcome.bytes[from..to]).await {
                 break Err(ClientError::Output(e));
             }
-            let n = outcome.bytes.len() as u64;
+            let n = (to - from) as u64;
             *written += n;
-            report.bytes += n;
-            report.node_failures += outcome.failures;
-            match outcome.source {
-                Source::Node(id) => {
-                    report.fog_bytes += n;
-                    *report.by_node.entry(id).or_default() += n;
-                }
-                Source::Origin => report.origin_bytes += n,
-            }
+            report.merge_chunk(&outcome, n);
         };
-        for task in inflight {
+        for (_, task) in inflight {
             task.abort();
         }
         result?;
@@ -269,14 +344,34 @@ impl FogClient {
     }
 }
 
+/// A short, stable name for why a node attempt failed, for reports and metrics.
+fn failure_reason(e: &ChunkError) -> &'static str {
+    match e {
+        ChunkError::Stream(_) => "stream_error",
+        ChunkError::Timeout(_) => "timeout",
+        ChunkError::Refused { status, .. } => match status {
+            Status::Busy => "node_busy",
+            Status::NotFound => "node_not_found",
+            Status::OriginFailed => "node_origin_failed",
+            Status::OriginMismatch => "origin_changed",
+            Status::OriginNotAllowed => "origin_not_allowed",
+            _ => "node_refused",
+        },
+        ChunkError::Protocol(_) => "protocol_error",
+        ChunkError::Interrupted { .. } => "interrupted",
+    }
+}
+
 impl Inner {
     async fn fetch_chunk(
         self: Arc<Self>,
-        manifest: Arc<Manifest>,
+        resolved: Resolved,
         index: usize,
-        candidates: Vec<NodeContact>,
         failed: Arc<Mutex<HashSet<NodeId>>>,
+        deadline: Option<Instant>,
     ) -> Result<ChunkOutcome, ClientError> {
+        let r = &resolved.0;
+        let manifest = &r.manifest;
         let hash = manifest.chunks[index];
         let (offset, len) = manifest.chunk_span(index);
         let req = ChunkRequest {
@@ -284,32 +379,61 @@ impl Inner {
             range: None,
             origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
         };
-        let mut failures = 0;
-        for node in candidates {
+        let mut failures = Vec::new();
+        for &i in &r.schedule[index] {
+            let node = &r.nodes[i as usize];
             if failed.lock().expect("lock").contains(&node.id) {
                 continue;
             }
-            let err = match self.fetch_from_node(&node, &req, len).await {
+            let mut deadlines = self.cfg.deadlines;
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+                deadlines.first_byte = deadlines.first_byte.min(left);
+                deadlines.stall = deadlines.stall.min(left);
+            }
+            let started = Instant::now();
+            let (result, rtt) = self.fetch_from_node(node, &req, len, deadlines).await;
+            let ms = started.elapsed().as_millis() as u64;
+            let err = match result {
                 Ok(bytes) if ChunkHash::of(&bytes) == hash => {
-                    return Ok(ChunkOutcome { bytes, source: Source::Node(node.id), failures });
+                    let node_bytes = bytes.len() as u64;
+                    return Ok(ChunkOutcome { bytes, node: Some((node.id, ms, rtt)), node_bytes, failures });
                 }
                 Ok(_) => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, "node sent bytes that do not match the chunk hash; not using it again");
                     failed.lock().expect("lock").insert(node.id);
-                    failures += 1;
+                    failures.push((node.id, "hash_mismatch"));
                     continue;
                 }
                 Err(e) => e,
             };
-            failures += 1;
-            match &err {
+            failures.push((node.id, failure_reason(&err)));
+            match err {
                 // The node is healthy but could not help with this chunk.
                 ChunkError::Refused { status: Status::Busy | Status::NotFound | Status::OriginFailed, .. } => {
                     tracing::debug!(node = %node.id, chunk = %hash, error = %err, "node could not serve chunk");
                 }
                 // The origin no longer has these bytes; more nodes would only ask it again.
                 ChunkError::Refused { status: Status::OriginMismatch, .. } => break,
-                _ => {
+                // Against a deadline, keep what the node sent and take only the rest from the origin.
+                ChunkError::Interrupted { received, cause } if deadline.is_some() => {
+                    tracing::info!(node = %node.id, chunk = %hash, got = received.len(), error = %cause, "node too slow for the deadline; finishing the chunk from the origin");
+                    failed.lock().expect("lock").insert(node.id);
+                    let rest_offset = offset + received.len() as u64;
+                    let rest = self.origin.fetch_range(&manifest.url, rest_offset, len - received.len() as u32).await?;
+                    let mut whole = BytesMut::with_capacity(len as usize);
+                    whole.extend_from_slice(&received);
+                    whole.extend_from_slice(&rest);
+                    let whole = whole.freeze();
+                    if ChunkHash::of(&whole) == hash {
+                        let node_bytes = received.len() as u64;
+                        return Ok(ChunkOutcome { bytes: whole, node: Some((node.id, ms, rtt)), node_bytes, failures });
+                    }
+                    // The node's part or the origin's was wrong: fall through to a clean origin fetch.
+                    failures.push((node.id, "hash_mismatch"));
+                    break;
+                }
+                err => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, error = %err, "node failed; trying the next source");
                     failed.lock().expect("lock").insert(node.id);
                     self.connections.lock().expect("lock").remove(&node.id);
@@ -320,12 +444,23 @@ impl Inner {
         if ChunkHash::of(&bytes) != hash {
             return Err(ClientError::ContentChanged { url: manifest.url.clone() });
         }
-        Ok(ChunkOutcome { bytes, source: Source::Origin, failures })
+        Ok(ChunkOutcome { bytes, node: None, node_bytes: 0, failures })
     }
 
-    async fn fetch_from_node(&self, node: &NodeContact, req: &ChunkRequest, len: u32) -> Result<Bytes, ChunkError> {
-        let conn = self.connection(node).await?;
-        chunk::request(&conn, req, len, self.cfg.deadlines).await
+    /// The chunk from `node`, and the connection's RTT in ms when one was established.
+    async fn fetch_from_node(
+        &self,
+        node: &NodeContact,
+        req: &ChunkRequest,
+        len: u32,
+        deadlines: Deadlines,
+    ) -> (Result<Bytes, ChunkError>, Option<u64>) {
+        let conn = match self.connection(node).await {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        };
+        let result = chunk::request(&conn, req, len, deadlines).await;
+        (result, Some(conn.rtt().as_millis() as u64))
     }
 
     /// A live connection to `node`, reusing one if open. Chunk tasks that need the same node while it is

@@ -16,4 +16,4 @@ pub mod origin;
 pub mod tracker;
 pub mod transport;
 
-pub use fetch::{ClientConfig, ClientError, FetchReport, FogClient};
+pub use fetch::{ClientConfig, ClientError, FetchOptions, FetchReport, FogClient, NodeUse, Resolved};

@@ -41,7 +41,7 @@ fn summary(url: &str, r: &FetchReport, elapsed: Duration) -> String {
         r.bytes,
         r.fog_bytes,
         r.origin_bytes,
-        r.by_node.len(),
+        r.nodes.len(),
         r.node_failures,
         elapsed.as_millis()
     )

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use fog_proto::api::{ErrorCode, NodeContact, Resolve};
+use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve};
 use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -83,6 +83,9 @@ pub struct FetchReport {
     pub node_failures: u64,
     /// Why chunks (or their remainders) came from the origin or another node, by reason.
     pub fallbacks: BTreeMap<&'static str, u64>,
+    /// The same failures by node and reason.
+    #[serde(skip)]
+    pub failures_by_node: BTreeMap<(NodeId, &'static str), u64>,
     pub content_id: Option<ContentId>,
     /// Set when the tracker could not be used and the object came straight from the origin.
     pub tracker_unreachable: Option<String>,
@@ -107,6 +110,7 @@ impl FetchReport {
         for (node, reason) in &outcome.failures {
             self.nodes.entry(*node).or_default().errors += 1;
             *self.fallbacks.entry(reason).or_default() += 1;
+            *self.failures_by_node.entry((*node, reason)).or_default() += 1;
         }
         // A chunk finished from the origin after a node's partial transfer counts each source's share.
         let from_node = outcome.node_bytes.min(delivered);
@@ -218,6 +222,14 @@ impl FogClient {
         };
         let r = tracker.resolve(url, stale).await?;
         Resolved::validate(r).map_err(|e| TrackerError::BadResponse(e.to_string()))
+    }
+
+    /// Sends the tracker a summary of what this client saw (see [`ClientReport`]).
+    pub async fn report(&self, report: &ClientReport) -> Result<(), TrackerError> {
+        match &self.inner.tracker {
+            Some(t) => t.report(report).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Streams `url` into `out`, in order, every byte verified against the manifest when there is one.

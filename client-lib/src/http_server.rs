@@ -18,11 +18,16 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 pub type Reply = Response<Body>;
+
+pub fn empty_body() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
 
 /// A whole response with a content type.
 pub fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
@@ -56,6 +61,34 @@ pub fn event_stream(capacity: usize) -> (mpsc::Sender<Bytes>, Reply) {
 pub fn sse_event(event: &str, data: &str) -> Bytes {
     // `data` is one JSON line, so it needs no splitting into several data: fields.
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// A body that streams whatever `reader` yields, for responses produced while they are sent (the reader
+/// is typically one end of a `tokio::io::duplex` pipe).
+pub fn reader_body(reader: impl AsyncRead + Send + Sync + Unpin + 'static) -> Body {
+    ReaderBody { reader: Box::new(reader), buf: vec![0u8; 64 * 1024] }.boxed()
+}
+
+struct ReaderBody {
+    reader: Box<dyn AsyncRead + Send + Sync + Unpin>,
+    buf: Vec<u8>,
+}
+
+impl http_body::Body for ReaderBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let mut buf = ReadBuf::new(&mut this.buf);
+        match Pin::new(&mut this.reader).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            // A read error ends the body early; hyper then closes the connection, so the client sees a
+            // truncated response rather than wrong bytes.
+            Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(buf.filled()))))),
+        }
+    }
 }
 
 struct Events(mpsc::Receiver<Bytes>);

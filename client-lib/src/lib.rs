@@ -13,6 +13,7 @@ pub mod chunk;
 mod fetch;
 pub mod http_server;
 pub mod origin;
+pub mod proxy;
 pub mod tracker;
 pub mod transport;
 

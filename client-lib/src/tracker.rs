@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fog_proto::api::{ApiError, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
+use fog_proto::api::{ApiError, ClientReport, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
 use fog_proto::ContentId;
 use serde::de::DeserializeOwned;
 
@@ -69,6 +69,10 @@ impl TrackerClient {
 
     pub async fn register(&self, msg: &Signed) -> Result<RegisterResponse, TrackerError> {
         self.send(self.http.post(format!("{}/v1/nodes/register", self.base)).json(msg)).await
+    }
+
+    pub async fn report(&self, report: &ClientReport) -> Result<serde_json::Value, TrackerError> {
+        self.send(self.http.post(format!("{}/v1/reports", self.base)).json(report)).await
     }
 
     pub async fn heartbeat(&self, msg: &Signed) -> Result<HeartbeatResponse, TrackerError> {

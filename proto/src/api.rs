@@ -130,6 +130,28 @@ pub struct Resolve {
     pub schedule: Vec<Vec<u32>>,
 }
 
+/// `POST /v1/reports`: what a client (player proxy) saw since its last report. Unauthenticated, so the
+/// tracker only counts it for dashboards and metrics; it never decides scheduling on its own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClientReport {
+    pub fog_bytes: u64,
+    pub origin_bytes: u64,
+    /// Bytes fetched straight from the origin because the fog could not be used (tracker down, unknown origin).
+    pub passthrough_bytes: u64,
+    pub node_failures: Vec<NodeFailure>,
+}
+
+/// Most failure entries one report may carry.
+pub const MAX_REPORTED_FAILURES: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFailure {
+    pub node: NodeId,
+    /// Short reason code (timeout, stream_error, hash_mismatch, …).
+    pub reason: String,
+    pub count: u64,
+}
+
 /// Machine-readable error codes of the tracker API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -121,12 +121,14 @@ pub struct ClusterOptions {
     pub tracker_args: Vec<String>,
     /// Extra flags for every node, e.g. `--cache-size 4MiB`.
     pub node_args: Vec<String>,
+    /// Files the origin serves besides objects put in memory.
+    pub origin_dir: Option<PathBuf>,
 }
 
 impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Cluster {
         let dir = tempfile::Builder::new().prefix("fogcdn-test").tempdir().expect("tempdir");
-        let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, opts.quirks).await.expect("origin");
+        let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), opts.origin_dir, opts.quirks).await.expect("origin");
         let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),

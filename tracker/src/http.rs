@@ -9,8 +9,8 @@ use bytes::Bytes;
 use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
 use fog_proto::api::{
-    ApiError, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed, TrackerStats,
-    KIND_HEARTBEAT, KIND_REGISTER,
+    ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed,
+    TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_REPORTED_FAILURES,
 };
 use fog_proto::{ContentId, NodeId};
 use http_body_util::{BodyExt, Limited};
@@ -24,7 +24,7 @@ use crate::config::TrackerConfig;
 use crate::dashboard::{now_ms, Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
-use crate::metrics::{Metrics, ResultLabel, StateLabel};
+use crate::metrics::{Metrics, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{Registration, Registry, RegistryError, SortBy};
 use crate::scheduler;
 
@@ -67,6 +67,9 @@ struct Summary {
     fog_bytes_total: u64,
     origin_fill_bytes_total: u64,
     node_requests_total: u64,
+    /// What players' proxies reported: bytes from the fog and from origins (fallback and pass-through).
+    client_fog_bytes_total: u64,
+    client_origin_bytes_total: u64,
     samples: Vec<Sample>,
     events: Vec<Event>,
     top_content: Vec<TopContent>,
@@ -103,6 +106,7 @@ impl App {
             (&Method::GET, "/v1/resolve") => self.resolve(&query).await,
             (&Method::POST, "/v1/nodes/register") => self.register(req, peer).await,
             (&Method::POST, "/v1/nodes/heartbeat") => self.heartbeat(req).await,
+            (&Method::POST, "/v1/reports") => self.client_report(req).await,
             (&Method::GET, "/v1/stats") => json(StatusCode::OK, &self.stats()),
             (&Method::GET, "/metrics") => http_server::metrics(self.metrics_text()),
             (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"ok": true})),
@@ -204,7 +208,8 @@ impl App {
         error(status, code, e.to_string(), retryable)
     }
 
-    async fn signed_body(req: Request<Incoming>) -> Result<Signed, Reply> {
+    /// A JSON request body of at most [`MAX_BODY`] bytes.
+    async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
         let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
             error(
                 StatusCode::BAD_REQUEST,
@@ -214,7 +219,7 @@ impl App {
             )
         })?;
         serde_json::from_slice(&body.to_bytes()).map_err(|e| {
-            error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("not a signed message: {e}"), false)
+            error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("malformed request body: {e}"), false)
         })
     }
 
@@ -226,7 +231,7 @@ impl App {
     }
 
     async fn register(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
-        let signed = match Self::signed_body(req).await {
+        let signed = match Self::json_body::<Signed>(req).await {
             Ok(s) => s,
             Err(r) => return r,
         };
@@ -270,7 +275,7 @@ impl App {
     }
 
     async fn heartbeat(&self, req: Request<Incoming>) -> Reply {
-        let signed = match Self::signed_body(req).await {
+        let signed = match Self::json_body::<Signed>(req).await {
             Ok(s) => s,
             Err(r) => return r,
         };
@@ -284,6 +289,34 @@ impl App {
             }
             Err(e) => self.reject_node(&signed.node_id, e),
         }
+    }
+
+    /// `POST /v1/reports`: counted for dashboards and metrics only (reports are not authenticated).
+    async fn client_report(&self, req: Request<Incoming>) -> Reply {
+        let report: ClientReport = match Self::json_body(req).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        if report.node_failures.len() > MAX_REPORTED_FAILURES {
+            let msg = format!("at most {MAX_REPORTED_FAILURES} node failure entries per report");
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
+        }
+        let m = &self.metrics;
+        m.client_bytes.get_or_create(&SourceLabel { source: "fog" }).inc_by(report.fog_bytes);
+        m.client_bytes.get_or_create(&SourceLabel { source: "origin" }).inc_by(report.origin_bytes);
+        m.client_bytes.get_or_create(&SourceLabel { source: "passthrough" }).inc_by(report.passthrough_bytes);
+        let t = &self.registry.totals;
+        t.client_fog_bytes.fetch_add(report.fog_bytes, Ordering::Relaxed);
+        t.client_origin_bytes.fetch_add(report.origin_bytes + report.passthrough_bytes, Ordering::Relaxed);
+        for f in &report.node_failures {
+            let reason = crate::metrics::known_reason(&f.reason);
+            m.node_failure_reports.get_or_create(&ResultLabel { result: reason }).inc_by(f.count);
+            self.dashboard.event(
+                "client_report",
+                format!("a client saw node {} fail {}× ({reason})", &f.node.to_hex()[..16], f.count),
+            );
+        }
+        json(StatusCode::OK, &serde_json::json!({"ok": true}))
     }
 
     fn stats(&self) -> TrackerStats {
@@ -310,6 +343,8 @@ impl App {
             fog_bytes_total: t.fog_bytes.load(Ordering::Relaxed),
             origin_fill_bytes_total: t.origin_fill_bytes.load(Ordering::Relaxed),
             node_requests_total: t.node_requests.load(Ordering::Relaxed),
+            client_fog_bytes_total: t.client_fog_bytes.load(Ordering::Relaxed),
+            client_origin_bytes_total: t.client_origin_bytes.load(Ordering::Relaxed),
             samples: self.dashboard.samples(),
             events: self.dashboard.recent_events(),
             top_content: self.dashboard.top_content(),

@@ -12,6 +12,29 @@ pub struct ResultLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+/// Failure reasons clients may report; anything else counts as `other`, keeping label values bounded.
+pub fn known_reason(reason: &str) -> &'static str {
+    const KNOWN: [&str; 11] = [
+        "stream_error",
+        "timeout",
+        "node_busy",
+        "node_not_found",
+        "node_origin_failed",
+        "origin_changed",
+        "origin_not_allowed",
+        "node_refused",
+        "protocol_error",
+        "interrupted",
+        "hash_mismatch",
+    ];
+    KNOWN.into_iter().find(|k| *k == reason).unwrap_or("other")
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -30,6 +53,8 @@ pub struct Metrics {
     pub origin_fill_bytes: Counter,
     pub node_requests: Counter,
     pub corrupt_chunks: Counter,
+    pub client_bytes: Family<SourceLabel, Counter>,
+    pub node_failure_reports: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -39,6 +64,7 @@ impl Default for Metrics {
         let (manifests, node_cache_used_bytes) = (Gauge::default(), Gauge::default());
         let (fog_bytes, origin_fill_bytes) = (Counter::default(), Counter::default());
         let (node_requests, corrupt_chunks) = (Counter::default(), Counter::default());
+        let (client_bytes, node_failure_reports) = (Family::default(), Family::default());
         let mut registry = Registry::default();
         registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
         registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
@@ -70,6 +96,16 @@ impl Default for Metrics {
             "Chunks nodes found corrupt on their disks and dropped, as they report",
             corrupt_chunks.clone(),
         );
+        registry.register(
+            "fog_tracker_client_bytes",
+            "Bytes players' proxies report by source (fog, origin, passthrough)",
+            client_bytes.clone(),
+        );
+        registry.register(
+            "fog_tracker_node_failure_reports",
+            "Node failures clients report, by reason",
+            node_failure_reports.clone(),
+        );
         Self {
             registry,
             resolves,
@@ -82,6 +118,8 @@ impl Default for Metrics {
             origin_fill_bytes,
             node_requests,
             corrupt_chunks,
+            client_bytes,
+            node_failure_reports,
         }
     }
 }

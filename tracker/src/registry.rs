@@ -61,6 +61,9 @@ pub struct Totals {
     pub origin_fill_bytes: AtomicU64,
     pub node_requests: AtomicU64,
     pub corrupt_chunks: AtomicU64,
+    /// From client reports (unauthenticated; for dashboards only).
+    pub client_fog_bytes: AtomicU64,
+    pub client_origin_bytes: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -31,6 +31,52 @@ enum Command {
         #[arg(long, default_value_t = 8, env = "FOG_PARALLEL")]
         parallel: usize,
     },
+    /// Run the local player proxy: players fetch http://ADDR/<scheme>/<host[:port]>/<path>.
+    Proxy {
+        /// Tracker base URL.
+        #[arg(long, env = "FOG_TRACKER")]
+        tracker: String,
+        /// Where players connect; keep it on loopback [default: 127.0.0.1:7780].
+        #[arg(long, env = "FOG_PROXY_LISTEN", default_value = "127.0.0.1:7780")]
+        listen: std::net::SocketAddr,
+        /// How far ahead of the playhead to prefetch, in seconds.
+        #[arg(long, env = "FOG_PROXY_PREFETCH_SECS", default_value_t = 20)]
+        prefetch_secs: u64,
+        /// Memory for prefetched segments, e.g. 128MiB.
+        #[arg(long, env = "FOG_PROXY_PREFETCH_MEMORY", default_value = "128MiB")]
+        prefetch_memory: fog_proto::size::Size,
+    },
+    /// Print the proxied URL for ORIGIN_URL (what to give a player).
+    Url {
+        origin_url: String,
+        /// The proxy's address.
+        #[arg(long, env = "FOG_PROXY", default_value = "127.0.0.1:7780")]
+        proxy: String,
+    },
+}
+
+async fn proxy(
+    tracker: String,
+    listen: std::net::SocketAddr,
+    prefetch_secs: u64,
+    prefetch_memory: u64,
+) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() {
+        eprintln!("fog: warning: the proxy listens on {listen}, not loopback: anyone who can reach it can use it");
+    }
+    let client = FogClient::new(ClientConfig { tracker: Some(tracker), ..Default::default() })?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    let cfg = fog_client::proxy::ProxyConfig {
+        prefetch_window: Duration::from_secs(prefetch_secs),
+        prefetch_memory,
+        ..Default::default()
+    };
+    let proxy = std::sync::Arc::new(fog_client::proxy::Proxy::new(client, local, cfg));
+    tracing::info!("fog proxy listening on {local}");
+    eprintln!("fog proxy listening on {local}; give players http://{local}/<scheme>/<host[:port]>/<path>");
+    proxy.serve(listener, fog_client::bin_support::shutdown()).await;
+    Ok(())
 }
 
 fn summary(url: &str, r: &FetchReport, elapsed: Duration) -> String {
@@ -99,6 +145,13 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Get { tracker, origin_url, output, parallel } => get(tracker, origin_url, output, parallel).await,
+            Command::Proxy { tracker, listen, prefetch_secs, prefetch_memory } => {
+                proxy(tracker, listen, prefetch_secs, prefetch_memory.0).await
+            }
+            Command::Url { origin_url, proxy } => {
+                println!("{}", fog_client::proxy::proxied_url(&origin_url, &proxy)?);
+                Ok(())
+            }
         }
     });
     match result {

@@ -1,0 +1,528 @@
+//! The local player proxy: an HTTP/1.1 server on 127.0.0.1 that any player can use by fetching
+//! `http://PROXY/<scheme>/<host[:port]>/<path>` instead of the origin URL.
+//!
+//! - Playlists (HLS `.m3u8`, DASH `.mpd`) are mutable: they pass through from the origin (cached for about
+//!   a second) with their URIs rewritten to the proxy.
+//! - Everything else is immutable content: it comes through the fog, chunk by verified chunk, with
+//!   `Range` support. A fog fetch that would miss its deadline finishes from the origin.
+//! - From the segments a player asks for, the proxy infers the playhead and prefetches the next segments.
+//! - When the fog cannot serve an object at all (tracker down, origin not registered) the bytes come
+//!   straight from the origin: the player never stalls because of fog.
+//!
+//! It answers only requests addressed to a loopback name or its own listen address, so a web page cannot
+//! use it as a relay through DNS rebinding.
+
+mod playlist;
+mod stats;
+mod urls;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HOST, RANGE,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+
+pub use playlist::{hls_segments, kind_of, rewrite_dash, rewrite_hls, Kind, Segment};
+pub use stats::{ProxyStats, Snapshot};
+pub use urls::{origin_url, proxied_url, proxy_path, UrlError};
+
+use crate::http_server::{self, json, reader_body, reply, Body, Reply};
+use crate::{FetchOptions, FogClient, Resolved};
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// How far ahead of the inferred playhead to prefetch.
+    pub prefetch_window: Duration,
+    /// Most segments prefetched ahead at once.
+    pub prefetch_segments: usize,
+    /// Memory for prefetched segments.
+    pub prefetch_memory: u64,
+    /// How long a playlist is served from the proxy's cache before it is fetched again.
+    pub playlist_ttl: Duration,
+    /// How long a resolved manifest is reused.
+    pub manifest_ttl: Duration,
+    /// Deadline for a segment the player asks for when its duration is unknown.
+    pub default_deadline: Duration,
+    /// How often the proxy summarises what it saw to the tracker.
+    pub report_interval: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            prefetch_window: Duration::from_secs(20),
+            prefetch_segments: 4,
+            prefetch_memory: 128 << 20,
+            playlist_ttl: Duration::from_secs(1),
+            manifest_ttl: Duration::from_secs(300),
+            default_deadline: Duration::from_secs(4),
+            report_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Largest playlist accepted from an origin.
+const MAX_PLAYLIST: u64 = 8 << 20;
+/// Bounds of the proxy's small caches.
+const MAX_PLAYLISTS: usize = 256;
+const MAX_MANIFESTS: usize = 1024;
+const MAX_SEGMENT_INDEX: usize = 20_000;
+/// Buffer between a fetch and the player's connection.
+const PIPE: usize = 256 * 1024;
+
+type Prefetched = Arc<OnceCell<Option<Bytes>>>;
+
+#[derive(Debug, Default)]
+struct PrefetchCache {
+    entries: HashMap<String, Prefetched>,
+    order: VecDeque<(String, u64)>,
+    bytes: u64,
+}
+
+/// Where a known segment sits in its media playlist.
+#[derive(Debug, Clone)]
+struct SegmentPos {
+    list: Arc<Vec<Segment>>,
+    index: usize,
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    cfg: ProxyConfig,
+    client: FogClient,
+    http: reqwest::Client,
+    /// Authorities this proxy answers to besides loopback names.
+    listen: String,
+    playlists: Mutex<HashMap<String, (Instant, Bytes, Kind)>>,
+    manifests: Mutex<HashMap<String, (Instant, Resolved)>>,
+    segments: Mutex<HashMap<String, SegmentPos>>,
+    prefetch: Mutex<PrefetchCache>,
+    pub stats: ProxyStats,
+}
+
+/// Parses a `Range` header against an object of `size` bytes: `Ok(None)` for no (or an unsupported) range,
+/// `Err(())` when unsatisfiable.
+#[allow(clippy::result_unit_err)]
+pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None); // Multipart ranges: answer with the whole object, which HTTP allows.
+    }
+    let Some((a, b)) = spec.split_once('-') else { return Ok(None) };
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            (size.saturating_sub(n), size)
+        }
+        (a, "") => (a.parse().map_err(|_| ())?, size),
+        (a, b) => (a.parse().map_err(|_| ())?, b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(size)),
+    };
+    if start >= size || start >= end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Proxy {
+    pub fn new(client: FogClient, listen: SocketAddr, cfg: ProxyConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(15))
+            .user_agent(concat!("fogcdn-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("static reqwest configuration is valid");
+        Self {
+            cfg,
+            client,
+            http,
+            listen: listen.to_string(),
+            playlists: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            segments: Mutex::new(HashMap::new()),
+            prefetch: Mutex::new(PrefetchCache::default()),
+            stats: ProxyStats::default(),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; reports to the tracker meanwhile.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        let reporter = tokio::spawn(self.clone().report_forever());
+        let proxy = self.clone();
+        http_server::serve(listener, 256, move |req, _| proxy.clone().handle(req), shutdown).await;
+        reporter.abort();
+    }
+
+    async fn report_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.report_interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Some(report) = self.stats.take_report() {
+                if let Err(e) = self.client.report(&report).await {
+                    tracing::debug!(error = %e, "could not report to the tracker");
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Reply {
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !(is_loopback_host(host) || host == self.listen) {
+            return reply(StatusCode::FORBIDDEN, "text/plain", "this proxy only answers local players\n");
+        }
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        match path.as_str() {
+            "/stats" => return json(StatusCode::OK, &self.stats.snapshot()),
+            "/metrics" => return http_server::metrics(self.stats.metrics_text()),
+            "/healthz" => return json(StatusCode::OK, &serde_json::json!({"ok": true})),
+            "/" => {
+                let help =
+                    "fogcdn player proxy: fetch http://THIS/<scheme>/<host[:port]>/<path>; see /stats and /metrics\n";
+                return reply(StatusCode::OK, "text/plain", help);
+            }
+            _ => {}
+        }
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD\n"),
+        };
+        let url = match origin_url(&path) {
+            Ok(u) => u,
+            Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        };
+        let range = req.headers().get(RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        match kind_of(&url) {
+            Some(kind) => self.playlist(&url, kind, head).await,
+            None => self.object(url, range, head).await,
+        }
+    }
+
+    async fn playlist(&self, url: &str, kind: Kind, head: bool) -> Reply {
+        self.stats.request("playlist");
+        let cached = self
+            .playlists
+            .lock()
+            .expect("lock")
+            .get(url)
+            .filter(|(at, _, _)| at.elapsed() < self.cfg.playlist_ttl)
+            .cloned();
+        let body = match cached {
+            Some((_, body, _)) => body,
+            None => match self.fetch_playlist(url, kind).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            },
+        };
+        let mut r = reply(StatusCode::OK, playlist::content_type(kind), if head { Bytes::new() } else { body });
+        r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    }
+
+    async fn fetch_playlist(&self, url: &str, kind: Kind) -> Result<Bytes, Reply> {
+        let bad_gateway = |msg: String| reply(StatusCode::BAD_GATEWAY, "text/plain", msg);
+        let mut resp =
+            self.http.get(url).send().await.map_err(|e| bad_gateway(format!("origin unreachable: {e}\n")))?;
+        if !resp.status().is_success() {
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            return Err(reply(status, "text/plain", format!("origin answered {status} for {url}\n")));
+        }
+        // Relative URIs resolve against where the playlist really came from (after redirects).
+        let base = resp.url().to_string();
+        let mut raw = Vec::new();
+        while let Some(piece) = resp.chunk().await.map_err(|e| bad_gateway(format!("origin read failed: {e}\n")))? {
+            raw.extend_from_slice(&piece);
+            if raw.len() as u64 > MAX_PLAYLIST {
+                return Err(bad_gateway(format!("playlist larger than {MAX_PLAYLIST} bytes\n")));
+            }
+        }
+        self.stats.passthrough(raw.len() as u64, "playlist");
+        let text = String::from_utf8_lossy(&raw);
+        let rewritten = match kind {
+            Kind::Hls => {
+                self.index_segments(hls_segments(&text, &base));
+                rewrite_hls(&text, &base)
+            }
+            Kind::Dash => rewrite_dash(&text, &base),
+        };
+        let body = Bytes::from(rewritten);
+        let mut cache = self.playlists.lock().expect("lock");
+        if cache.len() >= MAX_PLAYLISTS {
+            cache.retain(|_, (at, _, _)| at.elapsed() < self.cfg.playlist_ttl);
+        }
+        if cache.len() < MAX_PLAYLISTS {
+            cache.insert(url.to_string(), (Instant::now(), body.clone(), kind));
+        }
+        Ok(body)
+    }
+
+    /// Remembers where each segment sits, so requests for it reveal the playhead.
+    fn index_segments(&self, list: Vec<Segment>) {
+        if list.is_empty() {
+            return;
+        }
+        let list = Arc::new(list);
+        let mut index = self.segments.lock().expect("lock");
+        if index.len() + list.len() > MAX_SEGMENT_INDEX {
+            index.clear();
+        }
+        for (i, s) in list.iter().enumerate() {
+            index.insert(s.url.clone(), SegmentPos { list: list.clone(), index: i });
+        }
+    }
+
+    async fn resolved(&self, url: &str) -> Result<Resolved, crate::tracker::TrackerError> {
+        if let Some((at, r)) = self.manifests.lock().expect("lock").get(url) {
+            if at.elapsed() < self.cfg.manifest_ttl {
+                return Ok(r.clone());
+            }
+        }
+        let r = self.client.resolve(url, None).await?;
+        let mut cache = self.manifests.lock().expect("lock");
+        if cache.len() >= MAX_MANIFESTS {
+            cache.retain(|_, (at, _)| at.elapsed() < self.cfg.manifest_ttl);
+            if cache.len() >= MAX_MANIFESTS {
+                cache.clear();
+            }
+        }
+        cache.insert(url.to_string(), (Instant::now(), r.clone()));
+        Ok(r)
+    }
+
+    async fn object(self: &Arc<Self>, url: String, range: Option<String>, head: bool) -> Reply {
+        let pos = self.segments.lock().expect("lock").get(&url).cloned();
+        if let Some(p) = &pos {
+            self.prefetch_after(p);
+        }
+        // Players often ask for a whole object as `Range: bytes=0-`; that is not a partial request.
+        let whole = range.as_deref().is_none_or(|r| r.trim() == "bytes=0-");
+        let range = if whole { None } else { range };
+        // A whole-segment request the prefetcher already has (or is fetching) is served from memory.
+        if whole && !head {
+            let pending = self.prefetch.lock().expect("lock").entries.get(&url).cloned();
+            if let Some(cell) = pending {
+                // Waits for a prefetch in progress; one that failed (None) falls through to a fresh fetch.
+                if let Some(bytes) = cell.get_or_init(|| async { None }).await.clone() {
+                    self.stats.request("segment");
+                    self.stats.prefetch_hit();
+                    let len = bytes.len() as u64;
+                    return with_length(reply(StatusCode::OK, "application/octet-stream", bytes), len);
+                }
+            }
+        }
+        let resolved = match self.resolved(&url).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(url, error = %e, "fog cannot serve this object; passing it through from the origin");
+                return self.passthrough(&url, range, head, reason_code(&e)).await;
+            }
+        };
+        self.stats.request(if range.is_some() { "range" } else { "segment" });
+        let size = resolved.manifest().size;
+        let span = match parse_range(range.as_deref(), size) {
+            Ok(s) => s,
+            Err(()) => {
+                let mut r = reply(StatusCode::RANGE_NOT_SATISFIABLE, "text/plain", "");
+                r.headers_mut().insert(CONTENT_RANGE, header(&format!("bytes */{size}")));
+                return r;
+            }
+        };
+        let (start, end) = span.unwrap_or((0, size));
+        let content_type =
+            resolved.manifest().content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+        let mut resp: Reply = Response::new(http_server::empty_body());
+        *resp.status_mut() = if span.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        resp.headers_mut().insert(CONTENT_TYPE, header(&content_type));
+        resp.headers_mut().insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        resp.headers_mut().insert(CONTENT_LENGTH, header(&(end - start).to_string()));
+        if span.is_some() {
+            resp.headers_mut().insert(CONTENT_RANGE, header(&format!("bytes {start}-{}/{size}", end - 1)));
+        }
+        if head {
+            return resp;
+        }
+        let segment_secs = pos.as_ref().map(|p| p.list[p.index].duration);
+        let deadline = Instant::now() + segment_secs.map_or(self.cfg.default_deadline, Duration::from_secs_f64);
+        let (reader, mut writer) = tokio::io::duplex(PIPE);
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut written = 0;
+            let opts = FetchOptions { range: span, deadline: Some(deadline) };
+            match proxy.client.fetch_resolved(&resolved, opts, &mut writer, &mut written).await {
+                Ok(report) => proxy.stats.fetched(&report, started.elapsed(), segment_secs),
+                Err(e) => {
+                    // Headers are out; ending the body early makes the player retry. A changed object
+                    // must be resolved afresh next time.
+                    tracing::warn!(url, error = %e, written, "fetch for the player failed");
+                    proxy.manifests.lock().expect("lock").remove(&url);
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        *resp.body_mut() = reader_body(reader);
+        resp
+    }
+
+    /// Starts fetching the segments after `pos` that fall within the prefetch window.
+    fn prefetch_after(self: &Arc<Self>, pos: &SegmentPos) {
+        let mut ahead = Duration::ZERO;
+        let mut started = 0;
+        for next in pos.list.iter().skip(pos.index + 1) {
+            if started >= self.cfg.prefetch_segments || ahead > self.cfg.prefetch_window {
+                break;
+            }
+            // The playhead reaches this segment once everything before it has played.
+            let due = ahead + Duration::from_secs_f64(pos.list[pos.index].duration);
+            ahead += Duration::from_secs_f64(next.duration);
+            let cell = {
+                let mut cache = self.prefetch.lock().expect("lock");
+                if cache.entries.contains_key(&next.url) {
+                    continue;
+                }
+                let cell = Prefetched::default();
+                cache.entries.insert(next.url.clone(), cell.clone());
+                cell
+            };
+            started += 1;
+            let (proxy, url) = (self.clone(), next.url.clone());
+            let secs = next.duration;
+            tokio::spawn(async move {
+                let bytes = cell.get_or_init(|| proxy.prefetch_one(&url, due, secs)).await;
+                let size = bytes.as_ref().map_or(0, |b| b.len() as u64);
+                let mut cache = proxy.prefetch.lock().expect("lock");
+                cache.order.push_back((url, size));
+                cache.bytes += size;
+                while cache.bytes > proxy.cfg.prefetch_memory {
+                    let Some((old, n)) = cache.order.pop_front() else { break };
+                    cache.entries.remove(&old);
+                    cache.bytes -= n;
+                }
+            });
+        }
+    }
+
+    async fn prefetch_one(&self, url: &str, due: Duration, secs: f64) -> Option<Bytes> {
+        let resolved = self.resolved(url).await.ok()?;
+        let started = Instant::now();
+        let mut out = Vec::with_capacity(resolved.manifest().size as usize);
+        let mut written = 0;
+        let opts = FetchOptions { range: None, deadline: Some(Instant::now() + due) };
+        match self.client.fetch_resolved(&resolved, opts, &mut out, &mut written).await {
+            Ok(report) => {
+                self.stats.fetched(&report, started.elapsed(), Some(secs.max(due.as_secs_f64())));
+                Some(Bytes::from(out))
+            }
+            Err(e) => {
+                tracing::debug!(url, error = %e, "prefetch failed; the player's own request will fetch it");
+                None
+            }
+        }
+    }
+
+    /// Streams the object straight from the origin, forwarding a `Range`.
+    async fn passthrough(
+        self: &Arc<Self>,
+        url: &str,
+        range: Option<String>,
+        head: bool,
+        reason: &'static str,
+    ) -> Reply {
+        self.stats.request("passthrough");
+        let mut req = if head { self.http.head(url) } else { self.http.get(url) };
+        if let Some(r) = &range {
+            req = req.header(RANGE, r);
+        }
+        let mut upstream = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return reply(StatusCode::BAD_GATEWAY, "text/plain", format!("origin unreachable: {e}\n")),
+        };
+        let mut resp: Reply = Response::new(http_server::empty_body());
+        *resp.status_mut() = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        for name in [CONTENT_TYPE, CONTENT_LENGTH, CONTENT_RANGE, ACCEPT_RANGES] {
+            if let Some(v) =
+                upstream.headers().get(name.as_str()).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+            {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        if head {
+            return resp;
+        }
+        let (reader, mut writer) = tokio::io::duplex(PIPE);
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok(Some(piece)) = upstream.chunk().await {
+                n += piece.len() as u64;
+                if writer.write_all(&piece).await.is_err() {
+                    break;
+                }
+            }
+            proxy.stats.passthrough(n, reason);
+            let _ = writer.shutdown().await;
+        });
+        *resp.body_mut() = reader_body(reader);
+        resp
+    }
+}
+
+fn reason_code(e: &crate::tracker::TrackerError) -> &'static str {
+    match e.code() {
+        Some(fog_proto::api::ErrorCode::UnknownOrigin) => "unknown_origin",
+        Some(_) => "tracker_refused",
+        None => "tracker_unreachable",
+    }
+}
+
+fn header(v: &str) -> HeaderValue {
+    HeaderValue::from_str(v).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+}
+
+fn with_length(mut r: Response<Body>, len: u64) -> Response<Body> {
+    r.headers_mut().insert(CONTENT_LENGTH, header(&len.to_string()));
+    r.headers_mut().insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 100), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-9"), 100), Ok(Some((0, 10))));
+        assert_eq!(parse_range(Some("bytes=90-"), 100), Ok(Some((90, 100))));
+        assert_eq!(parse_range(Some("bytes=-10"), 100), Ok(Some((90, 100))));
+        assert_eq!(parse_range(Some("bytes=50-500"), 100), Ok(Some((50, 100))));
+        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(()));
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+    }
+
+    #[test]
+    fn only_local_hosts() {
+        assert!(is_loopback_host("127.0.0.1:7780"));
+        assert!(is_loopback_host("localhost:1"));
+        assert!(is_loopback_host("[::1]:7780"));
+        assert!(!is_loopback_host("evil.example:7780"));
+        assert!(!is_loopback_host("127.0.0.1.evil.example"));
+    }
+}

@@ -1,0 +1,205 @@
+//! What the proxy saw: bytes by source (per node, origin), offload, startup time, stalls, fallbacks with
+//! reasons. Served as `/stats` (JSON) and `/metrics` (Prometheus, `fog_proxy_*`), and summarised to the
+//! tracker periodically.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use fog_proto::api::{ClientReport, NodeFailure, MAX_REPORTED_FAILURES};
+use fog_proto::NodeId;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::FetchReport;
+
+/// Nodes tracked individually; a player rarely talks to more than a few dozen.
+const MAX_NODES: usize = 1024;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Label {
+    kind: String,
+}
+
+#[derive(Debug, Default)]
+struct Metrics {
+    registry: Registry,
+    bytes: Family<Label, Counter>,
+    requests: Family<Label, Counter>,
+    fallbacks: Family<Label, Counter>,
+    stalls: Counter,
+    startup_ms: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut m = Self::default();
+        m.registry.register(
+            "fog_proxy_bytes",
+            "Bytes delivered to players by source (kind: fog, origin, passthrough)",
+            m.bytes.clone(),
+        );
+        m.registry.register(
+            "fog_proxy_requests",
+            "Player requests by kind (playlist, segment, range, passthrough)",
+            m.requests.clone(),
+        );
+        m.registry.register("fog_proxy_fallbacks", "Node attempts that fell back, by reason", m.fallbacks.clone());
+        m.registry.register(
+            "fog_proxy_stalls",
+            "Segments delivered slower than their play time (inferred stalls)",
+            m.stalls.clone(),
+        );
+        m.registry.register(
+            "fog_proxy_startup_ms",
+            "Time from the first request to the first complete segment",
+            m.startup_ms.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStat {
+    pub bytes: u64,
+    pub chunks: u64,
+    pub errors: u64,
+    pub throughput_bytes_per_s: Option<u64>,
+    pub rtt_ms: Option<u64>,
+    #[serde(skip)]
+    busy_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    pub uptime_secs: u64,
+    pub fog_bytes: u64,
+    pub origin_bytes: u64,
+    pub passthrough_bytes: u64,
+    /// Share of delivered bytes that came from fog nodes.
+    pub offload: Option<f64>,
+    pub nodes: BTreeMap<NodeId, NodeStat>,
+    pub fallbacks: BTreeMap<String, u64>,
+    pub passthrough_reasons: BTreeMap<String, u64>,
+    pub requests: BTreeMap<String, u64>,
+    pub startup_ms: Option<u64>,
+    pub stalls: u64,
+    pub prefetch_hits: u64,
+}
+
+#[derive(Debug)]
+pub struct ProxyStats {
+    started: Instant,
+    first_request: Mutex<Option<Instant>>,
+    state: Mutex<Snapshot>,
+    unreported: Mutex<ClientReport>,
+    metrics: Metrics,
+}
+
+impl Default for ProxyStats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            first_request: Mutex::new(None),
+            state: Mutex::new(Snapshot::default()),
+            unreported: Mutex::new(ClientReport::default()),
+            metrics: Metrics::new(),
+        }
+    }
+}
+
+impl ProxyStats {
+    pub fn request(&self, kind: &str) {
+        self.first_request.lock().expect("lock").get_or_insert_with(Instant::now);
+        *self.state.lock().expect("lock").requests.entry(kind.to_string()).or_default() += 1;
+        self.metrics.requests.get_or_create(&Label { kind: kind.into() }).inc();
+    }
+
+    /// Records a finished fog fetch; `segment_secs` (when known) and `took` infer stalls and startup.
+    pub fn fetched(&self, r: &FetchReport, took: std::time::Duration, segment_secs: Option<f64>) {
+        let mut s = self.state.lock().expect("lock");
+        s.fog_bytes += r.fog_bytes;
+        s.origin_bytes += r.origin_bytes;
+        for (id, u) in &r.nodes {
+            if !s.nodes.contains_key(id) && s.nodes.len() >= MAX_NODES {
+                continue;
+            }
+            let n = s.nodes.entry(*id).or_default();
+            n.bytes += u.bytes;
+            n.chunks += u.chunks;
+            n.errors += u.errors;
+            n.busy_ms += u.busy_ms;
+            n.rtt_ms = u.rtt_ms.or(n.rtt_ms);
+            n.throughput_bytes_per_s = (n.busy_ms > 0).then(|| n.bytes * 1000 / n.busy_ms);
+        }
+        for (reason, count) in &r.fallbacks {
+            *s.fallbacks.entry((*reason).to_string()).or_default() += count;
+            self.metrics.fallbacks.get_or_create(&Label { kind: (*reason).into() }).inc_by(*count);
+        }
+        self.metrics.bytes.get_or_create(&Label { kind: "fog".into() }).inc_by(r.fog_bytes);
+        self.metrics.bytes.get_or_create(&Label { kind: "origin".into() }).inc_by(r.origin_bytes);
+        if let Some(secs) = segment_secs {
+            if took.as_secs_f64() > secs {
+                s.stalls += 1;
+                self.metrics.stalls.inc();
+            }
+            if s.startup_ms.is_none() {
+                let first = self.first_request.lock().expect("lock").unwrap_or(self.started);
+                let ms = first.elapsed().as_millis() as u64;
+                s.startup_ms = Some(ms);
+                self.metrics.startup_ms.set(ms as i64);
+            }
+        }
+        drop(s);
+        let mut u = self.unreported.lock().expect("lock");
+        u.fog_bytes += r.fog_bytes;
+        u.origin_bytes += r.origin_bytes;
+        for ((node, reason), count) in &r.failures_by_node {
+            let failures = &mut u.node_failures;
+            if let Some(f) = failures.iter_mut().find(|f| f.node == *node && f.reason == *reason) {
+                f.count += count;
+            } else if failures.len() < MAX_REPORTED_FAILURES {
+                failures.push(NodeFailure { node: *node, reason: (*reason).into(), count: *count });
+            }
+        }
+    }
+
+    pub fn prefetch_hit(&self) {
+        self.state.lock().expect("lock").prefetch_hits += 1;
+    }
+
+    /// Bytes that bypassed the fog, and why.
+    pub fn passthrough(&self, bytes: u64, reason: &str) {
+        let mut s = self.state.lock().expect("lock");
+        s.passthrough_bytes += bytes;
+        *s.passthrough_reasons.entry(reason.to_string()).or_default() += 1;
+        self.metrics.bytes.get_or_create(&Label { kind: "passthrough".into() }).inc_by(bytes);
+        self.unreported.lock().expect("lock").passthrough_bytes += bytes;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = self.state.lock().expect("lock").clone();
+        s.uptime_secs = self.started.elapsed().as_secs();
+        let total = s.fog_bytes + s.origin_bytes + s.passthrough_bytes;
+        s.offload = (total > 0).then(|| s.fog_bytes as f64 / total as f64);
+        s
+    }
+
+    /// What happened since the last report, resetting it; `None` when nothing did.
+    pub fn take_report(&self) -> Option<ClientReport> {
+        let mut u = self.unreported.lock().expect("lock");
+        let r = std::mem::take(&mut *u);
+        (r.fog_bytes + r.origin_bytes + r.passthrough_bytes > 0 || !r.node_failures.is_empty()).then_some(r)
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,6 +1,6 @@
 //! One chunk request over QUIC: open a bidirectional stream, send the frame, read a bounded response.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fog_proto::wire::{ChunkRequest, FrameError, ResponseHead, Status};
@@ -44,12 +44,14 @@ async fn read_exact_within(recv: &mut quinn::RecvStream, buf: &mut [u8], limit: 
 }
 
 /// Sends `req` on a new stream of `conn` and returns the payload, which must be exactly `expected_len`
-/// bytes. The caller verifies the bytes against the chunk hash.
+/// bytes. The caller verifies the bytes against the chunk hash. With `until`, a transfer still running
+/// then is cut off like a stall (keeping what arrived), however steadily the node was sending.
 pub async fn request(
     conn: &quinn::Connection,
     req: &ChunkRequest,
     expected_len: u32,
     deadlines: Deadlines,
+    until: Option<Instant>,
 ) -> Result<Bytes, ChunkError> {
     let framed = req.encode_framed()?;
     let (mut send, mut recv) = timeout(deadlines.first_byte, conn.open_bi())
@@ -78,8 +80,9 @@ pub async fn request(
     }
     let mut out = BytesMut::with_capacity(len);
     while out.len() < len {
-        let piece = match timeout(deadlines.stall, recv.read_chunk(len - out.len(), true)).await {
-            Err(_) => Err(ChunkError::Timeout(deadlines.stall)),
+        let wait = until.map_or(deadlines.stall, |u| deadlines.stall.min(u.saturating_duration_since(Instant::now())));
+        let piece = match timeout(wait, recv.read_chunk(len - out.len(), true)).await {
+            Err(_) => Err(ChunkError::Timeout(wait)),
             Ok(Err(e)) => Err(ChunkError::Stream(e.to_string())),
             Ok(Ok(None)) => Err(ChunkError::Protocol(format!("stream ended after {} of {len} bytes", out.len()))),
             Ok(Ok(Some(c))) => Ok(c.bytes),

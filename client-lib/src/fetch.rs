@@ -404,7 +404,7 @@ impl Inner {
                 deadlines.stall = deadlines.stall.min(left);
             }
             let started = Instant::now();
-            let (result, rtt) = self.fetch_from_node(node, &req, len, deadlines).await;
+            let (result, rtt) = self.fetch_from_node(node, &req, len, deadlines, deadline).await;
             let ms = started.elapsed().as_millis() as u64;
             let err = match result {
                 Ok(bytes) if ChunkHash::of(&bytes) == hash => {
@@ -466,12 +466,13 @@ impl Inner {
         req: &ChunkRequest,
         len: u32,
         deadlines: Deadlines,
+        until: Option<Instant>,
     ) -> (Result<Bytes, ChunkError>, Option<u64>) {
         let conn = match self.connection(node).await {
             Ok(c) => c,
             Err(e) => return (Err(e), None),
         };
-        let result = chunk::request(&conn, req, len, deadlines).await;
+        let result = chunk::request(&conn, req, len, deadlines, until).await;
         (result, Some(conn.rtt().as_millis() as u64))
     }
 

@@ -317,7 +317,8 @@ async fn nodes_keep_serving_without_the_tracker_and_rejoin_when_it_returns() {
     let mut fetched = Vec::new();
     for (i, hash) in resolved.manifest.chunks.iter().enumerate() {
         let req = ChunkRequest { hash: *hash, range: None, origin: None };
-        let bytes = chunk::request(&conn, &req, resolved.manifest.chunk_span(i).1, deadlines).await.expect("chunk");
+        let bytes =
+            chunk::request(&conn, &req, resolved.manifest.chunk_span(i).1, deadlines, None).await.expect("chunk");
         assert_eq!(ChunkHash::of(&bytes), *hash);
         fetched.extend_from_slice(&bytes);
     }
@@ -420,4 +421,30 @@ async fn forged_and_replayed_node_messages_are_rejected() {
 async fn resolve_node_id(cluster: &Cluster) -> fog_proto::NodeId {
     cluster.origin.put("id.bin", test_bytes(10, 1));
     resolve(cluster, &cluster.origin.url("id.bin")).await.nodes[0].id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_too_slow_for_the_deadline_is_finished_from_the_origin() {
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--upload-limit".into(), "256KiB".into()],
+        ..Default::default()
+    })
+    .await;
+    let content = test_bytes(MIB, 51);
+    cluster.origin.put("slow.bin", content.clone());
+    let client = cluster.client();
+    let resolved = client.resolve(&cluster.origin.url("slow.bin"), None).await.expect("resolve");
+    let mut out = Vec::new();
+    let mut written = 0;
+    let opts = fog_client::FetchOptions { range: None, deadline: Some(Instant::now() + Duration::from_secs(1)) };
+    let report = client.fetch_resolved(&resolved, opts, &mut out, &mut written).await.expect("fetch");
+    assert!(out == content, "salvaged chunk differs");
+    assert!(report.fog_bytes > 0, "the node's partial transfer was thrown away: {report:?}");
+    assert!(
+        report.origin_bytes > 0 && report.origin_bytes < content.len() as u64,
+        "expected only the remainder from the origin: {report:?}"
+    );
+    assert_eq!(report.fog_bytes + report.origin_bytes, content.len() as u64);
+    assert_eq!(report.fallbacks.get("interrupted"), Some(&1), "{report:?}");
 }

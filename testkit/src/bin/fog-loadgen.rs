@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
                         i += 1;
                         let req = ChunkRequest { hash: m.chunks[idx], range: None, origin: None };
                         let started = Instant::now();
-                        match chunk::request(&conn, &req, m.chunk_span(idx).1, deadlines).await {
+                        match chunk::request(&conn, &req, m.chunk_span(idx).1, deadlines, None).await {
                             Ok(b) => tally.record(started, b.len(), started >= warmup_end),
                             Err(_) => {
                                 tally.errors.fetch_add(1, Ordering::Relaxed);

@@ -32,7 +32,7 @@ ensure_build_deps() {
 
 build_release() {
     log "building (release; the first build compiles RocksDB and takes ~20 min) into $CARGO_TARGET_DIR"
-    cargo build --release --locked --workspace --bins
+    cargo build --release --locked --workspace
 }
 
 # wait_listening LOGFILE: prints the address a fogcdn process logged as "listening on ADDR".

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 ensure_build_deps
 # The dashboard test drives a real browser; without one it skips, saying so.
 ensure_packages chromium chromium-driver || log "warning: Chromium could not be installed; the browser test will skip"
+# The player tests generate and play real HLS/DASH/MP4 with ffmpeg; without it they skip, saying so.
+ensure_packages ffmpeg || log "warning: ffmpeg could not be installed; the player tests will skip"
 # rustfmt and clippy come with the toolchain here; where they are missing, say so rather than fail.
 if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all -- --check; else log "rustfmt missing: format check skipped"; fi
 build_release

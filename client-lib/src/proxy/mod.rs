@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 
 pub use playlist::{hls_segments, kind_of, rewrite_dash, rewrite_hls, Kind, Segment};
-pub use stats::{ProxyStats, Snapshot};
+pub use stats::{Playback, PlaybackState, ProxyStats, Snapshot};
 pub use urls::{origin_url, proxied_url, proxy_path, UrlError};
 
 use crate::http_server::{self, json, reader_body, reply, Body, Reply};
@@ -159,6 +159,11 @@ impl Proxy {
             prefetch: Mutex::new(PrefetchCache::default()),
             stats: ProxyStats::default(),
         }
+    }
+
+    /// What the player says about itself: playhead, seconds buffered ahead, state. Used for deadlines.
+    pub fn report_playback(&self, position_secs: f64, buffer_secs: f64, state: PlaybackState) {
+        self.stats.playback(Playback { position_secs, buffer_secs, state, at: Instant::now() });
     }
 
     /// Serves on `listener` until `shutdown` resolves; reports to the tracker meanwhile.
@@ -359,7 +364,10 @@ impl Proxy {
             return resp;
         }
         let segment_secs = pos.as_ref().map(|p| p.list[p.index].duration);
-        let deadline = Instant::now() + segment_secs.map_or(self.cfg.default_deadline, Duration::from_secs_f64);
+        // The player runs dry when its buffer does (if it tells us); else allow one segment's play time.
+        let budget =
+            self.stats.buffer_left().or(segment_secs.map(Duration::from_secs_f64)).unwrap_or(self.cfg.default_deadline);
+        let deadline = Instant::now() + budget;
         let (reader, mut writer) = tokio::io::duplex(PIPE);
         let proxy = self.clone();
         tokio::spawn(async move {

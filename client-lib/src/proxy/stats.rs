@@ -2,7 +2,7 @@
 //! reasons. Served as `/stats` (JSON) and `/metrics` (Prometheus, `fog_proxy_*`), and summarised to the
 //! tracker periodically.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -19,6 +19,41 @@ use crate::FetchReport;
 
 /// Nodes tracked individually; a player rarely talks to more than a few dozen.
 const MAX_NODES: usize = 1024;
+/// Events kept for `fog_poll_event`; the oldest are dropped when nobody polls.
+const MAX_EVENTS: usize = 256;
+
+/// What the player last said about itself (through the C ABI or the Rust API).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Playback {
+    pub position_secs: f64,
+    pub buffer_secs: f64,
+    pub state: PlaybackState,
+    #[serde(skip)]
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlaybackState {
+    Idle,
+    Playing,
+    Paused,
+    Buffering,
+    Ended,
+}
+
+impl PlaybackState {
+    pub fn from_code(code: i32) -> Option<Self> {
+        Some(match code {
+            0 => Self::Idle,
+            1 => Self::Playing,
+            2 => Self::Paused,
+            3 => Self::Buffering,
+            4 => Self::Ended,
+            _ => return None,
+        })
+    }
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Label {
@@ -89,6 +124,7 @@ pub struct Snapshot {
     pub startup_ms: Option<u64>,
     pub stalls: u64,
     pub prefetch_hits: u64,
+    pub playback: Option<Playback>,
 }
 
 #[derive(Debug)]
@@ -97,6 +133,7 @@ pub struct ProxyStats {
     first_request: Mutex<Option<Instant>>,
     state: Mutex<Snapshot>,
     unreported: Mutex<ClientReport>,
+    events: Mutex<VecDeque<serde_json::Value>>,
     metrics: Metrics,
 }
 
@@ -107,12 +144,38 @@ impl Default for ProxyStats {
             first_request: Mutex::new(None),
             state: Mutex::new(Snapshot::default()),
             unreported: Mutex::new(ClientReport::default()),
+            events: Mutex::new(VecDeque::new()),
             metrics: Metrics::new(),
         }
     }
 }
 
 impl ProxyStats {
+    /// Queues an event for the embedding player (`fog_poll_event`).
+    pub fn event(&self, kind: &str, detail: serde_json::Value) {
+        let mut events = self.events.lock().expect("lock");
+        if events.len() == MAX_EVENTS {
+            events.pop_front();
+        }
+        events.push_back(serde_json::json!({ "event": kind, "detail": detail }));
+    }
+
+    pub fn poll_event(&self) -> Option<serde_json::Value> {
+        self.events.lock().expect("lock").pop_front()
+    }
+
+    pub fn playback(&self, p: Playback) {
+        self.state.lock().expect("lock").playback = Some(p);
+    }
+
+    /// How long until the player runs dry, if it told us recently.
+    pub fn buffer_left(&self) -> Option<std::time::Duration> {
+        let p = self.state.lock().expect("lock").playback?;
+        let age = p.at.elapsed().as_secs_f64();
+        (age < 10.0 && p.state == PlaybackState::Playing)
+            .then(|| std::time::Duration::from_secs_f64((p.buffer_secs - age).max(0.5)))
+    }
+
     pub fn request(&self, kind: &str) {
         self.first_request.lock().expect("lock").get_or_insert_with(Instant::now);
         *self.state.lock().expect("lock").requests.entry(kind.to_string()).or_default() += 1;
@@ -137,6 +200,7 @@ impl ProxyStats {
             n.throughput_bytes_per_s = (n.busy_ms > 0).then(|| n.bytes * 1000 / n.busy_ms);
         }
         for (reason, count) in &r.fallbacks {
+            self.event("fallback", serde_json::json!({ "reason": reason, "count": count }));
             *s.fallbacks.entry((*reason).to_string()).or_default() += count;
             self.metrics.fallbacks.get_or_create(&Label { kind: (*reason).into() }).inc_by(*count);
         }
@@ -146,12 +210,14 @@ impl ProxyStats {
             if took.as_secs_f64() > secs {
                 s.stalls += 1;
                 self.metrics.stalls.inc();
+                self.event("stall", serde_json::json!({ "took_ms": took.as_millis() as u64, "segment_secs": secs }));
             }
             if s.startup_ms.is_none() {
                 let first = self.first_request.lock().expect("lock").unwrap_or(self.started);
                 let ms = first.elapsed().as_millis() as u64;
                 s.startup_ms = Some(ms);
                 self.metrics.startup_ms.set(ms as i64);
+                self.event("startup", serde_json::json!({ "ms": ms }));
             }
         }
         drop(s);
@@ -177,6 +243,9 @@ impl ProxyStats {
         let mut s = self.state.lock().expect("lock");
         s.passthrough_bytes += bytes;
         *s.passthrough_reasons.entry(reason.to_string()).or_default() += 1;
+        if reason != "playlist" {
+            self.event("passthrough", serde_json::json!({ "reason": reason, "bytes": bytes }));
+        }
         self.metrics.bytes.get_or_create(&Label { kind: "passthrough".into() }).inc_by(bytes);
         self.unreported.lock().expect("lock").passthrough_bytes += bytes;
     }

@@ -59,7 +59,32 @@ echo "nodes served $(jq .bytes_served <<<"$stats") bytes and pulled $(jq .origin
 echo "(the tracker also read the object once to ingest it.) The first fetch filled the fog, each chunk pulled once; the second came from node caches alone."
 echo "tracker stats: $stats"
 
+# A video stream through the local player proxy, when ffmpeg is there to make one.
+hls_url=""
+if command -v ffmpeg >/dev/null; then
+    mkdir -p "$work/origin/hls"
+    ffmpeg -hide_banner -loglevel error -f lavfi -i testsrc=duration=20:size=640x360:rate=25 \
+        -f lavfi -i sine=frequency=440:duration=20 -c:v libx264 -preset ultrafast -g 50 -c:a aac \
+        -f hls -hls_time 4 -hls_playlist_type vod -hls_segment_filename "$work/origin/hls/seg_%03d.ts" \
+        "$work/origin/hls/index.m3u8"
+    "$FOG_BIN/fog" proxy --tracker "$tracker" --listen 127.0.0.1:0 2> "$work/proxy.log" & pids+=($!)
+    proxy=$(wait_listening "$work/proxy.log")
+    hls_url=$("$FOG_BIN/fog" url "http://$origin/hls/index.m3u8" --proxy "$proxy")
+    for round in first second; do
+        ffmpeg -hide_banner -loglevel error -i "$hls_url" -c copy -f null - \
+            || { log "error: ffmpeg could not play $hls_url"; exit 1; }
+        pstats=$(curl -fsS "http://$proxy/stats")
+        echo "HLS $round play through the proxy: offload so far $(jq '.offload * 1000 | round / 10' <<<"$pstats") %," \
+            "origin fallback $(jq .origin_bytes <<<"$pstats") B, $(jq .prefetch_hits <<<"$pstats") segments ready from prefetch"
+    done
+    echo "open the stream in any player:  mpv $hls_url   (or vlc / ffplay)"
+else
+    echo "(install ffmpeg to also see a video stream through the player proxy)"
+fi
+
 if $once; then exit 0; fi
-echo "running: tracker $tracker, origin http://$origin/ — try: $FOG_BIN/fog get --tracker $tracker $url -o /tmp/x"
+echo "running: tracker $tracker (dashboard: $tracker/), origin http://$origin/"
+echo "try: $FOG_BIN/fog get --tracker $tracker $url -o /tmp/x"
+[ -n "$hls_url" ] && echo "play: mpv $hls_url"
 echo "press Ctrl-C to stop"
 while true; do sleep 3600; done

@@ -74,7 +74,7 @@ async fn proxy(
     };
     let proxy = std::sync::Arc::new(fog_client::proxy::Proxy::new(client, local, cfg));
     tracing::info!("fog proxy listening on {local}");
-    eprintln!("fog proxy listening on {local}; give players http://{local}/<scheme>/<host[:port]>/<path>");
+    eprintln!("fog proxy listening on {local} (players open http://{local}/<scheme>/<host[:port]>/<path>)");
     proxy.serve(listener, fog_client::bin_support::shutdown()).await;
     Ok(())
 }

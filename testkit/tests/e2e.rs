@@ -448,3 +448,54 @@ async fn a_node_too_slow_for_the_deadline_is_finished_from_the_origin() {
     assert_eq!(report.fog_bytes + report.origin_bytes, content.len() as u64);
     assert_eq!(report.fallbacks.get("interrupted"), Some(&1), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
+    let mut cluster = Cluster::start(opts(1)).await;
+    let args: Vec<String> =
+        vec!["proxy".into(), "--tracker".into(), cluster.tracker_url(), "--listen".into(), "127.0.0.1:0".into()];
+    let proxy = fog_testkit::harness::Proc::spawn("fog", &args, cluster.dir.path().join("proxy.log")).await;
+    let content = test_bytes(2 * MIB + 3, 71);
+    cluster.origin.put("p/a.bin", content.clone());
+    let http = reqwest::Client::new();
+    let via = |origin_url: &str| fog_client::proxy::proxied_url(origin_url, &proxy.addr).expect("proxied url");
+
+    // A page elsewhere cannot use the proxy through DNS rebinding, nor anything but GET/HEAD.
+    let foreign =
+        http.get(via(&cluster.origin.url("p/a.bin"))).header("Host", "evil.example:80").send().await.expect("req");
+    assert_eq!(foreign.status().as_u16(), 403);
+    assert_eq!(http.post(via(&cluster.origin.url("p/a.bin"))).send().await.expect("req").status().as_u16(), 405);
+    let bad = http.get(format!("http://{}/ftp/host/x", proxy.addr)).send().await.expect("req");
+    assert_eq!(bad.status().as_u16(), 400);
+
+    // Through the fog, with a Range, and HEAD.
+    let body = http.get(via(&cluster.origin.url("p/a.bin"))).send().await.expect("get").bytes().await.expect("body");
+    assert!(body[..] == content[..]);
+    let part = http
+        .get(via(&cluster.origin.url("p/a.bin")))
+        .header("Range", "bytes=1048570-1048585")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(part.status().as_u16(), 206);
+    assert_eq!(part.headers()["content-range"], format!("bytes 1048570-1048585/{}", content.len()).as_str());
+    assert_eq!(&part.bytes().await.expect("body")[..], &content[1_048_570..1_048_586]);
+    let head = http.head(via(&cluster.origin.url("p/a.bin"))).send().await.expect("head");
+    assert_eq!(head.headers()["content-length"], content.len().to_string().as_str());
+
+    // An origin the tracker does not know, and then no tracker at all: straight from the origin.
+    let other = fog_testkit::origin::TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Default::default())
+        .await
+        .expect("origin");
+    other.put("b.bin", test_bytes(100_000, 72));
+    let body = http.get(via(&other.url("b.bin"))).send().await.expect("get").bytes().await.expect("body");
+    assert!(body[..] == test_bytes(100_000, 72)[..]);
+    cluster.tracker.kill();
+    cluster.origin.put("p/c.bin", test_bytes(50_000, 73));
+    let body = http.get(via(&cluster.origin.url("p/c.bin"))).send().await.expect("get").bytes().await.expect("body");
+    assert!(body[..] == test_bytes(50_000, 73)[..]);
+    let stats: serde_json::Value =
+        http.get(format!("http://{}/stats", proxy.addr)).send().await.expect("stats").json().await.expect("json");
+    assert_eq!(stats["passthrough_reasons"]["unknown_origin"], 1, "{stats:#}");
+    assert_eq!(stats["passthrough_reasons"]["tracker_unreachable"], 1, "{stats:#}");
+}

@@ -71,6 +71,18 @@ fn source(dir: &Path) -> PathBuf {
     src
 }
 
+/// Cuts `src` into 2-second HLS segments in `dir`, with absolute segment URIs under `base_url` if given.
+fn make_hls(src: &Path, dir: &Path, playlist: &str, base_url: Option<&str>) {
+    let (src, segments, playlist) = (src.display().to_string(), dir.join("seg_%03d.ts"), dir.join(playlist));
+    let (segments, playlist) = (segments.display().to_string(), playlist.display().to_string());
+    let mut args = vec!["-i", &src, "-c", "copy", "-f", "hls", "-hls_time", "2", "-hls_playlist_type", "vod"];
+    if let Some(base) = base_url {
+        args.extend(["-hls_base_url", base]);
+    }
+    args.extend(["-hls_segment_filename", &segments, &playlist]);
+    ffmpeg(&args);
+}
+
 struct Stack {
     cluster: Cluster,
     proxy: Proc,
@@ -143,23 +155,7 @@ async fn hls_vod_through_the_proxy_equals_the_origin() {
     let hls = stack.www("hls");
     // Absolute segment URIs in the media playlist, a relative one in the master: both must go through the proxy.
     let base = format!("{}hls/", stack.cluster.origin.base_url());
-    ffmpeg(&[
-        "-i",
-        src.to_str().expect("utf8"),
-        "-c",
-        "copy",
-        "-f",
-        "hls",
-        "-hls_time",
-        "2",
-        "-hls_playlist_type",
-        "vod",
-        "-hls_base_url",
-        &base,
-        "-hls_segment_filename",
-        hls.join("seg_%03d.ts").to_str().expect("utf8"),
-        hls.join("index.m3u8").to_str().expect("utf8"),
-    ]);
+    make_hls(&src, &hls, "index.m3u8", Some(&base));
     std::fs::write(
         hls.join("master.m3u8"),
         "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=600000,RESOLUTION=320x240\nindex.m3u8\n",
@@ -214,21 +210,7 @@ async fn live_hls_that_grows_while_playing() {
     let src = source(&stack.work);
     let staging = stack.work.join("staging");
     std::fs::create_dir_all(&staging).expect("staging");
-    ffmpeg(&[
-        "-i",
-        src.to_str().expect("utf8"),
-        "-c",
-        "copy",
-        "-f",
-        "hls",
-        "-hls_time",
-        "2",
-        "-hls_playlist_type",
-        "vod",
-        "-hls_segment_filename",
-        staging.join("seg_%03d.ts").to_str().expect("utf8"),
-        staging.join("full.m3u8").to_str().expect("utf8"),
-    ]);
+    make_hls(&src, &staging, "full.m3u8", None);
     let full = std::fs::read_to_string(staging.join("full.m3u8")).expect("playlist");
     let live = stack.www("live");
     for entry in std::fs::read_dir(&staging).expect("staging") {

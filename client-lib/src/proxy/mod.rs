@@ -76,6 +76,8 @@ const MAX_PLAYLIST: u64 = 8 << 20;
 const MAX_PLAYLISTS: usize = 256;
 const MAX_MANIFESTS: usize = 1024;
 const MAX_SEGMENT_INDEX: usize = 20_000;
+/// Most prefetched segments kept, whatever their size.
+const MAX_PREFETCHED: usize = 256;
 /// Buffer between a fetch and the player's connection.
 const PIPE: usize = 256 * 1024;
 
@@ -413,12 +415,22 @@ impl Proxy {
             let (proxy, url) = (self.clone(), next.url.clone());
             let secs = next.duration;
             tokio::spawn(async move {
-                let bytes = cell.get_or_init(|| proxy.prefetch_one(&url, due, secs)).await;
-                let size = bytes.as_ref().map_or(0, |b| b.len() as u64);
+                let size =
+                    cell.get_or_init(|| proxy.prefetch_one(&url, due, secs)).await.as_ref().map(|b| b.len() as u64);
                 let mut cache = proxy.prefetch.lock().expect("lock");
-                cache.order.push_back((url, size));
-                cache.bytes += size;
-                while cache.bytes > proxy.cfg.prefetch_memory {
+                match size {
+                    Some(size) => {
+                        cache.order.push_back((url, size));
+                        cache.bytes += size;
+                    }
+                    // Nothing to keep: forget it, so the player's request (or a later prefetch) fetches it.
+                    None => {
+                        if cache.entries.get(&url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                            cache.entries.remove(&url);
+                        }
+                    }
+                }
+                while cache.bytes > proxy.cfg.prefetch_memory || cache.order.len() > MAX_PREFETCHED {
                     let Some((old, n)) = cache.order.pop_front() else { break };
                     cache.entries.remove(&old);
                     cache.bytes -= n;

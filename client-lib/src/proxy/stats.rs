@@ -75,7 +75,7 @@ impl Metrics {
         let mut m = Self::default();
         m.registry.register(
             "fog_proxy_bytes",
-            "Bytes delivered to players by source (kind: fog, origin, passthrough)",
+            "Bytes fetched for players by source (kind: fog, origin, passthrough)",
             m.bytes.clone(),
         );
         m.registry.register(

@@ -36,7 +36,7 @@ pub use stats::{Playback, PlaybackState, ProxyStats, Snapshot};
 pub use urls::{origin_url, proxied_url, proxy_path, UrlError};
 
 use crate::http_server::{self, json, reader_body, reply, Body, Reply};
-use crate::{FetchOptions, FogClient, Resolved};
+use crate::{ClientError, FetchOptions, FogClient, Resolved};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -378,12 +378,19 @@ impl Proxy {
             let opts = FetchOptions { range: span, deadline: Some(deadline) };
             match proxy.client.fetch_resolved(&resolved, opts, &mut writer, &mut written).await {
                 Ok(report) => proxy.stats.fetched(&report, started.elapsed(), segment_secs),
-                Err(e) => {
-                    // Headers are out; ending the body early makes the player retry. A changed object
-                    // must be resolved afresh next time.
-                    tracing::warn!(url, error = %e, written, "fetch for the player failed");
+                // The player went away (a seek, a closed tab): nothing is wrong.
+                Err(ClientError::Output(_)) => tracing::debug!(url, written, "player stopped reading"),
+                // The origin object changed since ingest: headers are out, so end the body early (the
+                // player retries) and have the tracker ingest the new version for that retry.
+                Err(ClientError::ContentChanged { .. }) => {
+                    tracing::warn!(url, "origin object changed since ingest; refreshing its manifest");
                     proxy.manifests.lock().expect("lock").remove(&url);
+                    if let Ok(fresh) = proxy.client.resolve(&url, Some(resolved.content_id())).await {
+                        proxy.manifests.lock().expect("lock").insert(url, (Instant::now(), fresh));
+                    }
                 }
+                // Headers are out; ending the body early makes the player retry.
+                Err(e) => tracing::warn!(url, error = %e, written, "fetch for the player failed"),
             }
             let _ = writer.shutdown().await;
         });

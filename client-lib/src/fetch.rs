@@ -71,6 +71,20 @@ pub enum ClientError {
     Internal(String),
 }
 
+impl ClientError {
+    /// Whether the same fetch may succeed later (outages, overload), as opposed to a request that will
+    /// keep failing (unknown origin, missing object, a broken tracker).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Origin(e) => e.is_retryable(),
+            Self::Unreachable { .. } | Self::ContentChanged { .. } | Self::Output(_) | Self::Internal(_) => true,
+            Self::Tracker { source, .. } => source.is_retryable(),
+            Self::OriginViaTracker { code, .. } => *code == ErrorCode::OriginError,
+            Self::UnknownOrigin { .. } | Self::BadSchedule(_) | Self::Transport(_) => false,
+        }
+    }
+}
+
 /// Bytes by source for one fetch.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FetchReport {

@@ -36,6 +36,14 @@ pub enum StoreError {
     TooLarge { size: u64, quota: u64 },
 }
 
+impl StoreError {
+    /// Whether the operation may succeed later (a disk that fills up may drain; a locked store will not
+    /// unlock by itself, nor will an oversized chunk shrink).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Read(_) | Self::Write(_))
+    }
+}
+
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup {

@@ -196,11 +196,13 @@ impl App {
             IngestError::Origin(OriginError::TooLarge { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, "too_large", false)
             }
-            IngestError::Origin(o) => {
-                (StatusCode::BAD_GATEWAY, ErrorCode::OriginError, "origin_error", o.is_retryable())
+            IngestError::Origin(_) => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::OriginError, "origin_error", e.is_retryable())
             }
-            IngestError::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "busy", true),
-            IngestError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal", true),
+            IngestError::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "busy", e.is_retryable()),
+            IngestError::Db(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal", e.is_retryable())
+            }
         };
         self.count_resolve(result);
         tracing::warn!(url, error = %e, "resolve failed");

@@ -22,6 +22,16 @@ pub enum IngestError {
     Busy,
 }
 
+impl IngestError {
+    /// Whether ingesting again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Origin(e) => e.is_retryable(),
+            Self::Db(_) | Self::Busy => true,
+        }
+    }
+}
+
 type IngestCell = Arc<OnceCell<Result<Arc<Manifest>, IngestError>>>;
 
 #[derive(Debug)]

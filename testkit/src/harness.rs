@@ -82,14 +82,17 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits for a graceful exit (SIGKILL after 20 s).
-    pub async fn terminate(&mut self) {
+    /// SIGTERM, then waits for a graceful exit: its status, or `None` if it needed SIGKILL after 20 s.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let started = Instant::now();
-        while self.is_running() {
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
             if started.elapsed() > Duration::from_secs(20) {
                 self.kill();
-                return;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

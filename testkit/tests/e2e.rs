@@ -499,3 +499,32 @@ async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
     assert_eq!(stats["passthrough_reasons"]["unknown_origin"], 1, "{stats:#}");
     assert_eq!(stats["passthrough_reasons"]["tracker_unreachable"], 1, "{stats:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--upload-limit".into(), "4MiB".into()],
+        ..Default::default()
+    })
+    .await;
+    let content = test_bytes(6 * MIB, 81);
+    cluster.origin.put("drain.bin", content.clone());
+    let client = cluster.client();
+    let url = cluster.origin.url("drain.bin");
+    // Six chunks at 4 MiB/s: all requests are in flight within the first half second, done after ~1.5 s.
+    let fetch = tokio::spawn(async move { client.get(&url).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!fetch.is_finished(), "fetch finished before the signal; the test proves nothing");
+    let status = cluster.nodes[0].terminate().await.expect("node exits by itself on SIGTERM");
+    assert!(status.success(), "node exited with {status}");
+    let (bytes, report) = fetch.await.expect("join").expect("fetch");
+    assert!(bytes == content);
+    assert_eq!(
+        report.fog_bytes,
+        content.len() as u64,
+        "in-flight requests were cut off instead of drained: {report:?}"
+    );
+    let log = cluster.nodes[0].log_text();
+    assert!(log.contains("fog-node stopped") && !log.contains("did not finish"), "{log}");
+}

@@ -19,6 +19,20 @@ fn opts(nodes: usize) -> ClusterOptions {
     ClusterOptions { nodes, ..Default::default() }
 }
 
+/// Nodes under an upload cap, so that transfers last long enough to interfere with.
+fn capped(nodes: usize, limit: &str) -> ClusterOptions {
+    ClusterOptions { nodes, node_args: vec!["--upload-limit".into(), limit.into()], ..Default::default() }
+}
+
+type Fetch = tokio::task::JoinHandle<Result<(Vec<u8>, fog_client::FetchReport), fog_client::ClientError>>;
+
+/// Serves `content` at `path` on the origin and starts fetching it through the fog.
+fn fetch_in_background(cluster: &Cluster, path: &str, content: &[u8]) -> Fetch {
+    cluster.origin.put(path, content.to_vec());
+    let (client, url) = (cluster.client(), cluster.origin.url(path));
+    tokio::spawn(async move { client.get(&url).await })
+}
+
 /// Runs `fog get` and returns (exit success, stdout bytes, stderr text).
 fn fog_get(tracker: &str, url: &str, out: Option<&std::path::Path>) -> (bool, Vec<u8>, String) {
     let mut cmd = Command::new(bin("fog"));
@@ -85,17 +99,9 @@ async fn objects_of_every_size_arrive_intact_and_second_fetch_is_fog_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_fetch_does_not_break_the_fetch() {
     // Upload caps slow the nodes down so the kill lands mid-transfer.
-    let mut cluster = Cluster::start(ClusterOptions {
-        nodes: 3,
-        node_args: vec!["--upload-limit".into(), "8MiB".into()],
-        ..Default::default()
-    })
-    .await;
+    let mut cluster = Cluster::start(capped(3, "8MiB")).await;
     let content = test_bytes(48 * MIB, 7);
-    cluster.origin.put("big.bin", content.clone());
-    let url = cluster.origin.url("big.bin");
-    let client = cluster.client();
-    let fetch = tokio::spawn(async move { client.get(&url).await });
+    let fetch = fetch_in_background(&cluster, "big.bin", &content);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!fetch.is_finished(), "fetch finished before the kill; the test proves nothing");
     cluster.nodes[1].kill();
@@ -425,12 +431,7 @@ async fn resolve_node_id(cluster: &Cluster) -> fog_proto::NodeId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_too_slow_for_the_deadline_is_finished_from_the_origin() {
-    let cluster = Cluster::start(ClusterOptions {
-        nodes: 1,
-        node_args: vec!["--upload-limit".into(), "256KiB".into()],
-        ..Default::default()
-    })
-    .await;
+    let cluster = Cluster::start(capped(1, "256KiB")).await;
     let content = test_bytes(MIB, 51);
     cluster.origin.put("slow.bin", content.clone());
     let client = cluster.client();
@@ -502,18 +503,10 @@ async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish() {
-    let mut cluster = Cluster::start(ClusterOptions {
-        nodes: 1,
-        node_args: vec!["--upload-limit".into(), "4MiB".into()],
-        ..Default::default()
-    })
-    .await;
-    let content = test_bytes(6 * MIB, 81);
-    cluster.origin.put("drain.bin", content.clone());
-    let client = cluster.client();
-    let url = cluster.origin.url("drain.bin");
+    let mut cluster = Cluster::start(capped(1, "4MiB")).await;
     // Six chunks at 4 MiB/s: all requests are in flight within the first half second, done after ~1.5 s.
-    let fetch = tokio::spawn(async move { client.get(&url).await });
+    let content = test_bytes(6 * MIB, 81);
+    let fetch = fetch_in_background(&cluster, "drain.bin", &content);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!fetch.is_finished(), "fetch finished before the signal; the test proves nothing");
     let status = cluster.nodes[0].terminate().await.expect("node exits by itself on SIGTERM");

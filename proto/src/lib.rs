@@ -13,6 +13,7 @@ pub mod api;
 pub mod cache;
 pub mod id;
 pub mod manifest;
+pub mod merkle;
 pub mod origins;
 pub mod placement;
 pub mod size;

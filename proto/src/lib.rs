@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod credits;
 pub mod id;
 pub mod manifest;
 pub mod merkle;

@@ -11,6 +11,7 @@
 pub mod bin_support;
 pub mod chunk;
 mod fetch;
+pub mod identity;
 pub mod ffi;
 pub mod http_server;
 pub mod origin;

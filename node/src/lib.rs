@@ -3,7 +3,6 @@
 //! to the tracker without depending on it.
 
 pub mod config;
-pub mod identity;
 pub mod limits;
 pub mod serve;
 pub mod stats;

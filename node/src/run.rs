@@ -9,7 +9,7 @@ use fog_proto::NodeId;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::identity::{self, IdentityError};
+use fog_client::identity::{self, IdentityError};
 use crate::serve::Server;
 use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
@@ -43,7 +43,7 @@ pub enum NodeError {
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
-    let key = identity::load_or_create(&cfg.data_dir)?;
+    let key = identity::load_or_create(&cfg.data_dir.join("node.key"))?;
     let node_id = NodeId::from(key.verifying_key());
     let store = Arc::new(Store::open(&cfg.data_dir.join("store"), cfg.cache_size, cfg.memory_cache)?);
     let origins_file = cfg.data_dir.join("origins.json");

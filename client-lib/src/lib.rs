@@ -11,9 +11,9 @@
 pub mod bin_support;
 pub mod chunk;
 mod fetch;
-pub mod identity;
 pub mod ffi;
 pub mod http_server;
+pub mod identity;
 pub mod origin;
 pub mod proxy;
 pub mod tracker;

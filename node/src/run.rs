@@ -9,13 +9,13 @@ use fog_proto::NodeId;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use fog_client::identity::{self, IdentityError};
 use crate::serve::Server;
 use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
 use crate::store::{Store, StoreError};
 use crate::tracker_link::SharedLinkState;
 use crate::tracker_link::{load_origins, TrackerLink};
+use fog_client::identity::{self, IdentityError};
 
 /// File in the data directory holding the status page's address, for `fog-node status`.
 pub const STATUS_ADDR_FILE: &str = "status.addr";

@@ -247,7 +247,10 @@ mod tests {
                 if first < second {
                     let mut forked = log(second);
                     forked.leaves[(first - 1) as usize] = leaf_hash(b"rewritten history");
-                    assert!(!verify_consistency(first, second, &p, &r1, &root(&forked, second)), "fork {first} → {second}");
+                    assert!(
+                        !verify_consistency(first, second, &p, &r1, &root(&forked, second)),
+                        "fork {first} → {second}"
+                    );
                 }
             }
         }

@@ -41,17 +41,26 @@ impl Db {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(3);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_BLOCKED, Options::default()),
-        ];
+        let cfs = [CF_MANIFESTS, CF_BLOCKED]
+            .into_iter()
+            .chain(crate::ledger::COLUMN_FAMILIES)
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
         Ok(Self { db })
     }
 
     fn manifests(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_MANIFESTS).expect("created at open")
+        self.cf(CF_MANIFESTS)
+    }
+
+    /// A column family created at open.
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    pub(crate) fn raw(&self) -> &DB {
+        &self.db
     }
 
     pub fn manifest(&self, url: &str) -> Result<Option<StoredManifest>, DbError> {

@@ -6,6 +6,7 @@ pub mod dashboard;
 pub mod db;
 pub mod http;
 pub mod ingest;
+pub mod ledger;
 pub mod metrics;
 pub mod registry;
 pub mod scheduler;

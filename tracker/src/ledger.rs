@@ -1,0 +1,526 @@
+//! Credits: ticket issuance, receipt redemption and the tamper-evident ledger (`docs/credits.md`).
+//!
+//! Everything a redemption changes — the chain's redeemed index, the ticket's and node's totals, the new
+//! ledger leaf and the Merkle subtrees it completes — is written in one synced RocksDB batch, and only
+//! then acknowledged. A tracker killed at any point has either applied a receipt completely or not at all;
+//! the node retries what was not acknowledged, and a retry of an applied receipt is a `duplicate`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use fog_proto::api::Signed;
+use fog_proto::credits::{
+    chain_links, hex32, parse_hex32, Commitment, LedgerLeaf, Receipt, Redeemed, Ticket, TreeHead, KIND_COMMITMENT,
+    KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
+};
+use fog_proto::merkle::{self, Hash, SubtreeSource};
+use fog_proto::{ContentId, NodeId};
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Db, DbError};
+
+const CF_TICKETS: &str = "credit_tickets";
+const CF_CHAINS: &str = "credit_chains";
+const CF_TICKET_USED: &str = "credit_ticket_used";
+const CF_NODE_EPOCHS: &str = "credit_node_epochs";
+const CF_LEAVES: &str = "ledger_leaves";
+const CF_TREE: &str = "ledger_tree";
+const CF_HEADS: &str = "ledger_heads";
+const CF_REJECTED: &str = "credit_rejected";
+const CF_META: &str = "ledger_meta";
+pub(crate) const COLUMN_FAMILIES: [&str; 9] =
+    [CF_TICKETS, CF_CHAINS, CF_TICKET_USED, CF_NODE_EPOCHS, CF_LEAVES, CF_TREE, CF_HEADS, CF_REJECTED, CF_META];
+
+/// Rejections kept per node for its itemised statement.
+const REJECTIONS_KEPT: u64 = 200;
+/// Tickets one client address may get per minute: a colluding client cannot mint sessions at will.
+const LIMITER_MAX_ADDRESSES: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("ledger storage: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("ledger record {0} is unreadable")]
+    Corrupt(String),
+}
+
+impl LedgerError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Corrupt(_))
+    }
+}
+
+/// Per (session, node) chain: how far it has been redeemed and for how much.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct ChainState {
+    index: u32,
+    credited: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTicket {
+    signed: Signed,
+    ticket: Ticket,
+}
+
+/// One rejected receipt in a node's statement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rejection {
+    pub at_ms: u64,
+    pub chain_id: String,
+    pub index: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLine {
+    pub epoch: u64,
+    pub credited_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeCredits {
+    pub node_id: NodeId,
+    pub credited_bytes: u64,
+    pub epochs: Vec<EpochLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatement {
+    #[serde(flatten)]
+    pub totals: NodeCredits,
+    /// The node's latest ledger records, newest first, with their leaf indices.
+    pub records: Vec<(u64, LedgerLeaf)>,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    db: Arc<Db>,
+    key: SigningKey,
+    epoch_len: Duration,
+    ticket_ttl: Duration,
+    tickets_per_minute: u32,
+    /// Serialises redemptions: ledger appends are sequential.
+    write: Mutex<()>,
+    issued: Mutex<HashMap<IpAddr, (u64, u32)>>,
+}
+
+fn now_ms() -> u64 {
+    crate::dashboard::now_ms()
+}
+
+fn node_epoch_key(node: &NodeId, epoch: u64) -> Vec<u8> {
+    [node.as_bytes().as_slice(), &epoch.to_be_bytes()].concat()
+}
+
+fn chain_key(session: &str, node: &NodeId) -> Vec<u8> {
+    [session.as_bytes(), b"/", node.as_bytes().as_slice()].concat()
+}
+
+fn tree_key(level: u32, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&level.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Reads complete subtrees from the store, with the batch being written layered on top.
+struct TreeView<'a> {
+    db: &'a Db,
+    pending: &'a HashMap<(u32, u64), Hash>,
+}
+
+impl SubtreeSource for TreeView<'_> {
+    fn subtree(&self, level: u32, index: u64) -> Hash {
+        if let Some(h) = self.pending.get(&(level, index)) {
+            return *h;
+        }
+        let raw = self.db.raw().get_pinned_cf(self.db.cf(CF_TREE), tree_key(level, index)).ok().flatten();
+        raw.and_then(|v| <[u8; 32]>::try_from(&*v).ok()).unwrap_or([0u8; 32])
+    }
+}
+
+impl Ledger {
+    pub fn new(db: Arc<Db>, key: SigningKey, epoch_len: Duration, tickets_per_minute: u32) -> Self {
+        Self {
+            db,
+            key,
+            epoch_len,
+            ticket_ttl: Duration::from_secs(6 * 3600),
+            tickets_per_minute,
+            write: Mutex::new(()),
+            issued: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn public_key(&self) -> NodeId {
+        self.key.verifying_key().into()
+    }
+
+    pub fn epoch_at(&self, ms: u64) -> u64 {
+        ms / (self.epoch_len.as_millis() as u64).max(1)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch_at(now_ms())
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, LedgerError> {
+        let Some(v) = self.db.raw().get_pinned_cf(self.db.cf(cf), key)? else { return Ok(None) };
+        serde_json::from_slice(&v).map(Some).map_err(|_| LedgerError::Corrupt(format!("{cf}/{}", hex::encode(key))))
+    }
+
+    fn get_u64(&self, cf: &str, key: &[u8]) -> Result<u64, LedgerError> {
+        let v = self.db.raw().get_pinned_cf(self.db.cf(cf), key)?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(&*v).ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    /// Leaves in the log.
+    pub fn size(&self) -> Result<u64, LedgerError> {
+        self.get_u64(CF_META, b"size")
+    }
+
+    /// Whether `client` may have another ticket this minute.
+    fn admit_ticket(&self, client: IpAddr) -> bool {
+        let minute = now_ms() / 60_000;
+        let mut issued = self.issued.lock().expect("limiter lock");
+        if issued.len() >= LIMITER_MAX_ADDRESSES {
+            issued.retain(|_, (m, _)| *m == minute);
+        }
+        let e = issued.entry(client).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        e.1 += 1;
+        e.1 <= self.tickets_per_minute
+    }
+
+    /// Issues a ticket for `client_key`'s session over `nodes` (with their assigned chunk counts), or `None`
+    /// when the client's address used up its tickets (its traffic then earns nobody anything).
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue_ticket(
+        &self,
+        client: IpAddr,
+        client_key: NodeId,
+        content_id: ContentId,
+        nodes: Vec<NodeId>,
+        assigned_chunks: Vec<u32>,
+        unit: u32,
+        byte_budget: u64,
+    ) -> Result<Option<Signed>, LedgerError> {
+        if !self.admit_ticket(client) {
+            return Ok(None);
+        }
+        let session: [u8; 16] = rand::random();
+        let now = now_ms();
+        let ticket = Ticket {
+            session: hex::encode(session),
+            client_key,
+            content_id,
+            nodes,
+            assigned_chunks,
+            unit,
+            byte_budget,
+            expiry_ms: now + self.ticket_ttl.as_millis() as u64,
+            epoch: self.epoch_at(now),
+        };
+        let signed = Signed::sign(&self.key, KIND_TICKET, &ticket);
+        let stored = serde_json::to_vec(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() })
+            .expect("tickets serialise");
+        self.db.raw().put_cf(self.db.cf(CF_TICKETS), ticket.session.as_bytes(), stored)?;
+        Ok(Some(signed))
+    }
+
+    /// Redeems a node's receipts: each is credited, a duplicate, or rejected with a reason.
+    pub fn redeem(&self, node: NodeId, receipts: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
+        let _guard = self.write.lock().expect("ledger write lock");
+        let now = now_ms();
+        let epoch = self.epoch_at(now);
+        let mut size = self.size()?;
+        let mut batch = WriteBatch::default();
+        let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
+        // State touched earlier in this batch must be seen by later receipts in it.
+        let mut chains: HashMap<Vec<u8>, ChainState> = HashMap::new();
+        let mut used: HashMap<String, u64> = HashMap::new();
+        let mut node_epoch: u64 = self.get_u64(CF_NODE_EPOCHS, &node_epoch_key(&node, epoch))?;
+        let mut rejected_seq = self.get_u64(CF_META, &[b"rejseq/".as_slice(), node.as_bytes()].concat())?;
+        let mut results = Vec::with_capacity(receipts.len());
+        for r in receipts {
+            let chain_id = r.chain_id();
+            let outcome = self.check(node, r, epoch, &mut chains, &mut used)?;
+            let result = match outcome {
+                Check::Reject(reason) => {
+                    let rej =
+                        Rejection { at_ms: now, chain_id: chain_id.clone(), index: r.index, reason: reason.clone() };
+                    let key = [node.as_bytes().as_slice(), &rejected_seq.to_be_bytes()].concat();
+                    batch.put_cf(self.db.cf(CF_REJECTED), key, serde_json::to_vec(&rej).expect("serialises"));
+                    if rejected_seq >= REJECTIONS_KEPT {
+                        let old =
+                            [node.as_bytes().as_slice(), &(rejected_seq - REJECTIONS_KEPT).to_be_bytes()].concat();
+                        batch.delete_cf(self.db.cf(CF_REJECTED), old);
+                    }
+                    rejected_seq += 1;
+                    Redeemed {
+                        chain_id,
+                        index: r.index,
+                        credited_bytes: 0,
+                        outcome: "rejected".into(),
+                        reason: Some(reason),
+                        leaf_index: None,
+                    }
+                }
+                Check::Duplicate => Redeemed {
+                    chain_id,
+                    index: r.index,
+                    credited_bytes: 0,
+                    outcome: "duplicate".into(),
+                    reason: None,
+                    leaf_index: None,
+                },
+                Check::Credit { session, bytes, capped } => {
+                    let leaf = LedgerLeaf { epoch, node, session, chain_index: r.index, credited_bytes: bytes };
+                    let leaf_index = size;
+                    self.append(&mut batch, &mut pending_tree, leaf_index, &leaf.bytes());
+                    size += 1;
+                    node_epoch += bytes;
+                    Redeemed {
+                        chain_id,
+                        index: r.index,
+                        credited_bytes: bytes,
+                        outcome: "credited".into(),
+                        reason: capped.then(|| "capped at the ticket's budget or the node's assignment".into()),
+                        leaf_index: Some(leaf_index),
+                    }
+                }
+            };
+            results.push(result);
+        }
+        for (key, state) in chains {
+            batch.put_cf(self.db.cf(CF_CHAINS), key, serde_json::to_vec(&state).expect("serialises"));
+        }
+        for (session, total) in used {
+            batch.put_cf(self.db.cf(CF_TICKET_USED), session.as_bytes(), total.to_be_bytes());
+        }
+        batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&node, epoch), node_epoch.to_be_bytes());
+        batch.put_cf(
+            self.db.cf(CF_META),
+            [b"rejseq/".as_slice(), node.as_bytes()].concat(),
+            rejected_seq.to_be_bytes(),
+        );
+        batch.put_cf(self.db.cf(CF_META), b"size", size.to_be_bytes());
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db.raw().write_opt(batch, &opts)?;
+        Ok(results)
+    }
+
+    fn check(
+        &self,
+        node: NodeId,
+        r: &Receipt,
+        epoch: u64,
+        chains: &mut HashMap<Vec<u8>, ChainState>,
+        used: &mut HashMap<String, u64>,
+    ) -> Result<Check, LedgerError> {
+        let reject = |why: &str| Ok(Check::Reject(why.to_string()));
+        let Ok(c) = r.commitment.open::<Commitment>(KIND_COMMITMENT) else {
+            return reject("forged: the commitment's signature does not verify");
+        };
+        let Some(stored) = self.get::<StoredTicket>(CF_TICKETS, c.session.as_bytes())? else {
+            return reject("no ticket: the tracker never issued this session");
+        };
+        let t = &stored.ticket;
+        if r.commitment.node_id != t.client_key {
+            return reject("wrong client: the commitment is not signed by the ticket's client key");
+        }
+        if c.ticket_id != hex::encode(blake3::hash(stored.signed.payload.as_bytes()).as_bytes()) {
+            return reject("the commitment names another ticket");
+        }
+        if c.node != node {
+            return reject("not yours: the receipt was given to another node");
+        }
+        let Some(slot) = t.nodes.iter().position(|n| *n == node) else {
+            return reject("the ticket did not assign this node");
+        };
+        if c.epoch != t.epoch || epoch > t.epoch + 1 {
+            return reject("wrong epoch: receipts are redeemable in their ticket's epoch and the next only");
+        }
+        if now_ms() > t.expiry_ms + self.epoch_len.as_millis() as u64 {
+            return reject("the ticket expired");
+        }
+        let (Some(anchor), Some(preimage)) = (parse_hex32(&c.anchor), parse_hex32(&r.preimage)) else {
+            return reject("malformed anchor or preimage");
+        };
+        if r.index == 0 || r.index > c.length || c.length > MAX_CHAIN {
+            return reject("payment index outside the committed chain");
+        }
+        let key = chain_key(&c.session, &node);
+        let state = match chains.get(&key) {
+            Some(s) => *s,
+            None => self.get::<ChainState>(CF_CHAINS, &key)?.unwrap_or_default(),
+        };
+        if r.index <= state.index {
+            return Ok(Check::Duplicate);
+        }
+        if !chain_links(&anchor, 0, &preimage, r.index) {
+            return reject("bad chain: the preimage does not hash to the committed anchor");
+        }
+        let spent = match used.get(&c.session) {
+            Some(u) => *u,
+            None => self.get_u64(CF_TICKET_USED, c.session.as_bytes())?,
+        };
+        let claimed = u64::from(r.index - state.index) * u64::from(t.unit);
+        let node_cap = u64::from(t.assigned_chunks.get(slot).copied().unwrap_or(0)) * u64::from(t.unit);
+        let bytes = claimed.min(node_cap.saturating_sub(state.credited)).min(t.byte_budget.saturating_sub(spent));
+        chains.insert(key, ChainState { index: r.index, credited: state.credited + bytes });
+        used.insert(c.session.clone(), spent + bytes);
+        if bytes == 0 {
+            return reject("nothing left: the ticket's budget or the node's assignment is used up");
+        }
+        Ok(Check::Credit { session: c.session, bytes, capped: bytes < claimed })
+    }
+
+    /// Adds leaf `index` and the complete subtrees it closes to `batch`.
+    fn append(&self, batch: &mut WriteBatch, pending: &mut HashMap<(u32, u64), Hash>, index: u64, leaf: &[u8]) {
+        batch.put_cf(self.db.cf(CF_LEAVES), index.to_be_bytes(), leaf);
+        let mut hash = merkle::leaf_hash(leaf);
+        let (mut level, mut i) = (0u32, index);
+        loop {
+            pending.insert((level, i), hash);
+            batch.put_cf(self.db.cf(CF_TREE), tree_key(level, i), hash);
+            if i % 2 == 0 {
+                break;
+            }
+            let left = TreeView { db: &self.db, pending }.subtree(level, i - 1);
+            hash = merkle::node_hash(&left, &hash);
+            level += 1;
+            i /= 2;
+        }
+    }
+
+    fn view(&self) -> TreeView<'_> {
+        static EMPTY: std::sync::OnceLock<HashMap<(u32, u64), Hash>> = std::sync::OnceLock::new();
+        TreeView { db: &self.db, pending: EMPTY.get_or_init(HashMap::new) }
+    }
+
+    /// The signed head of the log as it is now.
+    pub fn head(&self) -> Result<Signed, LedgerError> {
+        let size = self.size()?;
+        let head = TreeHead {
+            size,
+            root: hex32(&merkle::root(&self.view(), size)),
+            epoch: self.epoch(),
+            timestamp_ms: now_ms(),
+        };
+        Ok(Signed::sign(&self.key, KIND_TREE_HEAD, &head))
+    }
+
+    /// The head signed when `epoch` ended, if it has.
+    pub fn epoch_head(&self, epoch: u64) -> Result<Option<Signed>, LedgerError> {
+        self.get(CF_HEADS, &epoch.to_be_bytes())
+    }
+
+    /// Signs and keeps the head for every finished epoch not sealed yet (called periodically).
+    pub fn seal_epochs(&self) -> Result<(), LedgerError> {
+        let current = self.epoch();
+        let last = self.get_u64(CF_META, b"sealed")?;
+        if current == 0 || last >= current {
+            return Ok(());
+        }
+        let head = self.head()?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.db.cf(CF_HEADS), (current - 1).to_be_bytes(), serde_json::to_vec(&head).expect("serialises"));
+        batch.put_cf(self.db.cf(CF_META), b"sealed", current.to_be_bytes());
+        self.db.raw().write(batch)?;
+        Ok(())
+    }
+
+    pub fn leaf(&self, index: u64) -> Result<Option<LedgerLeaf>, LedgerError> {
+        self.get(CF_LEAVES, &index.to_be_bytes())
+    }
+
+    pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<String>, LedgerError> {
+        let size = size.min(self.size()?);
+        Ok(merkle::inclusion_proof(&self.view(), index, size).iter().map(hex32).collect())
+    }
+
+    pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<String>, LedgerError> {
+        let second = second.min(self.size()?);
+        Ok(merkle::consistency_proof(&self.view(), first.min(second), second).iter().map(hex32).collect())
+    }
+
+    fn node_totals(&self, node: &NodeId) -> Result<NodeCredits, LedgerError> {
+        let mut epochs = Vec::new();
+        let prefix = node.as_bytes().to_vec();
+        let iter = self.db.raw().prefix_iterator_cf(self.db.cf(CF_NODE_EPOCHS), &prefix);
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let epoch =
+                u64::from_be_bytes(k[32..40].try_into().map_err(|_| LedgerError::Corrupt("node epoch key".into()))?);
+            let bytes = <[u8; 8]>::try_from(&*v).map_or(0, u64::from_be_bytes);
+            epochs.push(EpochLine { epoch, credited_bytes: bytes });
+        }
+        Ok(NodeCredits { node_id: *node, credited_bytes: epochs.iter().map(|e| e.credited_bytes).sum(), epochs })
+    }
+
+    /// Every node's credit, per epoch (`GET /v1/credits`).
+    pub fn all_credits(&self) -> Result<Vec<NodeCredits>, LedgerError> {
+        let mut nodes: Vec<NodeId> = Vec::new();
+        for item in self.db.raw().iterator_cf(self.db.cf(CF_NODE_EPOCHS), rocksdb::IteratorMode::Start) {
+            let (k, _) = item?;
+            if let Ok(id) = <[u8; 32]>::try_from(&k[..32]) {
+                if nodes.last() != Some(&NodeId(id)) {
+                    nodes.push(NodeId(id));
+                }
+            }
+        }
+        nodes.iter().map(|n| self.node_totals(n)).collect()
+    }
+
+    /// A node's itemised statement: totals, latest records, rejected receipts with reasons.
+    pub fn statement(&self, node: &NodeId, max_records: usize) -> Result<NodeStatement, LedgerError> {
+        let totals = self.node_totals(node)?;
+        let mut records = Vec::new();
+        let size = self.size()?;
+        // Newest first; the scan is bounded by `max_records` of this node's and 10 000 leaves overall.
+        for index in (size.saturating_sub(10_000)..size).rev() {
+            if records.len() >= max_records {
+                break;
+            }
+            if let Some(leaf) = self.leaf(index)? {
+                if leaf.node == *node {
+                    records.push((index, leaf));
+                }
+            }
+        }
+        let mut rejected = Vec::new();
+        let prefix = node.as_bytes().to_vec();
+        for item in self.db.raw().prefix_iterator_cf(self.db.cf(CF_REJECTED), &prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Ok(r) = serde_json::from_slice::<Rejection>(&v) {
+                rejected.push(r);
+            }
+        }
+        rejected.reverse();
+        Ok(NodeStatement { totals, records, rejected })
+    }
+}
+
+enum Check {
+    Credit { session: String, bytes: u64, capped: bool },
+    Duplicate,
+    Reject(String),
+}

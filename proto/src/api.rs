@@ -78,6 +78,9 @@ pub struct RegisterResponse {
     pub advertised_addr: SocketAddr,
     /// Origins the node may pull from on a miss.
     pub origins: OriginList,
+    /// The key the tracker signs tickets and ledger heads with.
+    #[serde(default)]
+    pub tracker_key: Option<NodeId>,
 }
 
 /// `POST /v1/nodes/heartbeat`, signed as [`KIND_HEARTBEAT`].
@@ -128,6 +131,9 @@ pub struct Resolve {
     pub nodes: Vec<NodeContact>,
     /// `schedule[i]` lists indices into `nodes` for chunk `i`, best candidate first.
     pub schedule: Vec<Vec<u32>>,
+    /// The session's credit ticket (signed by the tracker), when the client sent a session key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<Signed>,
 }
 
 /// `POST /v1/reports`: what a client (player proxy) saw since its last report. Unauthenticated, so the

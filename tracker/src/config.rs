@@ -50,6 +50,12 @@ pub struct TrackerArgs {
     /// those are off.
     #[arg(long, env = "FOG_TRACKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Length of a credit epoch in seconds; each ends with a signed ledger head [default: 3600].
+    #[arg(long, env = "FOG_TRACKER_EPOCH_SECS")]
+    pub epoch_secs: Option<u64>,
+    /// Credit tickets one client address may get per minute [default: 120].
+    #[arg(long, env = "FOG_TRACKER_TICKETS_PER_MINUTE")]
+    pub tickets_per_minute: Option<u32>,
     /// Most registered nodes kept [default: 100000].
     #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
     pub max_nodes: Option<usize>,
@@ -69,6 +75,8 @@ pub struct TrackerConfig {
     pub min_reingest_age: Duration,
     pub max_nodes: usize,
     pub admin_token: Option<String>,
+    pub epoch: Duration,
+    pub tickets_per_minute: u32,
 }
 
 impl TrackerArgs {
@@ -105,6 +113,8 @@ impl TrackerArgs {
             min_reingest_age: Duration::from_secs(self.min_reingest_secs.or(file.min_reingest_secs).unwrap_or(30)),
             max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
             admin_token,
+            epoch: Duration::from_secs(self.epoch_secs.or(file.epoch_secs).unwrap_or(3600).max(1)),
+            tickets_per_minute: self.tickets_per_minute.or(file.tickets_per_minute).unwrap_or(120),
         })
     }
 }

@@ -12,6 +12,7 @@ use fog_proto::api::{
     ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed,
     TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_REPORTED_FAILURES,
 };
+use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
 use fog_proto::{ContentId, NodeId};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -24,6 +25,7 @@ use crate::config::TrackerConfig;
 use crate::dashboard::{now_ms, Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
+use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{Registration, Registry, RegistryError, SortBy};
 use crate::scheduler;
@@ -46,6 +48,7 @@ pub struct App {
     pub registry: Registry,
     pub metrics: Metrics,
     pub dashboard: Dashboard,
+    pub ledger: Ledger,
     pub db: Arc<Db>,
     manifests: AtomicU64,
     resolves: AtomicU64,
@@ -76,18 +79,23 @@ struct Summary {
     admin_enabled: bool,
 }
 
+fn query_u64(query: &str, key: &str) -> Option<u64> {
+    query_pairs(query).find(|(k, _)| k == key).and_then(|(_, v)| v.parse().ok())
+}
+
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
 }
 
 impl App {
-    pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest) -> Result<Self, crate::db::DbError> {
+    pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest, ledger: Ledger) -> Result<Self, crate::db::DbError> {
         let manifests = db.count_manifests()?;
         let blocked = db.blocked_nodes()?;
         Ok(Self {
             registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked),
             metrics: Metrics::default(),
             dashboard: Dashboard::default(),
+            ledger,
             cfg,
             ingest,
             db,
@@ -103,7 +111,38 @@ impl App {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         match (req.method(), path.as_str()) {
-            (&Method::GET, "/v1/resolve") => self.resolve(&query).await,
+            (&Method::GET, "/v1/resolve") => self.resolve(&query, peer).await,
+            (&Method::POST, "/v1/credits/redeem") => self.redeem(req).await,
+            (&Method::GET, "/v1/credits") => self.ledger_reply(self.ledger.all_credits()),
+            (&Method::GET, "/v1/ledger/head") => self.ledger_head(&query),
+            (&Method::GET, "/v1/ledger/leaf") => match query_u64(&query, "index") {
+                Some(i) => match self.ledger.leaf(i) {
+                    Ok(Some(leaf)) => json(StatusCode::OK, &leaf),
+                    Ok(None) => error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such leaf", false),
+                    Err(e) => self.ledger_error(e),
+                },
+                None => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "index=N required", false),
+            },
+            (&Method::GET, "/v1/ledger/inclusion") => match (query_u64(&query, "index"), query_u64(&query, "size")) {
+                (Some(i), Some(n)) => {
+                    self.ledger_reply(self.ledger.inclusion(i, n).map(|p| serde_json::json!({ "proof": p })))
+                }
+                _ => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "index=N&size=N required", false),
+            },
+            (&Method::GET, "/v1/ledger/consistency") => match (query_u64(&query, "first"), query_u64(&query, "second"))
+            {
+                (Some(a), Some(b)) => {
+                    self.ledger_reply(self.ledger.consistency(a, b).map(|p| serde_json::json!({ "proof": p })))
+                }
+                _ => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "first=N&second=N required", false),
+            },
+            (&Method::GET, p) if p.starts_with("/v1/nodes/") && p.ends_with("/credits") => {
+                let id = p.trim_start_matches("/v1/nodes/").trim_end_matches("/credits");
+                match id.parse::<NodeId>() {
+                    Ok(id) => self.ledger_reply(self.ledger.statement(&id, 100)),
+                    Err(e) => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false),
+                }
+            }
             (&Method::POST, "/v1/nodes/register") => self.register(req, peer).await,
             (&Method::POST, "/v1/nodes/heartbeat") => self.heartbeat(req).await,
             (&Method::POST, "/v1/reports") => self.client_report(req).await,
@@ -135,13 +174,18 @@ impl App {
         self.metrics.resolves.get_or_create(&ResultLabel { result }).inc();
     }
 
-    async fn resolve(&self, query: &str) -> Reply {
+    async fn resolve(&self, query: &str, peer: SocketAddr) -> Reply {
         self.resolves.fetch_add(1, Ordering::Relaxed);
         let mut url = None;
         let mut stale = None;
+        let mut client_key = None;
         for (k, v) in query_pairs(query) {
             match k.as_str() {
                 "url" => url = Some(v),
+                "client_key" => match v.parse::<NodeId>() {
+                    Ok(key) => client_key = Some(key),
+                    Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false),
+                },
                 "stale" => match v.parse::<ContentId>() {
                     Ok(id) => stale = Some(id),
                     Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false),
@@ -183,7 +227,33 @@ impl App {
         let snapshot = self.registry.snapshot();
         let (nodes, schedule) = scheduler::schedule(&snapshot, &manifest.chunks, self.cfg.candidates);
         let content_id = manifest.content_id();
-        json(StatusCode::OK, &Resolve { content_id, manifest: (*manifest).clone(), nodes, schedule })
+        let ticket = match client_key {
+            Some(key) if !nodes.is_empty() => {
+                // A node may be paid for the chunks it is a candidate for, and no more.
+                let mut assigned = vec![0u32; nodes.len()];
+                for &i in schedule.iter().flatten() {
+                    assigned[i as usize] += 1;
+                }
+                let ids = nodes.iter().map(|n| n.id).collect();
+                match self.ledger.issue_ticket(
+                    peer.ip(),
+                    key,
+                    content_id,
+                    ids,
+                    assigned,
+                    manifest.chunk_size,
+                    manifest.size,
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot issue a credit ticket; serving without one");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        json(StatusCode::OK, &Resolve { content_id, manifest: (*manifest).clone(), nodes, schedule, ticket })
     }
 
     fn ingest_error(&self, url: &str, e: IngestError) -> Reply {
@@ -263,6 +333,7 @@ impl App {
                         heartbeat_interval_secs: self.cfg.heartbeat_interval.as_secs(),
                         advertised_addr: addr,
                         origins: self.cfg.origins.clone(),
+                        tracker_key: Some(self.ledger.public_key()),
                     },
                 )
             }
@@ -290,6 +361,62 @@ impl App {
                 json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
             }
             Err(e) => self.reject_node(&signed.node_id, e),
+        }
+    }
+
+    /// `POST /v1/credits/redeem`: a node's signed batch of receipts.
+    async fn redeem(&self, req: Request<Incoming>) -> Reply {
+        let signed = match Self::json_body::<Signed>(req).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let batch: RedeemBatch = match signed.open(KIND_REDEEM) {
+            Ok(b) => b,
+            Err(e) => return self.reject_node(&signed.node_id, e),
+        };
+        if batch.receipts.len() > MAX_BATCH {
+            let msg = format!("at most {MAX_BATCH} receipts per batch");
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
+        }
+        match self.ledger.redeem(signed.node_id, &batch.receipts) {
+            Ok(results) => {
+                let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
+                let rejected = results.iter().filter(|r| r.outcome == "rejected").count();
+                self.metrics.credited_bytes.inc_by(credited);
+                self.metrics.rejected_receipts.inc_by(rejected as u64);
+                if rejected > 0 {
+                    let node = &signed.node_id.to_hex()[..16];
+                    self.dashboard.event("receipts_rejected", format!("node {node}: {rejected} receipt(s) rejected"));
+                }
+                json(StatusCode::OK, &RedeemResponse { results })
+            }
+            Err(e) => self.ledger_error(e),
+        }
+    }
+
+    fn ledger_error(&self, e: LedgerError) -> Reply {
+        tracing::error!(error = %e, "ledger failure");
+        error(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string(), e.is_retryable())
+    }
+
+    fn ledger_reply<T: Serialize>(&self, r: Result<T, LedgerError>) -> Reply {
+        match r {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(e) => self.ledger_error(e),
+        }
+    }
+
+    /// `GET /v1/ledger/head[?epoch=E]`: the signed head now, or the one that sealed epoch E.
+    fn ledger_head(&self, query: &str) -> Reply {
+        match query_u64(query, "epoch") {
+            None => self.ledger_reply(self.ledger.head()),
+            Some(e) => match self.ledger.epoch_head(e) {
+                Ok(Some(h)) => json(StatusCode::OK, &h),
+                Ok(None) => {
+                    error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, format!("epoch {e} is not sealed yet"), true)
+                }
+                Err(e) => self.ledger_error(e),
+            },
         }
     }
 
@@ -360,6 +487,9 @@ impl App {
         loop {
             tick.tick().await;
             self.dashboard.sample(&self.registry, self.resolves.load(Ordering::Relaxed));
+            if let Err(e) = self.ledger.seal_epochs() {
+                tracing::error!(error = %e, "cannot seal the ledger's epoch head");
+            }
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub corrupt_chunks: Counter,
     pub client_bytes: Family<SourceLabel, Counter>,
     pub node_failure_reports: Family<ResultLabel, Counter>,
+    pub credited_bytes: Counter,
+    pub rejected_receipts: Counter,
 }
 
 impl Default for Metrics {
@@ -65,7 +67,18 @@ impl Default for Metrics {
         let (fog_bytes, origin_fill_bytes) = (Counter::default(), Counter::default());
         let (node_requests, corrupt_chunks) = (Counter::default(), Counter::default());
         let (client_bytes, node_failure_reports) = (Family::default(), Family::default());
+        let (credited_bytes, rejected_receipts) = (Counter::default(), Counter::default());
         let mut registry = Registry::default();
+        registry.register(
+            "fog_tracker_credited_bytes",
+            "Bytes credited to nodes in the ledger",
+            credited_bytes.clone(),
+        );
+        registry.register(
+            "fog_tracker_rejected_receipts",
+            "Receipts rejected at redemption",
+            rejected_receipts.clone(),
+        );
         registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
         registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
         registry.register(
@@ -120,6 +133,8 @@ impl Default for Metrics {
             corrupt_chunks,
             client_bytes,
             node_failure_reports,
+            credited_bytes,
+            rejected_receipts,
         }
     }
 }

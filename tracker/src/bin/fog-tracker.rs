@@ -7,6 +7,7 @@ use fog_tracker::config::TrackerArgs;
 use fog_tracker::db::Db;
 use fog_tracker::http::{serve, App};
 use fog_tracker::ingest::Ingest;
+use fog_tracker::ledger::Ledger;
 
 /// Ingests running at once; more wait for a retry (the object streams through, so each costs little memory).
 const MAX_CONCURRENT_INGESTS: usize = 32;
@@ -26,7 +27,10 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
-        let app = Arc::new(App::new(cfg, db, ingest)?);
+        let key = fog_client::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
+        let ledger = Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute);
+        tracing::info!(tracker_key = %ledger.public_key(), "signing tickets and ledger heads");
+        let app = Arc::new(App::new(cfg, db, ingest, ledger)?);
         serve(app, listener, fog_client::bin_support::shutdown()).await;
         tracing::info!("fog-tracker stopped");
         anyhow::Ok(())

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve};
+use ed25519_dalek::SigningKey;
+use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed};
+use fog_proto::credits::{hex32, payment_chain, Commitment, Digest, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET};
 use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -150,9 +152,62 @@ pub struct FetchOptions {
     pub deadline: Option<Instant>,
 }
 
-/// A validated resolve: manifest, candidates per chunk.
+/// A validated resolve: manifest, candidates per chunk, and the session's credit state.
 #[derive(Debug, Clone)]
-pub struct Resolved(Arc<Resolve>);
+pub struct Resolved(Arc<Resolve>, Option<Arc<Session>>);
+
+/// A fetch session's credits: its own key, the tracker's ticket, one payment chain per node.
+#[derive(Debug)]
+struct Session {
+    key: SigningKey,
+    ticket: Ticket,
+    ticket_id: String,
+    chains: Mutex<HashMap<NodeId, PaymentChain>>,
+}
+
+#[derive(Debug)]
+struct PaymentChain {
+    commitment: Signed,
+    preimages: Vec<Digest>,
+    paid: u32,
+}
+
+impl Session {
+    fn new(key: SigningKey, signed: &Signed) -> Option<Self> {
+        let ticket: Ticket = signed.open(KIND_TICKET).ok()?;
+        if ticket.client_key != NodeId::from(key.verifying_key()) {
+            return None;
+        }
+        let ticket_id = fog_proto::credits::ticket_id(signed);
+        Some(Self { key, ticket, ticket_id, chains: Mutex::new(HashMap::new()) })
+    }
+
+    /// Pays `node` for one more chunk it delivered and that verified: the receipt to hand it.
+    fn pay(&self, node: NodeId) -> Option<Receipt> {
+        let slot = self.ticket.nodes.iter().position(|n| *n == node)?;
+        let length = *self.ticket.assigned_chunks.get(slot)?;
+        let mut chains = self.chains.lock().expect("lock");
+        let chain = chains.entry(node).or_insert_with(|| {
+            // One signature per (session, node): the commitment to the chain's anchor.
+            let preimages = payment_chain(rand::random(), length);
+            let commitment = Commitment {
+                session: self.ticket.session.clone(),
+                ticket_id: self.ticket_id.clone(),
+                node,
+                anchor: hex32(&preimages[0]),
+                length,
+                epoch: self.ticket.epoch,
+            };
+            PaymentChain { commitment: Signed::sign(&self.key, KIND_COMMITMENT, &commitment), preimages, paid: 0 }
+        });
+        if chain.paid >= length {
+            return None;
+        }
+        chain.paid += 1;
+        let index = chain.paid;
+        Some(Receipt { commitment: chain.commitment.clone(), index, preimage: hex32(&chain.preimages[index as usize]) })
+    }
+}
 
 impl Resolved {
     pub fn manifest(&self) -> &Manifest {
@@ -163,7 +218,7 @@ impl Resolved {
         self.0.content_id
     }
 
-    fn validate(r: Resolve) -> Result<Self, ClientError> {
+    fn validate(r: Resolve, key: SigningKey) -> Result<Self, ClientError> {
         r.manifest.validate().map_err(|e| ClientError::BadSchedule(e.to_string()))?;
         if r.schedule.len() != r.manifest.chunks.len()
             || r.schedule.iter().flatten().any(|&i| i as usize >= r.nodes.len())
@@ -173,13 +228,16 @@ impl Resolved {
         if r.manifest.content_id() != r.content_id {
             return Err(ClientError::BadSchedule("content id does not match the manifest".into()));
         }
-        Ok(Self(Arc::new(r)))
+        let session = r.ticket.as_ref().and_then(|t| Session::new(key, t)).map(Arc::new);
+        Ok(Self(Arc::new(r), session))
     }
 }
 
 #[derive(Debug)]
 struct ChunkOutcome {
     bytes: Bytes,
+    /// What the serving node is owed for this chunk.
+    receipt: Option<(NodeContact, Receipt)>,
     /// The node that sent all or the first `node_bytes` of the chunk: (id, ms spent, RTT ms).
     node: Option<(NodeId, u64, Option<u64>)>,
     node_bytes: u64,
@@ -234,8 +292,10 @@ impl FogClient {
         let Some(tracker) = &self.inner.tracker else {
             return Err(TrackerError::Unreachable { base: String::new(), reason: "no tracker configured".into() });
         };
-        let r = tracker.resolve(url, stale).await?;
-        Resolved::validate(r).map_err(|e| TrackerError::BadResponse(e.to_string()))
+        // A fresh key per session: receipts cannot be linked across sessions.
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let r = tracker.resolve(url, stale, Some(key.verifying_key().into())).await?;
+        Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(e.to_string()))
     }
 
     /// Sends the tracker a summary of what this client saw (see [`ClientReport`]).
@@ -336,6 +396,7 @@ impl FogClient {
         let chunk_size = u64::from(manifest.chunk_size);
         let (first, last) = ((start / chunk_size) as usize, ((end - 1) / chunk_size) as usize);
         let failed = Arc::new(Mutex::new(HashSet::new()));
+        let mut receipts = tokio::task::JoinSet::new();
         let mut inflight: VecDeque<(usize, JoinHandle<Result<ChunkOutcome, ClientError>>)> = VecDeque::new();
         let mut next = first;
         let result = loop {
@@ -360,10 +421,16 @@ impl FogClient {
             let n = (to - from) as u64;
             *written += n;
             report.merge_chunk(&outcome, n);
+            if let Some((node, receipt)) = outcome.receipt {
+                receipts.spawn(self.inner.clone().hand_over(node, receipt));
+            }
         };
         for (_, task) in inflight {
             task.abort();
         }
+        // Receipts go out as chunks verify; give the last ones a moment to arrive.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(3), async { while receipts.join_next().await.is_some() {} }).await;
         result?;
         out.flush().await.map_err(ClientError::Output)?;
         Ok(report)
@@ -404,6 +471,7 @@ impl Inner {
             hash,
             range: None,
             origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
+            receipt: None,
         };
         let mut failures = Vec::new();
         for &i in &r.schedule[index] {
@@ -423,7 +491,8 @@ impl Inner {
             let err = match result {
                 Ok(bytes) if ChunkHash::of(&bytes) == hash => {
                     let node_bytes = bytes.len() as u64;
-                    return Ok(ChunkOutcome { bytes, node: Some((node.id, ms, rtt)), node_bytes, failures });
+                    let receipt = resolved.1.as_ref().and_then(|s| s.pay(node.id)).map(|r| (node.clone(), r));
+                    return Ok(ChunkOutcome { bytes, receipt, node: Some((node.id, ms, rtt)), node_bytes, failures });
                 }
                 Ok(_) => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, "node sent bytes that do not match the chunk hash; not using it again");
@@ -453,7 +522,9 @@ impl Inner {
                     let whole = whole.freeze();
                     if ChunkHash::of(&whole) == hash {
                         let node_bytes = received.len() as u64;
-                        return Ok(ChunkOutcome { bytes: whole, node: Some((node.id, ms, rtt)), node_bytes, failures });
+                        // Only whole chunks a node delivered earn it a receipt.
+                        let node = Some((node.id, ms, rtt));
+                        return Ok(ChunkOutcome { bytes: whole, receipt: None, node, node_bytes, failures });
                     }
                     // The node's part or the origin's was wrong: fall through to a clean origin fetch.
                     failures.push((node.id, "hash_mismatch"));
@@ -470,7 +541,17 @@ impl Inner {
         if ChunkHash::of(&bytes) != hash {
             return Err(ClientError::ContentChanged { url: manifest.url.clone() });
         }
-        Ok(ChunkOutcome { bytes, node: None, node_bytes: 0, failures })
+        Ok(ChunkOutcome { bytes, receipt: None, node: None, node_bytes: 0, failures })
+    }
+
+    /// Hands `node` a receipt for chunks it delivered (best effort: a later receipt covers this one too).
+    async fn hand_over(self: Arc<Self>, node: NodeContact, receipt: Receipt) {
+        let Ok(json) = serde_json::to_vec(&receipt) else { return };
+        let req = ChunkRequest::receipt_only(json);
+        let (result, _) = self.fetch_from_node(&node, &req, 0, self.cfg.deadlines, None).await;
+        if let Err(e) = result {
+            tracing::debug!(node = %node.id, error = %e, "could not hand over a receipt");
+        }
     }
 
     /// The chunk from `node`, and the connection's RTT in ms when one was established.

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fog_proto::api::{ApiError, ClientReport, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
-use fog_proto::ContentId;
+use fog_proto::credits::RedeemResponse;
+use fog_proto::{ContentId, NodeId};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,10 +60,19 @@ impl TrackerClient {
 
     /// The manifest of `url` and a schedule of nodes per chunk. `stale` names a content id the caller found
     /// no longer matching the origin, asking the tracker to ingest the object again.
-    pub async fn resolve(&self, url: &str, stale: Option<ContentId>) -> Result<Resolve, TrackerError> {
+    /// `client_key`: the session's public key, asking for a credit ticket.
+    pub async fn resolve(
+        &self,
+        url: &str,
+        stale: Option<ContentId>,
+        client_key: Option<NodeId>,
+    ) -> Result<Resolve, TrackerError> {
         let mut req = self.http.get(format!("{}/v1/resolve", self.base)).query(&[("url", url)]);
         if let Some(s) = stale {
             req = req.query(&[("stale", s.to_string())]);
+        }
+        if let Some(k) = client_key {
+            req = req.query(&[("client_key", k.to_string())]);
         }
         self.send(req).await
     }
@@ -73,6 +83,15 @@ impl TrackerClient {
 
     pub async fn report(&self, report: &ClientReport) -> Result<serde_json::Value, TrackerError> {
         self.send(self.http.post(format!("{}/v1/reports", self.base)).json(report)).await
+    }
+
+    pub async fn redeem(&self, msg: &Signed) -> Result<RedeemResponse, TrackerError> {
+        self.send(self.http.post(format!("{}/v1/credits/redeem", self.base)).json(msg)).await
+    }
+
+    /// GET a JSON document from the tracker's API (ledger heads, proofs, statements).
+    pub async fn get_json<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, TrackerError> {
+        self.send(self.http.get(format!("{}{path_and_query}", self.base))).await
     }
 
     pub async fn heartbeat(&self, msg: &Signed) -> Result<HeartbeatResponse, TrackerError> {

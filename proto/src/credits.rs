@@ -84,6 +84,11 @@ pub struct Ticket {
     pub epoch: u64,
 }
 
+/// The id a commitment names its ticket by: BLAKE3 of the signed ticket's payload, hex.
+pub fn ticket_id(signed_ticket: &Signed) -> String {
+    hex::encode(blake3::hash(signed_ticket.payload.as_bytes()).as_bytes())
+}
+
 /// Signed by the client's session key (`KIND_COMMITMENT`), once per node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commitment {

@@ -19,6 +19,9 @@ pub const MAX_PAYLOAD_LEN: u32 = crate::manifest::MAX_CHUNK_SIZE;
 
 const FLAG_RANGE: u8 = 1;
 const FLAG_ORIGIN: u8 = 2;
+const FLAG_RECEIPT: u8 = 4;
+/// Longest receipt (JSON) a request may carry.
+pub const MAX_RECEIPT_LEN: usize = 2048;
 
 /// Where the node may pull a chunk it does not have (pull-through), and which bytes of the object it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,10 +35,24 @@ pub struct OriginHint {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRequest {
+    /// The chunk wanted; all zeros asks for no chunk (a request that only carries a receipt).
     pub hash: ChunkHash,
     /// A byte range within the chunk: (offset, length). `None` asks for the whole chunk.
     pub range: Option<(u32, u32)>,
     pub origin: Option<OriginHint>,
+    /// A credit receipt for chunks already verified (JSON of `credits::Receipt`), opaque to the framing.
+    pub receipt: Option<Vec<u8>>,
+}
+
+impl ChunkRequest {
+    /// A request that asks for no chunk and only hands over a receipt.
+    pub fn receipt_only(receipt: Vec<u8>) -> Self {
+        Self { hash: ChunkHash([0; 32]), range: None, origin: None, receipt: Some(receipt) }
+    }
+
+    pub fn wants_chunk(&self) -> bool {
+        self.hash.0 != [0; 32]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +147,9 @@ impl ChunkRequest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.push(VERSION);
-        let flags =
-            if self.range.is_some() { FLAG_RANGE } else { 0 } | if self.origin.is_some() { FLAG_ORIGIN } else { 0 };
+        let flags = if self.range.is_some() { FLAG_RANGE } else { 0 }
+            | if self.origin.is_some() { FLAG_ORIGIN } else { 0 }
+            | if self.receipt.is_some() { FLAG_RECEIPT } else { 0 };
         out.push(flags);
         out.extend_from_slice(self.hash.as_bytes());
         if let Some((off, len)) = self.range {
@@ -144,6 +162,10 @@ impl ChunkRequest {
             out.extend_from_slice(&(o.url.len() as u16).to_be_bytes());
             out.extend_from_slice(o.url.as_bytes());
         }
+        if let Some(r) = &self.receipt {
+            out.extend_from_slice(&(r.len() as u16).to_be_bytes());
+            out.extend_from_slice(r);
+        }
         out
     }
 
@@ -152,6 +174,11 @@ impl ChunkRequest {
         if let Some(o) = &self.origin {
             if o.url.len() > MAX_URL_LEN {
                 return Err(FrameError::TooLong { what: "origin URL", len: o.url.len(), max: MAX_URL_LEN });
+            }
+        }
+        if let Some(r) = &self.receipt {
+            if r.len() > MAX_RECEIPT_LEN {
+                return Err(FrameError::TooLong { what: "receipt", len: r.len(), max: MAX_RECEIPT_LEN });
             }
         }
         let body = self.encode();
@@ -177,7 +204,7 @@ impl ChunkRequest {
             return Err(FrameError::Version(version));
         }
         let flags = r.u8()?;
-        if flags & !(FLAG_RANGE | FLAG_ORIGIN) != 0 {
+        if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT) != 0 {
             return Err(FrameError::Flags(flags));
         }
         let hash = ChunkHash(r.array()?);
@@ -209,10 +236,19 @@ impl ChunkRequest {
         } else {
             None
         };
+        let receipt = if flags & FLAG_RECEIPT != 0 {
+            let len = usize::from(r.u16()?);
+            if len > MAX_RECEIPT_LEN {
+                return Err(FrameError::TooLong { what: "receipt", len, max: MAX_RECEIPT_LEN });
+            }
+            Some(r.take(len)?.to_vec())
+        } else {
+            None
+        };
         if !r.0.is_empty() {
             return Err(FrameError::Trailing(r.0.len()));
         }
-        Ok(Self { hash, range, origin })
+        Ok(Self { hash, range, origin, receipt })
     }
 }
 
@@ -273,11 +309,13 @@ mod tests {
     #[test]
     fn request_round_trips() {
         let reqs = [
-            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None },
+            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None, receipt: None },
+            ChunkRequest::receipt_only(b"{\"receipt\": 1}".to_vec()),
             ChunkRequest {
                 hash: ChunkHash::of(b"b"),
                 range: Some((10, 20)),
                 origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
+                receipt: None,
             },
         ];
         for r in reqs {
@@ -294,6 +332,7 @@ mod tests {
             hash: ChunkHash::of(b"a"),
             range: None,
             origin: Some(OriginHint { url: "http://o/x".into(), offset: 0, length: 5 }),
+            receipt: None,
         }
         .encode();
         for cut in 0..good.len() {
@@ -313,6 +352,7 @@ mod tests {
             hash: ChunkHash::of(b"a"),
             range: None,
             origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN + 1), offset: 0, length: 1 }),
+            receipt: None,
         };
         assert!(long.encode_framed().is_err());
     }

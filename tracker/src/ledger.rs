@@ -340,7 +340,7 @@ impl Ledger {
         if r.commitment.node_id != t.client_key {
             return reject("wrong client: the commitment is not signed by the ticket's client key");
         }
-        if c.ticket_id != hex::encode(blake3::hash(stored.signed.payload.as_bytes()).as_bytes()) {
+        if c.ticket_id != fog_proto::credits::ticket_id(&stored.signed) {
             return reject("the commitment names another ticket");
         }
         if c.node != node {

@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     match &args.mode {
         Mode::Quic { tracker, url } => {
             mode_name = "quic-fog-node";
-            let resolved = TrackerClient::new(tracker, Duration::from_secs(30)).resolve(url, None).await?;
+            let resolved = TrackerClient::new(tracker, Duration::from_secs(30)).resolve(url, None, None).await?;
             let Some(node) = resolved.nodes.first().cloned() else { bail!("tracker scheduled no node") };
             let m = Arc::new(resolved.manifest);
             let endpoint = transport::client_endpoint(([0, 0, 0, 0], 0).into())?;
@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
                     while Instant::now() < end {
                         let idx = i % m.chunks.len();
                         i += 1;
-                        let req = ChunkRequest { hash: m.chunks[idx], range: None, origin: None };
+                        let req = ChunkRequest { hash: m.chunks[idx], range: None, origin: None, receipt: None };
                         let started = Instant::now();
                         match chunk::request(&conn, &req, m.chunk_span(idx).1, deadlines, None).await {
                             Ok(b) => tally.record(started, b.len(), started >= warmup_end),

@@ -3,6 +3,7 @@
 //! to the tracker without depending on it.
 
 pub mod config;
+pub mod credits;
 pub mod limits;
 pub mod serve;
 pub mod stats;

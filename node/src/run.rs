@@ -9,6 +9,7 @@ use fog_proto::NodeId;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
+use crate::credits::Credits;
 use crate::serve::Server;
 use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
@@ -56,8 +57,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (used, chunks) = store.usage();
     tracing::info!(%node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, "fog-node listening on {local}");
 
+    let credits = Arc::new(Credits::new(store.clone(), node_id));
     let server = Arc::new(Server::new(
         store.clone(),
+        credits.clone(),
         Arc::new(Counters::default()),
         origins.clone(),
         cfg.upload_limit,
@@ -92,9 +95,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         let _ = stop_status.changed().await;
     }));
     let track_task = tokio::spawn(status.clone().track_forever());
+    let tracker = TrackerClient::new(&cfg.tracker, Duration::from_secs(10));
+    let redeem_task = tokio::spawn(credits.redeem_forever(tracker.clone(), key.clone(), link_state.clone()));
     let link = TrackerLink {
         state: link_state,
-        tracker: TrackerClient::new(&cfg.tracker, Duration::from_secs(10)),
+        tracker,
         key,
         quic_addr: cfg.advertise.unwrap_or(local),
         server: server.clone(),
@@ -120,6 +125,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     endpoint.close(0u32.into(), b"node shutting down");
     serve_task.abort();
     track_task.abort();
+    redeem_task.abort();
     status.save_usage();
     let _ = link_task.await;
     let _ = status_task.await;

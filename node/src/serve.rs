@@ -14,6 +14,7 @@ use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, ResponseHead, Status
 use fog_proto::ChunkHash;
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::credits::Credits;
 use crate::limits::{UploadLimit, PIECE};
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
@@ -48,6 +49,7 @@ type FillCell = Arc<OnceCell<Result<Bytes, FillError>>>;
 #[derive(Debug)]
 pub struct Server {
     pub store: Arc<Store>,
+    pub credits: Arc<Credits>,
     pub counters: Arc<Counters>,
     origin: OriginClient,
     upload: Option<UploadLimit>,
@@ -66,8 +68,10 @@ impl Drop for Gauge<'_> {
 }
 
 impl Server {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<Store>,
+        credits: Arc<Credits>,
         counters: Arc<Counters>,
         origins: SharedOrigins,
         upload_limit: Option<u64>,
@@ -76,6 +80,7 @@ impl Server {
     ) -> Self {
         Self {
             store,
+            credits,
             counters,
             origin: OriginClient::new(Some(origins)),
             upload: upload_limit.map(UploadLimit::new),
@@ -140,6 +145,15 @@ impl Server {
                 return respond_error(&mut send, Status::BadRequest, "request frame not received in time").await;
             }
         };
+        if let Some(receipt) = &req.receipt {
+            if let Err(e) = self.credits.accept(receipt) {
+                tracing::warn!(error = %e, "refused a client's receipt");
+            }
+        }
+        if !req.wants_chunk() {
+            // A receipt-only request: acknowledge it (whether or not the receipt was good).
+            return self.send_payload(&mut send, Bytes::new()).await.unwrap_or(());
+        }
         let bytes = match self.chunk(&req).await {
             Ok(b) => b,
             Err((status, message)) => return respond_error(&mut send, status, &message).await,

@@ -86,7 +86,7 @@ pub struct NodeStatus {
     pub caps: Caps,
     pub cache: CacheStatus,
     pub served: Served,
-    pub credits: Credits,
+    pub credits: CreditsStatus,
     /// The plain-language answer to "why am I (not) getting traffic?".
     pub traffic: Traffic,
     pub counters: NodeStats,
@@ -127,11 +127,12 @@ pub struct Served {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Credits {
-    /// What this node counts itself.
+pub struct CreditsStatus {
+    /// Bytes this node served since it started, by its own count.
     pub own_bytes_served: u64,
-    /// What the tracker credited; `None` until credits exist.
-    pub tracker_credited: Option<u64>,
+    #[serde(flatten)]
+    pub ledger: crate::credits::CreditView,
+    /// Plain-language summary of own count against the tracker's.
     pub note: String,
 }
 
@@ -285,14 +286,27 @@ impl Status {
                 since_start_bytes: counters.bytes_served,
                 requests_last_5_min: recent_requests,
             },
-            credits: Credits {
-                own_bytes_served: usage.month_bytes,
-                tracker_credited: None,
-                note: "bandwidth credits from client-signed receipts are not issued yet; this is the node's own count for the month".into(),
-            },
+            credits: self.credits_status(counters.bytes_served),
             traffic,
             counters,
         }
+    }
+
+    fn credits_status(&self, served: u64) -> CreditsStatus {
+        let ledger = self.server.credits.view();
+        let mut note = match ledger.tracker_credited {
+            Some(c) => format!(
+                "served {served} bytes since start; the tracker's ledger credits {c} bytes in all; {} receipts await redemption",
+                ledger.receipts_held
+            ),
+            None => format!("served {served} bytes since start; no statement from the tracker yet"),
+        };
+        if let Some(p) = &ledger.ledger_problem {
+            note = format!("WARNING: the tracker's ledger failed verification: {p}. {note}");
+        } else if let Some(n) = ledger.ledger_verified_size {
+            note.push_str(&format!("; ledger verified up to {n} records"));
+        }
+        CreditsStatus { own_bytes_served: served, ledger, note }
     }
 
     fn why(&self, link: &crate::tracker_link::LinkState, state: &str, rate: u64, requests: u64) -> Traffic {

@@ -23,6 +23,8 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteB
 
 pub const CF_CHUNKS: &str = "chunks";
 pub const CF_META: &str = "chunk_meta";
+/// Credit receipts held until the tracker acknowledges them (see `credits.rs`).
+pub const CF_RECEIPTS: &str = "receipts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -119,6 +121,7 @@ impl Store {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RECEIPTS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
@@ -132,7 +135,11 @@ impl Store {
         Ok(store)
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("column families are created at open")
     }
 

@@ -25,6 +25,8 @@ pub struct LinkState {
     /// Set when the tracker refuses this node (blocked, bad clock): retrying alone will not help.
     pub refused: Option<String>,
     pub advertised: Option<SocketAddr>,
+    /// The key the tracker signs ledger heads with (learned at registration).
+    pub tracker_key: Option<fog_proto::NodeId>,
 }
 
 pub type SharedLinkState = Arc<Mutex<LinkState>>;
@@ -41,7 +43,7 @@ pub struct TrackerLink {
     pub upload_limit: Option<u64>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -76,7 +78,11 @@ impl TrackerLink {
         };
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
         tracing::info!(tracker = self.tracker.base(), advertised = %resp.advertised_addr, "registered with tracker");
-        self.state.lock().expect("link state lock").advertised = Some(resp.advertised_addr);
+        {
+            let mut s = self.state.lock().expect("link state lock");
+            s.advertised = Some(resp.advertised_addr);
+            s.tracker_key = resp.tracker_key;
+        }
         self.update_origins(resp.origins);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }

@@ -1,0 +1,231 @@
+//! The node's side of credits: it checks and keeps the receipts clients hand it (on disk, until the
+//! tracker acknowledges them), redeems them in signed batches, and verifies that what the tracker credits
+//! really is in its append-only ledger: an inclusion proof for its newest record in a signed tree head,
+//! and a consistency proof from the last head it verified (so history was not rewritten).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use fog_client::tracker::TrackerClient;
+use fog_proto::api::Signed;
+use fog_proto::credits::{
+    chain_links, parse_hex32, Commitment, LedgerLeaf, Receipt, RedeemBatch, TreeHead, KIND_COMMITMENT, KIND_REDEEM,
+    KIND_TREE_HEAD, MAX_BATCH,
+};
+use fog_proto::merkle;
+use fog_proto::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, CF_RECEIPTS};
+use crate::tracker_link::SharedLinkState;
+
+const REDEEM_EVERY: Duration = Duration::from_secs(5);
+const STATEMENT_EVERY: Duration = Duration::from_secs(30);
+
+/// What the status page shows about credits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreditView {
+    pub receipts_held: u64,
+    /// Bytes the tracker's ledger credits this node with, as of its last statement.
+    pub tracker_credited: Option<u64>,
+    pub receipts_rejected: u64,
+    /// Largest ledger size whose signed head, inclusion and consistency proofs this node verified.
+    pub ledger_verified_size: Option<u64>,
+    /// Set when verification failed: the tracker's ledger cannot be trusted.
+    pub ledger_problem: Option<String>,
+    pub last_redeem_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Credits {
+    store: Arc<Store>,
+    me: NodeId,
+    held: AtomicU64,
+    bad_receipts: AtomicU64,
+    view: Mutex<CreditView>,
+    verified: Mutex<Option<(u64, merkle::Hash)>>,
+}
+
+impl Credits {
+    pub fn new(store: Arc<Store>, me: NodeId) -> Self {
+        let held = store.db().iterator_cf(store.cf(CF_RECEIPTS), rocksdb::IteratorMode::Start).count() as u64;
+        Self {
+            store,
+            me,
+            held: AtomicU64::new(held),
+            bad_receipts: AtomicU64::new(0),
+            view: Mutex::new(CreditView::default()),
+            verified: Mutex::new(None),
+        }
+    }
+
+    pub fn view(&self) -> CreditView {
+        let mut v = self.view.lock().expect("credits lock").clone();
+        v.receipts_held = self.held.load(Ordering::Relaxed);
+        v
+    }
+
+    pub fn bad_receipts(&self) -> u64 {
+        self.bad_receipts.load(Ordering::Relaxed)
+    }
+
+    /// Checks a receipt a client handed over and keeps it if it pays more than the one held for its chain.
+    pub fn accept(&self, json: &[u8]) -> Result<(), String> {
+        let result = self.check_and_store(json);
+        if result.is_err() {
+            self.bad_receipts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn check_and_store(&self, json: &[u8]) -> Result<(), String> {
+        let r: Receipt = serde_json::from_slice(json).map_err(|e| format!("not a receipt: {e}"))?;
+        let c: Commitment = r.commitment.open(KIND_COMMITMENT).map_err(|e| format!("commitment: {e}"))?;
+        if c.node != self.me {
+            return Err("receipt is for another node".into());
+        }
+        if r.index == 0 || r.index > c.length {
+            return Err("payment index outside the chain".into());
+        }
+        let preimage = parse_hex32(&r.preimage).ok_or("malformed preimage")?;
+        let id = r.chain_id();
+        let db = self.store.db();
+        let cf = self.store.cf(CF_RECEIPTS);
+        let held: Option<Receipt> = db
+            .get_pinned_cf(cf, id.as_bytes())
+            .map_err(|e| e.to_string())?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        // Check only the new links: one hash per chunk, not the whole chain again.
+        let (base, base_index) = match &held {
+            Some(h) if h.index >= r.index => return Ok(()),
+            Some(h) => (parse_hex32(&h.preimage).ok_or("held receipt is damaged")?, h.index),
+            None => (parse_hex32(&c.anchor).ok_or("malformed anchor")?, 0),
+        };
+        if !chain_links(&base, base_index, &preimage, r.index) {
+            return Err("preimage does not extend the committed chain".into());
+        }
+        db.put_cf(cf, id.as_bytes(), json).map_err(|e| e.to_string())?;
+        if held.is_none() {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn held_batch(&self) -> Vec<Receipt> {
+        let db = self.store.db();
+        db.iterator_cf(self.store.cf(CF_RECEIPTS), rocksdb::IteratorMode::Start)
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .take(MAX_BATCH)
+            .collect()
+    }
+
+    /// Drops a held receipt once the tracker settled it, unless a newer one for the chain arrived since.
+    fn settle(&self, chain_id: &str, index: u32) {
+        let db = self.store.db();
+        let cf = self.store.cf(CF_RECEIPTS);
+        let held: Option<Receipt> =
+            db.get_pinned_cf(cf, chain_id.as_bytes()).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok());
+        if held.is_some_and(|h| h.index == index) && db.delete_cf(cf, chain_id.as_bytes()).is_ok() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Redeems held receipts every few seconds and checks the ledger, until the process ends.
+    pub async fn redeem_forever(self: Arc<Self>, tracker: TrackerClient, key: SigningKey, link: SharedLinkState) {
+        let mut tick = tokio::time::interval(REDEEM_EVERY);
+        let mut last_statement: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let tracker_key = link.lock().expect("link lock").tracker_key;
+            let Some(tracker_key) = tracker_key else { continue };
+            let outcome = self.redeem_once(&tracker, &key, tracker_key).await;
+            self.view.lock().expect("credits lock").last_redeem_error = outcome.as_ref().err().cloned();
+            if last_statement.is_none_or(|t| t.elapsed() > STATEMENT_EVERY) || outcome.is_ok_and(|credited| credited) {
+                if let Ok(s) = tracker.get_json::<serde_json::Value>(&format!("/v1/nodes/{}/credits", self.me)).await {
+                    self.view.lock().expect("credits lock").tracker_credited = s["credited_bytes"].as_u64();
+                    last_statement = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// One batch; `Ok(true)` when something was credited.
+    pub async fn redeem_once(
+        &self,
+        tracker: &TrackerClient,
+        key: &SigningKey,
+        tracker_key: NodeId,
+    ) -> Result<bool, String> {
+        let receipts = self.held_batch();
+        if receipts.is_empty() {
+            return Ok(false);
+        }
+        let now = crate::tracker_link::now_ms();
+        let batch = RedeemBatch { timestamp_ms: now, receipts };
+        let resp = tracker.redeem(&Signed::sign(key, KIND_REDEEM, &batch)).await.map_err(|e| e.to_string())?;
+        let mut newest_leaf = None;
+        let mut rejected = 0;
+        for r in &resp.results {
+            self.settle(&r.chain_id, r.index);
+            if r.outcome == "rejected" {
+                rejected += 1;
+                tracing::warn!(chain = %r.chain_id, reason = ?r.reason, "tracker rejected a receipt");
+            }
+            newest_leaf = newest_leaf.max(r.leaf_index);
+        }
+        self.view.lock().expect("credits lock").receipts_rejected += rejected;
+        if let Some(leaf) = newest_leaf {
+            if let Err(problem) = self.verify_ledger(tracker, tracker_key, leaf).await {
+                tracing::error!(problem, "the tracker's ledger failed verification");
+                self.view.lock().expect("credits lock").ledger_problem = Some(problem);
+            }
+        }
+        Ok(newest_leaf.is_some())
+    }
+
+    /// Verifies that leaf `index` is this node's record in a head the tracker signed, and that this head
+    /// extends the last one verified.
+    pub async fn verify_ledger(&self, tracker: &TrackerClient, tracker_key: NodeId, index: u64) -> Result<u64, String> {
+        let head: Signed = tracker.get_json("/v1/ledger/head").await.map_err(|e| e.to_string())?;
+        if head.node_id != tracker_key {
+            return Err("tree head is not signed by the tracker's key".into());
+        }
+        let head: TreeHead = head.open(KIND_TREE_HEAD).map_err(|e| format!("tree head: {e}"))?;
+        let root = parse_hex32(&head.root).ok_or("malformed root")?;
+        let leaf: LedgerLeaf =
+            tracker.get_json(&format!("/v1/ledger/leaf?index={index}")).await.map_err(|e| e.to_string())?;
+        if leaf.node != self.me {
+            return Err(format!("ledger leaf {index} is not this node's record"));
+        }
+        #[derive(Deserialize)]
+        struct Proof {
+            proof: Vec<String>,
+        }
+        let parse =
+            |p: Proof| p.proof.iter().map(|h| parse_hex32(h)).collect::<Option<Vec<_>>>().ok_or("malformed proof");
+        let path = format!("/v1/ledger/inclusion?index={index}&size={}", head.size);
+        let inclusion = parse(tracker.get_json(&path).await.map_err(|e| e.to_string())?)?;
+        if !merkle::verify_inclusion(&leaf.bytes(), index, head.size, &inclusion, &root) {
+            return Err(format!("record {index} is not in the signed tree of size {}", head.size));
+        }
+        let previous = *self.verified.lock().expect("verified lock");
+        if let Some((old_size, old_root)) = previous {
+            if old_size > head.size {
+                return Err(format!("the ledger shrank from {old_size} to {} records", head.size));
+            }
+            let path = format!("/v1/ledger/consistency?first={old_size}&second={}", head.size);
+            let proof = parse(tracker.get_json(&path).await.map_err(|e| e.to_string())?)?;
+            if !merkle::verify_consistency(old_size, head.size, &proof, &old_root, &root) {
+                return Err(format!("the ledger of size {} does not extend the one of size {old_size}", head.size));
+            }
+        }
+        *self.verified.lock().expect("verified lock") = Some((head.size, root));
+        let mut v = self.view.lock().expect("credits lock");
+        v.ledger_verified_size = Some(head.size);
+        v.ledger_problem = None;
+        Ok(head.size)
+    }
+}

@@ -125,7 +125,7 @@ async fn corrupted_stored_chunks_are_detected_and_never_delivered() {
     cluster.nodes[0].terminate().await;
     let store = cluster.node_dir(0).join("store");
     {
-        let cfs = [fog_node::store::CF_CHUNKS, fog_node::store::CF_META];
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &store).expect("list column families");
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).expect("open node store");
         let cf = db.cf_handle(fog_node::store::CF_CHUNKS).expect("chunks cf");
         let entries: Vec<_> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.expect("iterate")).collect();

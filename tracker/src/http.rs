@@ -543,7 +543,11 @@ impl App {
                 _ => {}
             }
         }
-        json(StatusCode::OK, &self.registry.page(page, per_page, sort, admin))
+        let mut page = self.registry.page(page, per_page, sort, admin);
+        for n in &mut page.nodes {
+            n.credits = self.ledger.credited(&n.id).ok();
+        }
+        json(StatusCode::OK, &page)
     }
 
     fn is_admin(&self, req: &Request<Incoming>) -> bool {

@@ -456,6 +456,11 @@ impl Ledger {
         Ok(merkle::consistency_proof(&self.view(), first.min(second), second).iter().map(hex32).collect())
     }
 
+    /// Bytes credited to `node` over all epochs.
+    pub fn credited(&self, node: &NodeId) -> Result<u64, LedgerError> {
+        Ok(self.node_totals(node)?.credited_bytes)
+    }
+
     fn node_totals(&self, node: &NodeId) -> Result<NodeCredits, LedgerError> {
         let mut epochs = Vec::new();
         let prefix = node.as_bytes().to_vec();

@@ -103,7 +103,7 @@ pub struct NodeView {
     pub hit_ratio: Option<f64>,
     pub bytes_served: u64,
     pub corrupt_chunks: u64,
-    /// Credits arrive with client-signed receipts; none are kept yet.
+    /// Bytes the ledger credits this node with (filled in from the ledger).
     pub credits: Option<u64>,
     pub last_heartbeat_secs: u64,
 }

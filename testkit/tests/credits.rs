@@ -49,12 +49,8 @@ async fn register_fake_node(cluster: &Cluster, node: &SigningKey) {
 }
 
 async fn resolve_with_ticket(cluster: &Cluster, url: &str, client: &SigningKey) -> (Resolve, Option<(Signed, Ticket)>) {
-    let r: Resolve = reqwest::get(format!("{}/v1/resolve?url={url}&client_key={}", cluster.tracker_url(), id(client)))
-        .await
-        .expect("resolve")
-        .json()
-        .await
-        .expect("json");
+    let r: Resolve =
+        get_json(format!("{}/v1/resolve?url={url}&client_key={}", cluster.tracker_url(), id(client))).await;
     let ticket = r.ticket.clone().map(|s| {
         let t: Ticket = s.open(KIND_TICKET).expect("ticket verifies");
         (s, t)
@@ -91,13 +87,14 @@ async fn redeem(cluster: &Cluster, node: &SigningKey, receipts: Vec<Receipt>) ->
     resp.json().await.map_err(|e| e.to_string())
 }
 
+/// GET a JSON document (panics with the URL on failure: these are tests).
+async fn get_json<T: serde::de::DeserializeOwned>(url: String) -> T {
+    let resp = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.json().await.unwrap_or_else(|e| panic!("GET {url}: not the expected JSON: {e}"))
+}
+
 async fn credited(cluster: &Cluster, node: NodeId) -> u64 {
-    let s: Value = reqwest::get(format!("{}/v1/nodes/{node}/credits", cluster.tracker_url()))
-        .await
-        .expect("statement")
-        .json()
-        .await
-        .expect("json");
+    let s: Value = get_json(format!("{}/v1/nodes/{node}/credits", cluster.tracker_url())).await;
     s["credited_bytes"].as_u64().unwrap_or(0)
 }
 
@@ -113,12 +110,7 @@ async fn verified_fog_bytes_are_credited_exactly_and_nodes_verify_the_ledger() {
     // Nodes redeem every 5 s; wait for the ledger to hold all of it.
     let started = Instant::now();
     let total = loop {
-        let all: Value = reqwest::get(format!("{}/v1/credits", cluster.tracker_url()))
-            .await
-            .expect("credits")
-            .json()
-            .await
-            .expect("json");
+        let all: Value = get_json(format!("{}/v1/credits", cluster.tracker_url())).await;
         let total: u64 = all.as_array().expect("list").iter().map(|n| n["credited_bytes"].as_u64().unwrap_or(0)).sum();
         if total >= report.fog_bytes || started.elapsed() > Duration::from_secs(30) {
             break total;
@@ -139,12 +131,7 @@ async fn verified_fog_bytes_are_credited_exactly_and_nodes_verify_the_ledger() {
         let addr = std::fs::read_to_string(cluster.node_dir(i).join(fog_node::STATUS_ADDR_FILE)).expect("status addr");
         let started = Instant::now();
         loop {
-            let s: Value = reqwest::get(format!("http://{}/status", addr.trim()))
-                .await
-                .expect("status")
-                .json()
-                .await
-                .expect("json");
+            let s: Value = get_json(format!("http://{}/status", addr.trim())).await;
             let c = &s["credits"];
             if c["ledger_verified_size"].as_u64() > Some(0) && c["receipts_held"] == 0 && c["tracker_credited"].is_u64()
             {
@@ -233,21 +220,11 @@ async fn fraud_is_rejected_with_reasons() {
     assert!(reason(&r, 0).contains("epoch"), "{r:?}");
 
     // Every refusal is itemised in the node's statement.
-    let s: Value = reqwest::get(format!("{}/v1/nodes/{}/credits", cluster.tracker_url(), id(&node)))
-        .await
-        .expect("statement")
-        .json()
-        .await
-        .expect("json");
+    let s: Value = get_json(format!("{}/v1/nodes/{}/credits", cluster.tracker_url(), id(&node))).await;
     let reasons: Vec<&str> =
         s["rejected"].as_array().expect("rejected").iter().map(|r| r["reason"].as_str().unwrap_or("")).collect();
     assert!(reasons.len() >= 5, "{s:#}");
-    let head: Signed = reqwest::get(format!("{}/v1/ledger/head?epoch={}", cluster.tracker_url(), ticket.epoch))
-        .await
-        .expect("head")
-        .json()
-        .await
-        .expect("sealed head of the ticket's epoch");
+    let head: Signed = get_json(format!("{}/v1/ledger/head?epoch={}", cluster.tracker_url(), ticket.epoch)).await;
     assert!(head.open::<fog_proto::credits::TreeHead>(fog_proto::credits::KIND_TREE_HEAD).is_ok());
 }
 

@@ -427,12 +427,42 @@ impl Ledger {
         self.get(CF_HEADS, &epoch.to_be_bytes())
     }
 
-    /// Signs and keeps the head for every finished epoch not sealed yet (called periodically).
+    /// Forgets tickets that can no longer be redeemed (expired, and past the grace epoch), with their
+    /// chains' redemption state: receipts for them are refused by the epoch check before that state is
+    /// consulted. Keeps the ticket store bounded by the ticket lifetime. Returns how many were dropped.
+    pub fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
+        let _guard = self.write.lock().expect("ledger write lock");
+        let horizon = now_ms.saturating_sub(self.epoch_len.as_millis() as u64 * 2);
+        let mut batch = WriteBatch::default();
+        let mut dropped = 0;
+        for item in self.db.raw().iterator_cf(self.db.cf(CF_TICKETS), rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            let Ok(stored) = serde_json::from_slice::<StoredTicket>(&v) else { continue };
+            if stored.ticket.expiry_ms >= horizon || self.epoch_at(now_ms) <= stored.ticket.epoch + 1 {
+                continue;
+            }
+            batch.delete_cf(self.db.cf(CF_TICKETS), &k);
+            batch.delete_cf(self.db.cf(CF_TICKET_USED), &k);
+            for node in &stored.ticket.nodes {
+                batch.delete_cf(self.db.cf(CF_CHAINS), chain_key(&stored.ticket.session, node));
+            }
+            dropped += 1;
+        }
+        self.db.raw().write(batch)?;
+        Ok(dropped)
+    }
+
+    /// Signs and keeps the head for every finished epoch not sealed yet, and prunes dead tickets
+    /// (called periodically).
     pub fn seal_epochs(&self) -> Result<(), LedgerError> {
         let current = self.epoch();
         let last = self.get_u64(CF_META, b"sealed")?;
         if current == 0 || last >= current {
             return Ok(());
+        }
+        let dropped = self.prune_expired(now_ms())?;
+        if dropped > 0 {
+            tracing::info!(dropped, "forgot expired credit tickets");
         }
         let head = self.head()?;
         let mut batch = WriteBatch::default();
@@ -528,4 +558,31 @@ enum Check {
     Credit { session: String, bytes: u64, capped: bool },
     Duplicate,
     Reject(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_tickets_are_pruned_and_live_ones_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path()).expect("db"));
+        let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), Duration::from_secs(60), 100);
+        let client: NodeId = SigningKey::from_bytes(&[2; 32]).verifying_key().into();
+        let issue = || {
+            ledger
+                .issue_ticket([127, 0, 0, 1].into(), client, ContentId([0; 32]), vec![client], vec![1], 1, 1)
+                .expect("issue")
+                .expect("ticket")
+        };
+        let (a, b) = (issue(), issue());
+        assert_eq!(ledger.prune_expired(now_ms()).expect("prune"), 0, "live tickets were dropped");
+        let later = now_ms() + ledger.ticket_ttl.as_millis() as u64 + 3 * 60_000;
+        assert_eq!(ledger.prune_expired(later).expect("prune"), 2);
+        for t in [a, b] {
+            let session = t.open::<Ticket>(KIND_TICKET).expect("ticket").session;
+            assert!(ledger.get::<StoredTicket>(CF_TICKETS, session.as_bytes()).expect("get").is_none());
+        }
+    }
 }

@@ -87,10 +87,11 @@ impl TrackerLink {
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }
 
-    async fn heartbeat(&self) -> Result<bool, fog_client::tracker::TrackerError> {
+    /// `draining`: tell the tracker this node is shutting down, so it schedules nothing new here.
+    async fn heartbeat(&self, draining: bool) -> Result<bool, fog_client::tracker::TrackerError> {
         let (used, chunks) = self.server.store.usage();
         let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
-        let msg = Heartbeat { timestamp_ms: now_ms(), stats };
+        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
         Ok(resp.registered)
@@ -143,7 +144,7 @@ impl TrackerLink {
                     }
                 },
                 Some(i) => {
-                    let result = self.heartbeat().await;
+                    let result = self.heartbeat(false).await;
                     self.record(result.as_ref().copied());
                     match result {
                         Ok(true) => failures = 0,
@@ -164,7 +165,12 @@ impl TrackerLink {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    if interval.is_some() {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.heartbeat(true)).await;
+                    }
+                    return;
+                }
             }
         }
     }

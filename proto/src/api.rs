@@ -88,6 +88,9 @@ pub struct RegisterResponse {
 pub struct Heartbeat {
     pub timestamp_ms: u64,
     pub stats: NodeStats,
+    /// The node is shutting down: finish what is in flight, send it nothing new.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,7 +188,12 @@ pub struct ApiError {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrackerStats {
     pub nodes_total: u64,
+    /// Nodes being scheduled (heartbeating, passing probes, not draining or quarantined).
     pub nodes_healthy: u64,
+    #[serde(default)]
+    pub nodes_draining: u64,
+    #[serde(default)]
+    pub nodes_quarantined: u64,
     pub manifests: u64,
     pub cache_used: u64,
     pub cache_capacity: u64,
@@ -205,7 +213,7 @@ mod tests {
     #[test]
     fn signed_messages_verify_and_resist_tampering() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default() };
+        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default(), draining: false };
         let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
         let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");
         assert_eq!(back.timestamp_ms, 1);

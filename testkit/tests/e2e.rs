@@ -394,14 +394,22 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let node_id: fog_proto::NodeId = resolve_node_id(&cluster).await;
     let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
-    let mut forged = Signed::sign(&key, KIND_HEARTBEAT, &Heartbeat { timestamp_ms: now, stats: NodeStats::default() });
+    let mut forged = Signed::sign(
+        &key,
+        KIND_HEARTBEAT,
+        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false },
+    );
     forged.node_id = node_id;
     let resp = post("/v1/nodes/heartbeat", &forged).await.expect("post");
     assert_eq!(resp.status().as_u16(), 401);
     let body: fog_proto::api::ApiError = resp.json().await.expect("error body");
     assert!(body.message.contains("signature"), "{}", body.message);
     // A correctly signed message replayed: the second copy is refused.
-    let honest = Signed::sign(&key, KIND_HEARTBEAT, &Heartbeat { timestamp_ms: now, stats: NodeStats::default() });
+    let honest = Signed::sign(
+        &key,
+        KIND_HEARTBEAT,
+        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false },
+    );
     let reg = fog_proto::api::Register {
         quic_addr: "127.0.0.1:9".parse().expect("addr"),
         cache_capacity: 1,

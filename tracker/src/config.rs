@@ -56,6 +56,9 @@ pub struct TrackerArgs {
     /// Credit tickets one client address may get per minute [default: 120].
     #[arg(long, env = "FOG_TRACKER_TICKETS_PER_MINUTE")]
     pub tickets_per_minute: Option<u32>,
+    /// Seconds between rounds of active probes of nodes; 0 turns probing off [default: 30].
+    #[arg(long, env = "FOG_TRACKER_PROBE_SECS")]
+    pub probe_secs: Option<u64>,
     /// Most registered nodes kept [default: 100000].
     #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
     pub max_nodes: Option<usize>,
@@ -77,6 +80,8 @@ pub struct TrackerConfig {
     pub admin_token: Option<String>,
     pub epoch: Duration,
     pub tickets_per_minute: u32,
+    /// `None`: no probes.
+    pub probe_every: Option<Duration>,
 }
 
 impl TrackerArgs {
@@ -114,6 +119,9 @@ impl TrackerArgs {
             max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
             admin_token,
             epoch: Duration::from_secs(self.epoch_secs.or(file.epoch_secs).unwrap_or(3600).max(1)),
+            probe_every: Some(self.probe_secs.or(file.probe_secs).unwrap_or(30))
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
             tickets_per_minute: self.tickets_per_minute.or(file.tickets_per_minute).unwrap_or(120),
         })
     }

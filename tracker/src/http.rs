@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
 use crate::dashboard::{now_ms, Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
@@ -55,6 +55,9 @@ pub struct App {
     ingests: AtomicU64,
     ingest_errors: AtomicU64,
     streams: Arc<Semaphore>,
+    /// Nodes clients reported serving wrong bytes, for the prober to check now.
+    urgent_probes: mpsc::Sender<NodeId>,
+    urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
 }
 
 fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>, retryable: bool) -> Reply {
@@ -90,6 +93,7 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
 impl App {
     pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest, ledger: Ledger) -> Result<Self, crate::db::DbError> {
         let manifests = db.count_manifests()?;
+        let (urgent_probes, urgent_rx) = mpsc::channel(64);
         let blocked = db.blocked_nodes()?;
         Ok(Self {
             registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked),
@@ -104,6 +108,8 @@ impl App {
             ingests: AtomicU64::new(0),
             ingest_errors: AtomicU64::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            urgent_probes,
+            urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
         })
     }
 
@@ -356,7 +362,7 @@ impl App {
             Ok(h) => h,
             Err(e) => return self.reject_node(&signed.node_id, e),
         };
-        match self.registry.heartbeat(&signed.node_id, hb.stats, hb.timestamp_ms, now_ms()) {
+        match self.registry.heartbeat(&signed.node_id, hb.stats, hb.draining, hb.timestamp_ms, now_ms()) {
             Ok(registered) => {
                 json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
             }
@@ -439,6 +445,10 @@ impl App {
         t.client_origin_bytes.fetch_add(report.origin_bytes + report.passthrough_bytes, Ordering::Relaxed);
         for f in &report.node_failures {
             let reason = crate::metrics::known_reason(&f.reason);
+            if reason == "hash_mismatch" {
+                // Not trusted as such: a probe of the node decides.
+                let _ = self.urgent_probes.try_send(f.node);
+            }
             m.node_failure_reports.get_or_create(&ResultLabel { result: reason }).inc_by(f.count);
             self.dashboard.event(
                 "client_report",
@@ -453,6 +463,8 @@ impl App {
         TrackerStats {
             nodes_total: c.total,
             nodes_healthy: c.healthy,
+            nodes_draining: c.draining,
+            nodes_quarantined: c.quarantined,
             manifests: self.manifests.load(Ordering::Relaxed),
             cache_used: c.cache_used,
             cache_capacity: c.cache_capacity,
@@ -609,8 +621,15 @@ impl App {
     fn metrics_text(&self) -> String {
         let s = self.stats();
         let m = &self.metrics;
-        m.nodes.get_or_create(&StateLabel { state: "healthy" }).set(s.nodes_healthy as i64);
-        m.nodes.get_or_create(&StateLabel { state: "unhealthy" }).set((s.nodes_total - s.nodes_healthy) as i64);
+        let unhealthy = s.nodes_total - s.nodes_healthy - s.nodes_draining - s.nodes_quarantined;
+        for (state, n) in [
+            ("healthy", s.nodes_healthy),
+            ("draining", s.nodes_draining),
+            ("quarantined", s.nodes_quarantined),
+            ("unhealthy", unhealthy),
+        ] {
+            m.nodes.get_or_create(&StateLabel { state }).set(n as i64);
+        }
         m.manifests.set(s.manifests as i64);
         m.node_cache_used_bytes.set(s.cache_used as i64);
         let t = &self.registry.totals;
@@ -628,6 +647,14 @@ impl App {
 /// Serves HTTP on `listener` until `shutdown` resolves; samples the dashboard history meanwhile.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     let sampler = tokio::spawn(app.clone().sample_forever());
+    let urgent = app.urgent_rx.lock().expect("probe channel lock").take();
+    let prober = match (app.cfg.probe_every, urgent) {
+        (Some(every), Some(urgent)) => Some(tokio::spawn(crate::probe::probe_forever(app.clone(), every, urgent))),
+        _ => None,
+    };
     http_server::serve(listener, MAX_CONNECTIONS, move |req, peer| app.clone().handle(req, peer), shutdown).await;
     sampler.abort();
+    if let Some(p) = prober {
+        p.abort();
+    }
 }

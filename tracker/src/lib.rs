@@ -8,5 +8,6 @@ pub mod http;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod probe;
 pub mod registry;
 pub mod scheduler;

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub node_failure_reports: Family<ResultLabel, Counter>,
     pub credited_bytes: Counter,
     pub rejected_receipts: Counter,
+    pub probes: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,7 +69,9 @@ impl Default for Metrics {
         let (node_requests, corrupt_chunks) = (Counter::default(), Counter::default());
         let (client_bytes, node_failure_reports) = (Family::default(), Family::default());
         let (credited_bytes, rejected_receipts) = (Counter::default(), Counter::default());
+        let probes = Family::default();
         let mut registry = Registry::default();
+        registry.register("fog_tracker_probes", "Active probes of nodes by result", probes.clone());
         registry.register(
             "fog_tracker_credited_bytes",
             "Bytes credited to nodes in the ledger",
@@ -135,6 +138,7 @@ impl Default for Metrics {
             node_failure_reports,
             credited_bytes,
             rejected_receipts,
+            probes,
         }
     }
 }

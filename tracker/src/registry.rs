@@ -30,9 +30,64 @@ pub struct Registration {
     pub version: String,
 }
 
+/// A node's health, from heartbeats, the tracker's probes and what it announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Scheduled.
+    Active,
+    /// Shutting down: serves what is in flight, gets nothing new.
+    Draining,
+    /// Heartbeats stopped, or probes keep failing.
+    Unhealthy,
+    /// Served bytes that did not match their hash: never scheduled again while the tracker runs.
+    Quarantined,
+}
+
+impl NodeState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Unhealthy => "unhealthy",
+            Self::Quarantined => "quarantined",
+        }
+    }
+}
+
+/// What one active probe of a node found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The chunk came back and verified.
+    Ok { rtt_ms: u64 },
+    /// The node does not hold the chunk: no verdict.
+    NoData,
+    /// Timeout, refused connection, protocol error.
+    Failed(String),
+    /// Bytes that do not hash to the chunk.
+    WrongBytes,
+}
+
+/// Consecutive probe failures that make a node unhealthy, and successes that bring it back (hysteresis,
+/// so one lost packet does not flap a node in and out of schedules).
+pub const PROBE_FAILURES_DOWN: u32 = 3;
+pub const PROBE_SUCCESSES_UP: u32 = 2;
+
+/// Probe history of one node.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub draining: bool,
+    pub probe_down: bool,
+    pub failures: u32,
+    pub successes: u32,
+    pub last_probe_rtt_ms: Option<u64>,
+    pub quarantined: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeEntry {
     pub reg: Registration,
+    pub health: Health,
     pub last_seen: Instant,
     /// Newest message timestamp accepted: older or equal ones are replays.
     pub last_timestamp_ms: u64,
@@ -80,6 +135,8 @@ pub struct Registry {
 pub struct Counts {
     pub total: u64,
     pub healthy: u64,
+    pub draining: u64,
+    pub quarantined: u64,
     pub cache_used: u64,
     pub cache_capacity: u64,
     pub bytes_served: u64,
@@ -91,6 +148,9 @@ pub struct Counts {
 pub struct NodeView {
     pub id: NodeId,
     pub state: &'static str,
+    pub quarantine_reason: Option<String>,
+    /// Round trip of the tracker's latest successful probe.
+    pub probe_rtt_ms: Option<u64>,
     /// Only shown to operators (a volunteer's address is personal data).
     pub addr: Option<SocketAddr>,
     /// Whether clients can reach it directly; the overlay will tell public, NAT'd and relayed apart.
@@ -187,10 +247,13 @@ impl Registry {
                 return Err(RegistryError::Full(self.max_nodes));
             }
         }
-        let (stats, upload_rate) = nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate)).unwrap_or_default();
+        // Re-registering keeps what the node earned: its counters, and a quarantine.
+        let (stats, upload_rate, quarantined) =
+            nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate, n.health.quarantined.clone())).unwrap_or_default();
+        let health = Health { quarantined, ..Default::default() };
         nodes.insert(
             id,
-            NodeEntry { reg, last_seen: Instant::now(), last_timestamp_ms: timestamp_ms, stats, upload_rate },
+            NodeEntry { reg, health, last_seen: Instant::now(), last_timestamp_ms: timestamp_ms, stats, upload_rate },
         );
         Ok(())
     }
@@ -200,6 +263,7 @@ impl Registry {
         &self,
         id: &NodeId,
         stats: NodeStats,
+        draining: bool,
         timestamp_ms: u64,
         now_ms: u64,
     ) -> Result<bool, RegistryError> {
@@ -221,6 +285,7 @@ impl Registry {
         n.last_timestamp_ms = timestamp_ms;
         n.last_seen = Instant::now();
         n.stats = stats;
+        n.health.draining = draining;
         Ok(true)
     }
 
@@ -241,8 +306,61 @@ impl Registry {
         v
     }
 
+    fn state(&self, n: &NodeEntry) -> NodeState {
+        if n.health.quarantined.is_some() {
+            NodeState::Quarantined
+        } else if n.last_seen.elapsed() > self.timeout || n.health.probe_down {
+            NodeState::Unhealthy
+        } else if n.health.draining {
+            NodeState::Draining
+        } else {
+            NodeState::Active
+        }
+    }
+
     fn healthy(&self, n: &NodeEntry) -> bool {
-        n.last_seen.elapsed() <= self.timeout
+        self.state(n) == NodeState::Active
+    }
+
+    /// Records a probe of `id`; returns the state change it caused, if any.
+    pub fn record_probe(&self, id: &NodeId, outcome: &ProbeOutcome) -> Option<(NodeState, NodeState)> {
+        let mut nodes = self.nodes.write().expect("registry lock");
+        let n = nodes.get_mut(id)?;
+        let before = self.state(n);
+        let h = &mut n.health;
+        match outcome {
+            ProbeOutcome::Ok { rtt_ms } => {
+                h.last_probe_rtt_ms = Some(*rtt_ms);
+                h.failures = 0;
+                h.successes += 1;
+                if h.probe_down && h.successes >= PROBE_SUCCESSES_UP {
+                    h.probe_down = false;
+                }
+            }
+            ProbeOutcome::NoData => {}
+            ProbeOutcome::Failed(_) => {
+                h.successes = 0;
+                h.failures += 1;
+                if h.failures >= PROBE_FAILURES_DOWN {
+                    h.probe_down = true;
+                }
+            }
+            ProbeOutcome::WrongBytes => {
+                h.quarantined.get_or_insert_with(|| "served bytes that do not match their hash".into());
+            }
+        }
+        let after = self.state(n);
+        (before != after).then_some((before, after))
+    }
+
+    /// Nodes worth probing (not quarantined, still heartbeating): id and address.
+    pub fn probe_targets(&self) -> Vec<NodeContact> {
+        let nodes = self.nodes.read().expect("registry lock");
+        nodes
+            .iter()
+            .filter(|(_, n)| n.health.quarantined.is_none() && n.last_seen.elapsed() <= self.timeout)
+            .map(|(id, n)| NodeContact { id: *id, addr: n.reg.addr })
+            .collect()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -264,6 +382,13 @@ impl Registry {
     pub fn counts(&self) -> Counts {
         let nodes = self.nodes.read().expect("registry lock");
         let mut c = Counts { total: nodes.len() as u64, ..Default::default() };
+        for n in nodes.values() {
+            match self.state(n) {
+                NodeState::Draining => c.draining += 1,
+                NodeState::Quarantined => c.quarantined += 1,
+                _ => {}
+            }
+        }
         for n in nodes.values().filter(|n| self.healthy(n)) {
             c.healthy += 1;
             c.cache_used += n.stats.cache_used;
@@ -278,11 +403,12 @@ impl Registry {
     pub fn page(&self, page: usize, per_page: usize, sort: SortBy, with_addr: bool) -> NodePage {
         let per_page = per_page.clamp(1, MAX_PAGE);
         let nodes = self.nodes.read().expect("registry lock");
-        let mut rows: Vec<(&NodeId, &NodeEntry, bool)> = nodes.iter().map(|(id, n)| (id, n, self.healthy(n))).collect();
+        let mut rows: Vec<(&NodeId, &NodeEntry, NodeState)> =
+            nodes.iter().map(|(id, n)| (id, n, self.state(n))).collect();
         match sort {
             SortBy::Id => rows.sort_unstable_by_key(|r| *r.0),
-            // Unhealthy first: that is what an operator looks for.
-            SortBy::State => rows.sort_unstable_by_key(|r| (r.2, *r.0)),
+            // Worst first (quarantined, unhealthy, draining): that is what an operator looks for.
+            SortBy::State => rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.2), *r.0)),
             SortBy::BytesServed => rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.1.stats.bytes_served), *r.0)),
             SortBy::UploadRate => rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.1.upload_rate), *r.0)),
             SortBy::LastSeen => rows.sort_unstable_by_key(|r| (r.1.last_seen, *r.0)),
@@ -292,11 +418,13 @@ impl Registry {
             .into_iter()
             .skip(page.saturating_mul(per_page))
             .take(per_page)
-            .map(|(id, n, healthy)| {
+            .map(|(id, n, state)| {
                 let lookups = n.stats.hits + n.stats.misses;
                 NodeView {
                     id: *id,
-                    state: if healthy { "healthy" } else { "unhealthy" },
+                    state: state.name(),
+                    quarantine_reason: n.health.quarantined.clone(),
+                    probe_rtt_ms: n.health.last_probe_rtt_ms,
                     addr: with_addr.then_some(n.reg.addr),
                     reachability: "direct",
                     version: n.reg.version.clone(),
@@ -344,11 +472,11 @@ mod tests {
         assert_eq!(r.register(id(2), reg(), 1, now), Err(RegistryError::Clock));
         r.register(id(2), reg(), now, now).expect("second");
         assert_eq!(r.register(id(3), reg(), now, now), Err(RegistryError::Full(2)));
-        assert_eq!(r.heartbeat(&id(9), NodeStats::default(), now, now), Ok(false));
-        assert_eq!(r.heartbeat(&id(1), NodeStats::default(), now + 1, now), Ok(true));
+        assert_eq!(r.heartbeat(&id(9), NodeStats::default(), false, now, now), Ok(false));
+        assert_eq!(r.heartbeat(&id(1), NodeStats::default(), false, now + 1, now), Ok(true));
         assert_eq!(r.counts().healthy, 2);
         assert!(r.block(id(2)));
-        assert_eq!(r.heartbeat(&id(2), NodeStats::default(), now + 2, now), Err(RegistryError::Blocked));
+        assert_eq!(r.heartbeat(&id(2), NodeStats::default(), false, now + 2, now), Err(RegistryError::Blocked));
         assert_eq!(r.register(id(2), reg(), now + 3, now), Err(RegistryError::Blocked));
         assert_eq!(r.counts().total, 1);
         std::thread::sleep(Duration::from_millis(60));
@@ -357,14 +485,44 @@ mod tests {
     }
 
     #[test]
+    fn probes_and_draining_move_nodes_between_states_with_hysteresis() {
+        let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+        let now = 10_000_000;
+        r.register(id(1), reg(), now, now).expect("register");
+        let state = || r.page(0, 10, SortBy::Id, false).nodes[0].state;
+        let fail = ProbeOutcome::Failed("timeout".into());
+        assert_eq!(r.record_probe(&id(1), &fail), None);
+        assert_eq!(r.record_probe(&id(1), &ProbeOutcome::NoData), None);
+        assert_eq!(r.record_probe(&id(1), &fail), None);
+        assert_eq!(r.record_probe(&id(1), &fail), Some((NodeState::Active, NodeState::Unhealthy)));
+        assert!(r.snapshot().nodes.is_empty());
+        assert_eq!(r.record_probe(&id(1), &ProbeOutcome::Ok { rtt_ms: 3 }), None, "one success is not enough");
+        assert_eq!(
+            r.record_probe(&id(1), &ProbeOutcome::Ok { rtt_ms: 3 }),
+            Some((NodeState::Unhealthy, NodeState::Active))
+        );
+        r.heartbeat(&id(1), NodeStats::default(), true, now + 1, now).expect("draining heartbeat");
+        assert_eq!(state(), "draining");
+        assert!(r.snapshot().nodes.is_empty(), "a draining node must not be scheduled");
+        r.heartbeat(&id(1), NodeStats::default(), false, now + 2, now).expect("heartbeat");
+        assert_eq!(
+            r.record_probe(&id(1), &ProbeOutcome::WrongBytes),
+            Some((NodeState::Active, NodeState::Quarantined))
+        );
+        r.register(id(1), reg(), now + 3, now).expect("re-register");
+        assert_eq!(state(), "quarantined", "re-registering must not lift a quarantine");
+        assert!(r.probe_targets().is_empty());
+    }
+
+    #[test]
     fn totals_survive_counter_resets() {
         let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
         let now = 10_000_000;
         r.register(id(1), reg(), now, now).expect("register");
         let stats = |b| NodeStats { bytes_served: b, ..Default::default() };
-        r.heartbeat(&id(1), stats(100), now + 1000, now).expect("hb");
-        r.heartbeat(&id(1), stats(300), now + 2000, now).expect("hb");
-        r.heartbeat(&id(1), stats(50), now + 3000, now).expect("hb after restart");
+        r.heartbeat(&id(1), stats(100), false, now + 1000, now).expect("hb");
+        r.heartbeat(&id(1), stats(300), false, now + 2000, now).expect("hb");
+        r.heartbeat(&id(1), stats(50), false, now + 3000, now).expect("hb after restart");
         assert_eq!(r.totals.fog_bytes.load(Ordering::Relaxed), 350);
         assert_eq!(r.page(0, 10, SortBy::Id, false).nodes[0].upload_rate, 50);
     }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use fog_client::origin::SharedOrigins;
@@ -43,9 +43,7 @@ pub struct TrackerLink {
     pub upload_limit: Option<u64>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use fog_proto::api::now_ms;
 
 /// Loads the origin list saved from the last tracker contact, if any.
 pub fn load_origins(path: &std::path::Path) -> OriginList {

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 use crate::origins::OriginList;
 use crate::{ContentId, Manifest, NodeId};
 
+/// Milliseconds since the Unix epoch, as every `timestamp_ms` field carries them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A message a node signs with its identity key, so nobody can register or heartbeat in its name.
 /// The signature covers `"fog-signed-v1\0" ‖ kind ‖ "\0" ‖ payload`, where `payload` is the exact JSON text
 /// of the inner message: the verifier checks those bytes, then parses them.

@@ -17,9 +17,7 @@ use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
+use fog_proto::api::now_ms;
 
 fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])

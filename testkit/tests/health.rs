@@ -16,9 +16,7 @@ use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
+use fog_proto::api::now_ms;
 
 async fn post(cluster: &Cluster, path: &str, body: &impl serde::Serialize) -> u16 {
     let url = format!("{}{path}", cluster.tracker_url());

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fog_proto::NodeId;
 use serde::Serialize;
@@ -21,9 +21,7 @@ const EVENTS_SHOWN: usize = 50;
 const MAX_TRACKED_URLS: usize = 10_000;
 const TOP_SHOWN: usize = 10;
 
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use fog_proto::api::now_ms;
 
 /// One point of history: rates over the preceding interval.
 #[derive(Debug, Clone, Copy, Serialize)]

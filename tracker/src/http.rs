@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
+use fog_proto::api::now_ms;
 use fog_proto::api::{
     ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed,
     TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_REPORTED_FAILURES,
@@ -22,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
-use crate::dashboard::{now_ms, Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
+use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
 use crate::ledger::{Ledger, LedgerError};

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fog_client::origin::{OriginClient, OriginError};
 use fog_proto::{ChunkHash, ContentId, Manifest};
@@ -53,9 +53,7 @@ pub enum Origin {
     Ingested,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use fog_proto::api::now_ms;
 
 impl Ingest {
     pub fn new(origin: OriginClient, db: Arc<Db>, cfg: &crate::config::TrackerConfig, max_concurrent: usize) -> Self {

@@ -112,9 +112,7 @@ pub struct Ledger {
     issued: Mutex<HashMap<IpAddr, (u64, u32)>>,
 }
 
-fn now_ms() -> u64 {
-    crate::dashboard::now_ms()
-}
+use fog_proto::api::now_ms;
 
 fn node_epoch_key(node: &NodeId, epoch: u64) -> Vec<u8> {
     [node.as_bytes().as_slice(), &epoch.to_be_bytes()].concat()

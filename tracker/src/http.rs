@@ -302,6 +302,19 @@ impl App {
         })
     }
 
+    /// A node's signed message of `kind`: the signer and the verified payload, or the refusal to send.
+    async fn signed_message<T: serde::de::DeserializeOwned>(
+        &self,
+        req: Request<Incoming>,
+        kind: &'static str,
+    ) -> Result<(NodeId, T), Reply> {
+        let signed = Self::json_body::<Signed>(req).await?;
+        match signed.open(kind) {
+            Ok(message) => Ok((signed.node_id, message)),
+            Err(e) => Err(self.reject_node(&signed.node_id, e)),
+        }
+    }
+
     fn reject_node(&self, node: &NodeId, e: impl std::fmt::Display) -> Reply {
         self.metrics.bad_node_messages.inc();
         tracing::warn!(%node, error = %e, "rejected node message");
@@ -310,13 +323,9 @@ impl App {
     }
 
     async fn register(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
-        let signed = match Self::json_body::<Signed>(req).await {
-            Ok(s) => s,
+        let (node, reg): (NodeId, Register) = match self.signed_message(req, KIND_REGISTER).await {
+            Ok(m) => m,
             Err(r) => return r,
-        };
-        let reg: Register = match signed.open(KIND_REGISTER) {
-            Ok(r) => r,
-            Err(e) => return self.reject_node(&signed.node_id, e),
         };
         // An unspecified address means "where you see me from" (a node listening on 0.0.0.0).
         let addr = if reg.quic_addr.ip().is_unspecified() {
@@ -330,10 +339,10 @@ impl App {
             upload_limit: reg.upload_limit,
             version: reg.version,
         };
-        match self.registry.register(signed.node_id, registration, reg.timestamp_ms, now_ms()) {
+        match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
-                tracing::info!(node = %signed.node_id, %addr, "node registered");
-                self.dashboard.event("node_registered", format!("node {} registered", &signed.node_id.to_hex()[..16]));
+                tracing::info!(node = %node, %addr, "node registered");
+                self.dashboard.event("node_registered", format!("node {} registered", &node.to_hex()[..16]));
                 json(
                     StatusCode::OK,
                     &RegisterResponse {
@@ -350,50 +359,42 @@ impl App {
                 format!("tracker registry is full ({n} nodes)"),
                 true,
             ),
-            Err(e) => self.reject_node(&signed.node_id, e),
+            Err(e) => self.reject_node(&node, e),
         }
     }
 
     async fn heartbeat(&self, req: Request<Incoming>) -> Reply {
-        let signed = match Self::json_body::<Signed>(req).await {
-            Ok(s) => s,
+        let (node, hb): (NodeId, Heartbeat) = match self.signed_message(req, KIND_HEARTBEAT).await {
+            Ok(m) => m,
             Err(r) => return r,
         };
-        let hb: Heartbeat = match signed.open(KIND_HEARTBEAT) {
-            Ok(h) => h,
-            Err(e) => return self.reject_node(&signed.node_id, e),
-        };
-        match self.registry.heartbeat(&signed.node_id, hb.stats, hb.draining, hb.timestamp_ms, now_ms()) {
+        match self.registry.heartbeat(&node, hb.stats, hb.draining, hb.timestamp_ms, now_ms()) {
             Ok(registered) => {
                 json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
             }
-            Err(e) => self.reject_node(&signed.node_id, e),
+            Err(e) => self.reject_node(&node, e),
         }
     }
 
     /// `POST /v1/credits/redeem`: a node's signed batch of receipts.
     async fn redeem(&self, req: Request<Incoming>) -> Reply {
-        let signed = match Self::json_body::<Signed>(req).await {
-            Ok(s) => s,
+        let (node, batch): (NodeId, RedeemBatch) = match self.signed_message(req, KIND_REDEEM).await {
+            Ok(m) => m,
             Err(r) => return r,
-        };
-        let batch: RedeemBatch = match signed.open(KIND_REDEEM) {
-            Ok(b) => b,
-            Err(e) => return self.reject_node(&signed.node_id, e),
         };
         if batch.receipts.len() > MAX_BATCH {
             let msg = format!("at most {MAX_BATCH} receipts per batch");
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
         }
-        match self.ledger.redeem(signed.node_id, &batch.receipts) {
+        match self.ledger.redeem(node, &batch.receipts) {
             Ok(results) => {
                 let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
                 let rejected = results.iter().filter(|r| r.outcome == "rejected").count();
                 self.metrics.credited_bytes.inc_by(credited);
                 self.metrics.rejected_receipts.inc_by(rejected as u64);
                 if rejected > 0 {
-                    let node = &signed.node_id.to_hex()[..16];
-                    self.dashboard.event("receipts_rejected", format!("node {node}: {rejected} receipt(s) rejected"));
+                    let short = &node.to_hex()[..16];
+                    self.dashboard.event("receipts_rejected", format!("node {short}: {rejected} receipt(s) rejected"));
                 }
                 json(StatusCode::OK, &RedeemResponse { results })
             }

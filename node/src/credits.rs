@@ -43,6 +43,9 @@ pub struct Credits {
     store: Arc<Store>,
     me: NodeId,
     held: AtomicU64,
+    /// Serialises read-compare-write of held receipts: receipts for one chain arrive on parallel streams,
+    /// and an older one must never overwrite a newer one (the client does not send it again).
+    write: Mutex<()>,
     bad_receipts: AtomicU64,
     view: Mutex<CreditView>,
     verified: Mutex<Option<(u64, merkle::Hash)>>,
@@ -55,6 +58,7 @@ impl Credits {
             store,
             me,
             held: AtomicU64::new(held),
+            write: Mutex::new(()),
             bad_receipts: AtomicU64::new(0),
             view: Mutex::new(CreditView::default()),
             verified: Mutex::new(None),
@@ -93,6 +97,7 @@ impl Credits {
         let id = r.chain_id();
         let db = self.store.db();
         let cf = self.store.cf(CF_RECEIPTS);
+        let _guard = self.write.lock().expect("receipts lock");
         let held: Option<Receipt> = db
             .get_pinned_cf(cf, id.as_bytes())
             .map_err(|e| e.to_string())?
@@ -124,6 +129,7 @@ impl Credits {
 
     /// Drops a held receipt once the tracker settled it, unless a newer one for the chain arrived since.
     fn settle(&self, chain_id: &str, index: u32) {
+        let _guard = self.write.lock().expect("receipts lock");
         let db = self.store.db();
         let cf = self.store.cf(CF_RECEIPTS);
         let held: Option<Receipt> =

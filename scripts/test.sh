@@ -1,12 +1,35 @@
 #!/usr/bin/env bash
 # Runs fogcdn's whole test suite: installs missing system packages, builds (release profile, shared
 # target dir), checks formatting and lints, then runs unit and integration tests against real RocksDB,
-# QUIC and HTTP on 127.0.0.1. Ends with one line: "tests: N passed, N failed".
+# QUIC, libp2p and HTTP on 127.0.0.1. Ends with one line: "tests: N passed, N failed".
 #   scripts/test.sh [extra cargo test args, e.g. a test name filter]
+#   scripts/test.sh --netns    only the overlay tests across network namespaces and NATs (needs root)
+# As root, the full run includes the network-namespace tests; otherwise they skip, saying why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+netns_only=false
+if [ "${1:-}" = "--netns" ]; then netns_only=true; shift; fi
 ensure_build_deps
+# The network-namespace tests need iptables (home routers' NAT), iproute2 and python3 (delay lines).
+if [ "$(id -u)" -eq 0 ]; then
+    ensure_packages iptables iproute2 python3 || log "warning: iptables could not be installed; the netns tests will skip"
+fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+# run_tests CARGO_TEST_ARGS... -- TEST_ARGS...: runs the tests and prints the closing count line.
+run_tests() {
+    local status=0
+    cargo test --release --locked "$@" 2>&1 | tee "$out" || status=$?
+    awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+         END { printf "tests: %d passed, %d failed\n", p, f }' "$out"
+    return "$status"
+}
+if $netns_only; then
+    build_release
+    run_tests -p fog-testkit --test netns -- --test-threads=1 "$@"
+    exit
+fi
 # The dashboard test drives a real browser; without one it skips, saying so.
 ensure_packages chromium chromium-driver || log "warning: Chromium could not be installed; the browser test will skip"
 # The player tests generate and play real HLS/DASH/MP4 with ffmpeg; without it they skip, saying so.
@@ -19,12 +42,6 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
     log "clippy missing: lint check skipped"
 fi
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
 # Integration tests start real processes, each with its own RocksDB; two test threads keep 2 cores busy
 # without starving the QUIC timers under test.
-status=0
-cargo test --release --locked --workspace -- --test-threads=2 "$@" 2>&1 | tee "$out" || status=$?
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$out"
-exit "$status"
+run_tests --workspace -- --test-threads=2 "$@"

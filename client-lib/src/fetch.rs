@@ -589,7 +589,7 @@ impl Inner {
             return Ok(c.clone());
         }
         let idle = self.cfg.deadlines.first_byte * 2;
-        let conn = transport::connect(&self.endpoint, node.id, node.addr, idle, self.cfg.connect_timeout)
+        let conn = transport::connect_contact(&self.endpoint, node, idle, self.cfg.connect_timeout)
             .await
             .map_err(ChunkError::Stream)?;
         *slot = Some(conn.clone());

@@ -16,6 +16,7 @@ pub mod http_server;
 pub mod identity;
 pub mod origin;
 pub mod proxy;
+pub mod rendezvous;
 pub mod tracker;
 pub mod transport;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, SigningKey, Verifier};
+use fog_proto::api::NodeContact;
 use fog_proto::wire::ALPN;
 use fog_proto::NodeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -59,7 +60,7 @@ pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Resul
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], private)
         .map_err(|e| TransportError::Identity(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![ALPN.to_vec(), fog_proto::rendezvous::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Identity(e.to_string()))?;
@@ -76,13 +77,18 @@ pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Resul
 
 /// Client configuration that accepts only a server proving possession of `node`'s key.
 pub fn client_config(node: NodeId, idle_timeout: Duration) -> quinn::ClientConfig {
+    client_config_for(node, idle_timeout, ALPN)
+}
+
+/// [`client_config`] for another protocol on the node's endpoint (`alpn`).
+pub fn client_config_for(node: NodeId, idle_timeout: Duration, alpn: &[u8]) -> quinn::ClientConfig {
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .dangerous() // Not unverified: PinnedKey checks the handshake signature against the pinned key.
         .with_custom_certificate_verifier(Arc::new(PinnedKey(node)))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("TLS 1.3 with an initial suite");
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport_config(idle_timeout));
@@ -98,9 +104,32 @@ pub async fn connect(
     idle_timeout: Duration,
     timeout: Duration,
 ) -> Result<quinn::Connection, String> {
-    let connecting = endpoint
-        .connect_with(client_config(node, idle_timeout), addr, SERVER_NAME)
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    connect_with(endpoint, client_config(node, idle_timeout), addr, timeout).await
+}
+
+/// Dials the node in `contact`: directly, or, for a node behind NAT, through its rendezvous, which makes
+/// the node open its NAT towards this endpoint first (see `fog_proto::rendezvous`).
+pub async fn connect_contact(
+    endpoint: &quinn::Endpoint,
+    contact: &NodeContact,
+    idle_timeout: Duration,
+    timeout: Duration,
+) -> Result<quinn::Connection, String> {
+    let addr = match &contact.via {
+        None => contact.addr,
+        Some(via) => crate::rendezvous::punch(endpoint, via, contact.id, timeout).await?,
+    };
+    connect(endpoint, contact.id, addr, idle_timeout, timeout).await
+}
+
+/// Completes a handshake with `cfg` (which pins the node key) within `timeout`.
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| format!("connect to {addr}: {e}"))?;
     tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| format!("no handshake with {addr} within {timeout:?}"))?

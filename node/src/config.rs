@@ -52,7 +52,13 @@ pub struct NodeArgs {
     /// Most origin pulls at once [default: 16].
     #[arg(long, env = "FOG_NODE_MAX_FILLS")]
     pub max_fills: Option<usize>,
+    /// libp2p overlay listen addresses, comma-separated multiaddrs; "none" turns the overlay off
+    /// [default: /ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0 (ephemeral ports)].
+    #[arg(long, env = "FOG_NODE_P2P_LISTEN")]
+    pub p2p_listen: Option<String>,
 }
+
+const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0";
 
 /// The configuration after merging, with defaults applied.
 #[derive(Debug, Clone)]
@@ -67,6 +73,8 @@ pub struct NodeConfig {
     pub upload_limit: Option<u64>,
     pub max_connections: usize,
     pub max_fills: usize,
+    /// Empty: no overlay.
+    pub p2p_listen: Vec<libp2p::Multiaddr>,
 }
 
 impl NodeArgs {
@@ -86,6 +94,7 @@ impl NodeArgs {
             upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
             max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),
+            p2p_listen: parse_p2p_listen(self.p2p_listen.or(file.p2p_listen).as_deref().unwrap_or(DEFAULT_P2P_LISTEN))?,
         };
         if cfg.upload_limit == Some(0) {
             return Err(ConfigError::Invalid("--upload-limit must be above 0 (omit it for no cap)".into()));
@@ -98,6 +107,21 @@ impl NodeArgs {
         }
         Ok(cfg)
     }
+}
+
+fn parse_p2p_listen(text: &str) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
+    if text.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|a| {
+            a.trim().parse().map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "--p2p-listen: {a:?} is not a multiaddr ({e}); e.g. /ip4/0.0.0.0/udp/7703/quic-v1"
+                ))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -116,6 +140,7 @@ mod tests {
         assert_eq!(cfg.tracker, "http://flag");
         assert_eq!(cfg.cache_size, 2 << 20);
         assert_eq!(cfg.upload_limit, Some(1000));
+        assert_eq!(cfg.p2p_listen.len(), 2);
         std::fs::write(&path, "cache_sise = 1\n").expect("write");
         let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
         assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));

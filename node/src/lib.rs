@@ -5,6 +5,8 @@
 pub mod config;
 pub mod credits;
 pub mod limits;
+pub mod overlay;
+pub mod rendezvous;
 pub mod serve;
 pub mod stats;
 pub mod status;

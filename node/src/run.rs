@@ -10,6 +10,8 @@ use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::credits::Credits;
+use crate::overlay::{Overlay, OverlayError};
+use crate::rendezvous::{self, RendezvousServer, SharedAttachment};
 use crate::serve::Server;
 use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
@@ -38,6 +40,8 @@ pub enum NodeError {
     LocalAddr(std::io::Error),
     #[error("cannot listen for the status page on {addr}: {source}; pick another --status-listen")]
     StatusListen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
 }
 
 /// Runs the node until `shutdown` resolves, then drains in-flight requests (up to 10 s) and flushes the store.
@@ -58,17 +62,33 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tracing::info!(%node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, "fog-node listening on {local}");
 
     let credits = Arc::new(Credits::new(store.clone(), node_id));
+    let counters = Arc::new(Counters::default());
+    let (overlay, peer_streams) = if cfg.p2p_listen.is_empty() {
+        (None, None)
+    } else {
+        let (overlay, incoming) = Overlay::start(&key, &cfg.p2p_listen, counters.clone())?;
+        tracing::info!(peer_id = %overlay.peer_id, "overlay started");
+        (Some(overlay), Some(incoming))
+    };
+    let rendezvous = Arc::new(RendezvousServer::new(node_id));
     let server = Arc::new(Server::new(
         store.clone(),
         credits.clone(),
-        Arc::new(Counters::default()),
+        counters,
         origins.clone(),
         cfg.upload_limit,
         cfg.max_connections,
         cfg.max_fills,
+        overlay.clone(),
+        rendezvous.clone(),
     ));
+    let peers_task = peer_streams.map(|incoming| tokio::spawn(server.clone().serve_peers(incoming)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let link_state = SharedLinkState::default();
+    let attachment = SharedAttachment::default();
+    let (nat_plan, plan_rx) = watch::channel(None);
+    let attach_task =
+        tokio::spawn(rendezvous::attach_forever(endpoint.clone(), key.clone(), plan_rx, attachment.clone()));
     let status = Arc::new(Status::new(
         StatusInfo {
             node_id,
@@ -80,6 +100,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         },
         server.clone(),
         link_state.clone(),
+        overlay.clone(),
+        attachment.clone(),
+        rendezvous,
     ));
     let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
@@ -106,6 +129,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         origins,
         origins_file,
         upload_limit: cfg.upload_limit,
+        overlay,
+        nat_plan,
+        attachment,
+        tracker_rtt: Default::default(),
     };
     let link_task = tokio::spawn(link.run(stop_rx));
     let serve_task = tokio::spawn(server.clone().run(endpoint.clone()));
@@ -124,6 +151,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     endpoint.close(0u32.into(), b"node shutting down");
     serve_task.abort();
+    attach_task.abort();
+    if let Some(t) = peers_task {
+        t.abort();
+    }
     track_task.abort();
     redeem_task.abort();
     status.save_usage();

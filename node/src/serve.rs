@@ -1,7 +1,9 @@
 //! The QUIC chunk server: one request per bidirectional stream (see `docs/protocol.md`).
 //!
-//! A hit is read from the store (verified on read); a miss with an origin hint is pulled from the origin,
-//! verified, stored and served; concurrent misses for one chunk share a single pull.
+//! A hit is read from the store (verified on read); a miss is filled from the overlay peers most likely to
+//! hold the chunk, then (given an origin hint) from the origin, verified, stored and served; concurrent
+//! misses for one chunk share a single fill. The same server answers peers' fill requests from the store
+//! only, and hands connections that negotiated the rendezvous protocol to [`RendezvousServer`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,12 +12,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
-use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, ResponseHead, Status};
+use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
 use fog_proto::ChunkHash;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::PeerId;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::credits::Credits;
 use crate::limits::{UploadLimit, PIECE};
+use crate::overlay::{IncomingChunkStreams, Overlay};
+use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
 
@@ -30,6 +36,8 @@ enum FillError {
     Mismatch { url: String, offset: u64, hash: ChunkHash },
     #[error("too many origin pulls in progress")]
     Busy,
+    #[error("chunk {0} is not cached here or on any peer asked, and no origin hint was given")]
+    NotHere(ChunkHash),
 }
 
 impl FillError {
@@ -39,6 +47,7 @@ impl FillError {
             Self::Origin(_) => Status::OriginFailed,
             Self::Mismatch { .. } => Status::OriginMismatch,
             Self::Busy => Status::Busy,
+            Self::NotHere(_) => Status::NotFound,
         }
     }
 }
@@ -53,11 +62,21 @@ pub struct Server {
     pub counters: Arc<Counters>,
     origin: OriginClient,
     upload: Option<UploadLimit>,
-    fills: Mutex<HashMap<ChunkHash, FillCell>>,
+    /// Fills in progress, by chunk and whether an origin hint came with the request (a request without
+    /// one must not make a request with one fail).
+    fills: Mutex<HashMap<(ChunkHash, bool), FillCell>>,
     fill_slots: Semaphore,
     max_connections: usize,
     connections: AtomicUsize,
+    overlay: Option<Overlay>,
+    rendezvous: Arc<RendezvousServer>,
+    peer_streams: Arc<Semaphore>,
+    peer_streams_by_peer: Mutex<HashMap<PeerId, usize>>,
 }
+
+/// Peers' fill requests served at once, in all and per peer.
+const PEER_STREAMS: usize = 32;
+const PEER_STREAMS_PER_PEER: usize = 4;
 
 /// Decrements a gauge when a connection or stream ends, however it ends.
 struct Gauge<'a>(&'a AtomicUsize);
@@ -77,6 +96,8 @@ impl Server {
         upload_limit: Option<u64>,
         max_connections: usize,
         max_fills: usize,
+        overlay: Option<Overlay>,
+        rendezvous: Arc<RendezvousServer>,
     ) -> Self {
         Self {
             store,
@@ -88,6 +109,10 @@ impl Server {
             fill_slots: Semaphore::new(max_fills),
             max_connections,
             connections: AtomicUsize::new(0),
+            overlay,
+            rendezvous,
+            peer_streams: Arc::new(Semaphore::new(PEER_STREAMS)),
+            peer_streams_by_peer: Mutex::new(HashMap::new()),
         }
     }
 
@@ -105,6 +130,9 @@ impl Server {
                 let _gauge = Gauge(&server.connections);
                 let remote = incoming.remote_address();
                 match incoming.await {
+                    Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
+                        server.rendezvous.clone().serve_connection(conn).await
+                    }
                     Ok(conn) => server.serve_connection(conn).await,
                     Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                 }
@@ -195,33 +223,32 @@ impl Server {
             }
         }
         Counters::add(&self.counters.misses, 1);
-        let Some(hint) = &req.origin else {
-            return Err((Status::NotFound, format!("chunk {hash} is not cached here and no origin hint was given")));
-        };
-        self.fill(hash, hint).await.map_err(|e| (e.status(), e.to_string()))
+        self.fill(hash, req.origin.as_ref()).await.map_err(|e| (e.status(), e.to_string()))
     }
 
-    async fn fill(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
-        let cell = self.fills.lock().expect("fills lock").entry(hash).or_default().clone();
+    async fn fill(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Result<Bytes, FillError> {
+        let key = (hash, hint.is_some());
+        let cell = self.fills.lock().expect("fills lock").entry(key).or_default().clone();
         let result = cell.get_or_init(|| self.pull(hash, hint)).await.clone();
         let mut fills = self.fills.lock().expect("fills lock");
-        if fills.get(&hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            fills.remove(&hash);
+        if fills.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fills.remove(&key);
         }
         result
     }
 
-    async fn pull(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
+    /// Peers first (they cost the origin nothing), then the origin; stores what verified.
+    async fn pull(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Result<Bytes, FillError> {
         let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
-        let bytes = self.origin.fetch_range(&hint.url, hint.offset, hint.length).await.inspect_err(|e| {
-            tracing::warn!(url = %hint.url, offset = hint.offset, error = %e, "origin pull failed");
-        })?;
-        Counters::add(&self.counters.origin_fills, 1);
-        Counters::add(&self.counters.origin_bytes, bytes.len() as u64);
-        if ChunkHash::of(&bytes) != hash {
-            tracing::warn!(url = %hint.url, offset = hint.offset, chunk = %hash, "origin bytes do not match the requested chunk");
-            return Err(FillError::Mismatch { url: hint.url.clone(), offset: hint.offset, hash });
-        }
+        let from_peer = match &self.overlay {
+            Some(overlay) => overlay.fetch(hash).await,
+            None => None,
+        };
+        let bytes = match (from_peer, hint) {
+            (Some(bytes), _) => bytes,
+            (None, Some(hint)) => self.pull_from_origin(hash, hint).await?,
+            (None, None) => return Err(FillError::NotHere(hash)),
+        };
         let (store, stored) = (self.store.clone(), bytes.clone());
         match tokio::task::spawn_blocking(move || store.put(&hash, &stored)).await {
             Ok(Ok(())) => {}
@@ -232,6 +259,79 @@ impl Server {
             Err(e) => tracing::error!(error = %e, "store task failed"),
         }
         Ok(bytes)
+    }
+
+    async fn pull_from_origin(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
+        let bytes = self.origin.fetch_range(&hint.url, hint.offset, hint.length).await.inspect_err(|e| {
+            tracing::warn!(url = %hint.url, offset = hint.offset, error = %e, "origin pull failed");
+        })?;
+        Counters::add(&self.counters.origin_fills, 1);
+        Counters::add(&self.counters.origin_bytes, bytes.len() as u64);
+        if ChunkHash::of(&bytes) != hash {
+            tracing::warn!(url = %hint.url, offset = hint.offset, chunk = %hash, "origin bytes do not match the requested chunk");
+            return Err(FillError::Mismatch { url: hint.url.clone(), offset: hint.offset, hash });
+        }
+        Ok(bytes)
+    }
+
+    /// Answers peers' fill requests until the overlay stops: from the store only, under the upload cap,
+    /// at most [`PEER_STREAMS`] at once and [`PEER_STREAMS_PER_PEER`] per peer; extra streams are dropped.
+    pub async fn serve_peers(self: Arc<Self>, mut incoming: IncomingChunkStreams) {
+        while let Some((peer, stream)) = incoming.next().await {
+            if self.overlay.as_ref().is_some_and(|o| !o.accepts(&peer)) {
+                continue;
+            }
+            let Ok(permit) = self.peer_streams.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many peer fill streams; dropping one");
+                continue;
+            };
+            {
+                let mut by_peer = self.peer_streams_by_peer.lock().expect("peer streams lock");
+                let n = by_peer.entry(peer).or_default();
+                if *n >= PEER_STREAMS_PER_PEER {
+                    continue;
+                }
+                *n += 1;
+            }
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve_peer_stream(stream).await {
+                    tracing::debug!(%peer, error = %e, "peer fill stream failed");
+                }
+                let mut by_peer = server.peer_streams_by_peer.lock().expect("peer streams lock");
+                if let Some(n) = by_peer.get_mut(&peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        by_peer.remove(&peer);
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_peer_stream(&self, mut stream: libp2p::Stream) -> std::io::Result<()> {
+        let mut hash = [0u8; 32];
+        tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut hash))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
+        let (store, hash) = (self.store.clone(), ChunkHash(hash));
+        let lookup = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(std::io::Error::other)?;
+        let Ok(Lookup::Hit(bytes)) = lookup else {
+            stream.write_all(&[PeerStatus::NotFound as u8]).await?;
+            return stream.close().await;
+        };
+        let mut head = vec![PeerStatus::Ok as u8];
+        head.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        stream.write_all(&head).await?;
+        for piece in bytes.chunks(PIECE) {
+            if let Some(limit) = &self.upload {
+                limit.acquire(piece.len()).await;
+            }
+            stream.write_all(piece).await?;
+            Counters::add(&self.counters.peer_served_bytes, piece.len() as u64);
+        }
+        stream.close().await
     }
 
     async fn send_payload(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
@@ -267,6 +367,14 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<ChunkRequest, Requ
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await?;
     Ok(ChunkRequest::decode(&body)?)
+}
+
+/// Whether `conn` negotiated the ALPN protocol `alpn`.
+fn negotiated(conn: &quinn::Connection, alpn: &[u8]) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == alpn)
 }
 
 async fn respond_error(send: &mut quinn::SendStream, status: Status, message: &str) {

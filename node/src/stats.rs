@@ -16,6 +16,11 @@ pub struct Counters {
     pub corrupt_chunks: AtomicU64,
     pub bad_requests: AtomicU64,
     pub store_errors: AtomicU64,
+    pub peer_fills: AtomicU64,
+    pub peer_fill_bytes: AtomicU64,
+    pub peer_served_bytes: AtomicU64,
+    /// Chunks from peers that did not match their hash.
+    pub peer_bad_chunks: AtomicU64,
 }
 
 impl Counters {
@@ -39,6 +44,9 @@ impl Counters {
             corrupt_chunks: get(&self.corrupt_chunks),
             bad_requests: get(&self.bad_requests),
             store_errors: get(&self.store_errors),
+            peer_fills: get(&self.peer_fills),
+            peer_fill_bytes: get(&self.peer_fill_bytes),
+            peer_served_bytes: get(&self.peer_served_bytes),
         }
     }
 }

@@ -19,6 +19,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 
+use crate::overlay::{Overlay, OverlaySummary};
+use crate::rendezvous::{RendezvousServer, SharedAttachment};
 use crate::serve::Server;
 use crate::tracker_link::SharedLinkState;
 
@@ -82,7 +84,12 @@ pub struct NodeStatus {
     pub uptime_secs: u64,
     pub quic_listen: SocketAddr,
     pub tracker: TrackerStatus,
+    /// How clients reach this node, in words.
     pub reachability: String,
+    /// The libp2p overlay, when it runs.
+    pub overlay: Option<OverlaySummary>,
+    /// Nodes behind NAT attached to this node for hole punching.
+    pub rendezvous_attached: usize,
     pub caps: Caps,
     pub cache: CacheStatus,
     pub served: Served,
@@ -100,6 +107,8 @@ pub struct TrackerStatus {
     pub last_contact_secs_ago: Option<u64>,
     pub last_error: Option<String>,
     pub advertised_addr: Option<SocketAddr>,
+    /// Filtered round-trip time to the tracker.
+    pub rtt_ms: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,13 +175,23 @@ pub struct Status {
     started: Instant,
     server: Arc<Server>,
     link: SharedLinkState,
+    overlay: Option<Overlay>,
+    attachment: SharedAttachment,
+    rendezvous: Arc<RendezvousServer>,
     usage: Mutex<Usage>,
     ticks: Mutex<VecDeque<Tick>>,
     metrics: NodeMetrics,
 }
 
 impl Status {
-    pub fn new(info: StatusInfo, server: Arc<Server>, link: SharedLinkState) -> Self {
+    pub fn new(
+        info: StatusInfo,
+        server: Arc<Server>,
+        link: SharedLinkState,
+        overlay: Option<Overlay>,
+        attachment: SharedAttachment,
+        rendezvous: Arc<RendezvousServer>,
+    ) -> Self {
         let usage =
             std::fs::read(&info.usage_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         Self {
@@ -180,6 +199,9 @@ impl Status {
             started: Instant::now(),
             server,
             link,
+            overlay,
+            attachment,
+            rendezvous,
             usage: Mutex::new(usage),
             ticks: Mutex::new(VecDeque::new()),
             metrics: NodeMetrics::default(),
@@ -266,8 +288,11 @@ impl Status {
                 last_contact_secs_ago: link.last_ok.map(|t| t.elapsed().as_secs()),
                 last_error: link.refused.clone().or(link.last_error.clone()),
                 advertised_addr: link.advertised,
+                rtt_ms: link.rtt_ms,
             },
-            reachability: "direct: clients dial the advertised address (NAT detection comes with the overlay)".into(),
+            reachability: self.reachability(&link),
+            overlay: self.overlay.as_ref().map(Overlay::summary),
+            rendezvous_attached: self.rendezvous.attached(),
             caps: Caps {
                 upload_limit: self.info.upload_limit,
                 upload_rate,
@@ -289,6 +314,26 @@ impl Status {
             credits: self.credits_status(counters.bytes_served),
             traffic,
             counters,
+        }
+    }
+
+    fn reachability(&self, link: &crate::tracker_link::LinkState) -> String {
+        let port = self.info.quic_listen.port();
+        match (link.reachable, *self.attachment.lock().expect("attachment lock")) {
+            (None, _) => "unknown until the tracker has tried to dial this node".into(),
+            (Some(true), _) => format!(
+                "direct: the tracker reached this node at {}; clients dial it",
+                link.advertised.map_or("its address".into(), |a| a.to_string())
+            ),
+            (Some(false), Some(a)) => format!(
+                "behind NAT: attached to rendezvous node {} which sees this node at {}; clients reach it by hole \
+                 punching (forward UDP port {port} to serve directly)",
+                a.rendezvous, a.external
+            ),
+            (Some(false), None) => format!(
+                "behind NAT and not attached to a rendezvous yet: clients cannot reach this node. Forward UDP port \
+                 {port} on your router, or wait for a reachable peer (docs/operations.md)"
+            ),
         }
     }
 
@@ -450,6 +495,12 @@ pub fn render_text(s: &NodeStatus) -> String {
         line("advertised as", a.to_string());
     }
     line("reachability", s.reachability.clone());
+    if let Some(o) = &s.overlay {
+        line(
+            "overlay",
+            format!("{} peers ({} direct), sees itself as {}", o.peers, o.direct_peers, o.reachability.as_str()),
+        );
+    }
     let cap = s.caps.upload_limit.map_or("no cap".into(), |l| format!("{}/s", mib(l)));
     line("upload", format!("{}/s now, cap {cap}", mib(s.caps.upload_rate)));
     let hit = s.cache.hit_ratio.map_or("–".into(), |h| format!("{:.1} %", h * 100.0));

@@ -9,10 +9,15 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fog_client::origin::SharedOrigins;
 use fog_client::tracker::{TrackerClient, TrackerError};
-use fog_proto::api::{ErrorCode, Heartbeat, Register, Signed, KIND_HEARTBEAT, KIND_REGISTER};
+use fog_proto::api::{
+    ErrorCode, Heartbeat, OverlayReport, PeerContact, Register, Rendezvous, Signed, KIND_HEARTBEAT, KIND_REGISTER,
+};
 use fog_proto::origins::OriginList;
+use fog_proto::rtt::RttFilter;
 use tokio::sync::watch;
 
+use crate::overlay::Overlay;
+use crate::rendezvous::SharedAttachment;
 use crate::serve::Server;
 
 /// How the conversation with the tracker is going, for the status page.
@@ -27,6 +32,10 @@ pub struct LinkState {
     pub advertised: Option<SocketAddr>,
     /// The key the tracker signs ledger heads with (learned at registration).
     pub tracker_key: Option<fog_proto::NodeId>,
+    /// Whether the tracker could dial this node's QUIC address (learned at registration).
+    pub reachable: Option<bool>,
+    /// Filtered RTT to the tracker.
+    pub rtt_ms: Option<f32>,
 }
 
 pub type SharedLinkState = Arc<Mutex<LinkState>>;
@@ -41,6 +50,11 @@ pub struct TrackerLink {
     pub origins: SharedOrigins,
     pub origins_file: PathBuf,
     pub upload_limit: Option<u64>,
+    pub overlay: Option<Overlay>,
+    /// `Some(candidates)` while this node needs a rendezvous (see `rendezvous::attach_forever`).
+    pub nat_plan: watch::Sender<Option<Vec<Rendezvous>>>,
+    pub attachment: SharedAttachment,
+    pub tracker_rtt: Mutex<RttFilter>,
 }
 
 pub(crate) use fog_proto::api::now_ms;
@@ -75,13 +89,29 @@ impl TrackerLink {
             timestamp_ms: now_ms(),
         };
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
-        tracing::info!(tracker = self.tracker.base(), advertised = %resp.advertised_addr, "registered with tracker");
+        tracing::info!(
+            tracker = self.tracker.base(),
+            advertised = %resp.advertised_addr,
+            reachable = resp.reachable,
+            "registered with tracker"
+        );
+        if !resp.reachable {
+            tracing::warn!(
+                "the tracker cannot reach {} over QUIC (NAT or firewall): clients will reach this node by hole \
+                 punching through a rendezvous node; forward UDP port {} to serve directly \
+                 (docs/operations.md, \"Running a node behind a home router\")",
+                resp.advertised_addr,
+                resp.advertised_addr.port()
+            );
+        }
         {
             let mut s = self.state.lock().expect("link state lock");
             s.advertised = Some(resp.advertised_addr);
             s.tracker_key = resp.tracker_key;
+            s.reachable = Some(resp.reachable);
         }
         self.update_origins(resp.origins);
+        self.update_peers(&resp.peers, !resp.reachable);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }
 
@@ -89,10 +119,58 @@ impl TrackerLink {
     async fn heartbeat(&self, draining: bool) -> Result<bool, fog_client::tracker::TrackerError> {
         let (used, chunks) = self.server.store.usage();
         let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
-        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining };
+        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(self.overlay_report().await) };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
+        let behind_nat = self.state.lock().expect("link state lock").reachable == Some(false);
+        self.update_peers(&resp.peers, behind_nat);
         Ok(resp.registered)
+    }
+
+    /// Connects the overlay to the peers the tracker suggests and, behind NAT, keeps the rendezvous
+    /// candidates current (publicly reachable peers).
+    fn update_peers(&self, peers: &[PeerContact], behind_nat: bool) {
+        if let Some(overlay) = &self.overlay {
+            overlay.bootstrap(peers, behind_nat);
+        }
+        let plan = behind_nat.then(|| {
+            peers.iter().filter_map(|p| Some(Rendezvous { id: p.id, addr: p.rendezvous? })).collect::<Vec<_>>()
+        });
+        self.nat_plan.send_if_modified(|current| {
+            // A fresh candidate list while attached is no reason to move; an empty one is no plan.
+            let changed = current.is_some() != plan.is_some() || current.as_ref().is_some_and(|c| c.is_empty());
+            if changed && plan.as_ref().is_none_or(|p| !p.is_empty()) {
+                *current = plan.clone();
+                return true;
+            }
+            false
+        });
+    }
+
+    /// RTTs, reachability and attachment for the heartbeat.
+    async fn overlay_report(&self) -> OverlayReport {
+        if let Some(rtt) = self.measure_tracker_rtt().await {
+            self.tracker_rtt.lock().expect("rtt lock").add(rtt);
+        }
+        let mut report = self.overlay.as_ref().map(Overlay::report).unwrap_or_default();
+        report.tracker_rtt_ms = self.tracker_rtt.lock().expect("rtt lock").estimate();
+        self.state.lock().expect("link state lock").rtt_ms = report.tracker_rtt_ms;
+        if let Some(a) = *self.attachment.lock().expect("attachment lock") {
+            report.rendezvous = Some(a.rendezvous);
+            report.external_quic = Some(a.external);
+        }
+        report
+    }
+
+    /// One RTT sample to the tracker: the time a TCP handshake takes (one round trip, no server work).
+    async fn measure_tracker_rtt(&self) -> Option<f32> {
+        let url = reqwest::Url::parse(self.tracker.base()).ok()?;
+        let addr = (url.host_str()?.to_string(), url.port_or_known_default()?);
+        let addr = tokio::net::lookup_host(addr).await.ok()?.next()?;
+        let started = Instant::now();
+        let _conn =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+        Some(started.elapsed().as_secs_f32() * 1000.0)
     }
 
     /// Notes the outcome of one exchange: `Ok(registered)` or the error.

@@ -17,7 +17,7 @@ pub fn now_ms() -> u64 {
 /// A message a node signs with its identity key, so nobody can register or heartbeat in its name.
 /// The signature covers `"fog-signed-v1\0" ‖ kind ‖ "\0" ‖ payload`, where `payload` is the exact JSON text
 /// of the inner message: the verifier checks those bytes, then parses them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signed {
     pub node_id: NodeId,
     pub payload: String,
@@ -86,6 +86,99 @@ pub struct RegisterResponse {
     /// The key the tracker signs tickets and ledger heads with.
     #[serde(default)]
     pub tracker_key: Option<NodeId>,
+    /// Whether the tracker could open a QUIC connection to `advertised_addr` (its dial-back). A node that
+    /// is not reachable attaches to a rendezvous node so clients can hole-punch to it.
+    #[serde(default)]
+    pub reachable: bool,
+    /// Overlay peers to connect to (bootstrap), publicly reachable ones first.
+    #[serde(default)]
+    pub peers: Vec<PeerContact>,
+}
+
+/// Most peers the tracker hands out at once, and most RTT samples / bad peers a heartbeat may carry.
+pub const MAX_PEERS_LISTED: usize = 16;
+pub const MAX_RTT_SAMPLES: usize = 64;
+/// Most libp2p addresses per peer in API messages, and their longest textual form.
+pub const MAX_PEER_ADDRS: usize = 8;
+pub const MAX_ADDR_LEN: usize = 256;
+
+/// One overlay peer: its id and libp2p multiaddrs (text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerContact {
+    pub id: NodeId,
+    pub addrs: Vec<String>,
+    /// The peer's QUIC chunk endpoint, when it is publicly reachable (a possible rendezvous).
+    #[serde(default)]
+    pub rendezvous: Option<SocketAddr>,
+}
+
+/// How a node's overlay (libp2p) sees its own reachability.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reachability {
+    /// Not yet known (AutoNAT has not finished).
+    #[default]
+    Unknown,
+    /// An external address was confirmed by AutoNAT: peers can dial it directly.
+    Public,
+    /// Behind NAT without a relay reservation: only outbound connections work.
+    Nat,
+    /// Behind NAT, reachable through a relay reservation (and hole punching from there).
+    Relayed,
+}
+
+impl Reachability {
+    pub const ALL: [Reachability; 4] = [Self::Unknown, Self::Public, Self::Nat, Self::Relayed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Public => "public",
+            Self::Nat => "nat",
+            Self::Relayed => "relayed",
+        }
+    }
+}
+
+/// One filtered round-trip time to another party.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RttSample {
+    pub peer: NodeId,
+    pub rtt_ms: f32,
+}
+
+/// What a node's overlay reports with each heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OverlayReport {
+    pub reachability: Reachability,
+    /// Addresses peers can dial: listen addresses, AutoNAT-confirmed external ones and relayed ones.
+    pub addrs: Vec<String>,
+    /// Filtered RTTs to connected peers (see `fog_proto::rtt`).
+    pub rtt: Vec<RttSample>,
+    /// Filtered RTT to the tracker (TCP handshake time).
+    pub tracker_rtt_ms: Option<f32>,
+    /// The publicly reachable node this node is attached to, for clients to hole-punch through.
+    pub rendezvous: Option<NodeId>,
+    /// This node's QUIC chunk endpoint as the rendezvous node sees it (its NAT mapping).
+    pub external_quic: Option<SocketAddr>,
+    /// Peers that sent chunk bytes not matching their hash since the last heartbeat.
+    pub bad_peers: Vec<NodeId>,
+}
+
+impl OverlayReport {
+    /// Refuses reports whose lists exceed the protocol bounds.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        if self.rtt.len() > MAX_RTT_SAMPLES || self.bad_peers.len() > MAX_RTT_SAMPLES {
+            return Err(format!("at most {MAX_RTT_SAMPLES} RTT samples and bad peers per heartbeat"));
+        }
+        if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
+            return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));
+        }
+        if self.rtt.iter().any(|s| !(s.rtt_ms.is_finite() && (0.0..=60_000.0).contains(&s.rtt_ms))) {
+            return Err("RTT samples must be between 0 and 60000 ms".into());
+        }
+        Ok(())
+    }
 }
 
 /// `POST /v1/nodes/heartbeat`, signed as [`KIND_HEARTBEAT`].
@@ -96,6 +189,8 @@ pub struct Heartbeat {
     /// The node is shutting down: finish what is in flight, send it nothing new.
     #[serde(default)]
     pub draining: bool,
+    #[serde(default)]
+    pub overlay: Option<OverlayReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +198,8 @@ pub struct HeartbeatResponse {
     /// False when the tracker does not know this node (it restarted or forgot it): register again.
     pub registered: bool,
     pub origins: OriginList,
+    #[serde(default)]
+    pub peers: Vec<PeerContact>,
 }
 
 /// What a node reports about itself. Counters are totals since the node started.
@@ -122,11 +219,30 @@ pub struct NodeStats {
     pub corrupt_chunks: u64,
     pub bad_requests: u64,
     pub store_errors: u64,
+    /// Misses filled from overlay peers instead of the origin, and their bytes.
+    #[serde(default)]
+    pub peer_fills: u64,
+    #[serde(default)]
+    pub peer_fill_bytes: u64,
+    /// Bytes this node sent to peers filling their misses.
+    #[serde(default)]
+    pub peer_served_bytes: u64,
 }
 
 /// One node a client may fetch from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeContact {
+    pub id: NodeId,
+    /// Where to dial it; for a node behind NAT, its last known NAT mapping (the rendezvous gives a fresh one).
+    pub addr: SocketAddr,
+    /// For a node behind NAT: the publicly reachable node that coordinates hole punching to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Rendezvous>,
+}
+
+/// A publicly reachable node that a NAT'd node keeps a connection to (see `docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendezvous {
     pub id: NodeId,
     pub addr: SocketAddr,
 }
@@ -209,6 +325,13 @@ pub struct TrackerStats {
     pub resolves: u64,
     pub ingests: u64,
     pub ingest_errors: u64,
+    /// Live nodes by how their overlay sees itself (`unknown`, `public`, `nat`, `relayed`).
+    #[serde(default)]
+    pub nodes_by_reachability: std::collections::BTreeMap<String, u64>,
+    /// Live nodes by how clients reach them: `direct` (tracker dial-back worked), `hole_punch` (through a
+    /// rendezvous) or `unreachable` (not scheduled).
+    #[serde(default)]
+    pub nodes_by_client_path: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
@@ -218,7 +341,7 @@ mod tests {
     #[test]
     fn signed_messages_verify_and_resist_tampering() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default(), draining: false };
+        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default(), draining: false, overlay: None };
         let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
         let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");
         assert_eq!(back.timestamp_ms, 1);

@@ -5,6 +5,8 @@
 //! - [`wire`]: the QUIC chunk protocol frames (the normative spec is `docs/protocol.md`).
 //! - [`api`]: the tracker's HTTP API types.
 //! - [`placement`]: rendezvous hashing, the one placement function tracker and nodes share.
+//! - [`rendezvous`]: frames of the rendezvous protocol that lets clients reach nodes behind NAT.
+//! - [`rtt`]: the moving-percentile RTT filter nodes apply before reporting RTTs.
 //! - [`cache`]: the cache eviction policy, pure so the node and the simulator run the same code.
 //! - [`origins`]: which URLs belong to operator-registered origins.
 //! - [`size`]: human-friendly byte sizes (`64MiB`) for configuration.
@@ -17,6 +19,8 @@ pub mod manifest;
 pub mod merkle;
 pub mod origins;
 pub mod placement;
+pub mod rendezvous;
+pub mod rtt;
 pub mod size;
 pub mod wire;
 

@@ -302,6 +302,32 @@ impl ResponseHead {
     }
 }
 
+/// The libp2p stream protocol nodes fill misses from each other with (`docs/protocol.md`, "Peer fill").
+///
+/// The asking node writes the 32-byte chunk hash; the peer answers with one [`PeerStatus`] byte and, for
+/// [`PeerStatus::Ok`], a big-endian u32 length (at most [`MAX_PAYLOAD_LEN`]) and the chunk. A peer serves only
+/// what it holds; it never fills a peer's miss from elsewhere.
+pub const PEER_PROTOCOL: &str = "/fog/chunk/1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PeerStatus {
+    Ok = 0,
+    NotFound = 1,
+    Busy = 2,
+}
+
+impl PeerStatus {
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Ok),
+            1 => Some(Self::NotFound),
+            2 => Some(Self::Busy),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,8 +37,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin(name)` with `args` and waits (up to 60 s) for its "listening on ADDR" log line.
     pub async fn spawn(name: &str, args: &[String], log: PathBuf) -> Proc {
+        Self::spawn_in(None, name, args, log).await
+    }
+
+    /// [`Proc::spawn`] inside the network namespace `netns` (see `crate::netns`), if given.
+    pub async fn spawn_in(netns: Option<&str>, name: &str, args: &[String], log: PathBuf) -> Proc {
         let file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(bin(name))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin(name));
+                c
+            }
+            None => Command::new(bin(name)),
+        };
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 //! a harness that runs the real binaries, and deterministic test content.
 
 pub mod harness;
+pub mod netns;
 pub mod origin;
 
 /// Deterministic pseudo-random bytes (xorshift), so test objects are incompressible and reproducible.

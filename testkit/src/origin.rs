@@ -143,7 +143,15 @@ fn parse_range(header: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(if start >= len || start > end { Err(()) } else { Ok((start, end)) })
 }
 
+/// Path that answers with the number of requests served so far (not itself counted), for tests that run
+/// the origin as a separate process.
+pub const REQUESTS_PATH: &str = "/__fog_test/requests";
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
+    if req.uri().path() == REQUESTS_PATH {
+        let count = state.requests.load(Ordering::SeqCst);
+        return Ok(reply(StatusCode::OK, Bytes::from(count.to_string()), false));
+    }
     state.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
     *state.per_path.lock().expect("lock").entry(path.clone()).or_default() += 1;

@@ -397,7 +397,7 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let mut forged = Signed::sign(
         &key,
         KIND_HEARTBEAT,
-        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false },
+        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false, overlay: None },
     );
     forged.node_id = node_id;
     let resp = post("/v1/nodes/heartbeat", &forged).await.expect("post");
@@ -408,7 +408,7 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let honest = Signed::sign(
         &key,
         KIND_HEARTBEAT,
-        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false },
+        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false, overlay: None },
     );
     let reg = fog_proto::api::Register {
         quic_addr: "127.0.0.1:9".parse().expect("addr"),

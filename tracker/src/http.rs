@@ -4,14 +4,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
+use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
-    ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, Register, RegisterResponse, Resolve, Signed,
-    TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_REPORTED_FAILURES,
+    ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, OverlayReport, Reachability, Register,
+    RegisterResponse, Resolve, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_PEERS_LISTED,
+    MAX_REPORTED_FAILURES,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
 use fog_proto::{ContentId, NodeId};
@@ -28,7 +31,7 @@ use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, ResultLabel, SourceLabel, StateLabel};
-use crate::registry::{Registration, Registry, RegistryError, SortBy};
+use crate::registry::{ClientPath, Registration, Registry, RegistryError, SortBy};
 use crate::scheduler;
 
 /// Largest request body (register and heartbeat messages are a few hundred bytes).
@@ -59,7 +62,14 @@ pub struct App {
     /// Nodes clients reported serving wrong bytes, for the prober to check now.
     urgent_probes: mpsc::Sender<NodeId>,
     urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
+    /// QUIC endpoint for probes; `None` if it could not be opened.
+    pub dialer: Option<quinn::Endpoint>,
+    dial_backs: Semaphore,
 }
+
+/// Dial-backs at once (each is one QUIC handshake attempt), and how long one may take.
+const DIAL_BACKS: usize = 32;
+const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>, retryable: bool) -> Reply {
     json(status, &ApiError { error: code, message: message.into(), retryable })
@@ -111,6 +121,10 @@ impl App {
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
             urgent_probes,
             urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
+            dialer: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+                .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
+                .ok(),
+            dial_backs: Semaphore::new(DIAL_BACKS),
         })
     }
 
@@ -333,15 +347,17 @@ impl App {
         } else {
             reg.quic_addr
         };
+        let reachable = self.dial_back(node, addr).await;
         let registration = Registration {
             addr,
             cache_capacity: reg.cache_capacity,
             upload_limit: reg.upload_limit,
             version: reg.version,
+            reachable,
         };
         match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
-                tracing::info!(node = %node, %addr, "node registered");
+                tracing::info!(node = %node, %addr, reachable, "node registered");
                 self.dashboard.event("node_registered", format!("node {} registered", &node.to_hex()[..16]));
                 json(
                     StatusCode::OK,
@@ -350,6 +366,8 @@ impl App {
                         advertised_addr: addr,
                         origins: self.cfg.origins.clone(),
                         tracker_key: Some(self.ledger.public_key()),
+                        reachable,
+                        peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
                     },
                 )
             }
@@ -368,11 +386,48 @@ impl App {
             Ok(m) => m,
             Err(r) => return r,
         };
-        match self.registry.heartbeat(&node, hb.stats, hb.draining, hb.timestamp_ms, now_ms()) {
+        if let Some(Err(e)) = hb.overlay.as_ref().map(OverlayReport::check_bounds) {
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
+        }
+        let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
+        match self.registry.heartbeat(&node, hb.stats, hb.draining, hb.overlay, hb.timestamp_ms, now_ms()) {
             Ok(registered) => {
-                json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone() })
+                for peer in bad_peers {
+                    // Like a client's report: not believed as such, the node gets probed.
+                    self.dashboard.event(
+                        "peer_report",
+                        format!("node {} says node {} sent wrong bytes", &node.to_hex()[..16], &peer.to_hex()[..16]),
+                    );
+                    let _ = self.urgent_probes.try_send(peer);
+                }
+                let peers = if registered { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
+                json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers })
             }
             Err(e) => self.reject_node(&node, e),
+        }
+    }
+
+    /// Whether a QUIC handshake with `node` at `addr` succeeds (the node proves its key): only then are
+    /// clients sent to that address directly. Each dial-back uses a fresh UDP port, so the failed attempt
+    /// leaves no NAT state that could later collide with the node's hole-punched flows to our prober.
+    async fn dial_back(&self, node: NodeId, addr: SocketAddr) -> bool {
+        let Ok(_slot) = self.dial_backs.acquire().await else { return false };
+        let dialer = match transport::client_endpoint(([0, 0, 0, 0], 0).into()) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a QUIC endpoint for the dial-back");
+                return false;
+            }
+        };
+        match transport::connect(&dialer, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
+            Ok(conn) => {
+                conn.close(0u32.into(), b"dial-back done");
+                true
+            }
+            Err(e) => {
+                tracing::info!(%node, %addr, error = %e, "dial-back failed: node is behind NAT or a firewall");
+                false
+            }
         }
     }
 
@@ -475,6 +530,16 @@ impl App {
             resolves: self.resolves.load(Ordering::Relaxed),
             ingests: self.ingests.load(Ordering::Relaxed),
             ingest_errors: self.ingest_errors.load(Ordering::Relaxed),
+            nodes_by_reachability: Reachability::ALL
+                .iter()
+                .zip(c.by_reachability)
+                .map(|(r, n)| (r.as_str().to_string(), n))
+                .collect(),
+            nodes_by_client_path: ClientPath::ALL
+                .iter()
+                .zip(c.by_client_path)
+                .map(|(p, n)| (p.name().to_string(), n))
+                .collect(),
         }
     }
 

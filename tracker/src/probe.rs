@@ -48,11 +48,10 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
     let hash: ChunkHash = manifest.chunks[index];
     let len = manifest.chunk_span(index).1;
     let started = Instant::now();
-    let conn =
-        match transport::connect(endpoint, node.id, node.addr, Duration::from_secs(10), DEADLINES.first_byte).await {
-            Ok(c) => c,
-            Err(e) => return ProbeOutcome::Failed(e),
-        };
+    let conn = match transport::connect_contact(endpoint, node, Duration::from_secs(10), DEADLINES.first_byte).await {
+        Ok(c) => c,
+        Err(e) => return ProbeOutcome::Failed(e),
+    };
     let req = ChunkRequest { hash, range: None, origin: None, receipt: None };
     let outcome = match chunk::request(&conn, &req, len, DEADLINES, None).await {
         Ok(bytes) if ChunkHash::of(&bytes) == hash => ProbeOutcome::Ok { rtt_ms: started.elapsed().as_millis() as u64 },
@@ -90,13 +89,7 @@ fn record(app: &App, node: &NodeContact, outcome: &ProbeOutcome) {
 
 /// Probes a sample of nodes every `every`, and at once any node a client reported, until the process ends.
 pub async fn probe_forever(app: Arc<App>, every: Duration, mut urgent: mpsc::Receiver<NodeId>) {
-    let endpoint = match transport::client_endpoint(([0, 0, 0, 0], 0).into()) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open a QUIC endpoint for probes; nodes will not be probed");
-            return;
-        }
-    };
+    let Some(endpoint) = app.dialer.clone() else { return };
     let mut tick = tokio::time::interval(every);
     loop {
         let mut targets = tokio::select! {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use fog_proto::api::{NodeContact, NodeStats};
-use fog_proto::NodeId;
+use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous};
+use fog_proto::{placement, ChunkHash, NodeId};
 use serde::Serialize;
 
 use crate::scheduler::Snapshot;
@@ -28,6 +28,31 @@ pub struct Registration {
     pub cache_capacity: u64,
     pub upload_limit: Option<u64>,
     pub version: String,
+    /// The tracker's dial-back to `addr` at registration succeeded.
+    pub reachable: bool,
+}
+
+/// How clients reach a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientPath {
+    /// The tracker dialled it: clients dial it too.
+    Direct,
+    /// Behind NAT, attached to a directly reachable rendezvous: clients hole-punch through it.
+    HolePunch,
+    /// Neither: not scheduled.
+    Unreachable,
+}
+
+impl ClientPath {
+    pub const ALL: [ClientPath; 3] = [Self::Direct, Self::HolePunch, Self::Unreachable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::HolePunch => "hole_punch",
+            Self::Unreachable => "unreachable",
+        }
+    }
 }
 
 /// A node's health, from heartbeats, the tracker's probes and what it announces.
@@ -94,6 +119,8 @@ pub struct NodeEntry {
     pub stats: NodeStats,
     /// Upload rate between its last two heartbeats, bytes/s.
     pub upload_rate: u64,
+    /// What its overlay reported last (reachability, addresses, RTT samples, rendezvous).
+    pub overlay: OverlayReport,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,8 +158,11 @@ pub struct Registry {
 }
 
 /// Node counts for stats and metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Counts {
+    /// Live (heartbeating) nodes by overlay reachability and by client path.
+    pub by_reachability: [u64; 4],
+    pub by_client_path: [u64; 3],
     pub total: u64,
     pub healthy: u64,
     pub draining: u64,
@@ -153,8 +183,14 @@ pub struct NodeView {
     pub probe_rtt_ms: Option<u64>,
     /// Only shown to operators (a volunteer's address is personal data).
     pub addr: Option<SocketAddr>,
-    /// Whether clients can reach it directly; the overlay will tell public, NAT'd and relayed apart.
+    /// How the node's overlay sees itself: unknown, public, nat, relayed.
     pub reachability: &'static str,
+    /// How clients reach it: direct, hole_punch, unreachable.
+    pub client_path: &'static str,
+    /// Filtered RTT the node measured to the tracker.
+    pub tracker_rtt_ms: Option<f32>,
+    /// Overlay peers with RTT samples.
+    pub peers_measured: usize,
     pub version: String,
     pub upload_limit: Option<u64>,
     pub upload_rate: u64,
@@ -251,9 +287,11 @@ impl Registry {
         let (stats, upload_rate, quarantined) =
             nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate, n.health.quarantined.clone())).unwrap_or_default();
         let health = Health { quarantined, ..Default::default() };
+        let overlay = OverlayReport::default();
+        let last_seen = Instant::now();
         nodes.insert(
             id,
-            NodeEntry { reg, health, last_seen: Instant::now(), last_timestamp_ms: timestamp_ms, stats, upload_rate },
+            NodeEntry { reg, health, last_seen, last_timestamp_ms: timestamp_ms, stats, upload_rate, overlay },
         );
         Ok(())
     }
@@ -264,6 +302,7 @@ impl Registry {
         id: &NodeId,
         stats: NodeStats,
         draining: bool,
+        overlay: Option<OverlayReport>,
         timestamp_ms: u64,
         now_ms: u64,
     ) -> Result<bool, RegistryError> {
@@ -286,6 +325,14 @@ impl Registry {
         n.last_seen = Instant::now();
         n.stats = stats;
         n.health.draining = draining;
+        if let Some(mut o) = overlay {
+            // A node cannot be its own rendezvous, and bad-peer reports are handled by the caller.
+            if o.rendezvous == Some(*id) {
+                o.rendezvous = None;
+            }
+            o.bad_peers.clear();
+            n.overlay = o;
+        }
         Ok(true)
     }
 
@@ -320,6 +367,56 @@ impl Registry {
 
     fn healthy(&self, n: &NodeEntry) -> bool {
         self.state(n) == NodeState::Active
+    }
+
+    fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, n: &NodeEntry) -> ClientPath {
+        if n.reg.reachable {
+            return ClientPath::Direct;
+        }
+        let via = n.overlay.rendezvous.and_then(|r| nodes.get(&r));
+        if via.is_some_and(|r| r.reg.reachable && self.healthy(r)) {
+            ClientPath::HolePunch
+        } else {
+            ClientPath::Unreachable
+        }
+    }
+
+    /// How a client dials `n`, if it can.
+    fn contact(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> Option<NodeContact> {
+        match self.client_path(nodes, n) {
+            ClientPath::Direct => Some(NodeContact { id: *id, addr: n.reg.addr, via: None }),
+            ClientPath::HolePunch => {
+                let r = n.overlay.rendezvous?;
+                Some(NodeContact {
+                    id: *id,
+                    addr: n.overlay.external_quic.unwrap_or(n.reg.addr),
+                    via: Some(Rendezvous { id: r, addr: nodes.get(&r)?.reg.addr }),
+                })
+            }
+            ClientPath::Unreachable => None,
+        }
+    }
+
+    /// Overlay peers for `id` to connect to: live nodes with overlay addresses, directly reachable ones
+    /// first (they can relay and act as rendezvous), in an order that differs per asking node so that
+    /// bootstrap load spreads.
+    pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
+        let nodes = self.nodes.read().expect("registry lock");
+        let key = ChunkHash(id.0);
+        let mut candidates: Vec<(bool, u64, PeerContact)> = nodes
+            .iter()
+            .filter(|(other, n)| *other != id && self.healthy(n) && !n.overlay.addrs.is_empty())
+            .map(|(other, n)| {
+                let contact = PeerContact {
+                    id: *other,
+                    addrs: n.overlay.addrs.clone(),
+                    rendezvous: n.reg.reachable.then_some(n.reg.addr),
+                };
+                (!n.reg.reachable, u64::MAX - placement::weight(&key, other), contact)
+            })
+            .collect();
+        candidates.sort_unstable_by_key(|c| (c.0, c.1));
+        candidates.into_iter().take(limit).map(|(_, _, c)| c).collect()
     }
 
     /// Records a probe of `id`; returns the state change it caused, if any.
@@ -359,24 +456,24 @@ impl Registry {
         nodes
             .iter()
             .filter(|(_, n)| n.health.quarantined.is_none() && n.last_seen.elapsed() <= self.timeout)
-            .map(|(id, n)| NodeContact { id: *id, addr: n.reg.addr })
+            .filter_map(|(id, n)| self.contact(&nodes, id, n))
             .collect()
     }
 
     pub fn snapshot(&self) -> Snapshot {
         let nodes = self.nodes.read().expect("registry lock");
         Snapshot::new(
-            nodes
-                .iter()
-                .filter(|(_, n)| self.healthy(n))
-                .map(|(id, n)| NodeContact { id: *id, addr: n.reg.addr })
-                .collect(),
+            nodes.iter().filter(|(_, n)| self.healthy(n)).filter_map(|(id, n)| self.contact(&nodes, id, n)).collect(),
         )
     }
 
     pub fn healthy_ids(&self) -> HashSet<NodeId> {
         let nodes = self.nodes.read().expect("registry lock");
-        nodes.iter().filter(|(_, n)| self.healthy(n)).map(|(id, _)| *id).collect()
+        nodes
+            .iter()
+            .filter(|(_, n)| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn counts(&self) -> Counts {
@@ -389,7 +486,14 @@ impl Registry {
                 _ => {}
             }
         }
-        for n in nodes.values().filter(|n| self.healthy(n)) {
+        for n in nodes.values().filter(|n| n.last_seen.elapsed() <= self.timeout) {
+            let r = Reachability::ALL.iter().position(|r| *r == n.overlay.reachability).unwrap_or(0);
+            c.by_reachability[r] += 1;
+            let p = ClientPath::ALL.iter().position(|p| *p == self.client_path(&nodes, n)).unwrap_or(0);
+            c.by_client_path[p] += 1;
+        }
+        let scheduled = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable;
+        for n in nodes.values().filter(scheduled) {
             c.healthy += 1;
             c.cache_used += n.stats.cache_used;
             c.cache_capacity += n.reg.cache_capacity;
@@ -426,7 +530,10 @@ impl Registry {
                     quarantine_reason: n.health.quarantined.clone(),
                     probe_rtt_ms: n.health.last_probe_rtt_ms,
                     addr: with_addr.then_some(n.reg.addr),
-                    reachability: "direct",
+                    reachability: n.overlay.reachability.as_str(),
+                    client_path: self.client_path(&nodes, n).name(),
+                    tracker_rtt_ms: n.overlay.tracker_rtt_ms,
+                    peers_measured: n.overlay.rtt.len(),
                     version: n.reg.version.clone(),
                     upload_limit: n.reg.upload_limit,
                     upload_rate: n.upload_rate,
@@ -460,6 +567,7 @@ mod tests {
             cache_capacity: 1,
             upload_limit: None,
             version: "t".into(),
+            reachable: true,
         }
     }
 
@@ -472,11 +580,11 @@ mod tests {
         assert_eq!(r.register(id(2), reg(), 1, now), Err(RegistryError::Clock));
         r.register(id(2), reg(), now, now).expect("second");
         assert_eq!(r.register(id(3), reg(), now, now), Err(RegistryError::Full(2)));
-        assert_eq!(r.heartbeat(&id(9), NodeStats::default(), false, now, now), Ok(false));
-        assert_eq!(r.heartbeat(&id(1), NodeStats::default(), false, now + 1, now), Ok(true));
+        assert_eq!(r.heartbeat(&id(9), NodeStats::default(), false, None, now, now), Ok(false));
+        assert_eq!(r.heartbeat(&id(1), NodeStats::default(), false, None, now + 1, now), Ok(true));
         assert_eq!(r.counts().healthy, 2);
         assert!(r.block(id(2)));
-        assert_eq!(r.heartbeat(&id(2), NodeStats::default(), false, now + 2, now), Err(RegistryError::Blocked));
+        assert_eq!(r.heartbeat(&id(2), NodeStats::default(), false, None, now + 2, now), Err(RegistryError::Blocked));
         assert_eq!(r.register(id(2), reg(), now + 3, now), Err(RegistryError::Blocked));
         assert_eq!(r.counts().total, 1);
         std::thread::sleep(Duration::from_millis(60));
@@ -501,10 +609,10 @@ mod tests {
             r.record_probe(&id(1), &ProbeOutcome::Ok { rtt_ms: 3 }),
             Some((NodeState::Unhealthy, NodeState::Active))
         );
-        r.heartbeat(&id(1), NodeStats::default(), true, now + 1, now).expect("draining heartbeat");
+        r.heartbeat(&id(1), NodeStats::default(), true, None, now + 1, now).expect("draining heartbeat");
         assert_eq!(state(), "draining");
         assert!(r.snapshot().nodes.is_empty(), "a draining node must not be scheduled");
-        r.heartbeat(&id(1), NodeStats::default(), false, now + 2, now).expect("heartbeat");
+        r.heartbeat(&id(1), NodeStats::default(), false, None, now + 2, now).expect("heartbeat");
         assert_eq!(
             r.record_probe(&id(1), &ProbeOutcome::WrongBytes),
             Some((NodeState::Active, NodeState::Quarantined))
@@ -520,9 +628,9 @@ mod tests {
         let now = 10_000_000;
         r.register(id(1), reg(), now, now).expect("register");
         let stats = |b| NodeStats { bytes_served: b, ..Default::default() };
-        r.heartbeat(&id(1), stats(100), false, now + 1000, now).expect("hb");
-        r.heartbeat(&id(1), stats(300), false, now + 2000, now).expect("hb");
-        r.heartbeat(&id(1), stats(50), false, now + 3000, now).expect("hb after restart");
+        r.heartbeat(&id(1), stats(100), false, None, now + 1000, now).expect("hb");
+        r.heartbeat(&id(1), stats(300), false, None, now + 2000, now).expect("hb");
+        r.heartbeat(&id(1), stats(50), false, None, now + 3000, now).expect("hb after restart");
         assert_eq!(r.totals.fog_bytes.load(Ordering::Relaxed), 350);
         assert_eq!(r.page(0, 10, SortBy::Id, false).nodes[0].upload_rate, 50);
     }
@@ -547,5 +655,44 @@ mod tests {
         }
         assert_eq!(seen.len(), 10_000);
         assert!(r.page(100, 100, SortBy::State, false).nodes.is_empty());
+    }
+
+    #[test]
+    fn nodes_behind_nat_are_scheduled_only_through_a_live_rendezvous() {
+        let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+        let now = 10_000_000;
+        r.register(id(1), reg(), now, now).expect("public node");
+        let natted = Registration { reachable: false, addr: SocketAddr::from(([10, 0, 0, 2], 7701)), ..reg() };
+        r.register(id(2), natted, now, now).expect("node behind NAT");
+        assert_eq!(r.snapshot().nodes.len(), 1, "not reachable and not attached: not scheduled");
+        assert_eq!(r.counts().by_client_path, [1, 0, 1]);
+        let external = SocketAddr::from(([198, 51, 100, 9], 40000));
+        let overlay = OverlayReport {
+            reachability: Reachability::Relayed,
+            addrs: vec!["/ip4/198.51.100.9/udp/4001/quic-v1".into()],
+            rendezvous: Some(id(1)),
+            external_quic: Some(external),
+            ..Default::default()
+        };
+        r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay), now + 1, now).expect("heartbeat");
+        let snap = r.snapshot();
+        let contact = snap.nodes.iter().find(|c| c.id == id(2)).expect("scheduled through the rendezvous");
+        assert_eq!(contact.addr, external);
+        assert_eq!(contact.via, Some(Rendezvous { id: id(1), addr: reg().addr }));
+        assert_eq!(r.counts().by_client_path, [1, 1, 0]);
+        assert_eq!(
+            r.counts().by_reachability
+                [Reachability::ALL.iter().position(|x| *x == Reachability::Relayed).expect("listed")],
+            1
+        );
+        // Node 1 has no overlay addresses yet; node 2 does and is offered to node 1, without a rendezvous
+        // address since the tracker cannot dial it.
+        let peers = r.peers_for(&id(1), 8);
+        assert_eq!(peers.len(), 1);
+        assert_eq!((peers[0].id, peers[0].rendezvous), (id(2), None));
+        assert!(r.peers_for(&id(2), 8).is_empty());
+        // The rendezvous leaves: node 2 is no longer reachable.
+        r.block(id(1));
+        assert!(r.snapshot().nodes.is_empty());
     }
 }

@@ -54,6 +54,7 @@ mod tests {
         NodeContact {
             id: NodeId(*blake3::hash(&[i]).as_bytes()),
             addr: SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(i))),
+            via: None,
         }
     }
 

@@ -30,6 +30,9 @@ enum Command {
         /// Chunks fetched in parallel.
         #[arg(long, default_value_t = 8, env = "FOG_PARALLEL")]
         parallel: usize,
+        /// Print the fetch report as one JSON object (per-node bytes, fallbacks) instead of the summary line.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the local player proxy: players fetch http://ADDR/<scheme>/<host[:port]>/<path>.
     Proxy {
@@ -93,7 +96,7 @@ fn summary(url: &str, r: &FetchReport, elapsed: Duration) -> String {
     )
 }
 
-async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: usize) -> anyhow::Result<()> {
+async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: usize, json: bool) -> anyhow::Result<()> {
     let client = FogClient::new(ClientConfig { tracker: Some(tracker), parallel, ..Default::default() })?;
     let started = Instant::now();
     let report = match &output {
@@ -128,7 +131,11 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
     if let Some(why) = &report.tracker_unreachable {
         eprintln!("fog: warning: fetched straight from the origin without verification: {why}");
     }
-    eprintln!("{}", summary(&url, &report, started.elapsed()));
+    if json {
+        eprintln!("{}", serde_json::to_string(&report)?);
+    } else {
+        eprintln!("{}", summary(&url, &report, started.elapsed()));
+    }
     Ok(())
 }
 
@@ -144,7 +151,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Get { tracker, origin_url, output, parallel } => get(tracker, origin_url, output, parallel).await,
+            Command::Get { tracker, origin_url, output, parallel, json } => {
+                get(tracker, origin_url, output, parallel, json).await
+            }
             Command::Proxy { tracker, listen, prefetch_secs, prefetch_memory } => {
                 proxy(tracker, listen, prefetch_secs, prefetch_memory.0).await
             }

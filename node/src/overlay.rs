@@ -1,0 +1,562 @@
+//! The libp2p overlay: nodes find each other (tracker bootstrap, identify, Kademlia peer routing), learn
+//! whether they are reachable (AutoNAT v2), get through home NATs (relay reservations and DCUtR hole
+//! punching), measure RTTs to each other (ping), and fill cache misses from each other over raw streams
+//! (`fog_proto::wire::PEER_PROTOCOL`).
+//!
+//! Clients never speak libp2p: they use the quinn chunk protocol. The overlay is node-to-node only.
+//!
+//! One task owns the swarm; everyone else talks to it through a bounded command channel or reads the
+//! shared [`OverlayState`] snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use fog_proto::api::{
+    OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES,
+};
+use fog_proto::placement::top_k;
+use fog_proto::rtt::RttFilter;
+use fog_proto::wire::{PeerStatus, MAX_PAYLOAD_LEN, PEER_PROTOCOL};
+use fog_proto::{ChunkHash, NodeId};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    autonat, connection_limits, dcutr, identify, kad, memory_connection_limits, noise, ping, relay, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
+};
+use tokio::sync::mpsc;
+
+use crate::stats::Counters;
+
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fog/kad/1.0.0");
+const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new(PEER_PROTOCOL);
+const IDENTIFY_VERSION: &str = "/fog/1.0.0";
+
+/// Connections: enough peers for fill and measurement, few enough for a 1 GB device.
+const MAX_ESTABLISHED_IN: u32 = 96;
+const MAX_ESTABLISHED_OUT: u32 = 48;
+/// A relayed connection plus the direct one hole punching creates, plus one spare.
+const MAX_PER_PEER: u32 = 3;
+const MAX_PENDING: u32 = 16;
+/// Refuse new connections when the process uses more than this share of system memory.
+const MAX_MEMORY_SHARE: f64 = 0.8;
+/// Bootstrap peers dialled only while fewer than this many are connected.
+const TARGET_PEERS: usize = 32;
+/// Peers asked for a missing chunk before the origin, best placement first.
+const PEERS_ASKED: usize = 2;
+/// How long a peer may take to start answering, and to send a whole chunk.
+const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
+const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
+/// Peers that sent wrong bytes are not dialled or asked again for this long.
+const BAN_FOR: Duration = Duration::from_secs(3600);
+const MAX_BANNED: usize = 1024;
+const PING_EVERY: Duration = Duration::from_secs(5);
+const COMMANDS: usize = 64;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    memory: memory_connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    autonat_client: autonat::v2::client::Behaviour,
+    autonat_server: autonat::v2::server::Behaviour,
+    relay_client: relay::client::Behaviour,
+    relay_server: relay::Behaviour,
+    dcutr: dcutr::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("cannot use the node key as a libp2p identity: {0}")]
+    Identity(String),
+    #[error("cannot build the libp2p transport: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {reason}; pick another --p2p-listen")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+/// The libp2p peer id of a fog node id (the same ed25519 key).
+pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
+    let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
+    Some(PeerId::from_public_key(&libp2p::identity::PublicKey::from(key)))
+}
+
+/// The fog node id of an ed25519 peer id (its multihash inlines the public key).
+pub fn node_id_of(peer: &PeerId) -> Option<NodeId> {
+    let hash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if hash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(hash.digest()).ok()?;
+    Some(NodeId(key.try_into_ed25519().ok()?.to_bytes()))
+}
+
+#[derive(Debug, Default)]
+struct PeerEntry {
+    node: Option<NodeId>,
+    rtt: RttFilter,
+    direct: u32,
+    relayed: u32,
+    relayed_ids: HashSet<libp2p::swarm::ConnectionId>,
+}
+
+/// What the swarm task publishes for the rest of the node.
+#[derive(Debug, Default)]
+struct OverlayState {
+    peers: HashMap<PeerId, PeerEntry>,
+    listen: Vec<Multiaddr>,
+    external: Vec<Multiaddr>,
+    /// The listener on a relay circuit, while we have asked for (or hold) a reservation.
+    relay_listener: Option<libp2p::core::transport::ListenerId>,
+    reservation: bool,
+    /// AutoNAT tried our addresses and none worked.
+    autonat_failed: bool,
+    bad_peers: Vec<NodeId>,
+    banned: HashMap<PeerId, Instant>,
+}
+
+impl OverlayState {
+    fn reachability(&self) -> Reachability {
+        if self.external.iter().any(|a| !is_relayed(a)) {
+            Reachability::Public
+        } else if self.reservation {
+            Reachability::Relayed
+        } else if self.autonat_failed {
+            Reachability::Nat
+        } else {
+            Reachability::Unknown
+        }
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.get(peer).is_some_and(|t| t.elapsed() < BAN_FOR)
+    }
+}
+
+fn is_relayed(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback() || ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_loopback() || ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+#[derive(Debug)]
+enum Command {
+    Dial(PeerId, Vec<Multiaddr>),
+    /// Get a relay reservation on this peer (we are behind NAT).
+    Reserve(PeerId, Vec<Multiaddr>),
+    Disconnect(PeerId),
+}
+
+/// A handle on the overlay, cheap to clone.
+#[derive(Clone)]
+pub struct Overlay {
+    pub peer_id: PeerId,
+    state: Arc<Mutex<OverlayState>>,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
+}
+
+/// Inbound peer-fill streams, for the chunk server to answer.
+pub type IncomingChunkStreams = libp2p_stream::IncomingStreams;
+
+impl Overlay {
+    /// Builds the swarm on the node's identity key, starts listening on `listen` and spawns its task.
+    pub fn start(
+        key: &SigningKey,
+        listen: &[Multiaddr],
+        counters: Arc<Counters>,
+    ) -> Result<(Overlay, IncomingChunkStreams), OverlayError> {
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
+            .map_err(|e| OverlayError::Identity(e.to_string()))?;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            .with_behaviour(|key, relay_client| {
+                let local = key.public().to_peer_id();
+                let limits = connection_limits::ConnectionLimits::default()
+                    .with_max_pending_incoming(Some(MAX_PENDING))
+                    .with_max_pending_outgoing(Some(MAX_PENDING))
+                    .with_max_established_incoming(Some(MAX_ESTABLISHED_IN))
+                    .with_max_established_outgoing(Some(MAX_ESTABLISHED_OUT))
+                    .with_max_established_per_peer(Some(MAX_PER_PEER));
+                let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+                kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
+                let relay_config = relay::Config { max_reservations: 128, max_circuits: 32, ..Default::default() };
+                Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
+                    memory: memory_connection_limits::Behaviour::with_max_percentage(MAX_MEMORY_SHARE),
+                    identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_VERSION.into(), key.public())),
+                    ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY)),
+                    kad: kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config),
+                    autonat_client: autonat::v2::client::Behaviour::default(),
+                    autonat_server: autonat::v2::server::Behaviour::default(),
+                    relay_client,
+                    relay_server: relay::Behaviour::new(local, relay_config),
+                    dcutr: dcutr::Behaviour::new(local),
+                    stream: libp2p_stream::Behaviour::new(),
+                }
+            })
+            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            // Peers are kept for fill and RTT measurement; the connection limits bound them.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        for addr in listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| OverlayError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        }
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control.accept(CHUNK_PROTOCOL).expect("the chunk protocol is registered once");
+        let (tx, rx) = mpsc::channel(COMMANDS);
+        let overlay = Overlay {
+            peer_id: *swarm.local_peer_id(),
+            state: Arc::new(Mutex::new(OverlayState::default())),
+            commands: tx,
+            control,
+            counters,
+        };
+        tokio::spawn(drive(swarm, overlay.state.clone(), rx));
+        Ok((overlay, incoming))
+    }
+
+    /// Connects to peers the tracker handed out (while below the target peer count); asks a reachable one
+    /// for a relay reservation when `behind_nat`.
+    pub fn bootstrap(&self, peers: &[PeerContact], behind_nat: bool) {
+        let (connected, relaying) = {
+            let s = self.state.lock().expect("overlay lock");
+            (s.peers.len(), s.relay_listener.is_some())
+        };
+        let mut relay_asked = relaying || !behind_nat;
+        for p in peers {
+            let Some(peer) = peer_id_of(&p.id).filter(|p| *p != self.peer_id) else { continue };
+            let addrs: Vec<Multiaddr> = p.addrs.iter().take(MAX_PEER_ADDRS).filter_map(|a| a.parse().ok()).collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            if !relay_asked && p.rendezvous.is_some() {
+                relay_asked = true;
+                let direct: Vec<Multiaddr> = addrs.iter().filter(|a| !is_relayed(a)).cloned().collect();
+                let _ = self.commands.try_send(Command::Reserve(peer, direct));
+            }
+            if connected < TARGET_PEERS && !self.state.lock().expect("overlay lock").peers.contains_key(&peer) {
+                let _ = self.commands.try_send(Command::Dial(peer, addrs));
+            }
+        }
+    }
+
+    /// Live peers with a direct connection, as node ids.
+    fn direct_peers(&self) -> Vec<(PeerId, NodeId)> {
+        let s = self.state.lock().expect("overlay lock");
+        s.peers
+            .iter()
+            .filter(|(p, e)| e.direct > 0 && !s.is_banned(p))
+            .filter_map(|(p, e)| Some((*p, e.node?)))
+            .collect()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.state.lock().expect("overlay lock").peers.len()
+    }
+
+    /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
+    /// uses, over this node's live peers) and returns the first verified copy.
+    pub async fn fetch(&self, hash: ChunkHash) -> Option<Bytes> {
+        let peers = self.direct_peers();
+        let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
+        for i in top_k(&hash, &ids, PEERS_ASKED) {
+            let (peer, node) = peers[i];
+            match tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, hash)).await {
+                Ok(Ok(Some(bytes))) if ChunkHash::of(&bytes) == hash => {
+                    Counters::add(&self.counters.peer_fills, 1);
+                    Counters::add(&self.counters.peer_fill_bytes, bytes.len() as u64);
+                    return Some(bytes);
+                }
+                Ok(Ok(Some(_))) => self.punish(peer, node),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(%node, chunk = %hash, error = %e, "peer fill failed"),
+                Err(_) => tracing::debug!(%node, chunk = %hash, "peer fill timed out"),
+            }
+        }
+        None
+    }
+
+    /// `Ok(None)`: the peer does not have the chunk (or is busy).
+    async fn fetch_from(&self, peer: PeerId, hash: ChunkHash) -> Result<Option<Bytes>, String> {
+        let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await.map_err(|e| e.to_string())?;
+        stream.write_all(hash.as_bytes()).await.map_err(|e| e.to_string())?;
+        stream.close().await.map_err(|e| e.to_string())?;
+        let mut status = [0u8; 1];
+        tokio::time::timeout(PEER_FIRST_BYTE, stream.read_exact(&mut status))
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        match PeerStatus::from_u8(status[0]) {
+            Some(PeerStatus::Ok) => {}
+            Some(PeerStatus::NotFound | PeerStatus::Busy) => return Ok(None),
+            None => return Err(format!("unknown peer status {}", status[0])),
+        }
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+        let len = u32::from_be_bytes(len);
+        if len > MAX_PAYLOAD_LEN {
+            return Err(format!("peer announced {len} bytes, above the {MAX_PAYLOAD_LEN}-byte chunk limit"));
+        }
+        let mut body = vec![0u8; len as usize];
+        stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        Ok(Some(Bytes::from(body)))
+    }
+
+    /// A peer sent bytes that do not match the hash: disconnect, ban, and tell the tracker.
+    fn punish(&self, peer: PeerId, node: NodeId) {
+        tracing::warn!(%node, "peer sent a chunk that does not match its hash; disconnecting it");
+        Counters::add(&self.counters.peer_bad_chunks, 1);
+        {
+            let mut s = self.state.lock().expect("overlay lock");
+            if s.banned.len() >= MAX_BANNED {
+                s.banned.retain(|_, t| t.elapsed() < BAN_FOR);
+            }
+            if s.banned.len() < MAX_BANNED {
+                s.banned.insert(peer, Instant::now());
+            }
+            if s.bad_peers.len() < MAX_RTT_SAMPLES && !s.bad_peers.contains(&node) {
+                s.bad_peers.push(node);
+            }
+        }
+        let _ = self.commands.try_send(Command::Disconnect(peer));
+    }
+
+    /// Whether `peer` may open fill streams here.
+    pub fn accepts(&self, peer: &PeerId) -> bool {
+        !self.state.lock().expect("overlay lock").is_banned(peer)
+    }
+
+    /// The overlay part of the next heartbeat (takes the bad-peer list).
+    pub fn report(&self) -> OverlayReport {
+        let mut s = self.state.lock().expect("overlay lock");
+        OverlayReport {
+            reachability: s.reachability(),
+            addrs: self.addrs_locked(&s),
+            rtt: rtt_samples(&s),
+            bad_peers: std::mem::take(&mut s.bad_peers),
+            ..Default::default()
+        }
+    }
+
+    /// Addresses worth telling others: confirmed external ones, then listen addresses, loopback last.
+    fn addrs_locked(&self, s: &OverlayState) -> Vec<String> {
+        let mut addrs: Vec<&Multiaddr> = s.external.iter().chain(s.listen.iter()).collect();
+        addrs.sort_by_key(|a| is_loopback(a));
+        let mut out: Vec<String> = Vec::new();
+        for a in addrs {
+            let text = a.to_string();
+            if text.len() <= MAX_ADDR_LEN && !out.contains(&text) {
+                out.push(text);
+            }
+        }
+        out.truncate(MAX_PEER_ADDRS);
+        out
+    }
+
+    /// A snapshot for the status page.
+    pub fn summary(&self) -> OverlaySummary {
+        let s = self.state.lock().expect("overlay lock");
+        OverlaySummary {
+            peer_id: self.peer_id.to_string(),
+            reachability: s.reachability(),
+            peers: s.peers.len(),
+            direct_peers: s.peers.values().filter(|e| e.direct > 0).count(),
+            addrs: self.addrs_locked(&s),
+            rtt: rtt_samples(&s),
+        }
+    }
+}
+
+/// Filtered RTTs to peers, nearest first, at most [`MAX_RTT_SAMPLES`].
+fn rtt_samples(s: &OverlayState) -> Vec<RttSample> {
+    let mut rtt: Vec<RttSample> =
+        s.peers.values().filter_map(|e| Some(RttSample { peer: e.node?, rtt_ms: e.rtt.estimate()? })).collect();
+    rtt.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
+    rtt.truncate(MAX_RTT_SAMPLES);
+    rtt
+}
+
+/// The overlay as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OverlaySummary {
+    pub peer_id: String,
+    pub reachability: Reachability,
+    pub peers: usize,
+    pub direct_peers: usize,
+    pub addrs: Vec<String>,
+    /// Filtered RTTs to peers on direct connections.
+    pub rtt: Vec<RttSample>,
+}
+
+/// The swarm task: applies commands and turns swarm events into [`OverlayState`].
+async fn drive(mut swarm: Swarm<Behaviour>, state: Arc<Mutex<OverlayState>>, mut commands: mpsc::Receiver<Command>) {
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(c) => apply(&mut swarm, &state, c),
+                None => return,
+            },
+            event = swarm.select_next_some() => on_event(&mut swarm, &state, event),
+        }
+    }
+}
+
+fn apply(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, command: Command) {
+    match command {
+        Command::Dial(peer, addrs) => {
+            if state.lock().expect("overlay lock").is_banned(&peer) || swarm.is_connected(&peer) {
+                return;
+            }
+            for a in &addrs {
+                swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+            if let Err(e) = swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "cannot dial peer");
+            }
+        }
+        Command::Reserve(relay, addrs) => {
+            let Some(addr) = addrs.iter().find(|a| !is_loopback(a)).or(addrs.first()) else { return };
+            let circuit = addr.clone().with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::debug!(%circuit, "behind NAT: asking a reachable peer for a relay reservation");
+                    state.lock().expect("overlay lock").relay_listener = Some(id);
+                }
+                Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through the relay"),
+            }
+        }
+        Command::Disconnect(peer) => {
+            let _ = swarm.disconnect_peer_id(peer);
+        }
+    }
+}
+
+fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: SwarmEvent<BehaviourEvent>) {
+    let mut s = state.lock().expect("overlay lock");
+    match event {
+        SwarmEvent::NewListenAddr { address, .. } => {
+            tracing::info!(%address, "overlay listening");
+            if !s.listen.contains(&address) && s.listen.len() < 2 * MAX_PEER_ADDRS {
+                s.listen.push(address);
+            }
+        }
+        SwarmEvent::ExpiredListenAddr { address, .. } => s.listen.retain(|a| *a != address),
+        SwarmEvent::ExternalAddrConfirmed { address } => {
+            tracing::info!(%address, "external address confirmed");
+            if !s.external.contains(&address) && s.external.len() < MAX_PEER_ADDRS {
+                s.external.push(address);
+            }
+        }
+        SwarmEvent::ExternalAddrExpired { address } => s.external.retain(|a| *a != address),
+        SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+            if s.is_banned(&peer_id) {
+                drop(s);
+                let _ = swarm.disconnect_peer_id(peer_id);
+                return;
+            }
+            let e = s.peers.entry(peer_id).or_default();
+            e.node = node_id_of(&peer_id);
+            if endpoint.is_relayed() {
+                e.relayed += 1;
+                e.relayed_ids.insert(connection_id);
+            } else {
+                e.direct += 1;
+            }
+            tracing::debug!(peer = %peer_id, relayed = endpoint.is_relayed(), "peer connected");
+        }
+        SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+            if num_established == 0 {
+                s.peers.remove(&peer_id);
+            } else if let Some(e) = s.peers.get_mut(&peer_id) {
+                if e.relayed_ids.remove(&connection_id) {
+                    e.relayed = e.relayed.saturating_sub(1);
+                } else {
+                    e.direct = e.direct.saturating_sub(1);
+                }
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Ok(rtt) })) => {
+            // RTT through a relay measures the relay's path, not the peer's.
+            if let Some(e) = s.peers.get_mut(&peer).filter(|e| !e.relayed_ids.contains(&connection)) {
+                e.rtt.add(rtt.as_secs_f32() * 1000.0);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            drop(s);
+            for addr in info.listen_addrs.into_iter().filter(|a| !is_relayed(a)).take(MAX_PEER_ADDRS) {
+                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::AutonatClient(e)) => match e.result {
+            Ok(()) => tracing::info!(addr = %e.tested_addr, "AutoNAT: address reachable"),
+            Err(err) => {
+                tracing::debug!(addr = %e.tested_addr, error = %err, "AutoNAT: address not reachable");
+                s.autonat_failed = true;
+            }
+        },
+        SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+            relay_peer_id,
+            ..
+        })) => {
+            tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+            s.reservation = true;
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+            Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
+            Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed"),
+        },
+        SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+            if s.relay_listener == Some(listener_id) {
+                tracing::debug!(reason = ?reason, "relay reservation ended; will ask again");
+                s.relay_listener = None;
+                s.reservation = false;
+            }
+            s.listen.retain(|a| !addresses.contains(a));
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_and_peer_ids_name_the_same_key() {
+        let key = SigningKey::from_bytes(&[9u8; 32]);
+        let node = NodeId::from(key.verifying_key());
+        let peer = peer_id_of(&node).expect("ed25519 key");
+        assert_eq!(node_id_of(&peer), Some(node));
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).expect("key");
+        assert_eq!(keypair.public().to_peer_id(), peer);
+    }
+}

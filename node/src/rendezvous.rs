@@ -1,0 +1,233 @@
+//! Reachability for nodes behind NAT (protocol: `fog_proto::rendezvous`).
+//!
+//! Every node runs [`RendezvousServer`] on its QUIC endpoint; the tracker only points clients at the ones it
+//! could dial itself. A node the tracker could not dial runs [`attach_forever`]: it keeps one connection from
+//! its own chunk-serving socket to a public node, which holds its NAT mapping open and carries hole-punch
+//! requests. The QUIC packets the node then sends towards a client open its NAT for that client only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use fog_client::rendezvous::{exchange, read_frame, write_frame};
+use fog_client::transport;
+use fog_proto::api::{now_ms, Rendezvous, Signed};
+use fog_proto::rendezvous::{Attach, Frame, ALPN, KIND_ATTACH};
+use fog_proto::NodeId;
+use tokio::sync::watch;
+
+/// Most nodes one rendezvous keeps attached (each costs one idle QUIC connection).
+pub const MAX_ATTACHED: usize = 256;
+/// How long the rendezvous waits for the attached node to confirm it sent its punch packets.
+const PUNCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a node keeps sending handshake packets towards a client: long enough for the client's own
+/// handshake to arrive through the hole.
+const PUNCH_PACKETS_FOR: Duration = Duration::from_secs(3);
+/// A signed attach older or newer than this is refused (replay guard; clocks are roughly in sync).
+const ATTACH_MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+/// Idle timeout of the attachment; keep-alives every third of it hold the NAT mapping open.
+const ATTACH_IDLE: Duration = Duration::from_secs(30);
+
+/// The rendezvous side: attached nodes by id.
+#[derive(Debug)]
+pub struct RendezvousServer {
+    id: NodeId,
+    attached: Mutex<HashMap<NodeId, quinn::Connection>>,
+}
+
+impl RendezvousServer {
+    pub fn new(id: NodeId) -> Self {
+        Self { id, attached: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn attached(&self) -> usize {
+        self.attached.lock().expect("attached lock").len()
+    }
+
+    /// Serves one connection that negotiated the rendezvous ALPN: attaches or punch requests.
+    pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        loop {
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+            let (this, conn) = (self.clone(), conn.clone());
+            tokio::spawn(async move {
+                let reply = match tokio::time::timeout(PUNCH_TIMEOUT, read_frame(&mut recv)).await {
+                    Ok(Ok(Frame::Attach { attach })) => {
+                        let reply = this.attach(&conn, &attach);
+                        if matches!(reply, Frame::Attached { .. }) {
+                            tokio::spawn(this.clone().detach_when_closed(attach.node_id, conn.clone()));
+                        }
+                        reply
+                    }
+                    Ok(Ok(Frame::Punch { target })) => this.punch(&conn, target).await,
+                    Ok(Ok(other)) => Frame::Error { message: format!("unexpected frame {other:?}") },
+                    Ok(Err(e)) => Frame::Error { message: e },
+                    Err(_) => Frame::Error { message: "no request in time".into() },
+                };
+                if let Frame::Error { message } = &reply {
+                    tracing::debug!(remote = %conn.remote_address(), %message, "rendezvous refused a request");
+                }
+                let _ = write_frame(&mut send, &reply).await;
+            });
+        }
+    }
+
+    fn attach(&self, conn: &quinn::Connection, signed: &Signed) -> Frame {
+        let attach: Attach = match signed.open(KIND_ATTACH) {
+            Ok(a) => a,
+            Err(e) => return Frame::Error { message: format!("attach refused: {e}") },
+        };
+        if attach.rendezvous != self.id {
+            return Frame::Error { message: "attach is signed for another rendezvous".into() };
+        }
+        if now_ms().abs_diff(attach.timestamp_ms) > ATTACH_MAX_SKEW_MS {
+            return Frame::Error { message: "attach timestamp is more than 5 minutes off; check the clock".into() };
+        }
+        let node = signed.node_id;
+        {
+            let mut attached = self.attached.lock().expect("attached lock");
+            if attached.len() >= MAX_ATTACHED && !attached.contains_key(&node) {
+                return Frame::Error { message: format!("this rendezvous is full ({MAX_ATTACHED} nodes)") };
+            }
+            attached.insert(node, conn.clone());
+        }
+        tracing::info!(%node, remote = %conn.remote_address(), "node attached for hole punching");
+        Frame::Attached { observed: conn.remote_address() }
+    }
+
+    /// Forgets `node` when its attachment closes (unless it re-attached on a newer connection).
+    async fn detach_when_closed(self: Arc<Self>, node: NodeId, conn: quinn::Connection) {
+        conn.closed().await;
+        let mut attached = self.attached.lock().expect("attached lock");
+        if attached.get(&node).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            attached.remove(&node);
+        }
+    }
+
+    async fn punch(&self, client: &quinn::Connection, target: NodeId) -> Frame {
+        let Some(node) = self.attached.lock().expect("attached lock").get(&target).cloned() else {
+            return Frame::Error { message: format!("node {target} is not attached here") };
+        };
+        let request = Frame::PunchRequest { client: client.remote_address() };
+        match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&node, &request)).await {
+            Ok(Ok(Frame::PunchSent)) => Frame::PunchReady { addr: node.remote_address() },
+            Ok(Ok(other)) => Frame::Error { message: format!("node answered {other:?}") },
+            Ok(Err(e)) => Frame::Error { message: format!("node unreachable: {e}") },
+            Err(_) => Frame::Error { message: "node did not answer the punch request in time".into() },
+        }
+    }
+}
+
+/// Where this node is attached: the rendezvous and the node's own address as the rendezvous sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    pub rendezvous: NodeId,
+    pub external: SocketAddr,
+}
+
+pub type SharedAttachment = Arc<Mutex<Option<Attachment>>>;
+
+/// Keeps this node attached to one of the rendezvous candidates in `plan` while it holds `Some` (the
+/// tracker could not dial this node); detaches when it turns `None`. Tries candidates in turn with backoff.
+pub async fn attach_forever(
+    endpoint: quinn::Endpoint,
+    key: SigningKey,
+    mut plan: watch::Receiver<Option<Vec<Rendezvous>>>,
+    attachment: SharedAttachment,
+) {
+    let mut next = 0usize;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let candidates = plan.borrow_and_update().clone();
+        let Some(candidates) = candidates.filter(|c| !c.is_empty()) else {
+            *attachment.lock().expect("attachment lock") = None;
+            if plan.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let via = &candidates[next % candidates.len()];
+        next += 1;
+        match attach_once(&endpoint, &key, via).await {
+            Ok((conn, external)) => {
+                backoff = Duration::from_secs(1);
+                *attachment.lock().expect("attachment lock") = Some(Attachment { rendezvous: via.id, external });
+                tracing::info!(rendezvous = %via.id, %external, "attached: clients can reach this node by hole punching");
+                tokio::select! {
+                    reason = serve_punch_requests(&endpoint, &conn) => {
+                        tracing::warn!(rendezvous = %via.id, %reason, "attachment lost; attaching again");
+                    }
+                    () = no_longer_needed(&mut plan) => conn.close(0u32.into(), b"detaching"),
+                }
+                *attachment.lock().expect("attachment lock") = None;
+            }
+            Err(e) => {
+                tracing::warn!(rendezvous = %via.id, addr = %via.addr, error = %e, "cannot attach to rendezvous");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Resolves when the plan turns `None` (the node became reachable) or its sender is gone.
+async fn no_longer_needed(plan: &mut watch::Receiver<Option<Vec<Rendezvous>>>) {
+    while plan.changed().await.is_ok() {
+        if plan.borrow().is_none() {
+            return;
+        }
+    }
+}
+
+async fn attach_once(
+    endpoint: &quinn::Endpoint,
+    key: &SigningKey,
+    via: &Rendezvous,
+) -> Result<(quinn::Connection, SocketAddr), String> {
+    let cfg = transport::client_config_for(via.id, ATTACH_IDLE, ALPN);
+    let conn = transport::connect_with(endpoint, cfg, via.addr, Duration::from_secs(5)).await?;
+    let attach = Signed::sign(key, KIND_ATTACH, &Attach { rendezvous: via.id, timestamp_ms: now_ms() });
+    match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&conn, &Frame::Attach { attach })).await {
+        Ok(Ok(Frame::Attached { observed })) => Ok((conn, observed)),
+        Ok(Ok(Frame::Error { message })) => Err(message),
+        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer in time".into()),
+    }
+}
+
+/// Answers the rendezvous's punch requests until the attachment closes; returns why it closed.
+async fn serve_punch_requests(endpoint: &quinn::Endpoint, conn: &quinn::Connection) -> String {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        let reply = match tokio::time::timeout(PUNCH_TIMEOUT, read_frame(&mut recv)).await {
+            Ok(Ok(Frame::PunchRequest { client })) => {
+                punch_towards(endpoint, client);
+                Frame::PunchSent
+            }
+            Ok(Ok(other)) => Frame::Error { message: format!("unexpected frame {other:?}") },
+            Ok(Err(e)) => Frame::Error { message: e },
+            Err(_) => Frame::Error { message: "no request in time".into() },
+        };
+        let _ = write_frame(&mut send, &reply).await;
+    }
+}
+
+/// Sends QUIC handshake packets from the serving socket to `client`, so this node's NAT lets the client's
+/// packets in. The handshake itself is expected to fail (the client does not accept connections); the
+/// packets are the point.
+fn punch_towards(endpoint: &quinn::Endpoint, client: SocketAddr) {
+    let cfg = transport::client_config(NodeId([0; 32]), PUNCH_PACKETS_FOR);
+    match endpoint.connect_with(cfg, client, transport::SERVER_NAME) {
+        Ok(connecting) => {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(PUNCH_PACKETS_FOR, connecting).await;
+            });
+        }
+        Err(e) => tracing::debug!(%client, error = %e, "cannot send punch packets"),
+    }
+}

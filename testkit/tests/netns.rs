@@ -1,0 +1,226 @@
+//! The overlay across real network boundaries (`fog_testkit::netns`): a public network with the origin, the
+//! tracker and one reachable node, two homes behind their own masquerading routers with one node each, and
+//! a client network. Run alone with `scripts/test.sh --netns`; needs root, skips with a message otherwise.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fog_proto::api::TrackerStats;
+use fog_proto::NodeId;
+use fog_testkit::harness::{bin, Proc};
+use fog_testkit::netns::{Lab, Site};
+use fog_testkit::origin::REQUESTS_PATH;
+use serde_json::Value;
+
+const CHUNK: usize = 256 << 10;
+const CHUNKS: usize = 24;
+
+struct Net {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    origin: String,
+    tracker: String,
+    procs: Vec<Proc>,
+}
+
+impl Net {
+    fn curl(&self, site: Site, url: &str) -> String {
+        let out = self.lab.exec(site, "curl", &["-sS", "--max-time", "10", url]);
+        assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn stats(&self) -> TrackerStats {
+        serde_json::from_str(&self.curl(Site::Public, &format!("http://{}/v1/stats", self.tracker))).expect("stats")
+    }
+
+    fn origin_requests(&self) -> u64 {
+        self.curl(Site::Public, &format!("http://{}{REQUESTS_PATH}", self.origin)).trim().parse().expect("count")
+    }
+
+    async fn wait(&self, what: &str, timeout: Duration, mut done: impl FnMut(&Net) -> bool) {
+        let started = Instant::now();
+        while !done(self) {
+            if started.elapsed() > timeout {
+                let logs: Vec<String> =
+                    self.procs.iter().map(|p| format!("--- {} ---\n{}", p.name, tail(&p.log_text()))).collect();
+                panic!("timed out waiting for {what}; stats: {:?}\n{}", self.stats(), logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn start_node(&mut self, site: Site, name: &str) -> PathBuf {
+        let data = self.dir.path().join(name);
+        let args: Vec<String> = [
+            "--tracker",
+            &format!("http://{}", self.tracker),
+            "--listen",
+            "0.0.0.0:0",
+            "--status-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.procs.push(Proc::spawn_in(Some(&self.lab.ns(site)), "fog-node", &args, log).await);
+        data
+    }
+
+    /// A node's `/status` JSON, read inside its namespace.
+    fn node_status(&self, site: Site, data: &Path) -> Value {
+        let addr = std::fs::read_to_string(data.join("status.addr")).expect("status address");
+        serde_json::from_str(&self.curl(site, &format!("http://{addr}/status"))).expect("status JSON")
+    }
+
+    /// Fetches the test object from the client network; returns the fetch report.
+    fn fetch(&self, round: &str) -> Value {
+        let out_file = self.dir.path().join(format!("fetched-{round}"));
+        let fog = bin("fog");
+        let url = format!("http://{}/video.bin", self.origin);
+        let tracker = format!("http://{}", self.tracker);
+        let out = self.lab.exec(
+            Site::Client,
+            fog.to_str().expect("utf8"),
+            &["get", "--tracker", &tracker, &url, "-o", out_file.to_str().expect("utf8"), "--json"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "fog get ({round}) failed: {stderr}");
+        let expected = std::fs::read(self.dir.path().join("content/video.bin")).expect("content");
+        assert!(std::fs::read(&out_file).expect("fetched") == expected, "{round}: fetched bytes differ");
+        serde_json::from_str(stderr.lines().last().expect("report line")).expect("report JSON")
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn node_id(data: &Path, net: &Net, site: Site) -> NodeId {
+    serde_json::from_value(net.node_status(site, data)["node_id"].clone()).expect("node id")
+}
+
+/// Bytes the fetch report says `node` served.
+fn served_by(report: &Value, node: &NodeId) -> u64 {
+    report["nodes"][node.to_hex()]["bytes"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_serves_from_behind_home_nats() {
+    if let Some(why) = Lab::unavailable() {
+        eprintln!("SKIPPED overlay_serves_from_behind_home_nats: {why}");
+        return;
+    }
+    let lab = Lab::build();
+    let dir = tempfile::Builder::new().prefix("fogcdn-netns").tempdir().expect("tempdir");
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).expect("content dir");
+    let video: Vec<u8> = (0..CHUNK * CHUNKS).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(content.join("video.bin"), &video).expect("content");
+
+    let public = lab.ns(Site::Public);
+    let listen = format!("{}:0", Site::Public.addr());
+    let origin_args: Vec<String> =
+        vec!["--dir".into(), content.to_str().expect("utf8").into(), "--listen".into(), listen.clone()];
+    let origin = Proc::spawn_in(Some(&public), "fog-test-origin", &origin_args, dir.path().join("origin.log")).await;
+    let tracker_args: Vec<String> = [
+        "--listen",
+        &listen,
+        "--data-dir",
+        dir.path().join("tracker").to_str().expect("utf8"),
+        "--origin",
+        &format!("http://{}/", origin.addr),
+        "--heartbeat-secs",
+        "1",
+        "--chunk-size",
+        "256KiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let tracker = Proc::spawn_in(Some(&public), "fog-tracker", &tracker_args, dir.path().join("tracker.log")).await;
+    let mut net =
+        Net { lab, dir, origin: origin.addr.clone(), tracker: tracker.addr.clone(), procs: vec![origin, tracker] };
+
+    let public_node = net.start_node(Site::Public, "node-public").await;
+    let home1 = net.start_node(Site::Home1, "node-home1").await;
+    let home2 = net.start_node(Site::Home2, "node-home2").await;
+    net.wait("one direct node and two reachable by hole punching", Duration::from_secs(60), |n| {
+        let s = n.stats();
+        s.nodes_healthy == 3 && s.nodes_by_client_path.get("hole_punch") == Some(&2)
+    })
+    .await;
+    let ids = [
+        node_id(&public_node, &net, Site::Public),
+        node_id(&home1, &net, Site::Home1),
+        node_id(&home2, &net, Site::Home2),
+    ];
+
+    // Cold: nodes pull from the origin. Warm: every byte from the fog, much of it from behind the NATs.
+    net.fetch("cold");
+    let before = net.origin_requests();
+    let warm = net.fetch("warm");
+    eprintln!("warm fetch: {warm}");
+    assert_eq!(warm["origin_bytes"].as_u64(), Some(0), "warm fetch used the origin: {warm}");
+    assert_eq!(net.origin_requests(), before, "warm fetch made nodes go to the origin");
+    for id in &ids[1..] {
+        assert!(served_by(&warm, id) > 0, "node {id} behind NAT served nothing: {warm}");
+    }
+
+    // RTTs the nodes report match the delay lines (within 20 %).
+    net.wait("RTT samples from the home nodes", Duration::from_secs(60), |n| {
+        let s = n.node_status(Site::Home1, &home1);
+        s["tracker"]["rtt_ms"].is_number() && s["overlay"]["rtt"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    for (site, data) in [(Site::Home1, &home1), (Site::Home2, &home2), (Site::Public, &public_node)] {
+        let status = net.node_status(site, data);
+        eprintln!(
+            "{site:?}: reachability {}; overlay {}; tracker RTT {}; peer RTTs {}",
+            status["reachability"],
+            status["overlay"]["reachability"],
+            status["tracker"]["rtt_ms"],
+            status["overlay"]["rtt"]
+        );
+        if site != Site::Public {
+            let measured = status["tracker"]["rtt_ms"].as_f64().expect("tracker RTT");
+            let expected = site.rtt_ms(Site::Public);
+            assert!(
+                (measured - expected).abs() <= 0.2 * expected,
+                "{site:?} → tracker: {measured} ms, expected {expected}"
+            );
+        }
+        for sample in status["overlay"]["rtt"].as_array().expect("rtt samples") {
+            let peer: NodeId = serde_json::from_value(sample["peer"].clone()).expect("peer");
+            let Some(other) = ids.iter().position(|i| *i == peer) else { continue };
+            let other = [Site::Public, Site::Home1, Site::Home2][other];
+            let (measured, expected) = (sample["rtt_ms"].as_f64().expect("rtt"), site.rtt_ms(other));
+            assert!(
+                (measured - expected).abs() <= 0.2 * expected,
+                "{site:?} → {other:?}: measured {measured} ms, expected {expected} ms"
+            );
+        }
+    }
+
+    // A fourth node joins: the chunks it now owns come from its peers, not the origin.
+    let fourth = net.start_node(Site::Public, "node-fourth").await;
+    net.wait("the fourth node scheduled and connected to all three", Duration::from_secs(60), |n| {
+        n.stats().nodes_healthy == 4
+            && n.node_status(Site::Public, &fourth)["overlay"]["direct_peers"].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    let fourth_id = node_id(&fourth, &net, Site::Public);
+    let before = net.origin_requests();
+    let after_join = net.fetch("after-join");
+    eprintln!("after the fourth node joined: {}", after_join["nodes"]);
+    assert_eq!(net.origin_requests(), before, "adding a node caused origin requests: {after_join}");
+    assert_eq!(after_join["origin_bytes"].as_u64(), Some(0), "{after_join}");
+    assert!(served_by(&after_join, &fourth_id) > 0, "the new node was given nothing: {after_join}");
+    let counters = &net.node_status(Site::Public, &fourth)["counters"];
+    assert!(counters["peer_fills"].as_u64().unwrap_or(0) > 0, "the new node filled nothing from peers: {counters}");
+    assert_eq!(counters["origin_fills"].as_u64(), Some(0), "{counters}");
+}

@@ -559,4 +559,64 @@ mod tests {
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).expect("key");
         assert_eq!(keypair.public().to_peer_id(), peer);
     }
+
+    fn start(seed: u8) -> (Overlay, IncomingChunkStreams, NodeId) {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr");
+        let (overlay, incoming) = Overlay::start(&key, &[listen], Arc::new(Counters::default())).expect("overlay");
+        (overlay, incoming, NodeId::from(key.verifying_key()))
+    }
+
+    async fn listen_addrs(o: &Overlay) -> Vec<String> {
+        for _ in 0..100 {
+            let addrs = o.summary().addrs;
+            if !addrs.is_empty() {
+                return addrs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("overlay did not start listening");
+    }
+
+    /// Real libp2p on loopback: a peer that answers with the wrong bytes is not believed, is disconnected,
+    /// banned and reported; an honest peer's chunk is returned verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_fill_verifies_and_punishes_wrong_bytes() {
+        let (asker, _asker_incoming, _) = start(1);
+        let (liar, mut liar_incoming, liar_id) = start(2);
+        let chunk = Bytes::from(vec![7u8; 100_000]);
+        let hash = ChunkHash::of(&chunk);
+        tokio::spawn(async move {
+            while let Some((_, mut stream)) = liar_incoming.next().await {
+                let mut wanted = [0u8; 32];
+                if stream.read_exact(&mut wanted).await.is_ok() {
+                    let mut answer = vec![PeerStatus::Ok as u8];
+                    answer.extend_from_slice(&100_000u32.to_be_bytes());
+                    answer.extend_from_slice(&[8u8; 100_000]);
+                    let _ = stream.write_all(&answer).await;
+                    let _ = stream.close().await;
+                }
+            }
+        });
+        let contact = PeerContact { id: liar_id, addrs: listen_addrs(&liar).await, rendezvous: None };
+        asker.bootstrap(&[contact], false);
+        for _ in 0..100 {
+            if !asker.direct_peers().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(asker.direct_peers().len(), 1, "did not connect to the peer");
+        assert!(asker.fetch(hash).await.is_none(), "wrong bytes were accepted");
+        assert_eq!(asker.report().bad_peers, vec![liar_id]);
+        assert!(!asker.accepts(&liar.peer_id), "the liar is not banned");
+        for _ in 0..100 {
+            if asker.peer_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(asker.peer_count(), 0, "the liar is still connected");
+        assert_eq!(asker.counters.peer_bad_chunks.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 }

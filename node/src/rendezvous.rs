@@ -231,3 +231,71 @@ fn punch_towards(endpoint: &quinn::Endpoint, client: SocketAddr) {
         Err(e) => tracing::debug!(%client, error = %e, "cannot send punch packets"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fog_proto::api::NodeContact;
+
+    /// A node endpoint on loopback that runs the rendezvous for connections that ask for it and completes
+    /// every other handshake.
+    fn node_endpoint(key: &SigningKey, rendezvous: Option<Arc<RendezvousServer>>) -> quinn::Endpoint {
+        let config = transport::server_config(key, 8).expect("server config");
+        let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).expect("bind");
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let rendezvous = rendezvous.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    match rendezvous {
+                        Some(r) => r.serve_connection(conn).await,
+                        None => drop(conn.closed().await),
+                    }
+                });
+            }
+        });
+        endpoint
+    }
+
+    /// Real QUIC on loopback (no NAT, so this checks the protocol, not the hole: `testkit/tests/netns.rs`
+    /// checks that through real masquerading routers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attach_then_punch_and_refusals() {
+        let (r_key, x_key) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        let (r_id, x_id) = (NodeId::from(r_key.verifying_key()), NodeId::from(x_key.verifying_key()));
+        let server = Arc::new(RendezvousServer::new(r_id));
+        let r_endpoint = node_endpoint(&r_key, Some(server.clone()));
+        let x_endpoint = node_endpoint(&x_key, None);
+        let via = Rendezvous { id: r_id, addr: r_endpoint.local_addr().expect("addr") };
+        let (_plan, plan_rx) = watch::channel(Some(vec![via.clone()]));
+        let attachment = SharedAttachment::default();
+        tokio::spawn(attach_forever(x_endpoint.clone(), x_key.clone(), plan_rx, attachment.clone()));
+        let started = std::time::Instant::now();
+        while attachment.lock().expect("lock").is_none() {
+            assert!(started.elapsed() < Duration::from_secs(10), "node did not attach");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let x_addr = x_endpoint.local_addr().expect("addr");
+        assert_eq!(*attachment.lock().expect("lock"), Some(Attachment { rendezvous: r_id, external: x_addr }));
+        assert_eq!(server.attached(), 1);
+
+        // A client reaches the node through the rendezvous, even with a stale address in hand.
+        let client = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("client endpoint");
+        let stale = NodeContact { id: x_id, addr: "127.0.0.1:9".parse().expect("addr"), via: Some(via.clone()) };
+        let conn = transport::connect_contact(&client, &stale, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .expect("connected through the rendezvous");
+        assert_eq!(conn.remote_address(), x_addr);
+
+        // Punching to a node that is not attached, and an attach signed for another rendezvous, are refused.
+        let stranger = NodeId([9; 32]);
+        let err = fog_client::rendezvous::punch(&client, &via, stranger, Duration::from_secs(5)).await;
+        assert!(err.is_err_and(|e| e.contains("not attached")));
+        let cfg = transport::client_config_for(r_id, Duration::from_secs(5), ALPN);
+        let conn = transport::connect_with(&client, cfg, via.addr, Duration::from_secs(5)).await.expect("connect");
+        let forged = Signed::sign(&x_key, KIND_ATTACH, &Attach { rendezvous: stranger, timestamp_ms: now_ms() });
+        let reply = exchange(&conn, &Frame::Attach { attach: forged }).await.expect("answer");
+        assert!(matches!(reply, Frame::Error { .. }), "{reply:?}");
+    }
+}

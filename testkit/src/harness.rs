@@ -24,6 +24,24 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A QUIC endpoint on 127.0.0.1 holding `key` that completes handshakes and serves nothing: enough for the
+/// tracker's dial-back, for tests that register hand-made nodes. Closed when dropped.
+pub fn handshake_only_endpoint(key: &ed25519_dalek::SigningKey) -> quinn::Endpoint {
+    let config = fog_client::transport::server_config(key, 4).expect("server config");
+    let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).expect("bind");
+    let accepting = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                if let Ok(conn) = incoming.await {
+                    conn.closed().await;
+                }
+            });
+        }
+    });
+    endpoint
+}
+
 /// A child process whose stderr goes to a log file; killed when dropped.
 #[derive(Debug)]
 pub struct Proc {

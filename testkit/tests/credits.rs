@@ -11,7 +11,7 @@ use fog_proto::credits::{
     KIND_REDEEM, KIND_TICKET,
 };
 use fog_proto::NodeId;
-use fog_testkit::harness::{Cluster, ClusterOptions};
+use fog_testkit::harness::{handshake_only_endpoint, Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
 
@@ -28,9 +28,12 @@ fn id(k: &SigningKey) -> NodeId {
 }
 
 /// A node run by the test itself (so it can misbehave), registered with the tracker.
-async fn register_fake_node(cluster: &Cluster, node: &SigningKey) {
+/// Registers a node that exists only as a key and a QUIC endpoint answering the tracker's dial-back; keep
+/// the endpoint for as long as the node should stay scheduled.
+async fn register_fake_node(cluster: &Cluster, node: &SigningKey) -> quinn::Endpoint {
+    let endpoint = handshake_only_endpoint(node);
     let reg = Register {
-        quic_addr: "127.0.0.1:9".parse().expect("addr"),
+        quic_addr: endpoint.local_addr().expect("addr"),
         cache_capacity: 1 << 30,
         upload_limit: None,
         version: "test".into(),
@@ -44,6 +47,7 @@ async fn register_fake_node(cluster: &Cluster, node: &SigningKey) {
         .await
         .expect("register");
     assert_eq!(resp.status().as_u16(), 200);
+    endpoint
 }
 
 async fn resolve_with_ticket(cluster: &Cluster, url: &str, client: &SigningKey) -> (Resolve, Option<(Signed, Ticket)>) {
@@ -160,8 +164,8 @@ async fn fraud_is_rejected_with_reasons() {
     })
     .await;
     let (node, other) = (key(1), key(2));
-    register_fake_node(&cluster, &node).await;
-    register_fake_node(&cluster, &other).await;
+    let _node_endpoint = register_fake_node(&cluster, &node).await;
+    let _other_endpoint = register_fake_node(&cluster, &other).await;
     cluster.wait_healthy(2).await;
     let content = test_bytes(3 * MIB, 92);
     cluster.origin.put("f.bin", content);
@@ -222,7 +226,7 @@ async fn fraud_is_rejected_with_reasons() {
     // Replay in a later epoch: epochs last 2 s; a ticket's receipts are good for its epoch and the next.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let late = receipt(&client, &signed, &ticket, id(&node), 3);
-    register_fake_node(&cluster, &node).await;
+    let _endpoint = register_fake_node(&cluster, &node).await;
     let r = redeem(&cluster, &node, vec![late]).await.expect("redeem");
     assert!(reason(&r, 0).contains("epoch"), "{r:?}");
 
@@ -239,7 +243,7 @@ async fn fraud_is_rejected_with_reasons() {
 async fn killing_the_tracker_mid_redemption_loses_and_doubles_nothing() {
     let mut cluster = Cluster::start(ClusterOptions { nodes: 0, ..Default::default() }).await;
     let node = key(21);
-    register_fake_node(&cluster, &node).await;
+    let mut _endpoint = register_fake_node(&cluster, &node).await;
     cluster.wait_healthy(1).await;
     cluster.origin.put("k.bin", test_bytes(2 * MIB, 93));
     let url = cluster.origin.url("k.bin");
@@ -276,7 +280,7 @@ async fn killing_the_tracker_mid_redemption_loses_and_doubles_nothing() {
             kills += 1;
             let _ = attempt.await;
             cluster.restart_tracker().await;
-            register_fake_node(&cluster, &node).await;
+            _endpoint = register_fake_node(&cluster, &node).await;
             continue;
         }
         if let Ok(Some(resp)) = attempt.await {

@@ -410,8 +410,9 @@ async fn forged_and_replayed_node_messages_are_rejected() {
         KIND_HEARTBEAT,
         &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false, overlay: None },
     );
+    let endpoint = fog_testkit::harness::handshake_only_endpoint(&key);
     let reg = fog_proto::api::Register {
-        quic_addr: "127.0.0.1:9".parse().expect("addr"),
+        quic_addr: endpoint.local_addr().expect("addr"),
         cache_capacity: 1,
         upload_limit: None,
         version: "test".into(),

@@ -47,6 +47,7 @@ impl Counters {
             peer_fills: get(&self.peer_fills),
             peer_fill_bytes: get(&self.peer_fill_bytes),
             peer_served_bytes: get(&self.peer_served_bytes),
+            peer_bad_chunks: get(&self.peer_bad_chunks),
         }
     }
 }

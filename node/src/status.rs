@@ -418,7 +418,7 @@ struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
-        let counter_defs: [(&str, &str, ReadCounter); 9] = [
+        let counter_defs: [(&str, &str, ReadCounter); 13] = [
             ("fog_node_requests", "Chunk requests received", |s| s.requests),
             ("fog_node_hits", "Requests served from the cache", |s| s.hits),
             ("fog_node_misses", "Requests not in the cache", |s| s.misses),
@@ -428,8 +428,12 @@ impl Default for NodeMetrics {
             ("fog_node_corrupt_chunks", "Stored chunks found corrupt and dropped", |s| s.corrupt_chunks),
             ("fog_node_bad_requests", "Malformed requests received", |s| s.bad_requests),
             ("fog_node_store_errors", "Chunk store read/write failures", |s| s.store_errors),
+            ("fog_node_peer_fills", "Misses filled from overlay peers", |s| s.peer_fills),
+            ("fog_node_peer_fill_bytes", "Bytes received from peers filling misses", |s| s.peer_fill_bytes),
+            ("fog_node_peer_served_bytes", "Bytes sent to peers filling their misses", |s| s.peer_served_bytes),
+            ("fog_node_peer_bad_chunks", "Chunks from peers that did not match their hash", |s| s.peer_bad_chunks),
         ];
-        let gauge_defs: [(&str, &str, ReadGauge); 7] = [
+        let gauge_defs: [(&str, &str, ReadGauge); 11] = [
             ("fog_node_cache_used_bytes", "Bytes of cached chunks", |s| s.cache.used),
             ("fog_node_cache_quota_bytes", "Cache quota", |s| s.cache.quota),
             ("fog_node_cached_chunks", "Cached chunks", |s| s.cache.chunks),
@@ -438,6 +442,16 @@ impl Default for NodeMetrics {
             ("fog_node_upload_limit_bytes", "Upload cap, bytes/s (0: none)", |s| s.caps.upload_limit.unwrap_or(0)),
             ("fog_node_tracker_connected", "1 when the last tracker exchange succeeded", |s| {
                 u64::from(s.tracker.state == "connected")
+            }),
+            ("fog_node_tracker_rtt_ms", "Filtered RTT to the tracker, ms", |s| {
+                s.tracker.rtt_ms.map_or(0, |r| r.round() as u64)
+            }),
+            ("fog_node_overlay_peers", "Connected overlay peers", |s| s.overlay.as_ref().map_or(0, |o| o.peers as u64)),
+            ("fog_node_overlay_direct_peers", "Overlay peers with a direct (not relayed) connection", |s| {
+                s.overlay.as_ref().map_or(0, |o| o.direct_peers as u64)
+            }),
+            ("fog_node_rendezvous_attached", "Nodes behind NAT attached here for hole punching", |s| {
+                s.rendezvous_attached as u64
             }),
         ];
         let counters = counter_defs

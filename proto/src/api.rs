@@ -227,6 +227,9 @@ pub struct NodeStats {
     /// Bytes this node sent to peers filling their misses.
     #[serde(default)]
     pub peer_served_bytes: u64,
+    /// Chunks from peers that did not match their hash (the peer was disconnected and reported).
+    #[serde(default)]
+    pub peer_bad_chunks: u64,
 }
 
 /// One node a client may fetch from.
@@ -315,6 +318,9 @@ pub struct TrackerStats {
     pub nodes_draining: u64,
     #[serde(default)]
     pub nodes_quarantined: u64,
+    /// Nodes otherwise healthy that no client can reach (not dialled back, no rendezvous): not scheduled.
+    #[serde(default)]
+    pub nodes_unreachable: u64,
     pub manifests: u64,
     pub cache_used: u64,
     pub cache_capacity: u64,

@@ -30,7 +30,7 @@ use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
 use crate::ledger::{Ledger, LedgerError};
-use crate::metrics::{Metrics, ResultLabel, SourceLabel, StateLabel};
+use crate::metrics::{Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{ClientPath, Registration, Registry, RegistryError, SortBy};
 use crate::scheduler;
 
@@ -522,6 +522,7 @@ impl App {
             nodes_healthy: c.healthy,
             nodes_draining: c.draining,
             nodes_quarantined: c.quarantined,
+            nodes_unreachable: c.unreachable,
             manifests: self.manifests.load(Ordering::Relaxed),
             cache_used: c.cache_used,
             cache_capacity: c.cache_capacity,
@@ -688,14 +689,22 @@ impl App {
     fn metrics_text(&self) -> String {
         let s = self.stats();
         let m = &self.metrics;
-        let unhealthy = s.nodes_total - s.nodes_healthy - s.nodes_draining - s.nodes_quarantined;
+        let unhealthy = s.nodes_total - s.nodes_healthy - s.nodes_draining - s.nodes_quarantined - s.nodes_unreachable;
         for (state, n) in [
             ("healthy", s.nodes_healthy),
             ("draining", s.nodes_draining),
             ("quarantined", s.nodes_quarantined),
+            ("unreachable", s.nodes_unreachable),
             ("unhealthy", unhealthy),
         ] {
             m.nodes.get_or_create(&StateLabel { state }).set(n as i64);
+        }
+        for (path, n) in &s.nodes_by_client_path {
+            m.nodes_by_client_path.get_or_create(&PathLabel { path: path.clone() }).set(*n as i64);
+        }
+        for (reachability, n) in &s.nodes_by_reachability {
+            let label = ReachabilityLabel { reachability: reachability.clone() };
+            m.nodes_by_reachability.get_or_create(&label).set(*n as i64);
         }
         m.manifests.set(s.manifests as i64);
         m.node_cache_used_bytes.set(s.cache_used as i64);

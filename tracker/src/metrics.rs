@@ -39,6 +39,18 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// How clients reach nodes (`direct`, `hole_punch`, `unreachable`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
+}
+
+/// How nodes' overlays see themselves (`public`, `nat`, `relayed`, `unknown`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReachabilityLabel {
+    pub reachability: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +59,8 @@ pub struct Metrics {
     pub ingest_errors: Counter,
     pub bad_node_messages: Counter,
     pub nodes: Family<StateLabel, Gauge>,
+    pub nodes_by_client_path: Family<PathLabel, Gauge>,
+    pub nodes_by_reachability: Family<ReachabilityLabel, Gauge>,
     pub manifests: Gauge,
     pub node_cache_used_bytes: Gauge,
     pub fog_bytes: Counter,
@@ -70,6 +84,7 @@ impl Default for Metrics {
         let (client_bytes, node_failure_reports) = (Family::default(), Family::default());
         let (credited_bytes, rejected_receipts) = (Counter::default(), Counter::default());
         let probes = Family::default();
+        let (nodes_by_client_path, nodes_by_reachability) = (Family::default(), Family::default());
         let mut registry = Registry::default();
         registry.register("fog_tracker_probes", "Active probes of nodes by result", probes.clone());
         registry.register(
@@ -90,6 +105,16 @@ impl Default for Metrics {
             bad_node_messages.clone(),
         );
         registry.register("fog_tracker_nodes", "Registered nodes by state", nodes.clone());
+        registry.register(
+            "fog_tracker_nodes_by_client_path",
+            "Live nodes by how clients reach them (direct, hole_punch, unreachable)",
+            nodes_by_client_path.clone(),
+        );
+        registry.register(
+            "fog_tracker_nodes_by_reachability",
+            "Live nodes by their overlay's own view (public, nat, relayed, unknown)",
+            nodes_by_reachability.clone(),
+        );
         registry.register("fog_tracker_manifests", "Manifests stored", manifests.clone());
         registry.register(
             "fog_tracker_node_cache_used_bytes",
@@ -128,6 +153,8 @@ impl Default for Metrics {
             ingest_errors,
             bad_node_messages,
             nodes,
+            nodes_by_client_path,
+            nodes_by_reachability,
             manifests,
             node_cache_used_bytes,
             fog_bytes,

@@ -165,6 +165,8 @@ pub struct Counts {
     pub by_client_path: [u64; 3],
     pub total: u64,
     pub healthy: u64,
+    /// Active but unreachable by clients.
+    pub unreachable: u64,
     pub draining: u64,
     pub quarantined: u64,
     pub cache_used: u64,
@@ -492,6 +494,8 @@ impl Registry {
             let p = ClientPath::ALL.iter().position(|p| *p == self.client_path(&nodes, n)).unwrap_or(0);
             c.by_client_path[p] += 1;
         }
+        let unreachable = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) == ClientPath::Unreachable;
+        c.unreachable = nodes.values().filter(unreachable).count() as u64;
         let scheduled = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable;
         for n in nodes.values().filter(scheduled) {
             c.healthy += 1;

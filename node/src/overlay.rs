@@ -39,8 +39,9 @@ const IDENTIFY_VERSION: &str = "/fog/1.0.0";
 /// Connections: enough peers for fill and measurement, few enough for a 1 GB device.
 const MAX_ESTABLISHED_IN: u32 = 96;
 const MAX_ESTABLISHED_OUT: u32 = 48;
-/// A relayed connection plus the direct one hole punching creates, plus one spare.
-const MAX_PER_PEER: u32 = 3;
+/// Two peers behind NAT may each dial the other through the relay and each complete a hole punch: two
+/// relayed and two direct connections. A lower limit closes the direct ones (seen in the netns test).
+const MAX_PER_PEER: u32 = 4;
 const MAX_PENDING: u32 = 16;
 /// Refuse new connections when the process uses more than this share of system memory.
 const MAX_MEMORY_SHARE: f64 = 0.8;
@@ -118,8 +119,12 @@ struct OverlayState {
     reservation: bool,
     /// AutoNAT tried our addresses and none worked.
     autonat_failed: bool,
+    /// The IP the tracker dialled this node back on (see [`Overlay::confirm_public_ip`]).
+    public_ip: Option<std::net::IpAddr>,
     bad_peers: Vec<NodeId>,
     banned: HashMap<PeerId, Instant>,
+    /// TCP addresses to try for peers being dialled over QUIC, should that fail (UDP blocked).
+    tcp_fallback: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 impl OverlayState {
@@ -144,6 +149,10 @@ fn is_relayed(a: &Multiaddr) -> bool {
     a.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+fn is_quic(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
 fn is_loopback(a: &Multiaddr) -> bool {
     a.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_loopback() || ip.is_unspecified(),
@@ -158,6 +167,7 @@ enum Command {
     /// Get a relay reservation on this peer (we are behind NAT).
     Reserve(PeerId, Vec<Multiaddr>),
     Disconnect(PeerId),
+    ConfirmIp(std::net::IpAddr),
 }
 
 /// A handle on the overlay, cheap to clone.
@@ -268,6 +278,14 @@ impl Overlay {
         }
     }
 
+    /// The tracker dialled this node back on `ip`: there is no NAT in front of it, so its overlay listen
+    /// addresses on that IP are external addresses too. This stands in for AutoNAT's first verdict, which
+    /// needs peers and minutes; AutoNAT v2 keeps testing every other candidate. Public nodes need
+    /// confirmed addresses before they act as relays for nodes behind NAT.
+    pub fn confirm_public_ip(&self, ip: std::net::IpAddr) {
+        let _ = self.commands.try_send(Command::ConfirmIp(ip));
+    }
+
     /// Live peers with a direct connection, as node ids.
     fn direct_peers(&self) -> Vec<(PeerId, NodeId)> {
         let s = self.state.lock().expect("overlay lock");
@@ -366,10 +384,11 @@ impl Overlay {
         }
     }
 
-    /// Addresses worth telling others: confirmed external ones, then listen addresses, loopback last.
+    /// Addresses worth telling others: confirmed external ones, then listen addresses; QUIC before TCP
+    /// (hole punching works best over UDP), loopback last.
     fn addrs_locked(&self, s: &OverlayState) -> Vec<String> {
         let mut addrs: Vec<&Multiaddr> = s.external.iter().chain(s.listen.iter()).collect();
-        addrs.sort_by_key(|a| is_loopback(a));
+        addrs.sort_by_key(|a| (is_loopback(a), !is_quic(a)));
         let mut out: Vec<String> = Vec::new();
         for a in addrs {
             let text = a.to_string();
@@ -438,13 +457,25 @@ fn apply(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, command: Com
             for a in &addrs {
                 swarm.behaviour_mut().kad.add_address(&peer, a.clone());
             }
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
-            if let Err(e) = swarm.dial(opts) {
-                tracing::debug!(%peer, error = %e, "cannot dial peer");
-            }
+            // QUIC first, TCP only if that fails: peers then observe our UDP mappings, which is what DCUtR
+            // punches (a race that TCP won would leave only a TCP-observed address).
+            let (quic, tcp): (Vec<Multiaddr>, Vec<Multiaddr>) = addrs.into_iter().partition(is_quic);
+            let first = if quic.is_empty() {
+                tcp
+            } else {
+                let mut s = state.lock().expect("overlay lock");
+                if s.tcp_fallback.len() < 2 * TARGET_PEERS && !tcp.is_empty() {
+                    s.tcp_fallback.insert(peer, tcp);
+                }
+                quic
+            };
+            dial(swarm, peer, first);
         }
-        Command::Reserve(relay, addrs) => {
-            let Some(addr) = addrs.iter().find(|a| !is_loopback(a)).or(addrs.first()) else { return };
+        Command::Reserve(relay, mut addrs) => {
+            // Over QUIC, so the relay observes our UDP mapping: that is the address DCUtR then punches
+            // (a TCP-observed address would be useless to a QUIC hole punch).
+            addrs.sort_by_key(|a| (is_loopback(a), !is_quic(a)));
+            let Some(addr) = addrs.first() else { return };
             let circuit = addr.clone().with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
             match swarm.listen_on(circuit.clone()) {
                 Ok(id) => {
@@ -457,7 +488,41 @@ fn apply(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, command: Com
         Command::Disconnect(peer) => {
             let _ = swarm.disconnect_peer_id(peer);
         }
+        Command::ConfirmIp(ip) => {
+            let listen = {
+                let mut s = state.lock().expect("overlay lock");
+                s.public_ip = Some(ip);
+                s.listen.clone()
+            };
+            for addr in listen.into_iter().filter(|a| has_ip(a, ip)) {
+                confirm_external(swarm, state, addr);
+            }
+        }
     }
+}
+
+fn dial(swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: Vec<Multiaddr>) {
+    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+    if let Err(e) = swarm.dial(opts) {
+        tracing::debug!(%peer, error = %e, "cannot dial peer");
+    }
+}
+
+fn confirm_external(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, addr: Multiaddr) {
+    swarm.add_external_address(addr.clone());
+    let mut s = state.lock().expect("overlay lock");
+    if !s.external.contains(&addr) && s.external.len() < MAX_PEER_ADDRS {
+        s.external.push(addr);
+    }
+}
+
+fn has_ip(a: &Multiaddr, ip: std::net::IpAddr) -> bool {
+    !is_relayed(a)
+        && a.iter().any(|p| match p {
+            Protocol::Ip4(v4) => std::net::IpAddr::V4(v4) == ip,
+            Protocol::Ip6(v6) => std::net::IpAddr::V6(v6) == ip,
+            _ => false,
+        })
 }
 
 fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: SwarmEvent<BehaviourEvent>) {
@@ -466,7 +531,11 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
         SwarmEvent::NewListenAddr { address, .. } => {
             tracing::info!(%address, "overlay listening");
             if !s.listen.contains(&address) && s.listen.len() < 2 * MAX_PEER_ADDRS {
-                s.listen.push(address);
+                s.listen.push(address.clone());
+            }
+            if s.public_ip.is_some_and(|ip| has_ip(&address, ip)) {
+                drop(s);
+                confirm_external(swarm, state, address);
             }
         }
         SwarmEvent::ExpiredListenAddr { address, .. } => s.listen.retain(|a| *a != address),
@@ -483,6 +552,7 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
                 let _ = swarm.disconnect_peer_id(peer_id);
                 return;
             }
+            s.tcp_fallback.remove(&peer_id);
             let e = s.peers.entry(peer_id).or_default();
             e.node = node_id_of(&peer_id);
             if endpoint.is_relayed() {
@@ -534,6 +604,13 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
             Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
             Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed"),
         },
+        SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), .. } => {
+            if let Some(tcp) = s.tcp_fallback.remove(&peer) {
+                drop(s);
+                tracing::debug!(%peer, "QUIC dial failed; trying TCP");
+                dial(swarm, peer, tcp);
+            }
+        }
         SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
             if s.relay_listener == Some(listener_id) {
                 tracing::debug!(reason = ?reason, "relay reservation ended; will ask again");

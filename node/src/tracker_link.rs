@@ -111,6 +111,9 @@ impl TrackerLink {
             s.reachable = Some(resp.reachable);
         }
         self.update_origins(resp.origins);
+        if let (true, Some(overlay)) = (resp.reachable, &self.overlay) {
+            overlay.confirm_public_ip(resp.advertised_addr.ip());
+        }
         self.update_peers(&resp.peers, !resp.reachable);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }

@@ -71,7 +71,8 @@ impl Proc {
         };
         let child = command
             .args(args)
-            .env("RUST_LOG", "info")
+            // FOG_TEST_LOG=debug,libp2p_autonat=trace … turns up the children's logs when debugging a test.
+            .env("RUST_LOG", std::env::var("FOG_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

@@ -56,6 +56,8 @@ const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
 const BAN_FOR: Duration = Duration::from_secs(3600);
 const MAX_BANNED: usize = 1024;
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// A peer is dialled again at most this often.
+const REDIAL_AFTER: Duration = Duration::from_secs(30);
 const COMMANDS: usize = 64;
 
 #[derive(NetworkBehaviour)]
@@ -125,6 +127,8 @@ struct OverlayState {
     banned: HashMap<PeerId, Instant>,
     /// TCP addresses to try for peers being dialled over QUIC, should that fail (UDP blocked).
     tcp_fallback: HashMap<PeerId, Vec<Multiaddr>>,
+    /// When each peer was last dialled, so suggestions repeated every heartbeat do not redial at once.
+    dialled: HashMap<PeerId, Instant>,
 }
 
 impl OverlayState {
@@ -379,6 +383,7 @@ impl Overlay {
             reachability: s.reachability(),
             addrs: self.addrs_locked(&s),
             rtt: rtt_samples(&s),
+            connected_peers: s.peers.len() as u32,
             bad_peers: std::mem::take(&mut s.bad_peers),
             ..Default::default()
         }
@@ -451,8 +456,18 @@ async fn drive(mut swarm: Swarm<Behaviour>, state: Arc<Mutex<OverlayState>>, mut
 fn apply(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, command: Command) {
     match command {
         Command::Dial(peer, addrs) => {
-            if state.lock().expect("overlay lock").is_banned(&peer) || swarm.is_connected(&peer) {
-                return;
+            {
+                let mut s = state.lock().expect("overlay lock");
+                let recent = s.dialled.get(&peer).is_some_and(|t| t.elapsed() < REDIAL_AFTER);
+                if s.is_banned(&peer) || recent || swarm.is_connected(&peer) {
+                    return;
+                }
+                if s.dialled.len() >= 4 * TARGET_PEERS {
+                    s.dialled.retain(|_, t| t.elapsed() < REDIAL_AFTER);
+                }
+                if s.dialled.len() < 4 * TARGET_PEERS {
+                    s.dialled.insert(peer, Instant::now());
+                }
             }
             for a in &addrs {
                 swarm.behaviour_mut().kad.add_address(&peer, a.clone());

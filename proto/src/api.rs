@@ -163,7 +163,13 @@ pub struct OverlayReport {
     pub external_quic: Option<SocketAddr>,
     /// Peers that sent chunk bytes not matching their hash since the last heartbeat.
     pub bad_peers: Vec<NodeId>,
+    /// Overlay peers connected now; below [`WANT_PEERS`] the tracker suggests more in its answer.
+    #[serde(default)]
+    pub connected_peers: u32,
 }
+
+/// A node with fewer connected overlay peers than this gets bootstrap peers with its heartbeat answer.
+pub const WANT_PEERS: u32 = 8;
 
 impl OverlayReport {
     /// Refuses reports whose lists exceed the protocol bounds.

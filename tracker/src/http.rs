@@ -14,7 +14,7 @@ use fog_proto::api::now_ms;
 use fog_proto::api::{
     ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, OverlayReport, Reachability, Register,
     RegisterResponse, Resolve, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_PEERS_LISTED,
-    MAX_REPORTED_FAILURES,
+    MAX_REPORTED_FAILURES, WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
 use fog_proto::{ContentId, NodeId};
@@ -390,6 +390,10 @@ impl App {
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
         }
         let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
+        // Few overlay peers, or behind NAT without a rendezvous: suggest peers (and rendezvous candidates).
+        let wants_peers = hb.overlay.as_ref().is_some_and(|o| {
+            o.connected_peers < WANT_PEERS || (o.rendezvous.is_none() && !self.registry.is_reachable(&node))
+        });
         match self.registry.heartbeat(&node, hb.stats, hb.draining, hb.overlay, hb.timestamp_ms, now_ms()) {
             Ok(registered) => {
                 for peer in bad_peers {
@@ -400,7 +404,11 @@ impl App {
                     );
                     let _ = self.urgent_probes.try_send(peer);
                 }
-                let peers = if registered { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
+                let peers = if registered && wants_peers {
+                    self.registry.peers_for(&node, MAX_PEERS_LISTED)
+                } else {
+                    Vec::new()
+                };
                 json(StatusCode::OK, &HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers })
             }
             Err(e) => self.reject_node(&node, e),

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous};
@@ -151,10 +151,22 @@ pub struct Totals {
 #[derive(Debug)]
 pub struct Registry {
     nodes: RwLock<HashMap<NodeId, NodeEntry>>,
+    directory: Mutex<PeerDirectory>,
     blocked: RwLock<HashSet<NodeId>>,
     pub totals: Totals,
     timeout: Duration,
     max_nodes: usize,
+}
+
+/// How long the bootstrap peer directory is reused before it is rebuilt from the registry.
+const PEER_DIRECTORY_TTL: Duration = Duration::from_secs(2);
+
+/// Overlay contacts of healthy nodes, split by whether the tracker could dial them.
+#[derive(Debug, Default)]
+struct PeerDirectory {
+    built: Option<Instant>,
+    reachable: Arc<Vec<PeerContact>>,
+    others: Arc<Vec<PeerContact>>,
 }
 
 /// Node counts for stats and metrics.
@@ -257,6 +269,7 @@ impl Registry {
     pub fn new(timeout: Duration, max_nodes: usize, blocked: HashSet<NodeId>) -> Self {
         Self {
             nodes: RwLock::new(HashMap::new()),
+            directory: Mutex::new(PeerDirectory::default()),
             blocked: RwLock::new(blocked),
             totals: Totals::default(),
             timeout,
@@ -399,26 +412,61 @@ impl Registry {
         }
     }
 
+    /// Whether the tracker's dial-back to `id` worked.
+    pub fn is_reachable(&self, id: &NodeId) -> bool {
+        self.nodes.read().expect("registry lock").get(id).is_some_and(|n| n.reg.reachable)
+    }
+
     /// Overlay peers for `id` to connect to: live nodes with overlay addresses, directly reachable ones
-    /// first (they can relay and act as rendezvous), in an order that differs per asking node so that
-    /// bootstrap load spreads.
+    /// (which can relay and act as rendezvous) for up to half the list. Each asking node gets a different
+    /// window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
     pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
-        let nodes = self.nodes.read().expect("registry lock");
-        let key = ChunkHash(id.0);
-        let mut candidates: Vec<(bool, u64, PeerContact)> = nodes
-            .iter()
-            .filter(|(other, n)| *other != id && self.healthy(n) && !n.overlay.addrs.is_empty())
-            .map(|(other, n)| {
+        let (reachable, others) = self.peer_directory();
+        let start = placement::weight(&ChunkHash(id.0), id) as usize;
+        let mut out: Vec<PeerContact> = Vec::with_capacity(limit);
+        for (list, want) in [(&reachable, limit.div_ceil(2)), (&others, limit), (&reachable, limit)] {
+            let want = want.min(limit - out.len());
+            let mut taken = 0;
+            for i in 0..list.len() {
+                if taken == want {
+                    break;
+                }
+                let c = &list[(start + i) % list.len()];
+                if c.id != *id && !out.iter().any(|o| o.id == c.id) {
+                    out.push(c.clone());
+                    taken += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The (reachable, other) overlay contacts of healthy nodes, rebuilt at most every
+    /// [`PEER_DIRECTORY_TTL`].
+    fn peer_directory(&self) -> (Arc<Vec<PeerContact>>, Arc<Vec<PeerContact>>) {
+        let mut dir = self.directory.lock().expect("directory lock");
+        if dir.built.is_none_or(|t| t.elapsed() >= PEER_DIRECTORY_TTL) {
+            let nodes = self.nodes.read().expect("registry lock");
+            let (mut reachable, mut others) = (Vec::new(), Vec::new());
+            for (id, n) in nodes.iter().filter(|(_, n)| self.healthy(n) && !n.overlay.addrs.is_empty()) {
                 let contact = PeerContact {
-                    id: *other,
+                    id: *id,
                     addrs: n.overlay.addrs.clone(),
                     rendezvous: n.reg.reachable.then_some(n.reg.addr),
                 };
-                (!n.reg.reachable, u64::MAX - placement::weight(&key, other), contact)
-            })
-            .collect();
-        candidates.sort_unstable_by_key(|c| (c.0, c.1));
-        candidates.into_iter().take(limit).map(|(_, _, c)| c).collect()
+                if n.reg.reachable {
+                    reachable.push(contact)
+                } else {
+                    others.push(contact)
+                }
+            }
+            // A stable order, so that windows stay put between rebuilds.
+            reachable.sort_unstable_by_key(|c| c.id);
+            others.sort_unstable_by_key(|c| c.id);
+            *dir =
+                PeerDirectory { built: Some(Instant::now()), reachable: Arc::new(reachable), others: Arc::new(others) };
+        }
+        (dir.reachable.clone(), dir.others.clone())
     }
 
     /// Records a probe of `id`; returns the state change it caused, if any.

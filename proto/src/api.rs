@@ -278,7 +278,14 @@ pub struct ClientReport {
     /// Bytes fetched straight from the origin because the fog could not be used (tracker down, unknown origin).
     pub passthrough_bytes: u64,
     pub node_failures: Vec<NodeFailure>,
+    /// QUIC RTTs the client measured to nodes (at most [`MAX_CLIENT_RTTS`]): the tracker fits the client's
+    /// network prefix a coordinate from them, after dropping samples that disagree with the rest.
+    #[serde(default)]
+    pub node_rtt: Vec<RttSample>,
 }
+
+/// Most node RTTs one client report may carry.
+pub const MAX_CLIENT_RTTS: usize = 16;
 
 /// Most failure entries one report may carry.
 pub const MAX_REPORTED_FAILURES: usize = 256;

@@ -42,6 +42,10 @@ pub struct TrackerArgs {
     /// Candidate nodes returned per chunk [default: 3].
     #[arg(long, env = "FOG_TRACKER_CANDIDATES")]
     pub candidates: Option<usize>,
+    /// Bounded-load slack ε: no node gets more than (1+ε)× its fair share of recent traffic (its share of
+    /// all advertised upload) while a nearby node has room [default: 0.25].
+    #[arg(long, env = "FOG_TRACKER_LOAD_EPSILON")]
+    pub load_epsilon: Option<f64>,
     /// A client's report that an object changed at its origin re-ingests it only if the manifest is older
     /// than this, so clients cannot make the tracker hammer an origin [default: 30].
     #[arg(long, env = "FOG_TRACKER_MIN_REINGEST_SECS")]
@@ -75,6 +79,7 @@ pub struct TrackerConfig {
     /// A node missing heartbeats this long is unhealthy: three intervals.
     pub node_timeout: Duration,
     pub candidates: usize,
+    pub load_epsilon: f64,
     pub min_reingest_age: Duration,
     pub max_nodes: usize,
     pub admin_token: Option<String>,
@@ -115,6 +120,7 @@ impl TrackerArgs {
             heartbeat_interval: Duration::from_secs(heartbeat),
             node_timeout: Duration::from_secs(heartbeat * 3),
             candidates: self.candidates.or(file.candidates).unwrap_or(3).clamp(1, 16),
+            load_epsilon: self.load_epsilon.or(file.load_epsilon).unwrap_or(0.25).clamp(0.0, 10.0),
             min_reingest_age: Duration::from_secs(self.min_reingest_secs.or(file.min_reingest_secs).unwrap_or(30)),
             max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
             admin_token,

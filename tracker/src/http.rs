@@ -13,11 +13,11 @@ use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
     ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, OverlayReport, Reachability, Register,
-    RegisterResponse, Resolve, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_PEERS_LISTED,
-    MAX_REPORTED_FAILURES, WANT_PEERS,
+    RegisterResponse, Resolve, RttSample, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_CLIENT_RTTS,
+    MAX_PEERS_LISTED, MAX_REPORTED_FAILURES, WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
-use fog_proto::{ContentId, NodeId};
+use fog_proto::{ChunkHash, ContentId, NodeId};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
+use crate::coords::{self, ClientCoords, Coord};
 use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
@@ -64,8 +65,15 @@ pub struct App {
     urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
     /// QUIC endpoint for probes; `None` if it could not be opened.
     pub dialer: Option<quinn::Endpoint>,
+    /// The scheduler's recent load and chunk popularity.
+    load: std::sync::Mutex<scheduler::Load>,
+    /// Client networks' coordinates, from their reports.
+    clients: std::sync::Mutex<ClientCoords>,
     dial_backs: Semaphore,
 }
+
+/// Client network prefixes whose coordinates are remembered.
+const MAX_CLIENT_PREFIXES: usize = 100_000;
 
 /// Dial-backs at once (each is one QUIC handshake attempt), and how long one may take.
 const DIAL_BACKS: usize = 32;
@@ -107,7 +115,13 @@ impl App {
         let (urgent_probes, urgent_rx) = mpsc::channel(64);
         let blocked = db.blocked_nodes()?;
         Ok(Self {
-            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked),
+            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked).with_params(scheduler::Params {
+                k: cfg.candidates,
+                epsilon: cfg.load_epsilon,
+                ..Default::default()
+            }),
+            load: Default::default(),
+            clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
             metrics: Metrics::default(),
             dashboard: Dashboard::default(),
             ledger,
@@ -166,7 +180,7 @@ impl App {
             }
             (&Method::POST, "/v1/nodes/register") => self.register(req, peer).await,
             (&Method::POST, "/v1/nodes/heartbeat") => self.heartbeat(req).await,
-            (&Method::POST, "/v1/reports") => self.client_report(req).await,
+            (&Method::POST, "/v1/reports") => self.client_report(req, peer).await,
             (&Method::GET, "/v1/stats") => json(StatusCode::OK, &self.stats()),
             (&Method::GET, "/metrics") => http_server::metrics(self.metrics_text()),
             (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"ok": true})),
@@ -246,7 +260,17 @@ impl App {
         };
         self.dashboard.count_resolve(&url);
         let snapshot = self.registry.snapshot();
-        let (nodes, schedule) = scheduler::schedule(&snapshot, &manifest.chunks, self.cfg.candidates);
+        let client = self.clients.lock().expect("clients lock").get(peer.ip());
+        let chunks: Vec<(ChunkHash, u32)> =
+            manifest.chunks.iter().enumerate().map(|(i, c)| (*c, manifest.chunk_span(i).1)).collect();
+        let (nodes, schedule) = scheduler::schedule(
+            &snapshot,
+            &mut self.load.lock().expect("load lock"),
+            client.as_ref(),
+            &chunks,
+            self.registry.params(),
+            now_ms(),
+        );
         let content_id = manifest.content_id();
         let ticket = match client_key {
             Some(key) if !nodes.is_empty() => {
@@ -492,15 +516,18 @@ impl App {
     }
 
     /// `POST /v1/reports`: counted for dashboards and metrics only (reports are not authenticated).
-    async fn client_report(&self, req: Request<Incoming>) -> Reply {
+    async fn client_report(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let report: ClientReport = match Self::json_body(req).await {
             Ok(r) => r,
             Err(r) => return r,
         };
-        if report.node_failures.len() > MAX_REPORTED_FAILURES {
-            let msg = format!("at most {MAX_REPORTED_FAILURES} node failure entries per report");
+        if report.node_failures.len() > MAX_REPORTED_FAILURES || report.node_rtt.len() > MAX_CLIENT_RTTS {
+            let msg = format!(
+                "at most {MAX_REPORTED_FAILURES} node failure entries and {MAX_CLIENT_RTTS} node RTTs per report"
+            );
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
         }
+        self.place_client(peer, &report.node_rtt);
         let m = &self.metrics;
         m.client_bytes.get_or_create(&SourceLabel { source: "fog" }).inc_by(report.fog_bytes);
         m.client_bytes.get_or_create(&SourceLabel { source: "origin" }).inc_by(report.origin_bytes);
@@ -521,6 +548,20 @@ impl App {
             );
         }
         json(StatusCode::OK, &serde_json::json!({"ok": true}))
+    }
+
+    /// Fits the reporting client's network a coordinate from its RTTs to nodes (at least 3 known nodes;
+    /// samples that disagree with the rest are dropped by the fit). Only that network's own schedules use it.
+    fn place_client(&self, peer: SocketAddr, rtts: &[RttSample]) {
+        let samples: Vec<(Coord, f32)> =
+            rtts.iter().filter_map(|s| Some((self.registry.coord_of(&s.peer)?, s.rtt_ms))).collect();
+        if samples.len() < 3 {
+            return;
+        }
+        let (coord, kept) = coords::fit_client(&samples, now_ms());
+        if kept >= 3 {
+            self.clients.lock().expect("clients lock").set(peer.ip(), coord, now_ms());
+        }
     }
 
     fn stats(&self) -> TrackerStats {
@@ -575,6 +616,9 @@ impl App {
         loop {
             tick.tick().await;
             self.dashboard.sample(&self.registry, self.resolves.load(Ordering::Relaxed));
+            let live: std::collections::HashSet<NodeId> =
+                self.registry.snapshot().nodes.iter().map(|n| n.contact.id).collect();
+            self.load.lock().expect("load lock").retain_nodes(|id| live.contains(id));
             if let Err(e) = self.ledger.seal_epochs() {
                 tracing::error!(error = %e, "cannot seal the ledger's epoch head");
             }

@@ -2,6 +2,7 @@
 //! nodes and their health, schedules each chunk to candidate nodes, and reports stats and metrics.
 
 pub mod config;
+pub mod coords;
 pub mod dashboard;
 pub mod db;
 pub mod http;

@@ -26,7 +26,7 @@ const DEADLINES: Deadlines = Deadlines { first_byte: Duration::from_secs(3), sta
 
 /// A chunk of recently requested content that the scheduler places on `node`.
 fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize)> {
-    let mut ids: Vec<NodeId> = app.registry.snapshot().nodes.iter().map(|n| n.id).collect();
+    let mut ids: Vec<NodeId> = app.registry.snapshot().nodes.iter().map(|n| n.contact.id).collect();
     if !ids.contains(node) {
         ids.push(*node);
     }

@@ -12,7 +12,8 @@ use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachab
 use fog_proto::{placement, ChunkHash, NodeId};
 use serde::Serialize;
 
-use crate::scheduler::Snapshot;
+use crate::coords::{merge_neighbours, refit, Coord, Neighbour};
+use crate::scheduler::{NodeInfo, Params, Snapshot, DEFAULT_UPLOAD};
 
 /// How far a signed message's timestamp may be from the tracker's clock.
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -121,7 +122,17 @@ pub struct NodeEntry {
     pub upload_rate: u64,
     /// What its overlay reported last (reachability, addresses, RTT samples, rendezvous).
     pub overlay: OverlayReport,
+    /// Its network coordinate, fitted to its neighbours' RTTs.
+    pub coord: Coord,
+    pub neighbours: Vec<Neighbour<NodeId>>,
 }
+
+/// The tracker's own place among the neighbours (nodes report their RTT to it).
+pub const TRACKER: NodeId = NodeId([0; 32]);
+/// Neighbours kept per node for its coordinate.
+const MAX_NEIGHBOURS: usize = 64;
+/// A scheduling snapshot is reused this long unless the node set changed.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -152,6 +163,11 @@ pub struct Totals {
 pub struct Registry {
     nodes: RwLock<HashMap<NodeId, NodeEntry>>,
     directory: Mutex<PeerDirectory>,
+    tracker_coord: Mutex<Coord>,
+    params: Params,
+    /// Bumped when the set of schedulable nodes may have changed, so the cached snapshot is rebuilt.
+    generation: AtomicU64,
+    snapshot: Mutex<Option<(Instant, u64, Arc<Snapshot>)>>,
     blocked: RwLock<HashSet<NodeId>>,
     pub totals: Totals,
     timeout: Duration,
@@ -270,11 +286,29 @@ impl Registry {
         Self {
             nodes: RwLock::new(HashMap::new()),
             directory: Mutex::new(PeerDirectory::default()),
+            tracker_coord: Mutex::new(Coord::default()),
+            params: Params::default(),
+            generation: AtomicU64::new(0),
+            snapshot: Mutex::new(None),
             blocked: RwLock::new(blocked),
             totals: Totals::default(),
             timeout,
             max_nodes,
         }
+    }
+
+    /// The scheduler's tunables (the defaults unless set here).
+    pub fn with_params(mut self, params: Params) -> Self {
+        self.params = params;
+        self
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     fn check_blocked(&self, id: &NodeId) -> Result<(), RegistryError> {
@@ -302,12 +336,21 @@ impl Registry {
         let (stats, upload_rate, quarantined) =
             nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate, n.health.quarantined.clone())).unwrap_or_default();
         let health = Health { quarantined, ..Default::default() };
-        let overlay = OverlayReport::default();
-        let last_seen = Instant::now();
-        nodes.insert(
-            id,
-            NodeEntry { reg, health, last_seen, last_timestamp_ms: timestamp_ms, stats, upload_rate, overlay },
-        );
+        // Keep the coordinate too: it reflects the network, which a restart does not move.
+        let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
+        let entry = NodeEntry {
+            reg,
+            health,
+            last_seen: Instant::now(),
+            last_timestamp_ms: timestamp_ms,
+            stats,
+            upload_rate,
+            overlay: OverlayReport::default(),
+            coord,
+            neighbours,
+        };
+        nodes.insert(id, entry);
+        self.changed();
         Ok(())
     }
 
@@ -339,22 +382,62 @@ impl Registry {
         n.last_timestamp_ms = timestamp_ms;
         n.last_seen = Instant::now();
         n.stats = stats;
-        n.health.draining = draining;
+        if n.health.draining != draining {
+            n.health.draining = draining;
+            self.changed();
+        }
         if let Some(mut o) = overlay {
             // A node cannot be its own rendezvous, and bad-peer reports are handled by the caller.
             if o.rendezvous == Some(*id) {
                 o.rendezvous = None;
             }
             o.bad_peers.clear();
+            if (o.rendezvous, o.external_quic) != (n.overlay.rendezvous, n.overlay.external_quic) {
+                self.changed();
+            }
+            let mut fresh: Vec<Neighbour<NodeId>> =
+                o.rtt.iter().map(|s| Neighbour { id: s.peer, rtt_ms: s.rtt_ms, at_ms: now_ms }).collect();
+            fresh.extend(o.tracker_rtt_ms.map(|rtt_ms| Neighbour { id: TRACKER, rtt_ms, at_ms: now_ms }));
+            merge_neighbours(&mut n.neighbours, fresh.into_iter().filter(|s| s.id != *id), now_ms, MAX_NEIGHBOURS);
+            let tracker_rtt = o.tracker_rtt_ms;
             n.overlay = o;
+            self.refit(&mut nodes, id, tracker_rtt, now_ms);
         }
         Ok(true)
+    }
+
+    /// Refits `id`'s coordinate to its neighbours, and the tracker's own to the node's RTT to it.
+    fn refit(&self, nodes: &mut HashMap<NodeId, NodeEntry>, id: &NodeId, tracker_rtt: Option<f32>, now_ms: u64) {
+        let tracker = *self.tracker_coord.lock().expect("coord lock");
+        let Some(neighbours) = nodes.get(id).map(|n| n.neighbours.clone()) else { return };
+        let remote: HashMap<NodeId, Coord> = neighbours
+            .iter()
+            .filter_map(|nb| {
+                if nb.id == TRACKER {
+                    Some((TRACKER, tracker))
+                } else {
+                    Some((nb.id, nodes.get(&nb.id)?.coord))
+                }
+            })
+            .collect();
+        let seed = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes")) ^ now_ms;
+        let Some(n) = nodes.get_mut(id) else { return };
+        refit(&mut n.coord, &neighbours, |peer| remote.get(&peer).copied(), now_ms, seed);
+        if let Some(rtt) = tracker_rtt {
+            self.tracker_coord.lock().expect("coord lock").update(&n.coord, rtt, 1.0, seed);
+        }
+    }
+
+    /// A node's coordinate, if it is registered.
+    pub fn coord_of(&self, id: &NodeId) -> Option<Coord> {
+        self.nodes.read().expect("registry lock").get(id).map(|n| n.coord)
     }
 
     /// Blocks a node: refused at its next message, dropped from scheduling now. Returns false if it
     /// already was blocked.
     pub fn block(&self, id: NodeId) -> bool {
         self.nodes.write().expect("registry lock").remove(&id);
+        self.changed();
         self.blocked.write().expect("blocked lock").insert(id)
     }
 
@@ -497,6 +580,9 @@ impl Registry {
             }
         }
         let after = self.state(n);
+        if before != after {
+            self.changed();
+        }
         (before != after).then_some((before, after))
     }
 
@@ -510,11 +596,32 @@ impl Registry {
             .collect()
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// The schedulable nodes with their coordinates and grid index, rebuilt when the node set changed or
+    /// after [`SNAPSHOT_TTL`] (coordinates and heartbeat timeouts move continuously; one scan per second
+    /// instead of one per request keeps resolves cheap with many nodes).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let generation = self.generation.load(Ordering::Relaxed);
+        let mut cached = self.snapshot.lock().expect("snapshot lock");
+        if let Some((built, g, snap)) = cached.as_ref() {
+            if *g == generation && built.elapsed() < SNAPSHOT_TTL {
+                return snap.clone();
+            }
+        }
         let nodes = self.nodes.read().expect("registry lock");
-        Snapshot::new(
-            nodes.iter().filter(|(_, n)| self.healthy(n)).filter_map(|(id, n)| self.contact(&nodes, id, n)).collect(),
-        )
+        let infos = nodes
+            .iter()
+            .filter(|(_, n)| self.healthy(n))
+            .filter_map(|(id, n)| {
+                Some(NodeInfo {
+                    contact: self.contact(&nodes, id, n)?,
+                    coord: n.coord,
+                    upload: n.reg.upload_limit.unwrap_or(DEFAULT_UPLOAD),
+                })
+            })
+            .collect();
+        let snap = Arc::new(Snapshot::new(infos, &self.params));
+        *cached = Some((Instant::now(), generation, snap.clone()));
+        snap
     }
 
     pub fn healthy_ids(&self) -> HashSet<NodeId> {
@@ -728,7 +835,8 @@ mod tests {
         };
         r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay), now + 1, now).expect("heartbeat");
         let snap = r.snapshot();
-        let contact = snap.nodes.iter().find(|c| c.id == id(2)).expect("scheduled through the rendezvous");
+        let contact =
+            &snap.nodes.iter().find(|c| c.contact.id == id(2)).expect("scheduled through the rendezvous").contact;
         assert_eq!(contact.addr, external);
         assert_eq!(contact.via, Some(Rendezvous { id: id(1), addr: reg().addr }));
         assert_eq!(r.counts().by_client_path, [1, 1, 0]);

@@ -1,41 +1,227 @@
-//! The scheduler: a pure function from a registry snapshot and a request to candidate nodes per chunk.
-//! It does no I/O and keeps no state, so the tracker and the simulator run the same code.
+//! The scheduler: pure and deterministic, from a registry snapshot, the scheduler's load state and a request
+//! to candidate nodes per chunk. It does no I/O, so the tracker and the simulator run the same code.
 //!
-//! Today's policy is cache affinity: rendezvous hashing of each chunk id over the healthy nodes, so every
-//! client asking for a chunk is sent to the same few nodes and they stay warm.
+//! For each request:
+//! 1. **Pre-filter** (once per request): the nodes near the client in coordinate space, found through a
+//!    grid over the first two coordinate dimensions, searched in rings around the client's cell until
+//!    [`Params::prefilter`] nodes are found — O(prefilter), whatever the number of nodes. A client without
+//!    a coordinate gets a fixed default pool (rendezvous over a constant key), which keeps cache affinity.
+//! 2. The [`Params::close`] closest of those by predicted RTT (full coordinates, heights included).
+//!
+//! For each chunk:
+//! 3. **Cache affinity**: rank the close set by rendezvous weight of the chunk id, so clients in one area
+//!    ask the same nodes for the same chunk and those stay warm.
+//! 4. **Hot chunks** get more replicas: the first candidate is the least-loaded of the top `r` in
+//!    rendezvous order, where `r` grows with the chunk's recent request count.
+//! 5. **Bounded load**: a node whose recently assigned bytes would exceed (1+ε)× its fair share (its share
+//!    of all advertised upload; never less than [`Params::min_load_secs`] of its upload) is passed over for
+//!    the first place; if every close node is over, the least loaded relative to its upload is chosen. The
+//!    chosen node is charged the chunk's bytes.
+//!
+//! Load and popularity decay with a half-life, so they describe the last tens of seconds.
 
 use std::collections::HashMap;
 
 use fog_proto::api::NodeContact;
-use fog_proto::placement::top_k;
+use fog_proto::placement::weight;
 use fog_proto::{ChunkHash, NodeId};
 
-/// Healthy nodes at one moment, sorted by id so scheduling does not depend on map iteration order.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub nodes: Vec<NodeContact>,
+use crate::coords::Coord;
+
+/// Advertised upload assumed for nodes without a cap (bytes/s): a typical home uplink.
+pub const DEFAULT_UPLOAD: u64 = 2 << 20;
+/// Grid cell edge in coordinate units (ms).
+const CELL_MS: f32 = 10.0;
+/// Rings searched around the client's cell before falling back to the default pool.
+const MAX_RINGS: i32 = 64;
+/// Most chunks whose popularity is tracked.
+const MAX_TRACKED_CHUNKS: usize = 100_000;
+
+/// Tunables, with the defaults the tracker uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Candidates returned per chunk.
+    pub k: usize,
+    /// Closest nodes considered per request.
+    pub close: usize,
+    /// Nodes gathered by the grid pre-filter before ranking by distance.
+    pub prefilter: usize,
+    /// Bounded-load slack ε: no node above (1+ε)× its fair share, while any close node is below it.
+    pub epsilon: f64,
+    /// Recent requests of one chunk per extra replica.
+    pub hot_requests: f64,
+    /// Half-life of load and popularity, ms.
+    pub half_life_ms: u64,
+    /// Load below this many seconds of a node's advertised upload is never "over its share": with little
+    /// traffic, spreading would only cost cache affinity.
+    pub min_load_secs: f64,
 }
 
-impl Snapshot {
-    pub fn new(mut nodes: Vec<NodeContact>) -> Self {
-        nodes.sort_unstable_by_key(|n| n.id);
-        Self { nodes }
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            k: 3,
+            close: 8,
+            prefilter: 64,
+            epsilon: 0.25,
+            hot_requests: 8.0,
+            half_life_ms: 10_000,
+            min_load_secs: 1.0,
+        }
     }
 }
 
-/// Per chunk, up to `k` candidates best first, as indices into the returned (compacted) node list.
-pub fn schedule(snapshot: &Snapshot, chunks: &[ChunkHash], k: usize) -> (Vec<NodeContact>, Vec<Vec<u32>>) {
-    let ids: Vec<NodeId> = snapshot.nodes.iter().map(|n| n.id).collect();
+/// What the scheduler knows about one node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub contact: NodeContact,
+    pub coord: Coord,
+    /// Advertised upload, bytes/s.
+    pub upload: u64,
+}
+
+/// Schedulable nodes at one moment, sorted by id (so results do not depend on map order), with a grid index.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeInfo>,
+    grid: HashMap<(i32, i32), Vec<u32>>,
+    default_pool: Vec<u32>,
+    total_upload: f64,
+}
+
+fn cell(c: &Coord) -> (i32, i32) {
+    ((c.pos[0] / CELL_MS).floor() as i32, (c.pos[1] / CELL_MS).floor() as i32)
+}
+
+impl Snapshot {
+    pub fn new(mut nodes: Vec<NodeInfo>, params: &Params) -> Self {
+        nodes.sort_unstable_by_key(|n| n.contact.id);
+        let mut grid: HashMap<(i32, i32), Vec<u32>> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            grid.entry(cell(&n.coord)).or_default().push(i as u32);
+        }
+        let key = ChunkHash(*blake3::hash(b"fogcdn default pool").as_bytes());
+        let mut pool: Vec<(u64, u32)> =
+            nodes.iter().enumerate().map(|(i, n)| (weight(&key, &n.contact.id), i as u32)).collect();
+        let size = params.prefilter.min(pool.len());
+        if size > 0 && size < pool.len() {
+            pool.select_nth_unstable_by(size - 1, |a, b| b.cmp(a));
+        }
+        pool.truncate(size);
+        let total_upload = nodes.iter().map(|n| n.upload.max(1) as f64).sum();
+        Self { nodes, grid, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
+    }
+
+    /// Indices of the `params.close` nodes closest to `client` (the default pool's affinity order without
+    /// a coordinate), closest first.
+    pub fn close_set(&self, client: Option<&Coord>, params: &Params) -> Vec<u32> {
+        let Some(client) = client else { return self.default_pool.iter().take(params.close).copied().collect() };
+        let (cx, cy) = cell(client);
+        let mut found: Vec<u32> = Vec::new();
+        for r in 0..=MAX_RINGS {
+            for dx in -r..=r {
+                for dy in -r..=r {
+                    if dx.abs() != r && dy.abs() != r {
+                        continue; // inside: searched in an earlier ring
+                    }
+                    if let Some(v) = self.grid.get(&(cx + dx, cy + dy)) {
+                        found.extend_from_slice(v);
+                    }
+                }
+            }
+            // One more ring once enough are found: a node just across a cell edge may be closer.
+            if found.len() >= params.prefilter && r > 0 {
+                break;
+            }
+        }
+        if found.is_empty() {
+            found = self.default_pool.clone();
+        }
+        let mut ranked: Vec<(f32, u32)> =
+            found.into_iter().map(|i| (client.rtt_to(&self.nodes[i as usize].coord), i)).collect();
+        let close = params.close.min(ranked.len());
+        if close > 0 && close < ranked.len() {
+            ranked.select_nth_unstable_by(close - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        }
+        ranked.truncate(close);
+        ranked.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        ranked.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+/// A value that halves every `half_life_ms`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Decayed {
+    value: f64,
+    at_ms: u64,
+}
+
+impl Decayed {
+    fn get(&self, now_ms: u64, half_life_ms: u64) -> f64 {
+        let age = now_ms.saturating_sub(self.at_ms) as f64;
+        self.value * (-age / half_life_ms as f64 * std::f64::consts::LN_2).exp()
+    }
+
+    fn add(&mut self, x: f64, now_ms: u64, half_life_ms: u64) {
+        self.value = self.get(now_ms, half_life_ms) + x;
+        self.at_ms = now_ms.max(self.at_ms);
+    }
+}
+
+/// The scheduler's state: recently assigned bytes per node and recent requests per chunk.
+#[derive(Debug, Default)]
+pub struct Load {
+    assigned: HashMap<NodeId, Decayed>,
+    total: Decayed,
+    chunks: HashMap<ChunkHash, Decayed>,
+}
+
+impl Load {
+    /// Recently assigned bytes of `node`, decayed to `now_ms`.
+    pub fn assigned(&self, node: &NodeId, now_ms: u64, params: &Params) -> f64 {
+        self.assigned.get(node).map_or(0.0, |d| d.get(now_ms, params.half_life_ms))
+    }
+
+    /// Forgets nodes that left (call with the snapshot's ids now and then).
+    pub fn retain_nodes(&mut self, keep: impl Fn(&NodeId) -> bool) {
+        self.assigned.retain(|id, _| keep(id));
+    }
+
+    fn hits(&mut self, chunk: &ChunkHash, now_ms: u64, params: &Params) -> f64 {
+        let hl = params.half_life_ms;
+        if self.chunks.len() >= MAX_TRACKED_CHUNKS && !self.chunks.contains_key(chunk) {
+            self.chunks.retain(|_, d| d.get(now_ms, hl) >= 1.0);
+            if self.chunks.len() >= MAX_TRACKED_CHUNKS {
+                return 1.0;
+            }
+        }
+        let d = self.chunks.entry(*chunk).or_default();
+        d.add(1.0, now_ms, hl);
+        d.get(now_ms, hl)
+    }
+}
+
+/// Candidates for each of `chunks` (hash, length) for a client at `client`: a compacted node list and, per
+/// chunk, up to `params.k` indices into it, best first. Charges the first candidates in `load`.
+pub fn schedule(
+    snapshot: &Snapshot,
+    load: &mut Load,
+    client: Option<&Coord>,
+    chunks: &[(ChunkHash, u32)],
+    params: &Params,
+    now_ms: u64,
+) -> (Vec<NodeContact>, Vec<Vec<u32>>) {
+    let close = snapshot.close_set(client, params);
     let mut used: Vec<NodeContact> = Vec::new();
-    let mut slot: HashMap<usize, u32> = HashMap::new();
+    let mut slot: HashMap<u32, u32> = HashMap::new();
     let per_chunk = chunks
         .iter()
-        .map(|chunk| {
-            top_k(chunk, &ids, k)
+        .map(|(chunk, len)| {
+            pick(snapshot, load, &close, chunk, u64::from(*len), params, now_ms)
                 .into_iter()
                 .map(|i| {
                     *slot.entry(i).or_insert_with(|| {
-                        used.push(snapshot.nodes[i].clone());
+                        used.push(snapshot.nodes[i as usize].contact.clone());
                         (used.len() - 1) as u32
                     })
                 })
@@ -45,37 +231,143 @@ pub fn schedule(snapshot: &Snapshot, chunks: &[ChunkHash], k: usize) -> (Vec<Nod
     (used, per_chunk)
 }
 
+/// Up to `k` node indices for one chunk, first candidate chosen under bounded load; charges it.
+pub fn pick(
+    snapshot: &Snapshot,
+    load: &mut Load,
+    close: &[u32],
+    chunk: &ChunkHash,
+    len: u64,
+    params: &Params,
+    now_ms: u64,
+) -> Vec<u32> {
+    if close.is_empty() {
+        return Vec::new();
+    }
+    let hl = params.half_life_ms;
+    let mut ranked: Vec<(u64, u32)> =
+        close.iter().map(|&i| (weight(chunk, &snapshot.nodes[i as usize].contact.id), i)).collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    let replicas = (1.0 + (load.hits(chunk, now_ms, params) - 1.0) / params.hot_requests).floor() as usize;
+    let replicas = replicas.clamp(1, ranked.len());
+    let total = load.total.get(now_ms, hl) + len as f64;
+    let relative = |load: &Load, i: u32| {
+        let n = &snapshot.nodes[i as usize];
+        load.assigned(&n.contact.id, now_ms, params) / n.upload.max(1) as f64
+    };
+    let within_cap = |load: &Load, i: u32| {
+        let n = &snapshot.nodes[i as usize];
+        let upload = n.upload.max(1) as f64;
+        let fair = total * upload / snapshot.total_upload.max(1.0);
+        let cap = ((1.0 + params.epsilon) * fair).max(params.min_load_secs * upload);
+        load.assigned(&n.contact.id, now_ms, params) + len as f64 <= cap
+    };
+    // The least loaded of the chunk's replicas, if within its cap; else the next in rendezvous order that is;
+    // else the least loaded of all.
+    let by_load = |load: &Load, set: &[(u64, u32)]| {
+        set.iter().map(|&(_, i)| i).min_by(|&a, &b| relative(load, a).total_cmp(&relative(load, b)).then(a.cmp(&b)))
+    };
+    let first = by_load(load, &ranked[..replicas])
+        .filter(|&i| within_cap(load, i))
+        .or_else(|| ranked[replicas..].iter().map(|&(_, i)| i).find(|&i| within_cap(load, i)))
+        .or_else(|| by_load(load, &ranked))
+        .expect("close set is not empty");
+    load.assigned.entry(snapshot.nodes[first as usize].contact.id).or_default().add(len as f64, now_ms, hl);
+    load.total.add(len as f64, now_ms, hl);
+    let mut out = vec![first];
+    out.extend(ranked.iter().map(|&(_, i)| i).filter(|&i| i != first).take(params.k.saturating_sub(1)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::SocketAddr;
 
-    fn node(i: u8) -> NodeContact {
-        NodeContact {
-            id: NodeId(*blake3::hash(&[i]).as_bytes()),
-            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(i))),
-            via: None,
+    fn node(i: u32, x: f32, y: f32, upload: u64) -> NodeInfo {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        NodeInfo {
+            contact: NodeContact {
+                id: NodeId(*blake3::hash(&id).as_bytes()),
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                via: None,
+            },
+            coord: Coord { pos: [x, y, 0.0, 0.0], height: 1.0, error: 0.1 },
+            upload,
         }
     }
 
-    #[test]
-    fn deterministic_compact_and_bounded() {
-        let chunks: Vec<ChunkHash> = (0..50u32).map(|i| ChunkHash::of(&i.to_be_bytes())).collect();
-        let a = Snapshot::new((0..10).map(node).collect());
-        let b = Snapshot::new((0..10).rev().map(node).collect());
-        let (na, sa) = schedule(&a, &chunks, 3);
-        let (nb, sb) = schedule(&b, &chunks, 3);
-        assert_eq!((na.clone(), sa.clone()), (nb, sb));
-        assert!(sa.iter().all(|c| c.len() == 3));
-        let mut seen = std::collections::HashSet::new();
-        assert!(na.iter().all(|n| seen.insert(n.id)), "node list has duplicates");
-        assert!(sa.iter().flatten().all(|&i| (i as usize) < na.len()));
+    fn at(x: f32, y: f32) -> Coord {
+        Coord { pos: [x, y, 0.0, 0.0], height: 1.0, error: 0.1 }
+    }
+
+    /// Two regions 200 ms apart, 20 nodes each.
+    fn two_regions() -> Vec<NodeInfo> {
+        (0..40).map(|i| node(i, if i < 20 { 0.0 } else { 200.0 } + (i % 5) as f32, (i % 7) as f32, 1 << 20)).collect()
     }
 
     #[test]
-    fn empty_snapshot_gives_empty_candidates() {
-        let (nodes, sched) = schedule(&Snapshot::default(), &[ChunkHash::of(b"x")], 3);
-        assert!(nodes.is_empty());
-        assert_eq!(sched, vec![Vec::<u32>::new()]);
+    fn clients_get_nearby_nodes_and_the_same_chunk_goes_to_the_same_node() {
+        let params = Params::default();
+        let snap = Snapshot::new(two_regions(), &params);
+        let mut load = Load::default();
+        let chunk = [(ChunkHash::of(b"c"), 1000)];
+        let (a, sa) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), &chunk, &params, 0);
+        let (b, sb) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), &chunk, &params, 1);
+        let (far, _) = schedule(&snap, &mut load, Some(&at(201.0, 1.0)), &chunk, &params, 2);
+        assert_eq!(sa[0].len(), 3);
+        assert_eq!(a[sa[0][0] as usize].id, b[sb[0][0] as usize].id, "cache affinity for one client network");
+        let near: Vec<NodeId> = snap.nodes.iter().filter(|n| n.coord.pos[0] < 100.0).map(|n| n.contact.id).collect();
+        assert!(a.iter().all(|n| near.contains(&n.id)), "a client was sent across the world");
+        assert!(far.iter().all(|n| !near.contains(&n.id)));
+        // Deterministic: the same inputs give the same answer.
+        let (again, _) = schedule(&snap, &mut Load::default(), Some(&at(1.0, 1.0)), &chunk, &params, 0);
+        assert_eq!(again, a);
+    }
+
+    #[test]
+    fn load_stays_within_the_bound_and_hot_chunks_spread() {
+        let params = Params::default();
+        // Eight nodes in one place, one with four times the upload of the others.
+        let nodes: Vec<NodeInfo> = (0..8).map(|i| node(i, 0.0, 0.0, if i == 0 { 4 << 20 } else { 1 << 20 })).collect();
+        let snap = Snapshot::new(nodes, &params);
+        let mut load = Load::default();
+        let client = at(0.0, 0.0);
+        // Many distinct 1 MiB chunks (far more than a second of anyone's upload): spread by rendezvous,
+        // capped by bounded load.
+        for c in 0..4000u32 {
+            schedule(&snap, &mut load, Some(&client), &[(ChunkHash::of(&c.to_be_bytes()), 1 << 20)], &params, 0);
+        }
+        let total: f64 = snap.nodes.iter().map(|n| load.assigned(&n.contact.id, 0, &params)).sum();
+        let total_up: f64 = snap.nodes.iter().map(|n| n.upload as f64).sum();
+        for n in &snap.nodes {
+            let fair = total * n.upload as f64 / total_up;
+            let got = load.assigned(&n.contact.id, 0, &params);
+            assert!(
+                got <= (1.0 + params.epsilon) * fair + (1 << 20) as f64,
+                "node over its bound: {got} vs fair {fair}"
+            );
+        }
+        // One hot chunk asked 64 times: served by several first candidates, not one.
+        let hot = [(ChunkHash::of(b"hot"), 1 << 20)];
+        let mut firsts = std::collections::HashSet::new();
+        for t in 0..64u64 {
+            let (nodes, s) = schedule(&snap, &mut load, Some(&client), &hot, &params, t);
+            firsts.insert(nodes[s[0][0] as usize].id);
+        }
+        assert!(firsts.len() >= 4, "hot chunk stayed on {} nodes", firsts.len());
+    }
+
+    #[test]
+    fn without_a_coordinate_clients_share_a_default_pool_and_empty_snapshots_schedule_nothing() {
+        let params = Params::default();
+        let snap = Snapshot::new(two_regions(), &params);
+        let chunk = [(ChunkHash::of(b"c"), 1)];
+        let (a, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
+        let (b, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
+        assert_eq!(a, b);
+        let (none, s) = schedule(&Snapshot::new(Vec::new(), &params), &mut Load::default(), None, &chunk, &params, 0);
+        assert!(none.is_empty() && s[0].is_empty());
     }
 }

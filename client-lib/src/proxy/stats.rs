@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use fog_proto::api::{ClientReport, NodeFailure, MAX_REPORTED_FAILURES};
+use fog_proto::api::{ClientReport, NodeFailure, RttSample, MAX_CLIENT_RTTS, MAX_REPORTED_FAILURES};
 use fog_proto::NodeId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -230,6 +230,15 @@ impl ProxyStats {
                 f.count += count;
             } else if failures.len() < MAX_REPORTED_FAILURES {
                 failures.push(NodeFailure { node: *node, reason: (*reason).into(), count: *count });
+            }
+        }
+        // The latest RTT per node: the tracker places this client's network from them.
+        for (node, rtt_ms) in r.nodes.iter().filter_map(|(id, n)| Some((*id, n.rtt_ms? as f32))) {
+            let samples = &mut u.node_rtt;
+            if let Some(s) = samples.iter_mut().find(|s| s.peer == node) {
+                s.rtt_ms = rtt_ms;
+            } else if samples.len() < MAX_CLIENT_RTTS {
+                samples.push(RttSample { peer: node, rtt_ms });
             }
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! For each request:
 //! 1. **Pre-filter** (once per request): the nodes near the client in coordinate space, found through a
-//!    grid over the first two coordinate dimensions, searched in rings around the client's cell until
+//!    grid over the first two coordinate dimensions (cells sized so an occupied one holds ~16 nodes),
+//!    searched in rings around the client's cell until
 //!    [`Params::prefilter`] nodes are found — O(prefilter), whatever the number of nodes. A client without
 //!    a coordinate gets a fixed default pool (rendezvous over a constant key), which keeps cache affinity.
 //! 2. The [`Params::close`] closest of those by predicted RTT (full coordinates, heights included).
@@ -30,10 +31,17 @@ use crate::coords::Coord;
 
 /// Advertised upload assumed for nodes without a cap (bytes/s): a typical home uplink.
 pub const DEFAULT_UPLOAD: u64 = 2 << 20;
-/// Grid cell edge in coordinate units (ms).
-const CELL_MS: f32 = 10.0;
-/// Rings searched around the client's cell before falling back to the default pool.
-const MAX_RINGS: i32 = 64;
+/// Largest and smallest grid cell edge in coordinate units (ms); the snapshot picks the size between them
+/// that puts about [`CELL_TARGET`] nodes in an occupied cell, so dense regions do not make the pre-filter
+/// rank thousands of nodes.
+const CELL_MAX_MS: f32 = 10.0;
+const CELL_MIN_MS: f32 = 0.1;
+const CELL_TARGET: usize = 16;
+/// Rings searched in the fine grid, then in a coarse one (cells of [`CELL_COARSE_MS`]) for clients far
+/// from any dense area, before falling back to the default pool.
+const FINE_RINGS: i32 = 16;
+const COARSE_RINGS: i32 = 64;
+const CELL_COARSE_MS: f32 = 50.0;
 /// Most chunks whose popularity is tracked.
 const MAX_TRACKED_CHUNKS: usize = 100_000;
 
@@ -84,21 +92,35 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
-    grid: HashMap<(i32, i32), Vec<u32>>,
+    /// The adaptive fine grid, then the coarse one.
+    levels: Vec<GridLevel>,
     default_pool: Vec<u32>,
     total_upload: f64,
 }
 
-fn cell(c: &Coord) -> (i32, i32) {
-    ((c.pos[0] / CELL_MS).floor() as i32, (c.pos[1] / CELL_MS).floor() as i32)
+fn cell(c: &Coord, cell_ms: f32) -> (i32, i32) {
+    ((c.pos[0] / cell_ms).floor() as i32, (c.pos[1] / cell_ms).floor() as i32)
+}
+
+/// A grid over `nodes` with cells of `cell_ms`.
+fn grid(nodes: &[NodeInfo], cell_ms: f32) -> Grid {
+    let mut grid = Grid::new();
+    for (i, n) in nodes.iter().enumerate() {
+        grid.entry(cell(&n.coord, cell_ms)).or_default().push(i as u32);
+    }
+    grid
 }
 
 impl Snapshot {
     pub fn new(mut nodes: Vec<NodeInfo>, params: &Params) -> Self {
         nodes.sort_unstable_by_key(|n| n.contact.id);
-        let mut grid: HashMap<(i32, i32), Vec<u32>> = HashMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            grid.entry(cell(&n.coord)).or_default().push(i as u32);
+        let mut cell_ms = CELL_MAX_MS;
+        let mut cells = grid(&nodes, cell_ms);
+        // Node-weighted mean occupancy: the cell size a typical client sees.
+        let crowding = |g: &Grid| g.values().map(|v| v.len() * v.len()).sum::<usize>() / nodes.len().max(1);
+        while crowding(&cells) > 2 * CELL_TARGET && cell_ms / 2.0 >= CELL_MIN_MS {
+            cell_ms /= 2.0;
+            cells = grid(&nodes, cell_ms);
         }
         let key = ChunkHash(*blake3::hash(b"fogcdn default pool").as_bytes());
         let mut pool: Vec<(u64, u32)> =
@@ -109,28 +131,19 @@ impl Snapshot {
         }
         pool.truncate(size);
         let total_upload = nodes.iter().map(|n| n.upload.max(1) as f64).sum();
-        Self { nodes, grid, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
+        let coarse = grid(&nodes, CELL_COARSE_MS);
+        let levels = vec![(cell_ms, cells, FINE_RINGS), (CELL_COARSE_MS, coarse, COARSE_RINGS)];
+        Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
     }
 
     /// Indices of the `params.close` nodes closest to `client` (the default pool's affinity order without
     /// a coordinate), closest first.
     pub fn close_set(&self, client: Option<&Coord>, params: &Params) -> Vec<u32> {
         let Some(client) = client else { return self.default_pool.iter().take(params.close).copied().collect() };
-        let (cx, cy) = cell(client);
         let mut found: Vec<u32> = Vec::new();
-        for r in 0..=MAX_RINGS {
-            for dx in -r..=r {
-                for dy in -r..=r {
-                    if dx.abs() != r && dy.abs() != r {
-                        continue; // inside: searched in an earlier ring
-                    }
-                    if let Some(v) = self.grid.get(&(cx + dx, cy + dy)) {
-                        found.extend_from_slice(v);
-                    }
-                }
-            }
-            // One more ring once enough are found: a node just across a cell edge may be closer.
-            if found.len() >= params.prefilter && r > 0 {
+        for (cell_ms, grid, rings) in &self.levels {
+            found = ring_search(grid, cell(client, *cell_ms), *rings, params.prefilter);
+            if found.len() >= params.close {
                 break;
             }
         }
@@ -147,6 +160,33 @@ impl Snapshot {
         ranked.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         ranked.into_iter().map(|(_, i)| i).collect()
     }
+}
+
+/// One grid over node coordinates: its cell edge (ms), cells, and how many rings a search may visit.
+type GridLevel = (f32, Grid, i32);
+type Grid = HashMap<(i32, i32), Vec<u32>>;
+
+/// Nodes in rings of cells around `center`, until `enough` are found (plus one ring: a node just across a
+/// cell edge may be closer) or `rings` rings were searched.
+fn ring_search(grid: &Grid, center: (i32, i32), rings: i32, enough: usize) -> Vec<u32> {
+    let (cx, cy) = center;
+    let mut found: Vec<u32> = Vec::new();
+    for r in 0..=rings {
+        for dx in -r..=r {
+            for dy in -r..=r {
+                if dx.abs() != r && dy.abs() != r {
+                    continue; // inside: searched in an earlier ring
+                }
+                if let Some(v) = grid.get(&(cx + dx, cy + dy)) {
+                    found.extend_from_slice(v);
+                }
+            }
+        }
+        if found.len() >= enough && r > 0 {
+            break;
+        }
+    }
+    found
 }
 
 /// A value that halves every `half_life_ms`.
@@ -367,6 +407,10 @@ mod tests {
         let (a, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
         let (b, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
         assert_eq!(a, b);
+        // A client far from every node still gets the nearest ones (through the coarse grid).
+        let (far, _) = schedule(&snap, &mut Load::default(), Some(&at(1500.0, 0.0)), &chunk, &params, 0);
+        let east: Vec<NodeId> = snap.nodes.iter().filter(|n| n.coord.pos[0] > 100.0).map(|n| n.contact.id).collect();
+        assert!(!far.is_empty() && far.iter().all(|n| east.contains(&n.id)), "{far:?}");
         let (none, s) = schedule(&Snapshot::new(Vec::new(), &params), &mut Load::default(), None, &chunk, &params, 0);
         assert!(none.is_empty() && s[0].is_empty());
     }

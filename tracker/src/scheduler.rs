@@ -50,7 +50,7 @@ const MAX_TRACKED_CHUNKS: usize = 100_000;
 pub struct Params {
     /// Candidates returned per chunk.
     pub k: usize,
-    /// Closest nodes considered per request.
+    /// Closest nodes considered per request (the "k closest": by default the same as `k`).
     pub close: usize,
     /// Nodes gathered by the grid pre-filter before ranking by distance.
     pub prefilter: usize,

@@ -2,6 +2,7 @@
 //! access link of its own, and a share of host pairs whose path takes a detour (routing that violates the
 //! triangle inequality), so coordinates are no easier to fit than on real latency data.
 
+use fog_tracker::coords::splitmix;
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -25,12 +26,6 @@ pub struct Host {
 #[derive(Debug, Clone)]
 pub struct World {
     pub centres: Vec<[f32; 2]>,
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A normal draw (Box–Muller).
@@ -61,7 +56,7 @@ impl World {
         let d = ((a.pos[0] - b.pos[0]).powi(2) + (a.pos[1] - b.pos[1]).powi(2)).sqrt();
         let base = d + a.access + b.access;
         let (lo, hi) = (a.id.min(b.id) as u64, a.id.max(b.id) as u64);
-        let h = mix((lo << 32) | hi);
+        let h = splitmix(&mut ((lo << 32) | hi));
         if h % 100 < DETOUR_PERCENT {
             base * (1.3 + ((h >> 8) % 1000) as f32 / 1000.0 * 1.2)
         } else {

@@ -11,28 +11,19 @@ use std::time::Instant;
 use fog_proto::api::NodeContact;
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
-use fog_tracker::coords::Coord;
+use fog_tracker::coords::{splitmix, Coord};
 use fog_tracker::scheduler::{pick, schedule, Load, NodeInfo, Params, Snapshot};
 
 const NODES: usize = 100_000;
 const DECISIONS: usize = 200_000;
 
-/// splitmix64, so the run is the same every time.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn unit(state: &mut u64) -> f32 {
-    (next(state) >> 40) as f32 / (1u64 << 24) as f32
+    (splitmix(state) >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// A coordinate in one of 20 regions spread over a 300 × 150 ms plane.
 fn place(state: &mut u64) -> Coord {
-    let region = next(state) % 20;
+    let region = splitmix(state) % 20;
     let (rx, ry) = ((region % 5) as f32 * 60.0, (region / 5) as f32 * 40.0);
     Coord {
         pos: [rx + unit(state) * 20.0, ry + unit(state) * 20.0, unit(state) * 5.0, unit(state) * 5.0],
@@ -55,7 +46,7 @@ fn main() {
                 via: None,
             },
             coord: place(&mut rng),
-            upload: (1 + next(&mut rng) % 8) << 20,
+            upload: (1 + splitmix(&mut rng) % 8) << 20,
         })
         .collect();
     let params = Params::default();

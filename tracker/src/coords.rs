@@ -38,8 +38,9 @@ impl Default for Coord {
     }
 }
 
-/// splitmix64: a deterministic stream of pseudo-random numbers from a seed.
-fn splitmix(state: &mut u64) -> u64 {
+/// splitmix64: a deterministic stream of pseudo-random numbers from a seed (also used by the benchmark and
+/// the simulator, whose runs must repeat exactly).
+pub fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -47,8 +47,9 @@ const MAX_PENDING: u32 = 16;
 const MAX_MEMORY_SHARE: f64 = 0.8;
 /// Bootstrap peers dialled only while fewer than this many are connected.
 const TARGET_PEERS: usize = 32;
-/// Peers asked for a missing chunk before the origin, best placement first.
-const PEERS_ASKED: usize = 2;
+/// Peers asked at once for a missing chunk before the origin: the top of rendezvous placement over this
+/// node's peers (the tracker's candidates for a chunk are its top 3).
+const PEERS_ASKED: usize = 3;
 /// How long a peer may take to start answering, and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
 const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
@@ -305,13 +306,19 @@ impl Overlay {
     }
 
     /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
-    /// uses, over this node's live peers) and returns the first verified copy.
+    /// uses, over this node's live peers), all at once, and returns the first verified copy.
     pub async fn fetch(&self, hash: ChunkHash) -> Option<Bytes> {
         let peers = self.direct_peers();
         let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
-        for i in top_k(&hash, &ids, PEERS_ASKED) {
-            let (peer, node) = peers[i];
-            match tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, hash)).await {
+        let mut asks: futures::stream::FuturesUnordered<_> = top_k(&hash, &ids, PEERS_ASKED)
+            .into_iter()
+            .map(|i| {
+                let (peer, node) = peers[i];
+                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, hash)).await) }
+            })
+            .collect();
+        while let Some((peer, node, answer)) = asks.next().await {
+            match answer {
                 Ok(Ok(Some(bytes))) if ChunkHash::of(&bytes) == hash => {
                     Counters::add(&self.counters.peer_fills, 1);
                     Counters::add(&self.counters.peer_fill_bytes, bytes.len() as u64);

@@ -80,6 +80,9 @@ pub struct Config {
     pub oracle_samples: u64,
     /// The scheduler's tunables (`close`: how many nearest nodes share a chunk by rendezvous).
     pub params: Params,
+    /// Rounds of 16 RTT samples each node's coordinate is fitted from, and RTT samples per client network.
+    pub fit_rounds: usize,
+    pub client_samples: usize,
 }
 
 impl Config {
@@ -103,6 +106,8 @@ impl Config {
             snapshot_secs: 30.0,
             oracle_samples: 2000,
             params: Params::default(),
+            fit_rounds: 20,
+            client_samples: 10,
         }
     }
 }
@@ -272,16 +277,16 @@ impl Sim {
         for (i, n) in nodes.iter().enumerate() {
             by_region[n.host.region as usize].push(i as u32);
         }
-        fit_nodes(&mut nodes, &by_region, &mut rng, 20);
+        fit_nodes(&mut nodes, &by_region, &mut rng, cfg.fit_rounds);
         let clients: Vec<Client> = (0..cfg.clients as u32)
             .map(|c| {
                 let host = world.host(cfg.nodes as u32 + c, &mut rng);
                 // The client network's RTTs to nodes it was sent to before (5 % noise): mostly in its own
                 // region, as a first schedule from the default pool or a region guess would give.
                 let local = &by_region[host.region as usize];
-                let samples: Vec<(Coord, f32)> = (0..10)
+                let samples: Vec<(Coord, f32)> = (0..cfg.client_samples)
                     .map(|s| {
-                        let j = if s < 7 && !local.is_empty() {
+                        let j = if s * 10 < cfg.client_samples * 7 && !local.is_empty() {
                             local[rng.gen_range(0..local.len())] as usize
                         } else {
                             rng.gen_range(0..nodes.len())

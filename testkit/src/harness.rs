@@ -162,7 +162,12 @@ pub struct ClusterOptions {
 
 impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("fogcdn-test").tempdir().expect("tempdir");
+        let mut dir = tempfile::Builder::new().prefix("fogcdn-test").tempdir().expect("tempdir");
+        // FOG_TEST_KEEP=1 keeps the processes' logs and data (the path is printed) for debugging.
+        if std::env::var_os("FOG_TEST_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
         let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), opts.origin_dir, opts.quirks).await.expect("origin");
         let mut args: Vec<String> = vec![
             "--listen".into(),

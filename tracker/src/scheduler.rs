@@ -7,15 +7,18 @@
 //!    searched in rings around the client's cell until
 //!    [`Params::prefilter`] nodes are found — O(prefilter), whatever the number of nodes. A client without
 //!    a coordinate gets a fixed default pool (rendezvous over a constant key), which keeps cache affinity.
-//! 2. The [`Params::close`] closest of those by predicted RTT (full coordinates, heights included).
+//! 2. The [`Params::hot_close`] (8) closest of those by predicted RTT (full coordinates, heights
+//!    included); an ordinary chunk is placed among the first [`Params::close`] (`k` = 3) of them.
 //!
 //! For each chunk:
 //! 3. **Cache affinity**: rank the close set by rendezvous weight of the chunk id, so clients in one area
 //!    ask the same nodes for the same chunk and those stay warm.
 //! 4. **Hot chunks** get more replicas: the first candidate is the least-loaded of the top `r` in
-//!    rendezvous order, where `r` grows with the chunk's recent request count.
+//!    rendezvous order, where `r` grows with the chunk's recent request count, over up to `hot_close` of
+//!    the closest nodes.
 //! 5. **Bounded load**: a node whose recently assigned bytes would exceed (1+ε)× its fair share (its share
-//!    of all advertised upload; never less than [`Params::min_load_secs`] of its upload) is passed over for
+//!    of all advertised upload; never less than [`Params::min_load_secs`] (15 s, about the mean life of the
+//!    10 s half-life load) of its own upload) is passed over for
 //!    the first place; if every close node is over, the least loaded relative to its upload is chosen. The
 //!    chosen node is charged the chunk's bytes.
 //!
@@ -29,8 +32,10 @@ use fog_proto::{ChunkHash, NodeId};
 
 use crate::coords::Coord;
 
-/// Advertised upload assumed for nodes without a cap (bytes/s): a typical home uplink.
-pub const DEFAULT_UPLOAD: u64 = 2 << 20;
+/// Upload assumed for nodes whose owner set no cap (bytes/s): 100 Mbit/s, a good home uplink. Assuming
+/// less would make bounded load move chunks off uncapped nodes that are not overloaded, at the cost of cold
+/// misses elsewhere.
+pub const DEFAULT_UPLOAD: u64 = 12_500_000;
 /// Largest and smallest grid cell edge in coordinate units (ms); the snapshot picks the size between them
 /// that puts about [`CELL_TARGET`] nodes in an occupied cell, so dense regions do not make the pre-filter
 /// rank thousands of nodes.
@@ -50,8 +55,10 @@ const MAX_TRACKED_CHUNKS: usize = 100_000;
 pub struct Params {
     /// Candidates returned per chunk.
     pub k: usize,
-    /// Closest nodes considered per request (the "k closest": by default the same as `k`).
+    /// Closest nodes a chunk is placed among by rendezvous (by default `k`).
     pub close: usize,
+    /// Closest nodes a hot chunk's replicas may spread over.
+    pub hot_close: usize,
     /// Nodes gathered by the grid pre-filter before ranking by distance.
     pub prefilter: usize,
     /// Bounded-load slack ε: no node above (1+ε)× its fair share, while any close node is below it.
@@ -60,8 +67,9 @@ pub struct Params {
     pub hot_requests: f64,
     /// Half-life of load and popularity, ms.
     pub half_life_ms: u64,
-    /// Load below this many seconds of a node's advertised upload is never "over its share": with little
-    /// traffic, spreading would only cost cache affinity.
+    /// Load below this many seconds of a node's advertised upload is never "over its share": a node whose
+    /// recent assignments it can upload in about the load window is not overloaded, and moving chunks away
+    /// from it would only cost cache affinity (a cold node must fill them first).
     pub min_load_secs: f64,
 }
 
@@ -69,12 +77,13 @@ impl Default for Params {
     fn default() -> Self {
         Self {
             k: 3,
-            close: 8,
+            close: 3,
+            hot_close: 8,
             prefilter: 64,
             epsilon: 0.25,
             hot_requests: 8.0,
             half_life_ms: 10_000,
-            min_load_secs: 1.0,
+            min_load_secs: 15.0,
         }
     }
 }
@@ -136,14 +145,15 @@ impl Snapshot {
         Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
     }
 
-    /// Indices of the `params.close` nodes closest to `client` (the default pool's affinity order without
-    /// a coordinate), closest first.
+    /// Indices of the `params.hot_close` nodes closest to `client` (the default pool's affinity order
+    /// without a coordinate), closest first; [`pick`] uses the first `params.close` for ordinary chunks.
     pub fn close_set(&self, client: Option<&Coord>, params: &Params) -> Vec<u32> {
-        let Some(client) = client else { return self.default_pool.iter().take(params.close).copied().collect() };
+        let wanted = params.close.max(params.hot_close);
+        let Some(client) = client else { return self.default_pool.iter().take(wanted).copied().collect() };
         let mut found: Vec<u32> = Vec::new();
         for (cell_ms, grid, rings) in &self.levels {
             found = ring_search(grid, cell(client, *cell_ms), *rings, params.prefilter);
-            if found.len() >= params.close {
+            if found.len() >= wanted {
                 break;
             }
         }
@@ -152,7 +162,7 @@ impl Snapshot {
         }
         let mut ranked: Vec<(f32, u32)> =
             found.into_iter().map(|i| (client.rtt_to(&self.nodes[i as usize].coord), i)).collect();
-        let close = params.close.min(ranked.len());
+        let close = wanted.min(ranked.len());
         if close > 0 && close < ranked.len() {
             ranked.select_nth_unstable_by(close - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         }
@@ -285,10 +295,12 @@ pub fn pick(
         return Vec::new();
     }
     let hl = params.half_life_ms;
-    let mut ranked: Vec<(u64, u32)> =
-        close.iter().map(|&i| (weight(chunk, &snapshot.nodes[i as usize].contact.id), i)).collect();
-    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    // A hot chunk's replicas spread over more of the closest nodes than an ordinary chunk's placement.
     let replicas = (1.0 + (load.hits(chunk, now_ms, params) - 1.0) / params.hot_requests).floor() as usize;
+    let set = &close[..close.len().min(params.close.max(replicas))];
+    let mut ranked: Vec<(u64, u32)> =
+        set.iter().map(|&i| (weight(chunk, &snapshot.nodes[i as usize].contact.id), i)).collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
     let replicas = replicas.clamp(1, ranked.len());
     let total = load.total.get(now_ms, hl) + len as f64;
     let relative = |load: &Load, i: u32| {
@@ -303,13 +315,15 @@ pub fn pick(
         load.assigned(&n.contact.id, now_ms, params) + len as f64 <= cap
     };
     // The least loaded of the chunk's replicas, if within its cap; else the next in rendezvous order that is;
-    // else the least loaded of all.
+    // else the closest node beyond the placement set that is; else the least loaded of the placement.
     let by_load = |load: &Load, set: &[(u64, u32)]| {
         set.iter().map(|&(_, i)| i).min_by(|&a, &b| relative(load, a).total_cmp(&relative(load, b)).then(a.cmp(&b)))
     };
     let first = by_load(load, &ranked[..replicas])
         .filter(|&i| within_cap(load, i))
         .or_else(|| ranked[replicas..].iter().map(|&(_, i)| i).find(|&i| within_cap(load, i)))
+        // All of the chunk's placement is over its bound: the next closest node with room.
+        .or_else(|| close[set.len()..].iter().copied().find(|&i| within_cap(load, i)))
         .or_else(|| by_load(load, &ranked))
         .expect("close set is not empty");
     load.assigned.entry(snapshot.nodes[first as usize].contact.id).or_default().add(len as f64, now_ms, hl);
@@ -413,5 +427,21 @@ mod tests {
         assert!(!far.is_empty() && far.iter().all(|n| east.contains(&n.id)), "{far:?}");
         let (none, s) = schedule(&Snapshot::new(Vec::new(), &params), &mut Load::default(), None, &chunk, &params, 0);
         assert!(none.is_empty() && s[0].is_empty());
+    }
+
+    /// A client fetching a 64-chunk object twice gets the same nodes the second time: with load well within
+    /// what nodes can upload, bounded load must not move chunks (moving them means cold misses).
+    #[test]
+    fn repeated_requests_under_light_load_keep_their_nodes() {
+        let params = Params::default();
+        let snap = Snapshot::new((0..3).map(|i| node(i, 0.0, 0.0, DEFAULT_UPLOAD)).collect(), &params);
+        let mut load = Load::default();
+        let chunks: Vec<(ChunkHash, u32)> = (0..64u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1 << 20)).collect();
+        let firsts = |(nodes, s): (Vec<NodeContact>, Vec<Vec<u32>>)| -> Vec<NodeId> {
+            s.iter().map(|c| nodes[c[0] as usize].id).collect()
+        };
+        let a = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1000));
+        let b = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1100));
+        assert_eq!(a, b);
     }
 }

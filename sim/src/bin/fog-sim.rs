@@ -33,6 +33,12 @@ struct Args {
     /// Nearest nodes per client network among which rendezvous places each chunk (default: k = 3).
     #[arg(long)]
     close: Option<usize>,
+    /// Rounds of 16 RTT samples each node's coordinate is fitted from.
+    #[arg(long, default_value_t = 20)]
+    fit_rounds: usize,
+    /// RTT samples each client network's coordinate is fitted from (70 % to nodes in its region).
+    #[arg(long, default_value_t = 10)]
+    client_samples: usize,
     /// Requests compared with the truly closest node (each scans every node).
     #[arg(long, default_value_t = 2_000)]
     oracle_samples: u64,
@@ -52,6 +58,8 @@ fn config(args: &Args, policy: Policy, alpha: f64) -> Config {
     cfg.alpha = alpha;
     cfg.oracle_samples = args.oracle_samples;
     cfg.objects = args.objects.max(1);
+    cfg.fit_rounds = args.fit_rounds;
+    cfg.client_samples = args.client_samples.max(1);
     if let Some(close) = args.close {
         cfg.params.close = close.max(1);
     }

@@ -53,6 +53,21 @@ async fn a_c_program_embeds_the_proxy() {
     assert!(url.starts_with("http://127.0.0.1:") && url.ends_with("/c/video.bin"), "unexpected URL {url}");
     let body = reqwest::get(&url).await.expect("fetch through the embedded proxy").bytes().await.expect("body");
     assert!(body[..] == content[..], "the embedded proxy delivered different bytes");
+    // The proxy accounts a segment when its fetch returns, a moment after the last byte went out: wait for
+    // its own /stats to show it before asking the C side.
+    let base = url.split("/http").next().expect("proxy base").to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let stats: Value = reqwest::get(format!("{base}/stats")).await.expect("stats").json().await.expect("json");
+        if stats["fog_bytes"].as_u64() == Some(content.len() as u64) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the proxy never accounted the fetch: {stats:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     child.stdin.take().expect("stdin").write_all(b"done\n").expect("write");
     let stats: Value = serde_json::from_str(&lines.next().expect("stats line").expect("read")).expect("stats json");

@@ -401,7 +401,8 @@ impl Sim {
                 }
                 let close = c.close.clone();
                 let len = u64::from(self.cfg.chunk_bytes);
-                pick(&self.snapshot, &mut self.load, &close, chunk, len, &self.params, micros(now) / 1000)
+                let placement = self.params.close;
+                pick(&self.snapshot, &mut self.load, &close, placement, chunk, len, &self.params, micros(now) / 1000)
                     .into_iter()
                     .map(|i| to_node(&self.snapshot, i))
                     .collect()

@@ -262,12 +262,15 @@ pub fn schedule(
     now_ms: u64,
 ) -> (Vec<NodeContact>, Vec<Vec<u32>>) {
     let close = snapshot.close_set(client, params);
+    // Without a coordinate there is no "closest": the whole default pool is the placement set, so every
+    // node in it gets its rendezvous share (and a joining node takes over chunks).
+    let placement = if client.is_some() { params.close } else { close.len() };
     let mut used: Vec<NodeContact> = Vec::new();
     let mut slot: HashMap<u32, u32> = HashMap::new();
     let per_chunk = chunks
         .iter()
         .map(|(chunk, len)| {
-            pick(snapshot, load, &close, chunk, u64::from(*len), params, now_ms)
+            pick(snapshot, load, &close, placement, chunk, u64::from(*len), params, now_ms)
                 .into_iter()
                 .map(|i| {
                     *slot.entry(i).or_insert_with(|| {
@@ -281,11 +284,14 @@ pub fn schedule(
     (used, per_chunk)
 }
 
-/// Up to `k` node indices for one chunk, first candidate chosen under bounded load; charges it.
+/// Up to `k` node indices for one chunk, placed by rendezvous among the first `placement` of `close` (more
+/// for hot chunks), first candidate chosen under bounded load; charges it.
+#[allow(clippy::too_many_arguments)]
 pub fn pick(
     snapshot: &Snapshot,
     load: &mut Load,
     close: &[u32],
+    placement: usize,
     chunk: &ChunkHash,
     len: u64,
     params: &Params,
@@ -297,7 +303,7 @@ pub fn pick(
     let hl = params.half_life_ms;
     // A hot chunk's replicas spread over more of the closest nodes than an ordinary chunk's placement.
     let replicas = (1.0 + (load.hits(chunk, now_ms, params) - 1.0) / params.hot_requests).floor() as usize;
-    let set = &close[..close.len().min(params.close.max(replicas))];
+    let set = &close[..close.len().min(placement.max(replicas))];
     let mut ranked: Vec<(u64, u32)> =
         set.iter().map(|&i| (weight(chunk, &snapshot.nodes[i as usize].contact.id), i)).collect();
     ranked.sort_unstable_by(|a, b| b.cmp(a));
@@ -443,5 +449,17 @@ mod tests {
         let a = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1000));
         let b = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1100));
         assert_eq!(a, b);
+    }
+
+    /// Clients without a coordinate spread over the whole default pool, so every node (a new one too) gets
+    /// its rendezvous share of the chunks.
+    #[test]
+    fn without_a_coordinate_every_pool_node_gets_chunks() {
+        let params = Params::default();
+        let snap = Snapshot::new((0..4).map(|i| node(i, 0.0, 0.0, DEFAULT_UPLOAD)).collect(), &params);
+        let chunks: Vec<(ChunkHash, u32)> = (0..48u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1)).collect();
+        let (nodes, s) = schedule(&snap, &mut Load::default(), None, &chunks, &params, 0);
+        let firsts: std::collections::HashSet<NodeId> = s.iter().map(|c| nodes[c[0] as usize].id).collect();
+        assert_eq!(firsts.len(), 4);
     }
 }

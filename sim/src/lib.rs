@@ -253,10 +253,13 @@ pub struct Sim {
     zipf: Zipf,
     metrics: Metrics,
     origin_per_sec: Vec<u64>,
+    /// When construction began: `wall_s` covers fitting coordinates too.
+    started: std::time::Instant,
 }
 
 impl Sim {
     pub fn new(cfg: Config) -> Self {
+        let started = std::time::Instant::now();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let world = World::new(cfg.regions, &mut rng);
         let mut nodes: Vec<Node> = (0..cfg.nodes as u32)
@@ -313,6 +316,7 @@ impl Sim {
             zipf,
             metrics: Metrics::default(),
             origin_per_sec: Vec::new(),
+            started,
             cfg,
         };
         sim.start();
@@ -527,7 +531,6 @@ impl Sim {
 
     /// Runs until every request was served; returns the metrics.
     pub fn run(mut self) -> Report {
-        let started = std::time::Instant::now();
         let mut now = 0.0;
         while self.metrics.requests < self.cfg.requests {
             let Some(Reverse((at, _, event))) = self.events.pop() else { break };
@@ -560,7 +563,7 @@ impl Sim {
             .filter(|n| n.online_secs > 0.5 * now && n.served > 0)
             .map(|n| n.served as f64 / (n.upload as f64 * n.online_secs))
             .collect();
-        self.metrics.finish(&self.cfg, now, &self.origin_per_sec, &loads, started.elapsed().as_secs_f64())
+        self.metrics.finish(&self.cfg, now, &self.origin_per_sec, &loads, self.started.elapsed().as_secs_f64())
     }
 }
 

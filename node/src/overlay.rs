@@ -107,7 +107,7 @@ struct PeerEntry {
     node: Option<NodeId>,
     rtt: RttFilter,
     direct: u32,
-    relayed: u32,
+    /// Connections through a relay (their pings measure the relay's path).
     relayed_ids: HashSet<libp2p::swarm::ConnectionId>,
 }
 
@@ -578,7 +578,6 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
             let e = s.peers.entry(peer_id).or_default();
             e.node = node_id_of(&peer_id);
             if endpoint.is_relayed() {
-                e.relayed += 1;
                 e.relayed_ids.insert(connection_id);
             } else {
                 e.direct += 1;
@@ -589,9 +588,7 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
             if num_established == 0 {
                 s.peers.remove(&peer_id);
             } else if let Some(e) = s.peers.get_mut(&peer_id) {
-                if e.relayed_ids.remove(&connection_id) {
-                    e.relayed = e.relayed.saturating_sub(1);
-                } else {
+                if !e.relayed_ids.remove(&connection_id) {
                     e.direct = e.direct.saturating_sub(1);
                 }
             }

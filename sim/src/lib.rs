@@ -385,8 +385,7 @@ impl Sim {
             .collect();
         self.snapshot = Snapshot::new(infos, &self.params);
         self.snapshot_gen += 1;
-        let live: std::collections::HashSet<NodeId> = self.snapshot.nodes.iter().map(|n| n.contact.id).collect();
-        self.load.retain_nodes(|id| live.contains(id));
+        self.load.forget_nodes_not_in(&self.snapshot);
     }
 
     /// Candidates (node indices) for one chunk under the configured policy.

@@ -616,9 +616,8 @@ impl App {
         loop {
             tick.tick().await;
             self.dashboard.sample(&self.registry, self.resolves.load(Ordering::Relaxed));
-            let live: std::collections::HashSet<NodeId> =
-                self.registry.snapshot().nodes.iter().map(|n| n.contact.id).collect();
-            self.load.lock().expect("load lock").retain_nodes(|id| live.contains(id));
+            let snapshot = self.registry.snapshot();
+            self.load.lock().expect("load lock").forget_nodes_not_in(&snapshot);
             if let Err(e) = self.ledger.seal_epochs() {
                 tracing::error!(error = %e, "cannot seal the ledger's epoch head");
             }

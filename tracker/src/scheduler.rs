@@ -145,6 +145,11 @@ impl Snapshot {
         Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
     }
 
+    /// Whether `id` is schedulable in this snapshot (nodes are sorted by id).
+    pub fn contains(&self, id: &NodeId) -> bool {
+        self.nodes.binary_search_by_key(id, |n| n.contact.id).is_ok()
+    }
+
     /// Indices of the `params.hot_close` nodes closest to `client` (the default pool's affinity order
     /// without a coordinate), closest first; [`pick`] uses the first `params.close` for ordinary chunks.
     pub fn close_set(&self, client: Option<&Coord>, params: &Params) -> Vec<u32> {
@@ -232,9 +237,9 @@ impl Load {
         self.assigned.get(node).map_or(0.0, |d| d.get(now_ms, params.half_life_ms))
     }
 
-    /// Forgets nodes that left (call with the snapshot's ids now and then).
-    pub fn retain_nodes(&mut self, keep: impl Fn(&NodeId) -> bool) {
-        self.assigned.retain(|id, _| keep(id));
+    /// Forgets nodes no longer in `snapshot` (call after rebuilding it).
+    pub fn forget_nodes_not_in(&mut self, snapshot: &Snapshot) {
+        self.assigned.retain(|id, _| snapshot.contains(id));
     }
 
     fn hits(&mut self, chunk: &ChunkHash, now_ms: u64, params: &Params) -> f64 {

@@ -26,8 +26,8 @@ use std::net::SocketAddr;
 use fog_proto::api::NodeContact;
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::{ChunkHash, NodeId};
-use fog_tracker::coords::{fit_client, Coord};
-use fog_tracker::scheduler::{pick, Load, NodeInfo, Params, Snapshot};
+use fog_tracker::coords::{ClientNet, Coord};
+use fog_tracker::scheduler::{pick, Close, Load, NodeInfo, Params, Snapshot};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -129,11 +129,18 @@ struct Node {
 #[derive(Debug)]
 struct Client {
     host: Host,
-    coord: Coord,
-    /// The close set, valid for snapshot `close_for`.
-    close: Vec<u32>,
+    /// What the tracker knows about this client's network (one client per network here).
+    net: ClientNet,
+    /// RTTs measured since the last report, and when the next report is due (as the player proxy does).
+    unreported: Vec<(NodeId, f32)>,
+    report_at: f64,
+    /// The close set, valid while `close_for` is the snapshot's generation and no report came in.
+    close: Close,
     close_for: u64,
 }
+
+/// How often clients report measured RTTs, seconds (the player proxy's report interval).
+const REPORT_SECS: f64 = 10.0;
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -287,18 +294,19 @@ impl Sim {
                 // The client network's RTTs to nodes it was sent to before (5 % noise): mostly in its own
                 // region, as a first schedule from the default pool or a region guess would give.
                 let local = &by_region[host.region as usize];
-                let samples: Vec<(Coord, f32)> = (0..cfg.client_samples)
+                let samples: Vec<(NodeId, f32)> = (0..cfg.client_samples)
                     .map(|s| {
                         let j = if s * 10 < cfg.client_samples * 7 && !local.is_empty() {
                             local[rng.gen_range(0..local.len())] as usize
                         } else {
                             rng.gen_range(0..nodes.len())
                         };
-                        (nodes[j].coord, World::rtt(&host, &nodes[j].host) * (1.0 + rng.gen::<f32>() * 0.05))
+                        (nodes[j].id, World::rtt(&host, &nodes[j].host) * (1.0 + rng.gen::<f32>() * 0.05))
                     })
                     .collect();
-                let coord = fit_client(&samples, u64::from(c)).0;
-                Client { host, coord, close: Vec::new(), close_for: u64::MAX }
+                let mut net = ClientNet::default();
+                net.learn(&samples, |id| Some(nodes[index_of(id)].coord), u64::from(c));
+                Client { host, net, unreported: Vec::new(), report_at: 0.0, close: Close::default(), close_for: u64::MAX }
             })
             .collect();
         let zipf = Zipf::new(cfg.objects, cfg.alpha);
@@ -398,14 +406,19 @@ impl Sim {
         match self.cfg.policy {
             Policy::Coords => {
                 let c = &mut self.clients[client as usize];
+                if now >= c.report_at && !c.unreported.is_empty() {
+                    let nodes = &self.nodes;
+                    c.net.learn(&c.unreported, |id| Some(nodes[index_of(id)].coord), micros(now));
+                    c.unreported.clear();
+                    c.report_at = now + REPORT_SECS;
+                    c.close_for = u64::MAX;
+                }
                 if c.close_for != self.snapshot_gen {
-                    c.close = self.snapshot.close_set(Some(&c.coord), &self.params);
+                    c.close = self.snapshot.close_set(Some(&c.net), &self.params);
                     c.close_for = self.snapshot_gen;
                 }
-                let close = c.close.clone();
                 let len = u64::from(self.cfg.chunk_bytes);
-                let placement = self.params.close;
-                pick(&self.snapshot, &mut self.load, &close, placement, chunk, len, &self.params, micros(now) / 1000)
+                pick(&self.snapshot, &mut self.load, &c.close, chunk, len, &self.params, micros(now) / 1000)
                     .into_iter()
                     .map(|i| to_node(&self.snapshot, i))
                     .collect()
@@ -495,7 +508,16 @@ impl Sim {
         self.metrics.fog_bytes += u64::from(len);
         self.metrics.delivered(u64::from(len), from_origin);
         let node = &mut self.nodes[n];
-        let rtt = World::rtt(&chost, &node.host) as f64 / 1000.0;
+        let true_rtt = World::rtt(&chost, &node.host);
+        // The proxy reports the connection's RTT (5 % noise) with its next report.
+        let measured = true_rtt * (1.0 + self.rng.gen::<f32>() * 0.05);
+        let c = &mut self.clients[client as usize];
+        match c.unreported.iter().position(|m| m.0 == node.id) {
+            Some(m) => c.unreported[m].1 = measured,
+            None if c.unreported.len() < fog_proto::api::MAX_CLIENT_RTTS => c.unreported.push((node.id, measured)),
+            None => {}
+        }
+        let rtt = f64::from(true_rtt) / 1000.0;
         let start = node.busy_until.max(now + delay);
         node.busy_until = start + f64::from(len) / node.upload as f64;
         node.served += u64::from(len);

@@ -8,6 +8,7 @@
 //!
 //! Pure code: the tracker and the simulator run it on their own samples.
 
+use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
 pub const DIMS: usize = 4;
@@ -149,10 +150,11 @@ pub fn refit<Id: Copy>(
 /// Fits a coordinate for a party that measured `samples` (landmark coordinate, RTT) but is not a landmark
 /// itself (a client): the landmarks stay put. Robust to a few wrong or made-up RTTs: the fit is repeated
 /// with samples that disagree with the rest (residual above 3× the median and 20 ms) down-weighted, and
-/// those still disagreeing at the end are not counted. Returns the coordinate and the samples it agrees with.
-pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, usize) {
-    let valid: Vec<(Coord, f32)> =
-        samples.iter().copied().filter(|(_, r)| r.is_finite() && *r > 0.0 && *r <= MAX_RTT_MS).collect();
+/// those still disagreeing at the end are not counted. Returns the coordinate and, per sample, whether it
+/// agrees with the fit (unbelievable RTTs never do).
+pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, Vec<bool>) {
+    let believable = |r: f32| r.is_finite() && r > 0.0 && r <= MAX_RTT_MS;
+    let valid: Vec<(Coord, f32)> = samples.iter().copied().filter(|(_, r)| believable(*r)).collect();
     let fit = |weights: &[f32]| {
         let mut c = Coord::default();
         for round in 0..32u64 {
@@ -178,14 +180,62 @@ pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, usize) {
     }
     let res = residuals(&coord);
     let limit = limit_of(&res);
-    (coord, res.iter().filter(|r| **r <= limit).count())
+    let mut agrees = res.into_iter().map(|r| r <= limit);
+    (coord, samples.iter().map(|(_, r)| believable(*r) && agrees.next().unwrap_or(false)).collect())
 }
 
-/// Coordinates of client networks (IPv4 /24, IPv6 /48), fitted from the RTTs their clients report; at
-/// most `max` prefixes, the least recently updated evicted first.
+/// RTTs kept per client network: the lowest ones, which are what ranking the closest nodes needs.
+pub const MAX_MEASURED: usize = 16;
+/// Samples that must agree before a client network gets a coordinate.
+const MIN_AGREEING: usize = 3;
+
+/// Where a client network is: a coordinate fitted from the RTTs its clients measured to nodes, and those RTTs
+/// themselves, which the scheduler prefers to predictions ("measure, don't only predict").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientNet {
+    pub coord: Option<Coord>,
+    /// (node, RTT ms), at most [`MAX_MEASURED`], each agreeing with the fitted coordinate.
+    pub measured: Vec<(NodeId, f32)>,
+}
+
+impl ClientNet {
+    /// Folds in newly reported RTTs (they replace older ones to the same node) and refits the coordinate over
+    /// all of them whose node has a coordinate (`coord_of`). The tracker validates rather than trusts: once
+    /// there is a fit, RTTs that disagree with the rest are dropped, so a client inventing a 1 ms path to a
+    /// far node does not make its neighbours' requests go there.
+    pub fn learn(&mut self, samples: &[(NodeId, f32)], coord_of: impl Fn(&NodeId) -> Option<Coord>, seed: u64) {
+        for &(id, rtt) in samples {
+            match self.measured.iter_mut().find(|m| m.0 == id) {
+                Some(m) => m.1 = rtt,
+                None => self.measured.push((id, rtt)),
+            }
+        }
+        let located: Vec<(usize, Coord)> =
+            self.measured.iter().enumerate().filter_map(|(i, (id, _))| Some((i, coord_of(id)?))).collect();
+        let fit: Vec<(Coord, f32)> = located.iter().map(|&(i, c)| (c, self.measured[i].1)).collect();
+        if fit.len() >= MIN_AGREEING {
+            let (coord, agrees) = fit_client(&fit, seed);
+            if agrees.iter().filter(|a| **a).count() >= MIN_AGREEING {
+                self.coord = Some(coord);
+                let mut keep = vec![true; self.measured.len()];
+                for (&(i, _), ok) in located.iter().zip(agrees) {
+                    keep[i] = ok;
+                }
+                let mut k = keep.into_iter();
+                self.measured.retain(|_| k.next().unwrap_or(true));
+            }
+        }
+        self.measured.retain(|(_, rtt)| rtt.is_finite() && *rtt > 0.0 && *rtt <= MAX_RTT_MS);
+        self.measured.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        self.measured.truncate(MAX_MEASURED);
+    }
+}
+
+/// Client networks (IPv4 /24, IPv6 /48) and what their clients reported; at most `max` prefixes, the least
+/// recently updated evicted first.
 #[derive(Debug)]
 pub struct ClientCoords {
-    map: std::collections::HashMap<std::net::IpAddr, (Coord, u64)>,
+    map: std::collections::HashMap<std::net::IpAddr, (ClientNet, u64)>,
     max: usize,
 }
 
@@ -202,11 +252,18 @@ impl ClientCoords {
         }
     }
 
-    pub fn get(&self, ip: std::net::IpAddr) -> Option<Coord> {
-        self.map.get(&Self::prefix(ip)).map(|(c, _)| *c)
+    pub fn get(&self, ip: std::net::IpAddr) -> Option<ClientNet> {
+        self.map.get(&Self::prefix(ip)).map(|(c, _)| c.clone())
     }
 
-    pub fn set(&mut self, ip: std::net::IpAddr, coord: Coord, now_ms: u64) {
+    /// Folds RTTs a client at `ip` reported into its network's [`ClientNet`].
+    pub fn learn(
+        &mut self,
+        ip: std::net::IpAddr,
+        samples: &[(NodeId, f32)],
+        coord_of: impl Fn(&NodeId) -> Option<Coord>,
+        now_ms: u64,
+    ) {
         let prefix = Self::prefix(ip);
         if self.map.len() >= self.max && !self.map.contains_key(&prefix) {
             // Evict the oldest eighth at once, so eviction costs O(1) per insert on average.
@@ -216,7 +273,9 @@ impl ClientCoords {
             let threshold = ages[cut];
             self.map.retain(|_, (_, at)| *at > threshold);
         }
-        self.map.insert(prefix, (coord, now_ms));
+        let (net, at) = self.map.entry(prefix).or_default();
+        net.learn(samples, coord_of, now_ms);
+        *at = now_ms;
     }
 
     pub fn len(&self) -> usize {
@@ -289,8 +348,8 @@ mod tests {
         let client = Coord { pos: [20.0, 30.0, 0.0, 0.0], height: 2.0, error: 0.0 };
         let mut samples: Vec<(Coord, f32)> = landmarks.iter().map(|l| (*l, l.rtt_to(&client))).collect();
         samples[3].1 = 1.0; // claims to be next to the far corner
-        let (fitted, kept) = fit_client(&samples, 1);
-        assert_eq!(kept, 4, "the lie was not dropped");
+        let (fitted, agrees) = fit_client(&samples, 1);
+        assert_eq!(agrees, vec![true, true, true, false, true], "the lie was not singled out");
         for l in &landmarks {
             let (p, t) = (fitted.rtt_to(l), client.rtt_to(l));
             assert!((p - t).abs() < 0.1 * t + 2.0, "predicted {p} vs true {t}");
@@ -302,17 +361,50 @@ mod tests {
         assert_eq!(ns.iter().map(|n| n.id).collect::<Vec<_>>(), vec![2], "an expired neighbour stayed");
     }
 
+    fn id(i: u8) -> NodeId {
+        NodeId([i; 32])
+    }
+
+    /// Landmarks 1..=5 at the corners and centre of a 100 ms square.
+    fn landmark(id: &NodeId) -> Option<Coord> {
+        let p = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0], [50.0, 50.0]].get(usize::from(id.0[0]).checked_sub(1)?)?;
+        Some(Coord { pos: [p[0], p[1], 0.0, 0.0], height: 1.0, error: 0.05 })
+    }
+
     #[test]
     fn client_coordinates_are_per_prefix_and_bounded() {
         let mut cc = ClientCoords::new(16);
-        let c = Coord { pos: [1.0, 2.0, 3.0, 4.0], height: 1.0, error: 0.2 };
-        cc.set("203.0.113.7".parse().expect("ip"), c, 1);
-        assert_eq!(cc.get("203.0.113.200".parse().expect("ip")), Some(c));
+        let samples: Vec<(NodeId, f32)> = (1..=5).map(|i| (id(i), 40.0 + f32::from(i))).collect();
+        cc.learn("203.0.113.7".parse().expect("ip"), &samples, landmark, 1);
+        let net = cc.get("203.0.113.200".parse().expect("ip")).expect("same /24");
+        assert!(net.coord.is_some() && net.measured.len() == 5);
         assert_eq!(cc.get("203.0.114.7".parse().expect("ip")), None);
         for i in 0..100u32 {
-            cc.set(std::net::IpAddr::V4((i << 8).into()), c, 10 + u64::from(i));
+            cc.learn(std::net::IpAddr::V4((i << 8).into()), &samples, landmark, 10 + u64::from(i));
         }
         assert!(cc.len() <= 16);
         assert!(cc.get(std::net::IpAddr::V4((99u32 << 8).into())).is_some(), "the newest was evicted");
+    }
+
+    #[test]
+    fn measured_rtts_are_validated_merged_and_bounded() {
+        let client = Coord { pos: [20.0, 30.0, 0.0, 0.0], height: 2.0, error: 0.0 };
+        let truth = |i: u8| client.rtt_to(&landmark(&id(i)).expect("landmark"));
+        let mut net = ClientNet::default();
+        // Two samples cannot place anyone: kept, but no coordinate yet.
+        net.learn(&[(id(1), truth(1)), (id(2), truth(2))], landmark, 1);
+        assert!(net.coord.is_none() && net.measured.len() == 2);
+        // The rest, with a made-up 1 ms path to the far corner: dropped once the fit shows it disagrees.
+        net.learn(&[(id(3), truth(3)), (id(4), 1.0), (id(5), truth(5))], landmark, 2);
+        assert!(net.coord.is_some());
+        assert!(!net.measured.iter().any(|m| m.0 == id(4)), "the lie was kept: {:?}", net.measured);
+        // A newer RTT to a node replaces the older one; nodes without a coordinate are kept, lowest first.
+        net.learn(&[(id(1), truth(1) + 1.0)], landmark, 3);
+        assert_eq!(net.measured.iter().filter(|m| m.0 == id(1)).count(), 1);
+        let many: Vec<(NodeId, f32)> = (100..140).map(|i| (id(i), f32::from(i))).collect();
+        net.learn(&many, landmark, 4);
+        assert_eq!(net.measured.len(), MAX_MEASURED);
+        assert!(net.measured.windows(2).all(|w| w[0].1 <= w[1].1), "not lowest first");
+        assert!(net.measured.iter().any(|m| m.0 == id(5)), "a close landmark was pushed out by farther nodes");
     }
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
-use crate::coords::{self, ClientCoords, Coord};
+use crate::coords::ClientCoords;
 use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
@@ -553,15 +553,9 @@ impl App {
     /// Fits the reporting client's network a coordinate from its RTTs to nodes (at least 3 known nodes;
     /// samples that disagree with the rest are dropped by the fit). Only that network's own schedules use it.
     fn place_client(&self, peer: SocketAddr, rtts: &[RttSample]) {
-        let samples: Vec<(Coord, f32)> =
-            rtts.iter().filter_map(|s| Some((self.registry.coord_of(&s.peer)?, s.rtt_ms))).collect();
-        if samples.len() < 3 {
-            return;
-        }
-        let (coord, kept) = coords::fit_client(&samples, now_ms());
-        if kept >= 3 {
-            self.clients.lock().expect("clients lock").set(peer.ip(), coord, now_ms());
-        }
+        let samples: Vec<(NodeId, f32)> = rtts.iter().map(|s| (s.peer, s.rtt_ms)).collect();
+        let coord_of = |id: &NodeId| self.registry.coord_of(id);
+        self.clients.lock().expect("clients lock").learn(peer.ip(), &samples, coord_of, now_ms());
     }
 
     fn stats(&self) -> TrackerStats {

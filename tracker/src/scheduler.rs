@@ -7,20 +7,23 @@
 //!    searched in rings around the client's cell until
 //!    [`Params::prefilter`] nodes are found — O(prefilter), whatever the number of nodes. A client without
 //!    a coordinate gets a fixed default pool (rendezvous over a constant key), which keeps cache affinity.
-//! 2. The [`Params::hot_close`] (8) closest of those by predicted RTT (full coordinates, heights
-//!    included); an ordinary chunk is placed among the first [`Params::close`] (`k` = 3) of them.
+//! 2. The [`Params::reach`] (8) closest of those, by the RTT the client's network measured to a node where
+//!    it did (see [`ClientNet`]), else by predicted RTT (full coordinates, heights included). Nodes the
+//!    network measured are ranked even when the pre-filter missed them. The **near** ones — no more than
+//!    [`Params::near_fraction`] (20 %) and [`Params::near_ms`] (10 ms) farther than the closest — are as
+//!    good as the closest for the client, so a chunk may be placed among up to [`Params::close`] (`k` = 3)
+//!    of them for cache affinity without a worse pick.
 //!
 //! For each chunk:
 //! 3. **Cache affinity**: rank the close set by rendezvous weight of the chunk id, so clients in one area
 //!    ask the same nodes for the same chunk and those stay warm.
-//! 4. **Hot chunks** get more replicas: the first candidate is the least-loaded of the top `r` in
-//!    rendezvous order, where `r` grows with the chunk's recent request count, over up to `hot_close` of
-//!    the closest nodes.
+//! 4. **Hot chunks** get more replicas: the first candidate is the least-loaded of the top `r` near nodes
+//!    in rendezvous order, where `r` grows with the chunk's recent request count.
 //! 5. **Bounded load**: a node whose recently assigned bytes would exceed (1+ε)× its fair share (its share
 //!    of all advertised upload; never less than [`Params::min_load_secs`] (15 s, about the mean life of the
 //!    10 s half-life load) of its own upload) is passed over for
-//!    the first place; if every close node is over, the least loaded relative to its upload is chosen. The
-//!    chosen node is charged the chunk's bytes.
+//!    the first place, for the next near node, else the next closest of the `reach`; if every one is over,
+//!    the least loaded relative to its upload is chosen. The chosen node is charged the chunk's bytes.
 //!
 //! Load and popularity decay with a half-life, so they describe the last tens of seconds.
 
@@ -30,7 +33,7 @@ use fog_proto::api::NodeContact;
 use fog_proto::placement::weight;
 use fog_proto::{ChunkHash, NodeId};
 
-use crate::coords::Coord;
+use crate::coords::{ClientNet, Coord};
 
 /// Upload assumed for nodes whose owner set no cap (bytes/s): 100 Mbit/s, a good home uplink. Assuming
 /// less would make bounded load move chunks off uncapped nodes that are not overloaded, at the cost of cold
@@ -55,10 +58,14 @@ const MAX_TRACKED_CHUNKS: usize = 100_000;
 pub struct Params {
     /// Candidates returned per chunk.
     pub k: usize,
-    /// Closest nodes a chunk is placed among by rendezvous (by default `k`).
+    /// Most near nodes a chunk is placed among by rendezvous (by default `k`).
     pub close: usize,
-    /// Closest nodes a hot chunk's replicas may spread over.
-    pub hot_close: usize,
+    /// A node counts as near when its RTT is within this fraction and this many ms of the closest node's
+    /// (the same bounds the simulator uses to call a pick suboptimal).
+    pub near_fraction: f32,
+    pub near_ms: f32,
+    /// Closest nodes considered at all: beyond the near ones, they take what bounded load moves.
+    pub reach: usize,
     /// Nodes gathered by the grid pre-filter before ranking by distance.
     pub prefilter: usize,
     /// Bounded-load slack ε: no node above (1+ε)× its fair share, while any close node is below it.
@@ -78,7 +85,9 @@ impl Default for Params {
         Self {
             k: 3,
             close: 3,
-            hot_close: 8,
+            near_fraction: 0.2,
+            near_ms: 10.0,
+            reach: 8,
             prefilter: 64,
             epsilon: 0.25,
             hot_requests: 8.0,
@@ -150,14 +159,18 @@ impl Snapshot {
         self.nodes.binary_search_by_key(id, |n| n.contact.id).is_ok()
     }
 
-    /// Indices of the `params.hot_close` nodes closest to `client` (the default pool's affinity order
-    /// without a coordinate), closest first; [`pick`] uses the first `params.close` for ordinary chunks.
-    pub fn close_set(&self, client: Option<&Coord>, params: &Params) -> Vec<u32> {
-        let wanted = params.close.max(params.hot_close);
-        let Some(client) = client else { return self.default_pool.iter().take(wanted).copied().collect() };
+    /// The nodes closest to a client network, and how many of them are near (see the module docs); without
+    /// a coordinate, the default pool's first `params.reach` in affinity order, all of them "near".
+    pub fn close_set(&self, client: Option<&ClientNet>, params: &Params) -> Close {
+        let wanted = params.close.max(params.reach);
+        let (Some(coord), Some(client)) = (client.and_then(|c| c.coord.as_ref()), client) else {
+            // There is no "closest": every node of the pool gets its rendezvous share (a joining one too).
+            let nodes: Vec<u32> = self.default_pool.iter().take(wanted).copied().collect();
+            return Close { near: nodes.len(), place: nodes.len(), nodes };
+        };
         let mut found: Vec<u32> = Vec::new();
         for (cell_ms, grid, rings) in &self.levels {
-            found = ring_search(grid, cell(client, *cell_ms), *rings, params.prefilter);
+            found = ring_search(grid, cell(coord, *cell_ms), *rings, params.prefilter);
             if found.len() >= wanted {
                 break;
             }
@@ -166,15 +179,34 @@ impl Snapshot {
             found = self.default_pool.clone();
         }
         let mut ranked: Vec<(f32, u32)> =
-            found.into_iter().map(|i| (client.rtt_to(&self.nodes[i as usize].coord), i)).collect();
+            found.into_iter().map(|i| (coord.rtt_to(&self.nodes[i as usize].coord), i)).collect();
+        for (id, rtt) in &client.measured {
+            let Ok(i) = self.nodes.binary_search_by_key(id, |n| n.contact.id) else { continue };
+            match ranked.iter_mut().find(|r| r.1 == i as u32) {
+                Some(r) => r.0 = *rtt,
+                None => ranked.push((*rtt, i as u32)),
+            }
+        }
         let close = wanted.min(ranked.len());
         if close > 0 && close < ranked.len() {
             ranked.select_nth_unstable_by(close - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         }
         ranked.truncate(close);
         ranked.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        ranked.into_iter().map(|(_, i)| i).collect()
+        let best = ranked.first().map_or(0.0, |r| r.0);
+        let near_limit = best + (best * params.near_fraction).min(params.near_ms);
+        let near = ranked.iter().take_while(|r| r.0 <= near_limit).count().clamp(1, close.max(1));
+        Close { nodes: ranked.into_iter().map(|(_, i)| i).collect(), near, place: near.min(params.close) }
     }
+}
+
+/// The nodes closest to a client, closest first (indices into [`Snapshot::nodes`]). The first `near` are as
+/// good as the closest: ordinary chunks are placed among the first `place` of them, hot ones among more.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Close {
+    pub nodes: Vec<u32>,
+    pub near: usize,
+    pub place: usize,
 }
 
 /// One grid over node coordinates: its cell edge (ms), cells, and how many rings a search may visit.
@@ -261,21 +293,18 @@ impl Load {
 pub fn schedule(
     snapshot: &Snapshot,
     load: &mut Load,
-    client: Option<&Coord>,
+    client: Option<&ClientNet>,
     chunks: &[(ChunkHash, u32)],
     params: &Params,
     now_ms: u64,
 ) -> (Vec<NodeContact>, Vec<Vec<u32>>) {
     let close = snapshot.close_set(client, params);
-    // Without a coordinate there is no "closest": the whole default pool is the placement set, so every
-    // node in it gets its rendezvous share (and a joining node takes over chunks).
-    let placement = if client.is_some() { params.close } else { close.len() };
     let mut used: Vec<NodeContact> = Vec::new();
     let mut slot: HashMap<u32, u32> = HashMap::new();
     let per_chunk = chunks
         .iter()
         .map(|(chunk, len)| {
-            pick(snapshot, load, &close, placement, chunk, u64::from(*len), params, now_ms)
+            pick(snapshot, load, &close, chunk, u64::from(*len), params, now_ms)
                 .into_iter()
                 .map(|i| {
                     *slot.entry(i).or_insert_with(|| {
@@ -289,26 +318,24 @@ pub fn schedule(
     (used, per_chunk)
 }
 
-/// Up to `k` node indices for one chunk, placed by rendezvous among the first `placement` of `close` (more
-/// for hot chunks), first candidate chosen under bounded load; charges it.
-#[allow(clippy::too_many_arguments)]
+/// Up to `k` node indices for one chunk, placed by rendezvous among the near nodes of `close` (the first
+/// candidate chosen under bounded load, among more of them for hot chunks), then the next closest; charges
+/// the first.
 pub fn pick(
     snapshot: &Snapshot,
     load: &mut Load,
-    close: &[u32],
-    placement: usize,
+    close: &Close,
     chunk: &ChunkHash,
     len: u64,
     params: &Params,
     now_ms: u64,
 ) -> Vec<u32> {
-    if close.is_empty() {
+    if close.nodes.is_empty() {
         return Vec::new();
     }
     let hl = params.half_life_ms;
-    // A hot chunk's replicas spread over more of the closest nodes than an ordinary chunk's placement.
     let replicas = (1.0 + (load.hits(chunk, now_ms, params) - 1.0) / params.hot_requests).floor() as usize;
-    let set = &close[..close.len().min(placement.max(replicas))];
+    let set = &close.nodes[..close.place.max(replicas.min(close.near)).clamp(1, close.nodes.len())];
     let mut ranked: Vec<(u64, u32)> =
         set.iter().map(|&i| (weight(chunk, &snapshot.nodes[i as usize].contact.id), i)).collect();
     ranked.sort_unstable_by(|a, b| b.cmp(a));
@@ -334,13 +361,15 @@ pub fn pick(
         .filter(|&i| within_cap(load, i))
         .or_else(|| ranked[replicas..].iter().map(|&(_, i)| i).find(|&i| within_cap(load, i)))
         // All of the chunk's placement is over its bound: the next closest node with room.
-        .or_else(|| close[set.len()..].iter().copied().find(|&i| within_cap(load, i)))
+        .or_else(|| close.nodes[set.len()..].iter().copied().find(|&i| within_cap(load, i)))
         .or_else(|| by_load(load, &ranked))
         .expect("close set is not empty");
     load.assigned.entry(snapshot.nodes[first as usize].contact.id).or_default().add(len as f64, now_ms, hl);
     load.total.add(len as f64, now_ms, hl);
+    // The other candidates: the chunk's other near nodes (they may hold it), then the next closest.
     let mut out = vec![first];
-    out.extend(ranked.iter().map(|&(_, i)| i).filter(|&i| i != first).take(params.k.saturating_sub(1)));
+    let rest = ranked.iter().map(|&(_, i)| i).chain(close.nodes[set.len()..].iter().copied());
+    out.extend(rest.filter(|&i| i != first).take(params.k.saturating_sub(1)));
     out
 }
 
@@ -363,8 +392,8 @@ mod tests {
         }
     }
 
-    fn at(x: f32, y: f32) -> Coord {
-        Coord { pos: [x, y, 0.0, 0.0], height: 1.0, error: 0.1 }
+    fn at(x: f32, y: f32) -> ClientNet {
+        ClientNet { coord: Some(Coord { pos: [x, y, 0.0, 0.0], height: 1.0, error: 0.1 }), measured: Vec::new() }
     }
 
     /// Two regions 200 ms apart, 20 nodes each.
@@ -454,6 +483,34 @@ mod tests {
         let a = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1000));
         let b = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1100));
         assert_eq!(a, b);
+    }
+
+    /// What a client network measured beats what coordinates predict, even for a node the pre-filter would
+    /// not have found; and chunks go only to nodes near the closest, never to one 20 % farther.
+    #[test]
+    fn measured_rtts_override_predictions_and_placement_stays_near() {
+        let params = Params::default();
+        let snap = Snapshot::new(two_regions(), &params);
+        let far = snap.nodes.iter().position(|n| n.coord.pos[0] > 100.0).expect("a far node");
+        let chunks: Vec<(ChunkHash, u32)> = (0..32u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1)).collect();
+        // The client's network measured 1 ms to a node its coordinate puts 200 ms away (say, a node whose
+        // coordinate has not converged).
+        let mut client = at(1.0, 1.0);
+        client.measured.push((snap.nodes[far].contact.id, 1.0));
+        let close = snap.close_set(Some(&client), &params);
+        assert_eq!(close.nodes[0], far as u32);
+        assert_eq!(close.near, 1, "nodes predicted at ≥ 2 ms are not near a 1 ms one");
+        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), &chunks, &params, 0);
+        assert!(s.iter().all(|c| nodes[c[0] as usize].id == snap.nodes[far].contact.id));
+        // Three nodes at 10, 11 and 13 ms (measured), the rest predicted farther: chunks spread over the two
+        // within 20 % of the closest only.
+        let mut client = at(1.0, 1.0);
+        client.coord = Some(Coord { pos: [100.0, 100.0, 0.0, 0.0], height: 1.0, error: 0.1 });
+        client.measured = (0..3).map(|i| (snap.nodes[i].contact.id, [10.0, 11.0, 13.0][i])).collect();
+        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), &chunks, &params, 0);
+        let firsts: std::collections::HashSet<NodeId> = s.iter().map(|c| nodes[c[0] as usize].id).collect();
+        let near: std::collections::HashSet<NodeId> = (0..2).map(|i| snap.nodes[i].contact.id).collect();
+        assert_eq!(firsts, near);
     }
 
     /// Clients without a coordinate spread over the whole default pool, so every node (a new one too) gets

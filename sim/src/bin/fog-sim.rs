@@ -30,7 +30,7 @@ struct Args {
     /// Objects (VOD titles or live channels) in the catalogue.
     #[arg(long, default_value_t = 500)]
     objects: usize,
-    /// Nearest nodes per client network among which rendezvous places each chunk (default: k = 3).
+    /// Most near nodes per client network among which rendezvous places each chunk (default: k = 3).
     #[arg(long)]
     close: Option<usize>,
     /// Rounds of 16 RTT samples each node's coordinate is fitted from.

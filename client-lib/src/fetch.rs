@@ -2,12 +2,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ed25519_dalek::SigningKey;
-use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed};
+use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
 use fog_proto::credits::{hex32, payment_chain, Commitment, Digest, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET};
 use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
@@ -105,6 +107,8 @@ pub struct FetchReport {
     pub content_id: Option<ContentId>,
     /// Set when the tracker could not be used and the object came straight from the origin.
     pub tracker_unreachable: Option<String>,
+    /// RTTs (ms) measured to candidate nodes that delivered nothing (by this fetch or a recent one).
+    pub probed_rtt: Vec<(NodeId, u64)>,
 }
 
 /// One node's part in a fetch.
@@ -262,7 +266,15 @@ struct Inner {
     origin: OriginClient,
     endpoint: quinn::Endpoint,
     connections: Mutex<HashMap<NodeId, ConnectionSlot>>,
+    /// RTTs measured to candidates no chunk needed, for the next fetch's report; and probes under way.
+    probed: Mutex<Vec<(NodeId, u64)>>,
+    probing: AtomicUsize,
 }
+
+/// Candidates no chunk needed that one fetch measures (a QUIC handshake each), and the most under way at
+/// once: the tracker's last candidate per chunk is a node it wants the client's network measured to.
+const PROBES_PER_FETCH: usize = 2;
+const MAX_PROBING: usize = 4;
 
 impl FogClient {
     /// Must be called within a tokio runtime (it binds the QUIC endpoint).
@@ -275,6 +287,8 @@ impl FogClient {
                 origin: OriginClient::new(None),
                 endpoint,
                 connections: Mutex::new(HashMap::new()),
+                probed: Mutex::new(Vec::new()),
+                probing: AtomicUsize::new(0),
                 cfg,
             }),
         })
@@ -428,6 +442,8 @@ impl FogClient {
         for (_, task) in inflight {
             task.abort();
         }
+        report.probed_rtt = std::mem::take(&mut *self.inner.probed.lock().expect("lock"));
+        self.inner.clone().probe_unused(resolved, first..=last.min(next.saturating_sub(1)), &report.nodes);
         // Receipts go out as chunks verify; give the last ones a moment to arrive.
         let _ =
             tokio::time::timeout(Duration::from_secs(3), async { while receipts.join_next().await.is_some() {} }).await;
@@ -456,6 +472,44 @@ fn failure_reason(e: &ChunkError) -> &'static str {
 }
 
 impl Inner {
+    /// Measures, in the background, candidates of `chunks` that delivered nothing and have no connection yet.
+    fn probe_unused(
+        self: Arc<Self>,
+        resolved: &Resolved,
+        chunks: RangeInclusive<usize>,
+        used: &BTreeMap<NodeId, NodeUse>,
+    ) {
+        let r = &resolved.0;
+        let connected = self.connections.lock().expect("lock").keys().copied().collect::<HashSet<NodeId>>();
+        let mut unused: Vec<NodeContact> = Vec::new();
+        for &i in r.schedule.get(chunks).unwrap_or_default().iter().flatten() {
+            let node = &r.nodes[i as usize];
+            if unused.len() < PROBES_PER_FETCH
+                && !used.contains_key(&node.id)
+                && !connected.contains(&node.id)
+                && !unused.iter().any(|u| u.id == node.id)
+            {
+                unused.push(node.clone());
+            }
+        }
+        for node in unused {
+            if self.probing.fetch_add(1, Ordering::Relaxed) >= MAX_PROBING {
+                self.probing.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            let inner = self.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = inner.connection(&node).await {
+                    let mut probed = inner.probed.lock().expect("lock");
+                    if probed.len() < MAX_CLIENT_RTTS {
+                        probed.push((node.id, conn.rtt().as_millis() as u64));
+                    }
+                }
+                inner.probing.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
     async fn fetch_chunk(
         self: Arc<Self>,
         resolved: Resolved,

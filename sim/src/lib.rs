@@ -141,6 +141,7 @@ struct Client {
 
 /// How often clients report measured RTTs, seconds (the player proxy's report interval).
 const REPORT_SECS: f64 = 10.0;
+const MEASURED_CANDIDATES: usize = 3;
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -306,7 +307,14 @@ impl Sim {
                     .collect();
                 let mut net = ClientNet::default();
                 net.learn(&samples, |id| Some(nodes[index_of(id)].coord), u64::from(c));
-                Client { host, net, unreported: Vec::new(), report_at: 0.0, close: Close::default(), close_for: u64::MAX }
+                Client {
+                    host,
+                    net,
+                    unreported: Vec::new(),
+                    report_at: 0.0,
+                    close: Close::default(),
+                    close_for: u64::MAX,
+                }
             })
             .collect();
         let zipf = Zipf::new(cfg.objects, cfg.alpha);
@@ -447,10 +455,11 @@ impl Sim {
         let hash = chunk_hash(object, chunk);
         let len = self.cfg.chunk_bytes;
         let candidates = self.candidates(client, &hash, now);
-        let every = (self.cfg.requests / self.cfg.oracle_samples.max(1)).max(1);
-        let sample_oracle = self.cfg.oracle_samples > 0 && self.metrics.requests % every == 0;
+        // Oracle samples are spread over the steady-state half, like offload.
+        let every = (self.cfg.requests / 2 / self.cfg.oracle_samples.max(1)).max(1);
         self.metrics.requests += 1;
         self.metrics.steady = self.metrics.requests > self.cfg.requests / 2;
+        let sample_oracle = self.cfg.oracle_samples > 0 && self.metrics.steady && self.metrics.requests % every == 0;
         let chost = self.clients[client as usize].host;
         if sample_oracle {
             if let Some(&first_pick) = candidates.first() {
@@ -474,6 +483,11 @@ impl Sim {
             // Gone since the snapshot: the client waits out its first-byte timeout (2 s).
             delay += 2.0;
             self.metrics.failed_attempts += 1;
+        }
+        let reached: Vec<usize> =
+            candidates.iter().copied().filter(|&c| self.nodes[c].online).take(MEASURED_CANDIDATES).collect();
+        for c in reached {
+            self.observe_rtt(client, c);
         }
         let Some(n) = served_by else {
             // No node: the origin serves the client directly.
@@ -508,20 +522,23 @@ impl Sim {
         self.metrics.fog_bytes += u64::from(len);
         self.metrics.delivered(u64::from(len), from_origin);
         let node = &mut self.nodes[n];
-        let true_rtt = World::rtt(&chost, &node.host);
-        // The proxy reports the connection's RTT (5 % noise) with its next report.
-        let measured = true_rtt * (1.0 + self.rng.gen::<f32>() * 0.05);
-        let c = &mut self.clients[client as usize];
-        match c.unreported.iter().position(|m| m.0 == node.id) {
-            Some(m) => c.unreported[m].1 = measured,
-            None if c.unreported.len() < fog_proto::api::MAX_CLIENT_RTTS => c.unreported.push((node.id, measured)),
-            None => {}
-        }
-        let rtt = f64::from(true_rtt) / 1000.0;
+        let rtt = f64::from(World::rtt(&chost, &node.host)) / 1000.0;
         let start = node.busy_until.max(now + delay);
         node.busy_until = start + f64::from(len) / node.upload as f64;
         node.served += u64::from(len);
         self.metrics.delivery(first, node.busy_until - now + rtt, self.cfg.chunk_secs);
+    }
+
+    /// The client measured its RTT to node `n` (a QUIC handshake; 5 % noise); its next report carries it.
+    fn observe_rtt(&mut self, client: u32, n: usize) {
+        let c = &mut self.clients[client as usize];
+        let (id, measured) =
+            (self.nodes[n].id, World::rtt(&c.host, &self.nodes[n].host) * (1.0 + self.rng.gen::<f32>() * 0.05));
+        match c.unreported.iter().position(|m| m.0 == id) {
+            Some(m) => c.unreported[m].1 = measured,
+            None if c.unreported.len() < fog_proto::api::MAX_CLIENT_RTTS => c.unreported.push((id, measured)),
+            None => {}
+        }
     }
 
     fn count_origin(&mut self, now: f64, bytes: u64) {

@@ -530,3 +530,25 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let log = cluster.nodes[0].log_text();
     assert!(log.contains("fog-node stopped") && !log.contains("did not finish"), "{log}");
 }
+
+/// A client measures the candidates no chunk needed (a handshake each) and its next fetch reports their RTTs,
+/// so the tracker learns the client network's distance to nodes it has not been served by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_that_delivered_nothing_are_measured_for_the_next_report() {
+    let cluster = Cluster::start(opts(3)).await;
+    cluster.origin.put("one.bin", test_bytes(100, 1));
+    let (client, url) = (cluster.client(), cluster.origin.url("one.bin"));
+    let (_, first) = client.get(&url).await.expect("first fetch");
+    let served: Vec<fog_proto::NodeId> = first.nodes.keys().copied().collect();
+    assert_eq!(served.len(), 1, "one chunk, one node: {:?}", first.nodes);
+    // Probes run in the background: their RTTs come with one of the next reports.
+    let started = Instant::now();
+    let mut probed = std::collections::BTreeSet::new();
+    while probed.len() < 2 && started.elapsed() < Duration::from_secs(20) {
+        let (_, report) = client.get(&url).await.expect("next fetch");
+        probed.extend(report.probed_rtt.iter().map(|(id, _)| *id));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(probed.len(), 2, "the two unused candidates were not measured: {probed:?}");
+    assert!(probed.iter().all(|id| !served.contains(id)), "{probed:?} vs served {served:?}");
+}

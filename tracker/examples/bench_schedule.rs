@@ -11,7 +11,7 @@ use std::time::Instant;
 use fog_proto::api::NodeContact;
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
-use fog_tracker::coords::{splitmix, ClientNet, Coord, MAX_MEASURED};
+use fog_tracker::coords::{splitmix, ClientNet, Coord, Measured, MAX_MEASURED};
 use fog_tracker::scheduler::{pick, schedule, Load, NodeInfo, Params, Snapshot};
 
 const NODES: usize = 100_000;
@@ -66,7 +66,8 @@ fn main() {
                 .take(MAX_MEASURED)
                 .map(|&i| {
                     let n = &snapshot.nodes[i as usize];
-                    (n.contact.id, coord.rtt_to(&n.coord) * (1.0 + 0.4 * unit(&mut rng)))
+                    let rtt_ms = coord.rtt_to(&n.coord) * (1.0 + 0.4 * unit(&mut rng));
+                    Measured { node: n.contact.id, rtt_ms, agrees: true }
                 })
                 .collect();
             ClientNet { coord: Some(coord), measured }

@@ -185,7 +185,7 @@ pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, Vec<bool>) {
 }
 
 /// RTTs kept per client network: the lowest ones, which are what ranking the closest nodes needs.
-pub const MAX_MEASURED: usize = 16;
+pub const MAX_MEASURED: usize = 32;
 /// Samples that must agree before a client network gets a coordinate.
 const MIN_AGREEING: usize = 3;
 
@@ -194,39 +194,58 @@ const MIN_AGREEING: usize = 3;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClientNet {
     pub coord: Option<Coord>,
-    /// (node, RTT ms), at most [`MAX_MEASURED`], each agreeing with the fitted coordinate.
-    pub measured: Vec<(NodeId, f32)>,
+    /// At most [`MAX_MEASURED`], lowest first.
+    pub measured: Vec<Measured>,
+}
+
+/// One RTT a client network measured to a node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    pub node: NodeId,
+    pub rtt_ms: f32,
+    /// Whether it agrees with the coordinate fitted from all of them.
+    pub agrees: bool,
+}
+
+impl Measured {
+    /// The RTT to rank the node by, given the predicted one. The tracker validates rather than trusts: an RTT
+    /// that disagrees with the rest may make a node look farther (the node's own coordinate may be wrong,
+    /// and remembering that keeps it from being tried again) but never closer, so a client inventing a 1 ms
+    /// path to some node cannot send its neighbours' requests there.
+    pub fn effective(&self, predicted_ms: f32) -> f32 {
+        if self.agrees {
+            self.rtt_ms
+        } else {
+            self.rtt_ms.max(predicted_ms)
+        }
+    }
 }
 
 impl ClientNet {
     /// Folds in newly reported RTTs (they replace older ones to the same node) and refits the coordinate over
-    /// all of them whose node has a coordinate (`coord_of`). The tracker validates rather than trusts: once
-    /// there is a fit, RTTs that disagree with the rest are dropped, so a client inventing a 1 ms path to a
-    /// far node does not make its neighbours' requests go there.
+    /// all of them whose node has a coordinate (`coord_of`), marking which agree with the fit.
     pub fn learn(&mut self, samples: &[(NodeId, f32)], coord_of: impl Fn(&NodeId) -> Option<Coord>, seed: u64) {
-        for &(id, rtt) in samples {
-            match self.measured.iter_mut().find(|m| m.0 == id) {
-                Some(m) => m.1 = rtt,
-                None => self.measured.push((id, rtt)),
+        let believable = |r: f32| r.is_finite() && r > 0.0 && r <= MAX_RTT_MS;
+        for &(node, rtt_ms) in samples.iter().filter(|s| believable(s.1)) {
+            match self.measured.iter_mut().find(|m| m.node == node) {
+                Some(m) => m.rtt_ms = rtt_ms,
+                None => self.measured.push(Measured { node, rtt_ms, agrees: false }),
             }
         }
         let located: Vec<(usize, Coord)> =
-            self.measured.iter().enumerate().filter_map(|(i, (id, _))| Some((i, coord_of(id)?))).collect();
-        let fit: Vec<(Coord, f32)> = located.iter().map(|&(i, c)| (c, self.measured[i].1)).collect();
+            self.measured.iter().enumerate().filter_map(|(i, m)| Some((i, coord_of(&m.node)?))).collect();
+        let fit: Vec<(Coord, f32)> = located.iter().map(|&(i, c)| (c, self.measured[i].rtt_ms)).collect();
         if fit.len() >= MIN_AGREEING {
             let (coord, agrees) = fit_client(&fit, seed);
             if agrees.iter().filter(|a| **a).count() >= MIN_AGREEING {
                 self.coord = Some(coord);
-                let mut keep = vec![true; self.measured.len()];
+                self.measured.iter_mut().for_each(|m| m.agrees = false);
                 for (&(i, _), ok) in located.iter().zip(agrees) {
-                    keep[i] = ok;
+                    self.measured[i].agrees = ok;
                 }
-                let mut k = keep.into_iter();
-                self.measured.retain(|_| k.next().unwrap_or(true));
             }
         }
-        self.measured.retain(|(_, rtt)| rtt.is_finite() && *rtt > 0.0 && *rtt <= MAX_RTT_MS);
-        self.measured.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        self.measured.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms).then(a.node.cmp(&b.node)));
         self.measured.truncate(MAX_MEASURED);
     }
 }
@@ -367,7 +386,8 @@ mod tests {
 
     /// Landmarks 1..=5 at the corners and centre of a 100 ms square.
     fn landmark(id: &NodeId) -> Option<Coord> {
-        let p = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0], [50.0, 50.0]].get(usize::from(id.0[0]).checked_sub(1)?)?;
+        let p = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0], [50.0, 50.0]]
+            .get(usize::from(id.0[0]).checked_sub(1)?)?;
         Some(Coord { pos: [p[0], p[1], 0.0, 0.0], height: 1.0, error: 0.05 })
     }
 
@@ -393,18 +413,21 @@ mod tests {
         let mut net = ClientNet::default();
         // Two samples cannot place anyone: kept, but no coordinate yet.
         net.learn(&[(id(1), truth(1)), (id(2), truth(2))], landmark, 1);
-        assert!(net.coord.is_none() && net.measured.len() == 2);
-        // The rest, with a made-up 1 ms path to the far corner: dropped once the fit shows it disagrees.
+        assert!(net.coord.is_none() && net.measured.len() == 2 && net.measured.iter().all(|m| !m.agrees));
+        // The rest, with a made-up 1 ms path to the far corner: once the fit shows it disagrees, it can make
+        // that node look no closer than predicted.
         net.learn(&[(id(3), truth(3)), (id(4), 1.0), (id(5), truth(5))], landmark, 2);
         assert!(net.coord.is_some());
-        assert!(!net.measured.iter().any(|m| m.0 == id(4)), "the lie was kept: {:?}", net.measured);
+        let lie = net.measured.iter().find(|m| m.node == id(4)).expect("kept");
+        assert!(!lie.agrees && lie.effective(130.0) == 130.0, "{lie:?}");
+        assert!(net.measured.iter().filter(|m| m.node != id(4)).all(|m| m.agrees && m.effective(500.0) < 100.0));
         // A newer RTT to a node replaces the older one; nodes without a coordinate are kept, lowest first.
         net.learn(&[(id(1), truth(1) + 1.0)], landmark, 3);
-        assert_eq!(net.measured.iter().filter(|m| m.0 == id(1)).count(), 1);
+        assert_eq!(net.measured.iter().filter(|m| m.node == id(1)).count(), 1);
         let many: Vec<(NodeId, f32)> = (100..140).map(|i| (id(i), f32::from(i))).collect();
         net.learn(&many, landmark, 4);
         assert_eq!(net.measured.len(), MAX_MEASURED);
-        assert!(net.measured.windows(2).all(|w| w[0].1 <= w[1].1), "not lowest first");
-        assert!(net.measured.iter().any(|m| m.0 == id(5)), "a close landmark was pushed out by farther nodes");
+        assert!(net.measured.windows(2).all(|w| w[0].rtt_ms <= w[1].rtt_ms), "not lowest first");
+        assert!(net.measured.iter().any(|m| m.node == id(5)), "a close landmark was pushed out by farther nodes");
     }
 }

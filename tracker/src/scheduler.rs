@@ -33,6 +33,8 @@ use fog_proto::api::NodeContact;
 use fog_proto::placement::weight;
 use fog_proto::{ChunkHash, NodeId};
 
+#[cfg(test)]
+use crate::coords::Measured;
 use crate::coords::{ClientNet, Coord};
 
 /// Upload assumed for nodes whose owner set no cap (bytes/s): 100 Mbit/s, a good home uplink. Assuming
@@ -166,7 +168,7 @@ impl Snapshot {
         let (Some(coord), Some(client)) = (client.and_then(|c| c.coord.as_ref()), client) else {
             // There is no "closest": every node of the pool gets its rendezvous share (a joining one too).
             let nodes: Vec<u32> = self.default_pool.iter().take(wanted).copied().collect();
-            return Close { near: nodes.len(), place: nodes.len(), nodes };
+            return Close { near: nodes.len(), place: nodes.len(), nodes, explore: None };
         };
         let mut found: Vec<u32> = Vec::new();
         for (cell_ms, grid, rings) in &self.levels {
@@ -180,23 +182,36 @@ impl Snapshot {
         }
         let mut ranked: Vec<(f32, u32)> =
             found.into_iter().map(|i| (coord.rtt_to(&self.nodes[i as usize].coord), i)).collect();
-        for (id, rtt) in &client.measured {
-            let Ok(i) = self.nodes.binary_search_by_key(id, |n| n.contact.id) else { continue };
-            match ranked.iter_mut().find(|r| r.1 == i as u32) {
-                Some(r) => r.0 = *rtt,
-                None => ranked.push((*rtt, i as u32)),
-            }
+        // Measured nodes rank first, by measured RTT; nodes known only by prediction follow. An unmeasured
+        // node enters the ranks by being measured (see `explore`), not by a prediction that may be optimistic.
+        let mut measured: Vec<(f32, u32)> = Vec::with_capacity(client.measured.len());
+        for m in &client.measured {
+            let Ok(i) = self.nodes.binary_search_by_key(&m.node, |n| n.contact.id) else { continue };
+            measured.push((m.effective(coord.rtt_to(&self.nodes[i].coord)), i as u32));
         }
-        let close = wanted.min(ranked.len());
-        if close > 0 && close < ranked.len() {
-            ranked.select_nth_unstable_by(close - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut ids: Vec<u32> = measured.iter().map(|m| m.1).collect();
+        ids.sort_unstable();
+        ranked.retain(|r| ids.binary_search(&r.1).is_err());
+        let by_rtt = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        measured.sort_unstable_by(by_rtt);
+        let close = wanted.min(measured.len() + ranked.len());
+        let predicted = close.saturating_sub(measured.len()).max(1).min(ranked.len());
+        if predicted > 0 && predicted < ranked.len() {
+            ranked.select_nth_unstable_by(predicted - 1, by_rtt);
         }
-        ranked.truncate(close);
-        ranked.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // The nearest node by prediction that the network has not measured yet: offered as the last
+        // candidate, so that the clients' RTT reports find the truly closest nodes over time.
+        ranked.truncate(predicted);
+        ranked.sort_unstable_by(by_rtt);
+        let explore = ranked.first().map(|r| r.1);
+        let measured_count = measured.len().min(close);
+        measured.truncate(close);
+        measured.extend(ranked.into_iter().take(close - measured_count));
+        let ranked = measured;
         let best = ranked.first().map_or(0.0, |r| r.0);
         let near_limit = best + (best * params.near_fraction).min(params.near_ms);
         let near = ranked.iter().take_while(|r| r.0 <= near_limit).count().clamp(1, close.max(1));
-        Close { nodes: ranked.into_iter().map(|(_, i)| i).collect(), near, place: near.min(params.close) }
+        Close { nodes: ranked.into_iter().map(|(_, i)| i).collect(), near, place: near.min(params.close), explore }
     }
 }
 
@@ -207,6 +222,8 @@ pub struct Close {
     pub nodes: Vec<u32>,
     pub near: usize,
     pub place: usize,
+    /// A node to measure: offered as the last candidate.
+    pub explore: Option<u32>,
 }
 
 /// One grid over node coordinates: its cell edge (ms), cells, and how many rings a search may visit.
@@ -366,10 +383,14 @@ pub fn pick(
         .expect("close set is not empty");
     load.assigned.entry(snapshot.nodes[first as usize].contact.id).or_default().add(len as f64, now_ms, hl);
     load.total.add(len as f64, now_ms, hl);
-    // The other candidates: the chunk's other near nodes (they may hold it), then the next closest.
+    // The other candidates: the chunk's other near nodes (they may hold it), then the next closest; the
+    // last one is a node to measure, if there is one.
     let mut out = vec![first];
+    let explore = close.explore.filter(|&e| e != first && params.k > 1);
+    let others = params.k.saturating_sub(1 + usize::from(explore.is_some()));
     let rest = ranked.iter().map(|&(_, i)| i).chain(close.nodes[set.len()..].iter().copied());
-    out.extend(rest.filter(|&i| i != first).take(params.k.saturating_sub(1)));
+    out.extend(rest.filter(|&i| i != first && Some(i) != explore).take(others));
+    out.extend(explore);
     out
 }
 
@@ -494,9 +515,9 @@ mod tests {
         let far = snap.nodes.iter().position(|n| n.coord.pos[0] > 100.0).expect("a far node");
         let chunks: Vec<(ChunkHash, u32)> = (0..32u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1)).collect();
         // The client's network measured 1 ms to a node its coordinate puts 200 ms away (say, a node whose
-        // coordinate has not converged).
+        // coordinate has not converged), and the fit agreed.
         let mut client = at(1.0, 1.0);
-        client.measured.push((snap.nodes[far].contact.id, 1.0));
+        client.measured.push(Measured { node: snap.nodes[far].contact.id, rtt_ms: 1.0, agrees: true });
         let close = snap.close_set(Some(&client), &params);
         assert_eq!(close.nodes[0], far as u32);
         assert_eq!(close.near, 1, "nodes predicted at ≥ 2 ms are not near a 1 ms one");
@@ -506,11 +527,19 @@ mod tests {
         // within 20 % of the closest only.
         let mut client = at(1.0, 1.0);
         client.coord = Some(Coord { pos: [100.0, 100.0, 0.0, 0.0], height: 1.0, error: 0.1 });
-        client.measured = (0..3).map(|i| (snap.nodes[i].contact.id, [10.0, 11.0, 13.0][i])).collect();
+        client.measured = (0..3)
+            .map(|i| Measured { node: snap.nodes[i].contact.id, rtt_ms: [10.0, 11.0, 13.0][i], agrees: true })
+            .collect();
         let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), &chunks, &params, 0);
         let firsts: std::collections::HashSet<NodeId> = s.iter().map(|c| nodes[c[0] as usize].id).collect();
         let near: std::collections::HashSet<NodeId> = (0..2).map(|i| snap.nodes[i].contact.id).collect();
         assert_eq!(firsts, near);
+        // The last candidate is a node the network has not measured, so its clients measure it.
+        let explore = snap.close_set(Some(&client), &params).explore.expect("a node to measure");
+        assert!(
+            explore >= 3
+                && s.iter().all(|c| c.len() == 3 && nodes[c[2] as usize].id == snap.nodes[explore as usize].contact.id)
+        );
     }
 
     /// Clients without a coordinate spread over the whole default pool, so every node (a new one too) gets

@@ -19,7 +19,7 @@ use fog_proto::api::{
 };
 use fog_proto::placement::top_k;
 use fog_proto::rtt::RttFilter;
-use fog_proto::wire::{PeerStatus, MAX_PAYLOAD_LEN, PEER_PROTOCOL};
+use fog_proto::wire::{ChunkRequest, OriginHint, PeerStatus, MAX_PAYLOAD_LEN, PEER_PROTOCOL};
 use fog_proto::{ChunkHash, NodeId};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::multiaddr::Protocol;
@@ -48,9 +48,12 @@ const MAX_MEMORY_SHARE: f64 = 0.8;
 /// Bootstrap peers dialled only while fewer than this many are connected.
 const TARGET_PEERS: usize = 32;
 /// Peers asked at once for a missing chunk before the origin: the top of rendezvous placement over this
-/// node's peers (the tracker's candidates for a chunk are its top 3).
+/// node's neighbourhood, its [`NEIGHBOURHOOD`] nearest direct peers (by filtered ping RTT). Nearby nodes'
+/// neighbourhoods overlap, so they rank the same peer first for a chunk: that peer is the chunk's home.
 const PEERS_ASKED: usize = 3;
-/// How long a peer may take to start answering, and to send a whole chunk.
+const NEIGHBOURHOOD: usize = 16;
+/// How long a peer may take to start answering (a home filling through from the origin: to send the
+/// whole chunk), and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
 const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
 /// Peers that sent wrong bytes are not dialled or asked again for this long.
@@ -292,13 +295,17 @@ impl Overlay {
     }
 
     /// Live peers with a direct connection, as node ids.
-    fn direct_peers(&self) -> Vec<(PeerId, NodeId)> {
+    /// The [`NEIGHBOURHOOD`] nearest direct peers (those without an RTT yet last, by id).
+    fn neighbourhood(&self) -> Vec<(PeerId, NodeId)> {
         let s = self.state.lock().expect("overlay lock");
-        s.peers
+        let mut near: Vec<(f32, NodeId, PeerId)> = s
+            .peers
             .iter()
             .filter(|(p, e)| e.direct > 0 && !s.is_banned(p))
-            .filter_map(|(p, e)| Some((*p, e.node?)))
-            .collect()
+            .filter_map(|(p, e)| Some((e.rtt.estimate().unwrap_or(f32::INFINITY), e.node?, *p)))
+            .collect();
+        near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        near.into_iter().take(NEIGHBOURHOOD).map(|(_, node, peer)| (peer, node)).collect()
     }
 
     pub fn peer_count(&self) -> usize {
@@ -306,15 +313,18 @@ impl Overlay {
     }
 
     /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
-    /// uses, over this node's live peers), all at once, and returns the first verified copy.
-    pub async fn fetch(&self, hash: ChunkHash) -> Option<Bytes> {
-        let peers = self.direct_peers();
+    /// uses, over this node's neighbourhood), all at once, and returns the first verified copy. With an
+    /// origin hint, the first of them — the chunk's home — is asked to fill the chunk through if it lacks it.
+    pub async fn fetch(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Option<Bytes> {
+        let peers = self.neighbourhood();
         let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
         let mut asks: futures::stream::FuturesUnordered<_> = top_k(&hash, &ids, PEERS_ASKED)
             .into_iter()
-            .map(|i| {
+            .enumerate()
+            .map(|(rank, i)| {
                 let (peer, node) = peers[i];
-                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, hash)).await) }
+                let req = ChunkRequest { hash, range: None, origin: hint.filter(|_| rank == 0).cloned(), receipt: None };
+                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, req)).await) }
             })
             .collect();
         while let Some((peer, node, answer)) = asks.next().await {
@@ -334,12 +344,14 @@ impl Overlay {
     }
 
     /// `Ok(None)`: the peer does not have the chunk (or is busy).
-    async fn fetch_from(&self, peer: PeerId, hash: ChunkHash) -> Result<Option<Bytes>, String> {
+    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<Option<Bytes>, String> {
+        let frame = req.encode_framed().map_err(|e| e.to_string())?;
         let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await.map_err(|e| e.to_string())?;
-        stream.write_all(hash.as_bytes()).await.map_err(|e| e.to_string())?;
+        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
         stream.close().await.map_err(|e| e.to_string())?;
         let mut status = [0u8; 1];
-        tokio::time::timeout(PEER_FIRST_BYTE, stream.read_exact(&mut status))
+        let first_byte = if req.origin.is_some() { PEER_WHOLE_CHUNK } else { PEER_FIRST_BYTE };
+        tokio::time::timeout(first_byte, stream.read_exact(&mut status))
             .await
             .map_err(|_| "no answer in time".to_string())?
             .map_err(|e| e.to_string())?;
@@ -684,8 +696,10 @@ mod tests {
         let hash = ChunkHash::of(&chunk);
         tokio::spawn(async move {
             while let Some((_, mut stream)) = liar_incoming.next().await {
-                let mut wanted = [0u8; 32];
-                if stream.read_exact(&mut wanted).await.is_ok() {
+                let mut len = [0u8; 2];
+                let _ = stream.read_exact(&mut len).await;
+                let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if stream.read_exact(&mut request).await.is_ok() {
                     let mut answer = vec![PeerStatus::Ok as u8];
                     answer.extend_from_slice(&100_000u32.to_be_bytes());
                     answer.extend_from_slice(&[8u8; 100_000]);
@@ -697,13 +711,13 @@ mod tests {
         let contact = PeerContact { id: liar_id, addrs: listen_addrs(&liar).await, rendezvous: None };
         asker.bootstrap(&[contact], false);
         for _ in 0..100 {
-            if !asker.direct_peers().is_empty() {
+            if !asker.neighbourhood().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(asker.direct_peers().len(), 1, "did not connect to the peer");
-        assert!(asker.fetch(hash).await.is_none(), "wrong bytes were accepted");
+        assert_eq!(asker.neighbourhood().len(), 1, "did not connect to the peer");
+        assert!(asker.fetch(hash, None).await.is_none(), "wrong bytes were accepted");
         assert_eq!(asker.report().bad_peers, vec![liar_id]);
         assert!(!asker.accepts(&liar.peer_id), "the liar is not banned");
         for _ in 0..100 {

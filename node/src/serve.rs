@@ -223,13 +223,13 @@ impl Server {
             }
         }
         Counters::add(&self.counters.misses, 1);
-        self.fill(hash, req.origin.as_ref()).await.map_err(|e| (e.status(), e.to_string()))
+        self.fill(hash, req.origin.as_ref(), Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
     }
 
-    async fn fill(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Result<Bytes, FillError> {
+    async fn fill(&self, hash: ChunkHash, hint: Option<&OriginHint>, tier: Tier) -> Result<Bytes, FillError> {
         let key = (hash, hint.is_some());
         let cell = self.fills.lock().expect("fills lock").entry(key).or_default().clone();
-        let result = cell.get_or_init(|| self.pull(hash, hint)).await.clone();
+        let result = cell.get_or_init(|| self.pull(hash, hint, tier)).await.clone();
         let mut fills = self.fills.lock().expect("fills lock");
         if fills.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             fills.remove(&key);
@@ -237,11 +237,12 @@ impl Server {
         result
     }
 
-    /// Peers first (they cost the origin nothing), then the origin; stores what verified.
-    async fn pull(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Result<Bytes, FillError> {
+    /// Peers first (they cost the origin nothing; at the edge, the chunk's home fills through), then the
+    /// origin; stores what verified.
+    async fn pull(&self, hash: ChunkHash, hint: Option<&OriginHint>, tier: Tier) -> Result<Bytes, FillError> {
         let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
         let from_peer = match &self.overlay {
-            Some(overlay) => overlay.fetch(hash).await,
+            Some(overlay) => overlay.fetch(hash, hint.filter(|_| tier == Tier::Edge)).await,
             None => None,
         };
         let bytes = match (from_peer, hint) {
@@ -311,15 +312,30 @@ impl Server {
     }
 
     async fn serve_peer_stream(&self, mut stream: libp2p::Stream) -> std::io::Result<()> {
-        let mut hash = [0u8; 32];
-        tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut hash))
+        let req = tokio::time::timeout(REQUEST_TIMEOUT, read_peer_request(&mut stream))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
-        let (store, hash) = (self.store.clone(), ChunkHash(hash));
+        let (store, hash) = (self.store.clone(), req.hash);
         let lookup = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(std::io::Error::other)?;
-        let Ok(Lookup::Hit(bytes)) = lookup else {
-            stream.write_all(&[PeerStatus::NotFound as u8]).await?;
-            return stream.close().await;
+        let bytes = match (lookup, &req.origin) {
+            (Ok(Lookup::Hit(bytes)), _) => bytes,
+            // This node is the chunk's home for the asking peer: fill it through (never passing the hint on).
+            (_, Some(hint)) => match self.fill(hash, Some(hint), Tier::Home).await {
+                Ok(bytes) => {
+                    Counters::add(&self.counters.home_fills, 1);
+                    bytes
+                }
+                Err(e) => {
+                    tracing::debug!(chunk = %hash, error = %e, "could not fill a chunk through for a peer");
+                    let status = if matches!(e, FillError::Busy) { PeerStatus::Busy } else { PeerStatus::NotFound };
+                    stream.write_all(&[status as u8]).await?;
+                    return stream.close().await;
+                }
+            },
+            (_, None) => {
+                stream.write_all(&[PeerStatus::NotFound as u8]).await?;
+                return stream.close().await;
+            }
         };
         let mut head = vec![PeerStatus::Ok as u8];
         head.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
@@ -358,6 +374,24 @@ enum RequestError {
     Frame(#[from] FrameError),
     #[error("reading request: {0}")]
     Read(#[from] quinn::ReadExactError),
+}
+
+/// Where a fill was asked for: by a client at this node (the edge), which may ask the chunk's home among its
+/// peers to fill through; or by a peer for which this node is the home, which must not pass that on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Edge,
+    Home,
+}
+
+/// A peer's request frame (the client protocol's framing, see `fog_proto::wire::PEER_PROTOCOL`).
+async fn read_peer_request(stream: &mut libp2p::Stream) -> std::io::Result<ChunkRequest> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let bad = |e: FrameError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut body = vec![0u8; ChunkRequest::check_len(u16::from_be_bytes(len)).map_err(bad)?];
+    stream.read_exact(&mut body).await?;
+    ChunkRequest::decode(&body).map_err(bad)
 }
 
 async fn read_request(recv: &mut quinn::RecvStream) -> Result<ChunkRequest, RequestError> {

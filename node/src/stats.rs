@@ -21,6 +21,8 @@ pub struct Counters {
     pub peer_served_bytes: AtomicU64,
     /// Chunks from peers that did not match their hash.
     pub peer_bad_chunks: AtomicU64,
+    /// Chunks filled through for peers, as their home.
+    pub home_fills: AtomicU64,
 }
 
 impl Counters {
@@ -48,6 +50,7 @@ impl Counters {
             peer_fill_bytes: get(&self.peer_fill_bytes),
             peer_served_bytes: get(&self.peer_served_bytes),
             peer_bad_chunks: get(&self.peer_bad_chunks),
+            home_fills: get(&self.home_fills),
         }
     }
 }

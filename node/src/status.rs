@@ -418,7 +418,7 @@ struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
-        let counter_defs: [(&str, &str, ReadCounter); 13] = [
+        let counter_defs: [(&str, &str, ReadCounter); 14] = [
             ("fog_node_requests", "Chunk requests received", |s| s.requests),
             ("fog_node_hits", "Requests served from the cache", |s| s.hits),
             ("fog_node_misses", "Requests not in the cache", |s| s.misses),
@@ -432,6 +432,7 @@ impl Default for NodeMetrics {
             ("fog_node_peer_fill_bytes", "Bytes received from peers filling misses", |s| s.peer_fill_bytes),
             ("fog_node_peer_served_bytes", "Bytes sent to peers filling their misses", |s| s.peer_served_bytes),
             ("fog_node_peer_bad_chunks", "Chunks from peers that did not match their hash", |s| s.peer_bad_chunks),
+            ("fog_node_home_fills", "Chunks filled through for peers as the chunk's home", |s| s.home_fills),
         ];
         let gauge_defs: [(&str, &str, ReadGauge); 11] = [
             ("fog_node_cache_used_bytes", "Bytes of cached chunks", |s| s.cache.used),

@@ -236,6 +236,9 @@ pub struct NodeStats {
     /// Chunks from peers that did not match their hash (the peer was disconnected and reported).
     #[serde(default)]
     pub peer_bad_chunks: u64,
+    /// Chunks this node filled through for peers that asked it as the chunk's home.
+    #[serde(default)]
+    pub home_fills: u64,
 }
 
 /// One node a client may fetch from.

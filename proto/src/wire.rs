@@ -304,10 +304,14 @@ impl ResponseHead {
 
 /// The libp2p stream protocol nodes fill misses from each other with (`docs/protocol.md`, "Peer fill").
 ///
-/// The asking node writes the 32-byte chunk hash; the peer answers with one [`PeerStatus`] byte and, for
-/// [`PeerStatus::Ok`], a big-endian u32 length (at most [`MAX_PAYLOAD_LEN`]) and the chunk. A peer serves only
-/// what it holds; it never fills a peer's miss from elsewhere.
-pub const PEER_PROTOCOL: &str = "/fog/chunk/1";
+/// The asking node writes a request frame exactly as on the client protocol ([`ChunkRequest::encode_framed`];
+/// only the hash and the origin hint count); the peer answers with one [`PeerStatus`] byte and, for
+/// [`PeerStatus::Ok`], a big-endian u32 length (at most [`MAX_PAYLOAD_LEN`]) and the chunk. Without an origin
+/// hint a peer serves only what it holds. With one (sent only to the chunk's *home*, the peer rendezvous
+/// ranks first) a peer that lacks the chunk fills it through — from its own peers' stores or the origin,
+/// never passing the hint on — stores and serves it: tiered caching, so a neighbourhood fetches a chunk
+/// from the origin once.
+pub const PEER_PROTOCOL: &str = "/fog/chunk/2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

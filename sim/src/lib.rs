@@ -13,8 +13,9 @@
 //!   upload rate (a fluid FIFO queue: flow-level, no packets);
 //! - demand: Zipf(α) popularity, VOD sessions (sequential chunks at playback rate from a random start) or
 //!   live channels (everyone asks for the newest chunk), clients arriving over time;
-//! - a miss is filled from a peer that holds the chunk among the chunk's other candidates (peer fill), else
-//!   from the origin.
+//! - a miss is filled as the node does it: from the peers rendezvous ranks highest among the node's 16
+//!   nearest (its overlay neighbourhood), the first of them — the chunk's home — filling through from the
+//!   origin if none holds it; the peer's upload carries the fill.
 
 pub mod report;
 pub mod world;
@@ -25,6 +26,7 @@ use std::net::SocketAddr;
 
 use fog_proto::api::NodeContact;
 use fog_proto::cache::{Admission, CacheIndex};
+use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
 use fog_tracker::coords::{ClientNet, Coord};
 use fog_tracker::scheduler::{pick, Close, Load, NodeInfo, Params, Snapshot};
@@ -83,6 +85,9 @@ pub struct Config {
     /// Rounds of 16 RTT samples each node's coordinate is fitted from, and RTT samples per client network.
     pub fit_rounds: usize,
     pub client_samples: usize,
+    /// Whether a miss's home peer fills the chunk through from the origin (the node's peer protocol); off,
+    /// peers serve only what they hold.
+    pub fill_through: bool,
 }
 
 impl Config {
@@ -108,6 +113,7 @@ impl Config {
             params: Params::default(),
             fit_rounds: 20,
             client_samples: 10,
+            fill_through: true,
         }
     }
 }
@@ -124,6 +130,10 @@ struct Node {
     served: u64,
     online_since: f64,
     online_secs: f64,
+    /// Overlay peers (node indices): the nearest nodes by coordinate, as the tracker's directory lists them;
+    /// valid for snapshot `peers_for`.
+    peers: Vec<u32>,
+    peers_for: u64,
 }
 
 #[derive(Debug)]
@@ -142,6 +152,11 @@ struct Client {
 /// How often clients report measured RTTs, seconds (the player proxy's report interval).
 const REPORT_SECS: f64 = 10.0;
 const MEASURED_CANDIDATES: usize = 3;
+/// Overlay peers per node (its nearest), and how many of them a miss asks (the node's constants).
+const PEER_SET: usize = 16;
+const PEERS_ASKED: usize = 3;
+/// Queued upload, seconds, beyond which a peer is busy for fills.
+const PEER_BUSY_SECS: f64 = 1.0;
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -282,6 +297,8 @@ impl Sim {
                 served: 0,
                 online_since: 0.0,
                 online_secs: 0.0,
+                peers: Vec::new(),
+                peers_for: u64::MAX,
             })
             .collect();
         let mut by_region: Vec<Vec<u32>> = vec![Vec::new(); cfg.regions];
@@ -498,24 +515,34 @@ impl Sim {
             self.metrics.delivery(first, delay + rtt + f64::from(len) / (8.0 * 1024.0 * 1024.0), self.cfg.chunk_secs);
             return;
         };
-        // Hit, peer fill from another candidate holding it, or origin fill; then the node's cache admits it.
+        // Hit, else fill as the node does: the live peers rendezvous ranks highest for the chunk, the first of
+        // them filling through from the origin if none has it; then the node's cache admits it.
         let hit = self.nodes[n].cache.as_mut().is_some_and(|c| c.touch(&hash));
-        let mut from_origin = 0;
+        let (mut from_origin, mut filled_at) = (0, now);
         if !hit {
-            let holds =
-                |p: usize| self.nodes[p].online && self.nodes[p].cache.as_ref().is_some_and(|c| c.contains(&hash));
-            let from_peer = candidates.iter().any(|&p| p != n && holds(p));
-            if from_peer {
-                self.metrics.peer_fill_bytes += u64::from(len);
-            } else {
+            let asked = self.peers_asked(n, &hash, now);
+            let holds = |p: usize| self.nodes[p].cache.as_ref().is_some_and(|c| c.contains(&hash));
+            let holder = asked.iter().copied().find(|&p| holds(p));
+            let home = asked.first().copied().filter(|_| self.cfg.fill_through);
+            if holder.is_none() {
                 self.metrics.origin_fill_bytes += u64::from(len);
                 from_origin = u64::from(len);
                 self.count_origin(now, u64::from(len));
             }
-            if let Some(cache) = self.nodes[n].cache.as_mut() {
-                // The simulator keeps no chunk bytes: evicting is forgetting, done by the index itself.
-                if let Admission::TooLarge = cache.admit(hash, u64::from(len)) {
-                    self.metrics.too_large += 1;
+            if let Some(p) = holder.or(home) {
+                // The peer uploads the chunk to the node, which serves it once it has arrived.
+                self.metrics.peer_fill_bytes += u64::from(len);
+                let peer = &mut self.nodes[p];
+                peer.busy_until = peer.busy_until.max(now) + f64::from(len) / peer.upload as f64;
+                peer.served += u64::from(len);
+                filled_at = peer.busy_until;
+            }
+            for m in home.filter(|_| holder.is_none()).into_iter().chain([n]) {
+                if let Some(cache) = self.nodes[m].cache.as_mut() {
+                    // The simulator keeps no chunk bytes: evicting is forgetting, done by the index itself.
+                    if let Admission::TooLarge = cache.admit(hash, u64::from(len)) {
+                        self.metrics.too_large += 1;
+                    }
                 }
             }
         }
@@ -523,10 +550,33 @@ impl Sim {
         self.metrics.delivered(u64::from(len), from_origin);
         let node = &mut self.nodes[n];
         let rtt = f64::from(World::rtt(&chost, &node.host)) / 1000.0;
-        let start = node.busy_until.max(now + delay);
+        let start = node.busy_until.max(now + delay).max(filled_at);
         node.busy_until = start + f64::from(len) / node.upload as f64;
         node.served += u64::from(len);
         self.metrics.delivery(first, node.busy_until - now + rtt, self.cfg.chunk_secs);
+    }
+
+    /// The online peers node `n` asks for `hash`, best first: the top [`PEERS_ASKED`] by rendezvous over its
+    /// live overlay peers (the node's `Overlay::fetch`).
+    fn peers_asked(&mut self, n: usize, hash: &ChunkHash, now: f64) -> Vec<usize> {
+        if self.nodes[n].peers_for != self.snapshot_gen {
+            let snap = &self.snapshot;
+            let near = snap.nearest(&self.nodes[n].coord, PEER_SET + 1, &self.params);
+            let peers = near.into_iter().map(|i| index_of(&snap.nodes[i as usize].contact.id) as u32);
+            let node = &mut self.nodes[n];
+            node.peers = peers.filter(|&p| p as usize != n).take(PEER_SET).collect();
+            node.peers_for = self.snapshot_gen;
+        }
+        // A peer with seconds of upload queued answers Busy (or not in time); the node skips it for a while.
+        let busy = |p: &Node| p.busy_until - now > PEER_BUSY_SECS;
+        let live: Vec<usize> = self.nodes[n]
+            .peers
+            .iter()
+            .map(|&p| p as usize)
+            .filter(|&p| self.nodes[p].online && !busy(&self.nodes[p]))
+            .collect();
+        let ids: Vec<NodeId> = live.iter().map(|&p| self.nodes[p].id).collect();
+        top_k(hash, &ids, PEERS_ASKED).into_iter().map(|i| live[i]).collect()
     }
 
     /// The client measured its RTT to node `n` (a QUIC handshake; 5 % noise); its next report carries it.

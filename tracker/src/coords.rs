@@ -151,13 +151,15 @@ pub fn refit<Id: Copy>(
 /// itself (a client): the landmarks stay put. Robust to a few wrong or made-up RTTs: the fit is repeated
 /// with samples that disagree with the rest (residual above 3× the median and 20 ms) down-weighted, and
 /// those still disagreeing at the end are not counted. Returns the coordinate and, per sample, whether it
-/// agrees with the fit (unbelievable RTTs never do).
-pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, Vec<bool>) {
+/// agrees with the fit (unbelievable RTTs never do). `previous`, the party's last fit, is where the fit
+/// starts: a few rounds then suffice (clients report every few seconds, mostly the same nodes again).
+pub fn fit_client(samples: &[(Coord, f32)], previous: Option<Coord>, seed: u64) -> (Coord, Vec<bool>) {
     let believable = |r: f32| r.is_finite() && r > 0.0 && r <= MAX_RTT_MS;
     let valid: Vec<(Coord, f32)> = samples.iter().copied().filter(|(_, r)| believable(*r)).collect();
+    let (rounds, reweights) = if previous.is_some() { (8u64, 2) } else { (32, 4) };
     let fit = |weights: &[f32]| {
-        let mut c = Coord::default();
-        for round in 0..32u64 {
+        let mut c = previous.unwrap_or_default();
+        for round in 0..rounds {
             for (i, ((remote, rtt), w)) in valid.iter().zip(weights).enumerate() {
                 c.update(remote, *rtt, *w, seed ^ (round << 16) ^ i as u64);
             }
@@ -172,7 +174,7 @@ pub fn fit_client(samples: &[(Coord, f32)], seed: u64) -> (Coord, Vec<bool>) {
     };
     let mut weights = vec![1.0f32; valid.len()];
     let mut coord = fit(&weights);
-    for _ in 0..4 {
+    for _ in 0..reweights {
         let res = residuals(&coord);
         let limit = limit_of(&res);
         weights = res.iter().map(|r| if *r <= limit { 1.0 } else { (limit / r).powi(2) }).collect();
@@ -236,7 +238,7 @@ impl ClientNet {
             self.measured.iter().enumerate().filter_map(|(i, m)| Some((i, coord_of(&m.node)?))).collect();
         let fit: Vec<(Coord, f32)> = located.iter().map(|&(i, c)| (c, self.measured[i].rtt_ms)).collect();
         if fit.len() >= MIN_AGREEING {
-            let (coord, agrees) = fit_client(&fit, seed);
+            let (coord, agrees) = fit_client(&fit, self.coord, seed);
             if agrees.iter().filter(|a| **a).count() >= MIN_AGREEING {
                 self.coord = Some(coord);
                 self.measured.iter_mut().for_each(|m| m.agrees = false);
@@ -367,7 +369,7 @@ mod tests {
         let client = Coord { pos: [20.0, 30.0, 0.0, 0.0], height: 2.0, error: 0.0 };
         let mut samples: Vec<(Coord, f32)> = landmarks.iter().map(|l| (*l, l.rtt_to(&client))).collect();
         samples[3].1 = 1.0; // claims to be next to the far corner
-        let (fitted, agrees) = fit_client(&samples, 1);
+        let (fitted, agrees) = fit_client(&samples, None, 1);
         assert_eq!(agrees, vec![true, true, true, false, true], "the lie was not singled out");
         for l in &landmarks {
             let (p, t) = (fitted.rtt_to(l), client.rtt_to(l));

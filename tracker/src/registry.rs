@@ -500,13 +500,26 @@ impl Registry {
         self.nodes.read().expect("registry lock").get(id).is_some_and(|n| n.reg.reachable)
     }
 
-    /// Overlay peers for `id` to connect to: live nodes with overlay addresses, directly reachable ones
-    /// (which can relay and act as rendezvous) for up to half the list. Each asking node gets a different
-    /// window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
+    /// Overlay peers for `id` to connect to: live nodes with overlay addresses. Half the list are the nodes
+    /// nearest to it by coordinate (its neighbourhood, where peer fill finds a chunk's home); then directly
+    /// reachable ones (which can relay and act as rendezvous) up to half, then others. Each asking node gets
+    /// a different window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
     pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
         let (reachable, others) = self.peer_directory();
         let start = placement::weight(&ChunkHash(id.0), id) as usize;
         let mut out: Vec<PeerContact> = Vec::with_capacity(limit);
+        if let Some(coord) = self.coord_of(id) {
+            let snap = self.snapshot();
+            let listed = |nid: &NodeId| {
+                [&reachable, &others].into_iter().find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
+            };
+            for i in snap.nearest(&coord, limit / 2 + 1, &self.params) {
+                let nid = snap.nodes[i as usize].contact.id;
+                if let Some(c) = listed(&nid).filter(|_| nid != *id && out.len() < limit / 2) {
+                    out.push(c.clone());
+                }
+            }
+        }
         for (list, want) in [(&reachable, limit.div_ceil(2)), (&others, limit), (&reachable, limit)] {
             let want = want.min(limit - out.len());
             let mut taken = 0;

@@ -215,6 +215,14 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The `n` nodes nearest to `coord` by prediction (a node's neighbourhood), nearest first.
+    pub fn nearest(&self, coord: &Coord, n: usize, params: &Params) -> Vec<u32> {
+        let at = ClientNet { coord: Some(*coord), measured: Vec::new() };
+        self.close_set(Some(&at), &Params { close: 1, reach: n, ..*params }).nodes
+    }
+}
+
 /// The nodes closest to a client, closest first (indices into [`Snapshot::nodes`]). The first `near` are as
 /// good as the closest: ordinary chunks are placed among the first `place` of them, hot ones among more.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -39,6 +39,9 @@ struct Args {
     /// RTT samples each client network's coordinate is fitted from (70 % to nodes in its region).
     #[arg(long, default_value_t = 10)]
     client_samples: usize,
+    /// Peers serve misses only from what they hold (no fill-through at the chunk's home): the old protocol.
+    #[arg(long)]
+    no_fill_through: bool,
     /// Requests compared with the truly closest node (each scans every node).
     #[arg(long, default_value_t = 2_000)]
     oracle_samples: u64,
@@ -60,6 +63,7 @@ fn config(args: &Args, policy: Policy, alpha: f64) -> Config {
     cfg.objects = args.objects.max(1);
     cfg.fit_rounds = args.fit_rounds;
     cfg.client_samples = args.client_samples.max(1);
+    cfg.fill_through = !args.no_fill_through;
     if let Some(close) = args.close {
         cfg.params.close = close.max(1);
     }

@@ -323,7 +323,8 @@ impl Overlay {
             .enumerate()
             .map(|(rank, i)| {
                 let (peer, node) = peers[i];
-                let req = ChunkRequest { hash, range: None, origin: hint.filter(|_| rank == 0).cloned(), receipt: None };
+                let req =
+                    ChunkRequest { hash, range: None, origin: hint.filter(|_| rank == 0).cloned(), receipt: None };
                 async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, req)).await) }
             })
             .collect();

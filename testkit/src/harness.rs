@@ -263,6 +263,39 @@ impl Cluster {
         }
     }
 
+    /// Where node `i`'s status page listens.
+    pub fn status_addr(&self, i: usize) -> String {
+        std::fs::read_to_string(self.node_dir(i).join(fog_node::STATUS_ADDR_FILE))
+            .expect("status.addr")
+            .trim()
+            .to_string()
+    }
+
+    /// Node `i`'s `/status` JSON.
+    pub async fn node_status(&self, i: usize) -> serde_json::Value {
+        let resp = reqwest::get(format!("http://{}/status", self.status_addr(i))).await.expect("status request");
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.json().await.expect("status json")
+    }
+
+    /// Polls node `i`'s status (up to 30 s) until `done` holds.
+    pub async fn wait_node_status(
+        &self,
+        i: usize,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let s = self.node_status(i).await;
+            if done(&s) {
+                return s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "waited 30 s for {what}; status: {s:#}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn client(&self) -> FogClient {
         FogClient::new(ClientConfig { tracker: Some(self.tracker_url()), ..Default::default() }).expect("client")
     }

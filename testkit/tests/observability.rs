@@ -2,7 +2,6 @@
 //! tracker and node, and the operator's admin actions.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use fog_testkit::harness::{bin, Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
@@ -13,32 +12,6 @@ const TOKEN: &str = "test-admin-token-0123456789";
 async fn get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("request");
     (resp.status().as_u16(), resp.text().await.expect("body"))
-}
-
-fn status_addr(cluster: &Cluster, i: usize) -> String {
-    std::fs::read_to_string(cluster.node_dir(i).join(fog_node::STATUS_ADDR_FILE))
-        .expect("status.addr")
-        .trim()
-        .to_string()
-}
-
-async fn node_status(cluster: &Cluster, i: usize) -> Value {
-    let (code, body) = get(&format!("http://{}/status", status_addr(cluster, i))).await;
-    assert_eq!(code, 200);
-    serde_json::from_str(&body).expect("status json")
-}
-
-/// Polls the node's status (up to 30 s) until `done` holds.
-async fn wait_status(cluster: &Cluster, i: usize, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let s = node_status(cluster, i).await;
-        if done(&s) {
-            return s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "waited 30 s for {what}; status: {s:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn fog_node_status_cli(cluster: &Cluster, i: usize) -> String {
@@ -54,10 +27,10 @@ fn fog_node_status_cli(cluster: &Cluster, i: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_status_explains_traffic_and_tracker_trouble() {
     let mut cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
-    let idle = wait_status(&cluster, 0, "a connected node", |s| s["tracker"]["state"] == "connected").await;
+    let idle = cluster.wait_node_status(0, "a connected node", |s| s["tracker"]["state"] == "connected").await;
     assert_eq!(idle["traffic"]["getting_traffic"], false);
     assert!(idle["traffic"]["why"].as_str().expect("why").contains("no clients have been sent here"), "{idle:#}");
-    let (code, page) = get(&format!("http://{}/", status_addr(&cluster, 0))).await;
+    let (code, page) = get(&format!("http://{}/", cluster.status_addr(0))).await;
     assert_eq!(code, 200);
     assert!(page.contains("Why am I getting no traffic?"));
 
@@ -65,20 +38,21 @@ async fn node_status_explains_traffic_and_tracker_trouble() {
     cluster.origin.put("s.bin", content.clone());
     cluster.client().get(&cluster.origin.url("s.bin")).await.expect("fetch");
     let busy =
-        wait_status(&cluster, 0, "traffic to show", |s| s["served"]["today_bytes"].as_u64() >= Some(2 << 20)).await;
+        cluster.wait_node_status(0, "traffic to show", |s| s["served"]["today_bytes"].as_u64() >= Some(2 << 20)).await;
     assert_eq!(busy["traffic"]["getting_traffic"], true);
     assert_eq!(busy["served"]["month_bytes"], busy["served"]["today_bytes"]);
     let text = fog_node_status_cli(&cluster, 0);
     assert!(text.contains("Traffic: yes") && text.contains("connected"), "{text}");
 
-    let (code, metrics) = get(&format!("http://{}/metrics", status_addr(&cluster, 0))).await;
+    let (code, metrics) = get(&format!("http://{}/metrics", cluster.status_addr(0))).await;
     assert_eq!(code, 200);
     let served_line = metrics.lines().find(|l| l.starts_with("fog_node_served_bytes_total ")).expect("served metric");
     assert!(served_line.ends_with(&(2u64 << 20).to_string()), "{served_line}");
     assert!(metrics.contains("fog_node_tracker_connected 1"));
 
     cluster.tracker.kill();
-    let lost = wait_status(&cluster, 0, "the tracker outage to show", |s| s["tracker"]["state"] == "unreachable").await;
+    let lost =
+        cluster.wait_node_status(0, "the tracker outage to show", |s| s["tracker"]["state"] == "unreachable").await;
     assert!(lost["traffic"]["why"].as_str().expect("why").contains("cannot be reached"), "{lost:#}");
     let text = fog_node_status_cli(&cluster, 0);
     assert!(text.contains("unreachable"), "{text}");
@@ -127,7 +101,7 @@ async fn tracker_metrics_and_admin_actions() {
     cluster.wait_healthy(1).await;
     // The blocked node hears why at its next heartbeat.
     let idx = (0..2).find(|&i| node_status_id(&cluster, i) == victim).expect("victim index");
-    let refused = wait_status(&cluster, idx, "the refusal to show", |s| s["tracker"]["state"] == "refused").await;
+    let refused = cluster.wait_node_status(idx, "the refusal to show", |s| s["tracker"]["state"] == "refused").await;
     assert!(refused["traffic"]["why"].as_str().expect("why").contains("blocked"), "{refused:#}");
     let (code, _) = get(&format!("{}/v1/resolve?url={}", cluster.tracker_url(), cluster.origin.url("m.bin"))).await;
     assert_eq!(code, 200);

@@ -511,7 +511,9 @@ impl Registry {
         if let Some(coord) = self.coord_of(id) {
             let snap = self.snapshot();
             let listed = |nid: &NodeId| {
-                [&reachable, &others].into_iter().find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
+                [&reachable, &others]
+                    .into_iter()
+                    .find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
             };
             for i in snap.nearest(&coord, limit / 2 + 1, &self.params) {
                 let nid = snap.nodes[i as usize].contact.id;

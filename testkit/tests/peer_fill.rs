@@ -1,0 +1,65 @@
+//! Tiered peer fill between real nodes (libp2p on loopback): a miss asks the chunk's home among the node's
+//! peers to fill it through, so a neighbourhood pulls each chunk from the origin once.
+
+use std::time::Duration;
+
+use fog_client::chunk::{self, Deadlines};
+use fog_client::transport;
+use fog_proto::placement::top_k;
+use fog_proto::wire::{ChunkRequest, OriginHint};
+use fog_proto::{ChunkHash, NodeId};
+use fog_testkit::harness::{Cluster, ClusterOptions};
+use fog_testkit::test_bytes;
+use serde_json::Value;
+
+fn counter(status: &Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// Asks node `i` directly for the chunk, as a client would, with an origin hint.
+async fn ask(cluster: &Cluster, i: usize, hash: ChunkHash, hint: &OriginHint) -> bytes::Bytes {
+    let status = cluster.node_status(i).await;
+    let id: NodeId = serde_json::from_value(status["node_id"].clone()).expect("node id");
+    let addr: std::net::SocketAddr = serde_json::from_value(status["quic_listen"].clone()).expect("quic addr");
+    let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let conn = transport::connect(&endpoint, id, addr, Duration::from_secs(10), Duration::from_secs(10))
+        .await
+        .expect("handshake");
+    let req = ChunkRequest { hash, range: None, origin: Some(hint.clone()), receipt: None };
+    let deadlines = Deadlines { first_byte: Duration::from_secs(20), stall: Duration::from_secs(10) };
+    chunk::request(&conn, &req, hint.length, deadlines, None).await.expect("chunk")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_is_filled_through_the_chunks_home_and_the_origin_is_asked_once() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 3, ..Default::default() }).await;
+    let content = test_bytes(1 << 20, 5);
+    cluster.origin.put("tiered.bin", content.clone());
+    let hash = ChunkHash::of(&content);
+    let hint = OriginHint { url: cluster.origin.url("tiered.bin"), offset: 0, length: content.len() as u32 };
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        // Every node connected to both others, with RTTs measured (the neighbourhood is by RTT).
+        let s = cluster
+            .wait_node_status(i, "direct connections to both other nodes", |s| {
+                s["overlay"]["direct_peers"].as_u64() >= Some(2)
+                    && s["overlay"]["rtt"].as_array().map_or(0, Vec::len) >= 2
+            })
+            .await;
+        ids.push(serde_json::from_value::<NodeId>(s["node_id"].clone()).expect("node id"));
+    }
+    // Node 0 misses; its home for the chunk is the peer rendezvous ranks first among nodes 1 and 2.
+    let home = [1, 2][top_k(&hash, &[ids[1], ids[2]], 1)[0]];
+    let other = 3 - home;
+    assert_eq!(ask(&cluster, 0, hash, &hint).await, content);
+    let (edge, home_status) = (cluster.node_status(0).await, cluster.node_status(home).await);
+    assert_eq!(cluster.origin.requests_for("tiered.bin"), 1, "edge {edge:#}\nhome {home_status:#}");
+    assert_eq!((counter(&edge, "peer_fills"), counter(&edge, "origin_fills")), (1, 0), "{edge:#}");
+    assert_eq!((counter(&home_status, "home_fills"), counter(&home_status, "origin_fills")), (1, 1), "{home_status:#}");
+
+    // The third node misses too: whichever of its peers it asks first holds the chunk now.
+    assert_eq!(ask(&cluster, other, hash, &hint).await, content);
+    let third = cluster.node_status(other).await;
+    assert_eq!((counter(&third, "peer_fills"), counter(&third, "origin_fills")), (1, 0), "{third:#}");
+    assert_eq!(cluster.origin.requests_for("tiered.bin"), 1, "the neighbourhood pulled the chunk twice");
+}

@@ -443,7 +443,7 @@ impl Sim {
                     c.close_for = self.snapshot_gen;
                 }
                 let len = u64::from(self.cfg.chunk_bytes);
-                pick(&self.snapshot, &mut self.load, &c.close, chunk, len, &self.params, micros(now) / 1000)
+                pick(&self.snapshot, &mut self.load, &c.close, chunk, len, true, &self.params, micros(now) / 1000)
                     .into_iter()
                     .map(|i| to_node(&self.snapshot, i))
                     .collect()

@@ -83,7 +83,7 @@ fn main() {
         let chunk = chunks[((unit(&mut rng).powi(3)) * chunks.len() as f32) as usize % chunks.len()];
         let t = Instant::now();
         let close = snapshot.close_set(Some(client), &params);
-        let picked = pick(&snapshot, &mut load, &close, &chunk, 1 << 20, &params, (d / 100) as u64);
+        let picked = pick(&snapshot, &mut load, &close, &chunk, 1 << 20, true, &params, (d / 100) as u64);
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         std::hint::black_box(picked);
     }

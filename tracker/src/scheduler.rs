@@ -21,7 +21,8 @@
 //!    in rendezvous order, where `r` grows with the chunk's recent request count.
 //! 5. **Bounded load**: a node whose recently assigned bytes would exceed (1+ε)× its fair share (its share
 //!    of all advertised upload; never less than [`Params::min_load_secs`] (15 s, about the mean life of the
-//!    10 s half-life load) of its own upload) is passed over for
+//!    10 s half-life load) of its own upload), or whose backlog of chunks clients fetch now would exceed
+//!    [`Params::max_backlog_secs`] (1 s) of its upload, is passed over for
 //!    the first place, for the next near node, else the next closest of the `reach`; if every one is over,
 //!    the least loaded relative to its upload is chosen. The chosen node is charged the chunk's bytes.
 //!
@@ -52,6 +53,9 @@ const CELL_TARGET: usize = 16;
 const FINE_RINGS: i32 = 16;
 const COARSE_RINGS: i32 = 64;
 const CELL_COARSE_MS: f32 = 50.0;
+/// Chunks of one request a client fetches at once (its parallelism): they join nodes' backlogs; later ones
+/// of a long object are fetched over its play time.
+const IMMEDIATE_CHUNKS: usize = 8;
 /// Most chunks whose popularity is tracked.
 const MAX_TRACKED_CHUNKS: usize = 100_000;
 
@@ -80,6 +84,10 @@ pub struct Params {
     /// recent assignments it can upload in about the load window is not overloaded, and moving chunks away
     /// from it would only cost cache affinity (a cold node must fill them first).
     pub min_load_secs: f64,
+    /// Nor may a node's backlog — chunks clients fetch now that it cannot have uploaded yet at its
+    /// advertised rate — exceed this many seconds of its upload (a chunk waits behind that queue; about
+    /// half a chunk's playback time keeps players from stalling).
+    pub max_backlog_secs: f64,
 }
 
 impl Default for Params {
@@ -95,6 +103,7 @@ impl Default for Params {
             hot_requests: 8.0,
             half_life_ms: 10_000,
             min_load_secs: 15.0,
+            max_backlog_secs: 1.0,
         }
     }
 }
@@ -280,10 +289,24 @@ impl Decayed {
     }
 }
 
-/// The scheduler's state: recently assigned bytes per node and recent requests per chunk.
+/// Bytes sent to a node for clients to fetch now that it cannot have uploaded yet at its advertised rate:
+/// its queue, as far as the scheduler can tell (a leaky bucket draining at the node's upload).
+#[derive(Debug, Clone, Copy, Default)]
+struct Backlog {
+    bytes: f64,
+    at_ms: u64,
+}
+
+impl Backlog {
+    fn get(&self, now_ms: u64, upload: f64) -> f64 {
+        (self.bytes - upload * now_ms.saturating_sub(self.at_ms) as f64 / 1000.0).max(0.0)
+    }
+}
+
+/// The scheduler's state: recently assigned bytes and backlog per node, recent requests per chunk.
 #[derive(Debug, Default)]
 pub struct Load {
-    assigned: HashMap<NodeId, Decayed>,
+    assigned: HashMap<NodeId, (Decayed, Backlog)>,
     total: Decayed,
     chunks: HashMap<ChunkHash, Decayed>,
 }
@@ -291,7 +314,7 @@ pub struct Load {
 impl Load {
     /// Recently assigned bytes of `node`, decayed to `now_ms`.
     pub fn assigned(&self, node: &NodeId, now_ms: u64, params: &Params) -> f64 {
-        self.assigned.get(node).map_or(0.0, |d| d.get(now_ms, params.half_life_ms))
+        self.assigned.get(node).map_or(0.0, |d| d.0.get(now_ms, params.half_life_ms))
     }
 
     /// Forgets nodes no longer in `snapshot` (call after rebuilding it).
@@ -328,8 +351,9 @@ pub fn schedule(
     let mut slot: HashMap<u32, u32> = HashMap::new();
     let per_chunk = chunks
         .iter()
-        .map(|(chunk, len)| {
-            pick(snapshot, load, &close, chunk, u64::from(*len), params, now_ms)
+        .enumerate()
+        .map(|(index, (chunk, len))| {
+            pick(snapshot, load, &close, chunk, u64::from(*len), index < IMMEDIATE_CHUNKS, params, now_ms)
                 .into_iter()
                 .map(|i| {
                     *slot.entry(i).or_insert_with(|| {
@@ -345,13 +369,16 @@ pub fn schedule(
 
 /// Up to `k` node indices for one chunk, placed by rendezvous among the near nodes of `close` (the first
 /// candidate chosen under bounded load, among more of them for hot chunks), then the next closest; charges
-/// the first.
+/// the first. `immediate`: the client fetches the chunk now (not later in a long object), so it joins the
+/// node's backlog.
+#[allow(clippy::too_many_arguments)]
 pub fn pick(
     snapshot: &Snapshot,
     load: &mut Load,
     close: &Close,
     chunk: &ChunkHash,
     len: u64,
+    immediate: bool,
     params: &Params,
     now_ms: u64,
 ) -> Vec<u32> {
@@ -375,21 +402,31 @@ pub fn pick(
         let upload = n.upload.max(1) as f64;
         let fair = total * upload / snapshot.total_upload.max(1.0);
         let cap = ((1.0 + params.epsilon) * fair).max(params.min_load_secs * upload);
+        let queued =
+            if immediate { load.assigned.get(&n.contact.id).map_or(0.0, |u| u.1.get(now_ms, upload)) } else { 0.0 };
         load.assigned(&n.contact.id, now_ms, params) + len as f64 <= cap
+            && queued + len as f64 <= (params.max_backlog_secs * upload).max(len as f64)
     };
-    // The least loaded of the chunk's replicas, if within its cap; else the next in rendezvous order that is;
-    // else the closest node beyond the placement set that is; else the least loaded of the placement.
-    let by_load = |load: &Load, set: &[(u64, u32)]| {
-        set.iter().map(|&(_, i)| i).min_by(|&a, &b| relative(load, a).total_cmp(&relative(load, b)).then(a.cmp(&b)))
+    // The least loaded of the chunk's replicas, if within its bounds; else the next in rendezvous order that is;
+    // else the closest node beyond the placement set that is; else the least loaded close node.
+    let by_load = |load: &Load, set: &mut dyn Iterator<Item = u32>| {
+        set.min_by(|&a, &b| relative(load, a).total_cmp(&relative(load, b)).then(a.cmp(&b)))
     };
-    let first = by_load(load, &ranked[..replicas])
+    let first = by_load(load, &mut ranked[..replicas].iter().map(|&(_, i)| i))
         .filter(|&i| within_cap(load, i))
         .or_else(|| ranked[replicas..].iter().map(|&(_, i)| i).find(|&i| within_cap(load, i)))
         // All of the chunk's placement is over its bound: the next closest node with room.
         .or_else(|| close.nodes[set.len()..].iter().copied().find(|&i| within_cap(load, i)))
-        .or_else(|| by_load(load, &ranked))
+        // Every close node is: the least loaded of them, relative to its upload.
+        .or_else(|| by_load(load, &mut close.nodes.iter().copied()))
         .expect("close set is not empty");
-    load.assigned.entry(snapshot.nodes[first as usize].contact.id).or_default().add(len as f64, now_ms, hl);
+    let chosen = &snapshot.nodes[first as usize];
+    let (recent, backlog) = load.assigned.entry(chosen.contact.id).or_default();
+    recent.add(len as f64, now_ms, hl);
+    if immediate {
+        let bytes = backlog.get(now_ms, chosen.upload.max(1) as f64) + len as f64;
+        *backlog = Backlog { bytes, at_ms: now_ms };
+    }
     load.total.add(len as f64, now_ms, hl);
     // The other candidates: the chunk's other near nodes (they may hold it), then the next closest; the
     // last one is a node to measure, if there is one.
@@ -548,6 +585,30 @@ mod tests {
             explore >= 3
                 && s.iter().all(|c| c.len() == 3 && nodes[c[2] as usize].id == snap.nodes[explore as usize].contact.id)
         );
+    }
+
+    /// A node with a second of upload queued for chunks clients want now is passed over for the next such
+    /// chunk, and takes it again once its queue has drained; later chunks of a long object do not queue.
+    #[test]
+    fn a_node_with_a_queue_is_passed_over_until_it_drains() {
+        let params = Params::default();
+        let snap = Snapshot::new((0..2).map(|i| node(i, 0.0, 0.0, 1 << 20)).collect(), &params);
+        let client = at(0.0, 0.0);
+        let close = snap.close_set(Some(&client), &params);
+        assert_eq!(close.place, 2);
+        let chunk = |c: u32| ChunkHash::of(&c.to_be_bytes());
+        let home = |c: u32| pick(&snap, &mut Load::default(), &close, &chunk(c), 1, true, &params, 0)[0];
+        let (a, b) = (0, (1..).find(|&c| home(c) == home(0)).expect("two chunks with one home"));
+        let mut load = Load::default();
+        let first = |load: &mut Load, c: u32, immediate: bool, at_ms: u64| {
+            pick(&snap, load, &close, &chunk(c), 1 << 20, immediate, &params, at_ms)[0]
+        };
+        assert_eq!(first(&mut load, a, true, 0), home(a));
+        assert_ne!(first(&mut load, b, true, 10), home(b), "queued behind a second of upload");
+        assert_eq!(first(&mut load, b, true, 2_000), home(b), "the queue drained");
+        let mut load = Load::default();
+        assert_eq!(first(&mut load, a, false, 0), home(a));
+        assert_eq!(first(&mut load, b, false, 10), home(b), "a chunk fetched later joined the queue");
     }
 
     /// Clients without a coordinate spread over the whole default pool, so every node (a new one too) gets

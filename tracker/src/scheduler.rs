@@ -125,6 +125,12 @@ pub struct Snapshot {
     levels: Vec<GridLevel>,
     default_pool: Vec<u32>,
     total_upload: f64,
+    /// The first 8 bytes of each node's id, in node order (so sorted too).
+    prefixes: Vec<u64>,
+}
+
+fn id_prefix(id: &NodeId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
 fn cell(c: &Coord, cell_ms: f32) -> (i32, i32) {
@@ -162,12 +168,21 @@ impl Snapshot {
         let total_upload = nodes.iter().map(|n| n.upload.max(1) as f64).sum();
         let coarse = grid(&nodes, CELL_COARSE_MS);
         let levels = vec![(cell_ms, cells, FINE_RINGS), (CELL_COARSE_MS, coarse, COARSE_RINGS)];
-        Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload }
+        let prefixes = nodes.iter().map(|n| id_prefix(&n.contact.id)).collect();
+        Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload, prefixes }
+    }
+
+    /// Where `id` is in [`Snapshot::nodes`]: a binary search over the ids' first 8 bytes (integer compares,
+    /// several times faster than comparing whole ids), then the full id.
+    fn index_of(&self, id: &NodeId) -> Option<usize> {
+        let key = id_prefix(id);
+        let from = self.prefixes.partition_point(|p| *p < key);
+        (from..self.prefixes.len()).take_while(|&i| self.prefixes[i] == key).find(|&i| self.nodes[i].contact.id == *id)
     }
 
     /// Whether `id` is schedulable in this snapshot (nodes are sorted by id).
     pub fn contains(&self, id: &NodeId) -> bool {
-        self.nodes.binary_search_by_key(id, |n| n.contact.id).is_ok()
+        self.index_of(id).is_some()
     }
 
     /// The nodes closest to a client network, and how many of them are near (see the module docs); without
@@ -195,7 +210,7 @@ impl Snapshot {
         // node enters the ranks by being measured (see `explore`), not by a prediction that may be optimistic.
         let mut measured: Vec<(f32, u32)> = Vec::with_capacity(client.measured.len());
         for m in &client.measured {
-            let Ok(i) = self.nodes.binary_search_by_key(&m.node, |n| n.contact.id) else { continue };
+            let Some(i) = self.index_of(&m.node) else { continue };
             measured.push((m.effective(coord.rtt_to(&self.nodes[i].coord)), i as u32));
         }
         let mut ids: Vec<u32> = measured.iter().map(|m| m.1).collect();

@@ -131,9 +131,9 @@ struct Node {
     online_since: f64,
     online_secs: f64,
     /// Overlay peers (node indices): the nearest nodes by coordinate, as the tracker's directory lists them;
-    /// valid for snapshot `peers_for`.
+    /// computed at snapshot `peers_for`.
     peers: Vec<u32>,
-    peers_for: u64,
+    peers_for: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -157,6 +157,8 @@ const PEER_SET: usize = 16;
 const PEERS_ASKED: usize = 3;
 /// Queued upload, seconds, beyond which a peer is busy for fills.
 const PEER_BUSY_SECS: f64 = 1.0;
+/// Snapshots (of 30 s) between refreshes of a node's overlay neighbourhood.
+const PEER_REFRESH_SNAPSHOTS: u64 = 10;
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -298,7 +300,7 @@ impl Sim {
                 online_since: 0.0,
                 online_secs: 0.0,
                 peers: Vec::new(),
-                peers_for: u64::MAX,
+                peers_for: None,
             })
             .collect();
         let mut by_region: Vec<Vec<u32>> = vec![Vec::new(); cfg.regions];
@@ -559,13 +561,14 @@ impl Sim {
     /// The online peers node `n` asks for `hash`, best first: the top [`PEERS_ASKED`] by rendezvous over its
     /// live overlay peers (the node's `Overlay::fetch`).
     fn peers_asked(&mut self, n: usize, hash: &ChunkHash, now: f64) -> Vec<usize> {
-        if self.nodes[n].peers_for != self.snapshot_gen {
+        // Overlay neighbourhoods change slowly (peers are kept while connected): refresh every few snapshots.
+        if self.nodes[n].peers_for.is_none_or(|at| self.snapshot_gen - at >= PEER_REFRESH_SNAPSHOTS) {
             let snap = &self.snapshot;
             let near = snap.nearest(&self.nodes[n].coord, PEER_SET + 1, &self.params);
             let peers = near.into_iter().map(|i| index_of(&snap.nodes[i as usize].contact.id) as u32);
             let node = &mut self.nodes[n];
             node.peers = peers.filter(|&p| p as usize != n).take(PEER_SET).collect();
-            node.peers_for = self.snapshot_gen;
+            node.peers_for = Some(self.snapshot_gen);
         }
         // A peer with seconds of upload queued answers Busy (or not in time); the node skips it for a while.
         let busy = |p: &Node| p.busy_until - now > PEER_BUSY_SECS;

@@ -66,8 +66,8 @@ pub struct Params {
     pub k: usize,
     /// Most near nodes a chunk is placed among by rendezvous (by default `k`).
     pub close: usize,
-    /// A node counts as near when its RTT is within this fraction and this many ms of the closest node's
-    /// (the same bounds the simulator uses to call a pick suboptimal).
+    /// A node counts as near when its RTT is within `near_fraction` and `near_ms` of the closest node's
+    /// (the bounds within which the simulator does not call a pick suboptimal).
     pub near_fraction: f32,
     pub near_ms: f32,
     /// Closest nodes considered at all: beyond the near ones, they take what bounded load moves.
@@ -237,9 +237,7 @@ impl Snapshot {
         let near = ranked.iter().take_while(|r| r.0 <= near_limit).count().clamp(1, close.max(1));
         Close { nodes: ranked.into_iter().map(|(_, i)| i).collect(), near, place: near.min(params.close), explore }
     }
-}
 
-impl Snapshot {
     /// The `n` nodes nearest to `coord` by prediction (a node's neighbourhood), nearest first.
     pub fn nearest(&self, coord: &Coord, n: usize, params: &Params) -> Vec<u32> {
         let at = ClientNet { coord: Some(*coord), measured: Vec::new() };

@@ -296,8 +296,13 @@ impl Server {
             }
             let server = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = server.serve_peer_stream(stream).await {
-                    tracing::debug!(%peer, error = %e, "peer fill stream failed");
+                match server.serve_peer_stream(stream).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        Counters::add(&server.counters.bad_requests, 1);
+                        tracing::warn!(%peer, error = %e, "malformed peer fill request");
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "peer fill stream failed"),
+                    Ok(()) => {}
                 }
                 let mut by_peer = server.peer_streams_by_peer.lock().expect("peer streams lock");
                 if let Some(n) = by_peer.get_mut(&peer) {

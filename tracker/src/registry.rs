@@ -831,6 +831,44 @@ mod tests {
         assert!(r.page(100, 100, SortBy::State, false).nodes.is_empty());
     }
 
+    /// Half of a node's bootstrap peers are its nearest by coordinate: where its misses' homes are.
+    #[test]
+    fn bootstrap_peers_start_with_the_nearest_nodes() {
+        let r = Registry::new(Duration::from_secs(60), 100, HashSet::new());
+        let now = 10_000_000;
+        // Two sites 100 ms apart (even and odd ids, so no window of the id-sorted directory is one site), ten
+        // nodes each, every node measuring 5 ms to its site and 100 ms across.
+        let site = |i: u32| i % 2;
+        for i in 0..20 {
+            r.register(id(i), reg(), now, now).expect("register");
+        }
+        for round in 0..30u64 {
+            for i in 0..20 {
+                let rtt = (0..20)
+                    .filter(|&j| j != i)
+                    .map(|j| fog_proto::api::RttSample {
+                        peer: id(j),
+                        rtt_ms: if site(i) == site(j) { 5.0 } else { 100.0 },
+                    })
+                    .collect();
+                let overlay = OverlayReport {
+                    addrs: vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", 4000 + i)],
+                    rtt,
+                    ..Default::default()
+                };
+                let at = now + (round + 1) * 1000;
+                r.heartbeat(&id(i), NodeStats::default(), false, Some(overlay), at, at).expect("heartbeat");
+            }
+        }
+        for i in [0, 15] {
+            let peers = r.peers_for(&id(i), 8);
+            assert_eq!(peers.len(), 8);
+            let near: Vec<u32> =
+                peers[..4].iter().map(|p| u32::from_be_bytes(p.id.0[..4].try_into().expect("4"))).collect();
+            assert!(near.iter().all(|&j| site(j) == site(i) && j != i), "node {i}'s first peers: {near:?}");
+        }
+    }
+
     #[test]
     fn nodes_behind_nat_are_scheduled_only_through_a_live_rendezvous() {
         let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{
-    OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES,
+    OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::placement::top_k;
 use fog_proto::rtt::RttFilter;
@@ -45,13 +45,13 @@ const MAX_PER_PEER: u32 = 4;
 const MAX_PENDING: u32 = 16;
 /// Refuse new connections when the process uses more than this share of system memory.
 const MAX_MEMORY_SHARE: f64 = 0.8;
-/// Bootstrap peers dialled only while fewer than this many are connected.
-const TARGET_PEERS: usize = 32;
+/// Bootstrap peers dialled only while fewer than this many are connected: the tracker lists the nearest
+/// first, so they make the neighbourhood.
+const TARGET_PEERS: usize = NEIGHBOURHOOD;
 /// Peers asked at once for a missing chunk before the origin: the top of rendezvous placement over this
-/// node's neighbourhood, its [`NEIGHBOURHOOD`] nearest direct peers (by filtered ping RTT). Nearby nodes'
-/// neighbourhoods overlap, so they rank the same peer first for a chunk: that peer is the chunk's home.
+/// node's neighbourhood, its [`NEIGHBOURHOOD`] (32) nearest direct peers (by filtered ping RTT). Nearby
+/// nodes' neighbourhoods overlap, so they rank the same peer first for a chunk: that peer is the chunk's home.
 const PEERS_ASKED: usize = 3;
-const NEIGHBOURHOOD: usize = 16;
 /// How long a peer may take to start answering (a home filling through from the origin: to send the
 /// whole chunk), and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);

@@ -95,8 +95,11 @@ pub struct RegisterResponse {
     pub peers: Vec<PeerContact>,
 }
 
-/// Most peers the tracker hands out at once, and most RTT samples / bad peers a heartbeat may carry.
-pub const MAX_PEERS_LISTED: usize = 16;
+/// A node's overlay neighbourhood: its nearest direct peers, among which peer fill finds a chunk's home.
+pub const NEIGHBOURHOOD: usize = 32;
+/// Most peers the tracker hands out at once (the neighbourhood, then others), and most RTT samples / bad
+/// peers a heartbeat may carry.
+pub const MAX_PEERS_LISTED: usize = NEIGHBOURHOOD + 16;
 pub const MAX_RTT_SAMPLES: usize = 64;
 /// Most libp2p addresses per peer in API messages, and their longest textual form.
 pub const MAX_PEER_ADDRS: usize = 8;
@@ -168,8 +171,9 @@ pub struct OverlayReport {
     pub connected_peers: u32,
 }
 
-/// A node with fewer connected overlay peers than this gets bootstrap peers with its heartbeat answer.
-pub const WANT_PEERS: u32 = 8;
+/// A node with fewer connected overlay peers than this gets bootstrap peers with its heartbeat answer (so a
+/// node's neighbourhood fills up as nearby nodes join).
+pub const WANT_PEERS: u32 = NEIGHBOURHOOD as u32;
 
 impl OverlayReport {
     /// Refuses reports whose lists exceed the protocol bounds.

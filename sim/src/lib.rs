@@ -24,7 +24,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 
-use fog_proto::api::NodeContact;
+use fog_proto::api::{NodeContact, NEIGHBOURHOOD};
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
@@ -152,8 +152,8 @@ struct Client {
 /// How often clients report measured RTTs, seconds (the player proxy's report interval).
 const REPORT_SECS: f64 = 10.0;
 const MEASURED_CANDIDATES: usize = 3;
-/// Overlay peers per node (its nearest), and how many of them a miss asks (the node's constants).
-const PEER_SET: usize = 16;
+/// How many of a node's overlay neighbourhood ([`NEIGHBOURHOOD`], its nearest) a miss asks (the node's
+/// constant).
 const PEERS_ASKED: usize = 3;
 /// Queued upload, seconds, beyond which a peer is busy for fills.
 const PEER_BUSY_SECS: f64 = 1.0;
@@ -564,10 +564,10 @@ impl Sim {
         // Overlay neighbourhoods change slowly (peers are kept while connected): refresh every few snapshots.
         if self.nodes[n].peers_for.is_none_or(|at| self.snapshot_gen - at >= PEER_REFRESH_SNAPSHOTS) {
             let snap = &self.snapshot;
-            let near = snap.nearest(&self.nodes[n].coord, PEER_SET + 1, &self.params);
+            let near = snap.nearest(&self.nodes[n].coord, NEIGHBOURHOOD + 1, &self.params);
             let peers = near.into_iter().map(|i| index_of(&snap.nodes[i as usize].contact.id) as u32);
             let node = &mut self.nodes[n];
-            node.peers = peers.filter(|&p| p as usize != n).take(PEER_SET).collect();
+            node.peers = peers.filter(|&p| p as usize != n).take(NEIGHBOURHOOD).collect();
             node.peers_for = Some(self.snapshot_gen);
         }
         // A peer with seconds of upload queued answers Busy (or not in time); the node skips it for a while.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous};
+use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous, NEIGHBOURHOOD};
 use fog_proto::{placement, ChunkHash, NodeId};
 use serde::Serialize;
 
@@ -500,9 +500,9 @@ impl Registry {
         self.nodes.read().expect("registry lock").get(id).is_some_and(|n| n.reg.reachable)
     }
 
-    /// Overlay peers for `id` to connect to: live nodes with overlay addresses. Half the list are the nodes
-    /// nearest to it by coordinate (its neighbourhood, where peer fill finds a chunk's home); then directly
-    /// reachable ones (which can relay and act as rendezvous) up to half, then others. Each asking node gets
+    /// Overlay peers for `id` to connect to: live nodes with overlay addresses. Two thirds of the list (at
+    /// most [`NEIGHBOURHOOD`]) are the nodes nearest to it by coordinate (where peer fill finds a chunk's
+    /// home); then directly reachable ones (which can relay and act as rendezvous), then others. Each asking node gets
     /// a different window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
     pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
         let (reachable, others) = self.peer_directory();
@@ -515,9 +515,10 @@ impl Registry {
                     .into_iter()
                     .find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
             };
-            for i in snap.nearest(&coord, limit / 2 + 1, &self.params) {
+            let nearest = NEIGHBOURHOOD.min(limit * 2 / 3);
+            for i in snap.nearest(&coord, nearest + 1, &self.params) {
                 let nid = snap.nodes[i as usize].contact.id;
-                if let Some(c) = listed(&nid).filter(|_| nid != *id && out.len() < limit / 2) {
+                if let Some(c) = listed(&nid).filter(|_| nid != *id && out.len() < nearest) {
                     out.push(c.clone());
                 }
             }
@@ -831,7 +832,7 @@ mod tests {
         assert!(r.page(100, 100, SortBy::State, false).nodes.is_empty());
     }
 
-    /// Half of a node's bootstrap peers are its nearest by coordinate: where its misses' homes are.
+    /// Most of a node's bootstrap peers are its nearest by coordinate: where its misses' homes are.
     #[test]
     fn bootstrap_peers_start_with_the_nearest_nodes() {
         let r = Registry::new(Duration::from_secs(60), 100, HashSet::new());

@@ -156,7 +156,7 @@ pub fn refit<Id: Copy>(
 pub fn fit_client(samples: &[(Coord, f32)], previous: Option<Coord>, seed: u64) -> (Coord, Vec<bool>) {
     let believable = |r: f32| r.is_finite() && r > 0.0 && r <= MAX_RTT_MS;
     let valid: Vec<(Coord, f32)> = samples.iter().copied().filter(|(_, r)| believable(*r)).collect();
-    let (rounds, reweights) = if previous.is_some() { (8u64, 2) } else { (32, 4) };
+    let (rounds, reweights) = if previous.is_some() { (4u64, 1) } else { (32, 4) };
     let fit = |weights: &[f32]| {
         let mut c = previous.unwrap_or_default();
         for round in 0..rounds {

@@ -56,6 +56,8 @@ const PEERS_ASKED: usize = 3;
 /// whole chunk), and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
 const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
+/// How long a peer that answered busy (or too late) is left out of the neighbourhood.
+const REST_FOR: Duration = Duration::from_secs(10);
 /// Peers that sent wrong bytes are not dialled or asked again for this long.
 const BAN_FOR: Duration = Duration::from_secs(3600);
 const MAX_BANNED: usize = 1024;
@@ -112,6 +114,16 @@ struct PeerEntry {
     direct: u32,
     /// Connections through a relay (their pings measure the relay's path).
     relayed_ids: HashSet<libp2p::swarm::ConnectionId>,
+    /// Answered busy or not in time: left out of the neighbourhood until then, so misses pick the next home.
+    busy_until: Option<Instant>,
+}
+
+/// A peer's answer to a fill request.
+#[derive(Debug)]
+enum PeerAnswer {
+    Chunk(Bytes),
+    NotFound,
+    Busy,
 }
 
 /// What the swarm task publishes for the rest of the node.
@@ -301,7 +313,7 @@ impl Overlay {
         let mut near: Vec<(f32, NodeId, PeerId)> = s
             .peers
             .iter()
-            .filter(|(p, e)| e.direct > 0 && !s.is_banned(p))
+            .filter(|(p, e)| e.direct > 0 && !s.is_banned(p) && e.busy_until.is_none_or(|t| t <= Instant::now()))
             .filter_map(|(p, e)| Some((e.rtt.estimate().unwrap_or(f32::INFINITY), e.node?, *p)))
             .collect();
         near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -330,22 +342,37 @@ impl Overlay {
             .collect();
         while let Some((peer, node, answer)) = asks.next().await {
             match answer {
-                Ok(Ok(Some(bytes))) if ChunkHash::of(&bytes) == hash => {
+                Ok(Ok(PeerAnswer::Chunk(bytes))) if ChunkHash::of(&bytes) == hash => {
                     Counters::add(&self.counters.peer_fills, 1);
                     Counters::add(&self.counters.peer_fill_bytes, bytes.len() as u64);
                     return Some(bytes);
                 }
-                Ok(Ok(Some(_))) => self.punish(peer, node),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::debug!(%node, chunk = %hash, error = %e, "peer fill failed"),
-                Err(_) => tracing::debug!(%node, chunk = %hash, "peer fill timed out"),
+                Ok(Ok(PeerAnswer::Chunk(_))) => self.punish(peer, node),
+                Ok(Ok(PeerAnswer::NotFound)) => {}
+                Ok(Ok(PeerAnswer::Busy)) => self.rest(peer),
+                // A dropped stream is how a peer at its stream limit says busy.
+                Ok(Err(e)) => {
+                    tracing::debug!(%node, chunk = %hash, error = %e, "peer fill failed");
+                    self.rest(peer);
+                }
+                Err(_) => {
+                    tracing::debug!(%node, chunk = %hash, "peer fill timed out");
+                    self.rest(peer);
+                }
             }
         }
         None
     }
 
-    /// `Ok(None)`: the peer does not have the chunk (or is busy).
-    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<Option<Bytes>, String> {
+    /// Leaves a busy, failing or slow peer out of the neighbourhood for [`REST_FOR`]: chunks it is home to get the
+    /// next peer in rendezvous order as home meanwhile (as the nodes near it will choose too).
+    fn rest(&self, peer: PeerId) {
+        if let Some(e) = self.state.lock().expect("overlay lock").peers.get_mut(&peer) {
+            e.busy_until = Some(Instant::now() + REST_FOR);
+        }
+    }
+
+    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, String> {
         let frame = req.encode_framed().map_err(|e| e.to_string())?;
         let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await.map_err(|e| e.to_string())?;
         stream.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -358,7 +385,8 @@ impl Overlay {
             .map_err(|e| e.to_string())?;
         match PeerStatus::from_u8(status[0]) {
             Some(PeerStatus::Ok) => {}
-            Some(PeerStatus::NotFound | PeerStatus::Busy) => return Ok(None),
+            Some(PeerStatus::NotFound) => return Ok(PeerAnswer::NotFound),
+            Some(PeerStatus::Busy) => return Ok(PeerAnswer::Busy),
             None => return Err(format!("unknown peer status {}", status[0])),
         }
         let mut len = [0u8; 4];
@@ -369,7 +397,7 @@ impl Overlay {
         }
         let mut body = vec![0u8; len as usize];
         stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-        Ok(Some(Bytes::from(body)))
+        Ok(PeerAnswer::Chunk(Bytes::from(body)))
     }
 
     /// A peer sent bytes that do not match the hash: disconnect, ban, and tell the tracker.
@@ -685,6 +713,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("overlay did not start listening");
+    }
+
+    /// A peer that answers busy is left out of the neighbourhood for a while, so the next peer becomes home.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_peer_rests() {
+        let (asker, _asker_incoming, _) = start(3);
+        let (busy, mut busy_incoming, busy_id) = start(4);
+        tokio::spawn(async move {
+            while let Some((_, mut stream)) = busy_incoming.next().await {
+                let mut len = [0u8; 2];
+                let _ = stream.read_exact(&mut len).await;
+                let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if stream.read_exact(&mut request).await.is_ok() {
+                    let _ = stream.write_all(&[PeerStatus::Busy as u8]).await;
+                    let _ = stream.close().await;
+                }
+            }
+        });
+        asker.bootstrap(&[PeerContact { id: busy_id, addrs: listen_addrs(&busy).await, rendezvous: None }], false);
+        for _ in 0..100 {
+            if !asker.neighbourhood().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(asker.neighbourhood().len(), 1, "did not connect to the peer");
+        assert!(asker.fetch(ChunkHash::of(b"x"), None).await.is_none());
+        assert!(asker.neighbourhood().is_empty(), "the busy peer is still asked first");
+        assert_eq!(asker.peer_count(), 1, "a busy peer is not disconnected");
     }
 
     /// Real libp2p on loopback: a peer that answers with the wrong bytes is not believed, is disconnected,

@@ -13,9 +13,9 @@
 //!   upload rate (a fluid FIFO queue: flow-level, no packets);
 //! - demand: Zipf(α) popularity, VOD sessions (sequential chunks at playback rate from a random start) or
 //!   live channels (everyone asks for the newest chunk), clients arriving over time;
-//! - a miss is filled as the node does it: from the peers rendezvous ranks highest among the node's 16
+//! - a miss is filled as the node does it: from the peers rendezvous ranks highest among the node's 32
 //!   nearest (its overlay neighbourhood), the first of them — the chunk's home — filling through from the
-//!   origin if none holds it; the peer's upload carries the fill.
+//!   origin if none holds it; the peer's upload carries the fill; busy peers are skipped.
 
 pub mod report;
 pub mod world;
@@ -151,6 +151,8 @@ struct Client {
 
 /// How often clients report measured RTTs, seconds (the player proxy's report interval).
 const REPORT_SECS: f64 = 10.0;
+/// Candidates a client measures per request: all it is given (the proxy measures unused ones in the
+/// background).
 const MEASURED_CANDIDATES: usize = 3;
 /// How many of a node's overlay neighbourhood ([`NEIGHBOURHOOD`], its nearest) a miss asks (the node's
 /// constant).
@@ -570,7 +572,8 @@ impl Sim {
             node.peers = peers.filter(|&p| p as usize != n).take(NEIGHBOURHOOD).collect();
             node.peers_for = Some(self.snapshot_gen);
         }
-        // A peer with seconds of upload queued answers Busy (or not in time); the node skips it for a while.
+        // A peer with more than a second of upload queued answers busy or late, and the node leaves it out of
+        // its neighbourhood for a while (the node's `Overlay::rest`): modelled as skipping it while queued.
         let busy = |p: &Node| p.busy_until - now > PEER_BUSY_SECS;
         let live: Vec<usize> = self.nodes[n]
             .peers

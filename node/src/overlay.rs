@@ -715,23 +715,24 @@ mod tests {
         panic!("overlay did not start listening");
     }
 
-    /// A peer that answers busy is left out of the neighbourhood for a while, so the next peer becomes home.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_busy_peer_rests() {
-        let (asker, _asker_incoming, _) = start(3);
-        let (busy, mut busy_incoming, busy_id) = start(4);
+    /// A scripted peer: reads each fill request frame and answers `answer`, whatever was asked.
+    fn answer_every_request(mut incoming: IncomingChunkStreams, answer: Vec<u8>) {
         tokio::spawn(async move {
-            while let Some((_, mut stream)) = busy_incoming.next().await {
+            while let Some((_, mut stream)) = incoming.next().await {
                 let mut len = [0u8; 2];
                 let _ = stream.read_exact(&mut len).await;
                 let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
                 if stream.read_exact(&mut request).await.is_ok() {
-                    let _ = stream.write_all(&[PeerStatus::Busy as u8]).await;
+                    let _ = stream.write_all(&answer).await;
                     let _ = stream.close().await;
                 }
             }
         });
-        asker.bootstrap(&[PeerContact { id: busy_id, addrs: listen_addrs(&busy).await, rendezvous: None }], false);
+    }
+
+    /// Connects `asker` to `peer` directly and waits until it is in the asker's neighbourhood.
+    async fn connect(asker: &Overlay, peer: &Overlay, id: NodeId) {
+        asker.bootstrap(&[PeerContact { id, addrs: listen_addrs(peer).await, rendezvous: None }], false);
         for _ in 0..100 {
             if !asker.neighbourhood().is_empty() {
                 break;
@@ -739,6 +740,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(asker.neighbourhood().len(), 1, "did not connect to the peer");
+    }
+
+    /// A peer that answers busy is left out of the neighbourhood for a while, so the next peer becomes home.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_peer_rests() {
+        let (asker, _asker_incoming, _) = start(3);
+        let (busy, busy_incoming, busy_id) = start(4);
+        answer_every_request(busy_incoming, vec![PeerStatus::Busy as u8]);
+        connect(&asker, &busy, busy_id).await;
         assert!(asker.fetch(ChunkHash::of(b"x"), None).await.is_none());
         assert!(asker.neighbourhood().is_empty(), "the busy peer is still asked first");
         assert_eq!(asker.peer_count(), 1, "a busy peer is not disconnected");
@@ -749,32 +759,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn peer_fill_verifies_and_punishes_wrong_bytes() {
         let (asker, _asker_incoming, _) = start(1);
-        let (liar, mut liar_incoming, liar_id) = start(2);
+        let (liar, liar_incoming, liar_id) = start(2);
         let chunk = Bytes::from(vec![7u8; 100_000]);
         let hash = ChunkHash::of(&chunk);
-        tokio::spawn(async move {
-            while let Some((_, mut stream)) = liar_incoming.next().await {
-                let mut len = [0u8; 2];
-                let _ = stream.read_exact(&mut len).await;
-                let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                if stream.read_exact(&mut request).await.is_ok() {
-                    let mut answer = vec![PeerStatus::Ok as u8];
-                    answer.extend_from_slice(&100_000u32.to_be_bytes());
-                    answer.extend_from_slice(&[8u8; 100_000]);
-                    let _ = stream.write_all(&answer).await;
-                    let _ = stream.close().await;
-                }
-            }
-        });
-        let contact = PeerContact { id: liar_id, addrs: listen_addrs(&liar).await, rendezvous: None };
-        asker.bootstrap(&[contact], false);
-        for _ in 0..100 {
-            if !asker.neighbourhood().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(asker.neighbourhood().len(), 1, "did not connect to the peer");
+        let mut answer = vec![PeerStatus::Ok as u8];
+        answer.extend_from_slice(&100_000u32.to_be_bytes());
+        answer.extend_from_slice(&[8u8; 100_000]);
+        answer_every_request(liar_incoming, answer);
+        connect(&asker, &liar, liar_id).await;
         assert!(asker.fetch(hash, None).await.is_none(), "wrong bytes were accepted");
         assert_eq!(asker.report().bad_peers, vec![liar_id]);
         assert!(!asker.accepts(&liar.peer_id), "the liar is not banned");

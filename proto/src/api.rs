@@ -150,6 +150,18 @@ pub struct RttSample {
     pub rtt_ms: f32,
 }
 
+impl RttSample {
+    /// Records the latest RTT to `peer` in `samples`: replaces an older one to the same peer, else adds it
+    /// while there are fewer than `max` (what a client's next report carries).
+    pub fn record(samples: &mut Vec<RttSample>, peer: NodeId, rtt_ms: f32, max: usize) {
+        if let Some(s) = samples.iter_mut().find(|s| s.peer == peer) {
+            s.rtt_ms = rtt_ms;
+        } else if samples.len() < max {
+            samples.push(RttSample { peer, rtt_ms });
+        }
+    }
+}
+
 /// What a node's overlay reports with each heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OverlayReport {

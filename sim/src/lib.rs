@@ -24,7 +24,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 
-use fog_proto::api::{NodeContact, NEIGHBOURHOOD};
+use fog_proto::api::{NodeContact, RttSample, MAX_CLIENT_RTTS, NEIGHBOURHOOD};
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
@@ -142,7 +142,7 @@ struct Client {
     /// What the tracker knows about this client's network (one client per network here).
     net: ClientNet,
     /// RTTs measured since the last report, and when the next report is due (as the player proxy does).
-    unreported: Vec<(NodeId, f32)>,
+    unreported: Vec<RttSample>,
     report_at: f64,
     /// The close set, valid while `close_for` is the snapshot's generation and no report came in.
     close: Close,
@@ -316,14 +316,15 @@ impl Sim {
                 // The client network's RTTs to nodes it was sent to before (5 % noise): mostly in its own
                 // region, as a first schedule from the default pool or a region guess would give.
                 let local = &by_region[host.region as usize];
-                let samples: Vec<(NodeId, f32)> = (0..cfg.client_samples)
+                let samples: Vec<RttSample> = (0..cfg.client_samples)
                     .map(|s| {
                         let j = if s * 10 < cfg.client_samples * 7 && !local.is_empty() {
                             local[rng.gen_range(0..local.len())] as usize
                         } else {
                             rng.gen_range(0..nodes.len())
                         };
-                        (nodes[j].id, World::rtt(&host, &nodes[j].host) * (1.0 + rng.gen::<f32>() * 0.05))
+                        let rtt_ms = World::rtt(&host, &nodes[j].host) * (1.0 + rng.gen::<f32>() * 0.05);
+                        RttSample { peer: nodes[j].id, rtt_ms }
                     })
                     .collect();
                 let mut net = ClientNet::default();
@@ -588,13 +589,8 @@ impl Sim {
     /// The client measured its RTT to node `n` (a QUIC handshake; 5 % noise); its next report carries it.
     fn observe_rtt(&mut self, client: u32, n: usize) {
         let c = &mut self.clients[client as usize];
-        let (id, measured) =
-            (self.nodes[n].id, World::rtt(&c.host, &self.nodes[n].host) * (1.0 + self.rng.gen::<f32>() * 0.05));
-        match c.unreported.iter().position(|m| m.0 == id) {
-            Some(m) => c.unreported[m].1 = measured,
-            None if c.unreported.len() < fog_proto::api::MAX_CLIENT_RTTS => c.unreported.push((id, measured)),
-            None => {}
-        }
+        let measured = World::rtt(&c.host, &self.nodes[n].host) * (1.0 + self.rng.gen::<f32>() * 0.05);
+        RttSample::record(&mut c.unreported, self.nodes[n].id, measured, MAX_CLIENT_RTTS);
     }
 
     fn count_origin(&mut self, now: f64, bytes: u64) {

@@ -8,6 +8,7 @@
 //!
 //! Pure code: the tracker and the simulator run it on their own samples.
 
+use fog_proto::api::RttSample;
 use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -226,9 +227,9 @@ impl Measured {
 impl ClientNet {
     /// Folds in newly reported RTTs (they replace older ones to the same node) and refits the coordinate over
     /// all of them whose node has a coordinate (`coord_of`), marking which agree with the fit.
-    pub fn learn(&mut self, samples: &[(NodeId, f32)], coord_of: impl Fn(&NodeId) -> Option<Coord>, seed: u64) {
+    pub fn learn(&mut self, samples: &[RttSample], coord_of: impl Fn(&NodeId) -> Option<Coord>, seed: u64) {
         let believable = |r: f32| r.is_finite() && r > 0.0 && r <= MAX_RTT_MS;
-        for &(node, rtt_ms) in samples.iter().filter(|s| believable(s.1)) {
+        for &RttSample { peer: node, rtt_ms } in samples.iter().filter(|s| believable(s.rtt_ms)) {
             match self.measured.iter_mut().find(|m| m.node == node) {
                 Some(m) => m.rtt_ms = rtt_ms,
                 None => self.measured.push(Measured { node, rtt_ms, agrees: false }),
@@ -281,7 +282,7 @@ impl ClientCoords {
     pub fn learn(
         &mut self,
         ip: std::net::IpAddr,
-        samples: &[(NodeId, f32)],
+        samples: &[RttSample],
         coord_of: impl Fn(&NodeId) -> Option<Coord>,
         now_ms: u64,
     ) {
@@ -386,6 +387,10 @@ mod tests {
         NodeId([i; 32])
     }
 
+    fn rtt(i: u8, rtt_ms: f32) -> RttSample {
+        RttSample { peer: id(i), rtt_ms }
+    }
+
     /// Landmarks 1..=5 at the corners and centre of a 100 ms square.
     fn landmark(id: &NodeId) -> Option<Coord> {
         let p = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0], [50.0, 50.0]]
@@ -396,7 +401,7 @@ mod tests {
     #[test]
     fn client_coordinates_are_per_prefix_and_bounded() {
         let mut cc = ClientCoords::new(16);
-        let samples: Vec<(NodeId, f32)> = (1..=5).map(|i| (id(i), 40.0 + f32::from(i))).collect();
+        let samples: Vec<RttSample> = (1..=5).map(|i| rtt(i, 40.0 + f32::from(i))).collect();
         cc.learn("203.0.113.7".parse().expect("ip"), &samples, landmark, 1);
         let net = cc.get("203.0.113.200".parse().expect("ip")).expect("same /24");
         assert!(net.coord.is_some() && net.measured.len() == 5);
@@ -414,19 +419,19 @@ mod tests {
         let truth = |i: u8| client.rtt_to(&landmark(&id(i)).expect("landmark"));
         let mut net = ClientNet::default();
         // Two samples cannot place anyone: kept, but no coordinate yet.
-        net.learn(&[(id(1), truth(1)), (id(2), truth(2))], landmark, 1);
+        net.learn(&[rtt(1, truth(1)), rtt(2, truth(2))], landmark, 1);
         assert!(net.coord.is_none() && net.measured.len() == 2 && net.measured.iter().all(|m| !m.agrees));
         // The rest, with a made-up 1 ms path to the far corner: once the fit shows it disagrees, it can make
         // that node look no closer than predicted.
-        net.learn(&[(id(3), truth(3)), (id(4), 1.0), (id(5), truth(5))], landmark, 2);
+        net.learn(&[rtt(3, truth(3)), rtt(4, 1.0), rtt(5, truth(5))], landmark, 2);
         assert!(net.coord.is_some());
         let lie = net.measured.iter().find(|m| m.node == id(4)).expect("kept");
         assert!(!lie.agrees && lie.effective(130.0) == 130.0, "{lie:?}");
         assert!(net.measured.iter().filter(|m| m.node != id(4)).all(|m| m.agrees && m.effective(500.0) < 100.0));
         // A newer RTT to a node replaces the older one; nodes without a coordinate are kept, lowest first.
-        net.learn(&[(id(1), truth(1) + 1.0)], landmark, 3);
+        net.learn(&[rtt(1, truth(1) + 1.0)], landmark, 3);
         assert_eq!(net.measured.iter().filter(|m| m.node == id(1)).count(), 1);
-        let many: Vec<(NodeId, f32)> = (100..140).map(|i| (id(i), f32::from(i))).collect();
+        let many: Vec<RttSample> = (100..140).map(|i| rtt(i, f32::from(i))).collect();
         net.learn(&many, landmark, 4);
         assert_eq!(net.measured.len(), MAX_MEASURED);
         assert!(net.measured.windows(2).all(|w| w[0].rtt_ms <= w[1].rtt_ms), "not lowest first");

@@ -553,9 +553,8 @@ impl App {
     /// Fits the reporting client's network a coordinate from its RTTs to nodes (at least 3 known nodes;
     /// samples that disagree with the rest are dropped by the fit). Only that network's own schedules use it.
     fn place_client(&self, peer: SocketAddr, rtts: &[RttSample]) {
-        let samples: Vec<(NodeId, f32)> = rtts.iter().map(|s| (s.peer, s.rtt_ms)).collect();
         let coord_of = |id: &NodeId| self.registry.coord_of(id);
-        self.clients.lock().expect("clients lock").learn(peer.ip(), &samples, coord_of, now_ms());
+        self.clients.lock().expect("clients lock").learn(peer.ip(), rtts, coord_of, now_ms());
     }
 
     fn stats(&self) -> TrackerStats {

@@ -228,9 +228,8 @@ impl Snapshot {
         ranked.truncate(predicted);
         ranked.sort_unstable_by(by_rtt);
         let explore = ranked.first().map(|r| r.1);
-        let measured_count = measured.len().min(close);
         measured.truncate(close);
-        measured.extend(ranked.into_iter().take(close - measured_count));
+        measured.extend(ranked.into_iter().take(close - measured.len()));
         let ranked = measured;
         let best = ranked.first().map_or(0.0, |r| r.0);
         let near_limit = best + (best * params.near_fraction).min(params.near_ms);

@@ -234,13 +234,8 @@ impl ProxyStats {
         }
         // The latest RTT per node: the tracker places this client's network from them.
         let used = r.nodes.iter().filter_map(|(id, n)| Some((*id, n.rtt_ms?)));
-        for (node, rtt_ms) in used.chain(r.probed_rtt.iter().copied()).map(|(id, ms)| (id, ms as f32)) {
-            let samples = &mut u.node_rtt;
-            if let Some(s) = samples.iter_mut().find(|s| s.peer == node) {
-                s.rtt_ms = rtt_ms;
-            } else if samples.len() < MAX_CLIENT_RTTS {
-                samples.push(RttSample { peer: node, rtt_ms });
-            }
+        for (node, rtt_ms) in used.chain(r.probed_rtt.iter().copied()) {
+            RttSample::record(&mut u.node_rtt, node, rtt_ms as f32, MAX_CLIENT_RTTS);
         }
     }
 

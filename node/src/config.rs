@@ -37,9 +37,14 @@ pub struct NodeArgs {
     /// Address clients should dial, when it differs from what the tracker sees (port forwarding).
     #[arg(long, env = "FOG_NODE_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
-    /// Disk quota for cached chunks, e.g. 10GiB [default: 1GiB].
+    /// Disk quota: the data directory (cache, receipts, state) stays within it plus a small allowance
+    /// (docs/operations.md), e.g. 10GiB [default: 1GiB].
     #[arg(long, env = "FOG_NODE_CACHE_SIZE")]
     pub cache_size: Option<Size>,
+    /// Free space to leave on the data directory's disk: a size (20GiB) or a share of the disk (10%); the
+    /// cache shrinks when the owner's own files need the room [default: 10%].
+    #[arg(long, env = "FOG_NODE_MIN_FREE_DISK")]
+    pub min_free_disk: Option<DiskFloor>,
     /// RAM for hot chunks in front of the disk cache; 0 turns it off [default: 64MiB].
     #[arg(long, env = "FOG_NODE_MEMORY_CACHE")]
     pub memory_cache: Option<Size>,
@@ -69,6 +74,7 @@ pub struct NodeConfig {
     pub advertise: Option<SocketAddr>,
     pub status_listen: SocketAddr,
     pub cache_size: u64,
+    pub min_free_disk: DiskFloor,
     pub memory_cache: u64,
     pub upload_limit: Option<u64>,
     pub max_connections: usize,
@@ -90,6 +96,7 @@ impl NodeArgs {
                 .or(file.status_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7702))),
             cache_size: self.cache_size.or(file.cache_size).map_or(1 << 30, |s| s.0),
+            min_free_disk: self.min_free_disk.or(file.min_free_disk).unwrap_or(DiskFloor::Percent(10.0)),
             memory_cache: self.memory_cache.or(file.memory_cache).map_or(64 << 20, |s| s.0),
             upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
@@ -106,6 +113,51 @@ impl NodeArgs {
             return Err(ConfigError::Invalid("--max-connections and --max-fills must be above 0".into()));
         }
         Ok(cfg)
+    }
+}
+
+/// `--min-free-disk`: bytes, or a percentage of the filesystem's size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DiskFloor {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl DiskFloor {
+    /// The floor in bytes on a filesystem of `fs_size` bytes.
+    pub fn bytes(self, fs_size: u64) -> u64 {
+        match self {
+            Self::Bytes(b) => b,
+            Self::Percent(p) => (fs_size as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFloor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(Self::Percent(p)),
+                _ => Err(format!("{s:?} is not a share of the disk: write e.g. 10%")),
+            },
+            None => fog_proto::size::parse_size(s).map(Self::Bytes),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DiskFloor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Self::Bytes(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -141,6 +193,13 @@ mod tests {
         assert_eq!(cfg.cache_size, 2 << 20);
         assert_eq!(cfg.upload_limit, Some(1000));
         assert_eq!(cfg.p2p_listen.len(), 2);
+        assert_eq!(cfg.min_free_disk, DiskFloor::Percent(10.0));
+        std::fs::write(&path, "min_free_disk = \"5%\"\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(args.resolve().expect("valid").min_free_disk.bytes(1000), 50);
+        let args = NodeArgs::parse_from(["fog-node", "--min-free-disk", "2GiB"]);
+        assert_eq!(args.resolve().expect("valid").min_free_disk, DiskFloor::Bytes(2 << 30));
+        assert!("120%".parse::<DiskFloor>().is_err());
         std::fs::write(&path, "cache_sise = 1\n").expect("write");
         let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
         assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));

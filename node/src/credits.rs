@@ -18,7 +18,7 @@ use fog_proto::merkle;
 use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, CF_RECEIPTS};
+use crate::receipts::{ReceiptDb, MAX_HELD};
 use crate::tracker_link::SharedLinkState;
 
 const REDEEM_EVERY: Duration = Duration::from_secs(5);
@@ -36,11 +36,13 @@ pub struct CreditView {
     /// Set when verification failed: the tracker's ledger cannot be trusted.
     pub ledger_problem: Option<String>,
     pub last_redeem_error: Option<String>,
+    /// Set when the receipts database was damaged at start-up: what was done about it.
+    pub receipts_recovered: Option<String>,
 }
 
 #[derive(Debug)]
 pub struct Credits {
-    store: Arc<Store>,
+    receipts: Arc<ReceiptDb>,
     me: NodeId,
     held: AtomicU64,
     /// Serialises read-compare-write of held receipts: receipts for one chain arrive on parallel streams,
@@ -52,10 +54,10 @@ pub struct Credits {
 }
 
 impl Credits {
-    pub fn new(store: Arc<Store>, me: NodeId) -> Self {
-        let held = store.db().iterator_cf(store.cf(CF_RECEIPTS), rocksdb::IteratorMode::Start).count() as u64;
+    pub fn new(receipts: Arc<ReceiptDb>, me: NodeId) -> Self {
+        let held = receipts.count();
         Self {
-            store,
+            receipts,
             me,
             held: AtomicU64::new(held),
             write: Mutex::new(()),
@@ -68,6 +70,7 @@ impl Credits {
     pub fn view(&self) -> CreditView {
         let mut v = self.view.lock().expect("credits lock").clone();
         v.receipts_held = self.held.load(Ordering::Relaxed);
+        v.receipts_recovered = self.receipts.recovered().map(str::to_string);
         v
     }
 
@@ -75,7 +78,8 @@ impl Credits {
         self.bad_receipts.load(Ordering::Relaxed)
     }
 
-    /// Checks a receipt a client handed over and keeps it if it pays more than the one held for its chain.
+    /// Checks a receipt a client handed over and keeps it (synced) if it pays more than the one held for its
+    /// chain. Blocking: call it off the async workers.
     pub fn accept(&self, json: &[u8]) -> Result<(), String> {
         let result = self.check_and_store(json);
         if result.is_err() {
@@ -95,13 +99,14 @@ impl Credits {
         }
         let preimage = parse_hex32(&r.preimage).ok_or("malformed preimage")?;
         let id = r.chain_id();
-        let db = self.store.db();
-        let cf = self.store.cf(CF_RECEIPTS);
         let _guard = self.write.lock().expect("receipts lock");
-        let held: Option<Receipt> = db
-            .get_pinned_cf(cf, id.as_bytes())
-            .map_err(|e| e.to_string())?
-            .and_then(|v| serde_json::from_slice(&v).ok());
+        let held: Option<Receipt> =
+            self.receipts.get(&id).map_err(|e| e.to_string())?.and_then(|v| serde_json::from_slice(&v).ok());
+        if held.is_none() && self.held.load(Ordering::Relaxed) >= MAX_HELD {
+            return Err(format!(
+                "{MAX_HELD} receipts already await redemption; refusing a new chain until the tracker settles some"
+            ));
+        }
         // Check only the new links: one hash per chunk, not the whole chain again.
         let (base, base_index) = match &held {
             Some(h) if h.index >= r.index => return Ok(()),
@@ -111,7 +116,7 @@ impl Credits {
         if !chain_links(&base, base_index, &preimage, r.index) {
             return Err("preimage does not extend the committed chain".into());
         }
-        db.put_cf(cf, id.as_bytes(), json).map_err(|e| e.to_string())?;
+        self.receipts.put(&id, json).map_err(|e| e.to_string())?;
         if held.is_none() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
@@ -119,23 +124,26 @@ impl Credits {
     }
 
     fn held_batch(&self) -> Vec<Receipt> {
-        let db = self.store.db();
-        db.iterator_cf(self.store.cf(CF_RECEIPTS), rocksdb::IteratorMode::Start)
-            .filter_map(|item| item.ok())
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .take(MAX_BATCH)
-            .collect()
+        self.receipts.first(MAX_BATCH).iter().filter_map(|v| serde_json::from_slice(v).ok()).collect()
     }
 
-    /// Drops a held receipt once the tracker settled it, unless a newer one for the chain arrived since.
-    fn settle(&self, chain_id: &str, index: u32) {
+    /// Drops held receipts the tracker settled (in one synced write), except chains for which a newer
+    /// receipt arrived since. Blocking.
+    fn settle(&self, settled: &[(String, u32)]) {
         let _guard = self.write.lock().expect("receipts lock");
-        let db = self.store.db();
-        let cf = self.store.cf(CF_RECEIPTS);
-        let held: Option<Receipt> =
-            db.get_pinned_cf(cf, chain_id.as_bytes()).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok());
-        if held.is_some_and(|h| h.index == index) && db.delete_cf(cf, chain_id.as_bytes()).is_ok() {
-            self.held.fetch_sub(1, Ordering::Relaxed);
+        let done: Vec<&str> = settled
+            .iter()
+            .filter(|(id, index)| {
+                let held = self.receipts.get(id).ok().flatten();
+                held.and_then(|v| serde_json::from_slice::<Receipt>(&v).ok()).is_some_and(|h| h.index == *index)
+            })
+            .map(|(id, _)| id.as_str())
+            .collect();
+        match self.receipts.delete_all(&done) {
+            Ok(()) => {
+                self.held.fetch_sub(done.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot drop settled receipts; they will be redeemed again"),
         }
     }
 
@@ -160,12 +168,13 @@ impl Credits {
 
     /// One batch; `Ok(true)` when something was credited.
     pub async fn redeem_once(
-        &self,
+        self: &Arc<Self>,
         tracker: &TrackerClient,
         key: &SigningKey,
         tracker_key: NodeId,
     ) -> Result<bool, String> {
-        let receipts = self.held_batch();
+        let me = self.clone();
+        let receipts = tokio::task::spawn_blocking(move || me.held_batch()).await.map_err(|e| e.to_string())?;
         if receipts.is_empty() {
             return Ok(false);
         }
@@ -174,8 +183,10 @@ impl Credits {
         let resp = tracker.redeem(&Signed::sign(key, KIND_REDEEM, &batch)).await.map_err(|e| e.to_string())?;
         let mut newest_leaf = None;
         let mut rejected = 0;
+        let settled = resp.results.iter().map(|r| (r.chain_id.clone(), r.index)).collect::<Vec<_>>();
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.settle(&settled)).await.map_err(|e| e.to_string())?;
         for r in &resp.results {
-            self.settle(&r.chain_id, r.index);
             if r.outcome == "rejected" {
                 rejected += 1;
                 tracing::warn!(chain = %r.chain_id, reason = ?r.reason, "tracker rejected a receipt");

@@ -6,6 +6,7 @@ pub mod config;
 pub mod credits;
 pub mod limits;
 pub mod overlay;
+pub mod receipts;
 pub mod rendezvous;
 pub mod serve;
 pub mod stats;

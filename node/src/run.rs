@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::config::NodeConfig;
 use crate::credits::Credits;
 use crate::overlay::{Overlay, OverlayError};
+use crate::receipts::{ReceiptDb, ReceiptsError};
 use crate::rendezvous::{self, RendezvousServer, SharedAttachment};
 use crate::serve::Server;
 use crate::stats::Counters;
@@ -23,6 +24,9 @@ use fog_client::identity::{self, IdentityError};
 /// File in the data directory holding the status page's address, for `fog-node status`.
 pub const STATUS_ADDR_FILE: &str = "status.addr";
 
+/// How often the data directory and its disk are measured (and the cache resized to fit).
+const DISK_WATCH_EVERY: Duration = Duration::from_secs(2);
+
 /// Requests per client connection in flight at once.
 const STREAMS_PER_CONNECTION: u32 = 32;
 
@@ -34,6 +38,8 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Receipts(#[from] ReceiptsError),
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
     #[error("cannot read the QUIC socket address: {0}")]
@@ -50,7 +56,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
     let key = identity::load_or_create(&cfg.data_dir.join("node.key"))?;
     let node_id = NodeId::from(key.verifying_key());
-    let store = Arc::new(Store::open(&cfg.data_dir.join("store"), cfg.cache_size, cfg.memory_cache)?);
+    let store_dir = cfg.data_dir.join("store");
+    // Receipts first: they take over any an older layout kept inside the chunk store.
+    let receipts = Arc::new(ReceiptDb::open(&cfg.data_dir.join("receipts"), &store_dir)?);
+    let store = Arc::new(Store::open(&store_dir, cfg.cache_size, cfg.memory_cache)?);
+    // Measure once before serving: a shrunk quota or a nearly full disk is applied first.
+    let disk = store.watch_disk(&cfg.data_dir, |fs| cfg.min_free_disk.bytes(fs));
     let origins_file = cfg.data_dir.join("origins.json");
     let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
 
@@ -59,9 +70,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         .map_err(|source| transport::TransportError::Bind { addr: cfg.listen, source })?;
     let local = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
     let (used, chunks) = store.usage();
-    tracing::info!(%node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, "fog-node listening on {local}");
+    tracing::info!(
+        %node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, capacity = store.capacity(),
+        data_dir_bytes = disk.data_dir_bytes, "fog-node listening on {local}"
+    );
 
-    let credits = Arc::new(Credits::new(store.clone(), node_id));
+    let credits = Arc::new(Credits::new(receipts, node_id));
+    let watch_task = tokio::spawn(watch_disk_forever(store.clone(), cfg.data_dir.clone(), cfg.min_free_disk));
     let counters = Arc::new(Counters::default());
     let (overlay, peer_streams) = if cfg.p2p_listen.is_empty() {
         (None, None)
@@ -156,6 +171,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         t.abort();
     }
     track_task.abort();
+    watch_task.abort();
     redeem_task.abort();
     status.save_usage();
     let _ = link_task.await;
@@ -164,4 +180,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     store.flush()?;
     tracing::info!("fog-node stopped");
     Ok(())
+}
+
+/// Measures the data directory every few seconds, so the cache gives way to the disk floor and to other
+/// files, and the status page shows real bytes on disk.
+async fn watch_disk_forever(store: Arc<Store>, data_dir: std::path::PathBuf, floor: crate::config::DiskFloor) {
+    let mut tick = tokio::time::interval(DISK_WATCH_EVERY);
+    loop {
+        tick.tick().await;
+        let (store, dir) = (store.clone(), data_dir.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || store.watch_disk(&dir, |fs| floor.bytes(fs))).await {
+            tracing::error!(error = %e, "disk measurement failed");
+        }
+    }
 }

@@ -173,18 +173,30 @@ impl Server {
                 return respond_error(&mut send, Status::BadRequest, "request frame not received in time").await;
             }
         };
-        if let Some(receipt) = &req.receipt {
-            if let Err(e) = self.credits.accept(receipt) {
-                tracing::warn!(error = %e, "refused a client's receipt");
-            }
-        }
         if !req.wants_chunk() {
-            // A receipt-only request: acknowledge it (whether or not the receipt was good).
+            // A receipt-only request: acknowledged once checked (whether or not the receipt was good).
+            self.check_receipt(&req).await;
             return self.send_payload(&mut send, Bytes::new()).await.unwrap_or(());
         }
-        let bytes = match self.chunk(&req).await {
+        // A receipt riding on a chunk request is checked while the chunk is served.
+        tokio::join!(self.check_receipt(&req), self.respond(&req, &mut send));
+    }
+
+    async fn check_receipt(&self, req: &ChunkRequest) {
+        let Some(receipt) = req.receipt.clone() else { return };
+        // Checking walks hash-chain links and the write is synced: off the async workers.
+        let credits = self.credits.clone();
+        match tokio::task::spawn_blocking(move || credits.accept(&receipt)).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "refused a client's receipt"),
+            Err(e) => tracing::error!(error = %e, "receipt check failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+
+    async fn respond(&self, req: &ChunkRequest, send: &mut quinn::SendStream) {
+        let bytes = match self.chunk(req).await {
             Ok(b) => b,
-            Err((status, message)) => return respond_error(&mut send, status, &message).await,
+            Err((status, message)) => return respond_error(send, status, &message).await,
         };
         let body = match req.range {
             None => bytes,
@@ -193,12 +205,12 @@ impl Server {
                 if end > bytes.len() as u64 {
                     Counters::add(&self.counters.bad_requests, 1);
                     let msg = format!("range {off}+{len} is outside the {}-byte chunk", bytes.len());
-                    return respond_error(&mut send, Status::BadRequest, &msg).await;
+                    return respond_error(send, Status::BadRequest, &msg).await;
                 }
                 bytes.slice(off as usize..end as usize)
             }
         };
-        if let Err(e) = self.send_payload(&mut send, body).await {
+        if let Err(e) = self.send_payload(send, body).await {
             tracing::debug!(chunk = %req.hash, error = %e, "client went away mid-response");
         }
     }

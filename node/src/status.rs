@@ -121,10 +121,18 @@ pub struct Caps {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheStatus {
+    /// Bytes the cache accounts for (chunks and their per-chunk disk overhead).
     pub used: u64,
+    /// `--cache-size`.
     pub quota: u64,
+    /// What the cache may hold now: the quota, or less while the disk floor or other files need room.
+    pub capacity: u64,
     pub chunks: u64,
     pub hit_ratio: Option<f64>,
+    /// Bytes really on disk, as last measured.
+    pub disk: Option<crate::store::DiskUsage>,
+    /// Why the cache was rebuilt empty at start-up, if its files were damaged.
+    pub damaged: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,14 +304,17 @@ impl Status {
             caps: Caps {
                 upload_limit: self.info.upload_limit,
                 upload_rate,
-                cache_quota: store.capacity(),
+                cache_quota: store.quota(),
                 memory_cache: self.info.memory_cache,
             },
             cache: CacheStatus {
                 used,
-                quota: store.capacity(),
+                quota: store.quota(),
+                capacity: store.capacity(),
                 chunks,
                 hit_ratio: (lookups > 0).then(|| counters.hits as f64 / lookups as f64),
+                disk: store.disk(),
+                damaged: store.damaged().map(str::to_string),
             },
             served: Served {
                 today_bytes: usage.day_bytes,
@@ -346,6 +357,9 @@ impl Status {
             ),
             None => format!("served {served} bytes since start; no statement from the tracker yet"),
         };
+        if let Some(r) = &ledger.receipts_recovered {
+            note = format!("{note}; at start-up the {r}");
+        }
         if let Some(p) = &ledger.ledger_problem {
             note = format!("WARNING: the tracker's ledger failed verification: {p}. {note}");
         } else if let Some(n) = ledger.ledger_verified_size {
@@ -434,9 +448,26 @@ impl Default for NodeMetrics {
             ("fog_node_peer_bad_chunks", "Chunks from peers that did not match their hash", |s| s.peer_bad_chunks),
             ("fog_node_home_fills", "Chunks filled through for peers as the chunk's home", |s| s.home_fills),
         ];
-        let gauge_defs: [(&str, &str, ReadGauge); 11] = [
-            ("fog_node_cache_used_bytes", "Bytes of cached chunks", |s| s.cache.used),
-            ("fog_node_cache_quota_bytes", "Cache quota", |s| s.cache.quota),
+        let gauge_defs: [(&str, &str, ReadGauge); 16] = [
+            ("fog_node_cache_used_bytes", "Bytes the cache accounts for (chunks and per-chunk overhead)", |s| {
+                s.cache.used
+            }),
+            ("fog_node_cache_quota_bytes", "Cache quota (--cache-size)", |s| s.cache.quota),
+            ("fog_node_cache_capacity_bytes", "What the cache may hold now (below the quota to keep disk room)", |s| {
+                s.cache.capacity
+            }),
+            ("fog_node_data_dir_bytes", "Bytes on disk in the whole data directory", |s| {
+                s.cache.disk.as_ref().map_or(0, |d| d.data_dir_bytes)
+            }),
+            ("fog_node_store_disk_bytes", "Bytes on disk of the chunk store's files", |s| {
+                s.cache.disk.as_ref().map_or(0, |d| d.store_bytes)
+            }),
+            ("fog_node_disk_limit_bytes", "The data directory stays below this (quota + allowance)", |s| {
+                s.cache.disk.as_ref().map_or(0, |d| d.limit_bytes)
+            }),
+            ("fog_node_disk_free_bytes", "Free bytes on the data directory's filesystem", |s| {
+                s.cache.disk.as_ref().map_or(0, |d| d.fs_free_bytes)
+            }),
             ("fog_node_cached_chunks", "Cached chunks", |s| s.cache.chunks),
             ("fog_node_active_streams", "Requests in progress", |s| s.counters.active_streams),
             ("fog_node_upload_rate_bytes", "Upload rate over the last 5 s, bytes/s", |s| s.caps.upload_rate),
@@ -523,6 +554,27 @@ pub fn render_text(s: &NodeStatus) -> String {
         "cache",
         format!("{} of {} in {} chunks, hit ratio {hit}", gib(s.cache.used), gib(s.cache.quota), s.cache.chunks),
     );
+    if let Some(d) = &s.cache.disk {
+        line(
+            "on disk",
+            format!(
+                "{} in the data directory ({} chunk store), limit {}; {} free on the disk",
+                gib(d.data_dir_bytes),
+                gib(d.store_bytes),
+                gib(d.limit_bytes),
+                gib(d.fs_free_bytes)
+            ),
+        );
+        if let Some(why) = &d.shrunk_because {
+            line("  cache shrunk", format!("to {}: {why}", gib(s.cache.capacity)));
+        }
+        if let Some(w) = &d.warning {
+            line("  WARNING", w.clone());
+        }
+    }
+    if let Some(d) = &s.cache.damaged {
+        line("  repaired", format!("the cache's files were damaged and it was rebuilt empty at start-up: {d}"));
+    }
     line("served", format!("today {}, this month {}", mib(s.served.today_bytes), mib(s.served.month_bytes)));
     line("credits", s.credits.note.clone());
     out.push('\n');

@@ -84,19 +84,32 @@ impl CacheIndex {
         if size > self.capacity {
             return Admission::TooLarge;
         }
+        let evict = self.evict_down_to(self.capacity - size);
+        let tick = self.bump();
+        self.entries.insert(hash, Entry { size, tick });
+        self.by_recency.insert(tick, hash);
+        self.used += size;
+        Admission::Admit { evict }
+    }
+
+    /// Changes the quota; returns the least recently used chunks evicted to fit a smaller one (already
+    /// removed from the index, for the caller to delete).
+    pub fn set_capacity(&mut self, capacity: u64) -> Vec<ChunkHash> {
+        self.capacity = capacity;
+        self.evict_down_to(capacity)
+    }
+
+    /// Removes least recently used chunks until at most `limit` bytes are indexed; returns them.
+    fn evict_down_to(&mut self, limit: u64) -> Vec<ChunkHash> {
         let mut evict = Vec::new();
-        while self.used + size > self.capacity {
+        while self.used > limit {
             let Some((_, victim)) = self.by_recency.pop_first() else { break };
             if let Some(e) = self.entries.remove(&victim) {
                 self.used -= e.size;
             }
             evict.push(victim);
         }
-        let tick = self.bump();
-        self.entries.insert(hash, Entry { size, tick });
-        self.by_recency.insert(tick, hash);
-        self.used += size;
-        Admission::Admit { evict }
+        evict
     }
 
     /// Forgets a chunk (deleted or found corrupt). Returns its size if it was indexed.
@@ -130,6 +143,19 @@ mod tests {
         assert_eq!(c.admit(h(9), 301), Admission::TooLarge);
         assert_eq!(c.remove(&h(4)), Some(150));
         assert_eq!(c.used(), 100);
+    }
+
+    #[test]
+    fn a_smaller_capacity_evicts_least_recently_used() {
+        let mut c = CacheIndex::new(300);
+        for i in 0..3 {
+            let _ = c.admit(h(i), 100);
+        }
+        assert!(c.touch(&h(0)));
+        assert_eq!(c.set_capacity(150), vec![h(1), h(2)]);
+        assert_eq!((c.used(), c.capacity()), (100, 150));
+        assert_eq!(c.set_capacity(1000), vec![]);
+        assert_eq!(c.admit(h(5), 900), Admission::Admit { evict: vec![] });
     }
 
     #[test]

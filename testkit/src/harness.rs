@@ -234,7 +234,12 @@ impl Cluster {
 
     /// Starts node `i` again on the same data directory (after it was stopped).
     pub async fn restart_node(&mut self, i: usize) {
-        let args = self.node_command(i, &[]);
+        self.restart_node_with(i, &[]).await;
+    }
+
+    /// [`Cluster::restart_node`] with extra flags (e.g. another `--cache-size`).
+    pub async fn restart_node_with(&mut self, i: usize, extra: &[String]) {
+        let args = self.node_command(i, extra);
         let log = self.dir.path().join(format!("node{i}.restart.log"));
         self.nodes[i] = Proc::spawn("fog-node", &args, log).await;
     }

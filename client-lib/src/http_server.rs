@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 pub type Reply = Response<Body>;
@@ -101,13 +101,87 @@ impl http_body::Body for Events {
     }
 }
 
+/// How long a request body may take to arrive in full: a sender slower than its size over this is cut off
+/// (for the tracker's 64 KiB bodies, a minimum rate of 6.4 KiB/s).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body not received within {} s; send it faster", BODY_DEADLINE.as_secs())]
+    TooSlow,
+    #[error("cannot read request body (limit {limit} bytes): {source}")]
+    Read { limit: usize, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// Reads a whole request body of at most `limit` bytes within [`BODY_DEADLINE`].
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
+    let collect = http_body_util::Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_DEADLINE, collect).await {
+        Err(_) => Err(BodyError::TooSlow),
+        Ok(Err(source)) => Err(BodyError::Read { limit, source }),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+    }
+}
+
+/// The source a connection is charged to in fair shares: its IPv4 address, or its IPv6 /64 (one home's
+/// whole prefix).
+pub fn source_of(peer: SocketAddr) -> std::net::IpAddr {
+    match peer.ip().to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Open connections by source, oldest first, each with the means to close it. When the server is full, a
+/// new connection closes the oldest one of the source holding the most: one host can take the whole
+/// server only while nobody else wants in, and its stalled connections go first.
+#[derive(Default)]
+struct Connections {
+    by_source: std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    open: usize,
+    next_id: u64,
+}
+
+impl Connections {
+    fn add(&mut self, source: std::net::IpAddr) -> (u64, Arc<tokio::sync::Notify>) {
+        let (id, close) = (self.next_id, Arc::new(tokio::sync::Notify::new()));
+        self.next_id += 1;
+        self.by_source.entry(source).or_default().push_back((id, close.clone()));
+        self.open += 1;
+        (id, close)
+    }
+
+    fn remove(&mut self, source: std::net::IpAddr, id: u64) {
+        if let Some(list) = self.by_source.get_mut(&source) {
+            if let Some(pos) = list.iter().position(|(i, _)| *i == id) {
+                list.remove(pos);
+                self.open -= 1;
+            }
+            if list.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// Asks the oldest connection of the busiest source to close; returns that source.
+    fn evict_one(&mut self) -> Option<std::net::IpAddr> {
+        let (source, list) = self.by_source.iter_mut().max_by_key(|(_, l)| l.len())?;
+        let (_, close) = list.front()?;
+        close.notify_one();
+        Some(*source)
+    }
+}
+
 /// Serves `handler` on `listener` with at most `max_connections` at once, until `shutdown` resolves.
 pub async fn serve<H, F>(listener: TcpListener, max_connections: usize, handler: H, shutdown: impl Future<Output = ()>)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -122,11 +196,17 @@ where
             },
             _ = &mut shutdown => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "HTTP connection limit reached; dropping connection");
-            continue;
+        let source = source_of(peer);
+        let (id, close) = {
+            let mut c = connections.lock().expect("connections lock");
+            if c.open >= max_connections {
+                if let Some(busiest) = c.evict_one() {
+                    tracing::warn!(%peer, %busiest, "HTTP connection limit reached; closing the busiest source's oldest connection");
+                }
+            }
+            c.add(source)
         };
-        let handler = handler.clone();
+        let (handler, connections) = (handler.clone(), connections.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let response = handler(req, peer);
@@ -136,10 +216,35 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                },
+                () = close.notified() => tracing::debug!(%peer, "HTTP connection closed to make room"),
             }
-            drop(permit);
+            connections.lock().expect("connections lock").remove(source, id);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_server_closes_the_busiest_sources_oldest_connection() {
+        let mut c = Connections::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let (first, _) = c.add(a);
+        c.add(a);
+        c.add(b);
+        assert_eq!(c.evict_one(), Some(a));
+        c.remove(a, first);
+        assert_eq!(c.open, 2);
+        assert_eq!(
+            source_of("[2001:db8:1:2:3:4:5:6]:80".parse().expect("addr")),
+            source_of("[2001:db8:1:2::9]:1".parse().expect("addr"))
+        );
+        assert_eq!(source_of("[::ffff:10.0.0.1]:80".parse().expect("addr")), a);
     }
 }

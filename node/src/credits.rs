@@ -31,6 +31,9 @@ pub struct CreditView {
     /// Bytes the tracker's ledger credits this node with, as of its last statement.
     pub tracker_credited: Option<u64>,
     pub receipts_rejected: u64,
+    /// Receipts clients handed over that this node refused (malformed, forged, or paying for more than
+    /// their connection delivered).
+    pub receipts_refused: u64,
     /// Largest ledger size whose signed head, inclusion and consistency proofs this node verified.
     pub ledger_verified_size: Option<u64>,
     /// Set when verification failed: the tracker's ledger cannot be trusted.
@@ -70,25 +73,23 @@ impl Credits {
     pub fn view(&self) -> CreditView {
         let mut v = self.view.lock().expect("credits lock").clone();
         v.receipts_held = self.held.load(Ordering::Relaxed);
+        v.receipts_refused = self.bad_receipts.load(Ordering::Relaxed);
         v.receipts_recovered = self.receipts.recovered().map(str::to_string);
         v
     }
 
-    pub fn bad_receipts(&self) -> u64 {
-        self.bad_receipts.load(Ordering::Relaxed)
-    }
-
     /// Checks a receipt a client handed over and keeps it (synced) if it pays more than the one held for its
-    /// chain. Blocking: call it off the async workers.
-    pub fn accept(&self, json: &[u8]) -> Result<(), String> {
-        let result = self.check_and_store(json);
+    /// chain, by at most `max_advance` chunks (what the client's connection delivered: checked before any
+    /// hashing). Blocking: call it off the async workers.
+    pub fn accept(&self, json: &[u8], max_advance: u32) -> Result<(), String> {
+        let result = self.check_and_store(json, max_advance);
         if result.is_err() {
             self.bad_receipts.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    fn check_and_store(&self, json: &[u8]) -> Result<(), String> {
+    fn check_and_store(&self, json: &[u8], max_advance: u32) -> Result<(), String> {
         let r: Receipt = serde_json::from_slice(json).map_err(|e| format!("not a receipt: {e}"))?;
         let c: Commitment = r.commitment.open(KIND_COMMITMENT).map_err(|e| format!("commitment: {e}"))?;
         if c.node != self.me {
@@ -113,6 +114,12 @@ impl Credits {
             Some(h) => (parse_hex32(&h.preimage).ok_or("held receipt is damaged")?, h.index),
             None => (parse_hex32(&c.anchor).ok_or("malformed anchor")?, 0),
         };
+        if r.index - base_index > max_advance {
+            return Err(format!(
+                "receipt pays for {} more chunks; its connection delivered at most {max_advance}",
+                r.index - base_index
+            ));
+        }
         if !chain_links(&base, base_index, &preimage, r.index) {
             return Err("preimage does not extend the committed chain".into());
         }

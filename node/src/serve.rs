@@ -6,11 +6,13 @@
 //! only, and hands connections that negotiated the rendezvous protocol to [`RendezvousServer`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fog_client::http_server::source_of;
 use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
 use fog_proto::ChunkHash;
@@ -24,6 +26,13 @@ use crate::overlay::{IncomingChunkStreams, Overlay};
 use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
+
+/// Chunks a receipt may pay for beyond those its connection delivered (a client that reconnected pays for
+/// chunks the earlier connection delivered).
+const RECEIPT_SLACK: u32 = 64;
+
+/// A client connection that opens no stream for this long is closed.
+const IDLE_CONNECTION: Duration = Duration::from_secs(60);
 
 /// How long a client may take to send its request frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +77,8 @@ pub struct Server {
     fill_slots: Semaphore,
     max_connections: usize,
     connections: AtomicUsize,
+    /// Open client connections by source (IPv4 address or IPv6 /64).
+    by_source: Mutex<HashMap<IpAddr, usize>>,
     overlay: Option<Overlay>,
     rendezvous: Arc<RendezvousServer>,
     peer_streams: Arc<Semaphore>,
@@ -77,6 +88,20 @@ pub struct Server {
 /// Peers' fill requests served at once, in all and per peer.
 const PEER_STREAMS: usize = 32;
 const PEER_STREAMS_PER_PEER: usize = 4;
+
+/// Gives a connection's slot back to its source's share when it ends, however it ends.
+struct SourceShare<'a>(&'a Mutex<HashMap<IpAddr, usize>>, IpAddr);
+impl Drop for SourceShare<'_> {
+    fn drop(&mut self) {
+        let mut by_source = self.0.lock().expect("sources lock");
+        if let Some(n) = by_source.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// Decrements a gauge when a connection or stream ends, however it ends.
 struct Gauge<'a>(&'a AtomicUsize);
@@ -109,6 +134,7 @@ impl Server {
             fill_slots: Semaphore::new(max_fills),
             max_connections,
             connections: AtomicUsize::new(0),
+            by_source: Mutex::new(HashMap::new()),
             overlay,
             rendezvous,
             peer_streams: Arc::new(Semaphore::new(PEER_STREAMS)),
@@ -119,15 +145,23 @@ impl Server {
     /// Accepts connections until the endpoint is closed.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
-            if self.connections.load(Ordering::Relaxed) >= self.max_connections {
-                tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            let source = source_of(incoming.remote_address());
+            let open = self.connections.load(Ordering::Relaxed);
+            let from_source = self.by_source.lock().expect("sources lock").get(&source).copied().unwrap_or(0);
+            // Once the node is half full, no source may hold more than its share: one host cannot take
+            // every slot.
+            let share = (self.max_connections / 8).max(16);
+            if open >= self.max_connections || (open >= self.max_connections / 2 && from_source >= share) {
+                tracing::warn!(remote = %incoming.remote_address(), open, from_source, "connection limit reached; refusing");
                 incoming.refuse();
                 continue;
             }
             self.connections.fetch_add(1, Ordering::Relaxed);
+            *self.by_source.lock().expect("sources lock").entry(source).or_default() += 1;
             let server = self.clone();
             tokio::spawn(async move {
                 let _gauge = Gauge(&server.connections);
+                let _share = SourceShare(&server.by_source, source);
                 let remote = incoming.remote_address();
                 match incoming.await {
                     Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
@@ -141,25 +175,38 @@ impl Server {
     }
 
     async fn serve_connection(self: &Arc<Self>, conn: quinn::Connection) {
+        // Chunks delivered on this connection: what its receipts may pay for.
+        let served = Arc::new(AtomicU32::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         // quinn's max_concurrent_bidi_streams bounds the streams in flight per connection.
         loop {
-            let (send, recv) = match conn.accept_bi().await {
-                Ok(s) => s,
-                Err(e) => {
+            let (send, recv) = match tokio::time::timeout(IDLE_CONNECTION, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     tracing::debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
                     return;
                 }
+                // Keep-alives hold a QUIC connection open forever; one that asks for nothing gives its
+                // slot back.
+                Err(_) if in_flight.load(Ordering::Relaxed) == 0 => {
+                    tracing::debug!(remote = %conn.remote_address(), "closing a connection idle for {IDLE_CONNECTION:?}");
+                    conn.close(0u32.into(), b"idle");
+                    return;
+                }
+                Err(_) => continue,
             };
-            let server = self.clone();
+            let (server, served, in_flight) = (self.clone(), served.clone(), in_flight.clone());
+            in_flight.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
+                let _in_flight = Gauge(&in_flight);
                 server.counters.active_streams.fetch_add(1, Ordering::Relaxed);
-                server.serve_stream(send, recv).await;
+                server.serve_stream(send, recv, &served).await;
                 server.counters.active_streams.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
 
-    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, served: &AtomicU32) {
         Counters::add(&self.counters.requests, 1);
         let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut recv)).await {
             Ok(Ok(req)) => req,
@@ -175,25 +222,29 @@ impl Server {
         };
         if !req.wants_chunk() {
             // A receipt-only request: acknowledged once checked (whether or not the receipt was good).
-            self.check_receipt(&req).await;
+            self.check_receipt(&req, served).await;
             return self.send_payload(&mut send, Bytes::new()).await.unwrap_or(());
         }
         // A receipt riding on a chunk request is checked while the chunk is served.
-        tokio::join!(self.check_receipt(&req), self.respond(&req, &mut send));
+        tokio::join!(self.check_receipt(&req, served), self.respond(&req, &mut send, served));
     }
 
-    async fn check_receipt(&self, req: &ChunkRequest) {
+    /// Keeps a receipt the request carries, if it pays for no more chunks than this connection delivered
+    /// (plus a little slack for a client that reconnected): so a stranger cannot make the node walk a
+    /// long hash chain for free.
+    async fn check_receipt(&self, req: &ChunkRequest, served: &AtomicU32) {
         let Some(receipt) = req.receipt.clone() else { return };
+        let max_advance = served.load(Ordering::Relaxed).saturating_add(RECEIPT_SLACK);
         // Checking walks hash-chain links and the write is synced: off the async workers.
         let credits = self.credits.clone();
-        match tokio::task::spawn_blocking(move || credits.accept(&receipt)).await {
+        match tokio::task::spawn_blocking(move || credits.accept(&receipt, max_advance)).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "refused a client's receipt"),
             Err(e) => tracing::error!(error = %e, "receipt check failed"),
             Ok(Ok(())) => {}
         }
     }
 
-    async fn respond(&self, req: &ChunkRequest, send: &mut quinn::SendStream) {
+    async fn respond(&self, req: &ChunkRequest, send: &mut quinn::SendStream, served: &AtomicU32) {
         let bytes = match self.chunk(req).await {
             Ok(b) => b,
             Err((status, message)) => return respond_error(send, status, &message).await,
@@ -210,8 +261,11 @@ impl Server {
                 bytes.slice(off as usize..end as usize)
             }
         };
-        if let Err(e) = self.send_payload(send, body).await {
-            tracing::debug!(chunk = %req.hash, error = %e, "client went away mid-response");
+        match self.send_payload(send, body).await {
+            Ok(()) => {
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(chunk = %req.hash, error = %e, "client went away mid-response"),
         }
     }
 

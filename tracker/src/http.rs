@@ -18,7 +18,6 @@ use fog_proto::api::{
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
 use fog_proto::{ChunkHash, ContentId, NodeId};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
@@ -327,15 +326,10 @@ impl App {
 
     /// A JSON request body of at most [`MAX_BODY`] bytes.
     async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-        let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("cannot read body (limit {MAX_BODY} bytes): {e}"),
-                false,
-            )
-        })?;
-        serde_json::from_slice(&body.to_bytes()).map_err(|e| {
+        let body = http_server::read_body(req, MAX_BODY)
+            .await
+            .map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string(), false))?;
+        serde_json::from_slice(&body).map_err(|e| {
             error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("malformed request body: {e}"), false)
         })
     }
@@ -473,7 +467,8 @@ impl App {
             let msg = format!("at most {MAX_BATCH} receipts per batch");
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
         }
-        match self.ledger.redeem(node, &batch.receipts) {
+        // Signature checks, chain walks and a synced write: off the async workers.
+        match tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts)) {
             Ok(results) => {
                 let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
                 let rejected = results.iter().filter(|r| r.outcome == "rejected").count();

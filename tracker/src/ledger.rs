@@ -237,10 +237,14 @@ impl Ledger {
     }
 
     /// Redeems a node's receipts: each is credited, a duplicate, or rejected with a reason.
+    /// Blocking (signature checks, hash-chain walks, a synced write): call it off the async workers.
     pub fn redeem(&self, node: NodeId, receipts: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
-        let _guard = self.write.lock().expect("ledger write lock");
         let now = now_ms();
         let epoch = self.epoch_at(now);
+        // Signatures and chain walks need no ledger state: done before taking the lock, so a batch of
+        // expensive receipts delays only its own redemption.
+        let verified = receipts.iter().map(|r| self.verify(node, r, epoch)).collect::<Result<Vec<_>, _>>()?;
+        let _guard = self.write.lock().expect("ledger write lock");
         let mut size = self.size()?;
         let mut batch = WriteBatch::default();
         let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
@@ -250,9 +254,12 @@ impl Ledger {
         let mut node_epoch: u64 = self.get_u64(CF_NODE_EPOCHS, &node_epoch_key(&node, epoch))?;
         let mut rejected_seq = self.get_u64(CF_META, &[b"rejseq/".as_slice(), node.as_bytes()].concat())?;
         let mut results = Vec::with_capacity(receipts.len());
-        for r in receipts {
+        for (r, verified) in receipts.iter().zip(verified) {
             let chain_id = r.chain_id();
-            let outcome = self.check(node, r, epoch, &mut chains, &mut used)?;
+            let outcome = match verified {
+                Ok(v) => self.apply(v, &mut chains, &mut used)?,
+                Err(reason) => Check::Reject(reason),
+            };
             let result = match outcome {
                 Check::Reject(reason) => {
                     let rej =
@@ -319,15 +326,11 @@ impl Ledger {
         Ok(results)
     }
 
-    fn check(
-        &self,
-        node: NodeId,
-        r: &Receipt,
-        epoch: u64,
-        chains: &mut HashMap<Vec<u8>, ChainState>,
-        used: &mut HashMap<String, u64>,
-    ) -> Result<Check, LedgerError> {
-        let reject = |why: &str| Ok(Check::Reject(why.to_string()));
+    /// What can be checked of a receipt without ledger state: the client's signature, the ticket it names,
+    /// the node's assignment, and the hash chain. The walk is bounded by the chunks the ticket covers,
+    /// which is checked first.
+    fn verify(&self, node: NodeId, r: &Receipt, epoch: u64) -> Result<Result<Verified, String>, LedgerError> {
+        let reject = |why: &str| Ok(Err(why.to_string()));
         let Ok(c) = r.commitment.open::<Commitment>(KIND_COMMITMENT) else {
             return reject("forged: the commitment's signature does not verify");
         };
@@ -356,33 +359,53 @@ impl Ledger {
         let (Some(anchor), Some(preimage)) = (parse_hex32(&c.anchor), parse_hex32(&r.preimage)) else {
             return reject("malformed anchor or preimage");
         };
+        let assigned = t.assigned_chunks.get(slot).copied().unwrap_or(0);
         if r.index == 0 || r.index > c.length || c.length > MAX_CHAIN {
             return reject("payment index outside the committed chain");
         }
-        let key = chain_key(&c.session, &node);
-        let state = match chains.get(&key) {
-            Some(s) => *s,
-            None => self.get::<ChainState>(CF_CHAINS, &key)?.unwrap_or_default(),
-        };
-        if r.index <= state.index {
-            return Ok(Check::Duplicate);
+        // Claims beyond the assignment are capped below; claims beyond the whole ticket are not walked.
+        if u64::from(r.index) > t.byte_budget.div_ceil(u64::from(t.unit.max(1))) {
+            return reject("the receipt pays for more chunks than the whole ticket covers");
         }
         if !chain_links(&anchor, 0, &preimage, r.index) {
             return reject("bad chain: the preimage does not hash to the committed anchor");
         }
-        let spent = match used.get(&c.session) {
-            Some(u) => *u,
-            None => self.get_u64(CF_TICKET_USED, c.session.as_bytes())?,
+        Ok(Ok(Verified {
+            key: chain_key(&c.session, &node),
+            session: c.session,
+            index: r.index,
+            unit: u64::from(t.unit),
+            node_cap: u64::from(assigned) * u64::from(t.unit),
+            byte_budget: t.byte_budget,
+        }))
+    }
+
+    /// Credits a verified receipt against the chain's and the ticket's state (under the write lock).
+    fn apply(
+        &self,
+        v: Verified,
+        chains: &mut HashMap<Vec<u8>, ChainState>,
+        used: &mut HashMap<String, u64>,
+    ) -> Result<Check, LedgerError> {
+        let state = match chains.get(&v.key) {
+            Some(s) => *s,
+            None => self.get::<ChainState>(CF_CHAINS, &v.key)?.unwrap_or_default(),
         };
-        let claimed = u64::from(r.index - state.index) * u64::from(t.unit);
-        let node_cap = u64::from(t.assigned_chunks.get(slot).copied().unwrap_or(0)) * u64::from(t.unit);
-        let bytes = claimed.min(node_cap.saturating_sub(state.credited)).min(t.byte_budget.saturating_sub(spent));
-        chains.insert(key, ChainState { index: r.index, credited: state.credited + bytes });
-        used.insert(c.session.clone(), spent + bytes);
-        if bytes == 0 {
-            return reject("nothing left: the ticket's budget or the node's assignment is used up");
+        if v.index <= state.index {
+            return Ok(Check::Duplicate);
         }
-        Ok(Check::Credit { session: c.session, bytes, capped: bytes < claimed })
+        let spent = match used.get(&v.session) {
+            Some(u) => *u,
+            None => self.get_u64(CF_TICKET_USED, v.session.as_bytes())?,
+        };
+        let claimed = u64::from(v.index - state.index) * v.unit;
+        let bytes = claimed.min(v.node_cap.saturating_sub(state.credited)).min(v.byte_budget.saturating_sub(spent));
+        chains.insert(v.key, ChainState { index: v.index, credited: state.credited + bytes });
+        used.insert(v.session.clone(), spent + bytes);
+        if bytes == 0 {
+            return Ok(Check::Reject("nothing left: the ticket's budget or the node's assignment is used up".into()));
+        }
+        Ok(Check::Credit { session: v.session, bytes, capped: bytes < claimed })
     }
 
     /// Adds leaf `index` and the complete subtrees it closes to `batch`.
@@ -550,6 +573,17 @@ impl Ledger {
         rejected.reverse();
         Ok(NodeStatement { totals, records, rejected })
     }
+}
+
+/// A receipt whose signature, ticket, assignment and chain checked out.
+#[derive(Debug)]
+struct Verified {
+    key: Vec<u8>,
+    session: String,
+    index: u32,
+    unit: u64,
+    node_cap: u64,
+    byte_budget: u64,
 }
 
 enum Check {

@@ -1,0 +1,119 @@
+//! Attacks from one host on 127.0.0.1, each bounded in count and time, against real processes: the
+//! attacked process stays responsive and legitimate clients keep getting verified bytes from the fog.
+
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use fog_client::chunk::{self, Deadlines};
+use fog_client::transport;
+use fog_proto::api::{Resolve, Signed};
+use fog_proto::credits::{hex32, Commitment, Receipt, KIND_COMMITMENT, MAX_CHAIN};
+use fog_proto::wire::ChunkRequest;
+use fog_testkit::harness::{Cluster, ClusterOptions};
+use fog_testkit::test_bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1 << 20;
+
+async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
+    let url = format!("{}/v1/resolve?url={url}", cluster.tracker_url());
+    reqwest::get(url).await.expect("resolve").json().await.expect("resolve json")
+}
+
+/// Receipt-only requests whose chains claim a million links, each under a fresh throwaway key: walking
+/// one used to cost the node ~110 ms of CPU on an async worker. They are refused before any hashing
+/// (the connection was served nothing), and a real client keeps getting fog bytes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_paying_for_undelivered_chunks_cost_nothing() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    let content = test_bytes(4 * MIB, 31);
+    cluster.origin.put("a.bin", content.clone());
+    let r = resolve(&cluster, &cluster.origin.url("a.bin")).await;
+    let node = r.nodes[0].clone();
+
+    let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let conn = transport::connect(&endpoint, node.id, node.addr, Duration::from_secs(10), Duration::from_secs(10))
+        .await
+        .expect("connect");
+    const FLOOD: usize = 200;
+    let flood = tokio::spawn(async move {
+        for i in 0..FLOOD {
+            let key = SigningKey::from_bytes(&[i as u8 ^ 0x5a; 32]);
+            let c = Commitment {
+                session: format!("s{i}"),
+                ticket_id: hex32(&[0; 32]),
+                node: node.id,
+                anchor: hex32(&[1; 32]),
+                length: MAX_CHAIN,
+                epoch: 0,
+            };
+            let receipt = Receipt {
+                commitment: Signed::sign(&key, KIND_COMMITMENT, &c),
+                index: MAX_CHAIN,
+                preimage: hex32(&[2; 32]),
+            };
+            let req = ChunkRequest::receipt_only(serde_json::to_vec(&receipt).expect("json"));
+            chunk::request(
+                &conn,
+                &req,
+                0,
+                Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) },
+                None,
+            )
+            .await
+            .expect("the node answers");
+        }
+    });
+    let (bytes, report) = cluster.client().get(&cluster.origin.url("a.bin")).await.expect("fetch under attack");
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64, "{report:?}");
+    flood.await.expect("flood");
+
+    let status = cluster.node_status(0).await;
+    assert!(status["credits"]["receipts_refused"].as_u64() >= Some(FLOOD as u64), "{:#}", status["credits"]);
+    assert!(cluster.nodes[0].log_text().contains("its connection delivered at most"), "refusal reason not logged");
+}
+
+/// A request body sent one byte a second is cut off after the body deadline with a clear error, and the
+/// tracker keeps answering heartbeats and resolves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_are_cut_off_and_the_tracker_keeps_answering() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    let content = test_bytes(2 * MIB, 32);
+    cluster.origin.put("b.bin", content.clone());
+
+    let mut slow = Vec::new();
+    for _ in 0..64 {
+        let mut s = tokio::net::TcpStream::connect(&cluster.tracker.addr).await.expect("connect");
+        let head = "POST /v1/nodes/heartbeat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n";
+        s.write_all(head.as_bytes()).await.expect("headers");
+        slow.push(s);
+    }
+    let started = Instant::now();
+    let dribble = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for _ in 0..15 {
+            for s in &mut slow {
+                let _ = s.write_all(b" ").await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for mut s in slow {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.ok().and_then(Result::ok);
+            answers.push(String::from_utf8_lossy(&buf[..n.unwrap_or(0)]).to_string());
+        }
+        answers
+    });
+    // Meanwhile the node stays healthy (its heartbeats are answered) and clients are served by the fog.
+    while started.elapsed() < Duration::from_secs(12) {
+        let (bytes, report) = cluster.client().get(&cluster.origin.url("b.bin")).await.expect("fetch");
+        assert!(bytes == content);
+        assert_eq!(report.fog_bytes, content.len() as u64, "{report:?}");
+        assert_eq!(cluster.stats().await.nodes_healthy, 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let answers = dribble.await.expect("dribble");
+    let cut = answers.iter().filter(|a| a.starts_with("HTTP/1.1 400") && a.contains("send it faster")).count();
+    assert_eq!(cut, answers.len(), "slow bodies were not all cut off: {:?}", answers.first());
+}

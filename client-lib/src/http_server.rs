@@ -166,12 +166,17 @@ impl Connections {
         }
     }
 
-    /// Asks the oldest connection of the busiest source to close; returns that source.
+    /// Closes the oldest connection of the busiest source (it stops counting at once); returns that source.
     fn evict_one(&mut self) -> Option<std::net::IpAddr> {
         let (source, list) = self.by_source.iter_mut().max_by_key(|(_, l)| l.len())?;
-        let (_, close) = list.front()?;
+        let source = *source;
+        let (_, close) = list.pop_front()?;
         close.notify_one();
-        Some(*source)
+        self.open -= 1;
+        if list.is_empty() {
+            self.by_source.remove(&source);
+        }
+        Some(source)
     }
 }
 
@@ -239,6 +244,8 @@ mod tests {
         c.add(a);
         c.add(b);
         assert_eq!(c.evict_one(), Some(a));
+        assert_eq!(c.open, 2);
+        // The evicted connection's own removal, when its task ends, does not count twice.
         c.remove(a, first);
         assert_eq!(c.open, 2);
         assert_eq!(

@@ -397,7 +397,7 @@ impl Store {
             entries.push((seq, ChunkHash(key), size));
         }
         entries.sort_unstable();
-        let mut batch = WriteBatch::default();
+        let mut victims = Vec::new();
         let mut evicted = 0;
         {
             let mut index = self.index.lock().expect("store index lock");
@@ -413,17 +413,14 @@ impl Store {
                     Admission::TooLarge => vec![*hash],
                     Admission::Present => vec![],
                 };
-                for victim in evict {
-                    batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
-                    batch.delete_cf(self.cf(CF_META), victim.as_bytes());
-                }
+                victims.extend(evict);
             }
         }
         if evicted > 0 {
             tracing::info!(evicted, quota = self.quota, "the cache quota shrank; evicted the oldest chunks");
         }
         self.next_seq.store(entries.last().map_or(0, |e| e.0 + 1), Ordering::Relaxed);
-        self.db.write_opt(batch, &unsynced_without_wal()).map_err(StoreError::Write)
+        self.db.write_opt(self.deletion(&victims), &unsynced_without_wal()).map_err(StoreError::Write)
     }
 
     /// Reads a chunk, from the RAM tier or from disk. What comes from disk is verified against its hash,
@@ -500,16 +497,8 @@ impl Store {
             }
         };
         self.largest_chunk.fetch_max(size, Ordering::Relaxed);
-        let mut batch = WriteBatch::default();
-        {
-            let mut hot = self.hot.lock().expect("hot tier lock");
-            for victim in &evict {
-                hot.remove(victim);
-                batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
-                batch.delete_cf(self.cf(CF_META), victim.as_bytes());
-            }
-            hot.insert(*hash, bytes);
-        }
+        let mut batch = self.deletion(&evict);
+        self.hot.lock().expect("hot tier lock").insert(*hash, bytes);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         batch.put_cf(self.cf(CF_CHUNKS), hash.as_bytes(), &bytes[..]);
         batch.put_cf(self.cf(CF_META), hash.as_bytes(), meta_value(size as u32, seq));
@@ -517,6 +506,18 @@ impl Store {
             self.forget(hash);
             StoreError::Write(e)
         })
+    }
+
+    /// A batch deleting `victims` (already out of the index) from disk; drops them from the RAM tier.
+    fn deletion(&self, victims: &[ChunkHash]) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        let mut hot = self.hot.lock().expect("hot tier lock");
+        for victim in victims {
+            hot.remove(victim);
+            batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
+            batch.delete_cf(self.cf(CF_META), victim.as_bytes());
+        }
+        batch
     }
 
     /// Drops a chunk from the index and the RAM tier; returns the bytes charged for it, if it was indexed.
@@ -527,10 +528,7 @@ impl Store {
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), StoreError> {
         let charged = self.forget(hash);
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_CHUNKS), hash.as_bytes());
-        batch.delete_cf(self.cf(CF_META), hash.as_bytes());
-        self.db.write_opt(batch, &unsynced_without_wal()).map_err(StoreError::Write)?;
+        self.db.write_opt(self.deletion(&[*hash]), &unsynced_without_wal()).map_err(StoreError::Write)?;
         self.reclaim.add(charged.unwrap_or(0));
         Ok(())
     }
@@ -658,16 +656,7 @@ impl Store {
             return;
         }
         tracing::info!(capacity, quota = self.quota, evicted = evict.len(), "cache shrinks to leave disk room");
-        let mut batch = WriteBatch::default();
-        {
-            let mut hot = self.hot.lock().expect("hot tier lock");
-            for victim in &evict {
-                hot.remove(victim);
-                batch.delete_cf(self.cf(CF_CHUNKS), victim.as_bytes());
-                batch.delete_cf(self.cf(CF_META), victim.as_bytes());
-            }
-        }
-        if let Err(e) = self.db.write_opt(batch, &unsynced_without_wal()) {
+        if let Err(e) = self.db.write_opt(self.deletion(&evict), &unsynced_without_wal()) {
             tracing::error!(error = %e, "cannot delete evicted chunks");
         }
         self.reclaim.add(freed);

@@ -6,6 +6,10 @@ use bytes::{Bytes, BytesMut};
 use fog_proto::wire::{ChunkRequest, FrameError, ResponseHead, Status};
 use tokio::time::timeout;
 
+/// The slowest delivery of a whole chunk a request accepts when its caller sets no deadline of its own:
+/// 16 KiB/s (a 1 MiB chunk gets 64 s after its first byte, plus one stall interval).
+const PER_BYTE_AT_MIN_RATE: Duration = Duration::from_nanos(1_000_000_000 / (16 * 1024));
+
 /// How long a node may stay silent before we give up on it.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -78,6 +82,9 @@ pub async fn request(
     if len != expected_len as usize {
         return Err(ChunkError::Protocol(format!("announced {len} bytes, expected {expected_len}")));
     }
+    // Without a caller's deadline, a node must still deliver the whole chunk at a minimum rate: one that
+    // trickles a byte now and then (never stalling for `stall`) is cut off, and the caller falls back.
+    let until = until.or_else(|| Instant::now().checked_add(deadlines.stall + PER_BYTE_AT_MIN_RATE * len as u32));
     let mut out = BytesMut::with_capacity(len);
     while out.len() < len {
         let wait = until.map_or(deadlines.stall, |u| deadlines.stall.min(u.saturating_duration_since(Instant::now())));

@@ -3,6 +3,30 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The one form of a URL fogcdn checks against the origins, fetches and keys manifests by: parsed as the
+/// HTTP client (and a browser) parses it — dot segments, percent-encoded dots, backslashes, tabs and
+/// newlines resolved, the host lower-cased, a default port dropped — http(s) only, without userinfo or
+/// fragment. Encoded slashes and backslashes in the path are refused: origin servers that decode them
+/// before normalising would climb out of a prefix.
+pub fn canonical_url(text: &str) -> Result<String, String> {
+    let mut url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{text:?}: only http and https URLs are served"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{text:?} carries a user name or password; fogcdn never forwards credentials"));
+    }
+    let path = url.path().to_ascii_lowercase();
+    if path.contains("%2f") || path.contains("%5c") {
+        return Err(format!("{text:?} has an encoded slash or backslash in its path"));
+    }
+    url.set_fragment(None);
+    Ok(url.into())
+}
+
 /// URL prefixes of registered origins, e.g. `https://videos.example.com/vod/`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -21,20 +45,16 @@ impl OriginList {
                 return Err(format!("origin {p:?} has no host"));
             }
             let p = if rest.contains('/') { p } else { format!("{p}/") };
-            list.push(p);
+            list.push(canonical_url(&p)?);
         }
         Ok(Self(list))
     }
 
-    /// True when `url` lies under a registered prefix. Rejects URLs whose path tries to climb out of the
-    /// prefix with `..` segments and URLs with userinfo (`http://origin@evil/`).
+    /// True when `url`, in its [canonical form](canonical_url), lies under a registered prefix. The check
+    /// is made on the URL as the HTTP client will fetch it, so dot segments (plain or percent-encoded),
+    /// backslashes, tabs and userinfo cannot climb out of a prefix.
     pub fn allows(&self, url: &str) -> bool {
-        let Some(after_scheme) = url.split_once("://").map(|(_, r)| r) else { return false };
-        let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
-        if authority.contains('@') || url.split(['?', '#']).next().unwrap_or("").contains("/../") {
-            return false;
-        }
-        self.0.iter().any(|p| url.starts_with(p.as_str()))
+        canonical_url(url).is_ok_and(|url| self.0.iter().any(|p| url.starts_with(p.as_str())))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,6 +79,24 @@ mod tests {
         assert!(!o.allows("https://b.example/private/1.ts"));
         assert!(!o.allows("https://b.example/vod/../private/1.ts"));
         assert!(!o.allows("http://a.example@evil.net/"));
+        // Escapes the HTTP client would resolve after a string comparison.
+        for escape in [
+            "https://b.example/vod/%2e%2e/private/1.ts",
+            "https://b.example/vod/%2E%2e/private/1.ts",
+            "https://b.example/vod/.%2e/private/1.ts",
+            "https://b.example/vod\\..\\private/1.ts",
+            "https://b.example/vod/\t../private/1.ts",
+            "https://b.example/vod/..%2fprivate/1.ts",
+            "https://b.example/vod/..%5Cprivate/1.ts",
+            "https://user:pw@b.example/vod/1.ts",
+        ] {
+            assert!(!o.allows(escape), "{escape} escaped the prefix");
+        }
+        assert!(o.allows("HTTPS://B.EXAMPLE:443/vod/./a/../1.ts#frag"));
+        assert_eq!(
+            super::canonical_url("HTTPS://B.EXAMPLE:443/vod/./a/../1.ts?q=1#frag").expect("valid"),
+            "https://b.example/vod/1.ts?q=1"
+        );
         assert!(OriginList::new(["ftp://x".to_string()]).is_err());
     }
 }

@@ -15,9 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1 << 20;
 
+async fn resolve_response(cluster: &Cluster, url: &str) -> reqwest::Response {
+    let resolve = format!("{}/v1/resolve", cluster.tracker_url());
+    reqwest::Client::new().get(resolve).query(&[("url", url)]).send().await.expect("resolve")
+}
+
 async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
-    let url = format!("{}/v1/resolve?url={url}", cluster.tracker_url());
-    reqwest::get(url).await.expect("resolve").json().await.expect("resolve json")
+    resolve_response(cluster, url).await.json().await.expect("resolve json")
 }
 
 /// Receipt-only requests whose chains claim a million links, each under a fresh throwaway key: walking
@@ -116,4 +120,30 @@ async fn slow_request_bodies_are_cut_off_and_the_tracker_keeps_answering() {
     let answers = dribble.await.expect("dribble");
     let cut = answers.iter().filter(|a| a.starts_with("HTTP/1.1 400") && a.contains("send it faster")).count();
     assert_eq!(cut, answers.len(), "slow bodies were not all cut off: {:?}", answers.first());
+}
+
+/// Spellings of one URL (dot segments, percent-encoded dots, a fragment, an upper-case host) are one
+/// object: one ingest, one manifest. Credentials in a URL are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_one_url_share_one_manifest() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    cluster.origin.put("c.bin", test_bytes(3 * MIB, 33));
+    let plain = cluster.origin.url("c.bin");
+    let base = cluster.origin.base_url();
+    let spellings = [
+        plain.clone(),
+        format!("{base}x/../c.bin"),
+        format!("{base}x/%2e%2E/./c.bin"),
+        format!("{plain}#t=10"),
+        plain.replace("http://", "HTTP://"),
+    ];
+    let mut ids = Vec::new();
+    for url in &spellings {
+        ids.push(resolve(&cluster, url).await.content_id);
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(cluster.origin.requests_for("c.bin"), 1, "each spelling was ingested again");
+
+    let with_user = plain.replace("http://", "http://user:pw@");
+    assert_eq!(resolve_response(&cluster, &with_user).await.status().as_u16(), 400);
 }

@@ -231,6 +231,14 @@ impl App {
             self.count_resolve("bad_request");
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "missing query parameter url", false);
         };
+        // One form for the allow-list, the fetch and the manifest key: spellings of one URL share a manifest.
+        let url = match fog_proto::origins::canonical_url(&url) {
+            Ok(url) => url,
+            Err(e) => {
+                self.count_resolve("bad_request");
+                return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
+            }
+        };
         if !self.cfg.origins.allows(&url) {
             self.count_resolve("unknown_origin");
             tracing::info!(url, "refused: not under a registered origin");

@@ -18,7 +18,8 @@ use crate::scheduler::{NodeInfo, Params, Snapshot, DEFAULT_UPLOAD};
 /// How far a signed message's timestamp may be from the tracker's clock.
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Nodes silent this long are forgotten, so the registry cannot fill up with departed nodes.
-const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How long a registered node may stay unreachable by clients before a full registry may forget it.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(120);
 /// Largest page of the node table.
 pub const MAX_PAGE: usize = 200;
 
@@ -114,6 +115,8 @@ pub struct Health {
 pub struct NodeEntry {
     pub reg: Registration,
     pub health: Health,
+    /// When it first registered (kept across re-registrations).
+    pub first_seen: Instant,
     pub last_seen: Instant,
     /// Newest message timestamp accepted: older or equal ones are replays.
     pub last_timestamp_ms: u64,
@@ -327,20 +330,37 @@ impl Registry {
                 return Err(RegistryError::Replay);
             }
         } else if nodes.len() >= self.max_nodes {
-            nodes.retain(|_, n| n.last_seen.elapsed() < FORGET_AFTER);
-            if nodes.len() >= self.max_nodes {
-                return Err(RegistryError::Full(self.max_nodes));
+            // Room for a newcomer comes from entries that serve nobody: silent past the heartbeat timeout,
+            // or never reachable by clients after a grace period. Throwaway keys cannot lock real nodes out.
+            let victim = nodes
+                .iter()
+                .filter(|(_, n)| {
+                    n.last_seen.elapsed() > self.timeout
+                        || (n.first_seen.elapsed() > UNREACHABLE_GRACE
+                            && self.client_path(&nodes, n) == ClientPath::Unreachable)
+                })
+                .min_by_key(|(_, n)| n.last_seen)
+                .map(|(id, _)| *id);
+            match victim {
+                Some(victim) => {
+                    tracing::info!(node = %victim, "registry full: forgetting a silent or unreachable node");
+                    nodes.remove(&victim);
+                }
+                None => return Err(RegistryError::Full(self.max_nodes)),
             }
         }
-        // Re-registering keeps what the node earned: its counters, and a quarantine.
-        let (stats, upload_rate, quarantined) =
-            nodes.get(&id).map(|n| (n.stats.clone(), n.upload_rate, n.health.quarantined.clone())).unwrap_or_default();
-        let health = Health { quarantined, ..Default::default() };
+        // Re-registering keeps what the node earned and what the tracker learned: its counters, its probe
+        // history and a quarantine (a restart must not wash away failed probes).
+        let old = nodes.get(&id);
+        let (stats, upload_rate) = old.map(|n| (n.stats.clone(), n.upload_rate)).unwrap_or_default();
+        let health = Health { draining: false, ..old.map(|n| n.health.clone()).unwrap_or_default() };
+        let first_seen = old.map_or_else(Instant::now, |n| n.first_seen);
         // Keep the coordinate too: it reflects the network, which a restart does not move.
         let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
         let entry = NodeEntry {
             reg,
             health,
+            first_seen,
             last_seen: Instant::now(),
             last_timestamp_ms: timestamp_ms,
             stats,
@@ -765,6 +785,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(r.counts().healthy, 0);
         assert!(r.snapshot().nodes.is_empty());
+        // Full, with one entry silent: a newcomer takes its place.
+        r.register(id(4), reg(), now + 4, now).expect("room left");
+        r.register(id(5), reg(), now + 5, now).expect("the silent entry makes room");
+        assert_eq!(r.counts().total, 2);
+        assert_eq!(r.heartbeat(&id(1), NodeStats::default(), false, None, now + 6, now), Ok(false), "not forgotten");
     }
 
     #[test]
@@ -779,20 +804,22 @@ mod tests {
         assert_eq!(r.record_probe(&id(1), &fail), None);
         assert_eq!(r.record_probe(&id(1), &fail), Some((NodeState::Active, NodeState::Unhealthy)));
         assert!(r.snapshot().nodes.is_empty());
+        r.register(id(1), reg(), now + 1, now).expect("re-register");
+        assert_eq!(state(), "unhealthy", "re-registering must not wash away failed probes");
         assert_eq!(r.record_probe(&id(1), &ProbeOutcome::Ok { rtt_ms: 3 }), None, "one success is not enough");
         assert_eq!(
             r.record_probe(&id(1), &ProbeOutcome::Ok { rtt_ms: 3 }),
             Some((NodeState::Unhealthy, NodeState::Active))
         );
-        r.heartbeat(&id(1), NodeStats::default(), true, None, now + 1, now).expect("draining heartbeat");
+        r.heartbeat(&id(1), NodeStats::default(), true, None, now + 2, now).expect("draining heartbeat");
         assert_eq!(state(), "draining");
         assert!(r.snapshot().nodes.is_empty(), "a draining node must not be scheduled");
-        r.heartbeat(&id(1), NodeStats::default(), false, None, now + 2, now).expect("heartbeat");
+        r.heartbeat(&id(1), NodeStats::default(), false, None, now + 3, now).expect("heartbeat");
         assert_eq!(
             r.record_probe(&id(1), &ProbeOutcome::WrongBytes),
             Some((NodeState::Active, NodeState::Quarantined))
         );
-        r.register(id(1), reg(), now + 3, now).expect("re-register");
+        r.register(id(1), reg(), now + 4, now).expect("re-register");
         assert_eq!(state(), "quarantined", "re-registering must not lift a quarantine");
         assert!(r.probe_targets().is_empty());
     }

@@ -15,6 +15,7 @@ pub mod ffi;
 pub mod http_server;
 pub mod identity;
 pub mod origin;
+pub mod per_source;
 pub mod proxy;
 pub mod rendezvous;
 pub mod tracker;

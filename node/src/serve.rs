@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fog_client::http_server::source_of;
 use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
+use fog_client::per_source::source_of;
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
 use fog_proto::ChunkHash;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -145,7 +145,7 @@ impl Server {
     /// Accepts connections until the endpoint is closed.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
-            let source = source_of(incoming.remote_address());
+            let source = source_of(incoming.remote_address().ip());
             let open = self.connections.load(Ordering::Relaxed);
             let from_source = self.by_source.lock().expect("sources lock").get(&source).copied().unwrap_or(0);
             // Once the node is half full, no source may hold more than its share: one host cannot take

@@ -328,6 +328,8 @@ pub enum ErrorCode {
     TooLarge,
     Unauthorized,
     RegistryFull,
+    /// The requester's source (IPv4 address or IPv6 /64) used up its share of this kind of work.
+    RateLimited,
     Internal,
 }
 

@@ -147,3 +147,20 @@ async fn spellings_of_one_url_share_one_manifest() {
     let with_user = plain.replace("http://", "http://user:pw@");
     assert_eq!(resolve_response(&cluster, &with_user).await.status().as_u16(), 400);
 }
+
+/// Query-string variants of one URL are distinct objects to an origin; a source asking for many new ones
+/// gets its share of ingests and then `429`, while objects already ingested still resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_ingests_are_shared_per_source() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    cluster.origin.put("q.bin", test_bytes(10_000, 34));
+    let url = cluster.origin.url("q.bin");
+    let mut statuses = Vec::new();
+    for i in 0..80 {
+        statuses.push(resolve_response(&cluster, &format!("{url}?v={i}")).await.status().as_u16());
+    }
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(limited >= 10, "no share enforced: {statuses:?}");
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    assert_eq!(resolve_response(&cluster, &format!("{url}?v=0")).await.status().as_u16(), 200, "a stored object");
+}

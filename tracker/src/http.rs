@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
+use fog_client::per_source::PerSource;
 use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
@@ -69,7 +70,15 @@ pub struct App {
     /// Client networks' coordinates, from their reports.
     clients: std::sync::Mutex<ClientCoords>,
     dial_backs: Semaphore,
+    /// Fair shares per source (IPv4 address / IPv6 /64) of registrations and of new ingests.
+    registrations_by_source: PerSource,
+    ingests_by_source: PerSource,
 }
+
+/// Registrations a source may make: a burst, then this many a minute.
+const REGISTRATIONS_PER_SOURCE: (u32, u32) = (64, 60);
+/// New objects a source may have ingested: a burst, then this many a minute.
+const INGESTS_PER_SOURCE: (u32, u32) = (64, 60);
 
 /// Client network prefixes whose coordinates are remembered.
 const MAX_CLIENT_PREFIXES: usize = 100_000;
@@ -138,6 +147,8 @@ impl App {
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
                 .ok(),
             dial_backs: Semaphore::new(DIAL_BACKS),
+            registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
+            ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
         })
     }
 
@@ -252,6 +263,13 @@ impl App {
                 false,
             );
         }
+        // Reading an object from its origin is the costliest thing a stranger can ask for: each source gets
+        // its share of new ingests (query-string variants of one URL are distinct objects to an origin).
+        if (stale.is_some() || !self.ingest.is_stored(&url)) && !self.ingests_by_source.check(peer.ip()) {
+            self.count_resolve("rate_limited");
+            let msg = "too many new objects ingested for your network; try again in a minute (the origin serves it meanwhile)";
+            return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, msg, true);
+        }
         let manifest = match self.ingest.manifest(&url, stale).await {
             Ok((m, how)) => {
                 if how == Origin::Ingested {
@@ -363,6 +381,11 @@ impl App {
     }
 
     async fn register(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+        // Each registration costs a QUIC dial-back: a source may register only so often.
+        if !self.registrations_by_source.check(peer.ip()) {
+            let msg = "too many registrations from your network; try again in a minute";
+            return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, msg, true);
+        }
         let (node, reg): (NodeId, Register) = match self.signed_message(req, KIND_REGISTER).await {
             Ok(m) => m,
             Err(r) => return r,

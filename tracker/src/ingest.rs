@@ -70,6 +70,12 @@ impl Ingest {
 
     /// The manifest for `url`, ingesting it on first use. `stale`: the client found the origin no longer
     /// matches this content id; if it is still the stored one (and not brand new) the object is re-ingested.
+    /// Whether a manifest for `url` is stored (so a resolve will not ingest, unless the client reports
+    /// the object stale).
+    pub fn is_stored(&self, url: &str) -> bool {
+        self.db.manifest(url).is_ok_and(|m| m.is_some())
+    }
+
     pub async fn manifest(&self, url: &str, stale: Option<ContentId>) -> Result<(Arc<Manifest>, Origin), IngestError> {
         if let Some(stored) = self.db.manifest(url).map_err(|e| IngestError::Db(e.to_string()))? {
             let id = stored.manifest.content_id();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use fog_client::per_source::PerSource;
 use fog_proto::api::Signed;
 use fog_proto::credits::{
     chain_links, hex32, parse_hex32, Commitment, LedgerLeaf, Receipt, Redeemed, Ticket, TreeHead, KIND_COMMITMENT,
@@ -37,8 +38,6 @@ pub(crate) const COLUMN_FAMILIES: [&str; 9] =
 
 /// Rejections kept per node for its itemised statement.
 const REJECTIONS_KEPT: u64 = 200;
-/// Tickets one client address may get per minute: a colluding client cannot mint sessions at will.
-const LIMITER_MAX_ADDRESSES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -106,10 +105,10 @@ pub struct Ledger {
     key: SigningKey,
     epoch_len: Duration,
     ticket_ttl: Duration,
-    tickets_per_minute: u32,
     /// Serialises redemptions: ledger appends are sequential.
     write: Mutex<()>,
-    issued: Mutex<HashMap<IpAddr, (u64, u32)>>,
+    /// Tickets per client source per minute: self-dealing through fake clients needs many sources.
+    tickets: PerSource,
 }
 
 use fog_proto::api::now_ms;
@@ -152,9 +151,8 @@ impl Ledger {
             key,
             epoch_len,
             ticket_ttl: Duration::from_secs(6 * 3600),
-            tickets_per_minute,
             write: Mutex::new(()),
-            issued: Mutex::new(HashMap::new()),
+            tickets: PerSource::new(tickets_per_minute, tickets_per_minute),
         }
     }
 
@@ -185,21 +183,6 @@ impl Ledger {
         self.get_u64(CF_META, b"size")
     }
 
-    /// Whether `client` may have another ticket this minute.
-    fn admit_ticket(&self, client: IpAddr) -> bool {
-        let minute = now_ms() / 60_000;
-        let mut issued = self.issued.lock().expect("limiter lock");
-        if issued.len() >= LIMITER_MAX_ADDRESSES {
-            issued.retain(|_, (m, _)| *m == minute);
-        }
-        let e = issued.entry(client).or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
-        }
-        e.1 += 1;
-        e.1 <= self.tickets_per_minute
-    }
-
     /// Issues a ticket for `client_key`'s session over `nodes` (with their assigned chunk counts), or `None`
     /// when the client's address used up its tickets (its traffic then earns nobody anything).
     #[allow(clippy::too_many_arguments)]
@@ -213,7 +196,7 @@ impl Ledger {
         unit: u32,
         byte_budget: u64,
     ) -> Result<Option<Signed>, LedgerError> {
-        if !self.admit_ticket(client) {
+        if !self.tickets.check(client) {
             return Ok(None);
         }
         let session: [u8; 16] = rand::random();

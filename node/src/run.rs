@@ -24,7 +24,7 @@ use fog_client::identity::{self, IdentityError};
 /// File in the data directory holding the status page's address, for `fog-node status`.
 pub const STATUS_ADDR_FILE: &str = "status.addr";
 
-/// How often the data directory and its disk are measured (and the cache resized to fit).
+/// How often, at most, the data directory and its disk are measured (and the cache resized to fit).
 const DISK_WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// Requests per client connection in flight at once.
@@ -183,14 +183,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
 }
 
 /// Measures the data directory every few seconds, so the cache gives way to the disk floor and to other
-/// files, and the status page shows real bytes on disk.
+/// files, and the status page shows real bytes on disk. A walk over a large cache (a file per chunk) takes
+/// a while on a small device: the pause after each is at least 50 times its length (≤ 2 % of a core).
 async fn watch_disk_forever(store: Arc<Store>, data_dir: std::path::PathBuf, floor: crate::config::DiskFloor) {
-    let mut tick = tokio::time::interval(DISK_WATCH_EVERY);
     loop {
-        tick.tick().await;
         let (store, dir) = (store.clone(), data_dir.clone());
+        let started = std::time::Instant::now();
         if let Err(e) = tokio::task::spawn_blocking(move || store.watch_disk(&dir, |fs| floor.bytes(fs))).await {
             tracing::error!(error = %e, "disk measurement failed");
         }
+        tokio::time::sleep(DISK_WATCH_EVERY.max(started.elapsed() * 50)).await;
     }
 }

@@ -95,6 +95,16 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Read(_) | Self::Write(_) | Self::Reclaiming | Self::NoRoom { .. })
     }
+
+    /// Whether the store's files are damaged (and rebuilding the cache is the remedy), rather than held by
+    /// another process or on a disk that is read-only, full or not permitted.
+    fn is_damage(&self) -> bool {
+        match self {
+            Self::Open { .. } | Self::Damaged(_) => true,
+            Self::Read(e) | Self::Write(e) => !is_environment_error(e),
+            _ => false,
+        }
+    }
 }
 
 /// What a lookup found.
@@ -328,7 +338,7 @@ impl Store {
     pub fn open(path: &Path, quota: u64, memory: u64) -> Result<Self, StoreError> {
         match Self::open_checked(path, quota, memory) {
             Ok(store) => Ok(store),
-            Err(e @ (StoreError::Locked { .. } | StoreError::Unusable { .. })) => Err(e),
+            Err(e) if !e.is_damage() => Err(e),
             Err(damage) => {
                 let why = damage.to_string();
                 tracing::error!(error = %why, "the chunk cache is damaged; rebuilding it empty (chunks will be refetched)");

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{DBRecoveryMode, IteratorMode, Options, WriteOptions, DB};
 
-use crate::store::{is_environment_error, is_lock_error};
+use crate::store::{is_damage_error, is_lock_error};
 
 /// Receipts held at most: beyond this (a tracker unreachable for long on a busy node) new chains are
 /// refused until redemption catches up; about 1 KiB each on disk.
 pub const MAX_HELD: u64 = 16_384;
 
 /// The column family receipts lived in inside the chunk store before they moved here.
-const LEGACY_CF: &str = "receipts";
+pub(crate) const LEGACY_CF: &str = "receipts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptsError {
@@ -75,7 +75,7 @@ impl ReceiptDb {
         let (db, recovered) = match open_checked(path) {
             Ok(db) => (db, None),
             Err(e) if is_lock_error(&e) => return Err(ReceiptsError::Locked { path: display }),
-            Err(e) if is_environment_error(&e) => return Err(ReceiptsError::Open { path: display, source: e }),
+            Err(e) if !is_damage_error(&e) => return Err(ReceiptsError::Open { path: display, source: e }),
             Err(damage) => {
                 tracing::error!(error = %damage, "the receipts database is damaged; repairing it");
                 let repaired = DB::repair(&options(), path).and_then(|()| open_checked(path));
@@ -134,15 +134,16 @@ impl ReceiptDb {
         self.db.iterator(IteratorMode::Start).filter(Result::is_ok).count() as u64
     }
 
-    /// Moves receipts an older node kept in the chunk store's `receipts` column family into this database
-    /// (the chunk store then drops that column family when it opens).
+    /// Moves receipts an older node kept in the chunk store's `receipts` column family into this database,
+    /// then drops that column family (only once every receipt is copied; otherwise it stays, and the move
+    /// is tried again at the next start).
     fn take_legacy(&self, store: &Path) {
         let opts = Options::default();
         let Ok(families) = DB::list_cf(&opts, store) else { return };
         if !families.iter().any(|f| f == LEGACY_CF) {
             return;
         }
-        let moved = DB::open_cf_for_read_only(&opts, store, &families, false).and_then(|old| {
+        let moved = DB::open_cf(&opts, store, &families).and_then(|mut old| {
             let cf = old.cf_handle(LEGACY_CF).expect("listed");
             let mut n = 0;
             for item in old.iterator_cf(cf, IteratorMode::Start) {
@@ -152,12 +153,13 @@ impl ReceiptDb {
                     n += 1;
                 }
             }
+            old.drop_cf(LEGACY_CF)?;
             Ok(n)
         });
         match moved {
             Ok(n) => tracing::info!(receipts = n, "moved held receipts out of the chunk store"),
             Err(e) => {
-                tracing::error!(error = %e, "cannot move held receipts out of the old chunk store; they stay there")
+                tracing::error!(error = %e, "cannot move held receipts out of the old chunk store; trying again at the next start")
             }
         }
     }
@@ -224,7 +226,7 @@ mod tests {
         }
         let r = ReceiptDb::open(&path, &legacy).expect("open");
         assert_eq!(r.get("chain").expect("get").as_deref(), Some(&b"{\"old\":1}"[..]));
-        let store = crate::store::Store::open(&legacy, 1 << 20, 0).expect("the chunk store drops the old family");
+        let store = crate::store::Store::open(&legacy, 1 << 20, 0).expect("the chunk store opens");
         drop(store);
         assert!(!DB::list_cf(&Options::default(), &legacy).expect("list").iter().any(|f| f == LEGACY_CF));
     }

@@ -11,7 +11,7 @@
 //!
 //! # Why the quota holds on disk
 //! A volunteer's `--cache-size` bounds the whole data directory, not only the cache's own accounting (the
-//! old layout wrote every chunk to the WAL first and took 7× its quota on disk). Bytes on disk are live
+//! old layout wrote every chunk to the WAL first and took several times its quota on disk). Bytes on disk are live
 //! chunks + evicted chunks not yet reclaimed + LSM and bookkeeping files, and each is bounded:
 //! - **No write-ahead log.** The cache is reconstructible and every read is verified, so chunk writes skip
 //!   the WAL: no second copy of each chunk, and no WAL file kept alive by a rarely flushed column family.
@@ -34,7 +34,7 @@
 //! In front of RocksDB a small RAM tier, under the same LRU policy, keeps hot chunks that were verified
 //! when they entered it: a popular chunk is then served without a disk read, a copy and a re-hash each time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -70,8 +70,6 @@ pub enum StoreError {
     Open { path: String, source: rocksdb::Error },
     #[error("cannot open the chunk store at {path}: {source}; the disk is not usable as it is (check that it is mounted, writable and has space)")]
     Unusable { path: String, source: rocksdb::Error },
-    #[error("the chunk store is damaged: {0}")]
-    Damaged(String),
     #[error("cannot remove the damaged chunk store at {path}: {source}; remove it by hand and restart")]
     Rebuild { path: String, source: std::io::Error },
     #[error("chunk store read failed: {0}")]
@@ -100,8 +98,7 @@ impl StoreError {
     /// another process or on a disk that is read-only, full or not permitted.
     fn is_damage(&self) -> bool {
         match self {
-            Self::Open { .. } | Self::Damaged(_) => true,
-            Self::Read(e) | Self::Write(e) => !is_environment_error(e),
+            Self::Open { source: e, .. } | Self::Read(e) | Self::Write(e) => is_damage_error(e),
             _ => false,
         }
     }
@@ -145,6 +142,8 @@ pub struct Store {
     index: Mutex<CacheIndex>,
     next_seq: AtomicU64,
     hot: Mutex<HotTier>,
+    /// Chunks indexed whose write is in progress.
+    writing: Mutex<HashSet<ChunkHash>>,
     reclaim: Arc<Reclaim>,
     reclaimer: Option<std::thread::JoinHandle<()>>,
     largest_chunk: AtomicU64,
@@ -225,7 +224,7 @@ impl Reclaim {
             };
             // Evicted keys meet their tombstones when L0 is compacted into the bottom level; the bottom
             // level itself need not be rewritten.
-            let result = compact(db, BottommostLevelCompaction::Skip);
+            let result = compact(db, BottommostLevelCompaction::Skip).and_then(|()| healthy(db));
             let mut s = self.state.lock().expect("reclaim lock");
             match result {
                 Ok(()) => {
@@ -252,6 +251,15 @@ fn compact(db: &DB, bottommost: BottommostLevelCompaction) -> Result<(), rocksdb
     opts.set_bottommost_level_compaction(bottommost);
     db.compact_range_cf_opt(chunks, None::<&[u8]>, None::<&[u8]>, &opts);
     Ok(())
+}
+
+/// RocksDB reports a failed compaction only by entering a background-error state in which writes fail:
+/// a write is the way to learn whether it did, and why.
+fn healthy(db: &DB) -> Result<(), rocksdb::Error> {
+    if db.property_int_value("rocksdb.background-errors")?.unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    db.delete_cf_opt(cf(db, CF_META), b"", &unsynced_without_wal())
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -313,11 +321,15 @@ pub(crate) fn is_lock_error(e: &rocksdb::Error) -> bool {
     e.kind() == ErrorKind::IOError && e.to_string().contains("lock")
 }
 
-/// A RocksDB error that says the disk is unusable as it is (no permission, read-only, full), not damaged:
-/// rebuilding would not help and could lose data.
-pub(crate) fn is_environment_error(e: &rocksdb::Error) -> bool {
-    let text = e.to_string();
-    ["Permission denied", "Read-only file system", "No space left"].iter().any(|s| text.contains(s))
+/// A RocksDB error that says the database's files are damaged: a checksum or format failure, or a file
+/// the database needs gone missing. Anything else (no permission, a read-only or full disk, a quota, too
+/// many open files) is the environment: rebuilding would not help and could lose data.
+pub(crate) fn is_damage_error(e: &rocksdb::Error) -> bool {
+    match e.kind() {
+        ErrorKind::Corruption => true,
+        ErrorKind::IOError => e.to_string().contains("No such file or directory"),
+        _ => false,
+    }
 }
 
 /// Bytes allocated on disk under `path` (files and directories, recursively); what `du` reports.
@@ -369,6 +381,7 @@ impl Store {
             index: Mutex::new(CacheIndex::new(quota)),
             next_seq: AtomicU64::new(0),
             hot: Mutex::new(HotTier { index: CacheIndex::new(memory), chunks: HashMap::new() }),
+            writing: Mutex::new(HashSet::new()),
             reclaim: reclaim.clone(),
             reclaimer: None,
             largest_chunk: AtomicU64::new(0),
@@ -377,10 +390,7 @@ impl Store {
         };
         store.rebuild_index()?;
         // Reclaims whatever an earlier run (or a shrunk quota, just now) evicted before serving.
-        compact(&db, BottommostLevelCompaction::Force).map_err(StoreError::Write)?;
-        if db.property_int_value("rocksdb.background-errors").ok().flatten().unwrap_or(0) > 0 {
-            return Err(StoreError::Damaged("its index could not be compacted".into()));
-        }
+        compact(&db, BottommostLevelCompaction::Force).and_then(|()| healthy(&db)).map_err(StoreError::Write)?;
         store.reclaimer = Some(
             std::thread::Builder::new()
                 .name("fog-reclaim".into())
@@ -456,8 +466,10 @@ impl Store {
             Err(e) => return Err(StoreError::Read(e)),
         };
         let Some(value) = value else {
-            // Indexed but gone (a write that did not survive a crash): forget it.
-            self.forget(hash);
+            // Indexed but gone: a write that did not survive a crash (forget it), or one being made now.
+            if !self.writing.lock().expect("writing lock").contains(hash) {
+                self.forget(hash);
+            }
             return Ok(Lookup::Miss);
         };
         if ChunkHash::of(&value) != *hash {
@@ -475,19 +487,19 @@ impl Store {
         debug_assert_eq!(ChunkHash::of(bytes), *hash, "only verified chunks are stored");
         let size = bytes.len() as u64;
         let charged = size + CHUNK_OVERHEAD;
-        let evict = {
-            // Room to evict more is checked and taken under one lock, so concurrent puts cannot together
-            // overshoot the bound on unreclaimed bytes by more than one put's victims.
-            let mut reclaim = self.reclaim.state.lock().expect("reclaim lock");
-            let (guard, waited) = self
-                .reclaim
-                .done
-                .wait_timeout_while(reclaim, RECLAIM_WAIT, |s| s.pending >= 2 * self.reclaim.trigger)
-                .expect("reclaim lock");
-            reclaim = guard;
-            if waited.timed_out() {
-                return Err(StoreError::Reclaiming);
-            }
+        // Room to evict more is checked and taken under one lock held until the deletions are written, so
+        // concurrent puts cannot together overshoot the bound on unreclaimed bytes by more than one put's
+        // victims, and the reclaimer never counts bytes whose deletion it cannot yet see.
+        let reclaim = self.reclaim.state.lock().expect("reclaim lock");
+        let (mut reclaim, waited) = self
+            .reclaim
+            .done
+            .wait_timeout_while(reclaim, RECLAIM_WAIT, |s| s.pending >= 2 * self.reclaim.trigger)
+            .expect("reclaim lock");
+        if waited.timed_out() {
+            return Err(StoreError::Reclaiming);
+        }
+        let (evict, evicted) = {
             let mut index = self.index.lock().expect("store index lock");
             let before = index.used();
             match index.admit(*hash, charged) {
@@ -497,12 +509,9 @@ impl Store {
                 }
                 Admission::TooLarge => return Err(StoreError::TooLarge { size, quota: self.quota }),
                 Admission::Admit { evict } => {
-                    let evicted = before + charged - index.used();
-                    reclaim.pending += evicted;
-                    if reclaim.pending >= self.reclaim.trigger {
-                        self.reclaim.wake.notify_one();
-                    }
-                    evict
+                    // Indexed before written: a concurrent read must not take it for a lost write.
+                    self.writing.lock().expect("writing lock").insert(*hash);
+                    (evict, before + charged - index.used())
                 }
             }
         };
@@ -512,10 +521,21 @@ impl Store {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         batch.put_cf(self.cf(CF_CHUNKS), hash.as_bytes(), &bytes[..]);
         batch.put_cf(self.cf(CF_META), hash.as_bytes(), meta_value(size as u32, seq));
-        self.db.write_opt(batch, &unsynced_without_wal()).map_err(|e| {
-            self.forget(hash);
-            StoreError::Write(e)
-        })
+        let written = self.db.write_opt(batch, &unsynced_without_wal());
+        self.writing.lock().expect("writing lock").remove(hash);
+        match written {
+            Ok(()) => {
+                reclaim.pending += evicted;
+                if reclaim.pending >= self.reclaim.trigger {
+                    self.reclaim.wake.notify_one();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.forget(hash);
+                Err(StoreError::Write(e))
+            }
+        }
     }
 
     /// A batch deleting `victims` (already out of the index) from disk; drops them from the RAM tier.
@@ -615,12 +635,14 @@ impl Store {
                 "other files in the data directory (receipts awaiting redemption, state) take {other} bytes"
             ));
         }
-        // The cache may grow by the free space above the floor, less what its allowance may still add.
-        let extra_now = store_bytes.saturating_sub(used);
-        let headroom = self.disk_allowance().saturating_sub(extra_now);
-        let room = fs_free_bytes.saturating_sub(min_free_bytes.saturating_add(headroom));
-        if used.saturating_add(room) < capacity {
-            capacity = used + room;
+        // Evicting moves bytes from the store to the free space, so their sum bounds the cache: even at that
+        // capacity plus its whole allowance, the floor stays free. When the owner's files grow, the least
+        // recently used chunks go.
+        let disk_limit = fs_free_bytes
+            .saturating_add(store_bytes)
+            .saturating_sub(min_free_bytes.saturating_add(self.disk_allowance()));
+        if disk_limit < capacity {
+            capacity = disk_limit;
             shrunk_because = Some(format!(
                 "the disk has {fs_free_bytes} bytes free and --min-free-disk keeps {min_free_bytes} free"
             ));
@@ -695,20 +717,22 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     let open_err = |source: rocksdb::Error| {
         if is_lock_error(&source) {
             StoreError::Locked { path: path.display().to_string() }
-        } else if is_environment_error(&source) {
-            StoreError::Unusable { path: path.display().to_string(), source }
-        } else {
+        } else if is_damage_error(&source) {
             StoreError::Open { path: path.display().to_string(), source }
+        } else {
+            StoreError::Unusable { path: path.display().to_string(), source }
         }
     };
     let existing = if path.join("CURRENT").exists() { DB::list_cf(&opts, path).map_err(open_err)? } else { vec![] };
-    let known = [CF_CHUNKS, CF_META, rocksdb::DEFAULT_COLUMN_FAMILY_NAME];
+    // `receipts` (an older layout's) is left to `receipts.rs`, which drops it once its receipts are moved.
+    let known = [CF_CHUNKS, CF_META, rocksdb::DEFAULT_COLUMN_FAMILY_NAME, crate::receipts::LEGACY_CF];
     let mut cfs = vec![
         ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_options()),
         ColumnFamilyDescriptor::new(CF_META, meta_options()),
     ];
-    let legacy: Vec<String> = existing.into_iter().filter(|n| !known.contains(&n.as_str())).collect();
-    cfs.extend(legacy.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default())));
+    let legacy: Vec<String> = existing.iter().filter(|n| !known.contains(&n.as_str())).cloned().collect();
+    let kept = existing.iter().filter(|n| n.as_str() == crate::receipts::LEGACY_CF);
+    cfs.extend(legacy.iter().chain(kept).map(|n| ColumnFamilyDescriptor::new(n, Options::default())));
     let mut db = DB::open_cf_descriptors(&opts, path, cfs).map_err(open_err)?;
     for name in legacy {
         tracing::info!(column_family = %name, "dropping a column family of an older store layout");
@@ -824,6 +848,22 @@ mod tests {
         let _first = Store::open(dir.path(), 1 << 20, 0).expect("open");
         let err = Store::open(dir.path(), 1 << 20, 0).expect_err("second open");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_disk_floor_above_the_free_space_empties_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 10 * CHARGED, 0).expect("open");
+        for i in 0..10 {
+            let (h, b) = chunk(i, 100_000);
+            store.put(&h, &b).expect("put");
+        }
+        let roomy = store.watch_disk(dir.path(), |_| 0);
+        assert_eq!((store.capacity(), store.usage().1), (10 * CHARGED, 10), "{roomy:?}");
+        let full = store.watch_disk(dir.path(), |fs_size| fs_size);
+        assert!(full.shrunk_because.is_some_and(|why| why.contains("--min-free-disk")));
+        assert_eq!(store.usage(), (0, 0));
+        assert!(matches!(store.put(&chunk(11, 100_000).0, &chunk(11, 100_000).1), Err(StoreError::NoRoom { .. })));
     }
 
     #[test]

@@ -332,8 +332,10 @@ impl Registry {
         } else if nodes.len() >= self.max_nodes {
             // Room for a newcomer comes from entries that serve nobody: silent past the heartbeat timeout,
             // or never reachable by clients after a grace period. Throwaway keys cannot lock real nodes out.
+            // A quarantined node stays (forgetting it would let it re-register clean).
             let victim = nodes
                 .iter()
+                .filter(|(_, n)| n.health.quarantined.is_none())
                 .filter(|(_, n)| {
                     n.last_seen.elapsed() > self.timeout
                         || (n.first_seen.elapsed() > UNREACHABLE_GRACE

@@ -164,11 +164,18 @@ impl Credits {
             let Some(tracker_key) = tracker_key else { continue };
             let outcome = self.redeem_once(&tracker, &key, tracker_key).await;
             self.view.lock().expect("credits lock").last_redeem_error = outcome.as_ref().err().cloned();
-            if last_statement.is_none_or(|t| t.elapsed() > STATEMENT_EVERY) || outcome.is_ok_and(|credited| credited) {
+            if last_statement.is_none_or(|t| t.elapsed() > STATEMENT_EVERY)
+                || outcome.as_ref().is_ok_and(|credited| *credited)
+            {
                 if let Ok(s) = tracker.get_json::<serde_json::Value>(&format!("/v1/nodes/{}/credits", self.me)).await {
                     self.view.lock().expect("credits lock").tracker_credited = s["credited_bytes"].as_u64();
                     last_statement = Some(Instant::now());
                 }
+            }
+            // A backlog (after the tracker was away, or on a busy node) is redeemed batch after batch, not
+            // one batch per tick.
+            if outcome.is_ok() && self.held.load(Ordering::Relaxed) >= MAX_BATCH as u64 {
+                tick.reset_immediately();
             }
         }
     }

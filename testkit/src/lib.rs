@@ -1,6 +1,7 @@
 //! fog-testkit: what fogcdn's integration tests, demo and benchmarks share — a configurable origin server,
-//! a harness that runs the real binaries, and deterministic test content.
+//! a harness that runs the real binaries, a disk-footprint sampler, and deterministic test content.
 
+pub mod disk;
 pub mod harness;
 pub mod netns;
 pub mod origin;

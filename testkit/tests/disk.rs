@@ -2,51 +2,15 @@
 //! plus the documented allowance whatever passes through it, and damaged store files heal without a
 //! wrong byte reaching a client or an unsettled receipt being lost.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fog_node::store::{disk_usage, BOOKKEEPING, CHUNK_OVERHEAD, OTHER_FILES_BUDGET};
+use fog_testkit::disk::DiskSampler;
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 
 const MIB: u64 = 1 << 20;
-
-/// Samples a directory's bytes on disk every few milliseconds, keeping the largest seen.
-struct DiskSampler {
-    peak: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl DiskSampler {
-    fn start(dir: PathBuf) -> Self {
-        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (p, s) = (peak.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(disk_usage(&dir), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Self { peak, stop, thread: Some(thread) }
-    }
-
-    /// The largest size seen since the last call.
-    fn take_peak(&self) -> u64 {
-        self.peak.swap(0, Ordering::Relaxed)
-    }
-}
-
-impl Drop for DiskSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// The bound docs/operations.md gives for 1 MiB chunks.
 fn documented_limit(quota: u64) -> u64 {
@@ -74,7 +38,7 @@ async fn the_data_directory_stays_within_the_quota_plus_allowance() {
     };
     let dir = cluster.node_dir(0);
     std::fs::create_dir_all(&dir).expect("node dir");
-    let sampler = DiskSampler::start(dir.clone());
+    let sampler = DiskSampler::start(dir.clone(), Duration::from_millis(5));
     cluster.add_node(&args(quota)).await;
     cluster.wait_healthy(1).await;
 

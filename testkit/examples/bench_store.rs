@@ -8,14 +8,14 @@
 //!   bench_store [DIR]   (default: a temporary directory under $TMPDIR)
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fog_node::store::{disk_usage, Lookup, Store};
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::ChunkHash;
+use fog_testkit::disk::DiskSampler;
+use fog_testkit::test_bytes;
 
 const CHUNK: usize = 1 << 20;
 const QUOTA: u64 = 256 << 20;
@@ -72,50 +72,13 @@ impl OldLayout {
 }
 
 fn chunk(i: u64) -> Bytes {
-    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(CHUNK);
-    while out.len() < CHUNK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    Bytes::from(out)
+    Bytes::from(test_bytes(CHUNK, i))
 }
 
 /// Bytes this process has written to files so far.
 fn written() -> u64 {
     let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
     io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
-/// Samples `dir`'s bytes on disk every 10 ms until dropped.
-struct Peak {
-    max: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Peak {
-    fn watch(dir: PathBuf) -> Self {
-        let (max, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (m, s) = (max.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                m.fetch_max(disk_usage(&dir), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Self { max, stop, thread: Some(thread) }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.max.load(Ordering::Relaxed)
-    }
 }
 
 struct Result {
@@ -128,7 +91,7 @@ struct Result {
 
 fn run(dir: &Path, put: &mut dyn FnMut(&ChunkHash, &Bytes), get: &dyn Fn(&ChunkHash) -> bool) -> Result {
     let hashes: Vec<(u64, ChunkHash)> = (0..CHUNKS).map(|i| (i, ChunkHash::of(&chunk(i)))).collect();
-    let peak = Peak::watch(dir.to_path_buf());
+    let peak = DiskSampler::start(dir.to_path_buf(), Duration::from_millis(10));
     let written_before = written();
     let started = Instant::now();
     for (i, hash) in &hashes {
@@ -148,7 +111,7 @@ fn run(dir: &Path, put: &mut dyn FnMut(&ChunkHash, &Bytes), get: &dyn Fn(&ChunkH
     }
     let read_secs = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
-    let peak = peak.finish();
+    let peak = peak.take_peak();
     let mb = |bytes: f64, secs: f64| bytes / secs / 1e6;
     Result {
         write_mb_s: mb(stored as f64, write_secs),

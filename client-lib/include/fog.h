@@ -20,7 +20,8 @@ extern "C" {
 
 /**
  * Starts an embedded proxy from a JSON config (`{"tracker": "http://…", "listen": "127.0.0.1:0",
- * "prefetch_secs": 20, "prefetch_memory": 134217728}`; only `tracker` is required). NULL on failure.
+ * "prefetch_secs": 20, "prefetch_memory": 134217728, "origins": ["https://videos.example.com/"]}`; only
+ * `tracker` is required; `origins` are relayed besides the tracker's registered ones). NULL on failure.
  *
  * # Safety
  * `config_json` must be NULL or a NUL-terminated string.

@@ -11,13 +11,14 @@ use bytes::{Bytes, BytesMut};
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
 use fog_proto::credits::{hex32, payment_chain, Commitment, Digest, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET};
+use fog_proto::origins::OriginList;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::chunk::{self, ChunkError, Deadlines};
-use crate::origin::{OriginClient, OriginError};
+use crate::origin::{OriginClient, OriginError, SharedOrigins};
 use crate::tracker::{TrackerClient, TrackerError};
 use crate::transport::{self, TransportError};
 
@@ -34,6 +35,9 @@ pub struct ClientConfig {
     pub max_direct_object: u64,
     /// Local address of the QUIC endpoint.
     pub bind: SocketAddr,
+    /// When set, origin fallback fetches only URLs under these origins and follows no redirect out of
+    /// them (the player proxy sets it); `None` fetches what the caller asked for (the CLI's user).
+    pub origins: Option<SharedOrigins>,
 }
 
 impl Default for ClientConfig {
@@ -47,6 +51,7 @@ impl Default for ClientConfig {
             tracker_timeout: Duration::from_secs(30),
             max_direct_object: 64 << 30,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            origins: None,
         }
     }
 }
@@ -284,7 +289,7 @@ impl FogClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 tracker,
-                origin: OriginClient::new(None),
+                origin: OriginClient::new(cfg.origins.clone()),
                 endpoint,
                 connections: Mutex::new(HashMap::new()),
                 probed: Mutex::new(Vec::new()),
@@ -310,6 +315,14 @@ impl FogClient {
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
         let r = tracker.resolve(url, stale, Some(key.verifying_key().into())).await?;
         Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(e.to_string()))
+    }
+
+    /// The origins the tracker serves.
+    pub async fn origins(&self) -> Result<OriginList, TrackerError> {
+        match &self.inner.tracker {
+            Some(tracker) => tracker.origins().await,
+            None => Err(TrackerError::Unreachable { base: String::new(), reason: "no tracker configured".into() }),
+        }
     }
 
     /// Sends the tracker a summary of what this client saw (see [`ClientReport`]).

@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::proxy::{PlaybackState, Proxy, ProxyConfig};
-use crate::{ClientConfig, FogClient};
+use crate::ClientConfig;
+use fog_proto::origins::OriginList;
 
 /// A running embedded proxy. Opaque to C.
 #[derive(Debug)]
@@ -38,6 +39,9 @@ struct FfiConfig {
     prefetch_secs: Option<u64>,
     #[serde(default)]
     prefetch_memory: Option<u64>,
+    /// Origins relayed besides the tracker's (URL prefixes), as `fog proxy --origin`.
+    #[serde(default)]
+    origins: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -90,20 +94,21 @@ fn start(config_json: &str) -> Result<FogHandle, String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let (proxy, addr, listener) = runtime.block_on(async {
-        let client = FogClient::new(ClientConfig { tracker: Some(cfg.tracker.clone()), ..Default::default() })
-            .map_err(|e| e.to_string())?;
+        let client = ClientConfig { tracker: Some(cfg.tracker.clone()), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let mut pcfg = ProxyConfig::default();
+        let origins = OriginList::new(cfg.origins.clone()).map_err(|e| format!("origins: {e}"))?;
+        let mut pcfg = ProxyConfig { origins, ..Default::default() };
         if let Some(s) = cfg.prefetch_secs {
             pcfg.prefetch_window = Duration::from_secs(s);
         }
         if let Some(m) = cfg.prefetch_memory {
             pcfg.prefetch_memory = m;
         }
-        Ok::<_, String>((Arc::new(Proxy::new(client, addr, pcfg)), addr, listener))
+        let proxy = Proxy::new(client, addr, pcfg).map_err(|e| e.to_string())?;
+        Ok::<_, String>((Arc::new(proxy), addr, listener))
     })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(proxy.clone().serve(listener, async move {
@@ -113,7 +118,8 @@ fn start(config_json: &str) -> Result<FogHandle, String> {
 }
 
 /// Starts an embedded proxy from a JSON config (`{"tracker": "http://…", "listen": "127.0.0.1:0",
-/// "prefetch_secs": 20, "prefetch_memory": 134217728}`; only `tracker` is required). NULL on failure.
+/// "prefetch_secs": 20, "prefetch_memory": 134217728, "origins": ["https://videos.example.com/"]}`; only
+/// `tracker` is required; `origins` are relayed besides the tracker's registered ones). NULL on failure.
 ///
 /// # Safety
 /// `config_json` must be NULL or a NUL-terminated string.

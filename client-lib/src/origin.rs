@@ -40,6 +40,28 @@ impl OriginError {
     }
 }
 
+/// An HTTP client builder for origins: bounded connect and read times, at most 5 redirects and, when
+/// `allowed` is set, none that leave the registered origins (a redirect into loopback or a private network
+/// is refused unless an operator registered it).
+pub fn guarded_http(allowed: Option<SharedOrigins>, user_agent: &'static str) -> reqwest::ClientBuilder {
+    let redirect = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 5 {
+            return attempt.error("more than 5 redirects");
+        }
+        match &allowed {
+            Some(g) if !g.read().map(|o| o.allows(attempt.url().as_str())).unwrap_or(false) => {
+                attempt.error("redirect leaves the registered origins")
+            }
+            _ => attempt.follow(),
+        }
+    });
+    reqwest::Client::builder()
+        .redirect(redirect)
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(15))
+        .user_agent(user_agent)
+}
+
 /// An HTTP client for origins.
 #[derive(Debug, Clone)]
 pub struct OriginClient {
@@ -52,24 +74,8 @@ impl OriginClient {
     /// refused, so an untrusted requester cannot make us fetch arbitrary URLs. `None` allows any URL (a
     /// player fetching what its user asked for).
     pub fn new(allowed: Option<SharedOrigins>) -> Self {
-        let guard = allowed.clone();
-        let redirect = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
-                return attempt.error("more than 5 redirects");
-            }
-            match &guard {
-                Some(g) if !g.read().map(|o| o.allows(attempt.url().as_str())).unwrap_or(false) => {
-                    attempt.error("redirect leaves the registered origins")
-                }
-                _ => attempt.follow(),
-            }
-        });
-        let http = reqwest::Client::builder()
-            .redirect(redirect)
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(15))
+        let http = guarded_http(allowed.clone(), concat!("fogcdn/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(16)
-            .user_agent(concat!("fogcdn/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("static reqwest configuration is valid");
         Self { http, allowed }

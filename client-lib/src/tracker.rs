@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use fog_proto::api::{ApiError, ClientReport, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
 use fog_proto::credits::RedeemResponse;
+use fog_proto::origins::OriginList;
 use fog_proto::{ContentId, NodeId};
 use serde::de::DeserializeOwned;
 
@@ -75,6 +76,11 @@ impl TrackerClient {
             req = req.query(&[("client_key", k.to_string())]);
         }
         self.send(req).await
+    }
+
+    /// The origins the tracker serves: the only ones a player proxy relays.
+    pub async fn origins(&self) -> Result<OriginList, TrackerError> {
+        self.send(self.http.get(format!("{}/v1/origins", self.base))).await
     }
 
     pub async fn register(&self, msg: &Signed) -> Result<RegisterResponse, TrackerError> {

@@ -64,6 +64,15 @@ impl OriginList {
     pub fn prefixes(&self) -> &[String] {
         &self.0
     }
+
+    /// Adds `other`'s prefixes that this list lacks.
+    pub fn extend(&mut self, other: &OriginList) {
+        for p in &other.0 {
+            if !self.0.contains(p) {
+                self.0.push(p.clone());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

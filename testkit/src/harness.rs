@@ -108,6 +108,16 @@ impl Proc {
         self.child.id()
     }
 
+    /// Resident memory (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        kib.expect("VmRSS in /proc/PID/status") * 1024
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -456,8 +456,19 @@ async fn a_node_too_slow_for_the_deadline_is_finished_from_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
     let mut cluster = Cluster::start(opts(1)).await;
-    let args: Vec<String> =
-        vec!["proxy".into(), "--tracker".into(), cluster.tracker_url(), "--listen".into(), "127.0.0.1:0".into()];
+    // An origin only the proxy's user registered (`--origin`), and one nobody registered.
+    let start_origin = || fog_testkit::origin::TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Default::default());
+    let own = start_origin().await.expect("origin");
+    let stranger = start_origin().await.expect("origin");
+    let args: Vec<String> = vec![
+        "proxy".into(),
+        "--tracker".into(),
+        cluster.tracker_url(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--origin".into(),
+        own.url("own/"),
+    ];
     let proxy = fog_testkit::harness::Proc::spawn("fog", &args, cluster.dir.path().join("proxy.log")).await;
     let content = test_bytes(2 * MIB + 3, 71);
     cluster.origin.put("p/a.bin", content.clone());
@@ -471,6 +482,30 @@ async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
     assert_eq!(http.post(via(&cluster.origin.url("p/a.bin"))).send().await.expect("req").status().as_u16(), 405);
     let bad = http.get(format!("http://{}/ftp/host/x", proxy.addr)).send().await.expect("req");
     assert_eq!(bad.status().as_u16(), 400);
+
+    // Nor as a relay into loopback or private services nobody registered: not directly, not by climbing out
+    // of a registered prefix, not through a registered origin's redirect, not through a playlist.
+    stranger.put("secret", test_bytes(1000, 74));
+    stranger.put("list.m3u8", &b"#EXTM3U\n#EXTINF:4,\nsecret\n"[..]);
+    own.put("own/v.bin", test_bytes(1000, 75));
+    cluster.origin.redirect("p/away.bin", &stranger.url("secret"));
+    cluster.origin.redirect("p/away.m3u8", &stranger.url("list.m3u8"));
+    for url in [
+        stranger.url("secret"),
+        stranger.url("list.m3u8"),
+        "http://192.168.1.1/admin".to_string(),
+        format!("{}%2e%2e/secret", own.url("own/")),
+    ] {
+        let r = http.get(via(&url)).send().await.expect("req");
+        assert_eq!(r.status().as_u16(), 403, "{url} was relayed");
+    }
+    for url in [cluster.origin.url("p/away.bin"), cluster.origin.url("p/away.m3u8")] {
+        let r = http.get(via(&url)).send().await.expect("req");
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap_or_default();
+        assert!(status >= 400 || body.is_empty(), "{url} followed a redirect out of the origins: {status}");
+    }
+    assert_eq!(stranger.requests(), 0, "the proxy reached an unregistered origin");
 
     // Through the fog, with a Range, and HEAD.
     let body = http.get(via(&cluster.origin.url("p/a.bin"))).send().await.expect("get").bytes().await.expect("body");
@@ -487,13 +522,10 @@ async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
     let head = http.head(via(&cluster.origin.url("p/a.bin"))).send().await.expect("head");
     assert_eq!(head.headers()["content-length"], content.len().to_string().as_str());
 
-    // An origin the tracker does not know, and then no tracker at all: straight from the origin.
-    let other = fog_testkit::origin::TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Default::default())
-        .await
-        .expect("origin");
-    other.put("b.bin", test_bytes(100_000, 72));
-    let body = http.get(via(&other.url("b.bin"))).send().await.expect("get").bytes().await.expect("body");
-    assert!(body[..] == test_bytes(100_000, 72)[..]);
+    // The user's own origin, which the tracker does not serve, and then no tracker at all (the tracker's
+    // origin list stays in force): straight from the origin.
+    let body = http.get(via(&own.url("own/v.bin"))).send().await.expect("get").bytes().await.expect("body");
+    assert!(body[..] == test_bytes(1000, 75)[..]);
     cluster.tracker.kill();
     cluster.origin.put("p/c.bin", test_bytes(50_000, 73));
     let body = http.get(via(&cluster.origin.url("p/c.bin"))).send().await.expect("get").bytes().await.expect("body");
@@ -502,6 +534,7 @@ async fn the_proxy_is_no_relay_and_never_worse_than_the_origin() {
         http.get(format!("http://{}/stats", proxy.addr)).send().await.expect("stats").json().await.expect("json");
     assert_eq!(stats["passthrough_reasons"]["unknown_origin"], 1, "{stats:#}");
     assert_eq!(stats["passthrough_reasons"]["tracker_unreachable"], 1, "{stats:#}");
+    assert_eq!(stats["requests"]["refused"], 4, "{stats:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,7 @@ impl App {
         let query = req.uri().query().unwrap_or("").to_string();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/v1/resolve") => self.resolve(&query, peer).await,
+            (&Method::GET, "/v1/origins") => json(StatusCode::OK, &self.cfg.origins),
             (&Method::POST, "/v1/credits/redeem") => self.redeem(req).await,
             (&Method::GET, "/v1/credits") => self.ledger_reply(self.ledger.all_credits()),
             (&Method::GET, "/v1/ledger/head") => self.ledger_head(&query),

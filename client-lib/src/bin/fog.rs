@@ -48,6 +48,11 @@ enum Command {
         /// Memory for prefetched segments, e.g. 128MiB.
         #[arg(long, env = "FOG_PROXY_PREFETCH_MEMORY", default_value = "128MiB")]
         prefetch_memory: fog_proto::size::Size,
+        /// An origin this proxy may relay besides the tracker's registered ones (a URL prefix such as
+        /// https://videos.example.com/vod/; repeat or comma-separate). Its objects come straight from the
+        /// origin unless the tracker also serves it. Nothing else is relayed.
+        #[arg(long = "origin", env = "FOG_PROXY_ORIGINS", value_delimiter = ',')]
+        origins: Vec<String>,
     },
     /// Print the proxied URL for ORIGIN_URL (what to give a player).
     Url {
@@ -63,19 +68,22 @@ async fn proxy(
     listen: std::net::SocketAddr,
     prefetch_secs: u64,
     prefetch_memory: u64,
+    origins: Vec<String>,
 ) -> anyhow::Result<()> {
     if !listen.ip().is_loopback() {
         eprintln!("fog: warning: the proxy listens on {listen}, not loopback: anyone who can reach it can use it");
     }
-    let client = FogClient::new(ClientConfig { tracker: Some(tracker), ..Default::default() })?;
+    let origins = fog_proto::origins::OriginList::new(origins).map_err(anyhow::Error::msg).context("--origin")?;
+    let client = ClientConfig { tracker: Some(tracker), ..Default::default() };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     let cfg = fog_client::proxy::ProxyConfig {
         prefetch_window: Duration::from_secs(prefetch_secs),
         prefetch_memory,
+        origins,
         ..Default::default()
     };
-    let proxy = std::sync::Arc::new(fog_client::proxy::Proxy::new(client, local, cfg));
+    let proxy = std::sync::Arc::new(fog_client::proxy::Proxy::new(client, local, cfg)?);
     tracing::info!("fog proxy listening on {local}");
     eprintln!("fog proxy listening on {local} (players open http://{local}/<scheme>/<host[:port]>/<path>)");
     proxy.serve(listener, fog_client::bin_support::shutdown()).await;
@@ -154,8 +162,8 @@ fn main() -> std::process::ExitCode {
             Command::Get { tracker, origin_url, output, parallel, json } => {
                 get(tracker, origin_url, output, parallel, json).await
             }
-            Command::Proxy { tracker, listen, prefetch_secs, prefetch_memory } => {
-                proxy(tracker, listen, prefetch_secs, prefetch_memory.0).await
+            Command::Proxy { tracker, listen, prefetch_secs, prefetch_memory, origins } => {
+                proxy(tracker, listen, prefetch_secs, prefetch_memory.0, origins).await
             }
             Command::Url { origin_url, proxy } => {
                 println!("{}", fog_client::proxy::proxied_url(&origin_url, &proxy)?);

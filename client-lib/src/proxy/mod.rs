@@ -6,11 +6,13 @@
 //! - Everything else is immutable content: it comes through the fog, chunk by verified chunk, with
 //!   `Range` support. A fog fetch that would miss its deadline finishes from the origin.
 //! - From the segments a player asks for, the proxy infers the playhead and prefetches the next segments.
-//! - When the fog cannot serve an object at all (tracker down, origin not registered) the bytes come
-//!   straight from the origin: the player never stalls because of fog.
+//! - When the fog cannot serve an object at all (tracker down, an origin only the user registered) the
+//!   bytes come straight from the origin: the player never stalls because of fog.
 //!
-//! It answers only requests addressed to a loopback name or its own listen address, so a web page cannot
-//! use it as a relay through DNS rebinding.
+//! It is no relay for web pages: it answers only requests addressed to a loopback name or its own listen
+//! address (no DNS rebinding), and it fetches only URLs under the tracker's registered origins or those its
+//! user registered (`--origin`), following no redirect out of them, so a page cannot reach the user's
+//! router or other loopback and private services through it.
 
 mod playlist;
 mod stats;
@@ -18,7 +20,8 @@ mod urls;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,8 +38,12 @@ pub use playlist::{hls_segments, kind_of, rewrite_dash, rewrite_hls, Kind, Segme
 pub use stats::{Playback, PlaybackState, ProxyStats, Snapshot};
 pub use urls::{origin_url, proxied_url, proxy_path, UrlError};
 
+use fog_proto::origins::{canonical_url, OriginList};
+
 use crate::http_server::{self, json, reader_body, reply, Body, Reply};
-use crate::{ClientError, FetchOptions, FogClient, Resolved};
+use crate::origin::{guarded_http, SharedOrigins};
+use crate::tracker::TrackerError;
+use crate::{ClientConfig, ClientError, FetchOptions, FogClient, Resolved};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -54,6 +61,8 @@ pub struct ProxyConfig {
     pub default_deadline: Duration,
     /// How often the proxy summarises what it saw to the tracker.
     pub report_interval: Duration,
+    /// Origins the user registered locally (`fog proxy --origin`), relayed besides the tracker's.
+    pub origins: OriginList,
 }
 
 impl Default for ProxyConfig {
@@ -66,16 +75,26 @@ impl Default for ProxyConfig {
             manifest_ttl: Duration::from_secs(300),
             default_deadline: Duration::from_secs(4),
             report_interval: Duration::from_secs(10),
+            origins: OriginList::default(),
         }
     }
 }
 
-/// Largest playlist accepted from an origin.
-const MAX_PLAYLIST: u64 = 8 << 20;
-/// Bounds of the proxy's small caches.
+/// Largest playlist accepted from an origin, and largest after rewriting.
+const MAX_PLAYLIST: usize = 4 << 20;
+const MAX_REWRITTEN: usize = 4 * MAX_PLAYLIST;
+/// Playlists fetched and rewritten at once: bounds their transient memory.
+const PLAYLIST_FETCHES: usize = 4;
+/// Bounds of the proxy's small caches: playlists by count and bytes, the segment index by entries and URL
+/// bytes (one large playlist cannot grow the proxy by more).
 const MAX_PLAYLISTS: usize = 256;
+const PLAYLIST_CACHE_BYTES: usize = 32 << 20;
 const MAX_MANIFESTS: usize = 1024;
 const MAX_SEGMENT_INDEX: usize = 20_000;
+const SEGMENT_INDEX_BYTES: usize = 8 << 20;
+/// How often the tracker's origin list is fetched again, and retried until it first arrives.
+const ORIGINS_REFRESH: Duration = Duration::from_secs(60);
+const ORIGINS_RETRY: Duration = Duration::from_secs(5);
 /// Most prefetched segments kept, whatever their size.
 const MAX_PREFETCHED: usize = 256;
 /// Buffer between a fetch and the player's connection.
@@ -88,6 +107,59 @@ struct PrefetchCache {
     entries: HashMap<String, Prefetched>,
     order: VecDeque<(String, u64)>,
     bytes: u64,
+}
+
+/// Where each known segment sits in the latest version of its media playlist, bounded by segments and URL
+/// bytes. A refreshed playlist replaces its previous list, so a live stream does not pile up old ones.
+#[derive(Debug, Default)]
+struct SegmentIndex {
+    entries: HashMap<String, SegmentPos>,
+    lists: HashMap<String, Arc<Vec<Segment>>>,
+    segments: usize,
+    url_bytes: usize,
+}
+
+impl SegmentIndex {
+    fn forget(&mut self, playlist: &str) {
+        let Some(old) = self.lists.remove(playlist) else { return };
+        for s in old.iter() {
+            if self.entries.get(&s.url).is_some_and(|p| Arc::ptr_eq(&p.list, &old)) {
+                self.entries.remove(&s.url);
+            }
+        }
+        self.segments -= old.len();
+        self.url_bytes -= old.iter().map(|s| s.url.len()).sum::<usize>();
+    }
+
+    /// Indexes `list` as the current segments of `playlist`. A list the index cannot hold whole is cut
+    /// short; an index that would overflow starts again from this list.
+    fn insert(&mut self, playlist: &str, mut list: Vec<Segment>) {
+        self.forget(playlist);
+        let mut url_bytes = 0;
+        let fits = list
+            .iter()
+            .position(|s| {
+                url_bytes += s.url.len();
+                url_bytes > SEGMENT_INDEX_BYTES
+            })
+            .unwrap_or(list.len())
+            .min(MAX_SEGMENT_INDEX);
+        list.truncate(fits);
+        if list.is_empty() {
+            return;
+        }
+        let bytes: usize = list.iter().map(|s| s.url.len()).sum();
+        if self.segments + list.len() > MAX_SEGMENT_INDEX || self.url_bytes + bytes > SEGMENT_INDEX_BYTES {
+            *self = Self::default();
+        }
+        let list = Arc::new(list);
+        for (i, s) in list.iter().enumerate() {
+            self.entries.insert(s.url.clone(), SegmentPos { list: list.clone(), index: i });
+        }
+        self.segments += list.len();
+        self.url_bytes += bytes;
+        self.lists.insert(playlist.to_string(), list);
+    }
 }
 
 /// Where a known segment sits in its media playlist.
@@ -104,9 +176,16 @@ pub struct Proxy {
     http: reqwest::Client,
     /// Authorities this proxy answers to besides loopback names.
     listen: String,
+    /// The only origins relayed: the tracker's and the user's own. The client's fallback and every
+    /// redirect are held to the same list.
+    origins: SharedOrigins,
+    origins_known: AtomicBool,
+    origins_fetch: tokio::sync::Mutex<()>,
+    playlist_fetches: tokio::sync::Semaphore,
+    /// Playlists served from memory for `playlist_ttl`, bounded by count and bytes.
     playlists: Mutex<HashMap<String, (Instant, Bytes, Kind)>>,
     manifests: Mutex<HashMap<String, (Instant, Resolved)>>,
-    segments: Mutex<HashMap<String, SegmentPos>>,
+    segments: Mutex<SegmentIndex>,
     prefetch: Mutex<PrefetchCache>,
     pub stats: ProxyStats,
 }
@@ -143,24 +222,29 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 impl Proxy {
-    pub fn new(client: FogClient, listen: SocketAddr, cfg: ProxyConfig) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(15))
-            .user_agent(concat!("fogcdn-proxy/", env!("CARGO_PKG_VERSION")))
+    /// A proxy fetching through a client made from `client` (its `origins` is replaced by the proxy's).
+    /// Must be called within a tokio runtime.
+    pub fn new(client: ClientConfig, listen: SocketAddr, cfg: ProxyConfig) -> Result<Self, ClientError> {
+        let origins: SharedOrigins = Arc::new(RwLock::new(cfg.origins.clone()));
+        let client = FogClient::new(ClientConfig { origins: Some(origins.clone()), ..client })?;
+        let http = guarded_http(Some(origins.clone()), concat!("fogcdn-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("static reqwest configuration is valid");
-        Self {
+        Ok(Self {
             cfg,
             client,
             http,
             listen: listen.to_string(),
+            origins,
+            origins_known: AtomicBool::new(false),
+            origins_fetch: tokio::sync::Mutex::new(()),
+            playlist_fetches: tokio::sync::Semaphore::new(PLAYLIST_FETCHES),
             playlists: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
-            segments: Mutex::new(HashMap::new()),
+            segments: Mutex::new(SegmentIndex::default()),
             prefetch: Mutex::new(PrefetchCache::default()),
             stats: ProxyStats::default(),
-        }
+        })
     }
 
     /// What the player says about itself: playhead, seconds buffered ahead, state. Used for deadlines.
@@ -171,9 +255,64 @@ impl Proxy {
     /// Serves on `listener` until `shutdown` resolves; reports to the tracker meanwhile.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         let reporter = tokio::spawn(self.clone().report_forever());
+        let origins = tokio::spawn(self.clone().origins_forever());
         let proxy = self.clone();
         http_server::serve(listener, 256, move |req, _| proxy.clone().handle(req), shutdown).await;
         reporter.abort();
+        origins.abort();
+    }
+
+    async fn origins_forever(self: Arc<Self>) {
+        loop {
+            let wait = match self.refresh_origins().await {
+                Ok(()) => ORIGINS_REFRESH,
+                Err(e) => {
+                    // The last list stays in force: players keep playing while the tracker is away.
+                    tracing::debug!(error = %e, "could not fetch the tracker's origin list");
+                    ORIGINS_RETRY
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn refresh_origins(&self) -> Result<(), TrackerError> {
+        let mut list = self.client.origins().await?;
+        list.extend(&self.cfg.origins);
+        *self.origins.write().expect("lock") = list;
+        self.origins_known.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn allows(&self, url: &str) -> bool {
+        self.origins.read().expect("lock").allows(url)
+    }
+
+    /// The canonical form of `url` if the proxy may fetch it, or the reply refusing it.
+    async fn registered(&self, url: &str) -> Result<String, Reply> {
+        let url = canonical_url(url).map_err(|e| reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")))?;
+        if !self.allows(&url) && !self.origins_known.load(Ordering::Acquire) {
+            // Before the tracker's list first arrives, one request asks for it and the others wait.
+            let _one = self.origins_fetch.lock().await;
+            if !self.origins_known.load(Ordering::Acquire) {
+                if let Err(e) = self.refresh_origins().await {
+                    let msg = format!(
+                        "{url} is not under an origin registered with this proxy, and the tracker's list is \
+                         unknown ({e}); retry, or start the proxy with --origin PREFIX\n"
+                    );
+                    return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", msg));
+                }
+            }
+        }
+        if self.allows(&url) {
+            return Ok(url);
+        }
+        self.stats.request("refused");
+        let msg = format!(
+            "{url} is not under a registered origin; this proxy relays only those (the operator registers origins \
+             at the tracker, a user with `fog proxy --origin PREFIX`)\n"
+        );
+        Err(reply(StatusCode::FORBIDDEN, "text/plain", msg))
     }
 
     async fn report_forever(self: Arc<Self>) {
@@ -215,6 +354,10 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
         };
+        let url = match self.registered(&url).await {
+            Ok(u) => u,
+            Err(refused) => return refused,
+        };
         let range = req.headers().get(RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         match kind_of(&url) {
             Some(kind) => self.playlist(&url, kind, head).await,
@@ -245,6 +388,7 @@ impl Proxy {
 
     async fn fetch_playlist(&self, url: &str, kind: Kind) -> Result<Bytes, Reply> {
         let bad_gateway = |msg: String| reply(StatusCode::BAD_GATEWAY, "text/plain", msg);
+        let _slot = self.playlist_fetches.acquire().await.expect("never closed");
         let mut resp =
             self.http.get(url).send().await.map_err(|e| bad_gateway(format!("origin unreachable: {e}\n")))?;
         if !resp.status().is_success() {
@@ -255,44 +399,32 @@ impl Proxy {
         let base = resp.url().to_string();
         let mut raw = Vec::new();
         while let Some(piece) = resp.chunk().await.map_err(|e| bad_gateway(format!("origin read failed: {e}\n")))? {
-            raw.extend_from_slice(&piece);
-            if raw.len() as u64 > MAX_PLAYLIST {
+            if raw.len() + piece.len() > MAX_PLAYLIST {
                 return Err(bad_gateway(format!("playlist larger than {MAX_PLAYLIST} bytes\n")));
             }
+            raw.extend_from_slice(&piece);
         }
         self.stats.passthrough(raw.len() as u64, "playlist");
         let text = String::from_utf8_lossy(&raw);
         let rewritten = match kind {
             Kind::Hls => {
-                self.index_segments(hls_segments(&text, &base));
+                // Where each segment sits tells, when the player asks for it, where the playhead is.
+                self.segments.lock().expect("lock").insert(url, hls_segments(&text, &base));
                 rewrite_hls(&text, &base)
             }
             Kind::Dash => rewrite_dash(&text, &base),
         };
-        let body = Bytes::from(rewritten);
-        let mut cache = self.playlists.lock().expect("lock");
-        if cache.len() >= MAX_PLAYLISTS {
-            cache.retain(|_, (at, _, _)| at.elapsed() < self.cfg.playlist_ttl);
+        if rewritten.len() > MAX_REWRITTEN {
+            return Err(bad_gateway(format!("playlist larger than {MAX_REWRITTEN} bytes once rewritten\n")));
         }
-        if cache.len() < MAX_PLAYLISTS {
+        let body = Bytes::from(rewritten.into_bytes().into_boxed_slice());
+        let mut cache = self.playlists.lock().expect("lock");
+        cache.retain(|_, (at, _, _)| at.elapsed() < self.cfg.playlist_ttl);
+        let bytes: usize = cache.values().map(|(_, b, _)| b.len()).sum();
+        if cache.len() < MAX_PLAYLISTS && bytes + body.len() <= PLAYLIST_CACHE_BYTES {
             cache.insert(url.to_string(), (Instant::now(), body.clone(), kind));
         }
         Ok(body)
-    }
-
-    /// Remembers where each segment sits, so requests for it reveal the playhead.
-    fn index_segments(&self, list: Vec<Segment>) {
-        if list.is_empty() {
-            return;
-        }
-        let list = Arc::new(list);
-        let mut index = self.segments.lock().expect("lock");
-        if index.len() + list.len() > MAX_SEGMENT_INDEX {
-            index.clear();
-        }
-        for (i, s) in list.iter().enumerate() {
-            index.insert(s.url.clone(), SegmentPos { list: list.clone(), index: i });
-        }
     }
 
     async fn resolved(&self, url: &str) -> Result<Resolved, crate::tracker::TrackerError> {
@@ -314,7 +446,7 @@ impl Proxy {
     }
 
     async fn object(self: &Arc<Self>, url: String, range: Option<String>, head: bool) -> Reply {
-        let pos = self.segments.lock().expect("lock").get(&url).cloned();
+        let pos = self.segments.lock().expect("lock").entries.get(&url).cloned();
         if let Some(p) = &pos {
             self.prefetch_after(p);
         }
@@ -542,6 +674,36 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=50-500"), 100), Ok(Some((50, 100))));
         assert_eq!(parse_range(Some("bytes=100-"), 100), Err(()));
         assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+    }
+
+    fn segments(prefix: &str, range: std::ops::Range<usize>) -> Vec<Segment> {
+        range.map(|i| Segment { url: format!("http://o/{prefix}{i}.ts"), duration: 2.0 }).collect()
+    }
+
+    #[test]
+    fn a_live_playlist_keeps_one_list_in_the_segment_index() {
+        let mut index = SegmentIndex::default();
+        for start in 0..500 {
+            index.insert("http://o/live.m3u8", segments("s", start..start + 10));
+        }
+        assert_eq!((index.lists.len(), index.segments, index.entries.len()), (1, 10, 10));
+        assert_eq!(index.entries["http://o/s499.ts"].index, 0);
+        index.insert("http://o/other.m3u8", segments("t", 0..5));
+        assert_eq!((index.lists.len(), index.segments, index.entries.len()), (2, 15, 15));
+    }
+
+    #[test]
+    fn the_segment_index_is_bounded() {
+        let mut index = SegmentIndex::default();
+        index.insert("http://o/huge.m3u8", segments("s", 0..MAX_SEGMENT_INDEX * 3));
+        assert_eq!(index.segments, MAX_SEGMENT_INDEX);
+        for i in 0..10 {
+            index.insert(&format!("http://o/{i}.m3u8"), segments(&format!("{i}/"), 0..MAX_SEGMENT_INDEX / 4));
+            assert!(index.segments <= MAX_SEGMENT_INDEX && index.entries.len() <= MAX_SEGMENT_INDEX);
+        }
+        let long = "x".repeat(SEGMENT_INDEX_BYTES / 100);
+        index.insert("http://o/long.m3u8", segments(&long, 0..200));
+        assert!(index.url_bytes <= SEGMENT_INDEX_BYTES && index.segments < 200, "{}", index.segments);
     }
 
     #[test]

@@ -60,6 +60,36 @@ impl Signed {
     }
 }
 
+/// Largest byte count or counter a node or client may report: far above any real total (8 PiB), exact in
+/// JSON; the tracker sums reports with saturating arithmetic, so no report can wrap an aggregate.
+pub const MAX_REPORTED: u64 = 1 << 53;
+/// Most bytes one client report may claim (they cover ~10 s of playback).
+pub const MAX_REPORTED_PER_REPORT: u64 = 1 << 40;
+/// Longest version string a node may register with, and longest failure reason a client may report.
+pub const MAX_VERSION_LEN: usize = 64;
+pub const MAX_REASON_LEN: usize = 64;
+
+fn check_label(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.len() > max || !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!("{what} must be at most {max} printable ASCII characters"));
+    }
+    Ok(())
+}
+
+fn check_counts(what: &str, counts: &[(&str, u64)], max: u64) -> Result<(), String> {
+    match counts.iter().find(|(_, v)| *v > max) {
+        Some((name, v)) => Err(format!("{what}: {name} = {v} is over the limit of {max}")),
+        None => Ok(()),
+    }
+}
+
+fn check_rtts(samples: &[RttSample]) -> Result<(), String> {
+    if samples.iter().any(|s| !(s.rtt_ms.is_finite() && (0.0..=60_000.0).contains(&s.rtt_ms))) {
+        return Err("RTT samples must be between 0 and 60000 ms".into());
+    }
+    Ok(())
+}
+
 pub const KIND_REGISTER: &str = "register";
 pub const KIND_HEARTBEAT: &str = "heartbeat";
 
@@ -74,6 +104,15 @@ pub struct Register {
     pub version: String,
     /// Milliseconds since the Unix epoch; the tracker refuses stale or future messages (replay guard).
     pub timestamp_ms: u64,
+}
+
+impl Register {
+    /// Refuses registrations with fields out of range (the tracker shows them on its dashboard).
+    pub fn check_bounds(&self) -> Result<(), String> {
+        check_label("version", &self.version, MAX_VERSION_LEN)?;
+        let limit = [("cache_capacity", self.cache_capacity), ("upload_limit", self.upload_limit.unwrap_or(0))];
+        check_counts("registration", &limit, MAX_REPORTED)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,10 +235,7 @@ impl OverlayReport {
         if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));
         }
-        if self.rtt.iter().any(|s| !(s.rtt_ms.is_finite() && (0.0..=60_000.0).contains(&s.rtt_ms))) {
-            return Err("RTT samples must be between 0 and 60000 ms".into());
-        }
-        Ok(())
+        check_rtts(&self.rtt)
     }
 }
 
@@ -257,6 +293,33 @@ pub struct NodeStats {
     pub home_fills: u64,
 }
 
+impl NodeStats {
+    /// Refuses counters no real node reaches, which could only distort the tracker's totals.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let counts = [
+            ("cache_used", self.cache_used),
+            ("cache_capacity", self.cache_capacity),
+            ("cached_chunks", self.cached_chunks),
+            ("active_streams", self.active_streams),
+            ("requests", self.requests),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("bytes_served", self.bytes_served),
+            ("origin_fills", self.origin_fills),
+            ("origin_bytes", self.origin_bytes),
+            ("corrupt_chunks", self.corrupt_chunks),
+            ("bad_requests", self.bad_requests),
+            ("store_errors", self.store_errors),
+            ("peer_fills", self.peer_fills),
+            ("peer_fill_bytes", self.peer_fill_bytes),
+            ("peer_served_bytes", self.peer_served_bytes),
+            ("peer_bad_chunks", self.peer_bad_chunks),
+            ("home_fills", self.home_fills),
+        ];
+        check_counts("node stats", &counts, MAX_REPORTED)
+    }
+}
+
 /// One node a client may fetch from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeContact {
@@ -308,6 +371,28 @@ pub const MAX_CLIENT_RTTS: usize = 16;
 
 /// Most failure entries one report may carry.
 pub const MAX_REPORTED_FAILURES: usize = 256;
+
+impl ClientReport {
+    /// Refuses reports longer or larger than a real client sends.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        if self.node_failures.len() > MAX_REPORTED_FAILURES || self.node_rtt.len() > MAX_CLIENT_RTTS {
+            return Err(format!(
+                "at most {MAX_REPORTED_FAILURES} node failure entries and {MAX_CLIENT_RTTS} node RTTs per report"
+            ));
+        }
+        let bytes = [
+            ("fog_bytes", self.fog_bytes),
+            ("origin_bytes", self.origin_bytes),
+            ("passthrough_bytes", self.passthrough_bytes),
+        ];
+        check_counts("client report", &bytes, MAX_REPORTED_PER_REPORT)?;
+        for f in &self.node_failures {
+            check_label("failure reason", &f.reason, MAX_REASON_LEN)?;
+            check_counts("client report", &[("failure count", f.count)], u64::from(u32::MAX))?;
+        }
+        check_rtts(&self.node_rtt)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeFailure {
@@ -377,6 +462,30 @@ pub struct TrackerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reported_fields_are_bounded() {
+        let reg = |version: &str, cache_capacity| Register {
+            quic_addr: "127.0.0.1:1".parse().expect("addr"),
+            cache_capacity,
+            upload_limit: None,
+            version: version.into(),
+            timestamp_ms: 1,
+        };
+        assert!(reg("0.1.0", 1 << 40).check_bounds().is_ok());
+        assert!(reg(&"v".repeat(MAX_VERSION_LEN + 1), 1).check_bounds().is_err());
+        assert!(reg("0.1\n<script>", 1).check_bounds().is_err());
+        assert!(reg("0.1.0", u64::MAX).check_bounds().is_err());
+        assert!(NodeStats { hits: MAX_REPORTED, ..Default::default() }.check_bounds().is_ok());
+        assert!(NodeStats { home_fills: MAX_REPORTED + 1, ..Default::default() }.check_bounds().is_err());
+        let failure = |reason: &str, count| NodeFailure { node: NodeId([1; 32]), reason: reason.into(), count };
+        let report =
+            |fog_bytes, f: NodeFailure| ClientReport { fog_bytes, node_failures: vec![f], ..Default::default() };
+        assert!(report(1 << 30, failure("timeout", 3)).check_bounds().is_ok());
+        assert!(report(u64::MAX, failure("timeout", 3)).check_bounds().is_err());
+        assert!(report(1, failure(&"x".repeat(1000), 3)).check_bounds().is_err());
+        assert!(report(1, failure("timeout", u64::MAX)).check_bounds().is_err());
+    }
 
     #[test]
     fn signed_messages_verify_and_resist_tampering() {

@@ -200,3 +200,68 @@ async fn huge_playlists_leave_the_player_proxy_small() {
     // would be 7.4 MiB (rewritten), 240 MiB for these.
     assert!(grown < 128 << 20, "32 playlists of 4 MiB grew the proxy by {} MiB", grown >> 20);
 }
+
+/// Fields a stranger sends are bounded: oversized strings and counters no real node or client reaches are
+/// refused with 400 and leave the tracker's totals sound; redeems from keys the tracker never registered
+/// are refused before they can write anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_fields_and_junk_redeems_are_refused() {
+    use fog_proto::api::{ClientReport, Heartbeat, NodeStats, Register, KIND_HEARTBEAT, KIND_REGISTER};
+    use fog_proto::credits::{RedeemBatch, KIND_REDEEM};
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    // A refused oversized body may close its connection: no connection is reused.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let post =
+        |path: &str, body: serde_json::Value| http.post(format!("{}{path}", cluster.tracker_url())).json(&body).send();
+    let status = |r: reqwest::Result<reqwest::Response>| r.expect("tracker answers").status().as_u16();
+    let key = SigningKey::from_bytes(&[0x77; 32]);
+    let now = fog_proto::api::now_ms();
+    let register = |version: String, ts: u64| Register {
+        quic_addr: "127.0.0.1:9".parse().expect("addr"),
+        cache_capacity: 1 << 30,
+        upload_limit: None,
+        version,
+        timestamp_ms: ts,
+    };
+
+    let long = register("v".repeat(1 << 20), now);
+    assert_eq!(status(post("/v1/nodes/register", signed(&key, KIND_REGISTER, &long)).await), 400, "1 MiB version");
+    let junk = RedeemBatch { timestamp_ms: now, receipts: Vec::new() };
+    assert_eq!(
+        status(post("/v1/credits/redeem", signed(&key, KIND_REDEEM, &junk)).await),
+        401,
+        "unregistered redeemer"
+    );
+
+    assert_eq!(
+        status(post("/v1/nodes/register", signed(&key, KIND_REGISTER, &register("1.0".into(), now + 1))).await),
+        200
+    );
+    let huge = NodeStats { bytes_served: u64::MAX, ..Default::default() };
+    let hb = Heartbeat { timestamp_ms: now + 2, stats: huge, draining: false, overlay: None };
+    assert_eq!(status(post("/v1/nodes/heartbeat", signed(&key, KIND_HEARTBEAT, &hb)).await), 400, "u64::MAX served");
+    let report = ClientReport { fog_bytes: u64::MAX, ..Default::default() };
+    assert_eq!(status(post("/v1/reports", serde_json::to_value(&report).expect("json")).await), 400);
+
+    let summary: serde_json::Value = http
+        .get(format!("{}/v1/dashboard/summary", cluster.tracker_url()))
+        .send()
+        .await
+        .expect("summary")
+        .json()
+        .await
+        .expect("json");
+    let mut numbers = vec![&summary];
+    while let Some(v) = numbers.pop() {
+        match v {
+            serde_json::Value::Array(a) => numbers.extend(a),
+            serde_json::Value::Object(o) => numbers.extend(o.values()),
+            // Timestamps are the largest honest numbers here (~2^41); a refused report would be ~2^64.
+            n => assert!(n.as_f64().is_none_or(|n| n < (1u64 << 50) as f64), "a refused report counted: {summary:#}"),
+        }
+    }
+}
+
+fn signed<T: serde::Serialize>(key: &SigningKey, kind: &str, msg: &T) -> serde_json::Value {
+    serde_json::to_value(Signed::sign(key, kind, msg)).expect("json")
+}

@@ -202,6 +202,10 @@ async fn fraud_is_rejected_with_reasons() {
     let to_other = receipt(&client, &signed, &ticket, id(&node), 1);
     let r = redeem(&cluster, &other, vec![to_other]).await.expect("redeem");
     assert!(reason(&r, 0).contains("not yours"), "{r:?}");
+    // A key the tracker never registered writes nothing; registered after the ticket, it was not assigned.
+    let unregistered = redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)]).await;
+    assert!(unregistered.as_ref().is_err_and(|e| e.contains("401")), "{unregistered:?}");
+    let _stranger_endpoint = register_fake_node(&cluster, &stranger).await;
     let r =
         redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)]).await.expect("redeem");
     assert!(reason(&r, 0).contains("did not assign"), "{r:?}");

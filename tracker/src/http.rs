@@ -14,8 +14,8 @@ use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
     ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, OverlayReport, Reachability, Register,
-    RegisterResponse, Resolve, RttSample, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_CLIENT_RTTS,
-    MAX_PEERS_LISTED, MAX_REPORTED_FAILURES, WANT_PEERS,
+    RegisterResponse, Resolve, RttSample, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_PEERS_LISTED,
+    WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
 use fog_proto::{ChunkHash, ContentId, NodeId};
@@ -73,12 +73,15 @@ pub struct App {
     /// Fair shares per source (IPv4 address / IPv6 /64) of registrations and of new ingests.
     registrations_by_source: PerSource,
     ingests_by_source: PerSource,
+    redeems_by_source: PerSource,
 }
 
 /// Registrations a source may make: a burst, then this many a minute.
 const REGISTRATIONS_PER_SOURCE: (u32, u32) = (64, 60);
 /// New objects a source may have ingested: a burst, then this many a minute.
 const INGESTS_PER_SOURCE: (u32, u32) = (64, 60);
+/// Redeem batches per source: burst, then per minute (a node drains a full backlog of 64 batches at once).
+const REDEEMS_PER_SOURCE: (u32, u32) = (128, 120);
 
 /// Client network prefixes whose coordinates are remembered.
 const MAX_CLIENT_PREFIXES: usize = 100_000;
@@ -149,6 +152,7 @@ impl App {
             dial_backs: Semaphore::new(DIAL_BACKS),
             registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
             ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
+            redeems_by_source: PerSource::new(REDEEMS_PER_SOURCE.1, REDEEMS_PER_SOURCE.0),
         })
     }
 
@@ -158,7 +162,7 @@ impl App {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/v1/resolve") => self.resolve(&query, peer).await,
             (&Method::GET, "/v1/origins") => json(StatusCode::OK, &self.cfg.origins),
-            (&Method::POST, "/v1/credits/redeem") => self.redeem(req).await,
+            (&Method::POST, "/v1/credits/redeem") => self.redeem(req, peer).await,
             (&Method::GET, "/v1/credits") => self.ledger_reply(self.ledger.all_credits()),
             (&Method::GET, "/v1/ledger/head") => self.ledger_head(&query),
             (&Method::GET, "/v1/ledger/leaf") => match query_u64(&query, "index") {
@@ -391,6 +395,9 @@ impl App {
             Ok(m) => m,
             Err(r) => return r,
         };
+        if let Err(e) = reg.check_bounds() {
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
+        }
         // An unspecified address means "where you see me from" (a node listening on 0.0.0.0).
         let addr = if reg.quic_addr.ip().is_unspecified() {
             SocketAddr::new(peer.ip(), reg.quic_addr.port())
@@ -436,7 +443,8 @@ impl App {
             Ok(m) => m,
             Err(r) => return r,
         };
-        if let Some(Err(e)) = hb.overlay.as_ref().map(OverlayReport::check_bounds) {
+        let overlay_bounds = hb.overlay.as_ref().map_or(Ok(()), OverlayReport::check_bounds);
+        if let Err(e) = hb.stats.check_bounds().and(overlay_bounds) {
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
         }
         let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
@@ -490,11 +498,21 @@ impl App {
     }
 
     /// `POST /v1/credits/redeem`: a node's signed batch of receipts.
-    async fn redeem(&self, req: Request<Incoming>) -> Reply {
+    async fn redeem(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let (node, batch): (NodeId, RedeemBatch) = match self.signed_message(req, KIND_REDEEM).await {
             Ok(m) => m,
             Err(r) => return r,
         };
+        // Rejections are kept per node: only registered nodes may write them (and credits go to nodes
+        // the tracker schedules). A node the tracker forgot registers again, then redeems.
+        if !self.registry.is_registered(&node) {
+            let msg = "unknown node: register (or wait for the next heartbeat to re-register), then redeem";
+            return error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg, true);
+        }
+        if !self.redeems_by_source.check(peer.ip()) {
+            let msg = "too many redeems from your network; hold the receipts and try again in a minute";
+            return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, msg, true);
+        }
         if batch.receipts.len() > MAX_BATCH {
             let msg = format!("at most {MAX_BATCH} receipts per batch");
             return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
@@ -548,11 +566,8 @@ impl App {
             Ok(r) => r,
             Err(r) => return r,
         };
-        if report.node_failures.len() > MAX_REPORTED_FAILURES || report.node_rtt.len() > MAX_CLIENT_RTTS {
-            let msg = format!(
-                "at most {MAX_REPORTED_FAILURES} node failure entries and {MAX_CLIENT_RTTS} node RTTs per report"
-            );
-            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg, false);
+        if let Err(e) = report.check_bounds() {
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e, false);
         }
         self.place_client(peer, &report.node_rtt);
         let m = &self.metrics;
@@ -560,8 +575,8 @@ impl App {
         m.client_bytes.get_or_create(&SourceLabel { source: "origin" }).inc_by(report.origin_bytes);
         m.client_bytes.get_or_create(&SourceLabel { source: "passthrough" }).inc_by(report.passthrough_bytes);
         let t = &self.registry.totals;
-        t.client_fog_bytes.fetch_add(report.fog_bytes, Ordering::Relaxed);
-        t.client_origin_bytes.fetch_add(report.origin_bytes + report.passthrough_bytes, Ordering::Relaxed);
+        crate::registry::saturating_add(&t.client_fog_bytes, report.fog_bytes);
+        crate::registry::saturating_add(&t.client_origin_bytes, report.origin_bytes + report.passthrough_bytes);
         for f in &report.node_failures {
             let reason = crate::metrics::known_reason(&f.reason);
             if reason == "hash_mismatch" {

@@ -395,10 +395,10 @@ impl Registry {
         }
         let served = growth(n.stats.bytes_served, stats.bytes_served);
         let t = &self.totals;
-        t.fog_bytes.fetch_add(served, Ordering::Relaxed);
-        t.origin_fill_bytes.fetch_add(growth(n.stats.origin_bytes, stats.origin_bytes), Ordering::Relaxed);
-        t.node_requests.fetch_add(growth(n.stats.requests, stats.requests), Ordering::Relaxed);
-        t.corrupt_chunks.fetch_add(growth(n.stats.corrupt_chunks, stats.corrupt_chunks), Ordering::Relaxed);
+        saturating_add(&t.fog_bytes, served);
+        saturating_add(&t.origin_fill_bytes, growth(n.stats.origin_bytes, stats.origin_bytes));
+        saturating_add(&t.node_requests, growth(n.stats.requests, stats.requests));
+        saturating_add(&t.corrupt_chunks, growth(n.stats.corrupt_chunks, stats.corrupt_chunks));
         let secs = timestamp_ms.saturating_sub(n.last_timestamp_ms) as f64 / 1000.0;
         n.upload_rate = if secs > 0.0 { (served as f64 / secs) as u64 } else { 0 };
         n.last_timestamp_ms = timestamp_ms;
@@ -515,6 +515,10 @@ impl Registry {
             }
             ClientPath::Unreachable => None,
         }
+    }
+
+    pub fn is_registered(&self, id: &NodeId) -> bool {
+        self.nodes.read().expect("registry lock").contains_key(id)
     }
 
     /// Whether the tracker's dial-back to `id` worked.
@@ -692,10 +696,11 @@ impl Registry {
         let scheduled = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable;
         for n in nodes.values().filter(scheduled) {
             c.healthy += 1;
-            c.cache_used += n.stats.cache_used;
-            c.cache_capacity += n.reg.cache_capacity;
-            c.bytes_served += n.stats.bytes_served;
-            c.origin_fill_bytes += n.stats.origin_bytes;
+            // Reports are bounded, but a million of them could still wrap a plain sum.
+            c.cache_used = c.cache_used.saturating_add(n.stats.cache_used);
+            c.cache_capacity = c.cache_capacity.saturating_add(n.reg.cache_capacity);
+            c.bytes_served = c.bytes_served.saturating_add(n.stats.bytes_served);
+            c.origin_fill_bytes = c.origin_fill_bytes.saturating_add(n.stats.origin_bytes);
         }
         c
     }
@@ -720,7 +725,7 @@ impl Registry {
             .skip(page.saturating_mul(per_page))
             .take(per_page)
             .map(|(id, n, state)| {
-                let lookups = n.stats.hits + n.stats.misses;
+                let lookups = n.stats.hits.saturating_add(n.stats.misses);
                 NodeView {
                     id: *id,
                     state: state.name(),
@@ -746,6 +751,11 @@ impl Registry {
             .collect();
         NodePage { total, page, per_page, nodes: views }
     }
+}
+
+/// Adds self-reported growth to a total that no run of reports can wrap.
+pub(crate) fn saturating_add(total: &AtomicU64, n: u64) {
+    let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_add(n)));
 }
 
 #[cfg(test)]

@@ -13,13 +13,11 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use fog_client::rendezvous::{exchange, read_frame, write_frame};
 use fog_client::transport;
-use fog_proto::api::{now_ms, Rendezvous, Signed};
+use fog_proto::api::{now_ms, Rendezvous, Signed, MAX_ATTACHED};
 use fog_proto::rendezvous::{Attach, Frame, ALPN, KIND_ATTACH};
 use fog_proto::NodeId;
 use tokio::sync::watch;
 
-/// Most nodes one rendezvous keeps attached (each costs one idle QUIC connection).
-pub const MAX_ATTACHED: usize = 256;
 /// How long the rendezvous waits for the attached node to confirm it sent its punch packets.
 const PUNCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a node keeps sending handshake packets towards a client: long enough for the client's own
@@ -44,6 +42,14 @@ impl RendezvousServer {
 
     pub fn attached(&self) -> usize {
         self.attached.lock().expect("attached lock").len()
+    }
+
+    /// The nodes attached here, for the heartbeat: the tracker schedules them only when their rendezvous
+    /// says they are.
+    pub fn attached_nodes(&self) -> Vec<NodeId> {
+        let mut nodes: Vec<NodeId> = self.attached.lock().expect("attached lock").keys().copied().collect();
+        nodes.sort_unstable(); // the tracker notices a change in the list, not in its order
+        nodes
     }
 
     /// Serves one connection that negotiated the rendezvous ALPN: attaches or punch requests.

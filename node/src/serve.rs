@@ -80,7 +80,7 @@ pub struct Server {
     /// Open client connections by source (IPv4 address or IPv6 /64).
     by_source: Mutex<HashMap<IpAddr, usize>>,
     overlay: Option<Overlay>,
-    rendezvous: Arc<RendezvousServer>,
+    pub rendezvous: Arc<RendezvousServer>,
     peer_streams: Arc<Semaphore>,
     peer_streams_by_peer: Mutex<HashMap<PeerId, usize>>,
 }

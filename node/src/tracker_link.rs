@@ -162,6 +162,7 @@ impl TrackerLink {
             report.rendezvous = Some(a.rendezvous);
             report.external_quic = Some(a.external);
         }
+        report.attached = self.server.rendezvous.attached_nodes();
         report
     }
 

@@ -220,7 +220,14 @@ pub struct OverlayReport {
     /// Overlay peers connected now; below [`WANT_PEERS`] the tracker suggests more in its answer.
     #[serde(default)]
     pub connected_peers: u32,
+    /// Nodes attached to this node as their rendezvous (at most [`MAX_ATTACHED`]): the tracker sends
+    /// clients through a rendezvous only to nodes it lists.
+    #[serde(default)]
+    pub attached: Vec<NodeId>,
 }
+
+/// Most nodes one rendezvous keeps attached (each costs it one idle QUIC connection).
+pub const MAX_ATTACHED: usize = 256;
 
 /// A node with fewer connected overlay peers than this gets bootstrap peers with its heartbeat answer (so a
 /// node's neighbourhood fills up as nearby nodes join).
@@ -231,6 +238,9 @@ impl OverlayReport {
     pub fn check_bounds(&self) -> Result<(), String> {
         if self.rtt.len() > MAX_RTT_SAMPLES || self.bad_peers.len() > MAX_RTT_SAMPLES {
             return Err(format!("at most {MAX_RTT_SAMPLES} RTT samples and bad peers per heartbeat"));
+        }
+        if self.attached.len() > MAX_ATTACHED {
+            return Err(format!("at most {MAX_ATTACHED} attached nodes per heartbeat"));
         }
         if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));

@@ -336,10 +336,10 @@ impl Registry {
             let victim = nodes
                 .iter()
                 .filter(|(_, n)| n.health.quarantined.is_none())
-                .filter(|(_, n)| {
+                .filter(|(id, n)| {
                     n.last_seen.elapsed() > self.timeout
                         || (n.first_seen.elapsed() > UNREACHABLE_GRACE
-                            && self.client_path(&nodes, n) == ClientPath::Unreachable)
+                            && self.client_path(&nodes, id, n) == ClientPath::Unreachable)
                 })
                 .min_by_key(|(_, n)| n.last_seen)
                 .map(|(id, _)| *id);
@@ -414,7 +414,8 @@ impl Registry {
                 o.rendezvous = None;
             }
             o.bad_peers.clear();
-            if (o.rendezvous, o.external_quic) != (n.overlay.rendezvous, n.overlay.external_quic) {
+            let path = |o: &OverlayReport| (o.rendezvous, o.external_quic);
+            if path(&o) != path(&n.overlay) || o.attached != n.overlay.attached {
                 self.changed();
             }
             let mut fresh: Vec<Neighbour<NodeId>> =
@@ -489,12 +490,13 @@ impl Registry {
         self.state(n) == NodeState::Active
     }
 
-    fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, n: &NodeEntry) -> ClientPath {
+    fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> ClientPath {
         if n.reg.reachable {
             return ClientPath::Direct;
         }
+        // The node's word that it is attached is not enough: its rendezvous must list it too.
         let via = n.overlay.rendezvous.and_then(|r| nodes.get(&r));
-        if via.is_some_and(|r| r.reg.reachable && self.healthy(r)) {
+        if via.is_some_and(|r| r.reg.reachable && self.healthy(r) && r.overlay.attached.contains(id)) {
             ClientPath::HolePunch
         } else {
             ClientPath::Unreachable
@@ -503,7 +505,7 @@ impl Registry {
 
     /// How a client dials `n`, if it can.
     fn contact(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> Option<NodeContact> {
-        match self.client_path(nodes, n) {
+        match self.client_path(nodes, id, n) {
             ClientPath::Direct => Some(NodeContact { id: *id, addr: n.reg.addr, via: None }),
             ClientPath::HolePunch => {
                 let r = n.overlay.rendezvous?;
@@ -670,7 +672,7 @@ impl Registry {
         let nodes = self.nodes.read().expect("registry lock");
         nodes
             .iter()
-            .filter(|(_, n)| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable)
+            .filter(|(id, n)| self.healthy(n) && self.client_path(&nodes, id, n) != ClientPath::Unreachable)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -685,16 +687,16 @@ impl Registry {
                 _ => {}
             }
         }
-        for n in nodes.values().filter(|n| n.last_seen.elapsed() <= self.timeout) {
+        for (id, n) in nodes.iter().filter(|(_, n)| n.last_seen.elapsed() <= self.timeout) {
             let r = Reachability::ALL.iter().position(|r| *r == n.overlay.reachability).unwrap_or(0);
             c.by_reachability[r] += 1;
-            let p = ClientPath::ALL.iter().position(|p| *p == self.client_path(&nodes, n)).unwrap_or(0);
+            let p = ClientPath::ALL.iter().position(|p| *p == self.client_path(&nodes, id, n)).unwrap_or(0);
             c.by_client_path[p] += 1;
         }
-        let unreachable = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) == ClientPath::Unreachable;
-        c.unreachable = nodes.values().filter(unreachable).count() as u64;
-        let scheduled = |n: &&NodeEntry| self.healthy(n) && self.client_path(&nodes, n) != ClientPath::Unreachable;
-        for n in nodes.values().filter(scheduled) {
+        let path = |(id, n): &(&NodeId, &NodeEntry)| self.healthy(n).then(|| self.client_path(&nodes, id, n));
+        c.unreachable = nodes.iter().filter(|e| path(e) == Some(ClientPath::Unreachable)).count() as u64;
+        let scheduled = |e: &(&NodeId, &NodeEntry)| path(e).is_some_and(|p| p != ClientPath::Unreachable);
+        for (_, n) in nodes.iter().filter(scheduled) {
             c.healthy += 1;
             // Reports are bounded, but a million of them could still wrap a plain sum.
             c.cache_used = c.cache_used.saturating_add(n.stats.cache_used);
@@ -733,7 +735,7 @@ impl Registry {
                     probe_rtt_ms: n.health.last_probe_rtt_ms,
                     addr: with_addr.then_some(n.reg.addr),
                     reachability: n.overlay.reachability.as_str(),
-                    client_path: self.client_path(&nodes, n).name(),
+                    client_path: self.client_path(&nodes, id, n).name(),
                     tracker_rtt_ms: n.overlay.tracker_rtt_ms,
                     peers_measured: n.overlay.rtt.len(),
                     version: n.reg.version.clone(),
@@ -927,6 +929,9 @@ mod tests {
             ..Default::default()
         };
         r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay), now + 1, now).expect("heartbeat");
+        assert_eq!(r.snapshot().nodes.len(), 1, "its rendezvous has not confirmed the attachment: not scheduled");
+        let confirms = OverlayReport { attached: vec![id(2)], ..Default::default() };
+        r.heartbeat(&id(1), NodeStats::default(), false, Some(confirms), now + 1, now).expect("heartbeat");
         let snap = r.snapshot();
         let contact =
             &snap.nodes.iter().find(|c| c.contact.id == id(2)).expect("scheduled through the rendezvous").contact;

@@ -42,6 +42,15 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
     log "clippy missing: lint check skipped"
 fi
+# Fuzzing smoke run (docs/security.md, "Fuzzing"): every cargo-fuzz target for a few seconds. Without a
+# nightly toolchain or cargo-fuzz (scripts/fuzz.sh exits 3) it is skipped, saying so; a crash fails.
+fuzz_status=0
+scripts/fuzz.sh 5 || fuzz_status=$?
+if [ "$fuzz_status" -eq 3 ]; then
+    log "warning: no nightly toolchain or cargo-fuzz: fuzzing smoke run skipped"
+elif [ "$fuzz_status" -ne 0 ]; then
+    exit "$fuzz_status"
+fi
 # Integration tests start real processes, each with its own RocksDB; two test threads keep 2 cores busy
 # without starving the QUIC timers under test.
 run_tests --workspace -- --test-threads=2 "$@"

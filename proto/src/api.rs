@@ -245,7 +245,9 @@ impl OverlayReport {
         if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));
         }
-        check_rtts(&self.rtt)
+        let tracker = self.tracker_rtt_ms.map(|rtt_ms| RttSample { peer: NodeId([0; 32]), rtt_ms });
+        check_rtts(&self.rtt)?;
+        check_rtts(tracker.as_slice())
     }
 }
 

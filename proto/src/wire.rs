@@ -169,7 +169,8 @@ impl ChunkRequest {
         out
     }
 
-    /// The request as it goes on the wire: u16 BE body length, then the body. Fails if the URL is too long.
+    /// The request as it goes on the wire: u16 BE body length, then the body. Fails if the URL or the receipt
+    /// is too long, or both together make a body longer than a node reads ([`MAX_REQUEST_LEN`]).
     pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
         if let Some(o) = &self.origin {
             if o.url.len() > MAX_URL_LEN {
@@ -182,6 +183,9 @@ impl ChunkRequest {
             }
         }
         let body = self.encode();
+        if body.len() > MAX_REQUEST_LEN {
+            return Err(FrameError::TooLong { what: "request", len: body.len(), max: MAX_REQUEST_LEN });
+        }
         let mut out = Vec::with_capacity(body.len() + 2);
         out.extend_from_slice(&(body.len() as u16).to_be_bytes());
         out.extend_from_slice(&body);
@@ -385,6 +389,23 @@ mod tests {
             receipt: None,
         };
         assert!(long.encode_framed().is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/request_frame.rs`: a URL and a receipt each within their limits made a
+    /// frame whose length the receiving node refuses; the sender now refuses it instead.
+    #[test]
+    fn encoder_never_frames_what_the_receiver_refuses() {
+        let req = ChunkRequest {
+            hash: ChunkHash::of(b"a"),
+            range: None,
+            origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN), offset: 0, length: 1 }),
+            receipt: Some(vec![b'r'; MAX_RECEIPT_LEN]),
+        };
+        assert!(req.encode().len() > MAX_REQUEST_LEN);
+        assert!(matches!(req.encode_framed(), Err(FrameError::TooLong { what: "request", .. })));
+        let fits = ChunkRequest { receipt: Some(vec![b'r'; 1024]), ..req };
+        let framed = fits.encode_framed().expect("fits");
+        assert_eq!(ChunkRequest::check_len(u16::from_be_bytes([framed[0], framed[1]])), Ok(framed.len() - 2));
     }
 
     #[test]

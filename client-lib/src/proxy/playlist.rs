@@ -121,15 +121,24 @@ fn resolve(uri: &str, base: &str) -> String {
     format!("{dir}{uri}")
 }
 
+/// Longest segment duration believed, in seconds.
+const MAX_SEGMENT_SECS: f64 = 86_400.0;
+
 /// The media segments of an HLS media playlist (empty for a master playlist), with byte-range segments
-/// left out (they are fetched by range, not prefetched whole).
+/// left out (they are fetched by range, not prefetched whole), and those without a believable duration.
 pub fn hls_segments(text: &str, playlist: &str) -> Vec<Segment> {
     let mut segments = Vec::new();
     let mut duration = None;
     let mut byterange = false;
     for line in text.lines().map(str::trim) {
         if let Some(d) = line.strip_prefix("#EXTINF:") {
-            duration = d.split(',').next().and_then(|d| d.trim().parse::<f64>().ok());
+            // The proxy turns durations into deadlines (`Duration::from_secs_f64` panics on a negative, NaN
+            // or huge one) and adds them up: one outside 0..=a day counts as unknown.
+            duration = d
+                .split(',')
+                .next()
+                .and_then(|d| d.trim().parse::<f64>().ok())
+                .filter(|d| (0.0..=MAX_SEGMENT_SECS).contains(d));
         } else if line.starts_with("#EXT-X-BYTERANGE") {
             byterange = true;
         } else if !line.is_empty() && !line.starts_with('#') {
@@ -166,6 +175,15 @@ mod tests {
                 Segment { url: "http://o:81/abs/seg2.ts".into(), duration: 2.5 },
             ]
         );
+    }
+
+    /// Found by `fuzz/fuzz_targets/playlist.rs`: these durations made the proxy panic in
+    /// `Duration::from_secs_f64` when the player asked for the segment.
+    #[test]
+    fn unbelievable_durations_are_unknown() {
+        let text =
+            "#EXTINF:-1,\na.ts\n#EXTINF:NaN,\nb.ts\n#EXTINF:inf,\nc.ts\n#EXTINF:1e400,\nd.ts\n#EXTINF:2,\ne.ts\n";
+        assert_eq!(hls_segments(text, PL), vec![Segment { url: "http://o:81/vod/e.ts".into(), duration: 2.0 }]);
     }
 
     #[test]

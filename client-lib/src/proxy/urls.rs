@@ -13,7 +13,10 @@ pub enum UrlError {
 }
 
 fn check_host(host: &str) -> Result<(), UrlError> {
+    // "." and ".." would be dot segments of the proxy path, which players resolve away.
     let ok = !host.is_empty()
+        && host != "."
+        && host != ".."
         && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_'));
     if ok {
         Ok(())
@@ -60,23 +63,44 @@ pub fn proxied_url(origin: &str, proxy_authority: &str) -> Result<String, UrlErr
     Ok(format!("http://{proxy_authority}{}", proxy_path(origin)?))
 }
 
-/// Rewrites one URI found in a playlist at `playlist` (an origin URL) so that it resolves through the
-/// proxy: absolute and protocol-relative URIs become proxy paths, root-relative ones get the playlist's
-/// `/<scheme>/<host>` prefix, and relative ones are left alone (they already resolve through the proxy).
+/// Rewrites one URI found in a playlist at `playlist` (an origin URL) so that the player fetches, through
+/// the proxy, the object the playlist names: absolute, protocol-relative and root-relative URIs become the
+/// proxy path of the URL they resolve to, and relative ones are left alone when, resolved by the player
+/// against the playlist's proxy URL, they already lead there (the usual `seg1.ts`). Those that would not —
+/// dot segments climbing above the origin's root, backslashes, leading control characters — get the proxy
+/// path too. Data URIs and other schemes pass through untouched; a URL whose host the proxy cannot carry is
+/// written out absolute.
 pub(super) fn rewrite_uri(uri: &str, playlist: &str) -> String {
-    let (scheme, rest) = playlist.split_once("://").unwrap_or(("http", playlist));
-    let host = rest.split('/').next().unwrap_or("");
-    let rewritten = if uri.contains("://") {
-        proxy_path(uri).ok()
-    } else if let Some(net) = uri.strip_prefix("//") {
-        proxy_path(&format!("{scheme}://{net}")).ok()
-    } else if uri.starts_with('/') {
-        Some(format!("/{scheme}/{host}{uri}"))
-    } else {
-        None
+    let Ok(base) = reqwest::Url::parse(playlist) else { return uri.to_string() };
+    let Ok(mut meant) = base.join(uri) else { return uri.to_string() };
+    if !matches!(meant.scheme(), "http" | "https") {
+        return uri.to_string();
+    }
+    // A host the proxy path cannot carry: the player fetches it without the proxy, and must get what the
+    // playlist meant (a page served over http reads "http:x" as relative to itself, not to the origin).
+    let Ok(path) = proxy_path(meant.as_str()) else { return meant.into() };
+    meant.set_fragment(None);
+    // It joined the playlist's URL but does not parse alone: a relative reference.
+    let relative = reqwest::Url::parse(uri).is_err();
+    if relative && through_proxy(uri, &base).is_some_and(|fetched| fetched == meant) {
+        return uri.to_string();
+    }
+    path
+}
+
+/// The origin URL the proxy fetches when a player that loaded `playlist` through the proxy follows `uri`,
+/// if that request reaches the proxy at all.
+fn through_proxy(uri: &str, playlist: &reqwest::Url) -> Option<reqwest::Url> {
+    let page = reqwest::Url::parse("http://proxy.invalid/").ok()?.join(&proxy_path(playlist.as_str()).ok()?).ok()?;
+    let request = page.join(uri).ok()?;
+    if request.origin() != page.origin() {
+        return None;
+    }
+    let path = match request.query() {
+        Some(query) => format!("{}?{query}", request.path()),
+        None => request.path().to_string(),
     };
-    // Data URIs, other schemes and relative URIs pass through untouched.
-    rewritten.unwrap_or_else(|| uri.to_string())
+    reqwest::Url::parse(&origin_url(&path).ok()?).ok()
 }
 
 #[cfg(test)]
@@ -108,5 +132,23 @@ mod tests {
         assert_eq!(rewrite_uri("http://b.example/x.ts", pl), "/http/b.example/x.ts");
         assert_eq!(rewrite_uri("//c.example/y.ts", pl), "/https/c.example/y.ts");
         assert_eq!(rewrite_uri("data:text/plain,hi", pl), "data:text/plain,hi");
+    }
+
+    /// Found by `fuzz/fuzz_targets/playlist.rs`: the player resolves these against the playlist's proxy
+    /// URL, where they climbed out of `/<scheme>/<host>` (another host, or a path the proxy refuses) or
+    /// reached another path than the playlist named.
+    #[test]
+    fn uris_the_player_would_resolve_elsewhere() {
+        let pl = "https://o.example:8443/vod/master.m3u8";
+        assert_eq!(rewrite_uri("../../../x.ts", pl), "/https/o.example:8443/x.ts");
+        assert_eq!(rewrite_uri("../../evil.example/x.ts", pl), "/https/o.example:8443/evil.example/x.ts");
+        assert_eq!(rewrite_uri("\u{0}/x.ts", pl), "/https/o.example:8443/x.ts");
+        assert_eq!(rewrite_uri("\\\\evil.example/x.ts", pl), "/https/evil.example/x.ts");
+        assert_eq!(rewrite_uri("/a/../../b.ts", pl), "/https/o.example:8443/b.ts");
+        assert_eq!(rewrite_uri("http://b.example/a/../../c.ts", pl), "/http/b.example/c.ts");
+        assert_eq!(rewrite_uri("../low/index.m3u8", pl), "../low/index.m3u8");
+        assert_eq!(rewrite_uri("//./x.ts", pl), "https://./x.ts");
+        assert_eq!(rewrite_uri("http:*/x.ts", pl), "http://*/x.ts");
+        assert!(matches!(proxy_path("http://../x"), Err(UrlError::Host(_))));
     }
 }

@@ -1,0 +1,74 @@
+//! The chunk-request frame (client → node on `fog/1`; node → peer on the peer-fill protocol): a u16 length
+//! prefix, then the body. Decoding is canonical (what decodes re-encodes to the same bytes), every field
+//! stays within its bound, and whatever the encoder frames, the receiver's length check and decoder accept.
+#![no_main]
+
+use fog_proto::wire::{ChunkRequest, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_URL_LEN};
+use fog_proto::ChunkHash;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    // As a node reads a stream: the length prefix is checked before the body is read.
+    if let [a, b, rest @ ..] = data {
+        if let Ok(n) = ChunkRequest::check_len(u16::from_be_bytes([*a, *b])) {
+            assert!(n <= MAX_REQUEST_LEN);
+            if let Some(Ok(req)) = rest.get(..n).map(ChunkRequest::decode) {
+                check_decoded(&req, &rest[..n]);
+            }
+        }
+    }
+    // Any bytes as a body, of any length.
+    if let Ok(req) = ChunkRequest::decode(data) {
+        check_decoded(&req, data);
+    }
+    // The input as a recipe for a request, to drive the encoder with fields up to their limits.
+    check_encoded(&request_from(data));
+});
+
+fn check_decoded(req: &ChunkRequest, body: &[u8]) {
+    assert_eq!(req.encode(), body, "decoding is not canonical");
+    if let Some((_, len)) = req.range {
+        assert_ne!(len, 0);
+    }
+    if let Some(o) = &req.origin {
+        assert!(o.url.len() <= MAX_URL_LEN && o.length <= MAX_PAYLOAD_LEN);
+    }
+    assert!(req.receipt.as_ref().is_none_or(|r| r.len() <= MAX_RECEIPT_LEN));
+    assert_eq!(req.wants_chunk(), req.hash.0 != [0; 32]);
+    // What a node accepted, a node can send on (peer fill re-frames requests).
+    if body.len() <= MAX_REQUEST_LEN {
+        check_encoded(req);
+    }
+}
+
+/// `encode_framed` either refuses or produces a frame the receiver's checks accept and decode unchanged.
+fn check_encoded(req: &ChunkRequest) {
+    let Ok(framed) = req.encode_framed() else { return };
+    let len = ChunkRequest::check_len(u16::from_be_bytes([framed[0], framed[1]]))
+        .unwrap_or_else(|e| panic!("encode_framed produced a frame the receiver refuses: {e}"));
+    assert_eq!(len, framed.len() - 2);
+    assert_eq!(ChunkRequest::decode(&framed[2..]).as_ref(), Ok(req));
+}
+
+/// A request whose URL and receipt lengths (up to a little past their limits) come from the input.
+fn request_from(data: &[u8]) -> ChunkRequest {
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let word = |i: usize| usize::from(u16::from_be_bytes([byte(i), byte(i + 1)]));
+    let flags = byte(0);
+    let filler = |len: usize, at: usize| -> Vec<u8> { (0..len).map(|i| b'a' + (byte(at + i % 16) % 26)).collect() };
+    let mut hash = [0u8; 32];
+    for (i, h) in hash.iter_mut().enumerate() {
+        *h = byte(5 + i);
+    }
+    let range_len = u32::from(byte(37));
+    ChunkRequest {
+        hash: ChunkHash(hash),
+        range: (flags & 1 != 0 && range_len > 0).then_some((u32::from(byte(38)) << 16, range_len)),
+        origin: (flags & 2 != 0).then(|| OriginHint {
+            url: String::from_utf8(filler(word(1) % (MAX_URL_LEN + 64), 40)).expect("ASCII"),
+            offset: u64::from(byte(39)) << 20,
+            length: (u32::from(byte(38)) << 16).min(MAX_PAYLOAD_LEN),
+        }),
+        receipt: (flags & 4 != 0).then(|| filler(word(3) % (MAX_RECEIPT_LEN + 64), 56)),
+    }
+}

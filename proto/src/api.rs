@@ -83,8 +83,8 @@ fn check_counts(what: &str, counts: &[(&str, u64)], max: u64) -> Result<(), Stri
     }
 }
 
-fn check_rtts(samples: &[RttSample]) -> Result<(), String> {
-    if samples.iter().any(|s| !(s.rtt_ms.is_finite() && (0.0..=60_000.0).contains(&s.rtt_ms))) {
+fn check_rtts(rtts_ms: impl IntoIterator<Item = f32>) -> Result<(), String> {
+    if rtts_ms.into_iter().any(|rtt| !(rtt.is_finite() && (0.0..=60_000.0).contains(&rtt))) {
         return Err("RTT samples must be between 0 and 60000 ms".into());
     }
     Ok(())
@@ -245,9 +245,7 @@ impl OverlayReport {
         if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));
         }
-        let tracker = self.tracker_rtt_ms.map(|rtt_ms| RttSample { peer: NodeId([0; 32]), rtt_ms });
-        check_rtts(&self.rtt)?;
-        check_rtts(tracker.as_slice())
+        check_rtts(self.rtt.iter().map(|s| s.rtt_ms).chain(self.tracker_rtt_ms))
     }
 }
 
@@ -402,7 +400,7 @@ impl ClientReport {
             check_label("failure reason", &f.reason, MAX_REASON_LEN)?;
             check_counts("client report", &[("failure count", f.count)], u64::from(u32::MAX))?;
         }
-        check_rtts(&self.node_rtt)
+        check_rtts(self.node_rtt.iter().map(|s| s.rtt_ms))
     }
 }
 
@@ -497,6 +495,10 @@ mod tests {
         assert!(report(u64::MAX, failure("timeout", 3)).check_bounds().is_err());
         assert!(report(1, failure(&"x".repeat(1000), 3)).check_bounds().is_err());
         assert!(report(1, failure("timeout", u64::MAX)).check_bounds().is_err());
+        let overlay = |tracker_rtt_ms| OverlayReport { tracker_rtt_ms, ..Default::default() };
+        assert!(overlay(Some(12.5)).check_bounds().is_ok());
+        assert!(overlay(Some(f32::INFINITY)).check_bounds().is_err());
+        assert!(overlay(Some(-1.0)).check_bounds().is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
 use fog_proto::credits::{hex32, payment_chain, Commitment, Digest, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET};
 use fog_proto::origins::OriginList;
-use fog_proto::wire::{ChunkRequest, OriginHint, Status};
+use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -171,6 +171,8 @@ struct Session {
     key: SigningKey,
     ticket: Ticket,
     ticket_id: String,
+    /// The signed ticket as chunk requests carry it: nodes fill misses through only with it.
+    signed_ticket: Option<Vec<u8>>,
     chains: Mutex<HashMap<NodeId, PaymentChain>>,
 }
 
@@ -188,7 +190,8 @@ impl Session {
             return None;
         }
         let ticket_id = fog_proto::credits::ticket_id(signed);
-        Some(Self { key, ticket, ticket_id, chains: Mutex::new(HashMap::new()) })
+        let signed_ticket = serde_json::to_vec(signed).ok().filter(|t| t.len() <= MAX_TICKET_LEN);
+        Some(Self { key, ticket, ticket_id, signed_ticket, chains: Mutex::new(HashMap::new()) })
     }
 
     /// Pays `node` for one more chunk it delivered and that verified: the receipt to hand it.
@@ -539,6 +542,7 @@ impl Inner {
             range: None,
             origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
             receipt: None,
+            ticket: resolved.1.as_ref().and_then(|s| s.signed_ticket.clone()),
         };
         let mut failures = Vec::new();
         for &i in &r.schedule[index] {

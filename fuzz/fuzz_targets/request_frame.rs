@@ -3,7 +3,9 @@
 //! stays within its bound, and whatever the encoder frames, the receiver's length check and decoder accept.
 #![no_main]
 
-use fog_proto::wire::{ChunkRequest, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_URL_LEN};
+use fog_proto::wire::{
+    ChunkRequest, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_TICKET_LEN, MAX_URL_LEN,
+};
 use fog_proto::ChunkHash;
 use libfuzzer_sys::fuzz_target;
 
@@ -34,6 +36,7 @@ fn check_decoded(req: &ChunkRequest, body: &[u8]) {
         assert!(o.url.len() <= MAX_URL_LEN && o.length <= MAX_PAYLOAD_LEN);
     }
     assert!(req.receipt.as_ref().is_none_or(|r| r.len() <= MAX_RECEIPT_LEN));
+    assert!(req.ticket.as_ref().is_none_or(|t| t.len() <= MAX_TICKET_LEN));
     assert_eq!(req.wants_chunk(), req.hash.0 != [0; 32]);
     // What a node accepted, a node can send on (peer fill re-frames requests).
     if body.len() <= MAX_REQUEST_LEN {
@@ -50,7 +53,7 @@ fn check_encoded(req: &ChunkRequest) {
     assert_eq!(ChunkRequest::decode(&framed[2..]).as_ref(), Ok(req));
 }
 
-/// A request whose URL and receipt lengths (up to a little past their limits) come from the input.
+/// A request whose URL, receipt and ticket lengths (up to a little past their limits) come from the input.
 fn request_from(data: &[u8]) -> ChunkRequest {
     let byte = |i: usize| data.get(i).copied().unwrap_or(0);
     let word = |i: usize| usize::from(u16::from_be_bytes([byte(i), byte(i + 1)]));
@@ -70,5 +73,6 @@ fn request_from(data: &[u8]) -> ChunkRequest {
             length: (u32::from(byte(38)) << 16).min(MAX_PAYLOAD_LEN),
         }),
         receipt: (flags & 4 != 0).then(|| filler(word(3) % (MAX_RECEIPT_LEN + 64), 56)),
+        ticket: (flags & 8 != 0).then(|| filler(word(72) % (MAX_TICKET_LEN + 64), 74)),
     }
 }

@@ -326,8 +326,9 @@ impl Overlay {
 
     /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
     /// uses, over this node's neighbourhood), all at once, and returns the first verified copy. With an
-    /// origin hint, the first of them — the chunk's home — is asked to fill the chunk through if it lacks it.
-    pub async fn fetch(&self, hash: ChunkHash, hint: Option<&OriginHint>) -> Option<Bytes> {
+    /// origin hint and the ticket that licensed it, the first of them — the chunk's home — is asked to fill
+    /// the chunk through if it lacks it.
+    pub async fn fetch(&self, hash: ChunkHash, fill_through: Option<(&OriginHint, &[u8])>) -> Option<Bytes> {
         let peers = self.neighbourhood();
         let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
         let mut asks: futures::stream::FuturesUnordered<_> = top_k(&hash, &ids, PEERS_ASKED)
@@ -335,8 +336,14 @@ impl Overlay {
             .enumerate()
             .map(|(rank, i)| {
                 let (peer, node) = peers[i];
-                let req =
-                    ChunkRequest { hash, range: None, origin: hint.filter(|_| rank == 0).cloned(), receipt: None };
+                let home = fill_through.filter(|_| rank == 0);
+                let req = ChunkRequest {
+                    hash,
+                    range: None,
+                    origin: home.map(|(hint, _)| hint.clone()),
+                    receipt: None,
+                    ticket: home.map(|(_, ticket)| ticket.to_vec()),
+                };
                 async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, req)).await) }
             })
             .collect();

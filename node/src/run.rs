@@ -96,6 +96,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         cfg.max_fills,
         overlay.clone(),
         rendezvous.clone(),
+        node_id,
     ));
     let peers_task = peer_streams.map(|incoming| tokio::spawn(server.clone().serve_peers(incoming)));
     let (stop_tx, stop_rx) = watch::channel(false);

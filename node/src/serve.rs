@@ -1,7 +1,8 @@
 //! The QUIC chunk server: one request per bidirectional stream (see `docs/protocol.md`).
 //!
 //! A hit is read from the store (verified on read); a miss is filled from the overlay peers most likely to
-//! hold the chunk, then (given an origin hint) from the origin, verified, stored and served; concurrent
+//! hold the chunk, then (given an origin hint and a tracker ticket that licenses the fill, see
+//! [`crate::grants`]) from the origin, verified, stored and served; concurrent
 //! misses for one chunk share a single fill. The same server answers peers' fill requests from the store
 //! only, and hands connections that negotiated the rendezvous protocol to [`RendezvousServer`].
 
@@ -14,15 +15,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_client::per_source::source_of;
+use fog_proto::api::now_ms;
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
-use fog_proto::ChunkHash;
+use fog_proto::{ChunkHash, NodeId};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::credits::Credits;
+use crate::grants::FillGrants;
 use crate::limits::{UploadLimit, PIECE};
-use crate::overlay::{IncomingChunkStreams, Overlay};
+use crate::overlay::{node_id_of, IncomingChunkStreams, Overlay};
 use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
@@ -81,6 +84,9 @@ pub struct Server {
     by_source: Mutex<HashMap<IpAddr, usize>>,
     overlay: Option<Overlay>,
     pub rendezvous: Arc<RendezvousServer>,
+    /// Which origin hints this node acts on (tracker-signed tickets with fills left).
+    pub grants: Arc<FillGrants>,
+    node_id: NodeId,
     peer_streams: Arc<Semaphore>,
     peer_streams_by_peer: Mutex<HashMap<PeerId, usize>>,
 }
@@ -123,6 +129,7 @@ impl Server {
         max_fills: usize,
         overlay: Option<Overlay>,
         rendezvous: Arc<RendezvousServer>,
+        node_id: NodeId,
     ) -> Self {
         Self {
             store,
@@ -137,6 +144,8 @@ impl Server {
             by_source: Mutex::new(HashMap::new()),
             overlay,
             rendezvous,
+            grants: Arc::new(FillGrants::default()),
+            node_id,
             peer_streams: Arc::new(Semaphore::new(PEER_STREAMS)),
             peer_streams_by_peer: Mutex::new(HashMap::new()),
         }
@@ -289,13 +298,38 @@ impl Server {
             }
         }
         Counters::add(&self.counters.misses, 1);
-        self.fill(hash, req.origin.as_ref(), Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
+        let hint = self.licensed(req, self.node_id).await;
+        let ticket = req.ticket.as_deref().filter(|_| hint.is_some());
+        self.fill(hash, hint, ticket, Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
     }
 
-    async fn fill(&self, hash: ChunkHash, hint: Option<&OriginHint>, tier: Tier) -> Result<Bytes, FillError> {
+    /// The request's origin hint, if its ticket still licenses a fill for `beneficiary` (this node for its
+    /// clients, the asking peer for a home fill); otherwise the miss is served from peers' stores or not at
+    /// all.
+    async fn licensed<'a>(&self, req: &'a ChunkRequest, beneficiary: NodeId) -> Option<&'a OriginHint> {
+        let hint = req.origin.as_ref()?;
+        let (grants, ticket) = (self.grants.clone(), req.ticket.clone());
+        let taken = tokio::task::spawn_blocking(move || grants.take(ticket.as_deref(), beneficiary, now_ms())).await;
+        match taken {
+            Ok(Ok(())) => return Some(hint),
+            Ok(Err(refusal)) => tracing::debug!(chunk = %req.hash, %refusal, "ignoring an origin hint"),
+            Err(e) => tracing::error!(error = %e, "ticket check failed"),
+        }
+        Counters::add(&self.counters.unlicensed_hints, 1);
+        None
+    }
+
+    /// `hint` is licensed; `ticket` licensed it, and goes on with it to the chunk's home.
+    async fn fill(
+        &self,
+        hash: ChunkHash,
+        hint: Option<&OriginHint>,
+        ticket: Option<&[u8]>,
+        tier: Tier,
+    ) -> Result<Bytes, FillError> {
         let key = (hash, hint.is_some());
         let cell = self.fills.lock().expect("fills lock").entry(key).or_default().clone();
-        let result = cell.get_or_init(|| self.pull(hash, hint, tier)).await.clone();
+        let result = cell.get_or_init(|| self.pull(hash, hint, ticket, tier)).await.clone();
         let mut fills = self.fills.lock().expect("fills lock");
         if fills.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             fills.remove(&key);
@@ -305,10 +339,19 @@ impl Server {
 
     /// Peers first (they cost the origin nothing; at the edge, the chunk's home fills through), then the
     /// origin; stores what verified.
-    async fn pull(&self, hash: ChunkHash, hint: Option<&OriginHint>, tier: Tier) -> Result<Bytes, FillError> {
+    async fn pull(
+        &self,
+        hash: ChunkHash,
+        hint: Option<&OriginHint>,
+        ticket: Option<&[u8]>,
+        tier: Tier,
+    ) -> Result<Bytes, FillError> {
         let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
         let from_peer = match &self.overlay {
-            Some(overlay) => overlay.fetch(hash, hint.filter(|_| tier == Tier::Edge)).await,
+            Some(overlay) => {
+                let fill_through = hint.zip(ticket).filter(|_| tier == Tier::Edge);
+                overlay.fetch(hash, fill_through).await
+            }
             None => None,
         };
         let bytes = match (from_peer, hint) {
@@ -362,7 +405,7 @@ impl Server {
             }
             let server = self.clone();
             tokio::spawn(async move {
-                match server.serve_peer_stream(stream).await {
+                match server.serve_peer_stream(stream, node_id_of(&peer)).await {
                     Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                         Counters::add(&server.counters.bad_requests, 1);
                         tracing::warn!(%peer, error = %e, "malformed peer fill request");
@@ -382,16 +425,21 @@ impl Server {
         }
     }
 
-    async fn serve_peer_stream(&self, mut stream: libp2p::Stream) -> std::io::Result<()> {
+    /// `asker`: the peer's node id, which the request's ticket must assign chunks to for a fill through.
+    async fn serve_peer_stream(&self, mut stream: libp2p::Stream, asker: Option<NodeId>) -> std::io::Result<()> {
         let req = tokio::time::timeout(REQUEST_TIMEOUT, read_peer_request(&mut stream))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
         let (store, hash) = (self.store.clone(), req.hash);
         let lookup = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(std::io::Error::other)?;
-        let bytes = match (lookup, &req.origin) {
+        let hint = match (&lookup, asker) {
+            (Ok(Lookup::Hit(_)), _) | (_, None) => None,
+            (_, Some(asker)) => self.licensed(&req, asker).await,
+        };
+        let bytes = match (lookup, hint) {
             (Ok(Lookup::Hit(bytes)), _) => bytes,
             // This node is the chunk's home for the asking peer: fill it through (never passing the hint on).
-            (_, Some(hint)) => match self.fill(hash, Some(hint), Tier::Home).await {
+            (_, Some(hint)) => match self.fill(hash, Some(hint), None, Tier::Home).await {
                 Ok(bytes) => {
                     Counters::add(&self.counters.home_fills, 1);
                     bytes

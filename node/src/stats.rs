@@ -23,6 +23,8 @@ pub struct Counters {
     pub peer_bad_chunks: AtomicU64,
     /// Chunks filled through for peers, as their home.
     pub home_fills: AtomicU64,
+    /// Origin hints ignored: no valid ticket with fills left came with them.
+    pub unlicensed_hints: AtomicU64,
 }
 
 impl Counters {
@@ -51,6 +53,7 @@ impl Counters {
             peer_served_bytes: get(&self.peer_served_bytes),
             peer_bad_chunks: get(&self.peer_bad_chunks),
             home_fills: get(&self.home_fills),
+            unlicensed_hints: get(&self.unlicensed_hints),
         }
     }
 }

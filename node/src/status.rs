@@ -432,7 +432,7 @@ struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
-        let counter_defs: [(&str, &str, ReadCounter); 14] = [
+        let counter_defs: [(&str, &str, ReadCounter); 15] = [
             ("fog_node_requests", "Chunk requests received", |s| s.requests),
             ("fog_node_hits", "Requests served from the cache", |s| s.hits),
             ("fog_node_misses", "Requests not in the cache", |s| s.misses),
@@ -447,6 +447,9 @@ impl Default for NodeMetrics {
             ("fog_node_peer_served_bytes", "Bytes sent to peers filling their misses", |s| s.peer_served_bytes),
             ("fog_node_peer_bad_chunks", "Chunks from peers that did not match their hash", |s| s.peer_bad_chunks),
             ("fog_node_home_fills", "Chunks filled through for peers as the chunk's home", |s| s.home_fills),
+            ("fog_node_unlicensed_hints", "Origin hints ignored for want of a valid ticket with fills left", |s| {
+                s.unlicensed_hints
+            }),
         ];
         let gauge_defs: [(&str, &str, ReadGauge); 16] = [
             ("fog_node_cache_used_bytes", "Bytes the cache accounts for (chunks and per-chunk overhead)", |s| {

@@ -108,6 +108,7 @@ impl TrackerLink {
             let mut s = self.state.lock().expect("link state lock");
             s.advertised = Some(resp.advertised_addr);
             s.tracker_key = resp.tracker_key;
+            self.server.grants.set_tracker_key(resp.tracker_key);
             s.reachable = Some(resp.reachable);
         }
         self.update_origins(resp.origins);

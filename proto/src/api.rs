@@ -301,6 +301,10 @@ pub struct NodeStats {
     /// Chunks this node filled through for peers that asked it as the chunk's home.
     #[serde(default)]
     pub home_fills: u64,
+    /// Origin hints ignored for want of a valid ticket with fills left (the miss was then served from peers'
+    /// stores only, or refused).
+    #[serde(default)]
+    pub unlicensed_hints: u64,
 }
 
 impl NodeStats {
@@ -325,6 +329,7 @@ impl NodeStats {
             ("peer_served_bytes", self.peer_served_bytes),
             ("peer_bad_chunks", self.peer_bad_chunks),
             ("home_fills", self.home_fills),
+            ("unlicensed_hints", self.unlicensed_hints),
         ];
         check_counts("node stats", &counts, MAX_REPORTED)
     }

@@ -8,8 +8,9 @@ use crate::ChunkHash;
 
 pub const ALPN: &[u8] = b"fog/1";
 pub const VERSION: u8 = 1;
-/// Largest request body (after its u16 length prefix).
-pub const MAX_REQUEST_LEN: usize = 4096;
+/// Largest request body (after its u16 length prefix): every field at its longest.
+pub const MAX_REQUEST_LEN: usize =
+    2 + 32 + 8 + (8 + 4 + 2 + MAX_URL_LEN) + (2 + MAX_RECEIPT_LEN) + (2 + MAX_TICKET_LEN);
 /// Longest origin URL in a hint.
 pub const MAX_URL_LEN: usize = 2048;
 /// Longest error message in a response.
@@ -20,8 +21,12 @@ pub const MAX_PAYLOAD_LEN: u32 = crate::manifest::MAX_CHUNK_SIZE;
 const FLAG_RANGE: u8 = 1;
 const FLAG_ORIGIN: u8 = 2;
 const FLAG_RECEIPT: u8 = 4;
+const FLAG_TICKET: u8 = 8;
 /// Longest receipt (JSON) a request may carry.
 pub const MAX_RECEIPT_LEN: usize = 2048;
+/// Longest credit ticket (JSON of the tracker-signed `credits::Ticket`) a request may carry; the tracker
+/// issues none longer.
+pub const MAX_TICKET_LEN: usize = 4096;
 
 /// Where the node may pull a chunk it does not have (pull-through), and which bytes of the object it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +47,16 @@ pub struct ChunkRequest {
     pub origin: Option<OriginHint>,
     /// A credit receipt for chunks already verified (JSON of `credits::Receipt`), opaque to the framing.
     pub receipt: Option<Vec<u8>>,
+    /// The tracker-signed ticket (JSON of `api::Signed`) that assigned this chunk to the node: a node acts on
+    /// an origin hint only with a valid ticket that still has fills left, so a stranger cannot make it
+    /// download from the origin for nothing.
+    pub ticket: Option<Vec<u8>>,
 }
 
 impl ChunkRequest {
     /// A request that asks for no chunk and only hands over a receipt.
     pub fn receipt_only(receipt: Vec<u8>) -> Self {
-        Self { hash: ChunkHash([0; 32]), range: None, origin: None, receipt: Some(receipt) }
+        Self { hash: ChunkHash([0; 32]), range: None, origin: None, receipt: Some(receipt), ticket: None }
     }
 
     pub fn wants_chunk(&self) -> bool {
@@ -149,7 +158,8 @@ impl ChunkRequest {
         out.push(VERSION);
         let flags = if self.range.is_some() { FLAG_RANGE } else { 0 }
             | if self.origin.is_some() { FLAG_ORIGIN } else { 0 }
-            | if self.receipt.is_some() { FLAG_RECEIPT } else { 0 };
+            | if self.receipt.is_some() { FLAG_RECEIPT } else { 0 }
+            | if self.ticket.is_some() { FLAG_TICKET } else { 0 };
         out.push(flags);
         out.extend_from_slice(self.hash.as_bytes());
         if let Some((off, len)) = self.range {
@@ -162,9 +172,9 @@ impl ChunkRequest {
             out.extend_from_slice(&(o.url.len() as u16).to_be_bytes());
             out.extend_from_slice(o.url.as_bytes());
         }
-        if let Some(r) = &self.receipt {
-            out.extend_from_slice(&(r.len() as u16).to_be_bytes());
-            out.extend_from_slice(r);
+        for field in [&self.receipt, &self.ticket].into_iter().flatten() {
+            out.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            out.extend_from_slice(field);
         }
         out
     }
@@ -180,6 +190,11 @@ impl ChunkRequest {
         if let Some(r) = &self.receipt {
             if r.len() > MAX_RECEIPT_LEN {
                 return Err(FrameError::TooLong { what: "receipt", len: r.len(), max: MAX_RECEIPT_LEN });
+            }
+        }
+        if let Some(t) = &self.ticket {
+            if t.len() > MAX_TICKET_LEN {
+                return Err(FrameError::TooLong { what: "ticket", len: t.len(), max: MAX_TICKET_LEN });
             }
         }
         let body = self.encode();
@@ -208,7 +223,7 @@ impl ChunkRequest {
             return Err(FrameError::Version(version));
         }
         let flags = r.u8()?;
-        if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT) != 0 {
+        if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT | FLAG_TICKET) != 0 {
             return Err(FrameError::Flags(flags));
         }
         let hash = ChunkHash(r.array()?);
@@ -240,19 +255,22 @@ impl ChunkRequest {
         } else {
             None
         };
-        let receipt = if flags & FLAG_RECEIPT != 0 {
-            let len = usize::from(r.u16()?);
-            if len > MAX_RECEIPT_LEN {
-                return Err(FrameError::TooLong { what: "receipt", len, max: MAX_RECEIPT_LEN });
+        let mut blob = |flag: u8, what: &'static str, max: usize| -> Result<Option<Vec<u8>>, FrameError> {
+            if flags & flag == 0 {
+                return Ok(None);
             }
-            Some(r.take(len)?.to_vec())
-        } else {
-            None
+            let len = usize::from(r.u16()?);
+            if len > max {
+                return Err(FrameError::TooLong { what, len, max });
+            }
+            Ok(Some(r.take(len)?.to_vec()))
         };
+        let receipt = blob(FLAG_RECEIPT, "receipt", MAX_RECEIPT_LEN)?;
+        let ticket = blob(FLAG_TICKET, "ticket", MAX_TICKET_LEN)?;
         if !r.0.is_empty() {
             return Err(FrameError::Trailing(r.0.len()));
         }
-        Ok(Self { hash, range, origin, receipt })
+        Ok(Self { hash, range, origin, receipt, ticket })
     }
 }
 
@@ -343,13 +361,14 @@ mod tests {
     #[test]
     fn request_round_trips() {
         let reqs = [
-            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None, receipt: None },
+            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None, receipt: None, ticket: None },
             ChunkRequest::receipt_only(b"{\"receipt\": 1}".to_vec()),
             ChunkRequest {
                 hash: ChunkHash::of(b"b"),
                 range: Some((10, 20)),
                 origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
                 receipt: None,
+                ticket: Some(b"{\"ticket\": 1}".to_vec()),
             },
         ];
         for r in reqs {
@@ -367,6 +386,7 @@ mod tests {
             range: None,
             origin: Some(OriginHint { url: "http://o/x".into(), offset: 0, length: 5 }),
             receipt: None,
+            ticket: Some(b"t".to_vec()),
         }
         .encode();
         for cut in 0..good.len() {
@@ -387,24 +407,31 @@ mod tests {
             range: None,
             origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN + 1), offset: 0, length: 1 }),
             receipt: None,
+            ticket: None,
         };
         assert!(long.encode_framed().is_err());
+        let long_ticket = ChunkRequest { ticket: Some(vec![b't'; MAX_TICKET_LEN + 1]), ..long.clone() };
+        assert!(long_ticket.encode_framed().is_err());
+        let mut forged = ChunkRequest { ticket: Some(vec![b't'; MAX_TICKET_LEN]), origin: None, ..long }.encode();
+        let at = forged.len() - MAX_TICKET_LEN - 2;
+        forged[at..at + 2].copy_from_slice(&(MAX_TICKET_LEN as u16 + 1).to_be_bytes());
+        forged.push(b't');
+        assert!(matches!(ChunkRequest::decode(&forged), Err(FrameError::TooLong { what: "ticket", .. })));
     }
 
     /// Found by `fuzz/fuzz_targets/request_frame.rs`: a URL and a receipt each within their limits made a
-    /// frame whose length the receiving node refuses; the sender now refuses it instead.
+    /// frame whose length the receiving node refused. Every field at its longest now fits the frame limit.
     #[test]
     fn encoder_never_frames_what_the_receiver_refuses() {
-        let req = ChunkRequest {
+        let longest = ChunkRequest {
             hash: ChunkHash::of(b"a"),
-            range: None,
+            range: Some((0, 1)),
             origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN), offset: 0, length: 1 }),
             receipt: Some(vec![b'r'; MAX_RECEIPT_LEN]),
+            ticket: Some(vec![b't'; MAX_TICKET_LEN]),
         };
-        assert!(req.encode().len() > MAX_REQUEST_LEN);
-        assert!(matches!(req.encode_framed(), Err(FrameError::TooLong { what: "request", .. })));
-        let fits = ChunkRequest { receipt: Some(vec![b'r'; 1024]), ..req };
-        let framed = fits.encode_framed().expect("fits");
+        assert_eq!(longest.encode().len(), MAX_REQUEST_LEN);
+        let framed = longest.encode_framed().expect("fits");
         assert_eq!(ChunkRequest::check_len(u16::from_be_bytes([framed[0], framed[1]])), Ok(framed.len() - 2));
     }
 

@@ -213,6 +213,25 @@ impl Cluster {
         format!("http://{}", self.tracker.addr)
     }
 
+    /// A ticket as the tracker would sign it, assigning `nodes` their chunk counts: what a chunk request needs
+    /// for a node to fill a miss through (for tests that talk to nodes without resolving).
+    pub fn ticket(&self, nodes: &[(fog_proto::NodeId, u32)]) -> Vec<u8> {
+        use fog_proto::credits::{Ticket, KIND_TICKET};
+        let key = fog_client::identity::load_or_create(&self.dir.path().join("tracker/tracker.key")).expect("key");
+        let ticket = Ticket {
+            session: "00".repeat(16),
+            client_key: fog_proto::NodeId::from(key.verifying_key()),
+            content_id: fog_proto::ContentId([0; 32]),
+            nodes: nodes.iter().map(|n| n.0).collect(),
+            assigned_chunks: nodes.iter().map(|n| n.1).collect(),
+            unit: 1 << 20,
+            byte_budget: 1 << 30,
+            expiry_ms: fog_proto::api::now_ms() + 3_600_000,
+            epoch: 0,
+        };
+        serde_json::to_vec(&fog_proto::api::Signed::sign(&key, KIND_TICKET, &ticket)).expect("ticket json")
+    }
+
     pub fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("node{i}"))
     }

@@ -262,6 +262,70 @@ async fn out_of_range_fields_and_junk_redeems_are_refused() {
     }
 }
 
+/// Chunk requests with origin hints for chunks nobody asked the tracker for (made-up hashes, whole-object
+/// lengths): without a tracker-signed ticket that assigns chunks to the node, a hint makes it download
+/// nothing; with one, only as many chunks as the ticket assigned (and a retry or two). Clients that
+/// resolved keep being filled through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_hints_without_a_ticket_download_nothing() {
+    use fog_proto::wire::{OriginHint, Status};
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() }).await;
+    let content = test_bytes(4 * MIB, 32);
+    cluster.origin.put("big.bin", content.clone());
+    let url = cluster.origin.url("big.bin");
+    let status = cluster.node_status(0).await;
+    let id: fog_proto::NodeId = serde_json::from_value(status["node_id"].clone()).expect("node id");
+    let addr: std::net::SocketAddr = serde_json::from_value(status["quic_listen"].clone()).expect("quic addr");
+    let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let conn = transport::connect(&endpoint, id, addr, Duration::from_secs(10), Duration::from_secs(10))
+        .await
+        .expect("connect");
+    let deadlines = Deadlines { first_byte: Duration::from_secs(20), stall: Duration::from_secs(10) };
+    let length = content.len() as u32;
+    let ask = |i: u64, ticket: Option<Vec<u8>>| {
+        let req = ChunkRequest {
+            hash: fog_proto::ChunkHash::of(&i.to_be_bytes()),
+            range: None,
+            origin: Some(OriginHint { url: url.clone(), offset: 0, length }),
+            receipt: None,
+            ticket,
+        };
+        let conn = conn.clone();
+        async move { chunk::request(&conn, &req, length, deadlines, None).await }
+    };
+    let refused = |r: Result<bytes::Bytes, chunk::ChunkError>| {
+        assert!(matches!(r, Err(chunk::ChunkError::Refused { status: Status::NotFound, .. })), "{r:?}");
+    };
+    const FLOOD: u64 = 50;
+    let forged = {
+        let mut t: Signed = serde_json::from_slice(&cluster.ticket(&[(id, 1000)])).expect("ticket");
+        t.payload = t.payload.replace("1000", "1001");
+        serde_json::to_vec(&t).expect("json")
+    };
+    for i in 0..FLOOD {
+        refused(ask(i, None).await);
+        refused(ask(i, Some(forged.clone())).await);
+        refused(ask(i, Some(cluster.ticket(&[(fog_proto::NodeId([7; 32]), 1000)]))).await);
+    }
+    assert_eq!(cluster.origin.requests_for("big.bin"), 0, "hints without a ticket reached the origin");
+    let counters = &cluster.node_status(0).await["counters"];
+    assert_eq!(counters["unlicensed_hints"].as_u64(), Some(3 * FLOOD), "{counters:#}");
+
+    // A genuine ticket assigning one chunk licenses that chunk and a retry or two, then no more.
+    let ticket = cluster.ticket(&[(id, 1)]);
+    for i in 0..FLOOD {
+        let r = ask(FLOOD + i, Some(ticket.clone())).await;
+        assert!(matches!(r, Err(chunk::ChunkError::Refused { .. })), "{r:?}");
+    }
+    let pulled = cluster.origin.requests_for("big.bin");
+    assert!((1..=3).contains(&pulled), "one ticket for one chunk made the node pull {pulled} times");
+
+    // Clients that resolved are filled through as before.
+    let (bytes, report) = cluster.client().get(&url).await.expect("fetch");
+    assert!(bytes == content);
+    assert_eq!(report.fog_bytes, content.len() as u64, "{report:?}");
+}
+
 fn signed<T: serde::Serialize>(key: &SigningKey, kind: &str, msg: &T) -> serde_json::Value {
     serde_json::to_value(Signed::sign(key, kind, msg)).expect("json")
 }

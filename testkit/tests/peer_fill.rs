@@ -16,16 +16,18 @@ fn counter(status: &Value, name: &str) -> u64 {
     status["counters"][name].as_u64().unwrap_or(0)
 }
 
-/// Asks node `i` directly for the chunk, as a client would, with an origin hint.
+/// Asks node `i` directly for the chunk, as a client would, with an origin hint and a ticket that assigns
+/// the chunk to it.
 async fn ask(cluster: &Cluster, i: usize, hash: ChunkHash, hint: &OriginHint) -> bytes::Bytes {
     let status = cluster.node_status(i).await;
     let id: NodeId = serde_json::from_value(status["node_id"].clone()).expect("node id");
+    let ticket = Some(cluster.ticket(&[(id, 1)]));
     let addr: std::net::SocketAddr = serde_json::from_value(status["quic_listen"].clone()).expect("quic addr");
     let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
     let conn = transport::connect(&endpoint, id, addr, Duration::from_secs(10), Duration::from_secs(10))
         .await
         .expect("handshake");
-    let req = ChunkRequest { hash, range: None, origin: Some(hint.clone()), receipt: None };
+    let req = ChunkRequest { hash, range: None, origin: Some(hint.clone()), receipt: None, ticket };
     let deadlines = Deadlines { first_byte: Duration::from_secs(20), stall: Duration::from_secs(10) };
     chunk::request(&conn, &req, hint.length, deadlines, None).await.expect("chunk")
 }

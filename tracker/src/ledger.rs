@@ -213,6 +213,12 @@ impl Ledger {
             epoch: self.epoch_at(now),
         };
         let signed = Signed::sign(&self.key, KIND_TICKET, &ticket);
+        // Nodes fill misses through only for tickets a chunk request can carry.
+        let len = serde_json::to_vec(&signed).map_or(usize::MAX, |v| v.len());
+        if len > fog_proto::wire::MAX_TICKET_LEN {
+            tracing::warn!(len, nodes = ticket.nodes.len(), "ticket too long for a chunk request; issuing none");
+            return Ok(None);
+        }
         let stored = serde_json::to_vec(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() })
             .expect("tickets serialise");
         self.db.raw().put_cf(self.db.cf(CF_TICKETS), ticket.session.as_bytes(), stored)?;

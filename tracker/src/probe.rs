@@ -52,7 +52,7 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Failed(e),
     };
-    let req = ChunkRequest { hash, range: None, origin: None, receipt: None };
+    let req = ChunkRequest { hash, range: None, origin: None, receipt: None, ticket: None };
     let outcome = match chunk::request(&conn, &req, len, DEADLINES, None).await {
         Ok(bytes) if ChunkHash::of(&bytes) == hash => ProbeOutcome::Ok { rtt_ms: started.elapsed().as_millis() as u64 },
         Ok(_) => ProbeOutcome::WrongBytes,

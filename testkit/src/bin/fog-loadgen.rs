@@ -82,7 +82,13 @@ async fn main() -> anyhow::Result<()> {
                     while Instant::now() < end {
                         let idx = i % m.chunks.len();
                         i += 1;
-                        let req = ChunkRequest { hash: m.chunks[idx], range: None, origin: None, receipt: None };
+                        let req = ChunkRequest {
+                            hash: m.chunks[idx],
+                            range: None,
+                            origin: None,
+                            receipt: None,
+                            ticket: None,
+                        };
                         let started = Instant::now();
                         match chunk::request(&conn, &req, m.chunk_span(idx).1, deadlines, None).await {
                             Ok(b) => tally.record(started, b.len(), started >= warmup_end),

@@ -1,9 +1,12 @@
-//! Fair shares per source: a keyed `governor` rate limiter over sources (an IPv4 address, or an IPv6 /64,
-//! one home's whole prefix), bounded in memory, for every kind of work a stranger can ask for.
+//! Fair shares per source (an IPv4 address, or an IPv6 /64, one home's whole prefix): a keyed `governor`
+//! rate limiter, bounded in memory, for every kind of work a stranger can ask for; and [`Held`], what each
+//! source holds at once (connections, live streams).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 
@@ -47,6 +50,55 @@ impl PerSource {
     }
 }
 
+/// What each source holds at once; a slot is given back when its [`HeldSlot`] drops, however the work ends.
+/// Only sources holding something are kept, so the map is bounded by the slots handed out.
+#[derive(Debug, Default, Clone)]
+pub struct Held(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl Held {
+    /// Slots the source of `ip` holds.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.0.lock().expect("held lock").get(&source_of(ip)).copied().unwrap_or(0)
+    }
+
+    /// One more slot for the source of `ip`, whatever it holds (the caller checked its share).
+    pub fn hold(&self, ip: IpAddr) -> HeldSlot {
+        let source = source_of(ip);
+        *self.0.lock().expect("held lock").entry(source).or_default() += 1;
+        HeldSlot(self.clone(), source)
+    }
+
+    /// One more slot, if the source holds fewer than `max`.
+    pub fn try_hold(&self, ip: IpAddr, max: usize) -> Option<HeldSlot> {
+        let source = source_of(ip);
+        let mut held = self.0.lock().expect("held lock");
+        let n = held.entry(source).or_default();
+        if *n >= max {
+            if *n == 0 {
+                held.remove(&source);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(HeldSlot(self.clone(), source))
+    }
+}
+
+#[derive(Debug)]
+pub struct HeldSlot(Held, IpAddr);
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let mut held = (self.0).0.lock().expect("held lock");
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +114,20 @@ mod tests {
         assert!(limit.check(b) && limit.check(b_same_home));
         assert!(!limit.check(b), "one /64 is one source");
         assert_eq!(source_of("::ffff:10.0.0.1".parse().expect("addr")), a);
+    }
+
+    #[test]
+    fn held_slots_come_back_however_they_end() {
+        let held = Held::default();
+        let a: IpAddr = "10.0.0.1".parse().expect("addr");
+        let slots: Vec<HeldSlot> = (0..3).map(|_| held.try_hold(a, 3).expect("room")).collect();
+        assert!(held.try_hold(a, 3).is_none());
+        assert!(held.try_hold("10.0.0.2".parse().expect("addr"), 3).is_some());
+        let extra = held.hold(a);
+        assert_eq!(held.count(a), 4);
+        drop((slots, extra));
+        assert_eq!(held.count(a), 0);
+        assert!(held.try_hold(a, 0).is_none());
+        assert!(held.0.lock().expect("lock").is_empty(), "nothing held, nothing kept");
     }
 }

@@ -3,6 +3,7 @@
 //! opened as the rendezvous opens it.
 #![no_main]
 
+use fog_proto::api::Membership;
 use fog_proto::rendezvous::{Attach, Frame, KIND_ATTACH, MAX_FRAME_LEN};
 use libfuzzer_sys::fuzz_target;
 
@@ -31,8 +32,11 @@ fn check(frame: &Frame) {
         .unwrap_or_else(|e| panic!("a frame that decoded re-encodes too long: {e}"));
     assert_eq!(len, bytes.len() - 2);
     assert_eq!(Frame::decode(&bytes[2..]).as_ref(), Ok(frame));
-    if let Frame::Attach { attach } = frame {
-        // Fails without the node's key; must fail cleanly.
+    if let Frame::Attach { attach, membership } = frame {
+        // Fails without the node's (and the tracker's) key; must fail cleanly.
         let _ = attach.open::<Attach>(KIND_ATTACH);
+        if let Some(m) = membership {
+            let _ = Membership::verify(m, m.node_id, attach.node_id, 0);
+        }
     }
 }

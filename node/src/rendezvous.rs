@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use fog_client::per_source::source_of;
 use fog_client::rendezvous::{exchange, read_frame, write_frame};
 use fog_client::transport;
-use fog_proto::api::{now_ms, Rendezvous, Signed, MAX_ATTACHED};
+use fog_proto::api::{now_ms, Membership, Rendezvous, Signed, MAX_ATTACHED};
 use fog_proto::rendezvous::{Attach, Frame, ALPN, KIND_ATTACH};
 use fog_proto::NodeId;
 use tokio::sync::watch;
@@ -25,6 +26,9 @@ const PUNCH_TIMEOUT: Duration = Duration::from_secs(3);
 const PUNCH_PACKETS_FOR: Duration = Duration::from_secs(3);
 /// A signed attach older or newer than this is refused (replay guard; clocks are roughly in sync).
 const ATTACH_MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+/// Nodes attached at once from one source (IPv4 address or IPv6 /64): a household's devices behind one NAT
+/// fit; one host cannot take every slot of [`MAX_ATTACHED`].
+const ATTACHED_PER_SOURCE: usize = 16;
 /// Idle timeout of the attachment; keep-alives every third of it hold the NAT mapping open.
 const ATTACH_IDLE: Duration = Duration::from_secs(30);
 
@@ -33,11 +37,17 @@ const ATTACH_IDLE: Duration = Duration::from_secs(30);
 pub struct RendezvousServer {
     id: NodeId,
     attached: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Memberships must be signed with it; learned at registration. Until then nobody is attached.
+    tracker_key: Mutex<Option<NodeId>>,
 }
 
 impl RendezvousServer {
     pub fn new(id: NodeId) -> Self {
-        Self { id, attached: Mutex::new(HashMap::new()) }
+        Self { id, attached: Mutex::new(HashMap::new()), tracker_key: Mutex::new(None) }
+    }
+
+    pub fn set_tracker_key(&self, key: Option<NodeId>) {
+        *self.tracker_key.lock().expect("tracker key lock") = key;
     }
 
     pub fn attached(&self) -> usize {
@@ -59,8 +69,8 @@ impl RendezvousServer {
             let (this, conn) = (self.clone(), conn.clone());
             tokio::spawn(async move {
                 let reply = match tokio::time::timeout(PUNCH_TIMEOUT, read_frame(&mut recv)).await {
-                    Ok(Ok(Frame::Attach { attach })) => {
-                        let reply = this.attach(&conn, &attach);
+                    Ok(Ok(Frame::Attach { attach, membership })) => {
+                        let reply = this.attach(&conn, &attach, membership.as_ref());
                         if matches!(reply, Frame::Attached { .. }) {
                             tokio::spawn(this.clone().detach_when_closed(attach.node_id, conn.clone()));
                         }
@@ -79,7 +89,8 @@ impl RendezvousServer {
         }
     }
 
-    fn attach(&self, conn: &quinn::Connection, signed: &Signed) -> Frame {
+    /// Attaches the node that signed `signed`, if the tracker's `membership` shows it registered.
+    fn attach(&self, conn: &quinn::Connection, signed: &Signed, membership: Option<&Signed>) -> Frame {
         let attach: Attach = match signed.open(KIND_ATTACH) {
             Ok(a) => a,
             Err(e) => return Frame::Error { message: format!("attach refused: {e}") },
@@ -91,8 +102,28 @@ impl RendezvousServer {
             return Frame::Error { message: "attach timestamp is more than 5 minutes off; check the clock".into() };
         }
         let node = signed.node_id;
+        let Some(tracker_key) = *self.tracker_key.lock().expect("tracker key lock") else {
+            return Frame::Error { message: "this rendezvous has not registered with the tracker yet".into() };
+        };
+        let Some(membership) = membership else {
+            return Frame::Error { message: "attach refused: no membership (register with the tracker first)".into() };
+        };
+        if let Err(e) = Membership::verify(membership, tracker_key, node, now_ms()) {
+            return Frame::Error { message: format!("attach refused: {e}") };
+        }
         {
             let mut attached = self.attached.lock().expect("attached lock");
+            let others = || attached.iter().filter(|(id, _)| **id != node);
+            // One connection is one node: throwaway keys on one connection cannot take every slot.
+            if others().any(|(_, c)| c.stable_id() == conn.stable_id()) {
+                return Frame::Error { message: "this connection already holds another node's attachment".into() };
+            }
+            let source = source_of(conn.remote_address().ip());
+            if others().filter(|(_, c)| source_of(c.remote_address().ip()) == source).count() >= ATTACHED_PER_SOURCE {
+                let message =
+                    format!("{ATTACHED_PER_SOURCE} nodes from your network are attached here; try another rendezvous");
+                return Frame::Error { message };
+            }
             if attached.len() >= MAX_ATTACHED && !attached.contains_key(&node) {
                 return Frame::Error { message: format!("this rendezvous is full ({MAX_ATTACHED} nodes)") };
             }
@@ -134,6 +165,9 @@ pub struct Attachment {
 
 pub type SharedAttachment = Arc<Mutex<Option<Attachment>>>;
 
+/// The tracker's signed word that this node registered (`api::Membership`), shown when attaching.
+pub type SharedMembership = Arc<Mutex<Option<Signed>>>;
+
 /// Keeps this node attached to one of the rendezvous candidates in `plan` while it holds `Some` (the
 /// tracker could not dial this node); detaches when it turns `None`. Tries candidates in turn with backoff.
 pub async fn attach_forever(
@@ -141,6 +175,7 @@ pub async fn attach_forever(
     key: SigningKey,
     mut plan: watch::Receiver<Option<Vec<Rendezvous>>>,
     attachment: SharedAttachment,
+    membership: SharedMembership,
 ) {
     let mut next = 0usize;
     let mut backoff = Duration::from_secs(1);
@@ -155,7 +190,8 @@ pub async fn attach_forever(
         };
         let via = &candidates[next % candidates.len()];
         next += 1;
-        match attach_once(&endpoint, &key, via).await {
+        let membership = membership.lock().expect("membership lock").clone();
+        match attach_once(&endpoint, &key, via, membership).await {
             Ok((conn, external)) => {
                 backoff = Duration::from_secs(1);
                 *attachment.lock().expect("attachment lock") = Some(Attachment { rendezvous: via.id, external });
@@ -190,11 +226,12 @@ async fn attach_once(
     endpoint: &quinn::Endpoint,
     key: &SigningKey,
     via: &Rendezvous,
+    membership: Option<Signed>,
 ) -> Result<(quinn::Connection, SocketAddr), String> {
     let cfg = transport::client_config_for(via.id, ATTACH_IDLE, ALPN);
     let conn = transport::connect_with(endpoint, cfg, via.addr, Duration::from_secs(5)).await?;
     let attach = Signed::sign(key, KIND_ATTACH, &Attach { rendezvous: via.id, timestamp_ms: now_ms() });
-    match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&conn, &Frame::Attach { attach })).await {
+    match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&conn, &Frame::Attach { attach, membership })).await {
         Ok(Ok(Frame::Attached { observed })) => Ok((conn, observed)),
         Ok(Ok(Frame::Error { message })) => Err(message),
         Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
@@ -270,13 +307,20 @@ mod tests {
     async fn attach_then_punch_and_refusals() {
         let (r_key, x_key) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
         let (r_id, x_id) = (NodeId::from(r_key.verifying_key()), NodeId::from(x_key.verifying_key()));
+        let tracker = SigningKey::from_bytes(&[3; 32]);
+        let member = |node: NodeId, expiry_ms: u64| {
+            let m = Membership { node_id: node, issued_ms: 0, expiry_ms };
+            Signed::sign(&tracker, fog_proto::api::KIND_MEMBERSHIP, &m)
+        };
         let server = Arc::new(RendezvousServer::new(r_id));
+        server.set_tracker_key(Some(NodeId::from(tracker.verifying_key())));
         let r_endpoint = node_endpoint(&r_key, Some(server.clone()));
         let x_endpoint = node_endpoint(&x_key, None);
         let via = Rendezvous { id: r_id, addr: r_endpoint.local_addr().expect("addr") };
         let (_plan, plan_rx) = watch::channel(Some(vec![via.clone()]));
         let attachment = SharedAttachment::default();
-        tokio::spawn(attach_forever(x_endpoint.clone(), x_key.clone(), plan_rx, attachment.clone()));
+        let membership = SharedMembership::new(Mutex::new(Some(member(x_id, u64::MAX))));
+        tokio::spawn(attach_forever(x_endpoint.clone(), x_key.clone(), plan_rx, attachment.clone(), membership));
         let started = std::time::Instant::now();
         while attachment.lock().expect("lock").is_none() {
             assert!(started.elapsed() < Duration::from_secs(10), "node did not attach");
@@ -301,7 +345,50 @@ mod tests {
         let cfg = transport::client_config_for(r_id, Duration::from_secs(5), ALPN);
         let conn = transport::connect_with(&client, cfg, via.addr, Duration::from_secs(5)).await.expect("connect");
         let forged = Signed::sign(&x_key, KIND_ATTACH, &Attach { rendezvous: stranger, timestamp_ms: now_ms() });
-        let reply = exchange(&conn, &Frame::Attach { attach: forged }).await.expect("answer");
+        let membership = Some(member(x_id, u64::MAX));
+        let reply = exchange(&conn, &Frame::Attach { attach: forged, membership }).await.expect("answer");
         assert!(matches!(reply, Frame::Error { .. }), "{reply:?}");
+
+        // Nodes the tracker did not register: no membership, an expired one, another node's, one the
+        // tracker did not sign.
+        let y_key = SigningKey::from_bytes(&[4; 32]);
+        let y_id = NodeId::from(y_key.verifying_key());
+        let y_attach = Signed::sign(&y_key, KIND_ATTACH, &Attach { rendezvous: r_id, timestamp_ms: now_ms() });
+        let unsigned = Membership { node_id: y_id, issued_ms: 0, expiry_ms: u64::MAX };
+        let self_signed = Signed::sign(&y_key, fog_proto::api::KIND_MEMBERSHIP, &unsigned);
+        for (membership, why) in [
+            (None, "no membership"),
+            (Some(member(y_id, 1)), "expired"),
+            (Some(member(x_id, u64::MAX)), "another node"),
+            (Some(self_signed), "not signed by the tracker"),
+        ] {
+            let reply = exchange(&conn, &Frame::Attach { attach: y_attach.clone(), membership }).await.expect("answer");
+            assert!(matches!(&reply, Frame::Error { message } if message.contains(why)), "{why}: {reply:?}");
+        }
+
+        // Throwaway keys (registered, say): one per connection, and a source's share, then refusals; the real
+        // node stays.
+        let attach = |seed: u8| {
+            let key = SigningKey::from_bytes(&[seed; 32]);
+            let membership = Some(member(NodeId::from(key.verifying_key()), u64::MAX));
+            let attach = Signed::sign(&key, KIND_ATTACH, &Attach { rendezvous: r_id, timestamp_ms: now_ms() });
+            Frame::Attach { attach, membership }
+        };
+        let reply = exchange(&conn, &attach(100)).await.expect("answer");
+        assert!(matches!(reply, Frame::Attached { .. }), "{reply:?}");
+        let reply = exchange(&conn, &attach(101)).await.expect("answer");
+        assert!(matches!(&reply, Frame::Error { message } if message.contains("another node")), "{reply:?}");
+        let mut held = vec![conn];
+        for seed in 102..=120 {
+            let cfg = transport::client_config_for(r_id, Duration::from_secs(5), ALPN);
+            let conn = transport::connect_with(&client, cfg, via.addr, Duration::from_secs(5)).await.expect("connect");
+            let reply = exchange(&conn, &attach(seed)).await.expect("answer");
+            // The real node and the throwaway above hold two of this source's slots.
+            let room = held.len() + 1 < ATTACHED_PER_SOURCE;
+            assert_eq!(matches!(reply, Frame::Attached { .. }), room, "attach {seed}: {reply:?}");
+            held.push(conn);
+        }
+        assert_eq!(server.attached(), ATTACHED_PER_SOURCE);
+        assert!(server.attached_nodes().contains(&x_id));
     }
 }

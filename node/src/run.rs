@@ -12,7 +12,7 @@ use crate::config::NodeConfig;
 use crate::credits::Credits;
 use crate::overlay::{Overlay, OverlayError};
 use crate::receipts::{ReceiptDb, ReceiptsError};
-use crate::rendezvous::{self, RendezvousServer, SharedAttachment};
+use crate::rendezvous::{self, RendezvousServer, SharedAttachment, SharedMembership};
 use crate::serve::Server;
 use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
@@ -102,9 +102,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (stop_tx, stop_rx) = watch::channel(false);
     let link_state = SharedLinkState::default();
     let attachment = SharedAttachment::default();
+    let membership = SharedMembership::default();
     let (nat_plan, plan_rx) = watch::channel(None);
-    let attach_task =
-        tokio::spawn(rendezvous::attach_forever(endpoint.clone(), key.clone(), plan_rx, attachment.clone()));
+    let attach_task = tokio::spawn(rendezvous::attach_forever(
+        endpoint.clone(),
+        key.clone(),
+        plan_rx,
+        attachment.clone(),
+        membership.clone(),
+    ));
     let status = Arc::new(Status::new(
         StatusInfo {
             node_id,
@@ -148,6 +154,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         overlay,
         nat_plan,
         attachment,
+        membership,
+        renew_membership_ms: Default::default(),
         tracker_rtt: Default::default(),
     };
     let link_task = tokio::spawn(link.run(stop_rx));

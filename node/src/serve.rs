@@ -7,14 +7,13 @@
 //! only, and hands connections that negotiated the rendezvous protocol to [`RendezvousServer`].
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
-use fog_client::per_source::source_of;
+use fog_client::per_source::Held;
 use fog_proto::api::now_ms;
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
@@ -81,7 +80,7 @@ pub struct Server {
     max_connections: usize,
     connections: AtomicUsize,
     /// Open client connections by source (IPv4 address or IPv6 /64).
-    by_source: Mutex<HashMap<IpAddr, usize>>,
+    by_source: Held,
     overlay: Option<Overlay>,
     pub rendezvous: Arc<RendezvousServer>,
     /// Which origin hints this node acts on (tracker-signed tickets with fills left).
@@ -94,20 +93,6 @@ pub struct Server {
 /// Peers' fill requests served at once, in all and per peer.
 const PEER_STREAMS: usize = 32;
 const PEER_STREAMS_PER_PEER: usize = 4;
-
-/// Gives a connection's slot back to its source's share when it ends, however it ends.
-struct SourceShare<'a>(&'a Mutex<HashMap<IpAddr, usize>>, IpAddr);
-impl Drop for SourceShare<'_> {
-    fn drop(&mut self) {
-        let mut by_source = self.0.lock().expect("sources lock");
-        if let Some(n) = by_source.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.1);
-            }
-        }
-    }
-}
 
 /// Decrements a gauge when a connection or stream ends, however it ends.
 struct Gauge<'a>(&'a AtomicUsize);
@@ -141,7 +126,7 @@ impl Server {
             fill_slots: Semaphore::new(max_fills),
             max_connections,
             connections: AtomicUsize::new(0),
-            by_source: Mutex::new(HashMap::new()),
+            by_source: Held::default(),
             overlay,
             rendezvous,
             grants: Arc::new(FillGrants::default()),
@@ -154,9 +139,9 @@ impl Server {
     /// Accepts connections until the endpoint is closed.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
-            let source = source_of(incoming.remote_address().ip());
+            let source = incoming.remote_address().ip();
             let open = self.connections.load(Ordering::Relaxed);
-            let from_source = self.by_source.lock().expect("sources lock").get(&source).copied().unwrap_or(0);
+            let from_source = self.by_source.count(source);
             // Once the node is half full, no source may hold more than its share: one host cannot take
             // every slot.
             let share = (self.max_connections / 8).max(16);
@@ -166,11 +151,11 @@ impl Server {
                 continue;
             }
             self.connections.fetch_add(1, Ordering::Relaxed);
-            *self.by_source.lock().expect("sources lock").entry(source).or_default() += 1;
+            let slot = self.by_source.hold(source);
             let server = self.clone();
             tokio::spawn(async move {
                 let _gauge = Gauge(&server.connections);
-                let _share = SourceShare(&server.by_source, source);
+                let _slot = slot;
                 let remote = incoming.remote_address();
                 match incoming.await {
                     Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {

@@ -10,14 +10,15 @@ use ed25519_dalek::SigningKey;
 use fog_client::origin::SharedOrigins;
 use fog_client::tracker::{TrackerClient, TrackerError};
 use fog_proto::api::{
-    ErrorCode, Heartbeat, OverlayReport, PeerContact, Register, Rendezvous, Signed, KIND_HEARTBEAT, KIND_REGISTER,
+    ErrorCode, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed, KIND_HEARTBEAT,
+    KIND_MEMBERSHIP, KIND_REGISTER,
 };
 use fog_proto::origins::OriginList;
 use fog_proto::rtt::RttFilter;
 use tokio::sync::watch;
 
 use crate::overlay::Overlay;
-use crate::rendezvous::SharedAttachment;
+use crate::rendezvous::{SharedAttachment, SharedMembership};
 use crate::serve::Server;
 
 /// How the conversation with the tracker is going, for the status page.
@@ -54,6 +55,10 @@ pub struct TrackerLink {
     /// `Some(candidates)` while this node needs a rendezvous (see `rendezvous::attach_forever`).
     pub nat_plan: watch::Sender<Option<Vec<Rendezvous>>>,
     pub attachment: SharedAttachment,
+    /// The tracker's word that this node registered, for rendezvous; and when to register again for a
+    /// fresh one (half its lifetime).
+    pub membership: SharedMembership,
+    pub renew_membership_ms: Mutex<Option<u64>>,
     pub tracker_rtt: Mutex<RttFilter>,
 }
 
@@ -109,8 +114,16 @@ impl TrackerLink {
             s.advertised = Some(resp.advertised_addr);
             s.tracker_key = resp.tracker_key;
             self.server.grants.set_tracker_key(resp.tracker_key);
+            self.server.rendezvous.set_tracker_key(resp.tracker_key);
             s.reachable = Some(resp.reachable);
         }
+        let renew = resp
+            .membership
+            .as_ref()
+            .and_then(|m| m.open::<Membership>(KIND_MEMBERSHIP).ok())
+            .map(|m| m.issued_ms + (m.expiry_ms.saturating_sub(m.issued_ms)) / 2);
+        *self.renew_membership_ms.lock().expect("membership lock") = renew;
+        *self.membership.lock().expect("membership lock") = resp.membership;
         self.update_origins(resp.origins);
         if let (true, Some(overlay)) = (resp.reachable, &self.overlay) {
             overlay.confirm_public_ip(resp.advertised_addr.ip());
@@ -227,7 +240,13 @@ impl TrackerLink {
                 Some(i) => {
                     let result = self.heartbeat(false).await;
                     self.record(result.as_ref().copied());
+                    let renew_at = *self.renew_membership_ms.lock().expect("membership lock");
                     match result {
+                        Ok(true) if renew_at.is_some_and(|at| now_ms() >= at) => {
+                            tracing::info!("registering again for a fresh membership (rendezvous ask for it)");
+                            interval = None;
+                            continue;
+                        }
                         Ok(true) => failures = 0,
                         Ok(false) => {
                             tracing::info!("tracker does not know this node (restarted?); registering again");

@@ -132,6 +132,38 @@ pub struct RegisterResponse {
     /// Overlay peers to connect to (bootstrap), publicly reachable ones first.
     #[serde(default)]
     pub peers: Vec<PeerContact>,
+    /// Signed by the tracker ([`KIND_MEMBERSHIP`]): this node is registered. A node behind NAT shows it to
+    /// the rendezvous it attaches to.
+    #[serde(default)]
+    pub membership: Option<Signed>,
+}
+
+/// Signed-message kind of [`Membership`].
+pub const KIND_MEMBERSHIP: &str = "membership";
+
+/// The tracker's word that `node_id` registered, valid until `expiry_ms` (nodes register again before then).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub node_id: NodeId,
+    pub issued_ms: u64,
+    pub expiry_ms: u64,
+}
+
+impl Membership {
+    /// Opens a membership the tracker (`tracker_key`) signed for `node`, unexpired at `now_ms`.
+    pub fn verify(signed: &Signed, tracker_key: NodeId, node: NodeId, now_ms: u64) -> Result<Self, &'static str> {
+        if signed.node_id != tracker_key {
+            return Err("membership not signed by the tracker");
+        }
+        let m: Membership = signed.open(KIND_MEMBERSHIP).map_err(|_| "membership signature does not verify")?;
+        if m.node_id != node {
+            return Err("membership is for another node");
+        }
+        if m.expiry_ms <= now_ms {
+            return Err("membership expired; register again");
+        }
+        Ok(m)
+    }
 }
 
 /// A node's overlay neighbourhood: its nearest direct peers, among which peer fill finds a chunk's home.

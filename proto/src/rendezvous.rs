@@ -2,7 +2,8 @@
 //! clients can reach nodes behind NAT. The normative description is in `docs/protocol.md`.
 //!
 //! A node the tracker cannot dial *attaches*: from its own chunk-serving UDP socket it opens a connection to
-//! a public node (the rendezvous) and proves its identity with a signed [`Attach`]. That connection keeps the
+//! a public node (the rendezvous) and proves its identity with a signed [`Attach`], and its registration with
+//! the tracker's signed [`crate::api::Membership`]. That connection keeps the
 //! node's NAT mapping open and tells the node its external address. A client that wants the node asks the
 //! rendezvous to [`Frame::Punch`]: the rendezvous tells the node the client's address, the node sends QUIC
 //! packets towards it (opening its NAT for the client), and only then does the rendezvous answer with the
@@ -35,8 +36,13 @@ pub struct Attach {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum Frame {
-    /// Node → rendezvous: `Signed` [`Attach`].
-    Attach { attach: Signed },
+    /// Node → rendezvous: `Signed` [`Attach`], and the tracker-signed [`crate::api::Membership`] that shows
+    /// the node is registered (a rendezvous attaches no one else).
+    Attach {
+        attach: Signed,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        membership: Option<Signed>,
+    },
     /// Rendezvous → node: accepted; `observed` is the node's address as the rendezvous sees it.
     Attached { observed: SocketAddr },
     /// Client → rendezvous: open a path to `target`.

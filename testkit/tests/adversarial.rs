@@ -326,6 +326,35 @@ async fn origin_hints_without_a_ticket_download_nothing() {
     assert_eq!(report.fog_bytes, content.len() as u64, "{report:?}");
 }
 
+/// Live dashboard streams held open from one host: a few per source, then `429`; a closed one frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_holds_a_few_live_dashboards() {
+    let cluster = Cluster::start(ClusterOptions { nodes: 0, ..Default::default() }).await;
+    let http = reqwest::Client::new();
+    let open = || http.get(format!("{}/v1/dashboard/stream", cluster.tracker_url())).send();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut s = open().await.expect("stream");
+        assert_eq!(s.status().as_u16(), 200);
+        assert!(s.chunk().await.expect("first summary").is_some());
+        streams.push(s);
+    }
+    let refused = open().await.expect("answer");
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.text().await.expect("body").contains("close one"));
+    streams.pop();
+    let started = Instant::now();
+    loop {
+        let s = open().await.expect("answer");
+        if s.status().as_u16() == 200 {
+            break;
+        }
+        // The tracker notices a closed stream at its next summary.
+        assert!(started.elapsed() < Duration::from_secs(20), "a closed stream kept its slot");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn signed<T: serde::Serialize>(key: &SigningKey, kind: &str, msg: &T) -> serde_json::Value {
     serde_json::to_value(Signed::sign(key, kind, msg)).expect("json")
 }

@@ -1,7 +1,7 @@
 //! The tracker's HTTP surface: the API (specified in `docs/protocol.md`), the operators' dashboard and its
 //! JSON feeds, and Prometheus metrics.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fog_client::http_server::{self, json, reply, Reply};
 use fog_client::origin::OriginError;
-use fog_client::per_source::PerSource;
+use fog_client::per_source::{Held, PerSource};
 use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
@@ -39,8 +39,9 @@ use crate::scheduler;
 const MAX_BODY: usize = 64 * 1024;
 /// Most client connections served at once.
 const MAX_CONNECTIONS: usize = 4096;
-/// Most dashboards following the live stream at once.
+/// Most dashboards following the live stream at once, in all and per source.
 const MAX_STREAMS: usize = 64;
+const STREAMS_PER_SOURCE: usize = 4;
 
 const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
 const UPLOT_JS: &[u8] = include_bytes!("../assets/vendor/uplot/uPlot.iife.min.js");
@@ -60,6 +61,7 @@ pub struct App {
     ingests: AtomicU64,
     ingest_errors: AtomicU64,
     streams: Arc<Semaphore>,
+    streams_by_source: Held,
     /// Nodes clients reported serving wrong bytes, for the prober to check now.
     urgent_probes: mpsc::Sender<NodeId>,
     urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
@@ -144,6 +146,7 @@ impl App {
             ingests: AtomicU64::new(0),
             ingest_errors: AtomicU64::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            streams_by_source: Held::default(),
             urgent_probes,
             urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
             dialer: transport::client_endpoint(([0, 0, 0, 0], 0).into())
@@ -209,7 +212,7 @@ impl App {
                 let admin = self.is_admin(&req);
                 self.nodes_page(&query, admin)
             }
-            (&Method::GET, "/v1/dashboard/stream") => self.stream(),
+            (&Method::GET, "/v1/dashboard/stream") => self.stream(peer.ip()),
             (&Method::GET, "/v1/admin/blocked") => {
                 self.refuse_non_admin(&req).unwrap_or_else(|| json(StatusCode::OK, &self.registry.blocked()))
             }
@@ -425,6 +428,7 @@ impl App {
                         tracker_key: Some(self.ledger.public_key()),
                         reachable,
                         peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
+                        membership: Some(self.ledger.membership(node, now_ms())),
                     },
                 )
             }
@@ -659,15 +663,20 @@ impl App {
         }
     }
 
-    /// Live summaries as server-sent events, one per sample, for a bounded number of dashboards.
-    fn stream(self: &Arc<Self>) -> Reply {
+    /// Live summaries as server-sent events, one per sample, for a bounded number of dashboards (and of them
+    /// a few per source, so one host cannot take them all).
+    fn stream(self: &Arc<Self>, peer: IpAddr) -> Reply {
+        let Some(slot) = self.streams_by_source.try_hold(peer, STREAMS_PER_SOURCE) else {
+            let msg = format!("{STREAMS_PER_SOURCE} live dashboards are open from your network; close one");
+            return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, msg, true);
+        };
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "too many live dashboards", true);
         };
         let (tx, resp) = http_server::event_stream(4);
         let app = self.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let mut tick = tokio::time::interval(SAMPLE_EVERY);
             loop {
                 tick.tick().await;

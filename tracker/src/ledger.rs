@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use fog_client::per_source::PerSource;
-use fog_proto::api::Signed;
+use fog_proto::api::{Membership, Signed, KIND_MEMBERSHIP};
 use fog_proto::credits::{
     chain_links, hex32, parse_hex32, Commitment, LedgerLeaf, Receipt, Redeemed, Ticket, TreeHead, KIND_COMMITMENT,
     KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
@@ -38,6 +38,8 @@ pub(crate) const COLUMN_FAMILIES: [&str; 9] =
 
 /// Rejections kept per node for its itemised statement.
 const REJECTIONS_KEPT: u64 = 200;
+/// How long a node's membership lasts; nodes register again once half of it has passed.
+const MEMBERSHIP_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -158,6 +160,12 @@ impl Ledger {
 
     pub fn public_key(&self) -> NodeId {
         self.key.verifying_key().into()
+    }
+
+    /// The tracker's signed word that `node` registered (what a rendezvous asks for before attaching it).
+    pub fn membership(&self, node: NodeId, now_ms: u64) -> Signed {
+        let m = Membership { node_id: node, issued_ms: now_ms, expiry_ms: now_ms + MEMBERSHIP_TTL.as_millis() as u64 };
+        Signed::sign(&self.key, KIND_MEMBERSHIP, &m)
     }
 
     pub fn epoch_at(&self, ms: u64) -> u64 {

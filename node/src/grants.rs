@@ -2,7 +2,7 @@
 //! peer that fills it through), so a hint counts only when it comes with a ticket the tracker signed that
 //! assigns chunks to the node the fill is for (this node for its clients; the asking peer when this node is
 //! the chunk's home), and only for as many fills as the ticket assigned that node, plus a retry or two.
-//! A stranger without a ticket can still be served what the fog holds; it cannot make anyone download.
+//! A stranger without a ticket can still be served what the node holds; it cannot make anyone download.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -145,7 +145,25 @@ struct OverlayState {
     tcp_fallback: HashMap<PeerId, Vec<Multiaddr>>,
     /// When each peer was last dialled, so suggestions repeated every heartbeat do not redial at once.
     dialled: HashMap<PeerId, Instant>,
+    joining: Joining,
 }
+
+/// A node joining the fog waits for the neighbourhood the tracker first suggested to connect before it
+/// takes chunks (so its first misses are filled by peers, not the origin); at most [`JOIN_WAIT`], since some
+/// peers may be gone or reachable only through a relay, and a lone node has nobody to wait for.
+#[derive(Debug, Default)]
+enum Joining {
+    /// No suggestion from the tracker yet.
+    #[default]
+    Unregistered,
+    Waiting {
+        since: Instant,
+        neighbourhood: Vec<PeerId>,
+    },
+    Done,
+}
+
+const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 impl OverlayState {
     fn reachability(&self) -> Reachability {
@@ -296,6 +314,39 @@ impl Overlay {
                 let _ = self.commands.try_send(Command::Dial(peer, addrs));
             }
         }
+        let mut s = self.state.lock().expect("overlay lock");
+        if matches!(s.joining, Joining::Unregistered) {
+            // The tracker lists the nearest first.
+            let neighbourhood = peers
+                .iter()
+                .filter(|p| !p.addrs.is_empty())
+                .filter_map(|p| peer_id_of(&p.id))
+                .filter(|p| *p != self.peer_id)
+                .take(NEIGHBOURHOOD)
+                .collect();
+            s.joining = Joining::Waiting { since: Instant::now(), neighbourhood };
+        }
+    }
+
+    /// Whether the overlay is still connecting the neighbourhood it was first given (see [`Joining`]).
+    pub fn is_joining(&self) -> bool {
+        let mut guard = self.state.lock().expect("overlay lock");
+        let s = &mut *guard;
+        let (connected, suggested, waited) = match &s.joining {
+            Joining::Done => return false,
+            Joining::Unregistered => return true,
+            Joining::Waiting { since, neighbourhood } => {
+                let direct = |p: &PeerId| s.peers.get(p).is_some_and(|e| e.direct > 0);
+                let connected = neighbourhood.iter().filter(|p| direct(p)).count();
+                if connected < neighbourhood.len() && since.elapsed() < JOIN_WAIT {
+                    return true;
+                }
+                (connected, neighbourhood.len(), since.elapsed())
+            }
+        };
+        tracing::info!(connected, suggested, ?waited, "overlay neighbourhood connected: ready to take chunks");
+        s.joining = Joining::Done;
+        false
     }
 
     /// The tracker dialled this node back on `ip`: there is no NAT in front of it, so its overlay listen
@@ -433,8 +484,10 @@ impl Overlay {
 
     /// The overlay part of the next heartbeat (takes the bad-peer list).
     pub fn report(&self) -> OverlayReport {
+        let joining = self.is_joining();
         let mut s = self.state.lock().expect("overlay lock");
         OverlayReport {
+            joining,
             reachability: s.reachability(),
             addrs: self.addrs_locked(&s),
             rtt: rtt_samples(&s),

@@ -47,8 +47,6 @@ enum FillError {
     Mismatch { url: String, offset: u64, hash: ChunkHash },
     #[error("too many origin pulls in progress")]
     Busy,
-    #[error("chunk {0} is not cached here or on any peer asked, and no origin hint was given")]
-    NotHere(ChunkHash),
 }
 
 impl FillError {
@@ -58,7 +56,6 @@ impl FillError {
             Self::Origin(_) => Status::OriginFailed,
             Self::Mismatch { .. } => Status::OriginMismatch,
             Self::Busy => Status::Busy,
-            Self::NotHere(_) => Status::NotFound,
         }
     }
 }
@@ -73,9 +70,8 @@ pub struct Server {
     pub counters: Arc<Counters>,
     origin: OriginClient,
     upload: Option<UploadLimit>,
-    /// Fills in progress, by chunk and whether an origin hint came with the request (a request without
-    /// one must not make a request with one fail).
-    fills: Mutex<HashMap<(ChunkHash, bool), FillCell>>,
+    /// Fills in progress, by chunk.
+    fills: Mutex<HashMap<ChunkHash, FillCell>>,
     fill_slots: Semaphore,
     max_connections: usize,
     connections: AtomicUsize,
@@ -142,10 +138,9 @@ impl Server {
             let source = incoming.remote_address().ip();
             let open = self.connections.load(Ordering::Relaxed);
             let from_source = self.by_source.count(source);
-            // Once the node is half full, no source may hold more than its share: one host cannot take
-            // every slot.
+            // No source may hold more than its share: a few hosts cannot take every slot.
             let share = (self.max_connections / 8).max(16);
-            if open >= self.max_connections || (open >= self.max_connections / 2 && from_source >= share) {
+            if open >= self.max_connections || from_source >= share {
                 tracing::warn!(remote = %incoming.remote_address(), open, from_source, "connection limit reached; refusing");
                 incoming.refuse();
                 continue;
@@ -283,14 +278,17 @@ impl Server {
             }
         }
         Counters::add(&self.counters.misses, 1);
-        let hint = self.licensed(req, self.node_id).await;
-        let ticket = req.ticket.as_deref().filter(|_| hint.is_some());
-        self.fill(hash, hint, ticket, Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
+        // Filling costs peers' or the origin's work: only for what the tracker assigned here.
+        let Some(hint) = self.licensed(req, self.node_id).await else {
+            let msg =
+                format!("chunk {hash} is not cached here; misses are filled only with an origin hint and a ticket");
+            return Err((Status::NotFound, msg));
+        };
+        self.fill(hash, hint, req.ticket.as_deref(), Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
     }
 
     /// The request's origin hint, if its ticket still licenses a fill for `beneficiary` (this node for its
-    /// clients, the asking peer for a home fill); otherwise the miss is served from peers' stores or not at
-    /// all.
+    /// clients, the asking peer for a home fill); otherwise the node serves only what it holds.
     async fn licensed<'a>(&self, req: &'a ChunkRequest, beneficiary: NodeId) -> Option<&'a OriginHint> {
         let hint = req.origin.as_ref()?;
         let (grants, ticket) = (self.grants.clone(), req.ticket.clone());
@@ -308,16 +306,15 @@ impl Server {
     async fn fill(
         &self,
         hash: ChunkHash,
-        hint: Option<&OriginHint>,
+        hint: &OriginHint,
         ticket: Option<&[u8]>,
         tier: Tier,
     ) -> Result<Bytes, FillError> {
-        let key = (hash, hint.is_some());
-        let cell = self.fills.lock().expect("fills lock").entry(key).or_default().clone();
+        let cell = self.fills.lock().expect("fills lock").entry(hash).or_default().clone();
         let result = cell.get_or_init(|| self.pull(hash, hint, ticket, tier)).await.clone();
         let mut fills = self.fills.lock().expect("fills lock");
-        if fills.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            fills.remove(&key);
+        if fills.get(&hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fills.remove(&hash);
         }
         result
     }
@@ -327,22 +324,21 @@ impl Server {
     async fn pull(
         &self,
         hash: ChunkHash,
-        hint: Option<&OriginHint>,
+        hint: &OriginHint,
         ticket: Option<&[u8]>,
         tier: Tier,
     ) -> Result<Bytes, FillError> {
         let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
         let from_peer = match &self.overlay {
             Some(overlay) => {
-                let fill_through = hint.zip(ticket).filter(|_| tier == Tier::Edge);
+                let fill_through = ticket.map(|t| (hint, t)).filter(|_| tier == Tier::Edge);
                 overlay.fetch(hash, fill_through).await
             }
             None => None,
         };
-        let bytes = match (from_peer, hint) {
-            (Some(bytes), _) => bytes,
-            (None, Some(hint)) => self.pull_from_origin(hash, hint).await?,
-            (None, None) => return Err(FillError::NotHere(hash)),
+        let bytes = match from_peer {
+            Some(bytes) => bytes,
+            None => self.pull_from_origin(hash, hint).await?,
         };
         let (store, stored) = (self.store.clone(), bytes.clone());
         match tokio::task::spawn_blocking(move || store.put(&hash, &stored)).await {
@@ -424,7 +420,7 @@ impl Server {
         let bytes = match (lookup, hint) {
             (Ok(Lookup::Hit(bytes)), _) => bytes,
             // This node is the chunk's home for the asking peer: fill it through (never passing the hint on).
-            (_, Some(hint)) => match self.fill(hash, Some(hint), None, Tier::Home).await {
+            (_, Some(hint)) => match self.fill(hash, hint, None, Tier::Home).await {
                 Ok(bytes) => {
                     Counters::add(&self.counters.home_fills, 1);
                     bytes

@@ -380,6 +380,7 @@ impl Status {
                 link.last_error.as_deref().unwrap_or("unknown error")
             )),
             "connecting" => (false, format!("Registering with the tracker at {tracker}…")),
+            _ if self.overlay.as_ref().is_some_and(Overlay::is_joining) => (false, "Joining: connecting to the nearby nodes the tracker suggested (at most 10 seconds), so this node's first chunks come from them rather than the origin. The tracker sends clients once that is done.".into()),
             _ => match self.info.upload_limit {
                 Some(limit) if rate as f64 >= CAP_SATURATED * limit as f64 => (true, format!(
                     "Serving at your upload cap ({} bytes/s): the cap you set is what limits this node. Raise --upload-limit to serve more.",

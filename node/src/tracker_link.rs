@@ -92,6 +92,7 @@ impl TrackerLink {
             upload_limit: self.upload_limit,
             version: env!("CARGO_PKG_VERSION").to_string(),
             timestamp_ms: now_ms(),
+            joining: self.joining(),
         };
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
         tracing::info!(
@@ -162,6 +163,11 @@ impl TrackerLink {
             }
             false
         });
+    }
+
+    /// Whether the overlay is still connecting its neighbourhood (the tracker schedules nothing here yet).
+    fn joining(&self) -> bool {
+        self.overlay.as_ref().is_some_and(Overlay::is_joining)
     }
 
     /// RTTs, reachability and attachment for the heartbeat.
@@ -263,6 +269,9 @@ impl TrackerLink {
                     i
                 }
             };
+            // While joining, heartbeat every second: the tracker starts scheduling this node as soon as its
+            // neighbourhood is connected, not a whole interval later.
+            let wait = if interval.is_some() && self.joining() { wait.min(Duration::from_secs(1)) } else { wait };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {

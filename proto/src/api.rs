@@ -104,6 +104,9 @@ pub struct Register {
     pub version: String,
     /// Milliseconds since the Unix epoch; the tracker refuses stale or future messages (replay guard).
     pub timestamp_ms: u64,
+    /// The node's overlay is still connecting its neighbourhood (see [`OverlayReport::joining`]).
+    #[serde(default)]
+    pub joining: bool,
 }
 
 impl Register {
@@ -256,6 +259,11 @@ pub struct OverlayReport {
     /// clients through a rendezvous only to nodes it lists.
     #[serde(default)]
     pub attached: Vec<NodeId>,
+    /// The overlay is still connecting the neighbourhood the tracker suggested (for at most a few seconds):
+    /// the tracker schedules nothing here yet, so the node's first misses are filled from its peers, not
+    /// the origin.
+    #[serde(default)]
+    pub joining: bool,
 }
 
 /// Most nodes one rendezvous keeps attached (each costs it one idle QUIC connection).
@@ -478,8 +486,11 @@ pub struct ApiError {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrackerStats {
     pub nodes_total: u64,
-    /// Nodes being scheduled (heartbeating, passing probes, not draining or quarantined).
+    /// Nodes being scheduled (heartbeating, passing probes, not joining, draining or quarantined).
     pub nodes_healthy: u64,
+    /// Nodes whose overlay is still connecting its neighbourhood (not scheduled yet).
+    #[serde(default)]
+    pub nodes_joining: u64,
     #[serde(default)]
     pub nodes_draining: u64,
     #[serde(default)]
@@ -518,6 +529,7 @@ mod tests {
             upload_limit: None,
             version: version.into(),
             timestamp_ms: 1,
+            joining: false,
         };
         assert!(reg("0.1.0", 1 << 40).check_bounds().is_ok());
         assert!(reg(&"v".repeat(MAX_VERSION_LEN + 1), 1).check_bounds().is_err());

@@ -222,6 +222,7 @@ async fn out_of_range_fields_and_junk_redeems_are_refused() {
         upload_limit: None,
         version,
         timestamp_ms: ts,
+        joining: false,
     };
 
     let long = register("v".repeat(1 << 20), now);

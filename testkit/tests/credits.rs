@@ -38,6 +38,7 @@ async fn register_fake_node(cluster: &Cluster, node: &SigningKey) -> quinn::Endp
         upload_limit: None,
         version: "test".into(),
         timestamp_ms: now_ms(),
+        joining: false,
     };
     let body = Signed::sign(node, KIND_REGISTER, &reg);
     let resp = reqwest::Client::new()

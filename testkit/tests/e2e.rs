@@ -412,6 +412,7 @@ async fn forged_and_replayed_node_messages_are_rejected() {
         upload_limit: None,
         version: "test".into(),
         timestamp_ms: now - 1,
+        joining: false,
     };
     let registration = Signed::sign(&key, fog_proto::api::KIND_REGISTER, &reg);
     assert_eq!(post("/v1/nodes/register", &registration).await.expect("post").status().as_u16(), 200);

@@ -10,7 +10,7 @@ use fog_client::transport;
 use fog_proto::api::{
     ClientReport, Heartbeat, NodeFailure, NodeStats, Register, Resolve, Signed, KIND_HEARTBEAT, KIND_REGISTER,
 };
-use fog_proto::wire::{ChunkRequest, ResponseHead};
+use fog_proto::wire::{ChunkRequest, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
@@ -24,7 +24,7 @@ async fn post(cluster: &Cluster, path: &str, body: &impl serde::Serialize) -> u1
 }
 
 /// A node run by the test: it registers, heartbeats every second, and answers every chunk request with
-/// bytes of the right length that are not the chunk.
+/// bytes of the right length that are not the chunk, or (`lengths` empty) `NotFound`.
 struct LyingNode {
     _endpoint: Option<quinn::Endpoint>,
     heartbeats: tokio::task::JoinHandle<()>,
@@ -57,7 +57,12 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
                         return;
                     }
                     let req = ChunkRequest::decode(&body).expect("frame");
-                    let n = lengths.get(&req.hash).copied().unwrap_or(0);
+                    let Some(n) = lengths.get(&req.hash).copied() else {
+                        let head = ResponseHead::Error { status: Status::NotFound, message: "not here".into() };
+                        let _ = send.write_all(&head.encode()).await;
+                        let _ = send.finish();
+                        continue;
+                    };
                     let _ = send.write_all(&ResponseHead::Ok { len: n }.encode()).await;
                     let _ = send.write_all(&vec![0x5a; n as usize]).await;
                     let _ = send.finish();
@@ -71,6 +76,7 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
         upload_limit: None,
         version: "liar".into(),
         timestamp_ms: now_ms(),
+        joining: false,
     };
     assert_eq!(post(cluster, "/v1/nodes/register", &Signed::sign(&key, KIND_REGISTER, &reg)).await, 200);
     let id: NodeId = key.verifying_key().into();
@@ -153,6 +159,19 @@ async fn a_heartbeating_node_that_does_not_serve_becomes_unhealthy() {
     resolve(&cluster, &url).await;
     let silent = lying_node(&cluster, SigningKey::from_bytes(&[42; 32]), HashMap::new(), false).await;
     wait_state(&cluster, silent.id, "unhealthy").await;
+    assert!(resolve(&cluster, &url).await.nodes.is_empty());
+}
+
+/// Probes look like clients' requests (origin hint, ticket): a node that answers `NotFound` to what it could
+/// fill through cannot pass them as "no data", and stops being scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_not_found_to_everything_becomes_unhealthy() {
+    let cluster = Cluster::start(probing_cluster()).await;
+    cluster.origin.put("n.bin", test_bytes(1 << 20, 104));
+    let url = cluster.origin.url("n.bin");
+    resolve(&cluster, &url).await;
+    let dodger = lying_node(&cluster, SigningKey::from_bytes(&[43; 32]), HashMap::new(), true).await;
+    wait_state(&cluster, dodger.id, "unhealthy").await;
     assert!(resolve(&cluster, &url).await.nodes.is_empty());
 }
 

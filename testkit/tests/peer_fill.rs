@@ -65,3 +65,53 @@ async fn a_miss_is_filled_through_the_chunks_home_and_the_origin_is_asked_once()
     assert_eq!((counter(&third, "peer_fills"), counter(&third, "origin_fills")), (1, 0), "{third:#}");
     assert_eq!(cluster.origin.requests_for("tiered.bin"), 1, "the neighbourhood pulled the chunk twice");
 }
+
+/// A node joining a warm fog is scheduled only once its overlay neighbourhood is connected; from then on its
+/// misses are filled by its peers, so joining costs the origin nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_warm_fog_costs_the_origin_nothing() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: 3,
+        tracker_args: vec!["--chunk-size".into(), "256KiB".into()],
+        ..Default::default()
+    })
+    .await;
+    for i in 0..3 {
+        cluster
+            .wait_node_status(i, "direct connections to both other nodes", |s| {
+                s["overlay"]["direct_peers"].as_u64() >= Some(2)
+            })
+            .await;
+    }
+    // 32 chunks: the scheduler places some of them on the newcomer first, whatever its id.
+    let content = test_bytes(8 << 20, 6);
+    cluster.origin.put("warm.bin", content.clone());
+    let url = cluster.origin.url("warm.bin");
+    let (bytes, _) = cluster.client().get(&url).await.expect("warm-up fetch");
+    assert!(bytes == content);
+    let warm = cluster.origin.requests_for("warm.bin");
+
+    // Clients fetch all along, so they meet the newcomer from the moment the tracker first schedules it.
+    let fetching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let client = cluster.client();
+    let viewers = tokio::spawn({
+        let (fetching, url, content) = (fetching.clone(), url.clone(), content.clone());
+        async move {
+            while fetching.load(std::sync::atomic::Ordering::Relaxed) {
+                let (bytes, report) = client.get(&url).await.expect("fetch");
+                assert!(bytes == content);
+                assert_eq!(report.fog_bytes, content.len() as u64, "{report:?}");
+            }
+        }
+    });
+    let newcomer = cluster.add_node(&[]).await;
+    cluster.wait_healthy(4).await;
+    cluster.wait_node_status(newcomer, "serving clients", |s| counter(s, "requests") >= 8).await;
+    fetching.store(false, std::sync::atomic::Ordering::Relaxed);
+    viewers.await.expect("viewers");
+    let status = cluster.node_status(newcomer).await;
+    assert!(counter(&status, "requests") > 0, "the newcomer was never scheduled: {status:#}");
+    assert_eq!(counter(&status, "origin_fills"), 0, "{status:#}");
+    assert_eq!(cluster.origin.requests_for("warm.bin"), warm, "joining cost origin requests: {status:#}");
+    assert!(cluster.nodes[newcomer].log_text().contains("overlay neighbourhood connected"));
+}

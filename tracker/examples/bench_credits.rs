@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         let client = SigningKey::from_bytes(&seed);
         let signed = ledger
             .issue_ticket(
-                [127, 0, 0, 1].into(),
+                Some([127, 0, 0, 1].into()),
                 client.verifying_key().into(),
                 ContentId([0; 32]),
                 vec![node_id],

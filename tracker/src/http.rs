@@ -13,12 +13,12 @@ use fog_client::per_source::{Held, PerSource};
 use fog_client::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
-    ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, OverlayReport, Reachability, Register,
-    RegisterResponse, Resolve, RttSample, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER, MAX_PEERS_LISTED,
-    WANT_PEERS,
+    ApiError, ClientReport, ErrorCode, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Reachability,
+    Register, RegisterResponse, Resolve, RttSample, Signed, TrackerStats, KIND_HEARTBEAT, KIND_REGISTER,
+    MAX_PEERS_LISTED, WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, KIND_REDEEM, MAX_BATCH};
-use fog_proto::{ChunkHash, ContentId, NodeId};
+use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
-use crate::coords::ClientCoords;
+use crate::coords::{ClientCoords, ClientNet};
 use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
@@ -292,19 +292,35 @@ impl App {
             Err(e) => return self.ingest_error(&url, e),
         };
         self.dashboard.count_resolve(&url);
-        let snapshot = self.registry.snapshot();
         let client = self.clients.lock().expect("clients lock").get(peer.ip());
+        let (nodes, schedule, ticket) = self.assign(
+            &manifest,
+            client.as_ref(),
+            &mut self.load.lock().expect("load lock"),
+            client_key,
+            Some(peer.ip()),
+        );
+        json(
+            StatusCode::OK,
+            &Resolve { content_id: manifest.content_id(), manifest: (*manifest).clone(), nodes, schedule, ticket },
+        )
+    }
+
+    /// Candidate nodes for each chunk of `manifest`, as a client network `client` gets them (charged to
+    /// `load`), with a credit ticket for the session key `client_key` (tickets are shared per `source`, if
+    /// given). The tracker's probes ask nodes through the same call, so they look like any client's.
+    pub(crate) fn assign(
+        &self,
+        manifest: &Manifest,
+        client: Option<&ClientNet>,
+        load: &mut scheduler::Load,
+        client_key: Option<NodeId>,
+        source: Option<IpAddr>,
+    ) -> (Vec<NodeContact>, Vec<Vec<u32>>, Option<Signed>) {
+        let snapshot = self.registry.snapshot();
         let chunks: Vec<(ChunkHash, u32)> =
             manifest.chunks.iter().enumerate().map(|(i, c)| (*c, manifest.chunk_span(i).1)).collect();
-        let (nodes, schedule) = scheduler::schedule(
-            &snapshot,
-            &mut self.load.lock().expect("load lock"),
-            client.as_ref(),
-            &chunks,
-            self.registry.params(),
-            now_ms(),
-        );
-        let content_id = manifest.content_id();
+        let (nodes, schedule) = scheduler::schedule(&snapshot, load, client, &chunks, self.registry.params(), now_ms());
         let ticket = match client_key {
             Some(key) if !nodes.is_empty() => {
                 // A node may be paid for the chunks it is a candidate for, and no more.
@@ -313,15 +329,8 @@ impl App {
                     assigned[i as usize] += 1;
                 }
                 let ids = nodes.iter().map(|n| n.id).collect();
-                match self.ledger.issue_ticket(
-                    peer.ip(),
-                    key,
-                    content_id,
-                    ids,
-                    assigned,
-                    manifest.chunk_size,
-                    manifest.size,
-                ) {
+                let (unit, budget) = (manifest.chunk_size, manifest.size);
+                match self.ledger.issue_ticket(source, key, manifest.content_id(), ids, assigned, unit, budget) {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot issue a credit ticket; serving without one");
@@ -331,7 +340,7 @@ impl App {
             }
             _ => None,
         };
-        json(StatusCode::OK, &Resolve { content_id, manifest: (*manifest).clone(), nodes, schedule, ticket })
+        (nodes, schedule, ticket)
     }
 
     fn ingest_error(&self, url: &str, e: IngestError) -> Reply {
@@ -414,6 +423,7 @@ impl App {
             upload_limit: reg.upload_limit,
             version: reg.version,
             reachable,
+            joining: reg.joining,
         };
         match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
@@ -608,6 +618,7 @@ impl App {
         TrackerStats {
             nodes_total: c.total,
             nodes_healthy: c.healthy,
+            nodes_joining: c.joining,
             nodes_draining: c.draining,
             nodes_quarantined: c.quarantined,
             nodes_unreachable: c.unreachable,
@@ -784,9 +795,15 @@ impl App {
     fn metrics_text(&self) -> String {
         let s = self.stats();
         let m = &self.metrics;
-        let unhealthy = s.nodes_total - s.nodes_healthy - s.nodes_draining - s.nodes_quarantined - s.nodes_unreachable;
+        let unhealthy = s.nodes_total
+            - s.nodes_healthy
+            - s.nodes_joining
+            - s.nodes_draining
+            - s.nodes_quarantined
+            - s.nodes_unreachable;
         for (state, n) in [
             ("healthy", s.nodes_healthy),
+            ("joining", s.nodes_joining),
             ("draining", s.nodes_draining),
             ("quarantined", s.nodes_quarantined),
             ("unreachable", s.nodes_unreachable),

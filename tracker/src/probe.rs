@@ -1,62 +1,87 @@
-//! Active probes: the tracker asks a node for a chunk it should hold (one the scheduler places on it, with
-//! no origin hint, so a probe never costs an origin fetch), verifies the bytes and times the answer. Failures
-//! make a node unhealthy after a few in a row; wrong bytes quarantine it at once. Client reports of wrong
-//! bytes are not trusted: they trigger a probe, whose verdict counts.
+//! Active probes: the tracker asks a node for a chunk it should hold, exactly as a client next to the node
+//! would (the scheduler's own answer for such a client, a fresh session key, a ticket, the origin hint and
+//! the client's deadlines), so a node cannot tell probes from clients and dodge them: one that answers
+//! `NotFound` to a request it could fill fails the probe. It verifies the bytes and times the answer.
+//! Failures make a node unhealthy after a few in a row; wrong bytes quarantine it at once. Client reports
+//! of wrong bytes are not trusted: they trigger a probe, whose verdict counts. Only chunks the scheduler
+//! places on the node first are asked for: a node holds those once clients fetched them, so probes rarely
+//! cost a fill.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fog_client::chunk::{self, ChunkError, Deadlines};
+use ed25519_dalek::SigningKey;
+use fog_client::chunk::{self, ChunkError};
 use fog_client::transport;
-use fog_proto::api::NodeContact;
-use fog_proto::placement::top_k;
-use fog_proto::wire::{ChunkRequest, Status};
+use fog_client::ClientConfig;
+use fog_proto::api::{NodeContact, Signed};
+use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::coords::{ClientNet, Measured};
 use crate::http::App;
 use crate::metrics::ResultLabel;
 use crate::registry::{NodeState, ProbeOutcome};
+use crate::scheduler::Load;
 
 /// Nodes probed per round (a random sample: rounds stay cheap with many nodes) and at once.
 const PER_ROUND: usize = 64;
 const AT_ONCE: usize = 16;
-const DEADLINES: Deadlines = Deadlines { first_byte: Duration::from_secs(3), stall: Duration::from_secs(3) };
+/// Recently requested objects tried per probe for a chunk the node is the first candidate for.
+const OBJECTS_TRIED: usize = 4;
 
-/// A chunk of recently requested content that the scheduler places on `node`.
-fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize)> {
-    let mut ids: Vec<NodeId> = app.registry.snapshot().nodes.iter().map(|n| n.contact.id).collect();
-    if !ids.contains(node) {
-        ids.push(*node);
-    }
-    for top in app.dashboard.top_content() {
+/// A chunk of recently requested content that the scheduler places first on `node`, for a client next to
+/// it, with the ticket that client would get.
+fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed>)> {
+    let coord = app.registry.coord_of(node)?;
+    let next_to_it =
+        ClientNet { coord: Some(coord), measured: vec![Measured { node: *node, rtt_ms: 1.0, agrees: true }] };
+    for top in app.dashboard.top_content().into_iter().take(OBJECTS_TRIED) {
         let Ok(Some(stored)) = app.db.manifest(&top.url) else { continue };
         let m = stored.manifest;
-        for _ in 0..32.min(m.chunks.len()) {
-            let i = rand::random::<u64>() as usize % m.chunks.len();
-            if top_k(&m.chunks[i], &ids, app.cfg.candidates).into_iter().any(|j| ids[j] == *node) {
-                return Some((m, i));
-            }
+        // A scratch load: a probe is one chunk, not the object the schedule covers.
+        let first_here = |key: Option<NodeId>| {
+            let (nodes, schedule, ticket) = app.assign(&m, Some(&next_to_it), &mut Load::default(), key, None);
+            let slot = nodes.iter().position(|n| n.id == *node)? as u32;
+            Some((schedule.iter().position(|c| c.first() == Some(&slot))?, ticket))
+        };
+        // The ticket (a ledger write) only for the object chosen; the same inputs give the same schedule.
+        if first_here(None).is_some() {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let (index, ticket) = first_here(Some(key.verifying_key().into()))?;
+            return Some((m, index, ticket));
         }
     }
     None
 }
 
 async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) -> ProbeOutcome {
-    let Some((manifest, index)) = chunk_for(app, &node.id) else { return ProbeOutcome::NoData };
+    let Some((manifest, index, ticket)) = chunk_for(app, &node.id) else { return ProbeOutcome::NoData };
     let hash: ChunkHash = manifest.chunks[index];
-    let len = manifest.chunk_span(index).1;
+    let (offset, len) = manifest.chunk_span(index);
+    let deadlines = ClientConfig::default().deadlines;
     let started = Instant::now();
-    let conn = match transport::connect_contact(endpoint, node, Duration::from_secs(10), DEADLINES.first_byte).await {
+    let conn = match transport::connect_contact(endpoint, node, Duration::from_secs(10), deadlines.first_byte).await {
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Failed(e),
     };
-    let req = ChunkRequest { hash, range: None, origin: None, receipt: None, ticket: None };
-    let outcome = match chunk::request(&conn, &req, len, DEADLINES, None).await {
+    let req = ChunkRequest {
+        hash,
+        range: None,
+        origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
+        receipt: None,
+        ticket: ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN),
+    };
+    let outcome = match chunk::request(&conn, &req, len, deadlines, None).await {
         Ok(bytes) if ChunkHash::of(&bytes) == hash => ProbeOutcome::Ok { rtt_ms: started.elapsed().as_millis() as u64 },
         Ok(_) => ProbeOutcome::WrongBytes,
-        Err(ChunkError::Refused { status: Status::NotFound, .. }) => ProbeOutcome::NoData,
+        // The origin's trouble, or the node's fair limits: no verdict on the node.
+        Err(ChunkError::Refused { status: Status::OriginFailed | Status::OriginMismatch | Status::Busy, .. }) => {
+            ProbeOutcome::NoData
+        }
+        // `NotFound` to a request with a hint and a ticket is a node refusing to serve what it can.
         Err(e) => ProbeOutcome::Failed(e.to_string()),
     };
     conn.close(0u32.into(), b"probe done");

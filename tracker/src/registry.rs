@@ -32,6 +32,8 @@ pub struct Registration {
     pub version: String,
     /// The tracker's dial-back to `addr` at registration succeeded.
     pub reachable: bool,
+    /// The node's overlay is still connecting (until a heartbeat says otherwise).
+    pub joining: bool,
 }
 
 /// How clients reach a node.
@@ -63,6 +65,9 @@ impl ClientPath {
 pub enum NodeState {
     /// Scheduled.
     Active,
+    /// Its overlay is still connecting the neighbourhood: not scheduled yet, so its first misses come from
+    /// peers rather than the origin.
+    Joining,
     /// Shutting down: serves what is in flight, gets nothing new.
     Draining,
     /// Heartbeats stopped, or probes keep failing.
@@ -75,6 +80,7 @@ impl NodeState {
     pub fn name(self) -> &'static str {
         match self {
             Self::Active => "active",
+            Self::Joining => "joining",
             Self::Draining => "draining",
             Self::Unhealthy => "unhealthy",
             Self::Quarantined => "quarantined",
@@ -198,6 +204,7 @@ pub struct Counts {
     pub healthy: u64,
     /// Active but unreachable by clients.
     pub unreachable: u64,
+    pub joining: u64,
     pub draining: u64,
     pub quarantined: u64,
     pub cache_used: u64,
@@ -359,6 +366,7 @@ impl Registry {
         let first_seen = old.map_or_else(Instant::now, |n| n.first_seen);
         // Keep the coordinate too: it reflects the network, which a restart does not move.
         let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
+        let overlay = OverlayReport { joining: reg.joining, ..Default::default() };
         let entry = NodeEntry {
             reg,
             health,
@@ -367,7 +375,7 @@ impl Registry {
             last_timestamp_ms: timestamp_ms,
             stats,
             upload_rate,
-            overlay: OverlayReport::default(),
+            overlay,
             coord,
             neighbours,
         };
@@ -415,7 +423,7 @@ impl Registry {
             }
             o.bad_peers.clear();
             let path = |o: &OverlayReport| (o.rendezvous, o.external_quic);
-            if path(&o) != path(&n.overlay) || o.attached != n.overlay.attached {
+            if path(&o) != path(&n.overlay) || o.attached != n.overlay.attached || o.joining != n.overlay.joining {
                 self.changed();
             }
             let mut fresh: Vec<Neighbour<NodeId>> =
@@ -481,6 +489,8 @@ impl Registry {
             NodeState::Unhealthy
         } else if n.health.draining {
             NodeState::Draining
+        } else if n.overlay.joining {
+            NodeState::Joining
         } else {
             NodeState::Active
         }
@@ -490,13 +500,18 @@ impl Registry {
         self.state(n) == NodeState::Active
     }
 
+    /// Healthy, or joining: taking part in the overlay (peer lists, rendezvous) while not yet scheduled.
+    fn alive(&self, n: &NodeEntry) -> bool {
+        matches!(self.state(n), NodeState::Active | NodeState::Joining)
+    }
+
     fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> ClientPath {
         if n.reg.reachable {
             return ClientPath::Direct;
         }
         // The node's word that it is attached is not enough: its rendezvous must list it too.
         let via = n.overlay.rendezvous.and_then(|r| nodes.get(&r));
-        if via.is_some_and(|r| r.reg.reachable && self.healthy(r) && r.overlay.attached.contains(id)) {
+        if via.is_some_and(|r| r.reg.reachable && self.alive(r) && r.overlay.attached.contains(id)) {
             ClientPath::HolePunch
         } else {
             ClientPath::Unreachable
@@ -568,14 +583,15 @@ impl Registry {
         out
     }
 
-    /// The (reachable, other) overlay contacts of healthy nodes, rebuilt at most every
+    /// The (reachable, other) overlay contacts of live nodes (joining ones too: peers should dial them),
+    /// rebuilt at most every
     /// [`PEER_DIRECTORY_TTL`].
     fn peer_directory(&self) -> (Arc<Vec<PeerContact>>, Arc<Vec<PeerContact>>) {
         let mut dir = self.directory.lock().expect("directory lock");
         if dir.built.is_none_or(|t| t.elapsed() >= PEER_DIRECTORY_TTL) {
             let nodes = self.nodes.read().expect("registry lock");
             let (mut reachable, mut others) = (Vec::new(), Vec::new());
-            for (id, n) in nodes.iter().filter(|(_, n)| self.healthy(n) && !n.overlay.addrs.is_empty()) {
+            for (id, n) in nodes.iter().filter(|(_, n)| self.alive(n) && !n.overlay.addrs.is_empty()) {
                 let contact = PeerContact {
                     id: *id,
                     addrs: n.overlay.addrs.clone(),
@@ -683,6 +699,7 @@ impl Registry {
         for n in nodes.values() {
             match self.state(n) {
                 NodeState::Draining => c.draining += 1,
+                NodeState::Joining => c.joining += 1,
                 NodeState::Quarantined => c.quarantined += 1,
                 _ => {}
             }
@@ -777,7 +794,27 @@ mod tests {
             upload_limit: None,
             version: "t".into(),
             reachable: true,
+            joining: false,
         }
+    }
+
+    #[test]
+    fn a_joining_node_is_scheduled_once_its_overlay_is_connected() {
+        let r = Registry::new(Duration::from_secs(60), 8, HashSet::new());
+        let now = 10_000_000;
+        r.register(id(1), Registration { joining: true, ..reg() }, now, now).expect("register");
+        let state = || r.page(0, 10, SortBy::Id, false).nodes[0].state;
+        assert_eq!(state(), "joining");
+        assert!(r.snapshot().nodes.is_empty(), "a joining node must not be scheduled");
+        assert_eq!((r.counts().joining, r.counts().healthy), (1, 0));
+        let still = OverlayReport { joining: true, ..Default::default() };
+        r.heartbeat(&id(1), NodeStats::default(), false, Some(still), now + 1, now).expect("heartbeat");
+        assert!(r.snapshot().nodes.is_empty());
+        r.heartbeat(&id(1), NodeStats::default(), false, Some(OverlayReport::default()), now + 2, now).expect("hb");
+        assert_eq!((state(), r.snapshot().nodes.len()), ("active", 1));
+        // Registering again (a fresh membership) with the overlay connected keeps it scheduled.
+        r.register(id(1), reg(), now + 3, now).expect("register again");
+        assert_eq!(r.snapshot().nodes.len(), 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@ CARGO_FUZZ_VERSION=0.13.2
 # Longest input per target (libFuzzer -max_len): past every bound the decoder checks, small enough to keep
 # executions fast.
 declare -A MAX_LEN=(
-    [request_frame]=8192 [response_head]=2048 [rendezvous_frame]=8192 [api_json]=16384
+    [request_frame]=10240 [response_head]=2048 [rendezvous_frame]=8192 [api_json]=16384
     [manifest]=16384 [playlist]=16384 [range]=256 [urls]=4096
 )
 targets=${FUZZ_TARGETS:-"request_frame response_head rendezvous_frame api_json manifest playlist range urls"}

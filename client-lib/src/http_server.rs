@@ -170,12 +170,43 @@ impl Connections {
     }
 }
 
-/// Serves `handler` on `listener` with at most `max_connections` at once, until `shutdown` resolves.
+/// File descriptors kept for everything but HTTP connections (stores, QUIC sockets, logs).
+const OTHER_FILES: u64 = 256;
+
+/// Raises the soft open-file limit (often 1024) to fit `connections` HTTP connections and the rest, as far
+/// as the hard limit allows; returns how many connections fit, so that `accept` does not fail for want of a
+/// file descriptor while the connection cap is not reached.
+fn open_file_room(connections: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let want = connections as u64 + OTHER_FILES;
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current.unwrap_or(u64::MAX);
+    if soft < want {
+        let raised = limit.maximum.map_or(want, |hard| hard.min(want));
+        match setrlimit(Resource::Nofile, Rlimit { current: Some(raised), maximum: limit.maximum }) {
+            Ok(()) => soft = raised,
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    let room = usize::try_from(soft.saturating_sub(OTHER_FILES)).unwrap_or(usize::MAX).max(1);
+    if room < connections {
+        tracing::warn!(
+            connections = room,
+            wanted = connections,
+            "the open-file limit allows fewer HTTP connections than wanted; raise it (ulimit -n, or LimitNOFILE= in a systemd unit)"
+        );
+    }
+    room.min(connections)
+}
+
+/// Serves `handler` on `listener` with at most `max_connections` at once (fewer if the open-file limit
+/// cannot fit them), until `shutdown` resolves.
 pub async fn serve<H, F>(listener: TcpListener, max_connections: usize, handler: H, shutdown: impl Future<Output = ()>)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
+    let max_connections = open_file_room(max_connections);
     let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     tokio::pin!(shutdown);
     loop {
@@ -225,6 +256,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_fit_the_connections() {
+        use rustix::process::{getrlimit, Resource};
+        let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
+        let wanted = 2000usize.min(usize::try_from(hard - OTHER_FILES).unwrap_or(usize::MAX));
+        assert_eq!(open_file_room(wanted), wanted);
+        assert!(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX) >= wanted as u64 + OTHER_FILES);
+        // Beyond the hard limit: as many as fit.
+        if hard < u64::MAX / 2 {
+            assert_eq!(open_file_room(usize::MAX / 2) as u64, hard - OTHER_FILES);
+        }
+    }
 
     #[test]
     fn a_full_server_closes_the_busiest_sources_oldest_connection() {

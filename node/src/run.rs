@@ -156,6 +156,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         attachment,
         membership,
         renew_membership_ms: Default::default(),
+        told_joining: Default::default(),
         tracker_rtt: Default::default(),
     };
     let link_task = tokio::spawn(link.run(stop_rx));

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,8 @@ pub struct TrackerLink {
     /// fresh one (half its lifetime).
     pub membership: SharedMembership,
     pub renew_membership_ms: Mutex<Option<u64>>,
+    /// The tracker last heard that this node is joining (so it is not scheduled until told otherwise).
+    pub told_joining: AtomicBool,
     pub tracker_rtt: Mutex<RttFilter>,
 }
 
@@ -92,8 +95,9 @@ impl TrackerLink {
             upload_limit: self.upload_limit,
             version: env!("CARGO_PKG_VERSION").to_string(),
             timestamp_ms: now_ms(),
-            joining: self.joining(),
+            joining: self.overlay.as_ref().is_some_and(Overlay::is_joining),
         };
+        self.told_joining.store(msg.joining, Ordering::Relaxed);
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
         tracing::info!(
             tracker = self.tracker.base(),
@@ -137,7 +141,9 @@ impl TrackerLink {
     async fn heartbeat(&self, draining: bool) -> Result<bool, fog_client::tracker::TrackerError> {
         let (used, chunks) = self.server.store.usage();
         let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
-        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(self.overlay_report().await) };
+        let overlay = self.overlay_report().await;
+        self.told_joining.store(overlay.joining, Ordering::Relaxed);
+        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(overlay) };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
         let behind_nat = self.state.lock().expect("link state lock").reachable == Some(false);
@@ -163,11 +169,6 @@ impl TrackerLink {
             }
             false
         });
-    }
-
-    /// Whether the overlay is still connecting its neighbourhood (the tracker schedules nothing here yet).
-    fn joining(&self) -> bool {
-        self.overlay.as_ref().is_some_and(Overlay::is_joining)
     }
 
     /// RTTs, reachability and attachment for the heartbeat.
@@ -269,9 +270,10 @@ impl TrackerLink {
                     i
                 }
             };
-            // While joining, heartbeat every second: the tracker starts scheduling this node as soon as its
-            // neighbourhood is connected, not a whole interval later.
-            let wait = if interval.is_some() && self.joining() { wait.min(Duration::from_secs(1)) } else { wait };
+            // While the tracker thinks this node is joining, heartbeat every second: it starts scheduling the
+            // node as soon as its neighbourhood is connected (at once for a lone node), not an interval later.
+            let joining = interval.is_some() && self.told_joining.load(Ordering::Relaxed);
+            let wait = if joining { wait.min(Duration::from_secs(1)) } else { wait };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {

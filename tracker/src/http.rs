@@ -67,6 +67,11 @@ pub struct App {
     urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
     /// QUIC endpoint for probes; `None` if it could not be opened.
     pub dialer: Option<quinn::Endpoint>,
+    /// QUIC endpoint for registrations' dial-backs, never used for probes: probes of nodes behind NAT are
+    /// hole-punched, which opens their NAT to the prober's address, and a dial-back from there would pass.
+    /// One long-lived endpoint: a fresh one per dial-back cost ~1 MiB of resident memory each under a
+    /// registration flood (quinn's receive buffer, kept by the allocator).
+    dial_back_endpoint: Option<quinn::Endpoint>,
     /// The scheduler's recent load and chunk popularity.
     load: std::sync::Mutex<scheduler::Load>,
     /// Client networks' coordinates, from their reports.
@@ -151,6 +156,9 @@ impl App {
             urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
             dialer: transport::client_endpoint(([0, 0, 0, 0], 0).into())
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
+                .ok(),
+            dial_back_endpoint: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+                .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: no node will be reachable"))
                 .ok(),
             dial_backs: Semaphore::new(DIAL_BACKS),
             registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
@@ -492,14 +500,8 @@ impl App {
     /// leaves no NAT state that could later collide with the node's hole-punched flows to our prober.
     async fn dial_back(&self, node: NodeId, addr: SocketAddr) -> bool {
         let Ok(_slot) = self.dial_backs.acquire().await else { return false };
-        let dialer = match transport::client_endpoint(([0, 0, 0, 0], 0).into()) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open a QUIC endpoint for the dial-back");
-                return false;
-            }
-        };
-        match transport::connect(&dialer, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
+        let Some(dialer) = &self.dial_back_endpoint else { return false };
+        match transport::connect(dialer, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
             Ok(conn) => {
                 conn.close(0u32.into(), b"dial-back done");
                 true

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 ensure_build_deps
-cargo run --release --locked -q -p fog-tracker --example bench_schedule
+cargo run --release --locked -q -p fog-sched --example bench_schedule

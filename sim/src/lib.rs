@@ -1,5 +1,5 @@
 //! fog-sim: a discrete-event simulator of a fogcdn deployment that runs the tracker's real scheduler
-//! (`fog_tracker::scheduler`), the tracker's real coordinate fitting (`fog_tracker::coords`) and the node's
+//! (`fog_sched::scheduler`), the tracker's real coordinate fitting (`fog_sched::coords`) and the node's
 //! real cache policy (`fog_proto::cache::CacheIndex`) at up to 10^6 nodes.
 //!
 //! What is modelled (see `docs/simulation.md`):
@@ -28,8 +28,8 @@ use fog_proto::api::{NodeContact, RttSample, MAX_CLIENT_RTTS, NEIGHBOURHOOD};
 use fog_proto::cache::{Admission, CacheIndex};
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
-use fog_tracker::coords::{ClientNet, Coord};
-use fog_tracker::scheduler::{pick, Close, Load, NodeInfo, Params, Snapshot};
+use fog_sched::coords::{ClientNet, Coord};
+use fog_sched::scheduler::{pick, Close, Load, NodeInfo, Params, Snapshot};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

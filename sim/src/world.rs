@@ -2,7 +2,7 @@
 //! access link of its own, and a share of host pairs whose path takes a detour (routing that violates the
 //! triangle inequality), so coordinates are no easier to fit than on real latency data.
 
-use fog_tracker::coords::splitmix;
+use fog_sched::coords::splitmix;
 use rand::rngs::StdRng;
 use rand::Rng;
 

@@ -26,14 +26,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::TrackerConfig;
-use crate::coords::{ClientCoords, ClientNet};
 use crate::dashboard::{Dashboard, Event, Sample, TopContent, SAMPLE_EVERY};
 use crate::db::Db;
 use crate::ingest::{Ingest, IngestError, Origin};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{ClientPath, Registration, Registry, RegistryError, SortBy};
-use crate::scheduler;
+use fog_sched::coords::{ClientCoords, ClientNet};
+use fog_sched::scheduler;
 
 /// Largest request body (register and heartbeat messages are a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;

@@ -2,7 +2,6 @@
 //! nodes and their health, schedules each chunk to candidate nodes, and reports stats and metrics.
 
 pub mod config;
-pub mod coords;
 pub mod dashboard;
 pub mod db;
 pub mod http;
@@ -11,4 +10,3 @@ pub mod ledger;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
-pub mod scheduler;

@@ -20,11 +20,11 @@ use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::coords::{ClientNet, Measured};
 use crate::http::App;
 use crate::metrics::ResultLabel;
 use crate::registry::{NodeState, ProbeOutcome};
-use crate::scheduler::Load;
+use fog_sched::coords::{ClientNet, Measured};
+use fog_sched::scheduler::Load;
 
 /// Nodes probed per round (a random sample: rounds stay cheap with many nodes) and at once.
 const PER_ROUND: usize = 64;

@@ -12,8 +12,8 @@ use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachab
 use fog_proto::{placement, ChunkHash, NodeId};
 use serde::Serialize;
 
-use crate::coords::{merge_neighbours, refit, Coord, Neighbour};
-use crate::scheduler::{NodeInfo, Params, Snapshot, DEFAULT_UPLOAD};
+use fog_sched::coords::{merge_neighbours, refit, Coord, Neighbour};
+use fog_sched::scheduler::{NodeInfo, Params, Snapshot, DEFAULT_UPLOAD};
 
 /// How far a signed message's timestamp may be from the tracker's clock.
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;

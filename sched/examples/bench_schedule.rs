@@ -11,8 +11,8 @@ use std::time::Instant;
 use fog_proto::api::NodeContact;
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
-use fog_tracker::coords::{splitmix, ClientNet, Coord, Measured, MAX_MEASURED};
-use fog_tracker::scheduler::{pick, schedule, Load, NodeInfo, Params, Snapshot};
+use fog_sched::coords::{splitmix, ClientNet, Coord, Measured, MAX_MEASURED};
+use fog_sched::scheduler::{pick, schedule, Load, NodeInfo, Params, Snapshot};
 
 const NODES: usize = 100_000;
 const DECISIONS: usize = 200_000;

@@ -337,6 +337,7 @@ impl FogClient {
     }
 
     /// Streams `url` into `out`, in order, every byte verified against the manifest when there is one.
+    #[tracing::instrument(name = "fetch", skip_all, fields(url = %url))]
     pub async fn fetch_to<W: AsyncWrite + Unpin>(&self, url: &str, out: &mut W) -> Result<FetchReport, ClientError> {
         let mut stale = None;
         loop {

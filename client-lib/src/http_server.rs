@@ -233,23 +233,28 @@ where
             c.add(source)
         };
         let (handler, connections) = (handler.clone(), connections.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = handler(req, peer);
-                async move { Ok::<_, Infallible>(response.await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = conn => if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                },
-                () = close.notified() => tracing::debug!(%peer, "HTTP connection closed to make room"),
-            }
-            connections.lock().expect("connections lock").remove(source, id);
-        });
+        let span = tracing::debug_span!("http_connection", %peer);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let span = tracing::info_span!("http_request", method = %req.method(), path = req.uri().path());
+                    let response = tracing::Instrument::instrument(handler(req, peer), span);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    result = conn => if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    },
+                    () = close.notified() => tracing::debug!(%peer, "HTTP connection closed to make room"),
+                }
+                connections.lock().expect("connections lock").remove(source, id);
+            },
+            span,
+        ));
     }
 }
 

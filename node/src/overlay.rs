@@ -17,7 +17,7 @@ use ed25519_dalek::SigningKey;
 use fog_proto::api::{
     OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
-use fog_proto::placement::top_k;
+use fog_proto::placement::peers_to_ask;
 use fog_proto::rtt::RttFilter;
 use fog_proto::wire::{ChunkRequest, OriginHint, PeerStatus, MAX_PAYLOAD_LEN, PEER_PROTOCOL};
 use fog_proto::{ChunkHash, NodeId};
@@ -48,10 +48,6 @@ const MAX_MEMORY_SHARE: f64 = 0.8;
 /// Bootstrap peers dialled only while fewer than this many are connected: the tracker lists the nearest
 /// first, so they make the neighbourhood.
 const TARGET_PEERS: usize = NEIGHBOURHOOD;
-/// Peers asked at once for a missing chunk before the origin: the top of rendezvous placement over this
-/// node's neighbourhood, its [`NEIGHBOURHOOD`] (32) nearest direct peers (by filtered ping RTT). Nearby
-/// nodes' neighbourhoods overlap, so they rank the same peer first for a chunk: that peer is the chunk's home.
-const PEERS_ASKED: usize = 3;
 /// How long a peer may take to start answering (a home filling through from the origin: to send the
 /// whole chunk), and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
@@ -382,7 +378,7 @@ impl Overlay {
     pub async fn fetch(&self, hash: ChunkHash, fill_through: Option<(&OriginHint, &[u8])>) -> Option<Bytes> {
         let peers = self.neighbourhood();
         let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
-        let mut asks: futures::stream::FuturesUnordered<_> = top_k(&hash, &ids, PEERS_ASKED)
+        let mut asks: futures::stream::FuturesUnordered<_> = peers_to_ask(&hash, &ids)
             .into_iter()
             .enumerate()
             .map(|(rank, i)| {

@@ -148,18 +148,22 @@ impl Server {
             self.connections.fetch_add(1, Ordering::Relaxed);
             let slot = self.by_source.hold(source);
             let server = self.clone();
-            tokio::spawn(async move {
-                let _gauge = Gauge(&server.connections);
-                let _slot = slot;
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
-                        server.rendezvous.clone().serve_connection(conn).await
+            let span = tracing::info_span!("connection", remote = %incoming.remote_address());
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _gauge = Gauge(&server.connections);
+                    let _slot = slot;
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
+                            server.rendezvous.clone().serve_connection(conn).await
+                        }
+                        Ok(conn) => server.serve_connection(conn).await,
+                        Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                     }
-                    Ok(conn) => server.serve_connection(conn).await,
-                    Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
-                }
-            });
+                },
+                span,
+            ));
         }
     }
 
@@ -186,12 +190,16 @@ impl Server {
             };
             let (server, served, in_flight) = (self.clone(), served.clone(), in_flight.clone());
             in_flight.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let _in_flight = Gauge(&in_flight);
-                server.counters.active_streams.fetch_add(1, Ordering::Relaxed);
-                server.serve_stream(send, recv, &served).await;
-                server.counters.active_streams.fetch_sub(1, Ordering::Relaxed);
-            });
+            let span = tracing::debug_span!("stream", id = %send.id());
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _in_flight = Gauge(&in_flight);
+                    server.counters.active_streams.fetch_add(1, Ordering::Relaxed);
+                    server.serve_stream(send, recv, &served).await;
+                    server.counters.active_streams.fetch_sub(1, Ordering::Relaxed);
+                },
+                span,
+            ));
         }
     }
 

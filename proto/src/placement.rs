@@ -30,6 +30,17 @@ pub fn top_k(chunk: &ChunkHash, nodes: &[NodeId], k: usize) -> Vec<usize> {
     ranked.into_iter().map(|(_, _, i)| i).collect()
 }
 
+/// Peers a node asks at once for a chunk it misses, before the origin.
+pub const PEERS_ASKED: usize = 3;
+
+/// Which of a node's overlay neighbourhood (its nearest direct peers) it asks for a missing `chunk`, best
+/// first: the top of rendezvous placement. Nearby nodes' neighbourhoods overlap, so they rank the same peer
+/// first for a chunk: that peer is the chunk's *home*, which fills through. The node and the simulator both
+/// rank with this.
+pub fn peers_to_ask(chunk: &ChunkHash, neighbourhood: &[NodeId]) -> Vec<usize> {
+    top_k(chunk, neighbourhood, PEERS_ASKED)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

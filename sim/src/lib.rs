@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 
 use fog_proto::api::{NodeContact, RttSample, MAX_CLIENT_RTTS, NEIGHBOURHOOD};
 use fog_proto::cache::{Admission, CacheIndex};
-use fog_proto::placement::top_k;
+use fog_proto::placement::peers_to_ask;
 use fog_proto::{ChunkHash, NodeId};
 use fog_sched::coords::{ClientNet, Coord};
 use fog_sched::scheduler::{pick, Close, Load, NodeInfo, Params, Snapshot};
@@ -154,9 +154,6 @@ const REPORT_SECS: f64 = 10.0;
 /// Candidates a client measures per request: all it is given (the proxy measures unused ones in the
 /// background).
 const MEASURED_CANDIDATES: usize = 3;
-/// How many of a node's overlay neighbourhood ([`NEIGHBOURHOOD`], its nearest) a miss asks (the node's
-/// constant).
-const PEERS_ASKED: usize = 3;
 /// Queued upload, seconds, beyond which a peer is busy for fills.
 const PEER_BUSY_SECS: f64 = 1.0;
 /// Snapshots (of 30 s) between refreshes of a node's overlay neighbourhood.
@@ -561,8 +558,8 @@ impl Sim {
         self.metrics.delivery(first, node.busy_until - now + rtt, self.cfg.chunk_secs);
     }
 
-    /// The online peers node `n` asks for `hash`, best first: the top [`PEERS_ASKED`] by rendezvous over its
-    /// live overlay peers (the node's `Overlay::fetch`).
+    /// The online peers node `n` asks for `hash`, best first, ranked as the node ranks them
+    /// ([`peers_to_ask`] over its live overlay peers, the node's `Overlay::fetch`).
     fn peers_asked(&mut self, n: usize, hash: &ChunkHash, now: f64) -> Vec<usize> {
         // Overlay neighbourhoods change slowly (peers are kept while connected): refresh every few snapshots.
         if self.nodes[n].peers_for.is_none_or(|at| self.snapshot_gen - at >= PEER_REFRESH_SNAPSHOTS) {
@@ -583,7 +580,7 @@ impl Sim {
             .filter(|&p| self.nodes[p].online && !busy(&self.nodes[p]))
             .collect();
         let ids: Vec<NodeId> = live.iter().map(|&p| self.nodes[p].id).collect();
-        top_k(hash, &ids, PEERS_ASKED).into_iter().map(|i| live[i]).collect()
+        peers_to_ask(hash, &ids).into_iter().map(|i| live[i]).collect()
     }
 
     /// The client measured its RTT to node `n` (a QUIC handshake; 5 % noise); its next report carries it.

@@ -24,12 +24,16 @@ async fn post(cluster: &Cluster, path: &str, body: &impl serde::Serialize) -> u1
 }
 
 /// A node run by the test: it registers, heartbeats every second, and answers every chunk request with
-/// bytes of the right length that are not the chunk, or (`lengths` empty) `NotFound`.
+/// bytes of the right length that are not the chunk, or (`lengths` empty) `NotFound`; chunks put in
+/// `honest` it serves as they are.
 struct LyingNode {
     _endpoint: Option<quinn::Endpoint>,
     heartbeats: tokio::task::JoinHandle<()>,
     id: NodeId,
+    honest: Honest,
 }
+
+type Honest = std::sync::Arc<std::sync::Mutex<HashMap<ChunkHash, Vec<u8>>>>;
 
 impl Drop for LyingNode {
     fn drop(&mut self) {
@@ -42,9 +46,11 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
         .expect("endpoint");
     let addr = endpoint.local_addr().expect("addr");
     let serving = endpoint.clone();
+    let honest = Honest::default();
+    let truth = honest.clone();
     tokio::spawn(async move {
         while let Some(incoming) = serving.accept().await {
-            let lengths = lengths.clone();
+            let (lengths, truth) = (lengths.clone(), truth.clone());
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
@@ -57,6 +63,13 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
                         return;
                     }
                     let req = ChunkRequest::decode(&body).expect("frame");
+                    let chunk = truth.lock().expect("lock").get(&req.hash).cloned();
+                    if let Some(chunk) = chunk {
+                        let _ = send.write_all(&ResponseHead::Ok { len: chunk.len() as u32 }.encode()).await;
+                        let _ = send.write_all(&chunk).await;
+                        let _ = send.finish();
+                        continue;
+                    }
                     let Some(n) = lengths.get(&req.hash).copied() else {
                         let head = ResponseHead::Error { status: Status::NotFound, message: "not here".into() };
                         let _ = send.write_all(&head.encode()).await;
@@ -95,7 +108,7 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
     if !answer {
         endpoint.close(0u32.into(), b"gone");
     }
-    LyingNode { _endpoint: answer.then_some(endpoint), heartbeats, id }
+    LyingNode { _endpoint: answer.then_some(endpoint), heartbeats, id, honest }
 }
 
 async fn node_state(cluster: &Cluster, id: NodeId) -> String {
@@ -173,6 +186,26 @@ async fn a_node_answering_not_found_to_everything_becomes_unhealthy() {
     let dodger = lying_node(&cluster, SigningKey::from_bytes(&[43; 32]), HashMap::new(), true).await;
     wait_state(&cluster, dodger.id, "unhealthy").await;
     assert!(resolve(&cluster, &url).await.nodes.is_empty());
+}
+
+/// A node taken out by failed probes comes back once it serves again: unhealthy nodes are not scheduled,
+/// yet probes still find them a chunk to ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_node_comes_back_once_probes_pass() {
+    let cluster = Cluster::start(probing_cluster()).await;
+    let content = test_bytes(2 << 20, 105);
+    cluster.origin.put("b.bin", content.clone());
+    let url = cluster.origin.url("b.bin");
+    let manifest = resolve(&cluster, &url).await.manifest;
+    let node = lying_node(&cluster, SigningKey::from_bytes(&[44; 32]), HashMap::new(), true).await;
+    wait_state(&cluster, node.id, "unhealthy").await;
+    let chunks = (0..manifest.chunks.len()).map(|i| {
+        let (offset, len) = manifest.chunk_span(i);
+        (manifest.chunks[i], content[offset as usize..(offset + u64::from(len)) as usize].to_vec())
+    });
+    node.honest.lock().expect("lock").extend(chunks);
+    wait_state(&cluster, node.id, "active").await;
+    assert_eq!(resolve(&cluster, &url).await.nodes.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

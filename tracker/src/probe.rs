@@ -15,6 +15,7 @@ use fog_client::chunk::{self, ChunkError};
 use fog_client::transport;
 use fog_client::ClientConfig;
 use fog_proto::api::{NodeContact, Signed};
+use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
@@ -33,8 +34,24 @@ const AT_ONCE: usize = 16;
 const OBJECTS_TRIED: usize = 4;
 
 /// A chunk of recently requested content that the scheduler places first on `node`, for a client next to
-/// it, with the ticket that client would get.
+/// it, with the ticket that client would get. A node not scheduled now (unhealthy, so probes decide when it
+/// comes back) is asked for a chunk rendezvous places on it, with a ticket for it alone.
 fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed>)> {
+    let snapshot = app.registry.snapshot();
+    if !snapshot.nodes.iter().any(|n| n.contact.id == *node) {
+        let mut ids: Vec<NodeId> = snapshot.nodes.iter().map(|n| n.contact.id).collect();
+        ids.push(*node);
+        for top in app.dashboard.top_content().into_iter().take(OBJECTS_TRIED) {
+            let Ok(Some(stored)) = app.db.manifest(&top.url) else { continue };
+            let m = stored.manifest;
+            let here = |c: &ChunkHash| top_k(c, &ids, app.cfg.candidates).into_iter().any(|j| ids[j] == *node);
+            let Some(index) = m.chunks.iter().position(here) else { continue };
+            let key: NodeId = SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().into();
+            let ticket = app.ledger.issue_ticket(None, key, m.content_id(), vec![*node], vec![1], m.chunk_size, m.size);
+            return Some((m, index, ticket.ok().flatten()));
+        }
+        return None;
+    }
     let coord = app.registry.coord_of(node)?;
     let next_to_it =
         ClientNet { coord: Some(coord), measured: vec![Measured { node: *node, rtt_ms: 1.0, agrees: true }] };
@@ -67,12 +84,14 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Failed(e),
     };
+    let ticket = ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN);
+    let licensed = ticket.is_some();
     let req = ChunkRequest {
         hash,
         range: None,
         origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
         receipt: None,
-        ticket: ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN),
+        ticket,
     };
     let outcome = match chunk::request(&conn, &req, len, deadlines, None).await {
         Ok(bytes) if ChunkHash::of(&bytes) == hash => ProbeOutcome::Ok { rtt_ms: started.elapsed().as_millis() as u64 },
@@ -81,7 +100,9 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
         Err(ChunkError::Refused { status: Status::OriginFailed | Status::OriginMismatch | Status::Busy, .. }) => {
             ProbeOutcome::NoData
         }
-        // `NotFound` to a request with a hint and a ticket is a node refusing to serve what it can.
+        // `NotFound` to a request with a hint and a ticket is a node refusing to serve what it can; without a
+        // ticket (the ledger failed), the node may not fill.
+        Err(ChunkError::Refused { status: Status::NotFound, .. }) if !licensed => ProbeOutcome::NoData,
         Err(e) => ProbeOutcome::Failed(e.to_string()),
     };
     conn.close(0u32.into(), b"probe done");

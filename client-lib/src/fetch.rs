@@ -10,17 +10,20 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
-use fog_proto::credits::{hex32, payment_chain, Commitment, Digest, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET};
+use fog_proto::credits::{payment_chain, Commitment, Digest, Receipt, Ticket, TicketId, KIND_COMMITMENT, KIND_TICKET};
 use fog_proto::origins::OriginList;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-use crate::chunk::{self, ChunkError, Deadlines};
-use crate::origin::{OriginClient, OriginError, SharedOrigins};
-use crate::tracker::{TrackerClient, TrackerError};
-use crate::transport::{self, TransportError};
+use fog_net::chunk::{self, ChunkError, Deadlines, StreamError};
+use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
+use fog_net::tracker::{TrackerClient, TrackerError};
+use fog_net::transport::{self, TransportError};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -46,8 +49,7 @@ impl Default for ClientConfig {
             tracker: None,
             parallel: 8,
             connect_timeout: Duration::from_secs(2),
-            // A miss costs the node an origin round trip before the first byte; a stall is just a stall.
-            deadlines: Deadlines { first_byte: Duration::from_secs(5), stall: Duration::from_secs(2) },
+            deadlines: Deadlines::default(),
             tracker_timeout: Duration::from_secs(30),
             max_direct_object: 64 << 30,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -170,7 +172,7 @@ pub struct Resolved(Arc<Resolve>, Option<Arc<Session>>);
 struct Session {
     key: SigningKey,
     ticket: Ticket,
-    ticket_id: String,
+    ticket_id: TicketId,
     /// The signed ticket as chunk requests carry it: nodes fill misses through only with it.
     signed_ticket: Option<Vec<u8>>,
     chains: Mutex<HashMap<NodeId, PaymentChain>>,
@@ -203,10 +205,10 @@ impl Session {
             // One signature per (session, node): the commitment to the chain's anchor.
             let preimages = payment_chain(rand::random(), length);
             let commitment = Commitment {
-                session: self.ticket.session.clone(),
-                ticket_id: self.ticket_id.clone(),
+                session: self.ticket.session,
+                ticket_id: self.ticket_id,
                 node,
-                anchor: hex32(&preimages[0]),
+                anchor: preimages[0],
                 length,
                 epoch: self.ticket.epoch,
             };
@@ -217,7 +219,7 @@ impl Session {
         }
         chain.paid += 1;
         let index = chain.paid;
-        Some(Receipt { commitment: chain.commitment.clone(), index, preimage: hex32(&chain.preimages[index as usize]) })
+        Some(Receipt { commitment: chain.commitment.clone(), index, preimage: chain.preimages[index as usize] })
     }
 }
 
@@ -256,11 +258,8 @@ struct ChunkOutcome {
     failures: Vec<(NodeId, &'static str)>,
 }
 
-/// One node's connection, dialled at most once at a time.
-type ConnectionSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
-
-/// Connections kept open to nodes at most; beyond that an arbitrary one is closed.
-const MAX_CACHED_CONNECTIONS: usize = 256;
+/// Connections kept open to nodes at most; beyond that the least recently used one is closed.
+const MAX_CACHED_CONNECTIONS: u64 = 256;
 
 #[derive(Debug, Clone)]
 pub struct FogClient {
@@ -273,7 +272,8 @@ struct Inner {
     tracker: Option<TrackerClient>,
     origin: OriginClient,
     endpoint: quinn::Endpoint,
-    connections: Mutex<HashMap<NodeId, ConnectionSlot>>,
+    /// One connection per node; the cache dials each node at most once at a time.
+    connections: Cache<NodeId, quinn::Connection>,
     /// RTTs measured to candidates no chunk needed, for the next fetch's report; and probes under way.
     probed: Mutex<Vec<(NodeId, u64)>>,
     probing: AtomicUsize,
@@ -294,7 +294,11 @@ impl FogClient {
                 tracker,
                 origin: OriginClient::new(cfg.origins.clone()),
                 endpoint,
-                connections: Mutex::new(HashMap::new()),
+                // Dropping a connection from the cache drops its handle; quinn closes it once no task uses it.
+                connections: Cache::builder()
+                    .max_capacity(MAX_CACHED_CONNECTIONS)
+                    .eviction_policy(EvictionPolicy::lru())
+                    .build(),
                 probed: Mutex::new(Vec::new()),
                 probing: AtomicUsize::new(0),
                 cfg,
@@ -312,19 +316,19 @@ impl FogClient {
     /// Asks the tracker for `url`'s manifest and candidates. `stale`: see [`TrackerClient::resolve`].
     pub async fn resolve(&self, url: &str, stale: Option<ContentId>) -> Result<Resolved, TrackerError> {
         let Some(tracker) = &self.inner.tracker else {
-            return Err(TrackerError::Unreachable { base: String::new(), reason: "no tracker configured".into() });
+            return Err(TrackerError::NotConfigured);
         };
         // A fresh key per session: receipts cannot be linked across sessions.
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
         let r = tracker.resolve(url, stale, Some(key.verifying_key().into())).await?;
-        Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(e.to_string()))
+        Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(Box::new(e)))
     }
 
     /// The origins the tracker serves.
     pub async fn origins(&self) -> Result<OriginList, TrackerError> {
         match &self.inner.tracker {
             Some(tracker) => tracker.origins().await,
-            None => Err(TrackerError::Unreachable { base: String::new(), reason: "no tracker configured".into() }),
+            None => Err(TrackerError::NotConfigured),
         }
     }
 
@@ -497,13 +501,12 @@ impl Inner {
         used: &BTreeMap<NodeId, NodeUse>,
     ) {
         let r = &resolved.0;
-        let connected = self.connections.lock().expect("lock").keys().copied().collect::<HashSet<NodeId>>();
         let mut unused: Vec<NodeContact> = Vec::new();
         for &i in r.schedule.get(chunks).unwrap_or_default().iter().flatten() {
             let node = &r.nodes[i as usize];
             if unused.len() < PROBES_PER_FETCH
                 && !used.contains_key(&node.id)
-                && !connected.contains(&node.id)
+                && !self.connections.contains_key(&node.id)
                 && !unused.iter().any(|u| u.id == node.id)
             {
                 unused.push(node.clone());
@@ -605,7 +608,7 @@ impl Inner {
                 err => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, error = %err, "node failed; trying the next source");
                     failed.lock().expect("lock").insert(node.id);
-                    self.connections.lock().expect("lock").remove(&node.id);
+                    self.connections.invalidate(&node.id).await;
                 }
             }
         }
@@ -644,27 +647,27 @@ impl Inner {
     }
 
     /// A live connection to `node`, reusing one if open. Chunk tasks that need the same node while it is
-    /// being dialled wait for that handshake instead of starting their own.
+    /// being dialled wait for that handshake instead of starting their own (and share its failure).
     async fn connection(&self, node: &NodeContact) -> Result<quinn::Connection, ChunkError> {
-        let slot = {
-            let mut conns = self.connections.lock().expect("lock");
-            if conns.len() >= MAX_CACHED_CONNECTIONS && !conns.contains_key(&node.id) {
-                // Dropping the slot drops the connection handle; quinn closes it once no task uses it.
-                if let Some(victim) = conns.keys().next().copied() {
-                    conns.remove(&victim);
-                }
-            }
-            conns.entry(node.id).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
-            return Ok(c.clone());
-        }
         let idle = self.cfg.deadlines.first_byte * 2;
-        let conn = transport::connect_contact(&self.endpoint, node, idle, self.cfg.connect_timeout)
-            .await
-            .map_err(ChunkError::Stream)?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let dial = || transport::connect_contact(&self.endpoint, node, idle, self.cfg.connect_timeout);
+        let failed = |e| ChunkError::Stream(StreamError::Connect(e));
+        let conn = self.connections.try_get_with(node.id, dial()).await.map_err(failed)?;
+        if conn.close_reason().is_none() {
+            return Ok(conn);
+        }
+        // Closed since (idle timeout, node restart): forget it, unless another task has already replaced it.
+        let closed = conn.stable_id();
+        self.connections
+            .entry(node.id)
+            .and_compute_with(|cached| {
+                let op = match cached {
+                    Some(c) if c.value().stable_id() == closed => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        self.connections.try_get_with(node.id, dial()).await.map_err(failed)
     }
 }

@@ -3,18 +3,17 @@
 //! opened as the rendezvous opens it.
 #![no_main]
 
+use fog_fuzz::read_as_stream;
 use fog_proto::api::Membership;
 use fog_proto::rendezvous::{Attach, Frame, KIND_ATTACH, MAX_FRAME_LEN};
+use fog_proto::wire::{Decode, Decoded};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let [a, b, rest @ ..] = data {
-        if let Ok(n) = Frame::check_len(u16::from_be_bytes([*a, *b])) {
-            assert!(n <= MAX_FRAME_LEN);
-            if let Some(Ok(frame)) = rest.get(..n).map(Frame::decode) {
-                check(&frame);
-            }
-        }
+    // As a rendezvous reads a stream: the length prefix is checked before the body is read.
+    if let Some((frame, len)) = read_as_stream::<Frame>(data) {
+        assert!(len - 2 <= MAX_FRAME_LEN);
+        check(&frame);
     }
     if data.len() <= MAX_FRAME_LEN {
         if let Ok(frame) = Frame::decode(data) {
@@ -28,10 +27,10 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(frame: &Frame) {
     let bytes = frame.encode();
-    let len = Frame::check_len(u16::from_be_bytes([bytes[0], bytes[1]]))
-        .unwrap_or_else(|e| panic!("a frame that decoded re-encodes too long: {e}"));
-    assert_eq!(len, bytes.len() - 2);
-    assert_eq!(Frame::decode(&bytes[2..]).as_ref(), Ok(frame));
+    match Frame::decode_prefix(&bytes) {
+        Ok(Decoded::Done { frame: back, len }) => assert!(back == *frame && len == bytes.len(), "read back {back:?}"),
+        other => panic!("a frame that decoded re-encodes to one the receiver refuses: {other:?}"),
+    }
     if let Frame::Attach { attach, membership } = frame {
         // Fails without the node's (and the tracker's) key; must fail cleanly.
         let _ = attach.open::<Attach>(KIND_ATTACH);

@@ -3,21 +3,19 @@
 //! stays within its bound, and whatever the encoder frames, the receiver's length check and decoder accept.
 #![no_main]
 
+use fog_fuzz::read_as_stream;
 use fog_proto::wire::{
-    ChunkRequest, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_TICKET_LEN, MAX_URL_LEN,
+    ChunkRequest, Decode, Decoded, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_TICKET_LEN,
+    MAX_URL_LEN,
 };
 use fog_proto::ChunkHash;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // As a node reads a stream: the length prefix is checked before the body is read.
-    if let [a, b, rest @ ..] = data {
-        if let Ok(n) = ChunkRequest::check_len(u16::from_be_bytes([*a, *b])) {
-            assert!(n <= MAX_REQUEST_LEN);
-            if let Some(Ok(req)) = rest.get(..n).map(ChunkRequest::decode) {
-                check_decoded(&req, &rest[..n]);
-            }
-        }
+    if let Some((req, len)) = read_as_stream::<ChunkRequest>(data) {
+        assert!(len - 2 <= MAX_REQUEST_LEN);
+        check_decoded(&req, &data[2..len]);
     }
     // Any bytes as a body, of any length.
     if let Ok(req) = ChunkRequest::decode(data) {
@@ -47,10 +45,10 @@ fn check_decoded(req: &ChunkRequest, body: &[u8]) {
 /// `encode_framed` either refuses or produces a frame the receiver's checks accept and decode unchanged.
 fn check_encoded(req: &ChunkRequest) {
     let Ok(framed) = req.encode_framed() else { return };
-    let len = ChunkRequest::check_len(u16::from_be_bytes([framed[0], framed[1]]))
-        .unwrap_or_else(|e| panic!("encode_framed produced a frame the receiver refuses: {e}"));
-    assert_eq!(len, framed.len() - 2);
-    assert_eq!(ChunkRequest::decode(&framed[2..]).as_ref(), Ok(req));
+    match ChunkRequest::decode_prefix(&framed) {
+        Ok(Decoded::Done { frame, len }) => assert!(frame == *req && len == framed.len(), "read back {frame:?}"),
+        other => panic!("encode_framed produced a frame the receiver refuses: {other:?}"),
+    }
 }
 
 /// A request whose URL, receipt and ticket lengths (up to a little past their limits) come from the input.

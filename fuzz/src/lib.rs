@@ -1,8 +1,9 @@
-//! Helpers the fuzz targets share: JSON round trips, and the readers of response heads exactly as the
-//! client (`client-lib/src/chunk.rs`) and the node's peer fill (`node/src/overlay.rs`) read them off a
-//! stream (fog-proto has the length checks, not a decoder of the whole head).
+//! Helpers the fuzz targets share: JSON round trips, and frames read the way fog-net's frame reader
+//! (`net/src/frame_io.rs`) reads them off a stream, with fog-proto's decoders.
 
-use fog_proto::wire::{FrameError, PeerStatus, ResponseHead, Status};
+use std::fmt::Debug;
+
+use fog_proto::wire::{Decode, Decoded};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -20,50 +21,34 @@ pub fn round_trips<T: Serialize + DeserializeOwned>(value: &T) {
     );
 }
 
-/// A response head read as the client reads it: the status, the length field its status calls for, the
-/// checked length, and for an error the message. Returns the head and how many bytes it took.
-pub fn read_client_head(bytes: &[u8]) -> Result<(ResponseHead, usize), FrameError> {
-    let mut r = Cursor(bytes);
-    let byte = r.take(1)?[0];
-    let status = Status::from_u8(byte).ok_or(FrameError::UnknownStatus(byte))?;
-    let field = r.take(ResponseHead::len_field_size(status))?;
-    let len = field.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
-    let len = ResponseHead::check_len(status, len)?;
-    let head = if status == Status::Ok {
-        ResponseHead::Ok { len: len as u32 }
-    } else {
-        let message = std::str::from_utf8(r.take(len)?).map_err(|_| FrameError::Utf8)?;
-        ResponseHead::Error { status, message: message.to_owned() }
-    };
-    Ok((head, bytes.len() - r.0.len()))
-}
-
-/// A peer-fill answer head as the asking node reads it: one [`PeerStatus`] byte and, for `Ok`, a big-endian
-/// u32 length of at most one chunk. Returns the status, the length (0 unless Ok) and the bytes taken.
-pub fn read_peer_head(bytes: &[u8]) -> Result<(PeerStatus, usize, usize), FrameError> {
-    let mut r = Cursor(bytes);
-    let byte = r.take(1)?[0];
-    let status = PeerStatus::from_u8(byte).ok_or(FrameError::UnknownStatus(byte))?;
-    if status != PeerStatus::Ok {
-        return Ok((status, 0, 1));
-    }
-    let len = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
-    // overlay.rs refuses `len > MAX_PAYLOAD_LEN`: the same bound as a client response's payload.
-    let len = ResponseHead::check_len(Status::Ok, len)?;
-    Ok((status, len, 5))
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        if self.0.len() < n {
-            return Err(FrameError::Truncated { needed: n - self.0.len() });
+/// Reads a `T` off `data` as fog-net's frame reader reads a stream: as many bytes as the decoder asks for
+/// next, never more. Returns the frame and the bytes it took, or `None` if the decoder refuses or `data`
+/// ends first; checks that the decoder, given all of `data` at once, agrees.
+pub fn read_as_stream<T: Decode + PartialEq + Debug>(data: &[u8]) -> Option<(T, usize)> {
+    let mut have = 0;
+    let read = loop {
+        match T::decode_prefix(&data[..have]) {
+            Ok(Decoded::Done { frame, len }) => {
+                assert_eq!(len, have, "the decoder took other than the bytes it asked for");
+                break Some((frame, len));
+            }
+            Ok(Decoded::NeedMore(n)) => {
+                assert!(n > 0, "the decoder asked for no bytes");
+                have += n;
+                if have > data.len() {
+                    break None;
+                }
+            }
+            Err(_) => break None,
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+    };
+    match (T::decode_prefix(data), &read) {
+        (Ok(Decoded::Done { frame, len }), Some((f, l))) => assert!(frame == *f && len == *l, "{frame:?} != {f:?}"),
+        (Ok(Decoded::Done { frame, .. }), None) => panic!("{frame:?} decodes from the whole input, not as a stream"),
+        (_, Some((f, _))) => panic!("{f:?} decodes as a stream, not from the whole input"),
+        (_, None) => {}
     }
+    read
 }
 
 /// The values between each `open` and the next `close` after it, in order, and the text with them cut

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use fog_client::bin_support::{default_data_dir, load_toml, ConfigError};
+use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
 use fog_proto::size::Size;
 use serde::Deserialize;
 

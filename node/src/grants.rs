@@ -116,7 +116,7 @@ mod tests {
 
     fn ticket(tracker: &SigningKey, nodes: &[(NodeId, u32)], expiry_ms: u64) -> Vec<u8> {
         let t = Ticket {
-            session: "00".repeat(16),
+            session: fog_proto::credits::SessionId([0; 16]),
             client_key: NodeId::from(SigningKey::from_bytes(&[9; 32]).verifying_key()),
             content_id: fog_proto::ContentId([0; 32]),
             nodes: nodes.iter().map(|n| n.0).collect(),

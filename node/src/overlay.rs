@@ -14,21 +14,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
 use fog_proto::api::{
     OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::placement::peers_to_ask;
 use fog_proto::rtt::RttFilter;
-use fog_proto::wire::{ChunkRequest, OriginHint, PeerStatus, MAX_PAYLOAD_LEN, PEER_PROTOCOL};
+use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, PEER_PROTOCOL};
 use fog_proto::{ChunkHash, NodeId};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     autonat, connection_limits, dcutr, identify, kad, memory_connection_limits, noise, ping, relay, tcp, yamux,
     Multiaddr, PeerId, StreamProtocol, Swarm,
 };
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::stats::Counters;
 
@@ -77,14 +80,29 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
 }
 
+/// Why a peer gave no answer to a fill request (as distinct from answering not found or busy).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("cannot frame the request: {0}")]
+    Frame(#[source] FrameError),
+    #[error("cannot open a stream: {0}")]
+    Open(#[from] libp2p_stream::OpenStreamError),
+    #[error("sending the request: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("{0}")]
+    Head(#[from] ReadError<FrameError>),
+    #[error("reading the chunk: {0}")]
+    Chunk(#[source] std::io::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     #[error("cannot use the node key as a libp2p identity: {0}")]
-    Identity(String),
+    Identity(#[source] libp2p::identity::DecodingError),
     #[error("cannot build the libp2p transport: {0}")]
-    Transport(String),
-    #[error("cannot listen on {addr}: {reason}; pick another --p2p-listen")]
-    Listen { addr: Multiaddr, reason: String },
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot listen on {addr}: {source}; pick another --p2p-listen")]
+    Listen { addr: Multiaddr, source: libp2p::TransportError<std::io::Error> },
 }
 
 /// The libp2p peer id of a fog node id (the same ed25519 key).
@@ -230,15 +248,14 @@ impl Overlay {
         listen: &[Multiaddr],
         counters: Arc<Counters>,
     ) -> Result<(Overlay, IncomingChunkStreams), OverlayError> {
-        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
-            .map_err(|e| OverlayError::Identity(e.to_string()))?;
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).map_err(OverlayError::Identity)?;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            .map_err(|e| OverlayError::Transport(Box::new(e)))?
             .with_quic()
             .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            .map_err(|e| OverlayError::Transport(Box::new(e)))?
             .with_behaviour(|key, relay_client| {
                 let local = key.public().to_peer_id();
                 let limits = connection_limits::ConnectionLimits::default()
@@ -264,14 +281,12 @@ impl Overlay {
                     stream: libp2p_stream::Behaviour::new(),
                 }
             })
-            .map_err(|e| OverlayError::Transport(e.to_string()))?
+            .map_err(|e| OverlayError::Transport(Box::new(e)))?
             // Peers are kept for fill and RTT measurement; the connection limits bound them.
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
         for addr in listen {
-            swarm
-                .listen_on(addr.clone())
-                .map_err(|e| OverlayError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+            swarm.listen_on(addr.clone()).map_err(|source| OverlayError::Listen { addr: addr.clone(), source })?;
         }
         let mut control = swarm.behaviour().stream.new_control();
         let incoming = control.accept(CHUNK_PROTOCOL).expect("the chunk protocol is registered once");
@@ -426,31 +441,19 @@ impl Overlay {
         }
     }
 
-    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, String> {
-        let frame = req.encode_framed().map_err(|e| e.to_string())?;
-        let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await.map_err(|e| e.to_string())?;
-        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
-        stream.close().await.map_err(|e| e.to_string())?;
-        let mut status = [0u8; 1];
+    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, FetchError> {
+        let frame = req.encode_framed().map_err(FetchError::Frame)?;
+        let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await?.compat();
+        write_last_frame(&mut stream, &frame).await.map_err(FetchError::Send)?;
         let first_byte = if req.origin.is_some() { PEER_WHOLE_CHUNK } else { PEER_FIRST_BYTE };
-        tokio::time::timeout(first_byte, stream.read_exact(&mut status))
-            .await
-            .map_err(|_| "no answer in time".to_string())?
-            .map_err(|e| e.to_string())?;
-        match PeerStatus::from_u8(status[0]) {
-            Some(PeerStatus::Ok) => {}
-            Some(PeerStatus::NotFound) => return Ok(PeerAnswer::NotFound),
-            Some(PeerStatus::Busy) => return Ok(PeerAnswer::Busy),
-            None => return Err(format!("unknown peer status {}", status[0])),
-        }
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await.map_err(|e| e.to_string())?;
-        let len = u32::from_be_bytes(len);
-        if len > MAX_PAYLOAD_LEN {
-            return Err(format!("peer announced {len} bytes, above the {MAX_PAYLOAD_LEN}-byte chunk limit"));
-        }
+        // The whole fetch runs under PEER_WHOLE_CHUNK: no shorter stall limit after the first byte.
+        let len = match read_frame_within(&mut stream, first_byte, PEER_WHOLE_CHUNK).await? {
+            PeerResponseHead::Ok { len } => len,
+            PeerResponseHead::NotFound => return Ok(PeerAnswer::NotFound),
+            PeerResponseHead::Busy => return Ok(PeerAnswer::Busy),
+        };
         let mut body = vec![0u8; len as usize];
-        stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        stream.read_exact(&mut body).await.map_err(FetchError::Chunk)?;
         Ok(PeerAnswer::Chunk(Bytes::from(body)))
     }
 
@@ -774,13 +777,10 @@ mod tests {
     /// A scripted peer: reads each fill request frame and answers `answer`, whatever was asked.
     fn answer_every_request(mut incoming: IncomingChunkStreams, answer: Vec<u8>) {
         tokio::spawn(async move {
-            while let Some((_, mut stream)) = incoming.next().await {
-                let mut len = [0u8; 2];
-                let _ = stream.read_exact(&mut len).await;
-                let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                if stream.read_exact(&mut request).await.is_ok() {
-                    let _ = stream.write_all(&answer).await;
-                    let _ = stream.close().await;
+            while let Some((_, stream)) = incoming.next().await {
+                let mut stream = stream.compat();
+                if fog_net::frame_io::read_frame::<ChunkRequest, _>(&mut stream).await.is_ok() {
+                    let _ = write_last_frame(&mut stream, &answer).await;
                 }
             }
         });
@@ -803,7 +803,7 @@ mod tests {
     async fn a_busy_peer_rests() {
         let (asker, _asker_incoming, _) = start(3);
         let (busy, busy_incoming, busy_id) = start(4);
-        answer_every_request(busy_incoming, vec![PeerStatus::Busy as u8]);
+        answer_every_request(busy_incoming, PeerResponseHead::Busy.encode());
         connect(&asker, &busy, busy_id).await;
         assert!(asker.fetch(ChunkHash::of(b"x"), None).await.is_none());
         assert!(asker.neighbourhood().is_empty(), "the busy peer is still asked first");
@@ -818,8 +818,7 @@ mod tests {
         let (liar, liar_incoming, liar_id) = start(2);
         let chunk = Bytes::from(vec![7u8; 100_000]);
         let hash = ChunkHash::of(&chunk);
-        let mut answer = vec![PeerStatus::Ok as u8];
-        answer.extend_from_slice(&100_000u32.to_be_bytes());
+        let mut answer = PeerResponseHead::Ok { len: 100_000 }.encode();
         answer.extend_from_slice(&[8u8; 100_000]);
         answer_every_request(liar_incoming, answer);
         connect(&asker, &liar, liar_id).await;

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fog_proto::credits::ChainId;
 use rocksdb::{DBRecoveryMode, IteratorMode, Options, WriteOptions, DB};
 
 use crate::store::{is_damage_error, is_lock_error};
@@ -107,20 +108,20 @@ impl ReceiptDb {
         self.recovered.as_deref()
     }
 
-    pub fn get(&self, chain_id: &str) -> Result<Option<Vec<u8>>, ReceiptsError> {
-        Ok(self.db.get(chain_id.as_bytes())?)
+    pub fn get(&self, chain_id: &ChainId) -> Result<Option<Vec<u8>>, ReceiptsError> {
+        Ok(self.db.get(key(chain_id))?)
     }
 
     /// Stores a receipt, synced to disk before it returns. Blocking.
-    pub fn put(&self, chain_id: &str, json: &[u8]) -> Result<(), ReceiptsError> {
-        Ok(self.db.put_opt(chain_id.as_bytes(), json, &synced())?)
+    pub fn put(&self, chain_id: &ChainId, json: &[u8]) -> Result<(), ReceiptsError> {
+        Ok(self.db.put_opt(key(chain_id), json, &synced())?)
     }
 
     /// Deletes settled receipts in one synced write. Blocking.
-    pub fn delete_all(&self, chain_ids: &[&str]) -> Result<(), ReceiptsError> {
+    pub fn delete_all(&self, chain_ids: &[ChainId]) -> Result<(), ReceiptsError> {
         let mut batch = rocksdb::WriteBatch::default();
         for id in chain_ids {
-            batch.delete(id.as_bytes());
+            batch.delete(key(id));
         }
         Ok(self.db.write_opt(batch, &synced())?)
     }
@@ -165,6 +166,11 @@ impl ReceiptDb {
     }
 }
 
+/// Receipts are keyed by their chain id's hex form, as they always were: held receipts survive upgrades.
+fn key(chain_id: &ChainId) -> String {
+    chain_id.to_hex()
+}
+
 /// Opens the database and reads every record once, so damage shows now rather than at redemption.
 fn open_checked(path: &Path) -> Result<DB, rocksdb::Error> {
     let db = DB::open(&options(), path)?;
@@ -193,10 +199,10 @@ mod tests {
         {
             let r = ReceiptDb::open(&path, &legacy).expect("open");
             for i in 0..200 {
-                r.put(&format!("chain{i:03}"), format!("{{\"n\":{i}}}").as_bytes()).expect("put");
+                r.put(&ChainId([i; 16]), format!("{{\"n\":{i}}}").as_bytes()).expect("put");
             }
             r.db.flush().expect("flush");
-            r.put("late", b"{}").expect("put after flush");
+            r.put(&ChainId([255; 16]), b"{}").expect("put after flush");
         }
         // Damage the middle of every table file (as a dying SD card would).
         for e in std::fs::read_dir(&path).expect("dir").filter_map(Result::ok) {
@@ -210,7 +216,7 @@ mod tests {
         let r = ReceiptDb::open(&path, &legacy).expect("reopen damaged");
         assert!(r.recovered().is_some(), "damage went unnoticed");
         // The write that only reached the WAL is always kept; what the repairer salvages of the table varies.
-        assert!(r.get("late").expect("get").is_some());
+        assert!(r.get(&ChainId([255; 16])).expect("get").is_some());
     }
 
     #[test]
@@ -222,10 +228,11 @@ mod tests {
             opts.create_if_missing(true);
             opts.create_missing_column_families(true);
             let old = DB::open_cf(&opts, &legacy, [LEGACY_CF]).expect("old store");
-            old.put_cf(old.cf_handle(LEGACY_CF).expect("cf"), b"chain", b"{\"old\":1}").expect("put");
+            let cf = old.cf_handle(LEGACY_CF).expect("cf");
+            old.put_cf(cf, ChainId([7; 16]).to_hex(), b"{\"old\":1}").expect("put");
         }
         let r = ReceiptDb::open(&path, &legacy).expect("open");
-        assert_eq!(r.get("chain").expect("get").as_deref(), Some(&b"{\"old\":1}"[..]));
+        assert_eq!(r.get(&ChainId([7; 16])).expect("get").as_deref(), Some(&b"{\"old\":1}"[..]));
         let store = crate::store::Store::open(&legacy, 1 << 20, 0).expect("the chunk store opens");
         drop(store);
         assert!(!DB::list_cf(&Options::default(), &legacy).expect("list").iter().any(|f| f == LEGACY_CF));

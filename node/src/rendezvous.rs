@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use fog_client::per_source::source_of;
-use fog_client::rendezvous::{exchange, read_frame, write_frame};
-use fog_client::transport;
+use fog_net::backoff::Backoff;
+use fog_net::frame_io::{read_frame, write_last_frame};
+use fog_net::per_source::source_of;
+use fog_net::rendezvous::{exchange, ExchangeError};
+use fog_net::transport;
 use fog_proto::api::{now_ms, Membership, Rendezvous, Signed, MAX_ATTACHED};
 use fog_proto::rendezvous::{Attach, Frame, ALPN, KIND_ATTACH};
 use fog_proto::NodeId;
@@ -78,13 +80,14 @@ impl RendezvousServer {
                     }
                     Ok(Ok(Frame::Punch { target })) => this.punch(&conn, target).await,
                     Ok(Ok(other)) => Frame::Error { message: format!("unexpected frame {other:?}") },
-                    Ok(Err(e)) => Frame::Error { message: e },
+                    // The answer tells the asker what was wrong with its frame.
+                    Ok(Err(e)) => Frame::Error { message: e.to_string() },
                     Err(_) => Frame::Error { message: "no request in time".into() },
                 };
                 if let Frame::Error { message } = &reply {
                     tracing::debug!(remote = %conn.remote_address(), %message, "rendezvous refused a request");
                 }
-                let _ = write_frame(&mut send, &reply).await;
+                let _ = write_last_frame(&mut send, &reply.encode()).await;
             });
         }
     }
@@ -178,7 +181,7 @@ pub async fn attach_forever(
     membership: SharedMembership,
 ) {
     let mut next = 0usize;
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let candidates = plan.borrow_and_update().clone();
         let Some(candidates) = candidates.filter(|c| !c.is_empty()) else {
@@ -193,7 +196,7 @@ pub async fn attach_forever(
         let membership = membership.lock().expect("membership lock").clone();
         match attach_once(&endpoint, &key, via, membership).await {
             Ok((conn, external)) => {
-                backoff = Duration::from_secs(1);
+                backoff.reset();
                 *attachment.lock().expect("attachment lock") = Some(Attachment { rendezvous: via.id, external });
                 tracing::info!(rendezvous = %via.id, %external, "attached: clients can reach this node by hole punching");
                 tokio::select! {
@@ -206,8 +209,7 @@ pub async fn attach_forever(
             }
             Err(e) => {
                 tracing::warn!(rendezvous = %via.id, addr = %via.addr, error = %e, "cannot attach to rendezvous");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
@@ -222,30 +224,46 @@ async fn no_longer_needed(plan: &mut watch::Receiver<Option<Vec<Rendezvous>>>) {
     }
 }
 
+/// Why an attempt to attach failed; the node tries the next rendezvous after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error("{0}")]
+    Connect(#[source] transport::ConnectError),
+    #[error("{0}")]
+    Exchange(#[from] ExchangeError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer {0:?}")]
+    OutOfTurn(Box<Frame>),
+    #[error("no answer within {PUNCH_TIMEOUT:?}")]
+    Timeout,
+}
+
 async fn attach_once(
     endpoint: &quinn::Endpoint,
     key: &SigningKey,
     via: &Rendezvous,
     membership: Option<Signed>,
-) -> Result<(quinn::Connection, SocketAddr), String> {
+) -> Result<(quinn::Connection, SocketAddr), AttachError> {
     let cfg = transport::client_config_for(via.id, ATTACH_IDLE, ALPN);
-    let conn = transport::connect_with(endpoint, cfg, via.addr, Duration::from_secs(5)).await?;
+    let conn =
+        transport::connect_with(endpoint, cfg, via.addr, Duration::from_secs(5)).await.map_err(AttachError::Connect)?;
     let attach = Signed::sign(key, KIND_ATTACH, &Attach { rendezvous: via.id, timestamp_ms: now_ms() });
     match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&conn, &Frame::Attach { attach, membership })).await {
         Ok(Ok(Frame::Attached { observed })) => Ok((conn, observed)),
-        Ok(Ok(Frame::Error { message })) => Err(message),
-        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("no answer in time".into()),
+        Ok(Ok(Frame::Error { message })) => Err(AttachError::Refused(message)),
+        Ok(Ok(other)) => Err(AttachError::OutOfTurn(Box::new(other))),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(AttachError::Timeout),
     }
 }
 
 /// Answers the rendezvous's punch requests until the attachment closes; returns why it closed.
-async fn serve_punch_requests(endpoint: &quinn::Endpoint, conn: &quinn::Connection) -> String {
+async fn serve_punch_requests(endpoint: &quinn::Endpoint, conn: &quinn::Connection) -> quinn::ConnectionError {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
-            Err(e) => return e.to_string(),
+            Err(e) => return e,
         };
         let reply = match tokio::time::timeout(PUNCH_TIMEOUT, read_frame(&mut recv)).await {
             Ok(Ok(Frame::PunchRequest { client })) => {
@@ -253,10 +271,10 @@ async fn serve_punch_requests(endpoint: &quinn::Endpoint, conn: &quinn::Connecti
                 Frame::PunchSent
             }
             Ok(Ok(other)) => Frame::Error { message: format!("unexpected frame {other:?}") },
-            Ok(Err(e)) => Frame::Error { message: e },
+            Ok(Err(e)) => Frame::Error { message: e.to_string() },
             Err(_) => Frame::Error { message: "no request in time".into() },
         };
-        let _ = write_frame(&mut send, &reply).await;
+        let _ = write_last_frame(&mut send, &reply.encode()).await;
     }
 }
 
@@ -301,7 +319,7 @@ mod tests {
         endpoint
     }
 
-    /// Real QUIC on loopback (no NAT, so this checks the protocol, not the hole: `testkit/tests/netns.rs`
+    /// Real QUIC on loopback (no NAT, so this checks the protocol, not the hole: `testkit/tests/it/netns.rs`
     /// checks that through real masquerading routers).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn attach_then_punch_and_refusals() {
@@ -340,8 +358,11 @@ mod tests {
 
         // Punching to a node that is not attached, and an attach signed for another rendezvous, are refused.
         let stranger = NodeId([9; 32]);
-        let err = fog_client::rendezvous::punch(&client, &via, stranger, Duration::from_secs(5)).await;
-        assert!(err.is_err_and(|e| e.contains("not attached")));
+        let err = fog_net::rendezvous::punch(&client, &via, stranger, Duration::from_secs(5)).await;
+        assert!(
+            matches!(&err, Err(fog_net::rendezvous::PunchError::Refused { message, .. }) if message.contains("not attached")),
+            "{err:?}"
+        );
         let cfg = transport::client_config_for(r_id, Duration::from_secs(5), ALPN);
         let conn = transport::connect_with(&client, cfg, via.addr, Duration::from_secs(5)).await.expect("connect");
         let forged = Signed::sign(&x_key, KIND_ATTACH, &Attach { rendezvous: stranger, timestamp_ms: now_ms() });

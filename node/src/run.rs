@@ -3,8 +3,8 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use fog_client::tracker::TrackerClient;
-use fog_client::transport;
+use fog_net::tracker::TrackerClient;
+use fog_net::transport;
 use fog_proto::NodeId;
 use tokio::sync::watch;
 
@@ -19,7 +19,7 @@ use crate::status::{Status, StatusInfo};
 use crate::store::{Store, StoreError};
 use crate::tracker_link::SharedLinkState;
 use crate::tracker_link::{load_origins, TrackerLink};
-use fog_client::identity::{self, IdentityError};
+use fog_net::identity::{self, IdentityError};
 
 /// File in the data directory holding the status page's address, for `fog-node status`.
 pub const STATUS_ADDR_FILE: &str = "status.addr";

@@ -12,14 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fog_client::origin::{OriginClient, OriginError, SharedOrigins};
-use fog_client::per_source::Held;
+use fog_net::frame_io::{read_frame, write_last_frame, ReadError};
+use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
+use fog_net::per_source::Held;
+use fog_net::single_flight::SingleFlight;
 use fog_proto::api::now_ms;
-use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerStatus, ResponseHead, Status};
+use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::StreamExt;
 use libp2p::PeerId;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::credits::Credits;
 use crate::grants::FillGrants;
@@ -60,8 +64,6 @@ impl FillError {
     }
 }
 
-type FillCell = Arc<OnceCell<Result<Bytes, FillError>>>;
-
 /// Everything a stream handler needs.
 #[derive(Debug)]
 pub struct Server {
@@ -71,7 +73,7 @@ pub struct Server {
     origin: OriginClient,
     upload: Option<UploadLimit>,
     /// Fills in progress, by chunk.
-    fills: Mutex<HashMap<ChunkHash, FillCell>>,
+    fills: SingleFlight<ChunkHash, Result<Bytes, FillError>>,
     fill_slots: Semaphore,
     max_connections: usize,
     connections: AtomicUsize,
@@ -118,7 +120,7 @@ impl Server {
             counters,
             origin: OriginClient::new(Some(origins)),
             upload: upload_limit.map(UploadLimit::new),
-            fills: Mutex::new(HashMap::new()),
+            fills: SingleFlight::default(),
             fill_slots: Semaphore::new(max_fills),
             max_connections,
             connections: AtomicUsize::new(0),
@@ -205,7 +207,7 @@ impl Server {
 
     async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, served: &AtomicU32) {
         Counters::add(&self.counters.requests, 1);
-        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut recv)).await {
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<ChunkRequest, _>(&mut recv)).await {
             Ok(Ok(req)) => req,
             Ok(Err(e)) => {
                 Counters::add(&self.counters.bad_requests, 1);
@@ -318,13 +320,7 @@ impl Server {
         ticket: Option<&[u8]>,
         tier: Tier,
     ) -> Result<Bytes, FillError> {
-        let cell = self.fills.lock().expect("fills lock").entry(hash).or_default().clone();
-        let result = cell.get_or_init(|| self.pull(hash, hint, ticket, tier)).await.clone();
-        let mut fills = self.fills.lock().expect("fills lock");
-        if fills.get(&hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            fills.remove(&hash);
-        }
-        result
+        self.fills.run(hash, || self.pull(hash, hint, ticket, tier)).await
     }
 
     /// Peers first (they cost the origin nothing; at the edge, the chunk's home fills through), then the
@@ -395,7 +391,7 @@ impl Server {
             let server = self.clone();
             tokio::spawn(async move {
                 match server.serve_peer_stream(stream, node_id_of(&peer)).await {
-                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    Err(e @ PeerStreamError::Request(ReadError::Frame(_))) => {
                         Counters::add(&server.counters.bad_requests, 1);
                         tracing::warn!(%peer, error = %e, "malformed peer fill request");
                     }
@@ -415,12 +411,13 @@ impl Server {
     }
 
     /// `asker`: the peer's node id, which the request's ticket must assign chunks to for a fill through.
-    async fn serve_peer_stream(&self, mut stream: libp2p::Stream, asker: Option<NodeId>) -> std::io::Result<()> {
-        let req = tokio::time::timeout(REQUEST_TIMEOUT, read_peer_request(&mut stream))
+    async fn serve_peer_stream(&self, stream: libp2p::Stream, asker: Option<NodeId>) -> Result<(), PeerStreamError> {
+        let mut stream = stream.compat();
+        let req: ChunkRequest = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
+            .map_err(|_| PeerStreamError::Timeout)??;
         let (store, hash) = (self.store.clone(), req.hash);
-        let lookup = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(std::io::Error::other)?;
+        let lookup = tokio::task::spawn_blocking(move || store.get(&hash)).await?;
         let hint = match (&lookup, asker) {
             (Ok(Lookup::Hit(_)), _) | (_, None) => None,
             (_, Some(asker)) => self.licensed(&req, asker).await,
@@ -435,19 +432,14 @@ impl Server {
                 }
                 Err(e) => {
                     tracing::debug!(chunk = %hash, error = %e, "could not fill a chunk through for a peer");
-                    let status = if matches!(e, FillError::Busy) { PeerStatus::Busy } else { PeerStatus::NotFound };
-                    stream.write_all(&[status as u8]).await?;
-                    return stream.close().await;
+                    let head =
+                        if matches!(e, FillError::Busy) { PeerResponseHead::Busy } else { PeerResponseHead::NotFound };
+                    return Ok(write_last_frame(&mut stream, &head.encode()).await?);
                 }
             },
-            (_, None) => {
-                stream.write_all(&[PeerStatus::NotFound as u8]).await?;
-                return stream.close().await;
-            }
+            (_, None) => return Ok(write_last_frame(&mut stream, &PeerResponseHead::NotFound.encode()).await?),
         };
-        let mut head = vec![PeerStatus::Ok as u8];
-        head.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-        stream.write_all(&head).await?;
+        stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
         for piece in bytes.chunks(PIECE) {
             if let Some(limit) = &self.upload {
                 limit.acquire(piece.len()).await;
@@ -455,7 +447,7 @@ impl Server {
             stream.write_all(piece).await?;
             Counters::add(&self.counters.peer_served_bytes, piece.len() as u64);
         }
-        stream.close().await
+        Ok(stream.shutdown().await?)
     }
 
     async fn send_payload(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
@@ -476,12 +468,17 @@ impl Server {
     }
 }
 
+/// Why answering a peer's fill request failed.
 #[derive(Debug, thiserror::Error)]
-enum RequestError {
+enum PeerStreamError {
+    #[error("no request within {REQUEST_TIMEOUT:?}")]
+    Timeout,
     #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("reading request: {0}")]
-    Read(#[from] quinn::ReadExactError),
+    Request(#[from] ReadError<FrameError>),
+    #[error("store task failed: {0}")]
+    Store(#[from] tokio::task::JoinError),
+    #[error("sending the answer: {0}")]
+    Send(#[from] std::io::Error),
 }
 
 /// Where a fill was asked for: by a client at this node (the edge), which may ask the chunk's home among its
@@ -490,25 +487,6 @@ enum RequestError {
 enum Tier {
     Edge,
     Home,
-}
-
-/// A peer's request frame (the client protocol's framing, see `fog_proto::wire::PEER_PROTOCOL`).
-async fn read_peer_request(stream: &mut libp2p::Stream) -> std::io::Result<ChunkRequest> {
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await?;
-    let bad = |e: FrameError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    let mut body = vec![0u8; ChunkRequest::check_len(u16::from_be_bytes(len)).map_err(bad)?];
-    stream.read_exact(&mut body).await?;
-    ChunkRequest::decode(&body).map_err(bad)
-}
-
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<ChunkRequest, RequestError> {
-    let mut len = [0u8; 2];
-    recv.read_exact(&mut len).await?;
-    let len = ChunkRequest::check_len(u16::from_be_bytes(len))?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
-    Ok(ChunkRequest::decode(&body)?)
 }
 
 /// Whether `conn` negotiated the ALPN protocol `alpn`.
@@ -521,7 +499,6 @@ fn negotiated(conn: &quinn::Connection, alpn: &[u8]) -> bool {
 
 async fn respond_error(send: &mut quinn::SendStream, status: Status, message: &str) {
     let head = ResponseHead::Error { status, message: message.to_string() }.encode();
-    if send.write_all(&head).await.is_ok() {
-        let _ = send.finish();
-    }
+    // The client may be gone; there is nobody left to tell.
+    let _ = write_last_frame(send, &head).await;
 }

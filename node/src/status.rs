@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fog_client::http_server::{self, json, reply, Reply};
+use fog_net::http_server::{self, json, reply, Reply};
 use fog_proto::api::NodeStats;
 use fog_proto::NodeId;
 use hyper::body::Incoming;

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use fog_client::origin::SharedOrigins;
-use fog_client::tracker::{TrackerClient, TrackerError};
+use fog_net::backoff::Backoff;
+use fog_net::origin::SharedOrigins;
+use fog_net::tracker::{TrackerClient, TrackerError};
 use fog_proto::api::{
     ErrorCode, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed, KIND_HEARTBEAT,
     KIND_MEMBERSHIP, KIND_REGISTER,
@@ -88,7 +89,7 @@ impl TrackerLink {
         *self.origins.write().expect("origins lock") = list;
     }
 
-    async fn register(&self) -> Result<Duration, fog_client::tracker::TrackerError> {
+    async fn register(&self) -> Result<Duration, fog_net::tracker::TrackerError> {
         let msg = Register {
             quic_addr: self.quic_addr,
             cache_capacity: self.server.store.capacity(),
@@ -138,7 +139,7 @@ impl TrackerLink {
     }
 
     /// `draining`: tell the tracker this node is shutting down, so it schedules nothing new here.
-    async fn heartbeat(&self, draining: bool) -> Result<bool, fog_client::tracker::TrackerError> {
+    async fn heartbeat(&self, draining: bool) -> Result<bool, fog_net::tracker::TrackerError> {
         let (used, chunks) = self.server.store.usage();
         let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
         let overlay = self.overlay_report().await;
@@ -221,7 +222,7 @@ impl TrackerLink {
     /// Registers, then heartbeats until `shutdown` flips; retries with backoff while the tracker is away.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut interval: Option<Duration> = None;
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut failures = 0u32;
         loop {
             let wait = match interval {
@@ -230,7 +231,7 @@ impl TrackerLink {
                         self.record(Ok(true));
                         interval = Some(i);
                         failures = 0;
-                        backoff = Duration::from_secs(1);
+                        backoff.reset();
                         i
                     }
                     Err(e) => {
@@ -240,8 +241,7 @@ impl TrackerLink {
                         if failures == 1 || failures % 10 == 0 {
                             tracing::warn!(error = %e, failures, "cannot register with the tracker; still serving, will retry");
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        backoff
+                        backoff.next_delay()
                     }
                 },
                 Some(i) => {

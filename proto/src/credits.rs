@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::api::Signed;
+use crate::id::hex_id;
 use crate::{ContentId, NodeId};
 
 pub const KIND_TICKET: &str = "ticket";
@@ -22,20 +23,44 @@ pub const MAX_CHAIN: u32 = 1 << 20;
 /// Most receipts in one redemption batch.
 pub const MAX_BATCH: usize = 256;
 
-pub type Digest = [u8; 32];
+hex_id!(
+    /// A BLAKE3 digest in the credit system: a payment-chain link (anchor or preimage), or a hash of the
+    /// ledger's Merkle tree (a root, a proof step).
+    Digest,
+    "digest",
+    32
+);
+hex_id!(
+    /// Names a credit session (one ticket): 16 random bytes the tracker picks.
+    SessionId,
+    "session",
+    16
+);
+hex_id!(
+    /// Names a ticket in the commitments made under it: BLAKE3 of the signed ticket's payload.
+    TicketId,
+    "ticket",
+    32
+);
+hex_id!(
+    /// Names one (session, node) payment chain: the first 16 bytes of BLAKE3 of its commitment's signature.
+    ChainId,
+    "chain",
+    16
+);
 
 /// One step of a payment chain: `H(w)`, domain-separated from every other BLAKE3 use.
 pub fn chain_step(w: &Digest) -> Digest {
     let mut h = blake3::Hasher::new();
     h.update(b"fog-payword-v1");
-    h.update(w);
-    *h.finalize().as_bytes()
+    h.update(&w.0);
+    Digest(*h.finalize().as_bytes())
 }
 
 /// A payment chain from `seed`: `chain[0]` is the anchor, `chain[i]` pays for the i-th chunk, and
 /// `chain_step(chain[i]) == chain[i - 1]`.
-pub fn payment_chain(seed: Digest, length: u32) -> Vec<Digest> {
-    let mut chain = vec![seed; length as usize + 1];
+pub fn payment_chain(seed: [u8; 32], length: u32) -> Vec<Digest> {
+    let mut chain = vec![Digest(seed); length as usize + 1];
     for i in (0..length as usize).rev() {
         chain[i] = chain_step(&chain[i + 1]);
     }
@@ -54,22 +79,10 @@ pub fn chain_links(older: &Digest, older_index: u32, newer: &Digest, newer_index
     w == *older
 }
 
-/// Hex of 32 bytes, as the JSON forms carry them.
-pub fn hex32(d: &Digest) -> String {
-    hex::encode(d)
-}
-
-pub fn parse_hex32(s: &str) -> Option<Digest> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
-}
-
 /// Signed by the tracker (`KIND_TICKET`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
-    /// 16 random bytes, hex.
-    pub session: String,
+    pub session: SessionId,
     /// The session's ed25519 public key; the client makes a fresh one per session.
     pub client_key: NodeId,
     pub content_id: ContentId,
@@ -84,20 +97,19 @@ pub struct Ticket {
     pub epoch: u64,
 }
 
-/// The id a commitment names its ticket by: BLAKE3 of the signed ticket's payload, hex.
-pub fn ticket_id(signed_ticket: &Signed) -> String {
-    hex::encode(blake3::hash(signed_ticket.payload.as_bytes()).as_bytes())
+/// The id a commitment names its ticket by.
+pub fn ticket_id(signed_ticket: &Signed) -> TicketId {
+    TicketId(*blake3::hash(signed_ticket.payload.as_bytes()).as_bytes())
 }
 
 /// Signed by the client's session key (`KIND_COMMITMENT`), once per node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commitment {
-    pub session: String,
-    /// BLAKE3 of the signed ticket's payload, hex.
-    pub ticket_id: String,
+    pub session: SessionId,
+    pub ticket_id: TicketId,
     pub node: NodeId,
-    /// `chain[0]`, hex.
-    pub anchor: String,
+    /// `chain[0]`.
+    pub anchor: Digest,
     pub length: u32,
     pub epoch: u64,
 }
@@ -108,13 +120,16 @@ pub struct Receipt {
     pub commitment: Signed,
     /// How many chunks this preimage pays for in total.
     pub index: u32,
-    pub preimage: String,
+    /// `chain[index]`.
+    pub preimage: Digest,
 }
 
 impl Receipt {
-    /// Identifies the (session, node) chain: BLAKE3 of the commitment's signature.
-    pub fn chain_id(&self) -> String {
-        hex::encode(&blake3::hash(self.commitment.signature.as_bytes()).as_bytes()[..16])
+    pub fn chain_id(&self) -> ChainId {
+        let hash = blake3::hash(self.commitment.signature.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hash.as_bytes()[..16]);
+        ChainId(id)
     }
 }
 
@@ -125,14 +140,24 @@ pub struct RedeemBatch {
     pub receipts: Vec<Receipt>,
 }
 
-/// The tracker's answer for one receipt. `final_` outcomes can be dropped by the node.
+/// What the tracker did with one receipt. Every outcome is final: the node drops the receipt either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Credited,
+    /// Already credited (a retry of an acknowledged or applied redemption).
+    Duplicate,
+    Rejected,
+}
+
+/// The tracker's answer for one receipt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Redeemed {
-    pub chain_id: String,
+    pub chain_id: ChainId,
     pub index: u32,
     pub credited_bytes: u64,
-    /// `credited`, `duplicate` (already credited: fine to drop) or `rejected`.
-    pub outcome: String,
+    pub outcome: Outcome,
+    /// Why a receipt was rejected, or why it was credited less than it claimed: for people, not programs.
     pub reason: Option<String>,
     /// Ledger leaf holding this credit.
     pub leaf_index: Option<u64>,
@@ -148,7 +173,7 @@ pub struct RedeemResponse {
 pub struct LedgerLeaf {
     pub epoch: u64,
     pub node: NodeId,
-    pub session: String,
+    pub session: SessionId,
     pub chain_index: u32,
     pub credited_bytes: u64,
 }
@@ -163,7 +188,7 @@ impl LedgerLeaf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeHead {
     pub size: u64,
-    pub root: String,
+    pub root: Digest,
     pub epoch: u64,
     pub timestamp_ms: u64,
 }
@@ -180,6 +205,44 @@ mod tests {
         assert!(chain_links(&chain[3], 3, &chain[7], 7));
         assert!(!chain_links(&chain[7], 7, &chain[3], 3));
         assert!(!chain_links(&chain[0], 0, &chain[5], 6));
-        assert!(!chain_links(&chain[0], 0, &[9u8; 32], 4));
+        assert!(!chain_links(&chain[0], 0, &Digest([9u8; 32]), 4));
+    }
+
+    /// The typed forms must keep the JSON every deployed tracker and node speaks.
+    #[test]
+    fn json_forms_are_unchanged() {
+        let redeemed = Redeemed {
+            chain_id: ChainId([0xab; 16]),
+            index: 3,
+            credited_bytes: 7,
+            outcome: Outcome::Duplicate,
+            reason: None,
+            leaf_index: None,
+        };
+        let json = serde_json::to_string(&redeemed).expect("json");
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"chain_id":"{}","index":3,"credited_bytes":7,"outcome":"duplicate","reason":null,"leaf_index":null}}"#,
+                "ab".repeat(16)
+            )
+        );
+        assert_eq!(serde_json::from_str::<Redeemed>(&json).expect("parse"), redeemed);
+        let leaf = LedgerLeaf {
+            epoch: 1,
+            node: NodeId([1; 32]),
+            session: SessionId([2; 16]),
+            chain_index: 4,
+            credited_bytes: 5,
+        };
+        assert_eq!(
+            String::from_utf8(leaf.bytes()).expect("utf-8"),
+            format!(
+                r#"{{"epoch":1,"node":"{}","session":"{}","chain_index":4,"credited_bytes":5}}"#,
+                "01".repeat(32),
+                "02".repeat(16)
+            )
+        );
+        assert!(serde_json::from_str::<SessionId>(&format!("\"{}\"", "00".repeat(32))).is_err(), "wrong length");
     }
 }

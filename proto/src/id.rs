@@ -1,85 +1,90 @@
 //! Identifiers: 32-byte BLAKE3 digests for content, ed25519 public keys for nodes.
 //!
-//! All of them print and parse as lowercase hex, and serialise that way in JSON.
+//! All of them print and parse as lowercase hex, and serialise that way in JSON. `hex_id!` makes such
+//! types; the credit types in `credits` are made with it too.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-/// A hex string did not decode to the expected 32 bytes.
+/// A hex string did not decode to the expected number of bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected 64 hex characters for a {kind}, got {got:?}")]
+#[error("expected {hex_len} hex characters for a {kind}, got {got:?}")]
 pub struct ParseIdError {
     kind: &'static str,
+    hex_len: usize,
     got: String,
 }
 
-fn parse_32(kind: &'static str, s: &str) -> Result<[u8; 32], ParseIdError> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).map_err(|_| ParseIdError { kind, got: s.chars().take(80).collect() })?;
+/// `N` bytes from their hex form; `kind` names what was expected, for the error.
+pub(crate) fn parse_hex<const N: usize>(kind: &'static str, s: &str) -> Result<[u8; N], ParseIdError> {
+    let mut out = [0u8; N];
+    let bad = || ParseIdError { kind, hex_len: 2 * N, got: s.chars().take(80).collect() };
+    hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
     Ok(out)
 }
 
+/// A fixed-size byte string that prints, parses and serialises as lowercase hex (what every fogcdn JSON
+/// form carries), so callers hold bytes and never parse hex at the point of use.
 macro_rules! hex_id {
-    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $len:literal) => {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub [u8; 32]);
+        pub struct $name(pub [u8; $len]);
 
         impl $name {
-            pub fn as_bytes(&self) -> &[u8; 32] {
+            pub fn as_bytes(&self) -> &[u8; $len] {
                 &self.0
             }
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                ::hex::encode(self.0)
             }
         }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(&self.to_hex())
             }
         }
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                // Short form keeps logs readable; Display gives the full id.
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                // Short form keeps logs readable; Display gives the full value.
                 write!(f, concat!($kind, "({})"), &self.to_hex()[..12])
             }
         }
-        impl FromStr for $name {
-            type Err = ParseIdError;
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::id::ParseIdError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                parse_32($kind, s).map(Self)
+                $crate::id::parse_hex($kind, s).map(Self)
             }
         }
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        impl ::serde::Serialize for $name {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(&self.to_hex())
             }
         }
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <::std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(::serde::de::Error::custom)
             }
         }
     };
 }
+pub(crate) use hex_id;
 
 hex_id!(
     /// BLAKE3 hash of one chunk's bytes: the key under which nodes cache and serve it.
     ChunkHash,
-    "chunk"
+    "chunk",
+    32
 );
 hex_id!(
     /// BLAKE3 hash of a manifest's canonical encoding: names one immutable version of an object.
     ContentId,
-    "content"
+    "content",
+    32
 );
 hex_id!(
     /// A node's ed25519 public key. Clients pin it when they connect, so it names the node everywhere.
     NodeId,
-    "node"
+    "node",
+    32
 );
 
 impl ChunkHash {

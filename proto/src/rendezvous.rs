@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::api::Signed;
+use crate::wire::{decode_length_prefixed, Decode, Decoded};
 use crate::NodeId;
 
 pub const ALPN: &[u8] = b"fog-rdv/1";
@@ -57,12 +58,12 @@ pub enum Frame {
     Error { message: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("rendezvous frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
     TooLong(usize),
     #[error("malformed rendezvous frame: {0}")]
-    Malformed(String),
+    Malformed(#[source] serde_json::Error),
 }
 
 impl Frame {
@@ -76,7 +77,7 @@ impl Frame {
     }
 
     /// Checks a length prefix before the body is read.
-    pub fn check_len(len: u16) -> Result<usize, FrameError> {
+    fn check_len(len: u16) -> Result<usize, FrameError> {
         let len = usize::from(len);
         if len > MAX_FRAME_LEN {
             return Err(FrameError::TooLong(len));
@@ -84,22 +85,80 @@ impl Frame {
         Ok(len)
     }
 
+    /// The JSON body (after its length prefix), which must be exactly one frame.
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
-        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+        serde_json::from_slice(body).map_err(FrameError::Malformed)
+    }
+}
+
+impl Decode for Frame {
+    type Error = FrameError;
+
+    /// The framed frame ([`Frame::encode`]): the length prefix, then the body.
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        decode_length_prefixed(buf, Self::check_len, Self::decode)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::assert_vector;
+
+    /// Each frame type's JSON, with its length prefix, byte for byte (`docs/protocol.md`).
+    #[test]
+    fn hex_vectors() {
+        let vectors = [
+            (Frame::PunchSent, "0015 7b2274797065223a2270756e63685f73656e74227d".to_string()),
+            (
+                Frame::Punch { target: NodeId([0x22; 32]) },
+                format!("005c 7b2274797065223a2270756e6368222c22746172676574223a22 {} 227d", "32".repeat(64)),
+            ),
+            (
+                Frame::PunchReady { addr: "203.0.113.7:7701".parse().expect("addr") },
+                "0030 7b2274797065223a2270756e63685f7265616479222c2261646472223a22 3230332e302e3131332e373a37373031 227d"
+                    .into(),
+            ),
+            (
+                Frame::Attached { observed: "[2001:db8::1]:7701".parse().expect("addr") },
+                "0033 7b2274797065223a226174746163686564222c226f62736572766564223a22 \
+                 5b323030313a6462383a3a315d3a37373031 227d"
+                    .into(),
+            ),
+            (
+                Frame::PunchRequest { client: "198.51.100.2:40000".parse().expect("addr") },
+                "0036 7b2274797065223a2270756e63685f72657175657374222c22636c69656e74223a22 \
+                 3139382e35312e3130302e323a3430303030 227d"
+                    .into(),
+            ),
+            (
+                Frame::Error { message: "full".into() },
+                "0021 7b2274797065223a226572726f72222c226d657373616765223a22 66756c6c 227d".into(),
+            ),
+            (
+                Frame::Attach {
+                    attach: Signed { node_id: NodeId([1; 32]), payload: "{}".into(), signature: "00".into() },
+                    membership: None,
+                },
+                format!(
+                    "0089 7b2274797065223a22617474616368222c22617474616368223a7b226e6f64655f6964223a22 {} \
+                     222c227061796c6f6164223a227b7d222c227369676e6174757265223a223030227d7d",
+                    "3031".repeat(32)
+                ),
+            ),
+        ];
+        for (frame, hex) in vectors {
+            assert_vector(&frame, &frame.encode(), &hex);
+        }
+    }
 
     #[test]
-    fn frames_round_trip_and_lengths_are_bounded() {
-        let f = Frame::PunchReady { addr: "203.0.113.7:7701".parse().expect("addr") };
-        let bytes = f.encode();
-        let len = Frame::check_len(u16::from_be_bytes([bytes[0], bytes[1]])).expect("short");
-        assert_eq!(Frame::decode(&bytes[2..2 + len]), Ok(f));
-        assert_eq!(Frame::check_len(5000), Err(FrameError::TooLong(5000)));
+    fn lengths_are_bounded_and_bodies_checked() {
+        assert!(matches!(Frame::decode_prefix(&5000u16.to_be_bytes()), Err(FrameError::TooLong(5000))));
+        assert!(matches!(
+            Frame::decode_prefix(&(MAX_FRAME_LEN as u16).to_be_bytes()),
+            Ok(Decoded::NeedMore(MAX_FRAME_LEN))
+        ));
         assert!(matches!(Frame::decode(b"{\"type\":\"nope\"}"), Err(FrameError::Malformed(_))));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! One request per bidirectional stream. The client writes a request frame and finishes its side; the node
 //! answers with a response header and, on success, the bytes, then finishes. Every length is bounded here
-//! so a reader never allocates more than these limits on a peer's say-so.
+//! so a reader never allocates more than these limits on a peer's say-so. Decoders work on a growing prefix
+//! of a stream ([`Decode`]); the tests hold each frame's encoding as hex test vectors.
 
 use crate::ChunkHash;
 
@@ -121,6 +122,24 @@ pub enum FrameError {
     EmptyRange,
 }
 
+/// A frame decoded from the front of a byte stream, so that a reader takes exactly the bytes the frame
+/// needs and never a byte of what follows it (a payload, or the next frame): it asks the decoder, reads as
+/// many more bytes as the decoder says the next field needs, and asks again. Every length is checked
+/// before more bytes are asked for, so a reader never allocates past a frame's bound on a peer's say-so.
+pub trait Decode: Sized {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The frame at the start of `buf` and how many bytes it took, or how many more bytes (at least one)
+    /// it needs. An error means no more bytes could make a frame of `buf`.
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, Self::Error>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    Done { frame: T, len: usize },
+    NeedMore(usize),
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -208,7 +227,7 @@ impl ChunkRequest {
     }
 
     /// Checks a length prefix before the body is read.
-    pub fn check_len(len: u16) -> Result<usize, FrameError> {
+    fn check_len(len: u16) -> Result<usize, FrameError> {
         let len = usize::from(len);
         if len > MAX_REQUEST_LEN {
             return Err(FrameError::TooLong { what: "request", len, max: MAX_REQUEST_LEN });
@@ -216,6 +235,7 @@ impl ChunkRequest {
         Ok(len)
     }
 
+    /// The request body (after its length prefix), which must be exactly one request.
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader(body);
         let version = r.u8()?;
@@ -274,6 +294,31 @@ impl ChunkRequest {
     }
 }
 
+/// Decodes a frame sent as a big-endian u16 body length, then the body: `check_len` bounds the length
+/// before any of the body is asked for.
+pub fn decode_length_prefixed<T, E>(
+    buf: &[u8],
+    check_len: impl FnOnce(u16) -> Result<usize, E>,
+    decode_body: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> Result<Decoded<T>, E> {
+    let Some(prefix) = buf.first_chunk::<2>() else { return Ok(Decoded::NeedMore(2 - buf.len())) };
+    let len = 2 + check_len(u16::from_be_bytes(*prefix))?;
+    match buf.get(2..len) {
+        Some(body) => Ok(Decoded::Done { frame: decode_body(body)?, len }),
+        None => Ok(Decoded::NeedMore(len - buf.len())),
+    }
+}
+
+impl Decode for ChunkRequest {
+    type Error = FrameError;
+
+    /// The framed request ([`ChunkRequest::encode_framed`]): the length prefix, then the body; a body that
+    /// is shorter than its fields say is an error, not a reason to read on.
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        decode_length_prefixed(buf, Self::check_len, Self::decode)
+    }
+}
+
 /// The fixed part of a response: status, then either the payload length (Ok) or an error message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseHead {
@@ -302,39 +347,60 @@ impl ResponseHead {
             }
         }
     }
+}
 
-    /// Length of the part after the status byte that tells how long the rest is: 4 (Ok) or 2 (error).
-    pub fn len_field_size(status: Status) -> usize {
-        if status == Status::Ok {
-            4
-        } else {
-            2
-        }
+impl Decode for ResponseHead {
+    type Error = FrameError;
+
+    /// The payload that follows an Ok head is not part of it. A message that is not UTF-8 is read lossily:
+    /// it is for humans, and the status alone decides what the client does next.
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        let mut r = Reader(buf);
+        let head = (|| {
+            let byte = r.u8()?;
+            let status = Status::from_u8(byte).ok_or(FrameError::UnknownStatus(byte))?;
+            if status == Status::Ok {
+                return Ok(Self::Ok { len: check_payload_len(r.u32()?)? });
+            }
+            let len = usize::from(r.u16()?);
+            if len > MAX_MESSAGE_LEN {
+                return Err(FrameError::TooLong { what: "message", len, max: MAX_MESSAGE_LEN });
+            }
+            Ok(Self::Error { status, message: String::from_utf8_lossy(r.take(len)?).into_owned() })
+        })();
+        progress(head, buf.len() - r.0.len())
     }
+}
 
-    /// Validates the announced length of an Ok payload or error message.
-    pub fn check_len(status: Status, len: u32) -> Result<usize, FrameError> {
-        let (what, max) =
-            if status == Status::Ok { ("payload", MAX_PAYLOAD_LEN as usize) } else { ("message", MAX_MESSAGE_LEN) };
-        let len = len as usize;
-        if len > max {
-            return Err(FrameError::TooLong { what, len, max });
-        }
-        Ok(len)
+fn check_payload_len(len: u32) -> Result<u32, FrameError> {
+    if len > MAX_PAYLOAD_LEN {
+        return Err(FrameError::TooLong { what: "payload", len: len as usize, max: MAX_PAYLOAD_LEN as usize });
+    }
+    Ok(len)
+}
+
+/// A head decoded from the bytes so far: done, or how many more bytes its next field needs (a head's fields
+/// are read in order, so a [`FrameError::Truncated`] from [`Reader`] is exactly that).
+fn progress<T>(head: Result<T, FrameError>, len: usize) -> Result<Decoded<T>, FrameError> {
+    match head {
+        Ok(frame) => Ok(Decoded::Done { frame, len }),
+        Err(FrameError::Truncated { needed }) => Ok(Decoded::NeedMore(needed)),
+        Err(e) => Err(e),
     }
 }
 
 /// The libp2p stream protocol nodes fill misses from each other with (`docs/protocol.md`, "Peer fill").
 ///
 /// The asking node writes a request frame exactly as on the client protocol ([`ChunkRequest::encode_framed`];
-/// only the hash and the origin hint count); the peer answers with one [`PeerStatus`] byte and, for
-/// [`PeerStatus::Ok`], a big-endian u32 length (at most [`MAX_PAYLOAD_LEN`]) and the chunk. Without an origin
+/// only the hash and the origin hint count); the peer answers with a [`PeerResponseHead`] (one [`PeerStatus`]
+/// byte and, for [`PeerStatus::Ok`], a big-endian u32 length of at most [`MAX_PAYLOAD_LEN`]) and the chunk. Without an origin
 /// hint a peer serves only what it holds. With one (sent only to the chunk's *home*, the peer rendezvous
 /// ranks first) a peer that lacks the chunk fills it through — from its own peers' stores or the origin,
 /// never passing the hint on — stores and serves it: tiered caching, so a neighbourhood fetches a chunk
 /// from the origin once.
 pub const PEER_PROTOCOL: &str = "/fog/chunk/2";
 
+/// The status byte of a peer-fill answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum PeerStatus {
@@ -350,6 +416,72 @@ impl PeerStatus {
             1 => Some(Self::NotFound),
             2 => Some(Self::Busy),
             _ => None,
+        }
+    }
+}
+
+/// A peer's answer to a fill request, before the chunk: [`PeerStatus::Ok`] and the chunk's length (the
+/// chunk follows), or a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerResponseHead {
+    Ok { len: u32 },
+    NotFound,
+    Busy,
+}
+
+impl PeerResponseHead {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Ok { len } => {
+                let mut out = vec![PeerStatus::Ok as u8];
+                out.extend_from_slice(&len.to_be_bytes());
+                out
+            }
+            Self::NotFound => vec![PeerStatus::NotFound as u8],
+            Self::Busy => vec![PeerStatus::Busy as u8],
+        }
+    }
+}
+
+impl Decode for PeerResponseHead {
+    type Error = FrameError;
+
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        let mut r = Reader(buf);
+        let head = (|| {
+            let byte = r.u8()?;
+            Ok(match PeerStatus::from_u8(byte).ok_or(FrameError::UnknownStatus(byte))? {
+                PeerStatus::Ok => Self::Ok { len: check_payload_len(r.u32()?)? },
+                PeerStatus::NotFound => Self::NotFound,
+                PeerStatus::Busy => Self::Busy,
+            })
+        })();
+        progress(head, buf.len() - r.0.len())
+    }
+}
+
+/// `frame` encodes (as `encoded`) to `hex` (spaces ignored) and decodes back from it, taking exactly its bytes
+/// even with more behind them; every proper prefix asks for at least one more byte and never for more than
+/// the rest of the frame, so a reader never reads past it.
+#[cfg(test)]
+pub(crate) fn assert_vector<T>(frame: &T, encoded: &[u8], hex: &str)
+where
+    T: Decode + PartialEq + std::fmt::Debug,
+{
+    let expected = hex::decode(hex.replace([' ', '\n'], "")).expect("test vector is hex");
+    assert_eq!(hex::encode(encoded), hex::encode(&expected), "{frame:?} does not encode to its vector");
+    let mut followed = expected.clone();
+    followed.extend_from_slice(b"next");
+    match T::decode_prefix(&followed) {
+        Ok(Decoded::Done { frame: back, len }) => {
+            assert!(back == *frame && len == expected.len(), "read back {back:?}")
+        }
+        other => panic!("{frame:?} does not decode from its vector: {other:?}"),
+    }
+    for cut in 0..expected.len() {
+        match T::decode_prefix(&expected[..cut]) {
+            Ok(Decoded::NeedMore(n)) => assert!(n >= 1 && cut + n <= expected.len(), "{cut} bytes in, asked for {n}"),
+            other => panic!("a {cut}-byte prefix of {frame:?} decoded as {other:?}"),
         }
     }
 }
@@ -436,14 +568,88 @@ mod tests {
     }
 
     #[test]
-    fn response_heads() {
-        let ok = ResponseHead::Ok { len: 7 }.encode();
-        assert_eq!(ok, vec![0, 0, 0, 0, 7]);
+    fn error_messages_are_cut_to_the_limit_on_a_char_boundary() {
         let err = ResponseHead::Error { status: Status::NotFound, message: "é".repeat(600) }.encode();
-        assert_eq!(Status::from_u8(err[0]), Some(Status::NotFound));
-        let len = usize::from(u16::from_be_bytes([err[1], err[2]]));
-        assert!(len <= MAX_MESSAGE_LEN);
-        assert!(std::str::from_utf8(&err[3..]).is_ok());
-        assert!(ResponseHead::check_len(Status::Ok, MAX_PAYLOAD_LEN + 1).is_err());
+        let Ok(Decoded::Done { frame: ResponseHead::Error { status, message }, len }) =
+            ResponseHead::decode_prefix(&err)
+        else {
+            panic!("the node's error head does not decode")
+        };
+        assert_eq!((status, len), (Status::NotFound, err.len()));
+        assert_eq!(message, "é".repeat(MAX_MESSAGE_LEN / 2));
+    }
+
+    const HASH_11: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const HASH_AB: &str = "abababababababababababababababababababababababababababababababab";
+
+    /// The encodings `docs/protocol.md` specifies, byte for byte: each value encodes to its hex and decodes
+    /// back from it, a byte at a time.
+    #[test]
+    fn hex_vectors() {
+        let minimal =
+            ChunkRequest { hash: ChunkHash([0x11; 32]), range: None, origin: None, receipt: None, ticket: None };
+        assert_vector(&minimal, &minimal.encode_framed().expect("fits"), &format!("0022 01 00 {HASH_11}"));
+        let full = ChunkRequest {
+            hash: ChunkHash([0xab; 32]),
+            range: Some((16, 4096)),
+            origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
+            receipt: Some(b"r1".to_vec()),
+            ticket: Some(b"t".to_vec()),
+        };
+        let full_hex = format!(
+            "0049 01 0f {HASH_AB} 00000010 00001000 0000010000000000 00100000 000a 687474703a2f2f6f2f78 0002 7231 \
+             0001 74"
+        );
+        assert_vector(&full, &full.encode_framed().expect("fits"), &full_hex);
+        let receipt = ChunkRequest::receipt_only(b"{}".to_vec());
+        assert_vector(
+            &receipt,
+            &receipt.encode_framed().expect("fits"),
+            &format!("0026 01 04 {} 0002 7b7d", "00".repeat(32)),
+        );
+
+        for (head, hex) in [
+            (ResponseHead::Ok { len: 1 << 20 }, "00 00100000"),
+            (ResponseHead::Ok { len: 0 }, "00 00000000"),
+            (ResponseHead::Error { status: Status::NotFound, message: "no".into() }, "01 0002 6e6f"),
+            (ResponseHead::Error { status: Status::Busy, message: String::new() }, "06 0000"),
+        ] {
+            assert_vector(&head, &head.encode(), hex);
+        }
+        for (head, hex) in [
+            (PeerResponseHead::Ok { len: 5 }, "00 00000005"),
+            (PeerResponseHead::NotFound, "01"),
+            (PeerResponseHead::Busy, "02"),
+        ] {
+            assert_vector(&head, &head.encode(), hex);
+        }
+    }
+
+    /// Bad heads and prefixes are refused as soon as the offending field is in, before any byte more is
+    /// asked for.
+    #[test]
+    fn bad_heads_are_refused_before_reading_on() {
+        let bytes = |hex: &str| ::hex::decode(hex).expect("hex");
+        assert_eq!(ResponseHead::decode_prefix(&bytes("08")), Err(FrameError::UnknownStatus(8)));
+        assert!(matches!(
+            ResponseHead::decode_prefix(&bytes("0001000001")),
+            Err(FrameError::TooLong { what: "payload", .. })
+        ));
+        assert!(matches!(
+            ResponseHead::decode_prefix(&bytes("010401")),
+            Err(FrameError::TooLong { what: "message", .. })
+        ));
+        assert_eq!(PeerResponseHead::decode_prefix(&bytes("03")), Err(FrameError::UnknownStatus(3)));
+        assert!(matches!(
+            PeerResponseHead::decode_prefix(&bytes("0001000001")),
+            Err(FrameError::TooLong { what: "payload", .. })
+        ));
+        assert!(matches!(
+            ChunkRequest::decode_prefix(&bytes("203d")),
+            Err(FrameError::TooLong { what: "request", .. })
+        ));
+        assert_eq!(ChunkRequest::decode_prefix(&bytes("203c")), Ok(Decoded::NeedMore(MAX_REQUEST_LEN)));
+        // A whole body that is shorter than its fields say is malformed, not waiting for more.
+        assert_eq!(ChunkRequest::decode_prefix(&bytes("000101")), Err(FrameError::Truncated { needed: 1 }));
     }
 }

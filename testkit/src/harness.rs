@@ -27,7 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
 /// A QUIC endpoint on 127.0.0.1 holding `key` that completes handshakes and serves nothing: enough for the
 /// tracker's dial-back, for tests that register hand-made nodes. Closed when dropped.
 pub fn handshake_only_endpoint(key: &ed25519_dalek::SigningKey) -> quinn::Endpoint {
-    let config = fog_client::transport::server_config(key, 4).expect("server config");
+    let config = fog_net::transport::server_config(key, 4).expect("server config");
     let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).expect("bind");
     let accepting = endpoint.clone();
     tokio::spawn(async move {
@@ -216,10 +216,10 @@ impl Cluster {
     /// A ticket as the tracker would sign it, assigning `nodes` their chunk counts: what a chunk request needs
     /// for a node to fill a miss through (for tests that talk to nodes without resolving).
     pub fn ticket(&self, nodes: &[(fog_proto::NodeId, u32)]) -> Vec<u8> {
-        use fog_proto::credits::{Ticket, KIND_TICKET};
-        let key = fog_client::identity::load_or_create(&self.dir.path().join("tracker/tracker.key")).expect("key");
+        use fog_proto::credits::{SessionId, Ticket, KIND_TICKET};
+        let key = fog_net::identity::load_or_create(&self.dir.path().join("tracker/tracker.key")).expect("key");
         let ticket = Ticket {
-            session: "00".repeat(16),
+            session: SessionId([0; 16]),
             client_key: fog_proto::NodeId::from(key.verifying_key()),
             content_id: fog_proto::ContentId([0; 32]),
             nodes: nodes.iter().map(|n| n.0).collect(),

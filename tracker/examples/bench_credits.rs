@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fog_proto::api::Signed;
 use fog_proto::credits::{
-    chain_links, hex32, parse_hex32, payment_chain, ticket_id, Commitment, Receipt, Ticket, KIND_COMMITMENT,
-    KIND_TICKET, MAX_BATCH,
+    chain_links, payment_chain, ticket_id, Commitment, Receipt, Ticket, KIND_COMMITMENT, KIND_TICKET, MAX_BATCH,
 };
 use fog_proto::{ContentId, NodeId};
+use fog_tracker::clock::Clock;
 use fog_tracker::db::Db;
 use fog_tracker::ledger::Ledger;
 
@@ -20,7 +20,7 @@ const CHUNK: u32 = 1 << 20;
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = Arc::new(Db::open(&dir.path().join("db"))?);
-    let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), Duration::from_secs(3600), u32::MAX);
+    let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), Duration::from_secs(3600), u32::MAX, Clock::System);
     let node = SigningKey::from_bytes(&[2; 32]);
     let node_id: NodeId = node.verifying_key().into();
 
@@ -45,26 +45,21 @@ fn main() -> anyhow::Result<()> {
         let ticket: Ticket = signed.open(KIND_TICKET)?;
         let chain = payment_chain(seed, 4);
         let c = Commitment {
-            session: ticket.session.clone(),
+            session: ticket.session,
             ticket_id: ticket_id(&signed),
             node: node_id,
-            anchor: hex32(&chain[0]),
+            anchor: chain[0],
             length: 4,
             epoch: ticket.epoch,
         };
-        receipts.push(Receipt {
-            commitment: Signed::sign(&client, KIND_COMMITMENT, &c),
-            index: 4,
-            preimage: hex32(&chain[4]),
-        });
+        receipts.push(Receipt { commitment: Signed::sign(&client, KIND_COMMITMENT, &c), index: 4, preimage: chain[4] });
     }
 
     // Verification alone: what a node does per receipt it is handed, and the tracker per redemption.
     let started = Instant::now();
     for r in &receipts {
         let c: Commitment = r.commitment.open(KIND_COMMITMENT)?;
-        let (anchor, pre) = (parse_hex32(&c.anchor).expect("anchor"), parse_hex32(&r.preimage).expect("preimage"));
-        assert!(chain_links(&anchor, 0, &pre, r.index));
+        assert!(chain_links(&c.anchor, 0, &r.preimage, r.index));
     }
     let verify_rate = sessions as f64 / started.elapsed().as_secs_f64();
 

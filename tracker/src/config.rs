@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use fog_client::bin_support::{default_data_dir, load_toml, ConfigError};
+use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
 use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use fog_proto::origins::OriginList;
 use fog_proto::size::Size;

@@ -19,8 +19,11 @@ pub enum DbError {
     Open { path: String, source: rocksdb::Error },
     #[error("tracker database: {0}")]
     Io(#[from] rocksdb::Error),
-    #[error("stored manifest for {url} is unreadable: {reason}")]
-    Corrupt { url: String, reason: String },
+    /// The blocking task that ran a write was cancelled or panicked.
+    #[error("tracker database task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("stored manifest for {url} is unreadable: {source}")]
+    Corrupt { url: String, source: serde_json::Error },
 }
 
 /// A manifest and when it was ingested (ms since the Unix epoch).
@@ -65,9 +68,7 @@ impl Db {
 
     pub fn manifest(&self, url: &str) -> Result<Option<StoredManifest>, DbError> {
         let Some(bytes) = self.db.get_pinned_cf(self.manifests(), url.as_bytes())? else { return Ok(None) };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DbError::Corrupt { url: url.to_string(), reason: e.to_string() })
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| DbError::Corrupt { url: url.to_string(), source })
     }
 
     /// Durable (synced) write: a manifest handed to clients must survive a crash.

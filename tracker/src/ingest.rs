@@ -2,22 +2,23 @@
 //! the manifest. Concurrent requests for one URL share a single fetch. The object streams through; only
 //! the hashes are kept, so memory does not grow with object size.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fog_client::origin::{OriginClient, OriginError};
+use fog_net::origin::{OriginClient, OriginError};
+use fog_net::single_flight::SingleFlight;
 use fog_proto::{ChunkHash, ContentId, Manifest};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::db::{Db, StoredManifest};
+use crate::db::{Db, DbError, StoredManifest};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     #[error("{0}")]
     Origin(#[from] OriginError),
-    #[error("tracker database: {0}")]
-    Db(String),
+    /// Shared: one ingest's outcome goes to every client that waited on it.
+    #[error(transparent)]
+    Db(Arc<DbError>),
     #[error("too many ingests in progress; retry shortly")]
     Busy,
 }
@@ -32,8 +33,6 @@ impl IngestError {
     }
 }
 
-type IngestCell = Arc<OnceCell<Result<Arc<Manifest>, IngestError>>>;
-
 #[derive(Debug)]
 pub struct Ingest {
     origin: OriginClient,
@@ -42,7 +41,8 @@ pub struct Ingest {
     max_object_size: u64,
     /// A manifest younger than this is not re-ingested on a client's "stale" report.
     min_reingest_age: Duration,
-    inflight: Mutex<HashMap<String, IngestCell>>,
+    /// One ingest per URL however many clients ask at once.
+    in_flight: SingleFlight<String, Result<Arc<Manifest>, IngestError>>,
     slots: Semaphore,
 }
 
@@ -63,7 +63,7 @@ impl Ingest {
             chunk_size: cfg.chunk_size,
             max_object_size: cfg.max_object_size,
             min_reingest_age: cfg.min_reingest_age,
-            inflight: Mutex::new(HashMap::new()),
+            in_flight: SingleFlight::default(),
             slots: Semaphore::new(max_concurrent),
         }
     }
@@ -77,7 +77,7 @@ impl Ingest {
     }
 
     pub async fn manifest(&self, url: &str, stale: Option<ContentId>) -> Result<(Arc<Manifest>, Origin), IngestError> {
-        if let Some(stored) = self.db.manifest(url).map_err(|e| IngestError::Db(e.to_string()))? {
+        if let Some(stored) = self.db.manifest(url).map_err(|e| IngestError::Db(Arc::new(e)))? {
             let id = stored.manifest.content_id();
             let young = now_ms().saturating_sub(stored.ingested_at_ms) < self.min_reingest_age.as_millis() as u64;
             if stale != Some(id) || young {
@@ -85,20 +85,21 @@ impl Ingest {
             }
             tracing::info!(url, stale = %id, "client reports the origin object changed; re-ingesting");
         }
-        let cell = self.inflight.lock().expect("inflight lock").entry(url.to_string()).or_default().clone();
-        let result = cell.get_or_init(|| self.ingest_and_store(url)).await.clone();
-        let mut inflight = self.inflight.lock().expect("inflight lock");
-        if inflight.get(url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(url);
-        }
-        result.map(|m| (m, Origin::Ingested))
+        let manifest = self.in_flight.run(url.to_string(), || self.ingest_and_store(url)).await?;
+        Ok((manifest, Origin::Ingested))
     }
 
     async fn ingest_and_store(&self, url: &str) -> Result<Arc<Manifest>, IngestError> {
         let _slot = self.slots.try_acquire().map_err(|_| IngestError::Busy)?;
         let manifest = self.ingest(url).await.inspect_err(|e| tracing::warn!(url, error = %e, "ingest failed"))?;
         let stored = StoredManifest { manifest, ingested_at_ms: now_ms() };
-        self.db.put_manifest(&stored).map_err(|e| IngestError::Db(e.to_string()))?;
+        // A synced write: off the async workers.
+        let db = self.db.clone();
+        let stored = tokio::task::spawn_blocking(move || db.put_manifest(&stored).map(|()| stored))
+            .await
+            .map_err(DbError::from)
+            .and_then(|put| put)
+            .map_err(|e| IngestError::Db(Arc::new(e)))?;
         tracing::info!(
             url,
             size = stored.manifest.size,

@@ -11,18 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use fog_client::per_source::PerSource;
-use fog_proto::api::{Membership, Signed, KIND_MEMBERSHIP};
+use fog_net::per_source::PerSource;
+use fog_proto::api::{Membership, Signed, SignedError, KIND_MEMBERSHIP};
 use fog_proto::credits::{
-    chain_links, hex32, parse_hex32, Commitment, LedgerLeaf, Receipt, Redeemed, Ticket, TreeHead, KIND_COMMITMENT,
-    KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
+    chain_links, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt, Redeemed, SessionId, Ticket, TreeHead,
+    KIND_COMMITMENT, KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
 };
 use fog_proto::merkle::{self, Hash, SubtreeSource};
 use fog_proto::{ContentId, NodeId};
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, DbError};
+use crate::clock::Clock;
+use crate::db::Db;
 
 const CF_TICKETS: &str = "credit_tickets";
 const CF_CHAINS: &str = "credit_chains";
@@ -43,18 +44,50 @@ const MEMBERSHIP_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error(transparent)]
-    Db(#[from] DbError),
     #[error("ledger storage: {0}")]
     Rocks(#[from] rocksdb::Error),
-    #[error("ledger record {0} is unreadable")]
-    Corrupt(String),
+    #[error("ledger record {cf}/{key} is unreadable: {source}")]
+    Corrupt { cf: &'static str, key: String, source: serde_json::Error },
+    #[error("ledger key {cf}/{key} is malformed")]
+    BadKey { cf: &'static str, key: String },
 }
 
 impl LedgerError {
+    /// Whether trying again may help: storage trouble may pass, damaged records stay damaged.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Corrupt(_))
+        !matches!(self, Self::Corrupt { .. } | Self::BadKey { .. })
     }
+}
+
+/// Why a receipt was refused; the text is what the node's statement shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Refusal {
+    #[error("forged: the commitment's signature does not verify")]
+    Forged,
+    #[error("malformed: the commitment is signed but is not a valid commitment")]
+    Malformed,
+    #[error("no ticket: the tracker never issued this session")]
+    NoTicket,
+    #[error("wrong client: the commitment is not signed by the ticket's client key")]
+    WrongClient,
+    #[error("the commitment names another ticket")]
+    OtherTicket,
+    #[error("not yours: the receipt was given to another node")]
+    NotYours,
+    #[error("the ticket did not assign this node")]
+    NotAssigned,
+    #[error("wrong epoch: receipts are redeemable in their ticket's epoch and the next only")]
+    WrongEpoch,
+    #[error("the ticket expired")]
+    Expired,
+    #[error("payment index outside the committed chain")]
+    OutsideChain,
+    #[error("the receipt pays for more chunks than the whole ticket covers")]
+    BeyondTicket,
+    #[error("bad chain: the preimage does not hash to the committed anchor")]
+    BadChain,
+    #[error("nothing left: the ticket's budget or the node's assignment is used up")]
+    NothingLeft,
 }
 
 /// Per (session, node) chain: how far it has been redeemed and for how much.
@@ -74,7 +107,7 @@ struct StoredTicket {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rejection {
     pub at_ms: u64,
-    pub chain_id: String,
+    pub chain_id: ChainId,
     pub index: u32,
     pub reason: String,
 }
@@ -107,20 +140,25 @@ pub struct Ledger {
     key: SigningKey,
     epoch_len: Duration,
     ticket_ttl: Duration,
+    clock: Clock,
     /// Serialises redemptions: ledger appends are sequential.
     write: Mutex<()>,
     /// Tickets per client source per minute: self-dealing through fake clients needs many sources.
     tickets: PerSource,
 }
 
-use fog_proto::api::now_ms;
-
 fn node_epoch_key(node: &NodeId, epoch: u64) -> Vec<u8> {
     [node.as_bytes().as_slice(), &epoch.to_be_bytes()].concat()
 }
 
-fn chain_key(session: &str, node: &NodeId) -> Vec<u8> {
-    [session.as_bytes(), b"/", node.as_bytes().as_slice()].concat()
+/// Tickets, their spending and their chains are keyed by the session's hex form, as they always were:
+/// existing ledgers stay readable.
+fn session_key(session: &SessionId) -> String {
+    session.to_hex()
+}
+
+fn chain_key(session: &SessionId, node: &NodeId) -> Vec<u8> {
+    [session_key(session).as_bytes(), b"/", node.as_bytes().as_slice()].concat()
 }
 
 fn tree_key(level: u32, index: u64) -> [u8; 12] {
@@ -147,12 +185,14 @@ impl SubtreeSource for TreeView<'_> {
 }
 
 impl Ledger {
-    pub fn new(db: Arc<Db>, key: SigningKey, epoch_len: Duration, tickets_per_minute: u32) -> Self {
+    /// `clock` dates tickets, receipts' redemption, epochs and tree heads.
+    pub fn new(db: Arc<Db>, key: SigningKey, epoch_len: Duration, tickets_per_minute: u32, clock: Clock) -> Self {
         Self {
             db,
             key,
             epoch_len,
             ticket_ttl: Duration::from_secs(6 * 3600),
+            clock,
             write: Mutex::new(()),
             tickets: PerSource::new(tickets_per_minute, tickets_per_minute),
         }
@@ -173,12 +213,16 @@ impl Ledger {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch_at(now_ms())
+        self.epoch_at(self.clock.now_ms())
     }
 
-    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, LedgerError> {
+    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>, LedgerError> {
         let Some(v) = self.db.raw().get_pinned_cf(self.db.cf(cf), key)? else { return Ok(None) };
-        serde_json::from_slice(&v).map(Some).map_err(|_| LedgerError::Corrupt(format!("{cf}/{}", hex::encode(key))))
+        serde_json::from_slice(&v).map(Some).map_err(|source| LedgerError::Corrupt {
+            cf,
+            key: hex::encode(key),
+            source,
+        })
     }
 
     fn get_u64(&self, cf: &str, key: &[u8]) -> Result<u64, LedgerError> {
@@ -208,10 +252,9 @@ impl Ledger {
         if client.is_some_and(|ip| !self.tickets.check(ip)) {
             return Ok(None);
         }
-        let session: [u8; 16] = rand::random();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let ticket = Ticket {
-            session: hex::encode(session),
+            session: SessionId(rand::random()),
             client_key,
             content_id,
             nodes,
@@ -230,25 +273,25 @@ impl Ledger {
         }
         let stored = serde_json::to_vec(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() })
             .expect("tickets serialise");
-        self.db.raw().put_cf(self.db.cf(CF_TICKETS), ticket.session.as_bytes(), stored)?;
+        self.db.raw().put_cf(self.db.cf(CF_TICKETS), session_key(&ticket.session), stored)?;
         Ok(Some(signed))
     }
 
     /// Redeems a node's receipts: each is credited, a duplicate, or rejected with a reason.
     /// Blocking (signature checks, hash-chain walks, a synced write): call it off the async workers.
     pub fn redeem(&self, node: NodeId, receipts: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let epoch = self.epoch_at(now);
         // Signatures and chain walks need no ledger state: done before taking the lock, so a batch of
         // expensive receipts delays only its own redemption.
-        let verified = receipts.iter().map(|r| self.verify(node, r, epoch)).collect::<Result<Vec<_>, _>>()?;
+        let verified = receipts.iter().map(|r| self.verify(node, r, now)).collect::<Result<Vec<_>, _>>()?;
         let _guard = self.write.lock().expect("ledger write lock");
         let mut size = self.size()?;
         let mut batch = WriteBatch::default();
         let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
         // State touched earlier in this batch must be seen by later receipts in it.
         let mut chains: HashMap<Vec<u8>, ChainState> = HashMap::new();
-        let mut used: HashMap<String, u64> = HashMap::new();
+        let mut used: HashMap<SessionId, u64> = HashMap::new();
         let mut node_epoch: u64 = self.get_u64(CF_NODE_EPOCHS, &node_epoch_key(&node, epoch))?;
         let mut rejected_seq = self.get_u64(CF_META, &[b"rejseq/".as_slice(), node.as_bytes()].concat())?;
         let mut results = Vec::with_capacity(receipts.len());
@@ -259,9 +302,9 @@ impl Ledger {
                 Err(reason) => Check::Reject(reason),
             };
             let result = match outcome {
-                Check::Reject(reason) => {
-                    let rej =
-                        Rejection { at_ms: now, chain_id: chain_id.clone(), index: r.index, reason: reason.clone() };
+                Check::Reject(refusal) => {
+                    let reason = refusal.to_string();
+                    let rej = Rejection { at_ms: now, chain_id, index: r.index, reason: reason.clone() };
                     let key = [node.as_bytes().as_slice(), &rejected_seq.to_be_bytes()].concat();
                     batch.put_cf(self.db.cf(CF_REJECTED), key, serde_json::to_vec(&rej).expect("serialises"));
                     if rejected_seq >= REJECTIONS_KEPT {
@@ -274,7 +317,7 @@ impl Ledger {
                         chain_id,
                         index: r.index,
                         credited_bytes: 0,
-                        outcome: "rejected".into(),
+                        outcome: Outcome::Rejected,
                         reason: Some(reason),
                         leaf_index: None,
                     }
@@ -283,7 +326,7 @@ impl Ledger {
                     chain_id,
                     index: r.index,
                     credited_bytes: 0,
-                    outcome: "duplicate".into(),
+                    outcome: Outcome::Duplicate,
                     reason: None,
                     leaf_index: None,
                 },
@@ -297,7 +340,7 @@ impl Ledger {
                         chain_id,
                         index: r.index,
                         credited_bytes: bytes,
-                        outcome: "credited".into(),
+                        outcome: Outcome::Credited,
                         reason: capped.then(|| "capped at the ticket's budget or the node's assignment".into()),
                         leaf_index: Some(leaf_index),
                     }
@@ -309,7 +352,7 @@ impl Ledger {
             batch.put_cf(self.db.cf(CF_CHAINS), key, serde_json::to_vec(&state).expect("serialises"));
         }
         for (session, total) in used {
-            batch.put_cf(self.db.cf(CF_TICKET_USED), session.as_bytes(), total.to_be_bytes());
+            batch.put_cf(self.db.cf(CF_TICKET_USED), session_key(&session), total.to_be_bytes());
         }
         batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&node, epoch), node_epoch.to_be_bytes());
         batch.put_cf(
@@ -326,47 +369,46 @@ impl Ledger {
 
     /// What can be checked of a receipt without ledger state: the client's signature, the ticket it names,
     /// the node's assignment, and the hash chain. The walk is bounded by the chunks the ticket covers,
-    /// which is checked first.
-    fn verify(&self, node: NodeId, r: &Receipt, epoch: u64) -> Result<Result<Verified, String>, LedgerError> {
-        let reject = |why: &str| Ok(Err(why.to_string()));
-        let Ok(c) = r.commitment.open::<Commitment>(KIND_COMMITMENT) else {
-            return reject("forged: the commitment's signature does not verify");
+    /// which is checked first. `now`: when the redemption is made.
+    fn verify(&self, node: NodeId, r: &Receipt, now: u64) -> Result<Result<Verified, Refusal>, LedgerError> {
+        let reject = |why| Ok(Err(why));
+        let c = match r.commitment.open::<Commitment>(KIND_COMMITMENT) {
+            Ok(c) => c,
+            Err(SignedError::Payload { .. }) => return reject(Refusal::Malformed),
+            Err(SignedError::BadKey | SignedError::BadSignature) => return reject(Refusal::Forged),
         };
-        let Some(stored) = self.get::<StoredTicket>(CF_TICKETS, c.session.as_bytes())? else {
-            return reject("no ticket: the tracker never issued this session");
+        let Some(stored) = self.get::<StoredTicket>(CF_TICKETS, session_key(&c.session).as_bytes())? else {
+            return reject(Refusal::NoTicket);
         };
         let t = &stored.ticket;
         if r.commitment.node_id != t.client_key {
-            return reject("wrong client: the commitment is not signed by the ticket's client key");
+            return reject(Refusal::WrongClient);
         }
         if c.ticket_id != fog_proto::credits::ticket_id(&stored.signed) {
-            return reject("the commitment names another ticket");
+            return reject(Refusal::OtherTicket);
         }
         if c.node != node {
-            return reject("not yours: the receipt was given to another node");
+            return reject(Refusal::NotYours);
         }
         let Some(slot) = t.nodes.iter().position(|n| *n == node) else {
-            return reject("the ticket did not assign this node");
+            return reject(Refusal::NotAssigned);
         };
-        if c.epoch != t.epoch || epoch > t.epoch + 1 {
-            return reject("wrong epoch: receipts are redeemable in their ticket's epoch and the next only");
+        if c.epoch != t.epoch || self.epoch_at(now) > t.epoch + 1 {
+            return reject(Refusal::WrongEpoch);
         }
-        if now_ms() > t.expiry_ms + self.epoch_len.as_millis() as u64 {
-            return reject("the ticket expired");
+        if now > t.expiry_ms + self.epoch_len.as_millis() as u64 {
+            return reject(Refusal::Expired);
         }
-        let (Some(anchor), Some(preimage)) = (parse_hex32(&c.anchor), parse_hex32(&r.preimage)) else {
-            return reject("malformed anchor or preimage");
-        };
         let assigned = t.assigned_chunks.get(slot).copied().unwrap_or(0);
         if r.index == 0 || r.index > c.length || c.length > MAX_CHAIN {
-            return reject("payment index outside the committed chain");
+            return reject(Refusal::OutsideChain);
         }
         // Claims beyond the assignment are capped below; claims beyond the whole ticket are not walked.
         if u64::from(r.index) > t.byte_budget.div_ceil(u64::from(t.unit.max(1))) {
-            return reject("the receipt pays for more chunks than the whole ticket covers");
+            return reject(Refusal::BeyondTicket);
         }
-        if !chain_links(&anchor, 0, &preimage, r.index) {
-            return reject("bad chain: the preimage does not hash to the committed anchor");
+        if !chain_links(&c.anchor, 0, &r.preimage, r.index) {
+            return reject(Refusal::BadChain);
         }
         Ok(Ok(Verified {
             key: chain_key(&c.session, &node),
@@ -383,7 +425,7 @@ impl Ledger {
         &self,
         v: Verified,
         chains: &mut HashMap<Vec<u8>, ChainState>,
-        used: &mut HashMap<String, u64>,
+        used: &mut HashMap<SessionId, u64>,
     ) -> Result<Check, LedgerError> {
         let state = match chains.get(&v.key) {
             Some(s) => *s,
@@ -394,14 +436,14 @@ impl Ledger {
         }
         let spent = match used.get(&v.session) {
             Some(u) => *u,
-            None => self.get_u64(CF_TICKET_USED, v.session.as_bytes())?,
+            None => self.get_u64(CF_TICKET_USED, session_key(&v.session).as_bytes())?,
         };
         let claimed = u64::from(v.index - state.index) * v.unit;
         let bytes = claimed.min(v.node_cap.saturating_sub(state.credited)).min(v.byte_budget.saturating_sub(spent));
         chains.insert(v.key, ChainState { index: v.index, credited: state.credited + bytes });
-        used.insert(v.session.clone(), spent + bytes);
+        used.insert(v.session, spent + bytes);
         if bytes == 0 {
-            return Ok(Check::Reject("nothing left: the ticket's budget or the node's assignment is used up".into()));
+            return Ok(Check::Reject(Refusal::NothingLeft));
         }
         Ok(Check::Credit { session: v.session, bytes, capped: bytes < claimed })
     }
@@ -431,12 +473,16 @@ impl Ledger {
 
     /// The signed head of the log as it is now.
     pub fn head(&self) -> Result<Signed, LedgerError> {
+        self.head_at(self.clock.now_ms())
+    }
+
+    fn head_at(&self, now_ms: u64) -> Result<Signed, LedgerError> {
         let size = self.size()?;
         let head = TreeHead {
             size,
-            root: hex32(&merkle::root(&self.view(), size)),
-            epoch: self.epoch(),
-            timestamp_ms: now_ms(),
+            root: Digest(merkle::root(&self.view(), size)),
+            epoch: self.epoch_at(now_ms),
+            timestamp_ms: now_ms,
         };
         Ok(Signed::sign(&self.key, KIND_TREE_HEAD, &head))
     }
@@ -449,7 +495,7 @@ impl Ledger {
     /// Forgets tickets that can no longer be redeemed (expired, and past the grace epoch), with their
     /// chains' redemption state: receipts for them are refused by the epoch check before that state is
     /// consulted. Keeps the ticket store bounded by the ticket lifetime. Returns how many were dropped.
-    pub fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
+    fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
         let _guard = self.write.lock().expect("ledger write lock");
         let horizon = now_ms.saturating_sub(self.epoch_len.as_millis() as u64 * 2);
         let mut batch = WriteBatch::default();
@@ -474,16 +520,17 @@ impl Ledger {
     /// Signs and keeps the head for every finished epoch not sealed yet, and prunes dead tickets
     /// (called periodically).
     pub fn seal_epochs(&self) -> Result<(), LedgerError> {
-        let current = self.epoch();
+        let now = self.clock.now_ms();
+        let current = self.epoch_at(now);
         let last = self.get_u64(CF_META, b"sealed")?;
         if current == 0 || last >= current {
             return Ok(());
         }
-        let dropped = self.prune_expired(now_ms())?;
+        let dropped = self.prune_expired(now)?;
         if dropped > 0 {
             tracing::info!(dropped, "forgot expired credit tickets");
         }
-        let head = self.head()?;
+        let head = self.head_at(now)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.db.cf(CF_HEADS), (current - 1).to_be_bytes(), serde_json::to_vec(&head).expect("serialises"));
         batch.put_cf(self.db.cf(CF_META), b"sealed", current.to_be_bytes());
@@ -495,14 +542,14 @@ impl Ledger {
         self.get(CF_LEAVES, &index.to_be_bytes())
     }
 
-    pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<String>, LedgerError> {
+    pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Digest>, LedgerError> {
         let size = size.min(self.size()?);
-        Ok(merkle::inclusion_proof(&self.view(), index, size).iter().map(hex32).collect())
+        Ok(merkle::inclusion_proof(&self.view(), index, size).into_iter().map(Digest).collect())
     }
 
-    pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<String>, LedgerError> {
+    pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<Digest>, LedgerError> {
         let second = second.min(self.size()?);
-        Ok(merkle::consistency_proof(&self.view(), first.min(second), second).iter().map(hex32).collect())
+        Ok(merkle::consistency_proof(&self.view(), first.min(second), second).into_iter().map(Digest).collect())
     }
 
     /// Bytes credited to `node` over all epochs.
@@ -519,8 +566,8 @@ impl Ledger {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let epoch =
-                u64::from_be_bytes(k[32..40].try_into().map_err(|_| LedgerError::Corrupt("node epoch key".into()))?);
+            let epoch = k.get(32..40).and_then(|e| <[u8; 8]>::try_from(e).ok()).map(u64::from_be_bytes);
+            let epoch = epoch.ok_or_else(|| LedgerError::BadKey { cf: CF_NODE_EPOCHS, key: hex::encode(&k) })?;
             let bytes = <[u8; 8]>::try_from(&*v).map_or(0, u64::from_be_bytes);
             epochs.push(EpochLine { epoch, credited_bytes: bytes });
         }
@@ -577,7 +624,7 @@ impl Ledger {
 #[derive(Debug)]
 struct Verified {
     key: Vec<u8>,
-    session: String,
+    session: SessionId,
     index: u32,
     unit: u64,
     node_cap: u64,
@@ -585,34 +632,131 @@ struct Verified {
 }
 
 enum Check {
-    Credit { session: String, bytes: u64, capped: bool },
+    Credit { session: SessionId, bytes: u64, capped: bool },
     Duplicate,
-    Reject(String),
+    Reject(Refusal),
 }
 
 #[cfg(test)]
 mod tests {
+    use fog_proto::credits::{payment_chain, ticket_id};
+
     use super::*;
+
+    /// An epoch boundary (of both lengths the tests use) well after zero: epoch 0 is never sealed.
+    const START_MS: u64 = 1000 * 24 * 3600 * 1000;
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    struct Fixture {
+        ledger: Ledger,
+        clock: Clock,
+        client: SigningKey,
+        node: NodeId,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(epoch_len: Duration) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path()).expect("db"));
+        let clock = Clock::manual(START_MS);
+        let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), epoch_len, 100, clock.clone());
+        let node = SigningKey::from_bytes(&[3; 32]).verifying_key().into();
+        Fixture { ledger, clock, client: SigningKey::from_bytes(&[2; 32]), node, _dir: dir }
+    }
+
+    impl Fixture {
+        /// A ticket paying `self.node` for up to 4 one-byte chunks.
+        fn issue(&self) -> (Signed, Ticket) {
+            let client = self.client.verifying_key().into();
+            let signed = self
+                .ledger
+                .issue_ticket(Some([127, 0, 0, 1].into()), client, ContentId([0; 32]), vec![self.node], vec![4], 1, 4)
+                .expect("issue")
+                .expect("a ticket");
+            let ticket = signed.open(KIND_TICKET).expect("ticket");
+            (signed, ticket)
+        }
+
+        fn receipt(&self, (signed, ticket): &(Signed, Ticket), index: u32) -> Receipt {
+            let chain = payment_chain([9; 32], 4);
+            let c = Commitment {
+                session: ticket.session,
+                ticket_id: ticket_id(signed),
+                node: self.node,
+                anchor: chain[0],
+                length: 4,
+                epoch: ticket.epoch,
+            };
+            Receipt {
+                commitment: Signed::sign(&self.client, KIND_COMMITMENT, &c),
+                index,
+                preimage: chain[index as usize],
+            }
+        }
+
+        fn redeem(&self, receipt: Receipt) -> Redeemed {
+            self.ledger.redeem(self.node, &[receipt]).expect("redeem").remove(0)
+        }
+    }
+
+    fn refused(r: &Redeemed, why: Refusal) {
+        assert_eq!((r.outcome, r.reason.as_deref()), (Outcome::Rejected, Some(why.to_string().as_str())), "{r:?}");
+    }
+
+    #[test]
+    fn receipts_are_redeemable_in_their_tickets_epoch_and_the_next_only() {
+        let f = fixture(MINUTE);
+        let ticket = f.issue();
+        f.clock.advance(MINUTE);
+        let r = f.redeem(f.receipt(&ticket, 1));
+        assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 1), "{r:?}");
+        assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Duplicate);
+        f.clock.advance(MINUTE);
+        refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::WrongEpoch);
+        let statement = f.ledger.statement(&f.node, 10).expect("statement");
+        assert_eq!(statement.rejected.len(), 1);
+        assert_eq!(statement.rejected[0].at_ms, f.clock.now_ms());
+    }
+
+    #[test]
+    fn tickets_expire_after_their_lifetime_and_one_epoch_of_grace() {
+        let day = Duration::from_secs(24 * 3600);
+        let f = fixture(day);
+        let ticket = f.issue();
+        f.clock.advance(f.ledger.ticket_ttl + day);
+        assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Credited, "expired at the last moment of grace");
+        f.clock.advance(Duration::from_millis(1));
+        refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::Expired);
+    }
+
+    #[test]
+    fn each_finished_epoch_is_sealed_by_a_signed_head() {
+        let f = fixture(MINUTE);
+        let epoch = f.ledger.epoch();
+        f.ledger.seal_epochs().expect("seal");
+        let ticket = f.issue();
+        assert_eq!(f.redeem(f.receipt(&ticket, 2)).outcome, Outcome::Credited);
+        f.ledger.seal_epochs().expect("seal");
+        assert!(f.ledger.epoch_head(epoch).expect("read").is_none(), "sealed before the epoch ended");
+        f.clock.advance(MINUTE);
+        f.ledger.seal_epochs().expect("seal");
+        let head = f.ledger.epoch_head(epoch).expect("read").expect("the finished epoch is sealed");
+        let head: TreeHead = head.open(KIND_TREE_HEAD).expect("signed by the tracker");
+        assert_eq!((head.size, head.timestamp_ms), (1, f.clock.now_ms()));
+        let leaf = f.ledger.leaf(0).expect("read").expect("leaf");
+        assert!(merkle::verify_inclusion(&leaf.bytes(), 0, 1, &[], &head.root.0));
+    }
 
     #[test]
     fn expired_tickets_are_pruned_and_live_ones_kept() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path()).expect("db"));
-        let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), Duration::from_secs(60), 100);
-        let client: NodeId = SigningKey::from_bytes(&[2; 32]).verifying_key().into();
-        let issue = || {
-            ledger
-                .issue_ticket(Some([127, 0, 0, 1].into()), client, ContentId([0; 32]), vec![client], vec![1], 1, 1)
-                .expect("issue")
-                .expect("ticket")
-        };
-        let (a, b) = (issue(), issue());
-        assert_eq!(ledger.prune_expired(now_ms()).expect("prune"), 0, "live tickets were dropped");
-        let later = now_ms() + ledger.ticket_ttl.as_millis() as u64 + 3 * 60_000;
-        assert_eq!(ledger.prune_expired(later).expect("prune"), 2);
-        for t in [a, b] {
-            let session = t.open::<Ticket>(KIND_TICKET).expect("ticket").session;
-            assert!(ledger.get::<StoredTicket>(CF_TICKETS, session.as_bytes()).expect("get").is_none());
+        let f = fixture(MINUTE);
+        let (a, b) = (f.issue(), f.issue());
+        assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
+        f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
+        assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 2);
+        for (_, t) in [a, b] {
+            let key = session_key(&t.session);
+            assert!(f.ledger.get::<StoredTicket>(CF_TICKETS, key.as_bytes()).expect("get").is_none());
         }
     }
 }

@@ -1,6 +1,12 @@
 //! fog-tracker: ingests objects from registered origins into BLAKE3 manifests, keeps the registry of fog
-//! nodes and their health, schedules each chunk to candidate nodes, and reports stats and metrics.
+//! nodes and their health, schedules each chunk to candidate nodes, credits nodes from clients' receipts,
+//! and reports stats and metrics.
+//!
+//! `app` is what requests mean, `http` only routes and maps errors to statuses, `run` starts the
+//! background tasks; `registry`, `ledger`, `ingest` and `probe` are the domain's parts.
 
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod db;
@@ -10,3 +16,4 @@ pub mod ledger;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
+pub mod run;

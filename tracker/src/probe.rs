@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use fog_client::chunk::{self, ChunkError};
-use fog_client::transport;
-use fog_client::ClientConfig;
+use fog_net::chunk::{self, ChunkError, Deadlines};
+use fog_net::transport;
 use fog_proto::api::{NodeContact, Signed};
 use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
@@ -21,7 +20,7 @@ use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::http::App;
+use crate::app::App;
 use crate::metrics::ResultLabel;
 use crate::registry::{NodeState, ProbeOutcome};
 use fog_sched::coords::{ClientNet, Measured};
@@ -78,11 +77,11 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
     let Some((manifest, index, ticket)) = chunk_for(app, &node.id) else { return ProbeOutcome::NoData };
     let hash: ChunkHash = manifest.chunks[index];
     let (offset, len) = manifest.chunk_span(index);
-    let deadlines = ClientConfig::default().deadlines;
+    let deadlines = Deadlines::default();
     let started = Instant::now();
     let conn = match transport::connect_contact(endpoint, node, Duration::from_secs(10), deadlines.first_byte).await {
         Ok(c) => c,
-        Err(e) => return ProbeOutcome::Failed(e),
+        Err(e) => return ProbeOutcome::Failed(e.to_string()),
     };
     let ticket = ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN);
     let licensed = ticket.is_some();

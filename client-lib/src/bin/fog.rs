@@ -86,7 +86,7 @@ async fn proxy(
     let proxy = std::sync::Arc::new(fog_client::proxy::Proxy::new(client, local, cfg)?);
     tracing::info!("fog proxy listening on {local}");
     eprintln!("fog proxy listening on {local} (players open http://{local}/<scheme>/<host[:port]>/<path>)");
-    proxy.serve(listener, fog_client::bin_support::shutdown()).await;
+    proxy.serve(listener, fog_net::bin_support::shutdown()).await;
     Ok(())
 }
 
@@ -148,7 +148,7 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
 }
 
 fn main() -> std::process::ExitCode {
-    fog_client::bin_support::init_logging("warn");
+    fog_net::bin_support::init_logging("warn");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -18,7 +18,7 @@ mod playlist;
 mod stats;
 mod urls;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,6 +30,9 @@ use hyper::header::{
     HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HOST, RANGE,
 };
 use hyper::{Method, Request, Response, StatusCode};
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
@@ -40,10 +43,10 @@ pub use urls::{origin_url, proxied_url, proxy_path, UrlError};
 
 use fog_proto::origins::{canonical_url, OriginList};
 
-use crate::http_server::{self, json, reader_body, reply, Body, Reply};
-use crate::origin::{guarded_http, SharedOrigins};
-use crate::tracker::TrackerError;
 use crate::{ClientConfig, ClientError, FetchOptions, FogClient, Resolved};
+use fog_net::http_server::{self, json, reader_body, reply, Body, Reply};
+use fog_net::origin::{guarded_http, SharedOrigins};
+use fog_net::tracker::TrackerError;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -85,28 +88,43 @@ const MAX_PLAYLIST: usize = 4 << 20;
 const MAX_REWRITTEN: usize = 4 * MAX_PLAYLIST;
 /// Playlists fetched and rewritten at once: bounds their transient memory.
 const PLAYLIST_FETCHES: usize = 4;
-/// Bounds of the proxy's small caches: playlists by count and bytes, the segment index by entries and URL
-/// bytes (one large playlist cannot grow the proxy by more).
-const MAX_PLAYLISTS: usize = 256;
-const PLAYLIST_CACHE_BYTES: usize = 32 << 20;
-const MAX_MANIFESTS: usize = 1024;
+/// Bounds of the proxy's small caches: playlists by count and bytes, manifests by count, the segment index
+/// by entries and URL bytes (one large playlist cannot grow the proxy by more).
+const MAX_PLAYLISTS: u64 = 256;
+const PLAYLIST_CACHE_BYTES: u64 = 32 << 20;
+const MAX_MANIFESTS: u64 = 1024;
 const MAX_SEGMENT_INDEX: usize = 20_000;
 const SEGMENT_INDEX_BYTES: usize = 8 << 20;
 /// How often the tracker's origin list is fetched again, and retried until it first arrives.
 const ORIGINS_REFRESH: Duration = Duration::from_secs(60);
 const ORIGINS_RETRY: Duration = Duration::from_secs(5);
 /// Most prefetched segments kept, whatever their size.
-const MAX_PREFETCHED: usize = 256;
+const MAX_PREFETCHED: u64 = 256;
 /// Buffer between a fetch and the player's connection.
 const PIPE: usize = 256 * 1024;
 
+/// A segment being prefetched, then its bytes (`None`: the prefetch failed). A player asking for it meanwhile
+/// waits for it; a cell is in the cache from the moment its prefetch starts, so none starts twice.
 type Prefetched = Arc<OnceCell<Option<Bytes>>>;
 
-#[derive(Debug, Default)]
-struct PrefetchCache {
-    entries: HashMap<String, Prefetched>,
-    order: VecDeque<(String, u64)>,
-    bytes: u64,
+/// The weight of a cached value of `bytes` in a cache of `max_bytes` holding at most `max_entries`: its size,
+/// but at least an equal share of the budget, so that one weighted capacity bounds both count and bytes.
+fn weight(bytes: u64, max_bytes: u64, max_entries: u64) -> u32 {
+    u32::try_from(bytes.max(max_bytes / max_entries)).unwrap_or(u32::MAX)
+}
+
+/// Least recently used goes first: the proxy's entries are read a few times while fresh, then not again,
+/// which frequency-based admission would hold against newcomers.
+fn lru_cache<V: Clone + Send + Sync + 'static>(
+    max_capacity: u64,
+    weigher: impl Fn(&String, &V) -> u32 + Send + Sync + 'static,
+    ttl: Option<Duration>,
+) -> Cache<String, V> {
+    let builder = Cache::builder().max_capacity(max_capacity).eviction_policy(EvictionPolicy::lru()).weigher(weigher);
+    match ttl {
+        Some(ttl) => builder.time_to_live(ttl).build(),
+        None => builder.build(),
+    }
 }
 
 /// Where each known segment sits in the latest version of its media playlist, bounded by segments and URL
@@ -182,11 +200,13 @@ pub struct Proxy {
     origins_known: AtomicBool,
     origins_fetch: tokio::sync::Mutex<()>,
     playlist_fetches: tokio::sync::Semaphore,
-    /// Playlists served from memory for `playlist_ttl`, bounded by count and bytes.
-    playlists: Mutex<HashMap<String, (Instant, Bytes, Kind)>>,
-    manifests: Mutex<HashMap<String, (Instant, Resolved)>>,
+    /// Rewritten playlists served from memory for `playlist_ttl`, bounded by count and bytes.
+    playlists: Cache<String, Bytes>,
+    /// Resolved manifests reused for `manifest_ttl`, bounded by count.
+    manifests: Cache<String, Resolved>,
     segments: Mutex<SegmentIndex>,
-    prefetch: Mutex<PrefetchCache>,
+    /// Prefetched segments, bounded by `prefetch_memory` and `MAX_PREFETCHED`.
+    prefetch: Cache<String, Prefetched>,
     pub stats: ProxyStats,
 }
 
@@ -230,8 +250,8 @@ impl Proxy {
         let http = guarded_http(Some(origins.clone()), concat!("fogcdn-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("static reqwest configuration is valid");
+        let prefetch_memory = cfg.prefetch_memory;
         Ok(Self {
-            cfg,
             client,
             http,
             listen: listen.to_string(),
@@ -239,11 +259,24 @@ impl Proxy {
             origins_known: AtomicBool::new(false),
             origins_fetch: tokio::sync::Mutex::new(()),
             playlist_fetches: tokio::sync::Semaphore::new(PLAYLIST_FETCHES),
-            playlists: Mutex::new(HashMap::new()),
-            manifests: Mutex::new(HashMap::new()),
+            playlists: lru_cache(
+                PLAYLIST_CACHE_BYTES,
+                |_, body: &Bytes| weight(body.len() as u64, PLAYLIST_CACHE_BYTES, MAX_PLAYLISTS),
+                Some(cfg.playlist_ttl),
+            ),
+            manifests: lru_cache(MAX_MANIFESTS, |_, _| 1, Some(cfg.manifest_ttl)),
             segments: Mutex::new(SegmentIndex::default()),
-            prefetch: Mutex::new(PrefetchCache::default()),
+            // Weighed by its bytes once fetched (the prefetcher puts it again then); at the least share before.
+            prefetch: lru_cache(
+                prefetch_memory,
+                move |_, cell: &Prefetched| {
+                    let bytes = cell.get().and_then(Option::as_ref).map_or(0, |b| b.len() as u64);
+                    weight(bytes, prefetch_memory, MAX_PREFETCHED)
+                },
+                None,
+            ),
             stats: ProxyStats::default(),
+            cfg,
         })
     }
 
@@ -336,7 +369,10 @@ impl Proxy {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         match path.as_str() {
             "/stats" => return json(StatusCode::OK, &self.stats.snapshot()),
-            "/metrics" => return http_server::metrics(self.stats.metrics_text()),
+            "/metrics" => {
+                self.count_cached().await;
+                return http_server::metrics(self.stats.metrics_text());
+            }
             "/healthz" => return json(StatusCode::OK, &serde_json::json!({"ok": true})),
             "/" => {
                 let help =
@@ -367,15 +403,8 @@ impl Proxy {
 
     async fn playlist(&self, url: &str, kind: Kind, head: bool) -> Reply {
         self.stats.request("playlist");
-        let cached = self
-            .playlists
-            .lock()
-            .expect("lock")
-            .get(url)
-            .filter(|(at, _, _)| at.elapsed() < self.cfg.playlist_ttl)
-            .cloned();
-        let body = match cached {
-            Some((_, body, _)) => body,
+        let body = match self.playlists.get(url).await {
+            Some(body) => body,
             None => match self.fetch_playlist(url, kind).await {
                 Ok(body) => body,
                 Err(resp) => return resp,
@@ -418,45 +447,40 @@ impl Proxy {
             return Err(bad_gateway(format!("playlist larger than {MAX_REWRITTEN} bytes once rewritten\n")));
         }
         let body = Bytes::from(rewritten.into_bytes().into_boxed_slice());
-        let mut cache = self.playlists.lock().expect("lock");
-        cache.retain(|_, (at, _, _)| at.elapsed() < self.cfg.playlist_ttl);
-        let bytes: usize = cache.values().map(|(_, b, _)| b.len()).sum();
-        if cache.len() < MAX_PLAYLISTS && bytes + body.len() <= PLAYLIST_CACHE_BYTES {
-            cache.insert(url.to_string(), (Instant::now(), body.clone(), kind));
-        }
+        self.playlists.insert(url.to_string(), body.clone()).await;
         Ok(body)
     }
 
-    async fn resolved(&self, url: &str) -> Result<Resolved, crate::tracker::TrackerError> {
-        if let Some((at, r)) = self.manifests.lock().expect("lock").get(url) {
-            if at.elapsed() < self.cfg.manifest_ttl {
-                return Ok(r.clone());
-            }
+    async fn resolved(&self, url: &str) -> Result<Resolved, fog_net::tracker::TrackerError> {
+        if let Some(r) = self.manifests.get(url).await {
+            return Ok(r);
         }
         let r = self.client.resolve(url, None).await?;
-        let mut cache = self.manifests.lock().expect("lock");
-        if cache.len() >= MAX_MANIFESTS {
-            cache.retain(|_, (at, _)| at.elapsed() < self.cfg.manifest_ttl);
-            if cache.len() >= MAX_MANIFESTS {
-                cache.clear();
-            }
-        }
-        cache.insert(url.to_string(), (Instant::now(), r.clone()));
+        self.manifests.insert(url.to_string(), r.clone()).await;
         Ok(r)
+    }
+
+    /// Brings the cache gauges up to date (pending evictions and expiries first).
+    async fn count_cached(&self) {
+        self.playlists.run_pending_tasks().await;
+        self.manifests.run_pending_tasks().await;
+        self.prefetch.run_pending_tasks().await;
+        self.stats.cached("playlist", self.playlists.entry_count());
+        self.stats.cached("manifest", self.manifests.entry_count());
+        self.stats.cached("prefetch", self.prefetch.entry_count());
     }
 
     async fn object(self: &Arc<Self>, url: String, range: Option<String>, head: bool) -> Reply {
         let pos = self.segments.lock().expect("lock").entries.get(&url).cloned();
         if let Some(p) = &pos {
-            self.prefetch_after(p);
+            self.prefetch_after(p).await;
         }
         // Players often ask for a whole object as `Range: bytes=0-`; that is not a partial request.
         let whole = range.as_deref().is_none_or(|r| r.trim() == "bytes=0-");
         let range = if whole { None } else { range };
         // A whole-segment request the prefetcher already has (or is fetching) is served from memory.
         if whole && !head {
-            let pending = self.prefetch.lock().expect("lock").entries.get(&url).cloned();
-            if let Some(cell) = pending {
+            if let Some(cell) = self.prefetch.get(&url).await {
                 // Waits for a prefetch in progress; one that failed (None) falls through to a fresh fetch.
                 if let Some(bytes) = cell.get_or_init(|| async { None }).await.clone() {
                     self.stats.request("segment");
@@ -516,9 +540,9 @@ impl Proxy {
                 // player retries) and have the tracker ingest the new version for that retry.
                 Err(ClientError::ContentChanged { .. }) => {
                     tracing::warn!(url, "origin object changed since ingest; refreshing its manifest");
-                    proxy.manifests.lock().expect("lock").remove(&url);
+                    proxy.manifests.invalidate(&url).await;
                     if let Ok(fresh) = proxy.client.resolve(&url, Some(resolved.content_id())).await {
-                        proxy.manifests.lock().expect("lock").insert(url, (Instant::now(), fresh));
+                        proxy.manifests.insert(url, fresh).await;
                     }
                 }
                 // Headers are out; ending the body early makes the player retry.
@@ -531,7 +555,7 @@ impl Proxy {
     }
 
     /// Starts fetching the segments after `pos` that fall within the prefetch window.
-    fn prefetch_after(self: &Arc<Self>, pos: &SegmentPos) {
+    async fn prefetch_after(self: &Arc<Self>, pos: &SegmentPos) {
         let mut ahead = Duration::ZERO;
         let mut started = 0;
         for next in pos.list.iter().skip(pos.index + 1) {
@@ -541,39 +565,29 @@ impl Proxy {
             // The playhead reaches this segment once everything before it has played.
             let due = ahead + Duration::from_secs_f64(pos.list[pos.index].duration);
             ahead += Duration::from_secs_f64(next.duration);
-            let cell = {
-                let mut cache = self.prefetch.lock().expect("lock");
-                if cache.entries.contains_key(&next.url) {
-                    continue;
-                }
-                let cell = Prefetched::default();
-                cache.entries.insert(next.url.clone(), cell.clone());
-                cell
-            };
+            let cell = Prefetched::default();
+            if !self.prefetch.entry(next.url.clone()).or_insert(cell.clone()).await.is_fresh() {
+                continue;
+            }
             started += 1;
             let (proxy, url) = (self.clone(), next.url.clone());
             let secs = next.duration;
             tokio::spawn(async move {
-                let size =
-                    cell.get_or_init(|| proxy.prefetch_one(&url, due, secs)).await.as_ref().map(|b| b.len() as u64);
-                let mut cache = proxy.prefetch.lock().expect("lock");
-                match size {
-                    Some(size) => {
-                        cache.order.push_back((url, size));
-                        cache.bytes += size;
-                    }
-                    // Nothing to keep: forget it, so the player's request (or a later prefetch) fetches it.
-                    None => {
-                        if cache.entries.get(&url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                            cache.entries.remove(&url);
-                        }
-                    }
-                }
-                while cache.bytes > proxy.cfg.prefetch_memory || cache.order.len() > MAX_PREFETCHED {
-                    let Some((old, n)) = cache.order.pop_front() else { break };
-                    cache.entries.remove(&old);
-                    cache.bytes -= n;
-                }
+                let fetched = cell.get_or_init(|| proxy.prefetch_one(&url, due, secs)).await.is_some();
+                // Put it again to weigh it by its bytes; when there is nothing to keep, forget it, so the player's
+                // request (or a later prefetch) fetches it. One the cache dropped meanwhile stays out.
+                proxy
+                    .prefetch
+                    .entry(url)
+                    .and_compute_with(|cached| {
+                        let op = match cached {
+                            Some(c) if Arc::ptr_eq(c.value(), &cell) && fetched => Op::Put(cell.clone()),
+                            Some(c) if Arc::ptr_eq(c.value(), &cell) => Op::Remove,
+                            _ => Op::Nop,
+                        };
+                        std::future::ready(op)
+                    })
+                    .await;
             });
         }
     }
@@ -643,7 +657,7 @@ impl Proxy {
     }
 }
 
-fn reason_code(e: &crate::tracker::TrackerError) -> &'static str {
+fn reason_code(e: &fog_net::tracker::TrackerError) -> &'static str {
     match e.code() {
         Some(fog_proto::api::ErrorCode::UnknownOrigin) => "unknown_origin",
         Some(_) => "tracker_refused",
@@ -704,6 +718,28 @@ mod tests {
         let long = "x".repeat(SEGMENT_INDEX_BYTES / 100);
         index.insert("http://o/long.m3u8", segments(&long, 0..200));
         assert!(index.url_bytes <= SEGMENT_INDEX_BYTES && index.segments < 200, "{}", index.segments);
+    }
+
+    #[tokio::test]
+    async fn one_weight_bounds_both_count_and_bytes() {
+        let cache = lru_cache(
+            PLAYLIST_CACHE_BYTES,
+            |_, body: &Bytes| weight(body.len() as u64, PLAYLIST_CACHE_BYTES, MAX_PLAYLISTS),
+            None,
+        );
+        for i in 0..MAX_PLAYLISTS * 4 {
+            cache.insert(format!("http://o/{i}.m3u8"), Bytes::from_static(b"#EXTM3U\n")).await;
+        }
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), MAX_PLAYLISTS);
+        let big = Bytes::from(vec![0; (PLAYLIST_CACHE_BYTES / 10) as usize]);
+        for i in 0..20 {
+            cache.insert(format!("http://o/big{i}.m3u8"), big.clone()).await;
+        }
+        cache.run_pending_tasks().await;
+        let bytes: u64 = cache.iter().map(|(_, body)| body.len() as u64).sum();
+        assert!(bytes <= PLAYLIST_CACHE_BYTES, "{bytes}");
+        assert!(cache.contains_key("http://o/big19.m3u8"), "the newest entry stays");
     }
 
     #[test]

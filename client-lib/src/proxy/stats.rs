@@ -68,6 +68,7 @@ struct Metrics {
     fallbacks: Family<Label, Counter>,
     stalls: Counter,
     startup_ms: Gauge,
+    cached: Family<Label, Gauge>,
 }
 
 impl Metrics {
@@ -93,6 +94,11 @@ impl Metrics {
             "fog_proxy_startup_ms",
             "Time from the first request to the first complete segment",
             m.startup_ms.clone(),
+        );
+        m.registry.register(
+            "fog_proxy_cache_entries",
+            "Entries in the proxy's caches (kind: playlist, manifest, prefetch)",
+            m.cached.clone(),
         );
         m
     }
@@ -237,6 +243,11 @@ impl ProxyStats {
         for (node, rtt_ms) in used.chain(r.probed_rtt.iter().copied()) {
             RttSample::record(&mut u.node_rtt, node, rtt_ms as f32, MAX_CLIENT_RTTS);
         }
+    }
+
+    /// How many entries the proxy's `kind` cache holds.
+    pub fn cached(&self, kind: &str, entries: u64) {
+        self.metrics.cached.get_or_create(&Label { kind: kind.into() }).set(entries as i64);
     }
 
     pub fn prefetch_hit(&self) {

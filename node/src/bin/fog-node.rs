@@ -40,11 +40,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Status { data_dir, url, json }) => status(data_dir, url, json),
         None => {
-            fog_client::bin_support::init_logging("info");
+            fog_net::bin_support::init_logging("info");
             let cfg = cli.run.resolve()?;
             // Two workers: with one, QUIC ACK processing lags behind sending on a busy node.
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(fog_node::run(cfg, fog_client::bin_support::shutdown()))?;
+            runtime.block_on(fog_node::run(cfg, fog_net::bin_support::shutdown()))?;
             Ok(())
         }
     }
@@ -54,7 +54,7 @@ fn status(data_dir: Option<PathBuf>, url: Option<String>, json: bool) -> anyhow:
     let base = match url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
-            let dir = data_dir.unwrap_or_else(|| fog_client::bin_support::default_data_dir("node"));
+            let dir = data_dir.unwrap_or_else(|| fog_net::bin_support::default_data_dir("node"));
             let file = dir.join(fog_node::STATUS_ADDR_FILE);
             let addr = std::fs::read_to_string(&file).with_context(|| {
                 format!("cannot read {}: is fog-node running with --data-dir {}?", file.display(), dir.display())

@@ -8,7 +8,7 @@
 //! class off): QUIC connection flood against one node, forged receipt-only requests, chunk requests for
 //! random hashes with an origin hint (anonymous fills), slow request bodies to the tracker, junk
 //! registrations and redeems from throwaway keys, resolves of query-string variants (ingest flood).
-//! Each is done the way `testkit/tests/adversarial.rs` does it; the summary counts what was sent and how
+//! Each is done the way `testkit/tests/it/adversarial.rs` does it; the summary counts what was sent and how
 //! the target answered.
 
 use std::collections::BTreeMap;
@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
-use fog_client::chunk::{self, ChunkError, Deadlines};
-use fog_client::transport;
 use fog_client::{ClientConfig, FetchOptions, FogClient};
+use fog_net::chunk::{self, ChunkError, Deadlines};
+use fog_net::transport;
 use fog_proto::api::{now_ms, NodeContact, Register, Resolve, Signed, KIND_REGISTER};
-use fog_proto::credits::{hex32, Commitment, Receipt, RedeemBatch, KIND_COMMITMENT, KIND_REDEEM, MAX_CHAIN};
+use fog_proto::credits::{
+    Commitment, Digest, Receipt, RedeemBatch, SessionId, TicketId, KIND_COMMITMENT, KIND_REDEEM, MAX_CHAIN,
+};
 use fog_proto::wire::{ChunkRequest, OriginHint};
 use fog_proto::{ChunkHash, NodeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -346,12 +348,18 @@ fn fresh32(seed: u64, label: &str, i: u64) -> [u8; 32] {
     ChunkHash::of(format!("{seed}/{label}/{i}").as_bytes()).0
 }
 
+fn fresh_session(seed: u64, label: &str, i: u64) -> SessionId {
+    let mut session = [0u8; 16];
+    session.copy_from_slice(&fresh32(seed, label, i)[..16]);
+    SessionId(session)
+}
+
 fn node_error(e: &ChunkError) -> String {
     match e {
         ChunkError::Refused { status, .. } => format!("{status:?}"),
         ChunkError::Timeout(_) => "timeout".into(),
-        ChunkError::Stream(m) => format!("stream: {}", short(m)),
-        ChunkError::Protocol(m) => format!("protocol: {}", short(m)),
+        ChunkError::Stream(m) => format!("stream: {}", short(&m.to_string())),
+        ChunkError::Protocol(m) => format!("protocol: {}", short(&m.to_string())),
         ChunkError::Interrupted { .. } => "interrupted".into(),
     }
 }
@@ -492,8 +500,8 @@ async fn conn_flood(t: Arc<Target>, c: Arc<Class>) {
             }
         }
         // quinn reports a refused connection as the peer closing or refusing it.
-        Err(e) if e.contains("within") => c.count("handshake_timeout"),
-        Err(e) => c.count(format!("refused: {}", short(&e))),
+        Err(transport::ConnectError::Timeout { .. }) => c.count("handshake_timeout"),
+        Err(e) => c.count(format!("refused: {}", short(&e.to_string()))),
     }
 }
 
@@ -503,17 +511,17 @@ async fn forged_receipt(t: Arc<Target>, c: Arc<Class>, i: u64) {
     let slot = (i % t.nodes.len() as u64) as usize;
     let key = SigningKey::from_bytes(&fresh32(t.seed, "receipt-key", i));
     let commitment = Commitment {
-        session: format!("attack-{i}"),
-        ticket_id: hex32(&fresh32(t.seed, "ticket", i)),
+        session: fresh_session(t.seed, "session", i),
+        ticket_id: TicketId(fresh32(t.seed, "ticket", i)),
         node: t.nodes[slot].id,
-        anchor: hex32(&fresh32(t.seed, "anchor", i)),
+        anchor: Digest(fresh32(t.seed, "anchor", i)),
         length: MAX_CHAIN,
         epoch: 0,
     };
     let receipt = Receipt {
         commitment: Signed::sign(&key, KIND_COMMITMENT, &commitment),
         index: MAX_CHAIN,
-        preimage: hex32(&fresh32(t.seed, "preimage", i)),
+        preimage: Digest(fresh32(t.seed, "preimage", i)),
     };
     let req = ChunkRequest::receipt_only(serde_json::to_vec(&receipt).expect("receipt json"));
     let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
@@ -643,17 +651,17 @@ async fn junk_redeem(t: Arc<Target>, c: Arc<Class>, i: u64) {
         .map(|j| {
             let client = SigningKey::from_bytes(&fresh32(t.seed, "redeem-client", i * 8 + j));
             let commitment = Commitment {
-                session: format!("attack-{i}-{j}"),
-                ticket_id: hex32(&fresh32(t.seed, "redeem-ticket", i * 8 + j)),
+                session: fresh_session(t.seed, "redeem-session", i * 8 + j),
+                ticket_id: TicketId(fresh32(t.seed, "redeem-ticket", i * 8 + j)),
                 node,
-                anchor: hex32(&fresh32(t.seed, "redeem-anchor", i * 8 + j)),
+                anchor: Digest(fresh32(t.seed, "redeem-anchor", i * 8 + j)),
                 length: MAX_CHAIN,
                 epoch: 0,
             };
             Receipt {
                 commitment: Signed::sign(&client, KIND_COMMITMENT, &commitment),
                 index: MAX_CHAIN,
-                preimage: hex32(&fresh32(t.seed, "redeem-preimage", i * 8 + j)),
+                preimage: Digest(fresh32(t.seed, "redeem-preimage", i * 8 + j)),
             }
         })
         .collect();

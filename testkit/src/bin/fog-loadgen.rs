@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use fog_client::chunk::{self, Deadlines};
-use fog_client::tracker::TrackerClient;
-use fog_client::transport;
+use fog_net::chunk::{self, Deadlines};
+use fog_net::tracker::TrackerClient;
+use fog_net::transport;
 use fog_proto::wire::ChunkRequest;
 
 #[derive(Parser, Debug)]

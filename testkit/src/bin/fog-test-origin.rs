@@ -24,6 +24,6 @@ async fn main() -> anyhow::Result<()> {
     let quirks = Quirks { ignore_range: args.ignore_range, ..Default::default() };
     let origin = TestOrigin::start(args.listen, Some(args.dir), quirks).await?;
     eprintln!("fog-test-origin listening on http://{}", origin.addr);
-    fog_client::bin_support::shutdown().await;
+    fog_net::bin_support::shutdown().await;
     Ok(())
 }

@@ -2,18 +2,20 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use clap::Parser;
-use fog_client::origin::OriginClient;
+use fog_net::origin::OriginClient;
+use fog_tracker::app::App;
+use fog_tracker::clock::Clock;
 use fog_tracker::config::TrackerArgs;
 use fog_tracker::db::Db;
-use fog_tracker::http::{serve, App};
 use fog_tracker::ingest::Ingest;
 use fog_tracker::ledger::Ledger;
+use fog_tracker::run::run;
 
 /// Ingests running at once; more wait for a retry (the object streams through, so each costs little memory).
 const MAX_CONCURRENT_INGESTS: usize = 32;
 
 fn main() -> anyhow::Result<()> {
-    fog_client::bin_support::init_logging("info");
+    fog_net::bin_support::init_logging("info");
     let cfg = TrackerArgs::parse().resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -27,11 +29,11 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
-        let key = fog_client::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
-        let ledger = Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute);
+        let key = fog_net::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
+        let ledger = Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute, Clock::System);
         tracing::info!(tracker_key = %ledger.public_key(), "signing tickets and ledger heads");
         let app = Arc::new(App::new(cfg, db, ingest, ledger)?);
-        serve(app, listener, fog_client::bin_support::shutdown()).await;
+        run(app, listener, fog_net::bin_support::shutdown()).await;
         tracing::info!("fog-tracker stopped");
         anyhow::Ok(())
     })

@@ -4,25 +4,16 @@
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use fog_client::chunk::{self, Deadlines};
-use fog_client::transport;
-use fog_proto::api::{Resolve, Signed};
-use fog_proto::credits::{hex32, Commitment, Receipt, KIND_COMMITMENT, MAX_CHAIN};
+use fog_net::chunk::{self, Deadlines};
+use fog_net::transport;
+use fog_proto::api::Signed;
+use fog_proto::credits::{Commitment, Digest, Receipt, SessionId, TicketId, KIND_COMMITMENT, MAX_CHAIN};
 use fog_proto::wire::ChunkRequest;
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MIB: usize = 1 << 20;
-
-async fn resolve_response(cluster: &Cluster, url: &str) -> reqwest::Response {
-    let resolve = format!("{}/v1/resolve", cluster.tracker_url());
-    reqwest::Client::new().get(resolve).query(&[("url", url)]).send().await.expect("resolve")
-}
-
-async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
-    resolve_response(cluster, url).await.json().await.expect("resolve json")
-}
+use crate::common::{resolve, resolve_response, MIB};
 
 /// Receipt-only requests whose chains claim a million links, each under a fresh throwaway key: walking
 /// one used to cost the node ~110 ms of CPU on an async worker. They are refused before any hashing
@@ -44,17 +35,17 @@ async fn receipts_paying_for_undelivered_chunks_cost_nothing() {
         for i in 0..FLOOD {
             let key = SigningKey::from_bytes(&[i as u8 ^ 0x5a; 32]);
             let c = Commitment {
-                session: format!("s{i}"),
-                ticket_id: hex32(&[0; 32]),
+                session: SessionId([i as u8; 16]),
+                ticket_id: TicketId([0; 32]),
                 node: node.id,
-                anchor: hex32(&[1; 32]),
+                anchor: Digest([1; 32]),
                 length: MAX_CHAIN,
                 epoch: 0,
             };
             let receipt = Receipt {
                 commitment: Signed::sign(&key, KIND_COMMITMENT, &c),
                 index: MAX_CHAIN,
-                preimage: hex32(&[2; 32]),
+                preimage: Digest([2; 32]),
             };
             let req = ChunkRequest::receipt_only(serde_json::to_vec(&receipt).expect("json"));
             chunk::request(

@@ -6,6 +6,9 @@ use bytes::{Bytes, BytesMut};
 use fog_proto::wire::{ChunkRequest, FrameError, ResponseHead, Status};
 use tokio::time::timeout;
 
+use crate::frame_io::{read_frame_within, write_last_frame, ReadError};
+use crate::transport::ConnectError;
+
 /// The slowest delivery of a whole chunk a request accepts when its caller sets no deadline of its own:
 /// 16 KiB/s (a 1 MiB chunk gets 64 s after its first byte, plus one stall interval).
 const PER_BYTE_AT_MIN_RATE: Duration = Duration::from_nanos(1_000_000_000 / (16 * 1024));
@@ -19,32 +22,63 @@ pub struct Deadlines {
     pub stall: Duration,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+impl Default for Deadlines {
+    /// A miss costs the node an origin round trip before the first byte; a stall is just a stall.
+    fn default() -> Self {
+        Self { first_byte: Duration::from_secs(5), stall: Duration::from_secs(2) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
     #[error("QUIC stream failed: {0}")]
-    Stream(String),
+    Stream(#[source] StreamError),
     #[error("node silent for longer than {0:?}")]
     Timeout(Duration),
     #[error("node answered {status:?}: {message}")]
     Refused { status: Status, message: String },
     #[error("node broke the protocol: {0}")]
-    Protocol(String),
+    Protocol(#[source] ProtocolError),
     /// The payload stopped part-way; what arrived is kept so the rest can come from elsewhere.
     #[error("transfer interrupted after {} bytes: {cause}", received.len())]
     Interrupted { received: Bytes, cause: Box<ChunkError> },
 }
 
-impl From<FrameError> for ChunkError {
-    fn from(e: FrameError) -> Self {
-        Self::Protocol(e.to_string())
-    }
+/// What failed below the protocol: a retry on another node (or a new connection) may help.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// No connection to the node (shared by the tasks that waited on the same dial).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::sync::Arc<ConnectError>),
+    #[error("cannot open a stream: {0}")]
+    Open(#[source] quinn::ConnectionError),
+    #[error("sending the request: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("reading the response head: {0}")]
+    Head(#[source] std::io::Error),
+    #[error("reading the payload: {0}")]
+    Payload(#[source] quinn::ReadError),
 }
 
-async fn read_exact_within(recv: &mut quinn::RecvStream, buf: &mut [u8], limit: Duration) -> Result<(), ChunkError> {
-    timeout(limit, recv.read_exact(buf))
-        .await
-        .map_err(|_| ChunkError::Timeout(limit))?
-        .map_err(|e| ChunkError::Stream(e.to_string()))
+/// How the node broke the protocol: it should not be asked again for this object.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("announced {announced} bytes, expected {expected}")]
+    WrongLength { announced: u32, expected: u32 },
+    #[error("stream ended after {received} of {len} bytes")]
+    Ended { received: usize, len: usize },
+}
+
+impl From<ReadError<FrameError>> for ChunkError {
+    fn from(e: ReadError<FrameError>) -> Self {
+        match e {
+            ReadError::Io(e) => Self::Stream(StreamError::Head(e)),
+            ReadError::Timeout(limit) => Self::Timeout(limit),
+            ReadError::Frame(e) => Self::Protocol(ProtocolError::Frame(e)),
+        }
+    }
 }
 
 /// Sends `req` on a new stream of `conn` and returns the payload, which must be exactly `expected_len`
@@ -57,31 +91,20 @@ pub async fn request(
     deadlines: Deadlines,
     until: Option<Instant>,
 ) -> Result<Bytes, ChunkError> {
-    let framed = req.encode_framed()?;
+    let framed = req.encode_framed().map_err(|e| ChunkError::Protocol(e.into()))?;
     let (mut send, mut recv) = timeout(deadlines.first_byte, conn.open_bi())
         .await
         .map_err(|_| ChunkError::Timeout(deadlines.first_byte))?
-        .map_err(|e| ChunkError::Stream(e.to_string()))?;
-    send.write_all(&framed).await.map_err(|e| ChunkError::Stream(e.to_string()))?;
-    send.finish().map_err(|e| ChunkError::Stream(e.to_string()))?;
+        .map_err(|e| ChunkError::Stream(StreamError::Open(e)))?;
+    write_last_frame(&mut send, &framed).await.map_err(|e| ChunkError::Stream(StreamError::Send(e)))?;
 
-    let mut status = [0u8; 1];
-    read_exact_within(&mut recv, &mut status, deadlines.first_byte).await?;
-    let status = Status::from_u8(status[0]).ok_or(FrameError::UnknownStatus(status[0]))?;
-    let mut len_buf = [0u8; 4];
-    let len_field = &mut len_buf[..ResponseHead::len_field_size(status)];
-    read_exact_within(&mut recv, len_field, deadlines.stall).await?;
-    let len = len_field.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
-    let len = ResponseHead::check_len(status, len)?;
-
-    if status != Status::Ok {
-        let mut msg = vec![0u8; len];
-        read_exact_within(&mut recv, &mut msg, deadlines.stall).await?;
-        return Err(ChunkError::Refused { status, message: String::from_utf8_lossy(&msg).into_owned() });
-    }
-    if len != expected_len as usize {
-        return Err(ChunkError::Protocol(format!("announced {len} bytes, expected {expected_len}")));
-    }
+    let len = match read_frame_within(&mut recv, deadlines.first_byte, deadlines.stall).await? {
+        ResponseHead::Ok { len } if len == expected_len => len as usize,
+        ResponseHead::Ok { len } => {
+            return Err(ChunkError::Protocol(ProtocolError::WrongLength { announced: len, expected: expected_len }))
+        }
+        ResponseHead::Error { status, message } => return Err(ChunkError::Refused { status, message }),
+    };
     // Without a caller's deadline, a node must still deliver the whole chunk at a minimum rate: one that
     // trickles a byte now and then (never stalling for `stall`) is cut off, and the caller falls back.
     let until = until.or_else(|| Instant::now().checked_add(deadlines.stall + PER_BYTE_AT_MIN_RATE * len as u32));
@@ -90,8 +113,8 @@ pub async fn request(
         let wait = until.map_or(deadlines.stall, |u| deadlines.stall.min(u.saturating_duration_since(Instant::now())));
         let piece = match timeout(wait, recv.read_chunk(len - out.len(), true)).await {
             Err(_) => Err(ChunkError::Timeout(wait)),
-            Ok(Err(e)) => Err(ChunkError::Stream(e.to_string())),
-            Ok(Ok(None)) => Err(ChunkError::Protocol(format!("stream ended after {} of {len} bytes", out.len()))),
+            Ok(Err(e)) => Err(ChunkError::Stream(StreamError::Payload(e))),
+            Ok(Ok(None)) => Err(ChunkError::Protocol(ProtocolError::Ended { received: out.len(), len })),
             Ok(Ok(Some(c))) => Ok(c.bytes),
         };
         match piece {

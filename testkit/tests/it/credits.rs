@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{Register, Resolve, Signed, KIND_REGISTER};
 use fog_proto::credits::{
-    hex32, payment_chain, ticket_id, Commitment, Receipt, RedeemBatch, RedeemResponse, Ticket, KIND_COMMITMENT,
-    KIND_REDEEM, KIND_TICKET,
+    payment_chain, ticket_id, Commitment, Outcome, Receipt, RedeemBatch, RedeemResponse, SessionId, Ticket,
+    KIND_COMMITMENT, KIND_REDEEM, KIND_TICKET,
 };
 use fog_proto::NodeId;
 use fog_testkit::harness::{handshake_only_endpoint, Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
 
-const MIB: usize = 1 << 20;
+use crate::common::MIB;
 
 use fog_proto::api::now_ms;
 
@@ -66,14 +66,14 @@ fn receipt(client: &SigningKey, signed_ticket: &Signed, ticket: &Ticket, node: N
     let length = 64;
     let chain = payment_chain([index as u8 ^ node.0[0]; 32], length);
     let c = Commitment {
-        session: ticket.session.clone(),
+        session: ticket.session,
         ticket_id: ticket_id(signed_ticket),
         node,
-        anchor: hex32(&chain[0]),
+        anchor: chain[0],
         length,
         epoch: ticket.epoch,
     };
-    Receipt { commitment: Signed::sign(client, KIND_COMMITMENT, &c), index, preimage: hex32(&chain[index as usize]) }
+    Receipt { commitment: Signed::sign(client, KIND_COMMITMENT, &c), index, preimage: chain[index as usize] }
 }
 
 async fn redeem(cluster: &Cluster, node: &SigningKey, receipts: Vec<Receipt>) -> Result<RedeemResponse, String> {
@@ -160,7 +160,7 @@ async fn verified_fog_bytes_are_credited_exactly_and_nodes_verify_the_ledger() {
 async fn fraud_is_rejected_with_reasons() {
     let cluster = Cluster::start(ClusterOptions {
         nodes: 0,
-        tracker_args: vec!["--tickets-per-minute".into(), "3".into(), "--epoch-secs".into(), "2".into()],
+        tracker_args: vec!["--tickets-per-minute".into(), "3".into()],
         ..Default::default()
     })
     .await;
@@ -180,8 +180,8 @@ async fn fraud_is_rejected_with_reasons() {
     // Honest: two chunks to `node`. Then the same receipt again (replay) is a duplicate.
     let honest = receipt(&client, &signed, &ticket, id(&node), 2);
     let r = redeem(&cluster, &node, vec![honest.clone(), honest.clone()]).await.expect("redeem");
-    assert_eq!((r.results[0].outcome.as_str(), r.results[0].credited_bytes), ("credited", 2 * MIB as u64));
-    assert_eq!(r.results[1].outcome, "duplicate");
+    assert_eq!((r.results[0].outcome, r.results[0].credited_bytes), (Outcome::Credited, 2 * MIB as u64));
+    assert_eq!(r.results[1].outcome, Outcome::Duplicate);
 
     // A forged commitment signature.
     let mut forged = receipt(&client, &signed, &ticket, id(&node), 3);
@@ -193,7 +193,7 @@ async fn fraud_is_rejected_with_reasons() {
     // issued (a node minting its own client keys); the right session signed by a key the node made up.
     let stranger = key(4);
     let mut minted_ticket = ticket.clone();
-    minted_ticket.session = "00".repeat(16);
+    minted_ticket.session = SessionId([0; 16]);
     let minted = receipt(&key(5), &signed, &minted_ticket, id(&node), 1);
     let hijacked = receipt(&key(5), &signed, &ticket, id(&node), 1);
     let r = redeem(&cluster, &node, vec![forged, minted, hijacked]).await.expect("redeem");
@@ -228,20 +228,14 @@ async fn fraud_is_rejected_with_reasons() {
     }
     assert_eq!(tickets, 3, "per-address ticket limit not applied");
 
-    // Replay in a later epoch: epochs last 2 s; a ticket's receipts are good for its epoch and the next.
-    tokio::time::sleep(Duration::from_millis(4500)).await;
-    let late = receipt(&client, &signed, &ticket, id(&node), 3);
-    let _endpoint = register_fake_node(&cluster, &node).await;
-    let r = redeem(&cluster, &node, vec![late]).await.expect("redeem");
-    assert!(reason(&r, 0).contains("epoch"), "{r:?}");
+    // Replays in a later epoch, expired tickets and sealed epoch heads are the ledger's unit tests (they
+    // move a manual clock rather than wait out epochs here).
 
-    // Every refusal is itemised in the node's statement.
+    // Every refusal is itemised in the node's statement: forged, no ticket, wrong client, nothing left.
     let s: Value = get_json(format!("{}/v1/nodes/{}/credits", cluster.tracker_url(), id(&node))).await;
     let reasons: Vec<&str> =
         s["rejected"].as_array().expect("rejected").iter().map(|r| r["reason"].as_str().unwrap_or("")).collect();
-    assert!(reasons.len() >= 5, "{s:#}");
-    let head: Signed = get_json(format!("{}/v1/ledger/head?epoch={}", cluster.tracker_url(), ticket.epoch)).await;
-    assert!(head.open::<fog_proto::credits::TreeHead>(fog_proto::credits::KIND_TREE_HEAD).is_ok());
+    assert_eq!(reasons.len(), 4, "{s:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +284,7 @@ async fn killing_the_tracker_mid_redemption_loses_and_doubles_nothing() {
         }
         if let Ok(Some(resp)) = attempt.await {
             for r in &resp.results {
-                assert_ne!(r.outcome, "rejected", "{r:?}");
+                assert_ne!(r.outcome, Outcome::Rejected, "{r:?}");
             }
             pending.drain(..batch.len());
         }

@@ -8,21 +8,30 @@ use fog_proto::origins::OriginList;
 use fog_proto::{ContentId, NodeId};
 use serde::de::DeserializeOwned;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
-    #[error("cannot reach the tracker at {base}: {reason}")]
-    Unreachable { base: String, reason: String },
+    #[error("no tracker is configured")]
+    NotConfigured,
+    #[error("cannot reach the tracker at {base}: {source}")]
+    Unreachable { base: String, source: reqwest::Error },
+    /// Not our tracker answering (a proxy's error page, say): treated like an outage.
+    #[error("the tracker at {base} answered HTTP {status} without a tracker error body")]
+    NotATracker { base: String, status: u16 },
     #[error("tracker refused: {} ({:?})", .0.message, .0.error)]
     Api(ApiError),
+    #[error("tracker response over {limit} bytes")]
+    TooLarge { limit: usize },
+    /// Unparseable, or (as the caller found) inconsistent.
     #[error("tracker sent a response this client cannot read: {0}")]
-    BadResponse(String),
+    BadResponse(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl TrackerError {
-    /// Whether trying again later may help.
+    /// Whether trying again later may help (a tracker that sends garbage may be mid-upgrade).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Unreachable { .. } | Self::BadResponse(_) => true,
+            Self::NotConfigured => false,
+            Self::Unreachable { .. } | Self::NotATracker { .. } | Self::TooLarge { .. } | Self::BadResponse(_) => true,
             Self::Api(e) => e.retryable,
         }
     }
@@ -105,27 +114,22 @@ impl TrackerClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, TrackerError> {
-        let unreachable =
-            |e: reqwest::Error| TrackerError::Unreachable { base: self.base.clone(), reason: e.to_string() };
+        let unreachable = |source| TrackerError::Unreachable { base: self.base.clone(), source };
         let mut resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let mut body = Vec::new();
         while let Some(piece) = resp.chunk().await.map_err(unreachable)? {
             if body.len() + piece.len() > MAX_RESPONSE {
-                return Err(TrackerError::BadResponse(format!("response over {MAX_RESPONSE} bytes")));
+                return Err(TrackerError::TooLarge { limit: MAX_RESPONSE });
             }
             body.extend_from_slice(&piece);
         }
         if status.is_success() {
-            serde_json::from_slice(&body).map_err(|e| TrackerError::BadResponse(e.to_string()))
+            serde_json::from_slice(&body).map_err(|e| TrackerError::BadResponse(Box::new(e)))
         } else {
             match serde_json::from_slice::<ApiError>(&body) {
                 Ok(e) => Err(TrackerError::Api(e)),
-                // Not our tracker (a proxy's error page, say): treat like an outage.
-                Err(_) => Err(TrackerError::Unreachable {
-                    base: self.base.clone(),
-                    reason: format!("HTTP {status} without a tracker error body"),
-                }),
+                Err(_) => Err(TrackerError::NotATracker { base: self.base.clone(), status: status.as_u16() }),
             }
         }
     }

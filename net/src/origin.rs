@@ -13,12 +13,14 @@ use reqwest::StatusCode;
 /// Origins a fetcher may follow redirects into; shared so a node can update it from the tracker.
 pub type SharedOrigins = Arc<RwLock<OriginList>>;
 
+/// Clone: one fill's failure is handed to every request waiting on it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum OriginError {
     #[error("origin answered HTTP {status} for {url}")]
     Status { url: String, status: u16 },
-    #[error("cannot reach origin for {url}: {reason}")]
-    Network { url: String, reason: String },
+    // reqwest's own message hides the cause (e.g. "connection refused") in its source chain: shown here.
+    #[error("cannot reach origin for {url}: {}", with_causes(source))]
+    Network { url: String, source: Arc<reqwest::Error> },
     #[error("origin sent {got} bytes for {url} where {expected} were expected (object shorter than its manifest?)")]
     Truncated { url: String, expected: u64, got: u64 },
     #[error("origin answered {url} with Content-Range {got:?}, not the requested bytes {want}")]
@@ -38,6 +40,17 @@ impl OriginError {
             Self::WrongRange { .. } | Self::TooLarge { .. } | Self::NotAllowed { .. } => false,
         }
     }
+}
+
+/// `e` and the errors beneath it, joined by colons.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// An HTTP client builder for origins: bounded connect and read times, at most 5 redirects and, when
@@ -90,15 +103,8 @@ impl OriginClient {
         }
     }
 
-    fn network(url: &str, e: reqwest::Error) -> OriginError {
-        // reqwest hides the cause (e.g. "connection refused") behind its source chain.
-        let mut reason = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            reason = format!("{reason}: {s}");
-            src = s.source();
-        }
-        OriginError::Network { url: url.to_string(), reason }
+    fn network(url: &str, source: reqwest::Error) -> OriginError {
+        OriginError::Network { url: url.to_string(), source: Arc::new(source) }
     }
 
     /// Exactly `len` bytes at `offset` of the object at `url`.

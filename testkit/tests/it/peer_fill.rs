@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use fog_client::chunk::{self, Deadlines};
-use fog_client::transport;
+use fog_net::chunk::{self, Deadlines};
+use fog_net::transport;
 use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint};
 use fog_proto::{ChunkHash, NodeId};

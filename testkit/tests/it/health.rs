@@ -6,15 +6,17 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use fog_client::transport;
+use fog_net::transport;
 use fog_proto::api::{
-    ClientReport, Heartbeat, NodeFailure, NodeStats, Register, Resolve, Signed, KIND_HEARTBEAT, KIND_REGISTER,
+    ClientReport, Heartbeat, NodeFailure, NodeStats, Register, Signed, KIND_HEARTBEAT, KIND_REGISTER,
 };
 use fog_proto::wire::{ChunkRequest, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
+
+use crate::common::resolve;
 
 use fog_proto::api::now_ms;
 
@@ -130,11 +132,6 @@ async fn wait_state(cluster: &Cluster, id: NodeId, want: &str) {
         assert!(started.elapsed() < Duration::from_secs(40), "node stayed {state}, expected {want}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
-    let r = reqwest::get(format!("{}/v1/resolve?url={url}", cluster.tracker_url())).await.expect("resolve");
-    r.json().await.expect("json")
 }
 
 fn probing_cluster() -> ClusterOptions {

@@ -2,17 +2,14 @@
 //! committed `client-lib/include/fog.h` and the built `libfog_client.so`, then run against a real cluster.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
 
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-}
+use crate::common::target_dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_c_program_embeds_the_proxy() {

@@ -20,10 +20,17 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 /// The TLS server name clients use; identity comes from the pinned key, not from this name.
 pub const SERVER_NAME: &str = "fog-node";
 
+/// Set-up failures: none of them goes away by trying again.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot build the TLS identity from the node key: {0}")]
-    Identity(String),
+    #[error("cannot encode the node key for its TLS certificate: {0}")]
+    KeyEncoding(#[source] ed25519_dalek::pkcs8::Error),
+    #[error("cannot make the node's self-signed TLS certificate: {0}")]
+    Certificate(#[source] rcgen::Error),
+    #[error("cannot configure TLS with the node's certificate: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("cannot run QUIC over the node's TLS configuration: {0}")]
+    Quic(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
     #[error("cannot bind QUIC endpoint on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -48,22 +55,20 @@ fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
 /// Server configuration for a node: certificate from its identity key, ALPN `fog/1`, at most
 /// `max_streams_per_connection` concurrent requests per client.
 pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Result<quinn::ServerConfig, TransportError> {
-    let pkcs8 = key.to_pkcs8_der().map_err(|e| TransportError::Identity(e.to_string()))?;
-    let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| TransportError::Identity(e.to_string()))?;
-    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
-        .map_err(|e| TransportError::Identity(e.to_string()))?;
-    let cert = params.self_signed(&key_pair).map_err(|e| TransportError::Identity(e.to_string()))?;
+    let pkcs8 = key.to_pkcs8_der().map_err(TransportError::KeyEncoding)?;
+    let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(TransportError::Certificate)?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(TransportError::Certificate)?;
+    let cert = params.self_signed(&key_pair).map_err(TransportError::Certificate)?;
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Identity(e.to_string()))?
+        .map_err(TransportError::Tls)?
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], private)
-        .map_err(|e| TransportError::Identity(e.to_string()))?;
+        .map_err(TransportError::Tls)?;
     tls.alpn_protocols = vec![ALPN.to_vec(), fog_proto::rendezvous::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Identity(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(TransportError::Quic)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(64 << 10))
@@ -95,15 +100,29 @@ pub fn client_config_for(node: NodeId, idle_timeout: Duration, alpn: &[u8]) -> q
     cfg
 }
 
+/// Why no QUIC connection to a node was made. Another candidate (or a later attempt) may succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr}: {source}")]
+    Start { addr: SocketAddr, source: quinn::ConnectError },
+    #[error("no handshake with {addr} within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: quinn::ConnectionError },
+    /// The node is behind NAT and its rendezvous could not open a path to it.
+    #[error("{0}")]
+    Punch(#[source] Box<crate::rendezvous::PunchError>),
+}
+
 /// Dials `node` at `addr` from `endpoint`, accepting only a server that holds `node`'s key; gives up after
-/// `timeout`. The error says what failed, for logs.
+/// `timeout`.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     node: NodeId,
     addr: SocketAddr,
     idle_timeout: Duration,
     timeout: Duration,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, ConnectError> {
     connect_with(endpoint, client_config(node, idle_timeout), addr, timeout).await
 }
 
@@ -114,10 +133,12 @@ pub async fn connect_contact(
     contact: &NodeContact,
     idle_timeout: Duration,
     timeout: Duration,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, ConnectError> {
     let addr = match &contact.via {
         None => contact.addr,
-        Some(via) => crate::rendezvous::punch(endpoint, via, contact.id, timeout).await?,
+        Some(via) => crate::rendezvous::punch(endpoint, via, contact.id, timeout)
+            .await
+            .map_err(|e| ConnectError::Punch(Box::new(e)))?,
     };
     connect(endpoint, contact.id, addr, idle_timeout, timeout).await
 }
@@ -128,12 +149,13 @@ pub async fn connect_with(
     cfg: quinn::ClientConfig,
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<quinn::Connection, String> {
-    let connecting = endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| format!("connect to {addr}: {e}"))?;
+) -> Result<quinn::Connection, ConnectError> {
+    let connecting =
+        endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|source| ConnectError::Start { addr, source })?;
     tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| format!("no handshake with {addr} within {timeout:?}"))?
-        .map_err(|e| format!("handshake with {addr}: {e}"))
+        .map_err(|_| ConnectError::Timeout { addr, timeout })?
+        .map_err(|source| ConnectError::Handshake { addr, source })
 }
 
 /// A client endpoint on an ephemeral UDP port.

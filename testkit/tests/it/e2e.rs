@@ -4,16 +4,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fog_client::chunk::{self, Deadlines};
-use fog_client::transport;
-use fog_proto::api::Resolve;
+use fog_net::chunk::{self, Deadlines};
+use fog_net::transport;
 use fog_proto::wire::{ChunkRequest, Status, MAX_REQUEST_LEN};
 use fog_proto::ChunkHash;
 use fog_testkit::harness::{bin, Cluster, ClusterOptions};
 use fog_testkit::origin::Quirks;
 use fog_testkit::test_bytes;
 
-const MIB: usize = 1 << 20;
+use crate::common::{resolve, MIB};
 
 fn opts(nodes: usize) -> ClusterOptions {
     ClusterOptions { nodes, ..Default::default() }
@@ -56,18 +55,8 @@ async fn connect(
     endpoint: &quinn::Endpoint,
     node: fog_proto::NodeId,
     addr: std::net::SocketAddr,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, transport::ConnectError> {
     transport::connect(endpoint, node, addr, Duration::from_secs(10), Duration::from_secs(10)).await
-}
-
-async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
-    let body = reqwest::get(format!("{}/v1/resolve?url={}", cluster.tracker_url(), url))
-        .await
-        .expect("resolve")
-        .bytes()
-        .await
-        .expect("body");
-    serde_json::from_slice(&body).expect("resolve json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,8 +108,7 @@ impl Browser {
 
 /// `target/<profile>/test-output/`, beside the test binaries.
 fn output_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").join("test-output");
+    let dir = crate::common::target_dir().join("test-output");
     std::fs::create_dir_all(&dir).expect("output dir");
     dir
 }

@@ -1,0 +1,17 @@
+//! fogcdn's integration tests against real processes (RocksDB, QUIC, libp2p, HTTP on 127.0.0.1): one
+//! test binary with a module per area, so its heavy dependencies are linked once rather than per area.
+//! `cargo test --release --workspace --test it -- e2e::` runs one module; scripts/test.sh runs `netns` alone.
+
+mod common;
+
+mod adversarial;
+mod c_abi;
+mod credits;
+mod dashboard;
+mod disk;
+mod e2e;
+mod health;
+mod netns;
+mod observability;
+mod peer_fill;
+mod player;

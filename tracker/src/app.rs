@@ -1,0 +1,642 @@
+//! The tracker's domain: what each request means, independent of HTTP. Resolving an object (ingest →
+//! schedule → ticket), registering and heartbeating nodes (with dial-back), redeeming receipts, client
+//! reports, dashboard views and operator actions. Every refusal is an [`AppError`], which `http` maps to a
+//! status and an [`ApiError`](fog_proto::api::ApiError) in one place.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fog_net::origin::OriginError;
+use fog_net::per_source::{Held, PerSource};
+use fog_net::transport;
+use fog_proto::api::now_ms;
+use fog_proto::api::{
+    ClientReport, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Reachability, Register, RegisterResponse,
+    Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED, WANT_PEERS,
+};
+use fog_proto::credits::{RedeemBatch, RedeemResponse, MAX_BATCH};
+use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
+use fog_sched::coords::{ClientCoords, ClientNet};
+use fog_sched::scheduler;
+use serde::Serialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::TrackerConfig;
+use crate::dashboard::{Dashboard, Event, Sample, TopContent};
+use crate::db::{Db, DbError};
+use crate::ingest::{Ingest, IngestError, Origin};
+use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
+use crate::registry::{ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
+
+/// Most dashboards following the live stream at once, in all and per source.
+const MAX_STREAMS: usize = 64;
+const STREAMS_PER_SOURCE: usize = 4;
+
+/// Registrations a source may make: a burst, then this many a minute.
+const REGISTRATIONS_PER_SOURCE: (u32, u32) = (64, 60);
+/// New objects a source may have ingested: a burst, then this many a minute.
+const INGESTS_PER_SOURCE: (u32, u32) = (64, 60);
+/// Redeem batches per source: burst, then per minute (a node drains a full backlog of 64 batches at once).
+const REDEEMS_PER_SOURCE: (u32, u32) = (128, 120);
+
+/// Client network prefixes whose coordinates are remembered.
+const MAX_CLIENT_PREFIXES: usize = 100_000;
+
+/// Dial-backs at once (each is one QUIC handshake attempt), and how long one may take.
+const DIAL_BACKS: usize = 32;
+const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the tracker refused a request: where it came from and whether a retry may help. `http` turns each
+/// into a status code and an `ApiError` body.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request itself is wrong (a malformed parameter, a message out of bounds).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{url} is not under a registered origin (registered: {registered})")]
+    UnknownOrigin { url: String, registered: String },
+    /// The requester's source used up its share of this kind of work.
+    #[error("{0}")]
+    RateLimited(&'static str),
+    /// A node's message failed verification or was refused by the registry.
+    #[error("{0}")]
+    NodeRejected(#[source] NodeRejection),
+    #[error("unknown node: register (or wait for the next heartbeat to re-register), then redeem")]
+    UnknownNode,
+    #[error("tracker registry is full ({0} nodes)")]
+    RegistryFull(usize),
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("tracker database: {0}")]
+    Db(#[from] DbError),
+    /// What was asked for does not exist (yet, if `retryable`).
+    #[error("{what}")]
+    NotFound { what: String, retryable: bool },
+    #[error("admin actions are off: start the tracker with --admin-token")]
+    AdminOff,
+    #[error("missing or wrong admin token (Authorization: Bearer …)")]
+    NotAdmin,
+    #[error("{limit} live dashboards are open from your network; close one")]
+    StreamsPerSource { limit: usize },
+    #[error("too many live dashboards")]
+    StreamsFull,
+}
+
+/// Why a node's message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeRejection {
+    #[error(transparent)]
+    Signature(#[from] SignedError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl AppError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::BadRequest(_) | Self::UnknownOrigin { .. } | Self::NodeRejected(_) | Self::AdminOff => false,
+            Self::NotAdmin => false,
+            Self::RateLimited(_) | Self::UnknownNode | Self::RegistryFull(_) => true,
+            Self::StreamsPerSource { .. } | Self::StreamsFull | Self::Db(_) => true,
+            Self::Ingest(e) => e.is_retryable(),
+            Self::Ledger(e) => e.is_retryable(),
+            Self::NotFound { retryable, .. } => *retryable,
+        }
+    }
+
+    /// The `fog_tracker_resolves_total{result}` label of a failed resolve.
+    fn resolve_result(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::UnknownOrigin { .. } => "unknown_origin",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Ingest(IngestError::Origin(OriginError::Status { status: 404 | 410, .. })) => "origin_not_found",
+            Self::Ingest(IngestError::Origin(OriginError::TooLarge { .. })) => "too_large",
+            Self::Ingest(IngestError::Origin(_)) => "origin_error",
+            Self::Ingest(IngestError::Busy) => "busy",
+            _ => "internal",
+        }
+    }
+}
+
+/// A live dashboard stream's place, held for as long as the stream is open.
+#[derive(Debug)]
+pub struct StreamSlot {
+    _held: (OwnedSemaphorePermit, fog_net::per_source::HeldSlot),
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub cfg: TrackerConfig,
+    pub ingest: Ingest,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub dashboard: Dashboard,
+    pub ledger: Ledger,
+    pub db: Arc<Db>,
+    manifests: AtomicU64,
+    resolves: AtomicU64,
+    ingests: AtomicU64,
+    ingest_errors: AtomicU64,
+    streams: Arc<Semaphore>,
+    streams_by_source: Held,
+    /// Nodes clients reported serving wrong bytes, for the prober to check now.
+    urgent_probes: mpsc::Sender<NodeId>,
+    pub(crate) urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
+    /// QUIC endpoint for probes; `None` if it could not be opened.
+    pub dialer: Option<quinn::Endpoint>,
+    /// QUIC endpoint for registrations' dial-backs, never used for probes: probes of nodes behind NAT are
+    /// hole-punched, which opens their NAT to the prober's address, and a dial-back from there would pass.
+    /// One long-lived endpoint: a fresh one per dial-back cost ~1 MiB of resident memory each under a
+    /// registration flood (quinn's receive buffer, kept by the allocator).
+    dial_back_endpoint: Option<quinn::Endpoint>,
+    /// The scheduler's recent load and chunk popularity.
+    load: std::sync::Mutex<scheduler::Load>,
+    /// Client networks' coordinates, from their reports.
+    clients: std::sync::Mutex<ClientCoords>,
+    dial_backs: Semaphore,
+    /// Fair shares per source (IPv4 address / IPv6 /64) of registrations and of new ingests.
+    registrations_by_source: PerSource,
+    ingests_by_source: PerSource,
+    redeems_by_source: PerSource,
+}
+
+/// What the dashboard's header, charts and side panels show; pushed every sample over the live stream.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    now_ms: u64,
+    stats: TrackerStats,
+    /// Totals since the tracker started, from the growth of node counters.
+    fog_bytes_total: u64,
+    origin_fill_bytes_total: u64,
+    node_requests_total: u64,
+    /// What players' proxies reported: bytes from the fog and from origins (fallback and pass-through).
+    client_fog_bytes_total: u64,
+    client_origin_bytes_total: u64,
+    samples: Vec<Sample>,
+    events: Vec<Event>,
+    top_content: Vec<TopContent>,
+    admin_enabled: bool,
+}
+
+impl App {
+    pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest, ledger: Ledger) -> Result<Self, crate::db::DbError> {
+        let manifests = db.count_manifests()?;
+        let (urgent_probes, urgent_rx) = mpsc::channel(64);
+        let blocked = db.blocked_nodes()?;
+        Ok(Self {
+            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked).with_params(scheduler::Params {
+                k: cfg.candidates,
+                epsilon: cfg.load_epsilon,
+                ..Default::default()
+            }),
+            load: Default::default(),
+            clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
+            metrics: Metrics::default(),
+            dashboard: Dashboard::default(),
+            ledger,
+            cfg,
+            ingest,
+            db,
+            manifests: AtomicU64::new(manifests),
+            resolves: AtomicU64::new(0),
+            ingests: AtomicU64::new(0),
+            ingest_errors: AtomicU64::new(0),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            streams_by_source: Held::default(),
+            urgent_probes,
+            urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
+            dialer: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+                .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
+                .ok(),
+            dial_back_endpoint: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+                .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: no node will be reachable"))
+                .ok(),
+            dial_backs: Semaphore::new(DIAL_BACKS),
+            registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
+            ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
+            redeems_by_source: PerSource::new(REDEEMS_PER_SOURCE.1, REDEEMS_PER_SOURCE.0),
+        })
+    }
+
+    fn count_resolve(&self, result: &'static str) {
+        self.metrics.resolves.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// `url`'s manifest (ingested now if need be, again if the client saw it `stale`) and a schedule of
+    /// nodes for the client at `peer`, with a credit ticket for its session key `client_key`.
+    pub async fn resolve(
+        &self,
+        url: &str,
+        stale: Option<ContentId>,
+        client_key: Option<NodeId>,
+        peer: IpAddr,
+    ) -> Result<Resolve, AppError> {
+        self.resolves.fetch_add(1, Ordering::Relaxed);
+        match self.resolve_counted(url, stale, client_key, peer).await {
+            Ok(resolve) => Ok(resolve),
+            Err(e) => {
+                if let AppError::Ingest(ingest) = &e {
+                    self.ingest_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.ingest_errors.inc();
+                    tracing::warn!(url, error = %ingest, "resolve failed");
+                    self.dashboard.event("ingest_error", ingest.to_string());
+                }
+                self.count_resolve(e.resolve_result());
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a resolve that `http` refused before it could ask (a malformed query).
+    pub fn resolve_refused<T>(&self, e: AppError) -> Result<T, AppError> {
+        self.resolves.fetch_add(1, Ordering::Relaxed);
+        self.count_resolve(e.resolve_result());
+        Err(e)
+    }
+
+    async fn resolve_counted(
+        &self,
+        url: &str,
+        stale: Option<ContentId>,
+        client_key: Option<NodeId>,
+        peer: IpAddr,
+    ) -> Result<Resolve, AppError> {
+        // One form for the allow-list, the fetch and the manifest key: spellings of one URL share a manifest.
+        let url = fog_proto::origins::canonical_url(url).map_err(AppError::BadRequest)?;
+        if !self.cfg.origins.allows(&url) {
+            tracing::info!(url, "refused: not under a registered origin");
+            return Err(AppError::UnknownOrigin { url, registered: self.cfg.origins.prefixes().join(", ") });
+        }
+        // Reading an object from its origin is the costliest thing a stranger can ask for: each source gets
+        // its share of new ingests (query-string variants of one URL are distinct objects to an origin).
+        if (stale.is_some() || !self.ingest.is_stored(&url)) && !self.ingests_by_source.check(peer) {
+            return Err(AppError::RateLimited(
+                "too many new objects ingested for your network; try again in a minute (the origin serves it meanwhile)",
+            ));
+        }
+        let (manifest, how) = self.ingest.manifest(&url, stale).await?;
+        if how == Origin::Ingested {
+            self.ingests.fetch_add(1, Ordering::Relaxed);
+            if stale.is_none() {
+                self.manifests.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count_resolve(if how == Origin::Ingested { "ingested" } else { "stored" });
+        self.dashboard.count_resolve(&url);
+        let client = self.clients.lock().expect("clients lock").get(peer);
+        let (nodes, schedule, ticket) =
+            self.assign(&manifest, client.as_ref(), &mut self.load.lock().expect("load lock"), client_key, Some(peer));
+        Ok(Resolve { content_id: manifest.content_id(), manifest: (*manifest).clone(), nodes, schedule, ticket })
+    }
+
+    /// Candidate nodes for each chunk of `manifest`, as a client network `client` gets them (charged to
+    /// `load`), with a credit ticket for the session key `client_key` (tickets are shared per `source`, if
+    /// given). The tracker's probes ask nodes through the same call, so they look like any client's.
+    pub(crate) fn assign(
+        &self,
+        manifest: &Manifest,
+        client: Option<&ClientNet>,
+        load: &mut scheduler::Load,
+        client_key: Option<NodeId>,
+        source: Option<IpAddr>,
+    ) -> (Vec<NodeContact>, Vec<Vec<u32>>, Option<Signed>) {
+        let snapshot = self.registry.snapshot();
+        let chunks: Vec<(ChunkHash, u32)> =
+            manifest.chunks.iter().enumerate().map(|(i, c)| (*c, manifest.chunk_span(i).1)).collect();
+        let (nodes, schedule) = scheduler::schedule(&snapshot, load, client, &chunks, self.registry.params(), now_ms());
+        let ticket = match client_key {
+            Some(key) if !nodes.is_empty() => {
+                // A node may be paid for the chunks it is a candidate for, and no more.
+                let mut assigned = vec![0u32; nodes.len()];
+                for &i in schedule.iter().flatten() {
+                    assigned[i as usize] += 1;
+                }
+                let ids = nodes.iter().map(|n| n.id).collect();
+                let (unit, budget) = (manifest.chunk_size, manifest.size);
+                match self.ledger.issue_ticket(source, key, manifest.content_id(), ids, assigned, unit, budget) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot issue a credit ticket; serving without one");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        (nodes, schedule, ticket)
+    }
+
+    /// A node's signed message of `kind`: the signer and the verified payload.
+    pub fn open_signed<T: serde::de::DeserializeOwned>(
+        &self,
+        signed: &Signed,
+        kind: &'static str,
+    ) -> Result<(NodeId, T), AppError> {
+        match signed.open(kind) {
+            Ok(message) => Ok((signed.node_id, message)),
+            Err(e) => Err(self.reject_node(&signed.node_id, e.into())),
+        }
+    }
+
+    fn reject_node(&self, node: &NodeId, e: NodeRejection) -> AppError {
+        self.metrics.bad_node_messages.inc();
+        tracing::warn!(%node, error = %e, "rejected node message");
+        self.dashboard.event("node_rejected", format!("node {}: {e}", &node.to_hex()[..16]));
+        AppError::NodeRejected(e)
+    }
+
+    /// A node's registration, seen from `peer`: dials it back to learn whether clients can reach it.
+    pub async fn register(&self, signed: &Signed, peer: SocketAddr) -> Result<RegisterResponse, AppError> {
+        // Each registration costs a QUIC dial-back: a source may register only so often.
+        if !self.registrations_by_source.check(peer.ip()) {
+            return Err(AppError::RateLimited("too many registrations from your network; try again in a minute"));
+        }
+        let (node, reg): (NodeId, Register) = self.open_signed(signed, fog_proto::api::KIND_REGISTER)?;
+        reg.check_bounds().map_err(AppError::BadRequest)?;
+        // An unspecified address means "where you see me from" (a node listening on 0.0.0.0).
+        let addr = if reg.quic_addr.ip().is_unspecified() {
+            SocketAddr::new(peer.ip(), reg.quic_addr.port())
+        } else {
+            reg.quic_addr
+        };
+        let reachable = self.dial_back(node, addr).await;
+        let registration = Registration {
+            addr,
+            cache_capacity: reg.cache_capacity,
+            upload_limit: reg.upload_limit,
+            version: reg.version,
+            reachable,
+            joining: reg.joining,
+        };
+        match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
+            Ok(()) => {
+                tracing::info!(node = %node, %addr, reachable, "node registered");
+                self.dashboard.event("node_registered", format!("node {} registered", &node.to_hex()[..16]));
+                Ok(RegisterResponse {
+                    heartbeat_interval_secs: self.cfg.heartbeat_interval.as_secs(),
+                    advertised_addr: addr,
+                    origins: self.cfg.origins.clone(),
+                    tracker_key: Some(self.ledger.public_key()),
+                    reachable,
+                    peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
+                    membership: Some(self.ledger.membership(node, now_ms())),
+                })
+            }
+            Err(RegistryError::Full(n)) => Err(AppError::RegistryFull(n)),
+            Err(e) => Err(self.reject_node(&node, e.into())),
+        }
+    }
+
+    /// A node's heartbeat: its stats and overlay view; answers with peers when it needs more.
+    pub fn heartbeat(&self, signed: &Signed) -> Result<HeartbeatResponse, AppError> {
+        let (node, hb): (NodeId, Heartbeat) = self.open_signed(signed, fog_proto::api::KIND_HEARTBEAT)?;
+        let overlay_bounds = hb.overlay.as_ref().map_or(Ok(()), OverlayReport::check_bounds);
+        hb.stats.check_bounds().and(overlay_bounds).map_err(AppError::BadRequest)?;
+        let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
+        // Few overlay peers, or behind NAT without a rendezvous: suggest peers (and rendezvous candidates).
+        let wants_peers = hb.overlay.as_ref().is_some_and(|o| {
+            o.connected_peers < WANT_PEERS || (o.rendezvous.is_none() && !self.registry.is_reachable(&node))
+        });
+        let registered = self
+            .registry
+            .heartbeat(&node, hb.stats, hb.draining, hb.overlay, hb.timestamp_ms, now_ms())
+            .map_err(|e| self.reject_node(&node, e.into()))?;
+        for peer in bad_peers {
+            // Like a client's report: not believed as such, the node gets probed.
+            self.dashboard.event(
+                "peer_report",
+                format!("node {} says node {} sent wrong bytes", &node.to_hex()[..16], &peer.to_hex()[..16]),
+            );
+            let _ = self.urgent_probes.try_send(peer);
+        }
+        let peers =
+            if registered && wants_peers { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
+        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers })
+    }
+
+    /// Whether a QUIC handshake with `node` at `addr` succeeds (the node proves its key): only then are
+    /// clients sent to that address directly. Each dial-back uses a fresh UDP port, so the failed attempt
+    /// leaves no NAT state that could later collide with the node's hole-punched flows to our prober.
+    async fn dial_back(&self, node: NodeId, addr: SocketAddr) -> bool {
+        let Ok(_slot) = self.dial_backs.acquire().await else { return false };
+        let Some(dialer) = &self.dial_back_endpoint else { return false };
+        match transport::connect(dialer, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
+            Ok(conn) => {
+                conn.close(0u32.into(), b"dial-back done");
+                true
+            }
+            Err(e) => {
+                tracing::info!(%node, %addr, error = %e, "dial-back failed: node is behind NAT or a firewall");
+                false
+            }
+        }
+    }
+
+    /// A node's signed batch of receipts, from `peer`.
+    pub fn redeem(&self, signed: &Signed, peer: IpAddr) -> Result<RedeemResponse, AppError> {
+        let (node, batch): (NodeId, RedeemBatch) = self.open_signed(signed, fog_proto::credits::KIND_REDEEM)?;
+        // Rejections are kept per node: only registered nodes may write them (and credits go to nodes
+        // the tracker schedules). A node the tracker forgot registers again, then redeems.
+        if !self.registry.is_registered(&node) {
+            return Err(AppError::UnknownNode);
+        }
+        if !self.redeems_by_source.check(peer) {
+            return Err(AppError::RateLimited(
+                "too many redeems from your network; hold the receipts and try again in a minute",
+            ));
+        }
+        if batch.receipts.len() > MAX_BATCH {
+            return Err(AppError::BadRequest(format!("at most {MAX_BATCH} receipts per batch")));
+        }
+        // Signature checks, chain walks and a synced write: off the async workers.
+        let results = tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts))
+            .inspect_err(|e| tracing::error!(error = %e, "ledger failure"))?;
+        let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
+        let rejected = results.iter().filter(|r| r.outcome == fog_proto::credits::Outcome::Rejected).count();
+        self.metrics.credited_bytes.inc_by(credited);
+        self.metrics.rejected_receipts.inc_by(rejected as u64);
+        if rejected > 0 {
+            let short = &node.to_hex()[..16];
+            self.dashboard.event("receipts_rejected", format!("node {short}: {rejected} receipt(s) rejected"));
+        }
+        Ok(RedeemResponse { results })
+    }
+
+    /// A client's report, from `peer`: counted for dashboards and metrics, and its RTTs place its network
+    /// (reports are not authenticated; a report of wrong bytes only gets the node probed).
+    pub fn client_report(&self, report: &ClientReport, peer: IpAddr) -> Result<(), AppError> {
+        report.check_bounds().map_err(AppError::BadRequest)?;
+        self.place_client(peer, &report.node_rtt);
+        let m = &self.metrics;
+        m.client_bytes.get_or_create(&SourceLabel { source: "fog" }).inc_by(report.fog_bytes);
+        m.client_bytes.get_or_create(&SourceLabel { source: "origin" }).inc_by(report.origin_bytes);
+        m.client_bytes.get_or_create(&SourceLabel { source: "passthrough" }).inc_by(report.passthrough_bytes);
+        let t = &self.registry.totals;
+        crate::registry::saturating_add(&t.client_fog_bytes, report.fog_bytes);
+        crate::registry::saturating_add(&t.client_origin_bytes, report.origin_bytes + report.passthrough_bytes);
+        for f in &report.node_failures {
+            let reason = crate::metrics::known_reason(&f.reason);
+            if reason == "hash_mismatch" {
+                // Not trusted as such: a probe of the node decides.
+                let _ = self.urgent_probes.try_send(f.node);
+            }
+            m.node_failure_reports.get_or_create(&ResultLabel { result: reason }).inc_by(f.count);
+            self.dashboard.event(
+                "client_report",
+                format!("a client saw node {} fail {}× ({reason})", &f.node.to_hex()[..16], f.count),
+            );
+        }
+        Ok(())
+    }
+
+    /// Fits the reporting client's network a coordinate from its RTTs to nodes (at least 3 known nodes;
+    /// samples that disagree with the rest are dropped by the fit). Only that network's own schedules use it.
+    fn place_client(&self, peer: IpAddr, rtts: &[RttSample]) {
+        let coord_of = |id: &NodeId| self.registry.coord_of(id);
+        self.clients.lock().expect("clients lock").learn(peer, rtts, coord_of, now_ms());
+    }
+
+    pub fn stats(&self) -> TrackerStats {
+        let c = self.registry.counts();
+        TrackerStats {
+            nodes_total: c.total,
+            nodes_healthy: c.healthy,
+            nodes_joining: c.joining,
+            nodes_draining: c.draining,
+            nodes_quarantined: c.quarantined,
+            nodes_unreachable: c.unreachable,
+            manifests: self.manifests.load(Ordering::Relaxed),
+            cache_used: c.cache_used,
+            cache_capacity: c.cache_capacity,
+            bytes_served: c.bytes_served,
+            origin_fill_bytes: c.origin_fill_bytes,
+            resolves: self.resolves.load(Ordering::Relaxed),
+            ingests: self.ingests.load(Ordering::Relaxed),
+            ingest_errors: self.ingest_errors.load(Ordering::Relaxed),
+            nodes_by_reachability: Reachability::ALL
+                .iter()
+                .zip(c.by_reachability)
+                .map(|(r, n)| (r.as_str().to_string(), n))
+                .collect(),
+            nodes_by_client_path: ClientPath::ALL
+                .iter()
+                .zip(c.by_client_path)
+                .map(|(p, n)| (p.name().to_string(), n))
+                .collect(),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        let t = &self.registry.totals;
+        Summary {
+            now_ms: now_ms(),
+            stats: self.stats(),
+            fog_bytes_total: t.fog_bytes.load(Ordering::Relaxed),
+            origin_fill_bytes_total: t.origin_fill_bytes.load(Ordering::Relaxed),
+            node_requests_total: t.node_requests.load(Ordering::Relaxed),
+            client_fog_bytes_total: t.client_fog_bytes.load(Ordering::Relaxed),
+            client_origin_bytes_total: t.client_origin_bytes.load(Ordering::Relaxed),
+            samples: self.dashboard.samples(),
+            events: self.dashboard.recent_events(),
+            top_content: self.dashboard.top_content(),
+            admin_enabled: self.cfg.admin_token.is_some(),
+        }
+    }
+
+    /// One page of the node table, with each node's credits (addresses only for operators).
+    pub fn nodes_page(&self, page: usize, per_page: usize, sort: SortBy, admin: bool) -> NodePage {
+        let mut page = self.registry.page(page, per_page, sort, admin);
+        for n in &mut page.nodes {
+            n.credits = self.ledger.credited(&n.id).ok();
+        }
+        page
+    }
+
+    /// A place for one live dashboard stream from `peer`, within the per-source and total bounds.
+    pub fn hold_stream(&self, peer: IpAddr) -> Result<StreamSlot, AppError> {
+        let slot = self
+            .streams_by_source
+            .try_hold(peer, STREAMS_PER_SOURCE)
+            .ok_or(AppError::StreamsPerSource { limit: STREAMS_PER_SOURCE })?;
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| AppError::StreamsFull)?;
+        Ok(StreamSlot { _held: (permit, slot) })
+    }
+
+    /// Checks an operator's bearer token (`None`: none was given).
+    pub fn check_admin(&self, given: Option<&str>) -> Result<(), AppError> {
+        let Some(token) = &self.cfg.admin_token else { return Err(AppError::AdminOff) };
+        let given = given.unwrap_or("");
+        // Constant-time comparison, so the token cannot be guessed byte by byte from response times.
+        let equal =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if equal {
+            Ok(())
+        } else {
+            Err(AppError::NotAdmin)
+        }
+    }
+
+    /// An operator blocks (or unblocks) a node: persisted, and applied to the registry at once.
+    pub fn set_blocked(&self, id: NodeId, block: bool) -> Result<serde_json::Value, AppError> {
+        // A synced write: off the async workers.
+        tokio::task::block_in_place(|| self.db.set_blocked(&id, block))?;
+        let changed = if block { self.registry.block(id) } else { self.registry.unblock(&id) };
+        let verb = if block { "blocked" } else { "unblocked" };
+        tracing::info!(node = %id, "operator {verb} node");
+        self.dashboard.event("node_blocked", format!("operator {verb} node {}", &id.to_hex()[..16]));
+        Ok(serde_json::json!({ "node": id, verb: true, "changed": changed }))
+    }
+
+    /// One dashboard sample; forgets the load of nodes that left.
+    pub fn sample(&self) {
+        self.dashboard.sample(&self.registry, self.resolves.load(Ordering::Relaxed));
+        let snapshot = self.registry.snapshot();
+        self.load.lock().expect("load lock").forget_nodes_not_in(&snapshot);
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let s = self.stats();
+        let m = &self.metrics;
+        let unhealthy = s.nodes_total
+            - s.nodes_healthy
+            - s.nodes_joining
+            - s.nodes_draining
+            - s.nodes_quarantined
+            - s.nodes_unreachable;
+        for (state, n) in [
+            ("healthy", s.nodes_healthy),
+            ("joining", s.nodes_joining),
+            ("draining", s.nodes_draining),
+            ("quarantined", s.nodes_quarantined),
+            ("unreachable", s.nodes_unreachable),
+            ("unhealthy", unhealthy),
+        ] {
+            m.nodes.get_or_create(&StateLabel { state }).set(n as i64);
+        }
+        for (path, n) in &s.nodes_by_client_path {
+            m.nodes_by_client_path.get_or_create(&PathLabel { path: path.clone() }).set(*n as i64);
+        }
+        for (reachability, n) in &s.nodes_by_reachability {
+            let label = ReachabilityLabel { reachability: reachability.clone() };
+            m.nodes_by_reachability.get_or_create(&label).set(*n as i64);
+        }
+        m.manifests.set(s.manifests as i64);
+        m.node_cache_used_bytes.set(s.cache_used as i64);
+        let t = &self.registry.totals;
+        let catch_up = |c: &prometheus_client::metrics::counter::Counter, total: &AtomicU64| {
+            c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
+        };
+        catch_up(&m.fog_bytes, &t.fog_bytes);
+        catch_up(&m.origin_fill_bytes, &t.origin_fill_bytes);
+        catch_up(&m.node_requests, &t.node_requests);
+        catch_up(&m.corrupt_chunks, &t.corrupt_chunks);
+        m.encode()
+    }
+}

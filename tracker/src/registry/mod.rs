@@ -1,0 +1,210 @@
+//! The node registry: who is registered, where clients reach them, whether they are healthy (heard from
+//! within the node timeout), what they report, and which nodes the operator blocked. Registrations are soft
+//! state, rebuilt from the nodes' next heartbeats after a restart; the block list is persisted by the caller.
+//!
+//! Split by concern: [`members`] (registration, heartbeats, blocking, coordinates), [`health`] (states and
+//! probe hysteresis), [`peers`] (how clients and peers reach a node: client paths, the bootstrap peer
+//! directory) and [`view`] (counts and the dashboard's node table). Each adds methods to [`Registry`].
+
+mod health;
+mod members;
+mod peers;
+mod view;
+
+pub use health::{Health, NodeState, ProbeOutcome, PROBE_FAILURES_DOWN, PROBE_SUCCESSES_UP};
+pub use members::MAX_CLOCK_SKEW_MS;
+pub use peers::ClientPath;
+use peers::PeerDirectory;
+pub use view::{Counts, NodePage, NodeView, SortBy, MAX_PAGE};
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous, NEIGHBOURHOOD};
+use fog_proto::{placement, ChunkHash, NodeId};
+use serde::Serialize;
+
+use crate::clock::Clock;
+use fog_sched::coords::{merge_neighbours, refit, Coord, Neighbour};
+use fog_sched::scheduler::{NodeInfo, Params, Snapshot, DEFAULT_UPLOAD};
+
+/// How long a registered node may stay unreachable by clients before a full registry may forget it.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(120);
+
+/// What a node says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub addr: SocketAddr,
+    pub cache_capacity: u64,
+    pub upload_limit: Option<u64>,
+    pub version: String,
+    /// The tracker's dial-back to `addr` at registration succeeded.
+    pub reachable: bool,
+    /// The node's overlay is still connecting (until a heartbeat says otherwise).
+    pub joining: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub reg: Registration,
+    pub health: Health,
+    /// When it first registered (kept across re-registrations).
+    pub first_seen: Instant,
+    pub last_seen: Instant,
+    /// Newest message timestamp accepted: older or equal ones are replays.
+    pub last_timestamp_ms: u64,
+    pub stats: NodeStats,
+    /// Upload rate between its last two heartbeats, bytes/s.
+    pub upload_rate: u64,
+    /// What its overlay reported last (reachability, addresses, RTT samples, rendezvous).
+    pub overlay: OverlayReport,
+    /// Its network coordinate, fitted to its neighbours' RTTs.
+    pub coord: Coord,
+    pub neighbours: Vec<Neighbour<NodeId>>,
+}
+
+/// The tracker's own place among the neighbours (nodes report their RTT to it).
+pub const TRACKER: NodeId = NodeId([0; 32]);
+/// Neighbours kept per node for its coordinate.
+const MAX_NEIGHBOURS: usize = 64;
+/// A scheduling snapshot is reused this long unless the node set changed.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry is full ({0} nodes)")]
+    Full(usize),
+    #[error("message timestamp is not newer than the last one from this node (replayed?)")]
+    Replay,
+    #[error("message timestamp is more than 5 minutes off the tracker's clock; check the node's clock")]
+    Clock,
+    #[error("this node was blocked by the operator")]
+    Blocked,
+}
+
+/// Totals accumulated from the growth of node counters between heartbeats, so they keep counting when
+/// nodes restart (their counters reset) or leave.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub fog_bytes: AtomicU64,
+    pub origin_fill_bytes: AtomicU64,
+    pub node_requests: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+    /// From client reports (unauthenticated; for dashboards only).
+    pub client_fog_bytes: AtomicU64,
+    pub client_origin_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    nodes: RwLock<HashMap<NodeId, NodeEntry>>,
+    directory: Mutex<PeerDirectory>,
+    tracker_coord: Mutex<Coord>,
+    params: Params,
+    /// Bumped when the set of schedulable nodes may have changed, so the cached snapshot is rebuilt.
+    generation: AtomicU64,
+    snapshot: Mutex<Option<(Instant, u64, Arc<Snapshot>)>>,
+    blocked: RwLock<HashSet<NodeId>>,
+    pub totals: Totals,
+    clock: Clock,
+    timeout: Duration,
+    max_nodes: usize,
+}
+
+impl Registry {
+    pub fn new(timeout: Duration, max_nodes: usize, blocked: HashSet<NodeId>) -> Self {
+        Self {
+            nodes: RwLock::new(HashMap::new()),
+            directory: Mutex::new(PeerDirectory::default()),
+            tracker_coord: Mutex::new(Coord::default()),
+            params: Params::default(),
+            generation: AtomicU64::new(0),
+            snapshot: Mutex::new(None),
+            blocked: RwLock::new(blocked),
+            totals: Totals::default(),
+            clock: Clock::System,
+            timeout,
+            max_nodes,
+        }
+    }
+
+    /// Reads time from `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Time since `then` on the registry's clock.
+    fn since(&self, then: Instant) -> Duration {
+        self.clock.now().saturating_duration_since(then)
+    }
+
+    /// The scheduler's tunables (the defaults unless set here).
+    pub fn with_params(mut self, params: Params) -> Self {
+        self.params = params;
+        self
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn check_blocked(&self, id: &NodeId) -> Result<(), RegistryError> {
+        if self.blocked.read().expect("blocked lock").contains(id) {
+            return Err(RegistryError::Blocked);
+        }
+        Ok(())
+    }
+
+    /// The schedulable nodes with their coordinates and grid index, rebuilt when the node set changed or
+    /// after [`SNAPSHOT_TTL`] (coordinates and heartbeat timeouts move continuously; one scan per second
+    /// instead of one per request keeps resolves cheap with many nodes).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let generation = self.generation.load(Ordering::Relaxed);
+        let mut cached = self.snapshot.lock().expect("snapshot lock");
+        if let Some((built, g, snap)) = cached.as_ref() {
+            if *g == generation && self.since(*built) < SNAPSHOT_TTL {
+                return snap.clone();
+            }
+        }
+        let nodes = self.nodes.read().expect("registry lock");
+        let infos = nodes
+            .iter()
+            .filter(|(_, n)| self.healthy(n))
+            .filter_map(|(id, n)| {
+                Some(NodeInfo {
+                    contact: self.contact(&nodes, id, n)?,
+                    coord: n.coord,
+                    upload: n.reg.upload_limit.unwrap_or(DEFAULT_UPLOAD),
+                })
+            })
+            .collect();
+        let snap = Arc::new(Snapshot::new(infos, &self.params));
+        *cached = Some((self.clock.now(), generation, snap.clone()));
+        snap
+    }
+
+    pub fn healthy_ids(&self) -> HashSet<NodeId> {
+        let nodes = self.nodes.read().expect("registry lock");
+        nodes
+            .iter()
+            .filter(|(id, n)| self.healthy(n) && self.client_path(&nodes, id, n) != ClientPath::Unreachable)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Adds self-reported growth to a total that no run of reports can wrap.
+pub(crate) fn saturating_add(total: &AtomicU64, n: u64) {
+    let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_add(n)));
+}
+
+#[cfg(test)]
+mod tests;

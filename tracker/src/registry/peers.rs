@@ -1,0 +1,146 @@
+//! How others reach a node: the path clients take (direct, hole-punched through a rendezvous, or none),
+//! the contact the scheduler hands out, and the bootstrap peer directory nodes get their first peers from.
+
+use super::*;
+
+/// How clients reach a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientPath {
+    /// The tracker dialled it: clients dial it too.
+    Direct,
+    /// Behind NAT, attached to a directly reachable rendezvous: clients hole-punch through it.
+    HolePunch,
+    /// Neither: not scheduled.
+    Unreachable,
+}
+
+impl ClientPath {
+    pub const ALL: [ClientPath; 3] = [Self::Direct, Self::HolePunch, Self::Unreachable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::HolePunch => "hole_punch",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// How long the bootstrap peer directory is reused before it is rebuilt from the registry.
+const PEER_DIRECTORY_TTL: Duration = Duration::from_secs(2);
+
+/// Overlay contacts of healthy nodes, split by whether the tracker could dial them.
+#[derive(Debug, Default)]
+pub(super) struct PeerDirectory {
+    built: Option<Instant>,
+    reachable: Arc<Vec<PeerContact>>,
+    others: Arc<Vec<PeerContact>>,
+}
+
+impl Registry {
+    pub(super) fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> ClientPath {
+        if n.reg.reachable {
+            return ClientPath::Direct;
+        }
+        // The node's word that it is attached is not enough: its rendezvous must list it too.
+        let via = n.overlay.rendezvous.and_then(|r| nodes.get(&r));
+        if via.is_some_and(|r| r.reg.reachable && self.alive(r) && r.overlay.attached.contains(id)) {
+            ClientPath::HolePunch
+        } else {
+            ClientPath::Unreachable
+        }
+    }
+
+    /// How a client dials `n`, if it can.
+    pub(super) fn contact(
+        &self,
+        nodes: &HashMap<NodeId, NodeEntry>,
+        id: &NodeId,
+        n: &NodeEntry,
+    ) -> Option<NodeContact> {
+        match self.client_path(nodes, id, n) {
+            ClientPath::Direct => Some(NodeContact { id: *id, addr: n.reg.addr, via: None }),
+            ClientPath::HolePunch => {
+                let r = n.overlay.rendezvous?;
+                Some(NodeContact {
+                    id: *id,
+                    addr: n.overlay.external_quic.unwrap_or(n.reg.addr),
+                    via: Some(Rendezvous { id: r, addr: nodes.get(&r)?.reg.addr }),
+                })
+            }
+            ClientPath::Unreachable => None,
+        }
+    }
+
+    /// Overlay peers for `id` to connect to: live nodes with overlay addresses. Two thirds of the list (at
+    /// most [`NEIGHBOURHOOD`]) are the nodes nearest to it by coordinate (where peer fill finds a chunk's
+    /// home); then directly reachable ones (which can relay and act as rendezvous), then others. Each asking node gets
+    /// a different window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
+    pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
+        let (reachable, others) = self.peer_directory();
+        let start = placement::weight(&ChunkHash(id.0), id) as usize;
+        let mut out: Vec<PeerContact> = Vec::with_capacity(limit);
+        if let Some(coord) = self.coord_of(id) {
+            let snap = self.snapshot();
+            let listed = |nid: &NodeId| {
+                [&reachable, &others]
+                    .into_iter()
+                    .find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
+            };
+            let nearest = NEIGHBOURHOOD.min(limit * 2 / 3);
+            for i in snap.nearest(&coord, nearest + 1, &self.params) {
+                let nid = snap.nodes[i as usize].contact.id;
+                if let Some(c) = listed(&nid).filter(|_| nid != *id && out.len() < nearest) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        for (list, want) in [(&reachable, limit.div_ceil(2)), (&others, limit), (&reachable, limit)] {
+            let want = want.min(limit - out.len());
+            let mut taken = 0;
+            for i in 0..list.len() {
+                if taken == want {
+                    break;
+                }
+                let c = &list[(start + i) % list.len()];
+                if c.id != *id && !out.iter().any(|o| o.id == c.id) {
+                    out.push(c.clone());
+                    taken += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The (reachable, other) overlay contacts of live nodes (joining ones too: peers should dial them),
+    /// rebuilt at most every
+    /// [`PEER_DIRECTORY_TTL`].
+    pub(super) fn peer_directory(&self) -> (Arc<Vec<PeerContact>>, Arc<Vec<PeerContact>>) {
+        let mut dir = self.directory.lock().expect("directory lock");
+        if dir.built.is_none_or(|t| self.since(t) >= PEER_DIRECTORY_TTL) {
+            let nodes = self.nodes.read().expect("registry lock");
+            let (mut reachable, mut others) = (Vec::new(), Vec::new());
+            for (id, n) in nodes.iter().filter(|(_, n)| self.alive(n) && !n.overlay.addrs.is_empty()) {
+                let contact = PeerContact {
+                    id: *id,
+                    addrs: n.overlay.addrs.clone(),
+                    rendezvous: n.reg.reachable.then_some(n.reg.addr),
+                };
+                if n.reg.reachable {
+                    reachable.push(contact)
+                } else {
+                    others.push(contact)
+                }
+            }
+            // A stable order, so that windows stay put between rebuilds.
+            reachable.sort_unstable_by_key(|c| c.id);
+            others.sort_unstable_by_key(|c| c.id);
+            *dir = PeerDirectory {
+                built: Some(self.clock.now()),
+                reachable: Arc::new(reachable),
+                others: Arc::new(others),
+            };
+        }
+        (dir.reachable.clone(), dir.others.clone())
+    }
+}

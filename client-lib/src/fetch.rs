@@ -78,8 +78,9 @@ pub enum ClientError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A chunk task panicked or was cancelled.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] tokio::task::JoinError),
 }
 
 impl ClientError {
@@ -444,7 +445,7 @@ impl FogClient {
             let outcome = match head.await {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => break Err(e),
-                Err(join) => break Err(ClientError::Internal(join.to_string())),
+                Err(join) => break Err(ClientError::Internal(join)),
             };
             // Trim the first and last chunk to the requested range.
             let offset = index as u64 * chunk_size;

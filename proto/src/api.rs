@@ -24,14 +24,14 @@ pub struct Signed {
     pub signature: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum SignedError {
     #[error("node id is not a valid ed25519 public key")]
     BadKey,
     #[error("signature is malformed or does not verify")]
     BadSignature,
-    #[error("payload is not a valid {kind} message: {reason}")]
-    Payload { kind: &'static str, reason: String },
+    #[error("payload is not a valid {kind} message: {source}")]
+    Payload { kind: &'static str, source: serde_json::Error },
 }
 
 fn signed_bytes(kind: &str, payload: &str) -> Vec<u8> {
@@ -56,7 +56,7 @@ impl Signed {
         hex::decode_to_slice(&self.signature, &mut sig).map_err(|_| SignedError::BadSignature)?;
         key.verify(&signed_bytes(kind, &self.payload), &Signature::from_bytes(&sig))
             .map_err(|_| SignedError::BadSignature)?;
-        serde_json::from_str(&self.payload).map_err(|e| SignedError::Payload { kind, reason: e.to_string() })
+        serde_json::from_str(&self.payload).map_err(|source| SignedError::Payload { kind, source })
     }
 }
 
@@ -557,12 +557,12 @@ mod tests {
         let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
         let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");
         assert_eq!(back.timestamp_ms, 1);
-        assert_eq!(s.open::<Heartbeat>(KIND_REGISTER).err(), Some(SignedError::BadSignature));
+        assert!(matches!(s.open::<Heartbeat>(KIND_REGISTER), Err(SignedError::BadSignature)));
         let mut tampered = s.clone();
         tampered.payload = tampered.payload.replace("\"timestamp_ms\":1", "\"timestamp_ms\":2");
-        assert_eq!(tampered.open::<Heartbeat>(KIND_HEARTBEAT).err(), Some(SignedError::BadSignature));
+        assert!(matches!(tampered.open::<Heartbeat>(KIND_HEARTBEAT), Err(SignedError::BadSignature)));
         let mut other = s;
         other.node_id = SigningKey::from_bytes(&[8u8; 32]).verifying_key().into();
-        assert_eq!(other.open::<Heartbeat>(KIND_HEARTBEAT).err(), Some(SignedError::BadSignature));
+        assert!(matches!(other.open::<Heartbeat>(KIND_HEARTBEAT), Err(SignedError::BadSignature)));
     }
 }

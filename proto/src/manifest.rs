@@ -88,9 +88,72 @@ impl Manifest {
     }
 }
 
+/// Chunks and hashes an object as its bytes arrive, in pieces of any size: the one chunking every manifest
+/// is built with. Sans I/O, so the tracker's ingest and offline tools share it.
+#[derive(Debug, Clone)]
+pub struct ManifestBuilder {
+    chunk_size: u32,
+    chunks: Vec<ChunkHash>,
+    hasher: blake3::Hasher,
+    in_chunk: u32,
+    size: u64,
+}
+
+impl ManifestBuilder {
+    pub fn new(chunk_size: u32) -> Self {
+        Self { chunk_size, chunks: Vec::new(), hasher: blake3::Hasher::new(), in_chunk: 0, size: 0 }
+    }
+
+    /// Takes the next `piece` of the object.
+    pub fn update(&mut self, mut piece: &[u8]) {
+        self.size += piece.len() as u64;
+        while !piece.is_empty() {
+            let take = piece.len().min((self.chunk_size - self.in_chunk) as usize);
+            let (head, rest) = piece.split_at(take);
+            self.hasher.update(head);
+            self.in_chunk += take as u32;
+            piece = rest;
+            if self.in_chunk == self.chunk_size {
+                self.chunks.push(ChunkHash(*self.hasher.finalize().as_bytes()));
+                self.hasher.reset();
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    /// Bytes taken so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The manifest of the object whose bytes were all given, as served from `url`.
+    pub fn finish(mut self, url: String, content_type: Option<String>, etag: Option<String>) -> Manifest {
+        if self.in_chunk > 0 {
+            self.chunks.push(ChunkHash(*self.hasher.finalize().as_bytes()));
+        }
+        Manifest { url, size: self.size, chunk_size: self.chunk_size, chunks: self.chunks, content_type, etag }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builder_chunks_the_same_however_the_bytes_arrive() {
+        let object: Vec<u8> = (0..(3 * MIN_CHUNK_SIZE as usize + 1234)).map(|i| (i % 251) as u8).collect();
+        let whole: Vec<ChunkHash> = object.chunks(MIN_CHUNK_SIZE as usize).map(ChunkHash::of).collect();
+        for piece in [1, 7, 4096, MIN_CHUNK_SIZE as usize, MIN_CHUNK_SIZE as usize + 1, object.len()] {
+            let mut b = ManifestBuilder::new(MIN_CHUNK_SIZE);
+            object.chunks(piece).for_each(|p| b.update(p));
+            assert_eq!(b.size(), object.len() as u64);
+            let m = b.finish("http://o.example/a".into(), None, None);
+            assert_eq!((m.chunks.as_slice(), m.size), (whole.as_slice(), object.len() as u64), "pieces of {piece}");
+            m.validate().expect("consistent");
+        }
+        let empty = ManifestBuilder::new(MIN_CHUNK_SIZE).finish("http://o.example/e".into(), None, None);
+        assert_eq!((empty.size, empty.chunks.len()), (0, 0));
+    }
 
     fn sample(size: u64) -> Manifest {
         let n = Manifest::chunk_count_for(size, MIN_CHUNK_SIZE);

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use fog_net::origin::{OriginClient, OriginError};
 use fog_net::single_flight::SingleFlight;
-use fog_proto::{ChunkHash, ContentId, Manifest};
+use fog_proto::manifest::ManifestBuilder;
+use fog_proto::{ContentId, Manifest};
 use tokio::sync::Semaphore;
 
 use crate::db::{Db, DbError, StoredManifest};
@@ -112,33 +113,10 @@ impl Ingest {
 
     async fn ingest(&self, url: &str) -> Result<Manifest, IngestError> {
         let mut body = self.origin.get(url, self.max_object_size).await?;
-        let chunk_size = self.chunk_size as usize;
-        let mut chunks = Vec::new();
-        let mut hasher = blake3::Hasher::new();
-        let (mut in_chunk, mut size) = (0usize, 0u64);
-        while let Some(mut piece) = body.next_piece().await? {
-            size += piece.len() as u64;
-            while !piece.is_empty() {
-                let take = piece.len().min(chunk_size - in_chunk);
-                hasher.update(&piece.split_to(take));
-                in_chunk += take;
-                if in_chunk == chunk_size {
-                    chunks.push(ChunkHash(*hasher.finalize().as_bytes()));
-                    hasher.reset();
-                    in_chunk = 0;
-                }
-            }
+        let mut manifest = ManifestBuilder::new(self.chunk_size);
+        while let Some(piece) = body.next_piece().await? {
+            manifest.update(&piece);
         }
-        if in_chunk > 0 {
-            chunks.push(ChunkHash(*hasher.finalize().as_bytes()));
-        }
-        Ok(Manifest {
-            url: url.to_string(),
-            size,
-            chunk_size: self.chunk_size,
-            chunks,
-            content_type: body.content_type.take(),
-            etag: body.etag.take(),
-        })
+        Ok(manifest.finish(url.to_string(), body.content_type.take(), body.etag.take()))
     }
 }

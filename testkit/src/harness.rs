@@ -10,12 +10,16 @@ use tempfile::TempDir;
 
 use crate::origin::{Quirks, TestOrigin};
 
+/// `target/<profile>/` of the running test: the test binary runs from its `deps/`, beside the workspace's
+/// built binaries and libraries.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
 /// Path of a workspace binary in the same target directory as the running test.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/release/deps/test-xxxx → target/release/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = target_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first with `cargo build --release --workspace --bins` (scripts/test.sh does)",

@@ -5,11 +5,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use fog_testkit::harness::{Cluster, ClusterOptions};
+use fog_testkit::harness::{target_dir, Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
-
-use crate::common::target_dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_c_program_embeds_the_proxy() {

@@ -1,7 +1,5 @@
 //! What several test modules share.
 
-use std::path::{Path, PathBuf};
-
 use fog_proto::api::Resolve;
 use fog_testkit::harness::Cluster;
 
@@ -15,10 +13,4 @@ pub(crate) async fn resolve_response(cluster: &Cluster, url: &str) -> reqwest::R
 
 pub(crate) async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
     resolve_response(cluster, url).await.json().await.expect("resolve json")
-}
-
-/// `target/<profile>/`: the test binary runs from its `deps/`, beside the workspace's built libraries.
-pub(crate) fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }

@@ -108,7 +108,7 @@ impl Browser {
 
 /// `target/<profile>/test-output/`, beside the test binaries.
 fn output_dir() -> PathBuf {
-    let dir = crate::common::target_dir().join("test-output");
+    let dir = fog_testkit::harness::target_dir().join("test-output");
     std::fs::create_dir_all(&dir).expect("output dir");
     dir
 }

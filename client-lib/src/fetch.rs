@@ -314,14 +314,15 @@ impl FogClient {
         Ok((out, report))
     }
 
-    /// Asks the tracker for `url`'s manifest and candidates. `stale`: see [`TrackerClient::resolve`].
-    pub async fn resolve(&self, url: &str, stale: Option<ContentId>) -> Result<Resolved, TrackerError> {
+    /// Asks the tracker for `url`'s manifest and candidates. `stale` and `from` (the byte to be read
+    /// first): see [`TrackerClient::resolve`].
+    pub async fn resolve(&self, url: &str, stale: Option<ContentId>, from: u64) -> Result<Resolved, TrackerError> {
         let Some(tracker) = &self.inner.tracker else {
             return Err(TrackerError::NotConfigured);
         };
         // A fresh key per session: receipts cannot be linked across sessions.
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let r = tracker.resolve(url, stale, Some(key.verifying_key().into())).await?;
+        let r = tracker.resolve(url, stale, Some(key.verifying_key().into()), Some(from)).await?;
         Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(Box::new(e)))
     }
 
@@ -346,7 +347,7 @@ impl FogClient {
     pub async fn fetch_to<W: AsyncWrite + Unpin>(&self, url: &str, out: &mut W) -> Result<FetchReport, ClientError> {
         let mut stale = None;
         loop {
-            let resolved = match self.resolve(url, stale).await {
+            let resolved = match self.resolve(url, stale, 0).await {
                 Ok(r) => r,
                 Err(e) => return self.after_tracker_error(url, e, out).await,
             };
@@ -401,19 +402,16 @@ impl FogClient {
         out: &mut W,
         why: String,
     ) -> Result<FetchReport, ClientError> {
-        let mut body = self.inner.origin.get(url, self.inner.cfg.max_direct_object).await?;
         let mut report = FetchReport { tracker_unreachable: Some(why), ..Default::default() };
-        while let Some(piece) = body.next_piece().await? {
-            out.write_all(&piece).await.map_err(ClientError::Output)?;
-            report.bytes += piece.len() as u64;
-        }
+        self.origin_span(url, 0, None, out, &mut 0, &mut report).await?;
         out.flush().await.map_err(ClientError::Output)?;
-        report.origin_bytes = report.bytes;
         Ok(report)
     }
 
     /// Streams bytes of a resolved object (all, or `opts.range`) into `out`, in order, each chunk verified
-    /// before any of its bytes are written. `written` counts what reached `out`.
+    /// before any of its bytes are written. Chunks the tracker has not hashed yet (an object still being
+    /// ingested) come straight from the origin, unverified, as they would without fogcdn. `written` counts
+    /// what reached `out`.
     pub async fn fetch_resolved<W: AsyncWrite + Unpin>(
         &self,
         resolved: &Resolved,
@@ -423,12 +421,38 @@ impl FogClient {
     ) -> Result<FetchReport, ClientError> {
         let r = &resolved.0;
         let manifest = &r.manifest;
-        let (start, end) = opts.range.unwrap_or((0, manifest.size));
-        let end = end.min(manifest.size);
+        let (start, wanted_end) = match opts.range {
+            Some((start, end)) => (start, Some(end)),
+            None => (0, None),
+        };
+        let end = wanted_end.unwrap_or(manifest.size).min(manifest.size);
         let mut report = FetchReport { content_id: Some(r.content_id), ..Default::default() };
-        if start >= end {
-            return Ok(report);
+        let result = self.fetch_chunks(resolved, opts, (start, end), out, written, &mut report).await;
+        result?;
+        // Beyond what the manifest covers yet (the origin has not told the object's size): the origin.
+        if !manifest.size_known() && wanted_end.is_none_or(|e| e > manifest.size) {
+            let from = start.max(manifest.size);
+            self.origin_span(&manifest.url, from, wanted_end, out, written, &mut report).await?;
         }
+        out.flush().await.map_err(ClientError::Output)?;
+        Ok(report)
+    }
+
+    /// Bytes `[start, end)` of the object, each hashed chunk from nodes (verified) and each run of chunks
+    /// not hashed yet from the origin.
+    async fn fetch_chunks<W: AsyncWrite + Unpin>(
+        &self,
+        resolved: &Resolved,
+        opts: FetchOptions,
+        (start, end): (u64, u64),
+        out: &mut W,
+        written: &mut u64,
+        report: &mut FetchReport,
+    ) -> Result<(), ClientError> {
+        if start >= end {
+            return Ok(());
+        }
+        let manifest = resolved.manifest();
         let chunk_size = u64::from(manifest.chunk_size);
         let (first, last) = ((start / chunk_size) as usize, ((end - 1) / chunk_size) as usize);
         let failed = Arc::new(Mutex::new(HashSet::new()));
@@ -436,12 +460,27 @@ impl FogClient {
         let mut inflight: VecDeque<(usize, JoinHandle<Result<ChunkOutcome, ClientError>>)> = VecDeque::new();
         let mut next = first;
         let result = loop {
-            while next <= last && inflight.len() < self.inner.cfg.parallel.max(1) {
+            // Pipelined up to the next chunk that is not hashed yet.
+            while next <= last && manifest.hash(next).is_some() && inflight.len() < self.inner.cfg.parallel.max(1) {
                 let task = self.inner.clone().fetch_chunk(resolved.clone(), next, failed.clone(), opts.deadline);
                 inflight.push_back((next, tokio::spawn(task)));
                 next += 1;
             }
-            let Some((index, head)) = inflight.pop_front() else { break Ok(()) };
+            let Some((index, head)) = inflight.pop_front() else {
+                if next > last {
+                    break Ok(());
+                }
+                // A run of chunks not hashed yet: one origin read for all of it.
+                let run_end = (next..=last).find(|&i| manifest.hash(i).is_some()).unwrap_or(last + 1);
+                let from = start.max(next as u64 * chunk_size);
+                let to = end.min(run_end as u64 * chunk_size);
+                *report.fallbacks.entry("not_hashed_yet").or_default() += 1;
+                if let Err(e) = self.origin_span(&manifest.url, from, Some(to), out, written, report).await {
+                    break Err(e);
+                }
+                next = run_end;
+                continue;
+            };
             let outcome = match head.await {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => break Err(e),
@@ -469,9 +508,35 @@ impl FogClient {
         // Receipts go out as chunks verify; give the last ones a moment to arrive.
         let _ =
             tokio::time::timeout(Duration::from_secs(3), async { while receipts.join_next().await.is_some() {} }).await;
-        result?;
-        out.flush().await.map_err(ClientError::Output)?;
-        Ok(report)
+        result
+    }
+
+    /// Streams bytes `[from, to)` (to the object's end if `to` is `None`) straight from the origin: parts
+    /// of an object the tracker has not hashed yet, trusted as they would be without fogcdn.
+    async fn origin_span<W: AsyncWrite + Unpin>(
+        &self,
+        url: &str,
+        from: u64,
+        to: Option<u64>,
+        out: &mut W,
+        written: &mut u64,
+        report: &mut FetchReport,
+    ) -> Result<(), ClientError> {
+        let limit = self.inner.cfg.max_direct_object;
+        let mut body = match self.inner.origin.open_range(url, from, to, limit, false).await {
+            Ok(body) => body,
+            // Asked from where the hashed part ended, and the object ends right there.
+            Err(OriginError::Status { status: 416, .. }) if to.is_none() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(piece) = body.next_piece().await? {
+            out.write_all(&piece).await.map_err(ClientError::Output)?;
+            let n = piece.len() as u64;
+            *written += n;
+            report.bytes += n;
+            report.origin_bytes += n;
+        }
+        Ok(())
     }
 }
 
@@ -540,7 +605,7 @@ impl Inner {
     ) -> Result<ChunkOutcome, ClientError> {
         let r = &resolved.0;
         let manifest = &r.manifest;
-        let hash = manifest.chunks[index];
+        let hash = manifest.hash(index).expect("only hashed chunks are fetched from nodes");
         let (offset, len) = manifest.chunk_span(index);
         let req = ChunkRequest {
             hash,

@@ -11,5 +11,6 @@
 mod fetch;
 pub mod ffi;
 pub mod proxy;
+pub mod publish;
 
 pub use fetch::{ClientConfig, ClientError, FetchOptions, FetchReport, FogClient, NodeUse, Resolved};

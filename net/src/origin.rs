@@ -29,6 +29,8 @@ pub enum OriginError {
     TooLarge { url: String, limit: u64 },
     #[error("{url} is not under a registered origin")]
     NotAllowed { url: String },
+    #[error("origin ignored a Range request for {url}")]
+    RangeIgnored { url: String },
 }
 
 impl OriginError {
@@ -38,6 +40,7 @@ impl OriginError {
             Self::Status { status, .. } => *status >= 500 || *status == 429,
             Self::Network { .. } | Self::Truncated { .. } => true,
             Self::WrongRange { .. } | Self::TooLarge { .. } | Self::NotAllowed { .. } => false,
+            Self::RangeIgnored { .. } => false,
         }
     }
 }
@@ -109,49 +112,70 @@ impl OriginClient {
 
     /// Exactly `len` bytes at `offset` of the object at `url`.
     pub async fn fetch_range(&self, url: &str, offset: u64, len: u32) -> Result<Bytes, OriginError> {
-        self.check_allowed(url)?;
         if len == 0 {
+            self.check_allowed(url)?;
             return Ok(Bytes::new());
         }
-        let last = offset + u64::from(len) - 1;
-        let want = format!("bytes {offset}-{last}/");
-        let mut resp = self
-            .http
-            .get(url)
-            .header(RANGE, format!("bytes={offset}-{last}"))
-            .send()
-            .await
-            .map_err(|e| Self::network(url, e))?;
-        let mut skip = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let got = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
-                if !got.starts_with(&want) {
-                    return Err(OriginError::WrongRange { url: url.into(), want, got: got.into() });
-                }
-                0
-            }
-            // The origin ignored Range and sends the whole object: skip to our offset as it streams by.
-            StatusCode::OK => {
-                tracing::debug!(url, offset, "origin ignored Range; reading through to the offset");
-                offset
-            }
-            s => return Err(OriginError::Status { url: url.into(), status: s.as_u16() }),
-        };
+        let end = offset + u64::from(len);
+        let mut body = self.open_range(url, offset, Some(end), u64::from(len), false).await?;
         let mut out = BytesMut::with_capacity(len as usize);
-        while out.len() < len as usize {
-            let Some(mut piece) = resp.chunk().await.map_err(|e| Self::network(url, e))? else { break };
-            if skip > 0 {
-                let drop = skip.min(piece.len() as u64);
-                let _ = piece.split_to(drop as usize);
-                skip -= drop;
-            }
-            let room = len as usize - out.len();
-            out.extend_from_slice(&piece[..piece.len().min(room)]);
+        while let Some(piece) = body.next_piece().await? {
+            out.extend_from_slice(&piece);
         }
         if out.len() < len as usize {
             return Err(OriginError::Truncated { url: url.into(), expected: len.into(), got: out.len() as u64 });
         }
         Ok(out.freeze())
+    }
+
+    /// Opens bytes `[offset, end)` of the object (to its end when `end` is `None`) for streaming; `limit`
+    /// bounds how many bytes the body may have. An origin that ignores `Range` sends the whole object: with
+    /// `strict` that is refused ([`OriginError::RangeIgnored`]), else the bytes before `offset` are skipped
+    /// as they stream by and the body ends at `end`.
+    pub async fn open_range(
+        &self,
+        url: &str,
+        offset: u64,
+        end: Option<u64>,
+        limit: u64,
+        strict: bool,
+    ) -> Result<OriginBody, OriginError> {
+        self.check_allowed(url)?;
+        let spec = match end {
+            Some(end) => format!("bytes={offset}-{}", end.saturating_sub(1)),
+            None => format!("bytes={offset}-"),
+        };
+        let resp = self.http.get(url).header(RANGE, spec).send().await.map_err(|e| Self::network(url, e))?;
+        let (skip, total) = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let got = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let want = format!("bytes {offset}-");
+                let Some(total) = got.strip_prefix(&want).and_then(parse_content_range_rest) else {
+                    return Err(OriginError::WrongRange { url: url.into(), want, got: got.into() });
+                };
+                (0, total)
+            }
+            // The origin ignored Range and sends the whole object.
+            StatusCode::OK if strict => return Err(OriginError::RangeIgnored { url: url.into() }),
+            StatusCode::OK => {
+                tracing::debug!(url, offset, "origin ignored Range; reading through to the offset");
+                (offset, resp.content_length())
+            }
+            s => return Err(OriginError::Status { url: url.into(), status: s.as_u16() }),
+        };
+        // What the body will hold once the skipped head is dropped, when it can be told.
+        let object_end = total.map(|t| end.map_or(t, |e| e.min(t)));
+        let expected = object_end.map(|e| e.saturating_sub(offset)).or(end.map(|e| e - offset));
+        if let Some(n) = expected.filter(|n| *n > limit) {
+            tracing::debug!(url, n, limit, "range over the size limit");
+            return Err(OriginError::TooLarge { url: url.into(), limit });
+        }
+        let mut body = OriginBody::new(url, resp, limit);
+        body.total = total;
+        body.skip = skip;
+        body.take = end.map(|e| e - offset);
+        body.expected = expected;
+        Ok(body)
     }
 
     /// Opens the whole object for streaming; `limit` bounds how many bytes it may have.
@@ -161,23 +185,23 @@ impl OriginClient {
         if !resp.status().is_success() {
             return Err(OriginError::Status { url: url.into(), status: resp.status().as_u16() });
         }
-        let header = |name: reqwest::header::HeaderName| {
-            resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-        };
-        let (content_type, etag) = (header(reqwest::header::CONTENT_TYPE), header(reqwest::header::ETAG));
         if let Some(n) = resp.content_length().filter(|n| *n > limit) {
             tracing::debug!(url, n, limit, "object over the size limit");
             return Err(OriginError::TooLarge { url: url.into(), limit });
         }
-        Ok(OriginBody {
-            url: url.into(),
-            expected: resp.content_length(),
-            resp,
-            limit,
-            received: 0,
-            content_type,
-            etag,
-        })
+        let mut body = OriginBody::new(url, resp, limit);
+        body.total = body.expected;
+        Ok(body)
+    }
+}
+
+/// The object's total size from the part of a `Content-Range` after `bytes START-`: `END/TOTAL`, where
+/// TOTAL may be `*` (unknown). `None` if malformed.
+fn parse_content_range_rest(rest: &str) -> Option<Option<u64>> {
+    let (_, total) = rest.split_once('/')?;
+    match total {
+        "*" => Some(None),
+        t => t.parse().ok().map(Some),
     }
 }
 
@@ -186,32 +210,78 @@ impl OriginClient {
 pub struct OriginBody {
     url: String,
     resp: reqwest::Response,
-    /// `Content-Length`, when the origin sent one.
+    /// How many bytes the body will deliver, when the origin said.
     pub expected: Option<u64>,
+    /// The whole object's size, when the origin said (`Content-Length` of a full response, or the total
+    /// of a `Content-Range`).
+    pub total: Option<u64>,
+    /// Whether the origin serves byte ranges (it answered one, or announced `Accept-Ranges: bytes`).
+    pub ranges: bool,
     limit: u64,
     received: u64,
+    /// Bytes still to drop before the requested range starts (an origin that ignored `Range`).
+    skip: u64,
+    /// Bytes the caller asked for at most, when bounded.
+    take: Option<u64>,
     pub content_type: Option<String>,
     pub etag: Option<String>,
 }
 
 impl OriginBody {
+    fn new(url: &str, resp: reqwest::Response, limit: u64) -> Self {
+        let header = |name: reqwest::header::HeaderName| {
+            resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        };
+        let (content_type, etag) = (header(reqwest::header::CONTENT_TYPE), header(reqwest::header::ETAG));
+        let ranges = resp.status() == StatusCode::PARTIAL_CONTENT
+            || header(reqwest::header::ACCEPT_RANGES).is_some_and(|v| v.eq_ignore_ascii_case("bytes"));
+        Self {
+            url: url.into(),
+            expected: resp.content_length(),
+            total: None,
+            ranges,
+            resp,
+            limit,
+            received: 0,
+            skip: 0,
+            take: None,
+            content_type,
+            etag,
+        }
+    }
+
     /// The next piece of the body, or `None` at its end.
     pub async fn next_piece(&mut self) -> Result<Option<Bytes>, OriginError> {
-        let url = &self.url;
-        match self.resp.chunk().await.map_err(|e| OriginClient::network(url, e))? {
-            Some(piece) => {
-                self.received += piece.len() as u64;
-                if self.received > self.limit {
-                    return Err(OriginError::TooLarge { url: url.clone(), limit: self.limit });
-                }
-                Ok(Some(piece))
+        loop {
+            if self.take.is_some_and(|t| self.received >= t) {
+                return Ok(None);
             }
-            None => match self.expected {
-                Some(expected) if self.received < expected => {
-                    Err(OriginError::Truncated { url: url.clone(), expected, got: self.received })
+            let url = &self.url;
+            let Some(mut piece) = self.resp.chunk().await.map_err(|e| OriginClient::network(url, e))? else {
+                break;
+            };
+            if self.skip > 0 {
+                let drop = self.skip.min(piece.len() as u64);
+                let _ = piece.split_to(drop as usize);
+                self.skip -= drop;
+                if piece.is_empty() {
+                    continue;
                 }
-                _ => Ok(None),
-            },
+            }
+            if let Some(take) = self.take {
+                piece.truncate((take - self.received).min(piece.len() as u64) as usize);
+            }
+            self.received += piece.len() as u64;
+            if self.received > self.limit {
+                return Err(OriginError::TooLarge { url: url.clone(), limit: self.limit });
+            }
+            return Ok(Some(piece));
+        }
+        match self.expected {
+            Some(expected) if self.received < expected => {
+                Err(OriginError::Truncated { url: self.url.clone(), expected, got: self.received })
+            }
+            _ => Ok(None),
         }
     }
 }

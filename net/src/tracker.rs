@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use fog_proto::api::{ApiError, ClientReport, ErrorCode, HeartbeatResponse, RegisterResponse, Resolve, Signed};
+use fog_proto::api::{
+    ApiError, ClientReport, ErrorCode, HeartbeatResponse, Published, RegisterResponse, Resolve, Signed,
+};
 use fog_proto::credits::RedeemResponse;
+use fog_proto::manifest::Manifest;
 use fog_proto::origins::OriginList;
 use fog_proto::{ContentId, NodeId};
 use serde::de::DeserializeOwned;
@@ -70,14 +73,19 @@ impl TrackerClient {
 
     /// The manifest of `url` and a schedule of nodes per chunk. `stale` names a content id the caller found
     /// no longer matching the origin, asking the tracker to ingest the object again.
-    /// `client_key`: the session's public key, asking for a credit ticket.
+    /// `client_key`: the session's public key, asking for a credit ticket. `from`: the byte the client
+    /// reads first (a seek), which an ingest still under way hashes before the rest.
     pub async fn resolve(
         &self,
         url: &str,
         stale: Option<ContentId>,
         client_key: Option<NodeId>,
+        from: Option<u64>,
     ) -> Result<Resolve, TrackerError> {
         let mut req = self.http.get(format!("{}/v1/resolve", self.base)).query(&[("url", url)]);
+        if let Some(from) = from.filter(|&f| f > 0) {
+            req = req.query(&[("from", from.to_string())]);
+        }
         if let Some(s) = stale {
             req = req.query(&[("stale", s.to_string())]);
         }
@@ -111,6 +119,13 @@ impl TrackerClient {
 
     pub async fn heartbeat(&self, msg: &Signed) -> Result<HeartbeatResponse, TrackerError> {
         self.send(self.http.post(format!("{}/v1/nodes/heartbeat", self.base)).json(msg)).await
+    }
+
+    /// Publishes a manifest built where the content is packaged (`fog manifest --publish`): the tracker
+    /// serves it for its URL instead of ingesting the object. Operator-only (`--admin-token`).
+    pub async fn publish(&self, manifest: &Manifest, admin_token: &str) -> Result<Published, TrackerError> {
+        let req = self.http.put(format!("{}/v1/admin/manifests", self.base)).bearer_auth(admin_token).json(manifest);
+        self.send(req).await
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, TrackerError> {

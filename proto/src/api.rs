@@ -406,6 +406,15 @@ pub struct Resolve {
     pub ticket: Option<Signed>,
 }
 
+/// `PUT /v1/admin/manifests` (admin token): the tracker now serves this manifest, built where the content
+/// is packaged (`fog manifest`), and never downloads the object to hash it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The URL as the tracker keys it (canonical form).
+    pub url: String,
+    pub content_id: ContentId,
+}
+
 /// `POST /v1/reports`: what a client (player proxy) saw since its last report. Unauthenticated, so the
 /// tracker only counts it for dashboards and metrics; it never decides scheduling on its own.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -508,6 +517,9 @@ pub struct TrackerStats {
     pub resolves: u64,
     pub ingests: u64,
     pub ingest_errors: u64,
+    /// Objects being read from their origins right now (resolves meanwhile get the chunks hashed so far).
+    #[serde(default)]
+    pub ingests_running: u64,
     /// Live nodes by how their overlay sees itself (`unknown`, `public`, `nat`, `relayed`).
     #[serde(default)]
     pub nodes_by_reachability: std::collections::BTreeMap<String, u64>,

@@ -193,6 +193,11 @@ impl Cluster {
             "--heartbeat-secs".into(),
             "1".into(),
         ];
+        // Tests of other things see a first fetch wait for the whole (fast, local) ingest, as they did
+        // before ingest streamed; `first_view` tests pass the production default.
+        if !opts.tracker_args.iter().any(|a| a == "--resolve-wait-ms") {
+            args.extend(["--resolve-wait-ms".into(), "20000".into()]);
+        }
         args.extend(opts.tracker_args);
         let tracker = Proc::spawn("fog-tracker", &args, dir.path().join("tracker.log")).await;
         let mut cluster =

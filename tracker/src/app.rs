@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fog_net::origin::OriginError;
+use fog_net::origin::{OriginClient, OriginError};
 use fog_net::per_source::{Held, PerSource};
 use fog_net::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
-    ClientReport, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Reachability, Register, RegisterResponse,
-    Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED, WANT_PEERS,
+    ClientReport, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Published, Reachability, Register,
+    RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED, WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, MAX_BATCH};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::config::TrackerConfig;
 use crate::dashboard::{Dashboard, Event, Sample, TopContent};
 use crate::db::{Db, DbError};
-use crate::ingest::{Ingest, IngestError, Origin};
+use crate::ingest::{Ingest, IngestConfig, IngestError, Source};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
@@ -41,6 +41,9 @@ const REGISTRATIONS_PER_SOURCE: (u32, u32) = (64, 60);
 const INGESTS_PER_SOURCE: (u32, u32) = (64, 60);
 /// Redeem batches per source: burst, then per minute (a node drains a full backlog of 64 batches at once).
 const REDEEMS_PER_SOURCE: (u32, u32) = (128, 120);
+
+/// Ingests running at once; more wait for a retry (the object streams through, so each costs little memory).
+const MAX_CONCURRENT_INGESTS: usize = 32;
 
 /// Client network prefixes whose coordinates are remembered.
 const MAX_CLIENT_PREFIXES: usize = 100_000;
@@ -120,6 +123,7 @@ impl AppError {
             Self::Ingest(IngestError::Origin(OriginError::TooLarge { .. })) => "too_large",
             Self::Ingest(IngestError::Origin(_)) => "origin_error",
             Self::Ingest(IngestError::Busy) => "busy",
+            Self::Ingest(IngestError::ChangedDuringIngest { .. }) => "origin_changed",
             _ => "internal",
         }
     }
@@ -137,13 +141,12 @@ pub struct App {
     pub ingest: Ingest,
     pub registry: Registry,
     pub metrics: Metrics,
-    pub dashboard: Dashboard,
+    pub dashboard: Arc<Dashboard>,
     pub ledger: Ledger,
     pub db: Arc<Db>,
     manifests: AtomicU64,
     resolves: AtomicU64,
     ingests: AtomicU64,
-    ingest_errors: AtomicU64,
     streams: Arc<Semaphore>,
     streams_by_source: Held,
     /// Nodes clients reported serving wrong bytes, for the prober to check now.
@@ -186,8 +189,24 @@ pub struct Summary {
 }
 
 impl App {
-    pub fn new(cfg: TrackerConfig, db: Arc<Db>, ingest: Ingest, ledger: Ledger) -> Result<Self, crate::db::DbError> {
+    pub fn new(
+        cfg: TrackerConfig,
+        db: Arc<Db>,
+        origin: OriginClient,
+        ledger: Ledger,
+    ) -> Result<Self, crate::db::DbError> {
         let manifests = db.count_manifests()?;
+        let dashboard = Arc::new(Dashboard::default());
+        let metrics = Metrics::default();
+        let ingest_cfg = IngestConfig {
+            chunk_size: cfg.chunk_size,
+            max_object_size: cfg.max_object_size,
+            min_reingest_age: cfg.min_reingest_age,
+            resolve_wait: cfg.resolve_wait,
+            origin_manifests: cfg.origin_manifests,
+            max_running: MAX_CONCURRENT_INGESTS,
+        };
+        let ingest = Ingest::new(origin, db.clone(), ingest_cfg, dashboard.clone(), metrics.ingest_errors.clone());
         let (urgent_probes, urgent_rx) = mpsc::channel(64);
         let blocked = db.blocked_nodes()?;
         Ok(Self {
@@ -198,8 +217,8 @@ impl App {
             }),
             load: Default::default(),
             clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
-            metrics: Metrics::default(),
-            dashboard: Dashboard::default(),
+            metrics,
+            dashboard,
             ledger,
             cfg,
             ingest,
@@ -207,7 +226,6 @@ impl App {
             manifests: AtomicU64::new(manifests),
             resolves: AtomicU64::new(0),
             ingests: AtomicU64::new(0),
-            ingest_errors: AtomicU64::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
             streams_by_source: Held::default(),
             urgent_probes,
@@ -230,28 +248,45 @@ impl App {
     }
 
     /// `url`'s manifest (ingested now if need be, again if the client saw it `stale`) and a schedule of
-    /// nodes for the client at `peer`, with a credit ticket for its session key `client_key`.
+    /// nodes for the client at `peer`, with a credit ticket for its session key `client_key`. While the
+    /// object is being ingested the manifest lists the chunks hashed so far, those at `from` (the byte the
+    /// client reads first) first.
     pub async fn resolve(
         &self,
         url: &str,
         stale: Option<ContentId>,
         client_key: Option<NodeId>,
+        from: u64,
         peer: IpAddr,
     ) -> Result<Resolve, AppError> {
         self.resolves.fetch_add(1, Ordering::Relaxed);
-        match self.resolve_counted(url, stale, client_key, peer).await {
+        match self.resolve_counted(url, stale, client_key, from, peer).await {
             Ok(resolve) => Ok(resolve),
             Err(e) => {
+                // Failed ingests themselves are counted and shown by the ingest task, once each.
                 if let AppError::Ingest(ingest) = &e {
-                    self.ingest_errors.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.ingest_errors.inc();
-                    tracing::warn!(url, error = %ingest, "resolve failed");
-                    self.dashboard.event("ingest_error", ingest.to_string());
+                    tracing::info!(url, error = %ingest, "resolve failed");
                 }
                 self.count_resolve(e.resolve_result());
                 Err(e)
             }
         }
+    }
+
+    /// Publishes a manifest built where the content is packaged (operator only: `http` checks the token).
+    pub async fn publish(&self, mut manifest: Manifest) -> Result<Published, AppError> {
+        let url = fog_proto::origins::canonical_url(&manifest.url).map_err(AppError::BadRequest)?;
+        if !self.cfg.origins.allows(&url) {
+            return Err(AppError::UnknownOrigin { url, registered: self.cfg.origins.prefixes().join(", ") });
+        }
+        manifest.url = url.clone();
+        let new = !self.ingest.is_known(&url);
+        let content_id = self.ingest.publish(manifest).await?;
+        if new {
+            self.manifests.fetch_add(1, Ordering::Relaxed);
+        }
+        self.dashboard.event("manifest_published", format!("{url} ({content_id})"));
+        Ok(Published { url, content_id })
     }
 
     /// Counts a resolve that `http` refused before it could ask (a malformed query).
@@ -266,6 +301,7 @@ impl App {
         url: &str,
         stale: Option<ContentId>,
         client_key: Option<NodeId>,
+        from: u64,
         peer: IpAddr,
     ) -> Result<Resolve, AppError> {
         // One form for the allow-list, the fetch and the manifest key: spellings of one URL share a manifest.
@@ -276,19 +312,24 @@ impl App {
         }
         // Reading an object from its origin is the costliest thing a stranger can ask for: each source gets
         // its share of new ingests (query-string variants of one URL are distinct objects to an origin).
-        if (stale.is_some() || !self.ingest.is_stored(&url)) && !self.ingests_by_source.check(peer) {
+        if (stale.is_some() || !self.ingest.is_known(&url)) && !self.ingests_by_source.check(peer) {
             return Err(AppError::RateLimited(
                 "too many new objects ingested for your network; try again in a minute (the origin serves it meanwhile)",
             ));
         }
-        let (manifest, how) = self.ingest.manifest(&url, stale).await?;
-        if how == Origin::Ingested {
+        let answer = self.ingest.manifest(&url, stale, from).await?;
+        if answer.started {
             self.ingests.fetch_add(1, Ordering::Relaxed);
             if stale.is_none() {
                 self.manifests.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.count_resolve(if how == Origin::Ingested { "ingested" } else { "stored" });
+        let manifest = answer.manifest;
+        self.count_resolve(match answer.source {
+            Source::Stored => "stored",
+            Source::Ingested => "ingested",
+            Source::Ingesting => "ingesting",
+        });
         self.dashboard.count_resolve(&url);
         let client = self.clients.lock().expect("clients lock").get(peer);
         let (nodes, schedule, ticket) =
@@ -308,9 +349,19 @@ impl App {
         source: Option<IpAddr>,
     ) -> (Vec<NodeContact>, Vec<Vec<u32>>, Option<Signed>) {
         let snapshot = self.registry.snapshot();
+        // Only hashed chunks can be fetched from nodes (and verified); the others get no candidates.
+        let hashed: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| manifest.hash(i).is_some()).collect();
         let chunks: Vec<(ChunkHash, u32)> =
-            manifest.chunks.iter().enumerate().map(|(i, c)| (*c, manifest.chunk_span(i).1)).collect();
-        let (nodes, schedule) = scheduler::schedule(&snapshot, load, client, &chunks, self.registry.params(), now_ms());
+            hashed.iter().map(|&i| (manifest.chunks[i], manifest.chunk_span(i).1)).collect();
+        let (nodes, mut schedule) =
+            scheduler::schedule(&snapshot, load, client, &chunks, self.registry.params(), now_ms());
+        if hashed.len() < manifest.chunks.len() {
+            let mut full = vec![Vec::new(); manifest.chunks.len()];
+            for (i, candidates) in hashed.into_iter().zip(schedule) {
+                full[i] = candidates;
+            }
+            schedule = full;
+        }
         let ticket = match client_key {
             Some(key) if !nodes.is_empty() => {
                 // A node may be paid for the chunks it is a candidate for, and no more.
@@ -319,7 +370,10 @@ impl App {
                     assigned[i as usize] += 1;
                 }
                 let ids = nodes.iter().map(|n| n.id).collect();
-                let (unit, budget) = (manifest.chunk_size, manifest.size);
+                let hashed_bytes = manifest.progress.as_ref().map_or(manifest.size, |p| {
+                    p.hashed.iter().flat_map(|&(s, e)| s..e).map(|i| u64::from(manifest.chunk_span(i as usize).1)).sum()
+                });
+                let (unit, budget) = (manifest.chunk_size, hashed_bytes);
                 match self.ledger.issue_ticket(source, key, manifest.content_id(), ids, assigned, unit, budget) {
                     Ok(t) => t,
                     Err(e) => {
@@ -519,7 +573,8 @@ impl App {
             origin_fill_bytes: c.origin_fill_bytes,
             resolves: self.resolves.load(Ordering::Relaxed),
             ingests: self.ingests.load(Ordering::Relaxed),
-            ingest_errors: self.ingest_errors.load(Ordering::Relaxed),
+            ingest_errors: self.metrics.ingest_errors.get(),
+            ingests_running: self.ingest.running() as u64,
             nodes_by_reachability: Reachability::ALL
                 .iter()
                 .zip(c.by_reachability)
@@ -628,6 +683,7 @@ impl App {
             m.nodes_by_reachability.get_or_create(&label).set(*n as i64);
         }
         m.manifests.set(s.manifests as i64);
+        m.ingests_running.set(s.ingests_running as i64);
         m.node_cache_used_bytes.set(s.cache_used as i64);
         let t = &self.registry.totals;
         let catch_up = |c: &prometheus_client::metrics::counter::Counter, total: &AtomicU64| {

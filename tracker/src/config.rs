@@ -66,6 +66,15 @@ pub struct TrackerArgs {
     /// Most registered nodes kept [default: 100000].
     #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
     pub max_nodes: Option<usize>,
+    /// How long a resolve of an object still being ingested waits for the chunks the client needs before
+    /// answering with what is hashed (the client reads the rest from the origin) [default: 50].
+    #[arg(long, env = "FOG_TRACKER_RESOLVE_WAIT_MS")]
+    pub resolve_wait_ms: Option<u64>,
+    /// Before reading an object, look for a manifest its publisher placed beside it on the origin at
+    /// `<object URL>.fog-manifest.json` (built with `fog manifest --sidecar`).
+    #[arg(long, env = "FOG_TRACKER_ORIGIN_MANIFESTS")]
+    #[serde(default)]
+    pub origin_manifests: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +96,8 @@ pub struct TrackerConfig {
     pub tickets_per_minute: u32,
     /// `None`: no probes.
     pub probe_every: Option<Duration>,
+    pub resolve_wait: Duration,
+    pub origin_manifests: bool,
 }
 
 impl TrackerArgs {
@@ -129,6 +140,10 @@ impl TrackerArgs {
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs),
             tickets_per_minute: self.tickets_per_minute.or(file.tickets_per_minute).unwrap_or(120),
+            resolve_wait: Duration::from_millis(
+                self.resolve_wait_ms.or(file.resolve_wait_ms).unwrap_or(50).min(30_000),
+            ),
+            origin_manifests: self.origin_manifests || file.origin_manifests,
         })
     }
 }

@@ -26,11 +26,15 @@ pub enum DbError {
     Corrupt { url: String, source: serde_json::Error },
 }
 
-/// A manifest and when it was ingested (ms since the Unix epoch).
+/// A manifest and when it was ingested or published (ms since the Unix epoch).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredManifest {
     pub manifest: Manifest,
     pub ingested_at_ms: u64,
+    /// Built by the publisher, not by reading the object: a client's report that it is wrong is acted on
+    /// at once.
+    #[serde(default)]
+    pub published: bool,
 }
 
 #[derive(Debug)]

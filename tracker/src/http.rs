@@ -9,6 +9,7 @@ use bytes::Bytes;
 use fog_net::http_server::{self, json, reply, Reply};
 use fog_net::origin::OriginError;
 use fog_proto::api::{ApiError, ClientReport, ErrorCode, Signed};
+use fog_proto::manifest::MAX_MANIFEST_JSON;
 use fog_proto::{ContentId, NodeId};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -70,7 +71,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
         (&Method::POST, "/v1/nodes/heartbeat") => {
             signed_body(req).await.and_then(|signed| app.heartbeat(&signed)).and_then(|r| ok(&r))
         }
-        (&Method::POST, "/v1/reports") => match json_body::<ClientReport>(req).await {
+        (&Method::POST, "/v1/reports") => match json_body::<ClientReport>(req, MAX_BODY).await {
             Ok(report) => app.client_report(&report, peer.ip()).and_then(|()| ok(&serde_json::json!({"ok": true}))),
             Err(e) => Err(e),
         },
@@ -89,6 +90,13 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
         }
         (&Method::GET, "/v1/dashboard/stream") => stream(&app, peer.ip()),
         (&Method::GET, "/v1/admin/blocked") => app.check_admin(bearer(&req)).and_then(|()| ok(&app.registry.blocked())),
+        (&Method::PUT, "/v1/admin/manifests") => match app.check_admin(bearer(&req)) {
+            Ok(()) => match json_body(req, MAX_MANIFEST_JSON).await {
+                Ok(manifest) => app.publish(manifest).await.and_then(|p| ok(&p)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
         (&Method::POST, p) if p.starts_with("/v1/admin/nodes/") => {
             app.check_admin(bearer(&req)).and_then(|()| admin_node_action(&app, p))
         }
@@ -120,7 +128,10 @@ fn error_reply(e: &AppError) -> Reply {
         AppError::Ingest(IngestError::Origin(OriginError::TooLarge { .. })) => {
             (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge)
         }
-        AppError::Ingest(IngestError::Origin(_)) => (StatusCode::BAD_GATEWAY, ErrorCode::OriginError),
+        AppError::Ingest(IngestError::Origin(_) | IngestError::ChangedDuringIngest { .. }) => {
+            (StatusCode::BAD_GATEWAY, ErrorCode::OriginError)
+        }
+        AppError::Ingest(IngestError::BadPublished { .. }) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         AppError::Ingest(IngestError::Busy) | AppError::StreamsFull => {
             (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal)
         }
@@ -169,19 +180,19 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// A JSON request body of at most [`MAX_BODY`] bytes.
-async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, AppError> {
-    let body = http_server::read_body(req, MAX_BODY).await.map_err(|e| AppError::BadRequest(e.to_string()))?;
+/// A JSON request body of at most `limit` bytes.
+async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>, limit: usize) -> Result<T, AppError> {
+    let body = http_server::read_body(req, limit).await.map_err(|e| AppError::BadRequest(e.to_string()))?;
     serde_json::from_slice(&body).map_err(|e| AppError::BadRequest(format!("malformed request body: {e}")))
 }
 
 async fn signed_body(req: Request<Incoming>) -> Result<Signed, AppError> {
-    json_body::<Signed>(req).await
+    json_body::<Signed>(req, MAX_BODY).await
 }
 
-/// `GET /v1/resolve?url=U[&client_key=K][&stale=C]`.
+/// `GET /v1/resolve?url=U[&client_key=K][&stale=C][&from=BYTE]`.
 async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError> {
-    let (mut url, mut stale, mut client_key) = (None, None, None);
+    let (mut url, mut stale, mut client_key, mut from) = (None, None, None, 0);
     for (k, v) in query_pairs(query) {
         let parsed = match k.as_str() {
             "url" => {
@@ -192,6 +203,9 @@ async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError
             "stale" => {
                 v.parse::<ContentId>().map(|id| stale = Some(id)).map_err(|e| AppError::BadRequest(e.to_string()))
             }
+            "from" => {
+                v.parse().map(|f| from = f).map_err(|_| AppError::BadRequest(format!("from={v} is not a byte offset")))
+            }
             _ => Ok(()),
         };
         if let Err(e) = parsed {
@@ -201,7 +215,7 @@ async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError
     let Some(url) = url else {
         return app.resolve_refused(AppError::BadRequest("missing query parameter url".into()));
     };
-    ok(&app.resolve(&url, stale, client_key, peer).await?)
+    ok(&app.resolve(&url, stale, client_key, from, peer).await?)
 }
 
 /// `GET /v1/ledger/head[?epoch=E]`: the signed head now, or the one that sealed epoch E.

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub nodes_by_client_path: Family<PathLabel, Gauge>,
     pub nodes_by_reachability: Family<ReachabilityLabel, Gauge>,
     pub manifests: Gauge,
+    pub ingests_running: Gauge,
     pub node_cache_used_bytes: Gauge,
     pub fog_bytes: Counter,
     pub origin_fill_bytes: Counter,
@@ -116,6 +117,12 @@ impl Default for Metrics {
             nodes_by_reachability.clone(),
         );
         registry.register("fog_tracker_manifests", "Manifests stored", manifests.clone());
+        let ingests_running = Gauge::default();
+        registry.register(
+            "fog_tracker_ingests_running",
+            "Objects being read from their origins",
+            ingests_running.clone(),
+        );
         registry.register(
             "fog_tracker_node_cache_used_bytes",
             "Cache bytes used across healthy nodes, as they report",
@@ -156,6 +163,7 @@ impl Default for Metrics {
             nodes_by_client_path,
             nodes_by_reachability,
             manifests,
+            ingests_running,
             node_cache_used_bytes,
             fog_bytes,
             origin_fill_bytes,

@@ -1,11 +1,15 @@
 //! `fog`: the fogcdn command-line client.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use fog_client::publish;
 use fog_client::{ClientConfig, FetchReport, FogClient};
+use fog_net::tracker::{TrackerClient, TrackerError};
+use fog_proto::api::{ErrorCode, Published};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Parser, Debug)]
@@ -61,6 +65,148 @@ enum Command {
         #[arg(long, env = "FOG_PROXY", default_value = "127.0.0.1:7780")]
         proxy: String,
     },
+    /// Build the manifests of a file, or of every file below a directory, where the content is packaged:
+    /// print them (JSON lines), write them next to the files (--sidecar) or publish them (--publish).
+    Manifest(ManifestArgs),
+}
+
+#[derive(Args, Debug)]
+struct ManifestArgs {
+    /// A file, or a directory (walked recursively; FILE.fog-manifest.json sidecars are left out).
+    path: PathBuf,
+    /// Where the origin serves PATH. For a file: the object's URL, or a URL ending in '/' that the file's name
+    /// is appended to. For a directory: its URL, to which each file's path below it is appended.
+    #[arg(long)]
+    base_url: String,
+    /// Chunk size, 16KiB..16MiB: any size in that range may be published, whatever the tracker's --chunk-size.
+    #[arg(long, default_value = "1MiB")]
+    chunk_size: fog_proto::size::Size,
+    /// Write each manifest next to its file, as FILE.fog-manifest.json (for a tracker run with
+    /// --origin-manifests).
+    #[arg(long)]
+    sidecar: bool,
+    /// Publish each manifest to the tracker (needs --tracker and --admin-token).
+    #[arg(long)]
+    publish: bool,
+    /// Tracker base URL, for --publish.
+    #[arg(long, env = "FOG_TRACKER")]
+    tracker: Option<String>,
+    /// The tracker's admin token, for --publish.
+    #[arg(long, env = "FOG_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// Manifests being published at once: uploads overlap the hashing of the next files without flooding the
+/// tracker. Files are hashed one at a time: reading them, not hashing, is the limit.
+const PUBLISH_CONCURRENCY: usize = 4;
+/// Time for one publish request; a manifest is at most 8 MiB of JSON.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Prints a publish outcome; false if it failed. A refused token ends the run: every object would fail.
+fn report_published(
+    (manifest, answer): (fog_proto::manifest::Manifest, Result<Published, TrackerError>),
+) -> anyhow::Result<bool> {
+    match answer {
+        Ok(p) => {
+            if p.content_id != manifest.content_id() {
+                eprintln!(
+                    "fog: warning: the tracker recorded {} as content {}, not {} as built",
+                    p.url,
+                    p.content_id,
+                    manifest.content_id()
+                );
+            }
+            println!("published url={} chunks={} content_id={}", p.url, manifest.chunks.len(), p.content_id);
+            Ok(true)
+        }
+        Err(e) if e.code() == Some(ErrorCode::Unauthorized) => Err(anyhow::Error::new(e).context("publishing")),
+        Err(e) => {
+            eprintln!("fog: error: publishing {}: {e}", manifest.url);
+            Ok(false)
+        }
+    }
+}
+
+async fn manifest(args: ManifestArgs) -> anyhow::Result<()> {
+    let chunk_size = publish::chunk_size(args.chunk_size.0).context("--chunk-size")?;
+    let publisher = match (args.publish, args.tracker, args.admin_token) {
+        (false, ..) => None,
+        (true, Some(tracker), Some(token)) => {
+            Some((TrackerClient::new(&tracker, PUBLISH_TIMEOUT), Arc::<str>::from(token)))
+        }
+        (true, None, _) => anyhow::bail!("--publish needs --tracker (or FOG_TRACKER)"),
+        (true, _, None) => anyhow::bail!("--publish needs --admin-token (or FOG_ADMIN_TOKEN)"),
+    };
+    let plan = publish::plan(&args.path, &args.base_url).await?;
+    for s in &plan.skipped {
+        eprintln!("fog: skipped {}: {}", s.path.display(), s.reason);
+    }
+    for e in &plan.failed {
+        eprintln!("fog: error: {e}");
+    }
+    let (objects, skipped) = (plan.objects.len() + plan.failed.len(), plan.skipped.len());
+    let (mut failed, mut sidecars, mut published) = (plan.failed.len(), 0, 0);
+    let mut publishing = tokio::task::JoinSet::new();
+    for object in plan.objects {
+        let manifest = match publish::build(&object.path, object.url, chunk_size).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("fog: error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        if !args.sidecar && publisher.is_none() {
+            println!("{}", serde_json::to_string(&manifest)?);
+            continue;
+        }
+        if args.sidecar {
+            match publish::write_sidecar(&object.path, &manifest).await {
+                Ok(path) => {
+                    println!(
+                        "wrote {} url={} chunks={} content_id={}",
+                        path.display(),
+                        manifest.url,
+                        manifest.chunks.len(),
+                        manifest.content_id()
+                    );
+                    sidecars += 1;
+                }
+                Err(e) => {
+                    eprintln!("fog: error: {e}");
+                    failed += 1;
+                    continue;
+                }
+            }
+        }
+        if let Some((tracker, token)) = &publisher {
+            while publishing.len() >= PUBLISH_CONCURRENCY {
+                let outcome = publishing.join_next().await.context("a publish task is running")??;
+                if report_published(outcome)? {
+                    published += 1
+                } else {
+                    failed += 1
+                }
+            }
+            let (tracker, token) = (tracker.clone(), token.clone());
+            publishing.spawn(async move {
+                let answer = tracker.publish(&manifest, &token).await;
+                (manifest, answer)
+            });
+        }
+    }
+    while let Some(outcome) = publishing.join_next().await {
+        if report_published(outcome?)? {
+            published += 1
+        } else {
+            failed += 1
+        }
+    }
+    if args.sidecar || publisher.is_some() || failed > 0 {
+        eprintln!("fog: manifest: objects={objects} sidecars={sidecars} published={published} failed={failed} skipped={skipped}");
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {objects} objects failed");
+    Ok(())
 }
 
 async fn proxy(
@@ -169,6 +315,7 @@ fn main() -> std::process::ExitCode {
                 println!("{}", fog_client::proxy::proxied_url(&origin_url, &proxy)?);
                 Ok(())
             }
+            Command::Manifest(args) => manifest(args).await,
         }
     });
     match result {

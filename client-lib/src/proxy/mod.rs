@@ -233,6 +233,15 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
     Ok(Some((start, end)))
 }
 
+/// The first byte a `Range` header asks for (`bytes=A-…`), 0 for a suffix or no range: where a player seeks.
+fn range_start(header: Option<&str>) -> u64 {
+    header
+        .and_then(|h| h.trim().strip_prefix("bytes="))
+        .and_then(|spec| spec.split(['-', ',']).next())
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
@@ -451,12 +460,16 @@ impl Proxy {
         Ok(body)
     }
 
-    async fn resolved(&self, url: &str) -> Result<Resolved, fog_net::tracker::TrackerError> {
+    /// `url`'s manifest and candidates; `from`: the byte the player reads first. A manifest still being
+    /// ingested is not kept, so the next request picks up the chunks hashed since.
+    async fn resolved(&self, url: &str, from: u64) -> Result<Resolved, fog_net::tracker::TrackerError> {
         if let Some(r) = self.manifests.get(url).await {
             return Ok(r);
         }
-        let r = self.client.resolve(url, None).await?;
-        self.manifests.insert(url.to_string(), r.clone()).await;
+        let r = self.client.resolve(url, None, from).await?;
+        if r.manifest().is_complete() {
+            self.manifests.insert(url.to_string(), r.clone()).await;
+        }
         Ok(r)
     }
 
@@ -490,13 +503,17 @@ impl Proxy {
                 }
             }
         }
-        let resolved = match self.resolved(&url).await {
+        let resolved = match self.resolved(&url, range_start(range.as_deref())).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(url, error = %e, "fog cannot serve this object; passing it through from the origin");
                 return self.passthrough(&url, range, head, reason_code(&e)).await;
             }
         };
+        // Ingest has not learnt the object's size yet: the origin answers this request, as without fogcdn.
+        if !resolved.manifest().size_known() {
+            return self.passthrough(&url, range, head, "ingesting").await;
+        }
         self.stats.request(if range.is_some() { "range" } else { "segment" });
         let size = resolved.manifest().size;
         let span = match parse_range(range.as_deref(), size) {
@@ -541,7 +558,7 @@ impl Proxy {
                 Err(ClientError::ContentChanged { .. }) => {
                     tracing::warn!(url, "origin object changed since ingest; refreshing its manifest");
                     proxy.manifests.invalidate(&url).await;
-                    if let Ok(fresh) = proxy.client.resolve(&url, Some(resolved.content_id())).await {
+                    if let Ok(fresh) = proxy.client.resolve(&url, Some(resolved.content_id()), 0).await {
                         proxy.manifests.insert(url, fresh).await;
                     }
                 }
@@ -593,7 +610,7 @@ impl Proxy {
     }
 
     async fn prefetch_one(&self, url: &str, due: Duration, secs: f64) -> Option<Bytes> {
-        let resolved = self.resolved(url).await.ok()?;
+        let resolved = self.resolved(url, 0).await.ok()?;
         let started = Instant::now();
         let mut out = Vec::with_capacity(resolved.manifest().size as usize);
         let mut written = 0;

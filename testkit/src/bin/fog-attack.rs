@@ -224,7 +224,7 @@ async fn legit(
                 let result = match FogClient::new(cfg) {
                     // Resolve, then fetch, timed apart (where an attack slows a fetch down); a failed resolve
                     // goes the real client's whole way (retry, origin fallback) instead.
-                    Ok(client) => match client.resolve(url, None).await {
+                    Ok(client) => match client.resolve(url, None, 0).await {
                         Ok(resolved) => {
                             resolve_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
                             let (mut out, mut written) = (Vec::new(), 0);

@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     match &args.mode {
         Mode::Quic { tracker, url } => {
             mode_name = "quic-fog-node";
-            let resolved = TrackerClient::new(tracker, Duration::from_secs(30)).resolve(url, None, None).await?;
+            let resolved = TrackerClient::new(tracker, Duration::from_secs(30)).resolve(url, None, None, None).await?;
             let Some(node) = resolved.nodes.first().cloned() else { bail!("tracker scheduled no node") };
             let m = Arc::new(resolved.manifest);
             let endpoint = transport::client_endpoint(([0, 0, 0, 0], 0).into())?;

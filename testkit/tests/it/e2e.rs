@@ -218,7 +218,7 @@ async fn bad_requests_get_clear_errors_and_processes_keep_running() {
 async fn awkward_origins_are_handled() {
     let cluster = Cluster::start(ClusterOptions {
         nodes: 2,
-        quirks: Quirks { ignore_range: true, omit_length: true },
+        quirks: Quirks { ignore_range: true, omit_length: true, ..Default::default() },
         ..Default::default()
     })
     .await;
@@ -429,7 +429,7 @@ async fn a_node_too_slow_for_the_deadline_is_finished_from_the_origin() {
     let content = test_bytes(MIB, 51);
     cluster.origin.put("slow.bin", content.clone());
     let client = cluster.client();
-    let resolved = client.resolve(&cluster.origin.url("slow.bin"), None).await.expect("resolve");
+    let resolved = client.resolve(&cluster.origin.url("slow.bin"), None, 0).await.expect("resolve");
     let mut out = Vec::new();
     let mut written = 0;
     let opts = fog_client::FetchOptions { range: None, deadline: Some(Instant::now() + Duration::from_secs(1)) };

@@ -10,6 +10,7 @@ mod credits;
 mod dashboard;
 mod disk;
 mod e2e;
+mod first_view;
 mod health;
 mod netns;
 mod observability;

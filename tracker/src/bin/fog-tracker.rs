@@ -7,12 +7,8 @@ use fog_tracker::app::App;
 use fog_tracker::clock::Clock;
 use fog_tracker::config::TrackerArgs;
 use fog_tracker::db::Db;
-use fog_tracker::ingest::Ingest;
 use fog_tracker::ledger::Ledger;
 use fog_tracker::run::run;
-
-/// Ingests running at once; more wait for a retry (the object streams through, so each costs little memory).
-const MAX_CONCURRENT_INGESTS: usize = 32;
 
 fn main() -> anyhow::Result<()> {
     fog_net::bin_support::init_logging("info");
@@ -23,7 +19,6 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let db = Arc::new(Db::open(&cfg.data_dir.join("db"))?);
         let origin = OriginClient::new(Some(Arc::new(RwLock::new(cfg.origins.clone()))));
-        let ingest = Ingest::new(origin, db.clone(), &cfg, MAX_CONCURRENT_INGESTS);
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -32,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         let key = fog_net::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
         let ledger = Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute, Clock::System);
         tracing::info!(tracker_key = %ledger.public_key(), "signing tickets and ledger heads");
-        let app = Arc::new(App::new(cfg, db, ingest, ledger)?);
+        let app = Arc::new(App::new(cfg, db, origin, ledger)?);
         run(app, listener, fog_net::bin_support::shutdown()).await;
         tracing::info!("fog-tracker stopped");
         anyhow::Ok(())

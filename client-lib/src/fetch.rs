@@ -403,7 +403,7 @@ impl FogClient {
         why: String,
     ) -> Result<FetchReport, ClientError> {
         let mut report = FetchReport { tracker_unreachable: Some(why), ..Default::default() };
-        self.origin_span(url, 0, None, out, &mut 0, &mut report).await?;
+        self.origin_span(url, 0, None, None, out, &mut 0, &mut report).await?;
         out.flush().await.map_err(ClientError::Output)?;
         Ok(report)
     }
@@ -432,7 +432,7 @@ impl FogClient {
         // Beyond what the manifest covers yet (the origin has not told the object's size): the origin.
         if !manifest.size_known() && wanted_end.is_none_or(|e| e > manifest.size) {
             let from = start.max(manifest.size);
-            self.origin_span(&manifest.url, from, wanted_end, out, written, &mut report).await?;
+            self.origin_span(&manifest.url, from, wanted_end, None, out, written, &mut report).await?;
         }
         out.flush().await.map_err(ClientError::Output)?;
         Ok(report)
@@ -452,7 +452,9 @@ impl FogClient {
         if start >= end {
             return Ok(());
         }
-        let manifest = resolved.manifest();
+        let mut resolved = resolved.clone();
+        let mut manifest = resolved.manifest().clone();
+        let mut refresh = Refresh::new(resolved.clone());
         let chunk_size = u64::from(manifest.chunk_size);
         let (first, last) = ((start / chunk_size) as usize, ((end - 1) / chunk_size) as usize);
         let failed = Arc::new(Mutex::new(HashSet::new()));
@@ -470,15 +472,21 @@ impl FogClient {
                 if next > last {
                     break Ok(());
                 }
-                // A run of chunks not hashed yet: one origin read for all of it.
+                // A run of chunks not hashed yet: one origin read for all of it, unless the tracker
+                // hashes ahead of it meanwhile.
                 let run_end = (next..=last).find(|&i| manifest.hash(i).is_some()).unwrap_or(last + 1);
                 let from = start.max(next as u64 * chunk_size);
                 let to = end.min(run_end as u64 * chunk_size);
                 *report.fallbacks.entry("not_hashed_yet").or_default() += 1;
-                if let Err(e) = self.origin_span(&manifest.url, from, Some(to), out, written, report).await {
-                    break Err(e);
+                let refresh = Some(&mut refresh);
+                match self.origin_span(&manifest.url, from, Some(to), refresh, out, written, report).await {
+                    Ok(Some((at, newer))) => {
+                        (resolved, next) = (newer, at);
+                        manifest = resolved.manifest().clone();
+                    }
+                    Ok(None) => next = run_end,
+                    Err(e) => break Err(e),
                 }
-                next = run_end;
                 continue;
             };
             let outcome = match head.await {
@@ -504,7 +512,7 @@ impl FogClient {
             task.abort();
         }
         report.probed_rtt = std::mem::take(&mut *self.inner.probed.lock().expect("lock"));
-        self.inner.clone().probe_unused(resolved, first..=last.min(next.saturating_sub(1)), &report.nodes);
+        self.inner.clone().probe_unused(&resolved, first..=last.min(next.saturating_sub(1)), &report.nodes);
         // Receipts go out as chunks verify; give the last ones a moment to arrive.
         let _ =
             tokio::time::timeout(Duration::from_secs(3), async { while receipts.join_next().await.is_some() {} }).await;
@@ -512,32 +520,104 @@ impl FogClient {
     }
 
     /// Streams bytes `[from, to)` (to the object's end if `to` is `None`) straight from the origin: parts
-    /// of an object the tracker has not hashed yet, trusted as they would be without fogcdn.
+    /// of an object the tracker has not hashed yet, trusted as they would be without fogcdn. With a
+    /// `refresh`, stops at a chunk boundary once a fresher manifest lists the next chunk: that chunk's
+    /// index and the manifest.
     async fn origin_span<W: AsyncWrite + Unpin>(
         &self,
         url: &str,
         from: u64,
         to: Option<u64>,
+        mut refresh: Option<&mut Refresh>,
         out: &mut W,
         written: &mut u64,
         report: &mut FetchReport,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Option<(usize, Resolved)>, ClientError> {
         let limit = self.inner.cfg.max_direct_object;
         let mut body = match self.inner.origin.open_range(url, from, to, limit, false).await {
             Ok(body) => body,
             // Asked from where the hashed part ended, and the object ends right there.
-            Err(OriginError::Status { status: 416, .. }) if to.is_none() => return Ok(()),
+            Err(OriginError::Status { status: 416, .. }) if to.is_none() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        while let Some(piece) = body.next_piece().await? {
-            out.write_all(&piece).await.map_err(ClientError::Output)?;
-            let n = piece.len() as u64;
-            *written += n;
-            report.bytes += n;
-            report.origin_bytes += n;
+        let mut at = from;
+        while let Some(mut piece) = body.next_piece().await? {
+            while !piece.is_empty() {
+                let chunk_size = refresh.as_ref().map_or(u64::MAX, |r| u64::from(r.current.manifest().chunk_size));
+                let boundary = (at / chunk_size + 1).saturating_mul(chunk_size);
+                let head = piece.split_to(piece.len().min((boundary - at) as usize));
+                out.write_all(&head).await.map_err(ClientError::Output)?;
+                let n = head.len() as u64;
+                (at, *written, report.bytes, report.origin_bytes) =
+                    (at + n, *written + n, report.bytes + n, report.origin_bytes + n);
+                if let Some(refresh) = refresh.as_deref_mut().filter(|_| at == boundary) {
+                    let index = (at / chunk_size) as usize;
+                    if let Some(newer) = refresh.poll(self, index, at) {
+                        tracing::debug!(url, at, "the tracker hashed ahead of this origin read; back to the fog");
+                        return Ok(Some((index, newer)));
+                    }
+                }
+            }
         }
-        Ok(())
+        Ok(None)
     }
+}
+
+/// How often a client reading an object's unhashed part from the origin asks the tracker whether it has
+/// hashed further (a player reading slower than the origin sends falls behind the tracker's ingest).
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Fresher manifests of an object still being ingested, asked for in the background during origin reads.
+struct Refresh {
+    current: Resolved,
+    asked: Instant,
+    pending: Option<tokio::sync::oneshot::Receiver<Result<Resolved, TrackerError>>>,
+}
+
+impl Refresh {
+    fn new(current: Resolved) -> Self {
+        Self { current, asked: Instant::now(), pending: None }
+    }
+
+    /// A fresher manifest that lists chunk `index` (at byte `offset`), if one has arrived; asks for one
+    /// every [`REFRESH_EVERY`] while the current one is incomplete.
+    fn poll(&mut self, client: &FogClient, index: usize, offset: u64) -> Option<Resolved> {
+        if let Some(Ok(answer)) = self.pending.as_mut().map(|rx| rx.try_recv()) {
+            self.pending = None;
+            match answer {
+                Ok(newer) if continues(self.current.manifest(), newer.manifest()) => self.current = newer,
+                Ok(_) => {
+                    tracing::warn!(url = %self.current.manifest().url, "the tracker's manifest changed under a fetch; staying with the origin")
+                }
+                Err(e) => tracing::debug!(error = %e, "could not refresh a manifest; staying with the origin"),
+            }
+            if self.current.manifest().hash(index).is_some() {
+                return Some(self.current.clone());
+            }
+        }
+        let incomplete = !self.current.manifest().is_complete();
+        if incomplete && self.pending.is_none() && self.asked.elapsed() >= REFRESH_EVERY {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (client, url) = (client.clone(), self.current.manifest().url.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(client.resolve(&url, None, offset).await);
+            });
+            (self.pending, self.asked) = (Some(rx), Instant::now());
+        }
+        None
+    }
+}
+
+/// Whether `newer` describes the same object version as `older`, further hashed: same URL, chunking and
+/// size (once known), and the same hash wherever both have one.
+fn continues(older: &Manifest, newer: &Manifest) -> bool {
+    let same = older.url == newer.url && older.chunk_size == newer.chunk_size && older.etag == newer.etag;
+    let size = !older.size_known() || older.size == newer.size;
+    same && size
+        && (0..older.chunks.len()).all(|i| match (older.hash(i), newer.hash(i)) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        })
 }
 
 /// A short, stable name for why a node attempt failed, for reports and metrics.

@@ -278,3 +278,61 @@ async fn published_manifests_spare_the_origin_and_wrong_ones_are_replaced() {
     inconsistent.chunks.pop();
     assert_eq!(publish(&cluster, &inconsistent).await.status().as_u16(), 400);
 }
+
+/// A player reading slower than the origin sends falls behind the tracker's ingest: the client moves from
+/// the origin to the fog at the first chunk the tracker has hashed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_player_moves_to_the_fog_as_ingest_overtakes_it() {
+    let cluster = cluster(slow(false), &[]).await;
+    let object = test_bytes(16 * MIB, 5);
+    cluster.origin.put("slowplayer.mp4", object.clone());
+    let url = cluster.origin.url("slowplayer.mp4");
+    let client = cluster.client();
+    let resolved = client.resolve(&url, None, 0).await.expect("resolve");
+    assert!(resolved.manifest().hash(0).is_none(), "the first viewer starts before any chunk is hashed");
+    let (mut reader, mut writer) = tokio::io::duplex(256 << 10);
+    let fetch = tokio::spawn(async move {
+        let opts = FetchOptions { range: Some((0, object.len() as u64)), deadline: None };
+        let report = client.fetch_resolved(&resolved, opts, &mut writer, &mut 0).await;
+        (object, report)
+    });
+    // Reads at about 2.5 MB/s, a quarter of the origin's pace.
+    let mut got = Vec::new();
+    let mut piece = vec![0; 256 << 10];
+    loop {
+        match reader.read(&mut piece).await.expect("read") {
+            0 => break,
+            n => got.extend_from_slice(&piece[..n]),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (object, report) = fetch.await.expect("join");
+    let report = report.expect("fetch");
+    assert!(got == object, "byte-exact");
+    assert!(report.fog_bytes >= 4 * MIB as u64, "the rest came from the fog once hashed: {report:?}");
+    assert!(report.origin_bytes > 0);
+}
+
+/// What a first view costs the origin, counted by the origin: one copy of the bytes viewed (whether the
+/// viewer or a node filling for it read them) plus the tracker's read, and no tracker read with a
+/// published manifest. Slack: a chunk of bytes in flight when a read is cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_view_costs_the_origin_one_copy_plus_the_tracker_read() {
+    let cluster = cluster(slow(false), &[]).await;
+    let client = cluster.client();
+    let size = 24 * MIB;
+    for (path, publish_first) in [("egress/ingested.bin", false), ("egress/published.bin", true)] {
+        let object = test_bytes(size, 11);
+        cluster.origin.put(path, object.clone());
+        let url = cluster.origin.url(path);
+        if publish_first {
+            assert!(publish(&cluster, &manifest_of(&url, &object)).await.status().is_success());
+        }
+        let (got, report) = client.get(&url).await.expect("first view");
+        assert!(got == object);
+        let tracker_read = if publish_first { 0 } else { size as u64 };
+        let sent = cluster.origin.bytes_sent_for(path);
+        eprintln!("{path}: origin sent {sent} bytes for a {size}-byte first view ({report:?})");
+        assert!(sent <= tracker_read + size as u64 + MIB as u64, "{path}: origin sent {sent} bytes");
+    }
+}

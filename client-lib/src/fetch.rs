@@ -403,7 +403,7 @@ impl FogClient {
         why: String,
     ) -> Result<FetchReport, ClientError> {
         let mut report = FetchReport { tracker_unreachable: Some(why), ..Default::default() };
-        self.origin_span(url, 0, None, None, out, &mut 0, &mut report).await?;
+        self.origin_span(url, (0, None), None, out, &mut 0, &mut report).await?;
         out.flush().await.map_err(ClientError::Output)?;
         Ok(report)
     }
@@ -432,7 +432,7 @@ impl FogClient {
         // Beyond what the manifest covers yet (the origin has not told the object's size): the origin.
         if !manifest.size_known() && wanted_end.is_none_or(|e| e > manifest.size) {
             let from = start.max(manifest.size);
-            self.origin_span(&manifest.url, from, wanted_end, None, out, written, &mut report).await?;
+            self.origin_span(&manifest.url, (from, wanted_end), None, out, written, &mut report).await?;
         }
         out.flush().await.map_err(ClientError::Output)?;
         Ok(report)
@@ -479,7 +479,7 @@ impl FogClient {
                 let to = end.min(run_end as u64 * chunk_size);
                 *report.fallbacks.entry("not_hashed_yet").or_default() += 1;
                 let refresh = Some(&mut refresh);
-                match self.origin_span(&manifest.url, from, Some(to), refresh, out, written, report).await {
+                match self.origin_span(&manifest.url, (from, Some(to)), refresh, out, written, report).await {
                     Ok(Some((at, newer))) => {
                         (resolved, next) = (newer, at);
                         manifest = resolved.manifest().clone();
@@ -526,8 +526,7 @@ impl FogClient {
     async fn origin_span<W: AsyncWrite + Unpin>(
         &self,
         url: &str,
-        from: u64,
-        to: Option<u64>,
+        (from, to): (u64, Option<u64>),
         mut refresh: Option<&mut Refresh>,
         out: &mut W,
         written: &mut u64,

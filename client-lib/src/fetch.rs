@@ -816,3 +816,40 @@ impl Inner {
         self.connections.try_get_with(node.id, dial()).await.map_err(failed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fog_proto::manifest::{Progress, MIN_CHUNK_SIZE};
+
+    use super::*;
+
+    fn manifest(hashed: Vec<(u64, u64)>, flip: Option<usize>) -> Manifest {
+        let mut chunks: Vec<ChunkHash> = (0..8u8).map(|i| ChunkHash::of(&[i])).collect();
+        if let Some(i) = flip {
+            chunks[i] = ChunkHash::of(b"other");
+        }
+        let progress = (hashed.len() != 1 || hashed[0] != (0, 8)).then_some(Progress { hashed, size_known: true });
+        let size = 8 * u64::from(MIN_CHUNK_SIZE);
+        Manifest {
+            url: "http://o/a".into(),
+            size,
+            chunk_size: MIN_CHUNK_SIZE,
+            chunks,
+            content_type: None,
+            etag: None,
+            progress,
+        }
+    }
+
+    #[test]
+    fn a_refreshed_manifest_must_extend_the_one_in_use() {
+        let older = manifest(vec![(0, 2)], None);
+        assert!(continues(&older, &manifest(vec![(0, 5)], None)));
+        assert!(continues(&older, &manifest(vec![(0, 8)], None)), "complete now");
+        assert!(continues(&older, &manifest(vec![(0, 2), (6, 8)], Some(4))), "differs only where unhashed before");
+        assert!(!continues(&older, &manifest(vec![(0, 8)], Some(1))), "a hash changed: another version");
+        let mut moved = manifest(vec![(0, 4)], None);
+        moved.size -= 1;
+        assert!(!continues(&older, &moved), "another size");
+    }
+}

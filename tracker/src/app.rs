@@ -144,7 +144,6 @@ pub struct App {
     pub dashboard: Arc<Dashboard>,
     pub ledger: Ledger,
     pub db: Arc<Db>,
-    manifests: AtomicU64,
     resolves: AtomicU64,
     ingests: AtomicU64,
     streams: Arc<Semaphore>,
@@ -195,7 +194,6 @@ impl App {
         origin: OriginClient,
         ledger: Ledger,
     ) -> Result<Self, crate::db::DbError> {
-        let manifests = db.count_manifests()?;
         let dashboard = Arc::new(Dashboard::default());
         let metrics = Metrics::default();
         let ingest_cfg = IngestConfig {
@@ -206,7 +204,7 @@ impl App {
             origin_manifests: cfg.origin_manifests,
             max_running: MAX_CONCURRENT_INGESTS,
         };
-        let ingest = Ingest::new(origin, db.clone(), ingest_cfg, dashboard.clone(), metrics.ingest_errors.clone());
+        let ingest = Ingest::new(origin, db.clone(), ingest_cfg, dashboard.clone(), metrics.ingest_errors.clone())?;
         let (urgent_probes, urgent_rx) = mpsc::channel(64);
         let blocked = db.blocked_nodes()?;
         Ok(Self {
@@ -223,7 +221,6 @@ impl App {
             cfg,
             ingest,
             db,
-            manifests: AtomicU64::new(manifests),
             resolves: AtomicU64::new(0),
             ingests: AtomicU64::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
@@ -280,11 +277,7 @@ impl App {
             return Err(AppError::UnknownOrigin { url, registered: self.cfg.origins.prefixes().join(", ") });
         }
         manifest.url = url.clone();
-        let new = !self.ingest.is_known(&url);
         let content_id = self.ingest.publish(manifest).await?;
-        if new {
-            self.manifests.fetch_add(1, Ordering::Relaxed);
-        }
         self.dashboard.event("manifest_published", format!("{url} ({content_id})"));
         Ok(Published { url, content_id })
     }
@@ -320,9 +313,6 @@ impl App {
         let answer = self.ingest.manifest(&url, stale, from).await?;
         if answer.started {
             self.ingests.fetch_add(1, Ordering::Relaxed);
-            if stale.is_none() {
-                self.manifests.fetch_add(1, Ordering::Relaxed);
-            }
         }
         let manifest = answer.manifest;
         self.count_resolve(match answer.source {
@@ -566,7 +556,7 @@ impl App {
             nodes_draining: c.draining,
             nodes_quarantined: c.quarantined,
             nodes_unreachable: c.unreachable,
-            manifests: self.manifests.load(Ordering::Relaxed),
+            manifests: self.ingest.manifests(),
             cache_used: c.cache_used,
             cache_capacity: c.cache_capacity,
             bytes_served: c.bytes_served,

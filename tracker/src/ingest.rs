@@ -13,6 +13,7 @@
 //!   do not hash to it) has the object ingested at once, and the dashboard says so.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,8 @@ struct Inner {
     cfg: IngestConfig,
     dashboard: Arc<Dashboard>,
     failures: Counter,
+    /// Manifests stored, counted at open and on each new URL.
+    manifests: AtomicU64,
     running: Mutex<HashMap<String, Arc<Running>>>,
     slots: Arc<Semaphore>,
     range_reads: Arc<Semaphore>,
@@ -135,9 +138,9 @@ struct State {
 impl State {
     /// Whether, at the pace the origin has sent so far, the sequential read cannot finish by `until`
     /// (judged once the body has had [`PACE_CHECK`] to start; an object of unknown size is waited for).
-    fn cannot_finish_by(&self, until: tokio::time::Instant) -> bool {
+    fn cannot_finish_by(&self, now: tokio::time::Instant, until: tokio::time::Instant) -> bool {
         let (Some(at), Some(partial)) = (self.headers_at, &self.partial) else { return false };
-        let (now, elapsed) = (tokio::time::Instant::now(), at.elapsed());
+        let elapsed = now.saturating_duration_since(at);
         if !partial.size_known() || elapsed < PACE_CHECK {
             return false;
         }
@@ -162,7 +165,8 @@ impl Ingest {
         cfg: IngestConfig,
         dashboard: Arc<Dashboard>,
         failures: Counter,
-    ) -> Self {
+    ) -> Result<Self, DbError> {
+        let manifests = AtomicU64::new(db.count_manifests()?);
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let inner = Inner {
             origin,
@@ -170,11 +174,17 @@ impl Ingest {
             cfg,
             dashboard,
             failures,
+            manifests,
             running: Mutex::default(),
             slots,
             range_reads: Arc::new(Semaphore::new(MAX_RANGE_READS)),
         };
-        Self { inner: Arc::new(inner) }
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Manifests stored.
+    pub fn manifests(&self) -> u64 {
+        self.inner.manifests.load(Ordering::Relaxed)
     }
 
     /// Whether a resolve of `url` would not start reading its origin (a manifest is stored or being made),
@@ -277,7 +287,7 @@ impl Inner {
                 if let Some(outcome) = &state.outcome {
                     return outcome.clone().map(|m| Answer { manifest: m, source: Source::Ingested, started });
                 }
-                if state.cannot_finish_by(until) {
+                if state.cannot_finish_by(tokio::time::Instant::now(), until) {
                     break;
                 }
                 match &state.partial {
@@ -565,11 +575,18 @@ impl Inner {
     async fn store(&self, manifest: Manifest, published: bool) -> Result<Arc<Manifest>, IngestError> {
         let stored = StoredManifest { manifest, ingested_at_ms: now_ms(), published };
         let db = self.db.clone();
-        let stored = tokio::task::spawn_blocking(move || db.put_manifest(&stored).map(|()| stored))
+        let put = move || {
+            let new = db.manifest(&stored.manifest.url)?.is_none();
+            db.put_manifest(&stored).map(|()| (stored, new))
+        };
+        let (stored, new) = tokio::task::spawn_blocking(put)
             .await
             .map_err(DbError::from)
             .and_then(|put| put)
             .map_err(|e| IngestError::Db(Arc::new(e)))?;
+        if new {
+            self.manifests.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Arc::new(stored.manifest))
     }
 }
@@ -579,4 +596,91 @@ impl Inner {
 fn wanted(partial: &Manifest, from: u64) -> bool {
     let within = if partial.size_known() { from < partial.size } else { true };
     within && partial.hash((from / u64::from(partial.chunk_size)) as usize).is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use fog_proto::manifest::MIN_CHUNK_SIZE;
+
+    use super::*;
+
+    fn reading(size: Option<u64>, received: u64, since: Duration) -> (State, tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let partial = Manifest {
+            url: "http://o.example/a".into(),
+            size: size.unwrap_or(0),
+            chunk_size: MIN_CHUNK_SIZE,
+            chunks: vec![ChunkHash([0; 32]); Manifest::chunk_count_for(size.unwrap_or(0), MIN_CHUNK_SIZE) as usize],
+            content_type: None,
+            etag: None,
+            progress: Some(Progress { hashed: Vec::new(), size_known: size.is_some() }),
+        };
+        partial.validate().expect("consistent");
+        let state = State {
+            partial: Some(partial),
+            ranges: true,
+            reading: Vec::new(),
+            sequential: 0,
+            headers_at: Some(now - since),
+            received,
+            outcome: None,
+        };
+        (state, now)
+    }
+
+    #[test]
+    fn a_resolve_stops_waiting_once_the_origin_is_too_slow_to_finish_in_time() {
+        let wait = Duration::from_millis(50);
+        // 100 MB at 10 MB/s (50 kB in 5 ms): hopeless within 45 ms.
+        let (slow, now) = reading(Some(100_000_000), 50_000, Duration::from_millis(5));
+        assert!(slow.cannot_finish_by(now, now + wait - Duration::from_millis(5)));
+        // 1 MB at 1 GB/s: it will finish; keep waiting.
+        let (fast, now) = reading(Some(1_000_000), 500_000, Duration::from_millis(5));
+        assert!(!fast.cannot_finish_by(now, now + wait));
+        // Too early to judge the pace, or no size to judge against: keep waiting.
+        let (early, now) = reading(Some(100_000_000), 0, Duration::from_millis(1));
+        assert!(!early.cannot_finish_by(now, now + wait));
+        let (no_size, now) = reading(None, 50_000, Duration::from_millis(10));
+        assert!(!no_size.cannot_finish_by(now, now + wait));
+    }
+
+    #[test]
+    fn seeks_near_the_sequential_read_are_left_to_it() {
+        let (mut state, _) = reading(Some(100 * u64::from(MIN_CHUNK_SIZE)), 0, Duration::ZERO);
+        state.sequential = 10;
+        let near = 12 * u64::from(MIN_CHUNK_SIZE);
+        let (ingest, _dir) = test_inner();
+        assert!(ingest.start_range_read(&mut state, near).is_none(), "the sequential read gets there soon");
+        let far = 90 * u64::from(MIN_CHUNK_SIZE) + 5;
+        let ((first, end), _permit) = ingest.start_range_read(&mut state, far).expect("a ranged read");
+        assert_eq!((first, end), (90, 90 + RANGE_FIRST_CHUNKS));
+        assert!(ingest.start_range_read(&mut state, far).is_none(), "one read per chunk");
+        state.ranges = false;
+        assert!(ingest.start_range_read(&mut state, 50 * u64::from(MIN_CHUNK_SIZE)).is_none(), "no ranges");
+    }
+
+    fn test_inner() -> (Inner, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path()).expect("db"));
+        let cfg = IngestConfig {
+            chunk_size: MIN_CHUNK_SIZE,
+            max_object_size: 1 << 30,
+            min_reingest_age: Duration::from_secs(30),
+            resolve_wait: Duration::from_millis(50),
+            origin_manifests: false,
+            max_running: 4,
+        };
+        let inner = Inner {
+            origin: OriginClient::new(None),
+            db,
+            cfg,
+            dashboard: Arc::default(),
+            failures: Counter::default(),
+            manifests: AtomicU64::new(0),
+            running: Mutex::default(),
+            slots: Arc::new(Semaphore::new(4)),
+            range_reads: Arc::new(Semaphore::new(MAX_RANGE_READS)),
+        };
+        (inner, dir)
+    }
 }

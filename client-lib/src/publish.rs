@@ -14,10 +14,10 @@ use reqwest::Url;
 /// Bytes read from a file at a time: large reads keep the disk streaming, and bound the memory per file.
 const READ_BUFFER: usize = 1 << 20;
 /// Deepest directory nesting below the walked root (HLS and DASH trees are a few levels deep).
-pub const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 32;
 /// Most directory entries one walk looks at, so a mistaken PATH (say `/`) or a maze of symbolic links fails
 /// instead of filling memory.
-pub const MAX_ENTRIES: usize = 1_000_000;
+const MAX_ENTRIES: usize = 1_000_000;
 
 /// Why a manifest could not be built or written. All of these are about the local files or the arguments:
 /// trying again does not help until they change.

@@ -52,7 +52,7 @@ impl Default for ClientConfig {
             deadlines: Deadlines::default(),
             tracker_timeout: Duration::from_secs(30),
             max_direct_object: 64 << 30,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: fog_net::transport::any_family(),
             origins: None,
         }
     }

@@ -158,9 +158,19 @@ pub async fn connect_with(
         .map_err(|source| ConnectError::Handshake { addr, source })
 }
 
-/// A client endpoint on an ephemeral UDP port.
+/// A client endpoint on an ephemeral UDP port. Bound to `[::]`, it is dual-stack (Linux's default,
+/// `net.ipv6.bindv6only = 0`): it dials IPv4 and IPv6 nodes alike, IPv4 ones as v4-mapped addresses. On a
+/// host without IPv6, `[::]` falls back to `0.0.0.0`.
 pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, TransportError> {
-    quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })
+    match quinn::Endpoint::client(bind) {
+        Err(_) if bind == any_family() => client_endpoint((std::net::Ipv4Addr::UNSPECIFIED, 0).into()),
+        bound => bound.map_err(|source| TransportError::Bind { addr: bind, source }),
+    }
+}
+
+/// `[::]:0`: where a client endpoint that reaches nodes of either address family binds.
+pub fn any_family() -> SocketAddr {
+    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
 }
 
 /// Verifies that the server holds the pinned ed25519 key, like a TLS raw public key (RFC 7250): the

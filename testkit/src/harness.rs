@@ -1,5 +1,6 @@
 //! Runs fogcdn's real binaries as child processes for integration tests: a tracker, nodes, an origin.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -151,7 +152,7 @@ impl Drop for Proc {
     }
 }
 
-/// An origin, a tracker and some nodes on 127.0.0.1, all in one temporary directory.
+/// An origin, a tracker and some nodes on 127.0.0.1 (or `[::1]`), all in one temporary directory.
 #[derive(Debug)]
 pub struct Cluster {
     pub dir: TempDir,
@@ -160,6 +161,8 @@ pub struct Cluster {
     pub nodes: Vec<Proc>,
     tracker_args: Vec<String>,
     node_args: Vec<String>,
+    /// The loopback address every process listens on.
+    loopback: IpAddr,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -172,6 +175,8 @@ pub struct ClusterOptions {
     pub node_args: Vec<String>,
     /// Files the origin serves besides objects put in memory.
     pub origin_dir: Option<PathBuf>,
+    /// Everything on `[::1]` instead of 127.0.0.1.
+    pub ipv6: bool,
 }
 
 impl Cluster {
@@ -182,10 +187,11 @@ impl Cluster {
             dir.disable_cleanup(true);
             eprintln!("keeping {}", dir.path().display());
         }
-        let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), opts.origin_dir, opts.quirks).await.expect("origin");
+        let loopback = if opts.ipv6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
+        let origin = TestOrigin::start((loopback, 0).into(), opts.origin_dir, opts.quirks).await.expect("origin");
         let mut args: Vec<String> = vec![
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            SocketAddr::from((loopback, 0)).to_string(),
             "--data-dir".into(),
             dir.path().join("tracker").display().to_string(),
             "--origin".into(),
@@ -200,8 +206,8 @@ impl Cluster {
         }
         args.extend(opts.tracker_args);
         let tracker = Proc::spawn("fog-tracker", &args, dir.path().join("tracker.log")).await;
-        let mut cluster =
-            Cluster { dir, origin, tracker, tracker_args: args, nodes: Vec::new(), node_args: opts.node_args };
+        let node_args = opts.node_args;
+        let mut cluster = Cluster { dir, origin, tracker, tracker_args: args, nodes: Vec::new(), node_args, loopback };
         for _ in 0..opts.nodes {
             cluster.add_node(&[]).await;
         }
@@ -250,7 +256,7 @@ impl Cluster {
             "--tracker".into(),
             self.tracker_url(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            SocketAddr::from((self.loopback, 0)).to_string(),
             "--status-listen".into(),
             "127.0.0.1:0".into(),
             "--data-dir".into(),

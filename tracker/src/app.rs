@@ -227,10 +227,10 @@ impl App {
             streams_by_source: Held::default(),
             urgent_probes,
             urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
-            dialer: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+            dialer: transport::client_endpoint(transport::any_family())
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
                 .ok(),
-            dial_back_endpoint: transport::client_endpoint(([0, 0, 0, 0], 0).into())
+            dial_back_endpoint: transport::client_endpoint(transport::any_family())
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: no node will be reachable"))
                 .ok(),
             dial_backs: Semaphore::new(DIAL_BACKS),

@@ -12,6 +12,7 @@ mod disk;
 mod e2e;
 mod first_view;
 mod health;
+mod ipv6;
 mod netns;
 mod observability;
 mod peer_fill;

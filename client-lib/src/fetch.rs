@@ -345,23 +345,43 @@ impl FogClient {
     /// Streams `url` into `out`, in order, every byte verified against the manifest when there is one.
     #[tracing::instrument(name = "fetch", skip_all, fields(url = %url))]
     pub async fn fetch_to<W: AsyncWrite + Unpin>(&self, url: &str, out: &mut W) -> Result<FetchReport, ClientError> {
-        let mut stale = None;
+        let mut resolved = match self.resolve(url, None, 0).await {
+            Ok(r) => r,
+            Err(e) => return self.after_tracker_error(url, e, out).await,
+        };
+        let mut retried = false;
         loop {
-            let resolved = match self.resolve(url, stale, 0).await {
-                Ok(r) => r,
-                Err(e) => return self.after_tracker_error(url, e, out).await,
-            };
-            let content_id = resolved.content_id();
             let mut written = 0u64;
             match self.fetch_resolved(&resolved, FetchOptions::default(), out, &mut written).await {
                 // Nothing delivered yet: ask the tracker to ingest the new version and start over, once.
-                Err(ClientError::ContentChanged { .. }) if written == 0 && stale.is_none() => {
+                Err(ClientError::ContentChanged { .. }) if written == 0 && !retried => {
+                    let content_id = resolved.content_id();
                     tracing::warn!(url, %content_id, "origin object changed since ingest; asking the tracker to re-ingest");
-                    stale = Some(content_id);
+                    retried = true;
+                    resolved = match self.resolve_changed(url, &resolved).await {
+                        Ok(r) => r,
+                        Err(e) => return self.after_tracker_error(url, e, out).await,
+                    };
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Asks the tracker to ingest `url` again because its origin's bytes no longer hash to `seen`. The
+    /// report must name a stored (complete) manifest: one seen while ingest was still running is first
+    /// resolved to the manifest it became.
+    pub async fn resolve_changed(&self, url: &str, seen: &Resolved) -> Result<Resolved, TrackerError> {
+        let mut stale = seen.content_id();
+        if !seen.manifest().is_complete() {
+            let now = self.resolve(url, None, 0).await?;
+            // Still being ingested (that read gets the new bytes), or another version already.
+            if !now.manifest().is_complete() || !continues(seen.manifest(), now.manifest()) {
+                return Ok(now);
+            }
+            stale = now.content_id();
+        }
+        self.resolve(url, Some(stale), 0).await
     }
 
     async fn after_tracker_error<W: AsyncWrite + Unpin>(

@@ -558,8 +558,10 @@ impl Proxy {
                 Err(ClientError::ContentChanged { .. }) => {
                     tracing::warn!(url, "origin object changed since ingest; refreshing its manifest");
                     proxy.manifests.invalidate(&url).await;
-                    if let Ok(fresh) = proxy.client.resolve(&url, Some(resolved.content_id()), 0).await {
-                        proxy.manifests.insert(url, fresh).await;
+                    if let Ok(fresh) = proxy.client.resolve_changed(&url, &resolved).await {
+                        if fresh.manifest().is_complete() {
+                            proxy.manifests.insert(url, fresh).await;
+                        }
                     }
                 }
                 // Headers are out; ending the body early makes the player retry.

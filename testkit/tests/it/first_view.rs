@@ -336,3 +336,44 @@ async fn a_first_view_costs_the_origin_one_copy_plus_the_tracker_read() {
         assert!(sent <= tracker_read + size as u64 + MIB as u64, "{path}: origin sent {sent} bytes");
     }
 }
+
+/// An object that changes at its origin after a client saw it half-ingested: the client's report names
+/// the manifest the ingest became, so the tracker ingests the new version, and no old byte is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_seen_through_a_half_ingested_manifest_is_reingested() {
+    // Reports act on manifests of any age here (the default waits 30 s, so clients cannot make the tracker
+    // hammer an origin).
+    let cluster = cluster(slow(false), &["--min-reingest-secs", "0"]).await;
+    let old = test_bytes(8 * MIB, 21);
+    cluster.origin.put("changing.mp4", old.clone());
+    let url = cluster.origin.url("changing.mp4");
+    let client = cluster.client();
+    wait_hashed(&cluster, &url, 2).await;
+    let seen = client.resolve(&url, None, 0).await.expect("resolve");
+    assert!(!seen.manifest().is_complete() && seen.manifest().hash(0).is_some());
+    cluster.wait_stats("ingest done", |s| s.ingests_running == 0).await;
+    let new = test_bytes(8 * MIB, 22);
+    cluster.origin.put("changing.mp4", new.clone());
+
+    let mut out = Vec::new();
+    let opts = FetchOptions { range: Some((0, MIB as u64)), deadline: None };
+    let err =
+        client.fetch_resolved(&seen, opts, &mut out, &mut 0).await.expect_err("the old manifest no longer matches");
+    assert!(matches!(err, fog_client::ClientError::ContentChanged { .. }), "{err}");
+    assert!(out.is_empty(), "no old byte delivered");
+    let fresh = client.resolve_changed(&url, &seen).await.expect("report");
+    assert_ne!(fresh.content_id(), seen.content_id());
+    let truth: Vec<ChunkHash> = new.chunks(MIB).map(ChunkHash::of).collect();
+    let started = Instant::now();
+    loop {
+        let m = resolve(&cluster, &url).await.manifest;
+        if m.is_complete() {
+            assert_eq!(m.chunks, truth, "the new version was ingested");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "not re-ingested");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (got, _) = client.get(&url).await.expect("fetch the new version");
+    assert!(got == new);
+}

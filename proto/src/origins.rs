@@ -80,6 +80,17 @@ mod tests {
     use super::OriginList;
 
     #[test]
+    fn ipv6_origins_compare_as_addresses() {
+        let o = OriginList::new(["http://[2001:DB8:0:0::1]:8080/vod/".to_string()]).expect("valid");
+        assert_eq!(o.prefixes(), ["http://[2001:db8::1]:8080/vod/"]);
+        assert!(o.allows("http://[2001:db8::1]:8080/vod/a.ts"));
+        assert!(o.allows("http://[2001:0db8:0000::0001]:8080/vod/a.ts"), "another spelling of the address");
+        assert!(!o.allows("http://[2001:db8::2]:8080/vod/a.ts"));
+        assert!(!o.allows("http://[2001:db8::1]:8081/vod/a.ts"));
+        assert!(!o.allows("http://[::ffff:192.0.2.1]:8080/vod/a.ts"));
+    }
+
+    #[test]
     fn prefix_rules() {
         let o = OriginList::new(["http://a.example".to_string(), "https://b.example/vod/".to_string()]).expect("valid");
         assert!(o.allows("http://a.example/x.mp4"));

@@ -168,6 +168,13 @@ pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, TransportErr
     }
 }
 
+/// Where `conn`'s peer is, as anyone can dial it: an IPv4 peer of a dual-stack socket is given as IPv4,
+/// not as the v4-mapped IPv6 address the socket sees.
+pub fn remote_addr(conn: &quinn::Connection) -> SocketAddr {
+    let addr = conn.remote_address();
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// `[::]:0`: where a client endpoint that reaches nodes of either address family binds.
 pub fn any_family() -> SocketAddr {
     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()

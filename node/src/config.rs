@@ -1,7 +1,7 @@
 //! fog-node configuration: command-line flags, environment variables (`FOG_NODE_*`) and an optional TOML
 //! file (`--config`). A flag or variable wins over the file; the file wins over the defaults.
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -27,7 +27,8 @@ pub struct NodeArgs {
     /// Where the node keeps its identity key and cache [default: ~/.local/share/fogcdn/node].
     #[arg(long, env = "FOG_NODE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// UDP address for QUIC; port 0 picks a free one [default: 0.0.0.0:7701].
+    /// UDP address for QUIC; port 0 picks a free one. `[::]` is one dual-stack socket for IPv4 and IPv6
+    /// clients (`0.0.0.0` where the host has no IPv6) [default: [::]:7701].
     #[arg(long, env = "FOG_NODE_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// TCP address of the local status page, `/status` and `/metrics`; keep it on 127.0.0.1 unless a
@@ -89,7 +90,7 @@ impl NodeArgs {
         let cfg = NodeConfig {
             tracker: self.tracker.or(file.tracker).unwrap_or_else(|| "http://127.0.0.1:7700".into()),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),
-            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7701))),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 7701))),
             advertise: self.advertise.or(file.advertise),
             status_listen: self
                 .status_listen

@@ -133,7 +133,7 @@ impl RendezvousServer {
             attached.insert(node, conn.clone());
         }
         tracing::info!(%node, remote = %conn.remote_address(), "node attached for hole punching");
-        Frame::Attached { observed: conn.remote_address() }
+        Frame::Attached { observed: transport::remote_addr(&conn) }
     }
 
     /// Forgets `node` when its attachment closes (unless it re-attached on a newer connection).
@@ -149,9 +149,9 @@ impl RendezvousServer {
         let Some(node) = self.attached.lock().expect("attached lock").get(&target).cloned() else {
             return Frame::Error { message: format!("node {target} is not attached here") };
         };
-        let request = Frame::PunchRequest { client: client.remote_address() };
+        let request = Frame::PunchRequest { client: transport::remote_addr(client) };
         match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&node, &request)).await {
-            Ok(Ok(Frame::PunchSent)) => Frame::PunchReady { addr: node.remote_address() },
+            Ok(Ok(Frame::PunchSent)) => Frame::PunchReady { addr: transport::remote_addr(&node) },
             Ok(Ok(other)) => Frame::Error { message: format!("node answered {other:?}") },
             Ok(Err(e)) => Frame::Error { message: format!("node unreachable: {e}") },
             Err(_) => Frame::Error { message: "node did not answer the punch request in time".into() },

@@ -1,5 +1,6 @@
 //! Wiring: identity, store, QUIC endpoint, tracker link, graceful shutdown.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -66,7 +67,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
 
     let server_config = transport::server_config(&key, STREAMS_PER_CONNECTION)?;
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+    // `[::]` is one dual-stack socket for IPv4 and IPv6 clients; a host without IPv6 gets `0.0.0.0`.
+    let v4_only = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port());
+    let endpoint = quinn::Endpoint::server(server_config.clone(), cfg.listen)
+        .or_else(|e| match cfg.listen.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => quinn::Endpoint::server(server_config, v4_only),
+            _ => Err(e),
+        })
         .map_err(|source| transport::TransportError::Bind { addr: cfg.listen, source })?;
     let local = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
     let (used, chunks) = store.usage();

@@ -252,16 +252,16 @@ impl Cluster {
     }
 
     fn node_command(&self, i: usize, extra: &[String]) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "--tracker".into(),
-            self.tracker_url(),
-            "--listen".into(),
-            SocketAddr::from((self.loopback, 0)).to_string(),
+        let mut args: Vec<String> = vec!["--tracker".into(), self.tracker_url()];
+        if !self.node_args.iter().chain(extra).any(|a| a == "--listen") {
+            args.extend(["--listen".into(), SocketAddr::from((self.loopback, 0)).to_string()]);
+        }
+        args.extend([
             "--status-listen".into(),
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             self.node_dir(i).display().to_string(),
-        ];
+        ]);
         args.extend(self.node_args.iter().cloned());
         args.extend(extra.iter().cloned());
         args

@@ -404,9 +404,10 @@ impl App {
         }
         let (node, reg): (NodeId, Register) = self.open_signed(signed, fog_proto::api::KIND_REGISTER)?;
         reg.check_bounds().map_err(AppError::BadRequest)?;
-        // An unspecified address means "where you see me from" (a node listening on 0.0.0.0).
+        // An unspecified address means "where you see me from" (a node listening on 0.0.0.0 or [::]); an
+        // IPv4 node seen through a dual-stack listener is given as IPv4, which every client can dial.
         let addr = if reg.quic_addr.ip().is_unspecified() {
-            SocketAddr::new(peer.ip(), reg.quic_addr.port())
+            SocketAddr::new(peer.ip().to_canonical(), reg.quic_addr.port())
         } else {
             reg.quic_addr
         };

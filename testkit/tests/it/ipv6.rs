@@ -38,3 +38,29 @@ async fn the_whole_data_path_works_on_ipv6_loopback() {
     let body = reqwest::get(via).await.expect("proxy").bytes().await.expect("body");
     assert!(body == object, "byte-exact through the proxy");
 }
+
+/// Nodes listening on `[::]` (one dual-stack socket) serve a tracker and clients that use IPv4 and ones
+/// that use IPv6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_nodes_serve_either_family() {
+    if !has_ipv6_loopback() {
+        eprintln!("SKIPPED: no IPv6 loopback ([::1]) on this host");
+        return;
+    }
+    for ipv6 in [false, true] {
+        let node_args = vec!["--listen".to_string(), "[::]:0".to_string()];
+        let cluster = Cluster::start(ClusterOptions { nodes: 2, ipv6, node_args, ..Default::default() }).await;
+        let object = test_bytes(3 * MIB, 62);
+        cluster.origin.put("ds.bin", object.clone());
+        let url = cluster.origin.url("ds.bin");
+        let client = cluster.client();
+        client.get(&url).await.expect("first fetch");
+        let (warm, report) = client.get(&url).await.expect("warm fetch");
+        assert!(warm == object);
+        assert_eq!(report.fog_bytes, object.len() as u64, "all from the fog (tracker on IPv6: {ipv6}): {report:?}");
+        let resolved = crate::common::resolve(&cluster, &url).await;
+        for node in &resolved.nodes {
+            assert_eq!(node.addr.is_ipv6(), ipv6, "nodes are offered in the family they were seen in: {}", node.addr);
+        }
+    }
+}

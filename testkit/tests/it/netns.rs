@@ -57,7 +57,7 @@ impl Net {
             "--tracker",
             &format!("http://{}", self.tracker),
             "--listen",
-            "0.0.0.0:0",
+            "[::]:0",
             "--status-listen",
             "127.0.0.1:0",
             "--data-dir",

@@ -37,6 +37,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::fut
 }
 
 async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    // Behind a dual-stack listener (`--listen [::]:7700`) IPv4 clients arrive v4-mapped: they are IPv4
+    // sources, networks and nodes.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let result = match (req.method(), path.as_str()) {

@@ -2,17 +2,20 @@
 # `fog get` of one large object from warm nodes against `curl` of the same object from nginx, the origin
 # (issue #17: throughput ratio, goal ≥ 1.0 on loopback). nginx (Debian package, `sendfile on`) serves a
 # directory holding one incompressible object over HTTP (the origin registered with the tracker) and over
-# HTTPS (TLS 1.3, self-signed; for the cost of encryption on the curl side); a tracker and --nodes fog-nodes
-# (no upload cap, a RAM tier that holds the object) run beside it, all on 127.0.0.1. The nodes are warmed by
-# one `fog get` (its output checked against the object), then a second must come 100 % from the fog.
-# Then --runs rounds, each timing in turn: curl over HTTP, `fog get` (default --parallel), curl over HTTPS,
-# and `fog get --parallel P` for each P of --parallel. Every fetch writes to /dev/null and is a fresh
-# process (resolve, QUIC handshakes and the end-of-fetch receipts included, as a TCP connect is for curl).
+# HTTPS (TLS 1.3, self-signed: what encryption costs curl's side); a tracker and --nodes fog-nodes (no upload
+# cap unless --upload-limit, a RAM tier that holds the object unless --memory-cache) run beside it, all on
+# 127.0.0.1. The nodes are warmed by one `fog get` (its output checked against the object), then one more must
+# come 100 % from the fog.
+# Then --runs rounds, each timing in turn: curl over HTTP, `fog get` (its default --parallel 8), curl over
+# HTTPS, and `fog get --parallel P` for each P of --parallel. Every fetch writes to /dev/null (`> /dev/null`:
+# `fog get -o /dev/null` would write /dev/null.part and rename it over /dev/null) and is a fresh process
+# (resolve, QUIC handshakes and the end-of-fetch receipts included, as a TCP connect is for curl).
 # Reported per way: MB/s (10^6 B/s, wall time) median and min–max, CPU s/GiB of the client process and of the
-# servers (the nodes summed, or nginx's workers; from /proc), and the ratio of medians to curl over HTTP.
-# Each run's line is printed too. Prints a Markdown table.
+# servers (the nodes summed, or nginx's workers; from /proc), the kernel's UDP receive-buffer drops per run,
+# and the ratio of medians to curl over HTTP. Each run's line is printed too, then a Markdown table.
+# Takes ~1 min (256 MiB, 5 runs) after the build.
 #   scripts/bench/get-vs-nginx.sh [--size-mib 256] [--runs 5] [--nodes 3] [--parallel "4 16"]
-#       [--memory-cache 512MiB] [--upload-limit SIZE] [-- FOG-NODE-FLAGS...]
+#       [--memory-cache SIZE] [--upload-limit SIZE] [-- FOG-NODE-FLAGS...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -36,7 +39,7 @@ memory_cache=${memory_cache:-$((size + (64 << 20)))}
 [ -n "$upload_limit" ] && node_flags+=(--upload-limit "$upload_limit")
 
 ensure_build_deps
-ensure_packages nginx openssl jq
+ensure_packages nginx openssl jq time python3
 log "building (release, the whole workspace; the first build compiles RocksDB and takes ~20 min) into $CARGO_TARGET_DIR"
 # With the workspace and all targets, as the tests build: another selection resolves features differently
 # and recompiles RocksDB.
@@ -52,12 +55,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Disk: the object, a copy in the nodes' caches, the warm-up download, 1 GiB spare.
-need=$((3 * size + (1 << 30)))
+# Disk: the object, a copy in the nodes' caches, the warm-up download, the binaries, 1 GiB spare.
+need=$((3 * size + (3 << 30) / 2))
 avail=$(df --output=avail -B1 "$work" | tail -n1)
 [ "$avail" -ge "$need" ] || { log "error: $work has $avail bytes free, this run needs $need"; exit 1; }
 
-mkdir -p "$work/www"
+# Copies of the binaries: a build running beside the benchmark (a shared machine) cannot swap them mid-run,
+# and a profiler finds the symbols of the processes it sampled.
+mkdir -p "$work/bin" "$work/www"
+cp "$FOG_BIN/fog" "$FOG_BIN/fog-node" "$FOG_BIN/fog-tracker" "$work/bin/"
+FOG_BIN=$work/bin
 head -c "$size" /dev/urandom > "$work/www/object.bin"
 chmod -R a+rX "$work"
 
@@ -138,26 +145,32 @@ cpu_seconds() {
     done
     echo "$total"
 }
+# UDP datagrams the kernel dropped because a socket's receive buffer was full (all sockets: run the benchmark
+# on an otherwise quiet machine). Each is a packet QUIC must detect as lost and resend, and its congestion
+# controller backs off.
+udp_drops() { awk '/^Udp:/ && $2 ~ /^[0-9]/ { print $6 }' /proc/net/snmp; }
 # measure NAME SERVER-PIDS COMMAND...: runs COMMAND (a fetch to /dev/null, its stderr kept in $work/err) and
-# prints one JSON line: wall seconds, the client's and the servers' CPU seconds, and what the command's
-# stderr reports as `bytes` (curl's -w, fog's --json report) and `fog_share`.
+# prints one JSON line: wall seconds, the client's and the servers' CPU seconds, UDP receive-buffer drops,
+# and what the command's stderr reports as `bytes` (curl's -w, fog's --json report) and `fog_share`.
 measure() {
-    local name=$1 servers=$2 s0 s1 t0 t1 cpu report
+    local name=$1 servers=$2 s0 s1 t0 t1 d0 drops cpu report
     shift 2
     s0=$(cpu_seconds $servers)
+    d0=$(udp_drops)
     t0=$EPOCHREALTIME
     /usr/bin/time -f '%U %S' -o "$work/time" "$@" > /dev/null 2> "$work/err" || {
         log "error: $name failed:"; cat "$work/err" >&2; exit 1
     }
     t1=$EPOCHREALTIME
     s1=$(cpu_seconds $servers)
+    drops=$(($(udp_drops) - d0))
     cpu=$(awk '{ print $1 + $2 }' "$work/time")
     report=$(tail -n1 "$work/err")
     jq -nc --arg name "$name" --argjson wall "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
         --argjson client "$cpu" --argjson server "$(awk -v a="$s0" -v b="$s1" 'BEGIN { print b - a }')" \
-        --argjson r "$report" \
+        --argjson drops "$drops" --argjson r "$report" \
         '{name: $name, wall_s: $wall, bytes: $r.bytes, mb_per_s: ($r.bytes / $wall / 1e6 * 10 | round / 10),
-          client_cpu_s: $client, server_cpu_s: ($server * 100 | round / 100),
+          client_cpu_s: $client, server_cpu_s: ($server * 100 | round / 100), udp_drops: $drops,
           fog_share: (if $r.fog_bytes then $r.fog_bytes / $r.bytes else null end)}'
 }
 # The ways, in the order each round runs them (curl over HTTP first: the anchor), as the table lists them.
@@ -184,8 +197,8 @@ done
 echo
 echo "$size_mib MiB object, $nodes warm nodes (RAM tier $memory_cache B${upload_limit:+, upload cap $upload_limit}), $runs runs each, alternating; 127.0.0.1, $(nproc) cores."
 echo
-echo "| client ← server | MB/s median | min–max | client CPU s/GiB | server CPU s/GiB | fog share | ratio to curl HTTP |"
-echo "|---|---|---|---|---|---|---|"
+echo "| client ← server | MB/s median | min–max | client CPU s/GiB | server CPU s/GiB | UDP drops/run | fog share | ratio to curl HTTP |"
+echo "|---|---|---|---|---|---|---|---|"
 jq -rs --argjson ways "$(printf '%s\n' "${ways[@]}" | jq -Rsc 'split("\n")[:-1]')" --arg nodes "$nodes" '
     def median: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def per_gib(f): (map(f) | add) / (map(.bytes) | add) * 1073741824 * 100 | round / 100;
@@ -194,6 +207,6 @@ jq -rs --argjson ways "$(printf '%s\n' "${ways[@]}" | jq -Rsc 'split("\n")[:-1]'
     | $ways[] as $way
     | ($runs | map(select(.name == $way))) as $rs
     | ($rs | map(.mb_per_s) | median * 10 | round / 10) as $m
-    | "| \($way) ← \(if ($way | startswith("curl")) then "nginx" else "\($nodes) nodes" end) | \($m) | \($rs | map(.mb_per_s) | min)–\($rs | map(.mb_per_s) | max) | \($rs | per_gib(.client_cpu_s)) | \($rs | per_gib(.server_cpu_s)) | \(if $rs[0].fog_share == null then "—" else "\($rs | map(.fog_share) | min * 100 | round) %" end) | \($m / $base * 100 | round / 100 | tostring | if test("\\.") then . else . + ".0" end) |"
+    | "| \($way) ← \(if ($way | startswith("curl")) then "nginx" else "\($nodes) nodes" end) | \($m) | \($rs | map(.mb_per_s) | min)–\($rs | map(.mb_per_s) | max) | \($rs | per_gib(.client_cpu_s)) | \($rs | per_gib(.server_cpu_s)) | \($rs | map(.udp_drops) | median) | \(if $rs[0].fog_share == null then "—" else "\($rs | map(.fog_share) | min * 100 | round) %" end) | \($m / $base * 100 | round / 100 | tostring | if test("\\.") then . else . + ".0" end) |"
 ' "$results"
 log "done in ${SECONDS} s"

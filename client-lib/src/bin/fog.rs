@@ -28,7 +28,8 @@ enum Command {
         tracker: String,
         /// The origin URL to fetch.
         origin_url: String,
-        /// Write here instead of standard output (written to FILE.part, renamed when complete).
+        /// Write here instead of standard output (a regular file is written to FILE.part and renamed when
+        /// complete; a device or FIFO is written in place).
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
         /// Chunks fetched in parallel.
@@ -254,6 +255,17 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
     let client = FogClient::new(ClientConfig { tracker: Some(tracker), parallel, ..Default::default() })?;
     let started = Instant::now();
     let report = match &output {
+        // Not a regular file (a device such as /dev/null, a FIFO): written in place, never replaced by a rename.
+        Some(path) if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) => {
+            let mut target = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let r = client.fetch_to(&url, &mut target).await?;
+            target.flush().await?;
+            r
+        }
         Some(path) => {
             let mut part = path.clone().into_os_string();
             part.push(".part");

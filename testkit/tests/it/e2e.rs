@@ -1,6 +1,7 @@
 //! End-to-end tests: real fog-tracker and fog-node processes (RocksDB, QUIC, HTTP on 127.0.0.1), a real
 //! origin, and the real client library and `fog` CLI.
 
+use std::os::unix::fs::FileTypeExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,19 @@ async fn objects_of_every_size_arrive_intact_and_second_fetch_is_fog_only() {
         assert_eq!(summary_value(&stderr, "origin_bytes"), 0);
         assert_eq!(cluster.origin.requests_for(&path), origin_before, "warm fetch reached the origin");
     }
+
+    // `-o` naming something that is not a regular file (a FIFO here; /dev/null in practice) is written in
+    // place, never replaced by renaming a .part file over it.
+    let fifo = cluster.dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::read(&fifo).expect("read the fifo")
+    });
+    let (ok, _, stderr) = fog_get(&cluster.tracker_url(), &cluster.origin.url("obj2.bin"), Some(&fifo));
+    assert!(ok, "fetch into a fifo failed: {stderr}");
+    assert!(reader.join().expect("reader") == test_bytes(MIB + 1, 2));
+    assert!(std::fs::metadata(&fifo).expect("fifo").file_type().is_fifo(), "the fifo was replaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

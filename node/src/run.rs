@@ -69,9 +69,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let server_config = transport::server_config(&key, STREAMS_PER_CONNECTION)?;
     // `[::]` is one dual-stack socket for IPv4 and IPv6 clients; a host without IPv6 gets `0.0.0.0`.
     let v4_only = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port());
-    let endpoint = quinn::Endpoint::server(server_config.clone(), cfg.listen)
+    let endpoint = transport::endpoint(cfg.listen, Some(server_config.clone()))
         .or_else(|e| match cfg.listen.ip() {
-            IpAddr::V6(ip) if ip.is_unspecified() => quinn::Endpoint::server(server_config, v4_only),
+            IpAddr::V6(ip) if ip.is_unspecified() => transport::endpoint(v4_only, Some(server_config)),
             _ => Err(e),
         })
         .map_err(|source| transport::TransportError::Bind { addr: cfg.listen, source })?;

@@ -133,7 +133,7 @@ impl RendezvousServer {
             attached.insert(node, conn.clone());
         }
         tracing::info!(%node, remote = %conn.remote_address(), "node attached for hole punching");
-        Frame::Attached { observed: transport::remote_addr(&conn) }
+        Frame::Attached { observed: transport::remote_addr(conn) }
     }
 
     /// Forgets `node` when its attachment closes (unless it re-attached on a newer connection).

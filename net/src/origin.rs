@@ -165,7 +165,7 @@ impl OriginClient {
         };
         // What the body will hold once the skipped head is dropped, when it can be told.
         let object_end = total.map(|t| end.map_or(t, |e| e.min(t)));
-        let expected = object_end.map(|e| e.saturating_sub(offset)).or(end.map(|e| e - offset));
+        let expected = object_end.map(|e| e.saturating_sub(offset)).or(end.map(|e| e.saturating_sub(offset)));
         if let Some(n) = expected.filter(|n| *n > limit) {
             tracing::debug!(url, n, limit, "range over the size limit");
             return Err(OriginError::TooLarge { url: url.into(), limit });
@@ -173,7 +173,7 @@ impl OriginClient {
         let mut body = OriginBody::new(url, resp, limit);
         body.total = total;
         body.skip = skip;
-        body.take = end.map(|e| e - offset);
+        body.take = end.map(|e| e.saturating_sub(offset));
         body.expected = expected;
         Ok(body)
     }

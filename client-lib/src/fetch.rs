@@ -7,17 +7,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
 use fog_proto::credits::{payment_chain, Commitment, Digest, Receipt, Ticket, TicketId, KIND_COMMITMENT, KIND_TICKET};
+use fog_proto::groups::{Gate, Verifier, MAX_GROUPS_PER_CHUNK};
 use fog_proto::origins::OriginList;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
-use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
+use fog_proto::{ContentId, Manifest, NodeId};
 use moka::future::Cache;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use fog_net::chunk::{self, ChunkError, Deadlines, StreamError};
@@ -250,7 +252,6 @@ impl Resolved {
 
 #[derive(Debug)]
 struct ChunkOutcome {
-    bytes: Bytes,
     /// What the serving node is owed for this chunk.
     receipt: Option<(NodeContact, Receipt)>,
     /// The node that sent all or the first `node_bytes` of the chunk: (id, ms spent, RTT ms).
@@ -258,6 +259,9 @@ struct ChunkOutcome {
     node_bytes: u64,
     failures: Vec<(NodeId, &'static str)>,
 }
+
+/// A chunk being fetched: its index, its verified bytes as they come, and how it went.
+type InFlight = (usize, mpsc::Receiver<Bytes>, JoinHandle<Result<ChunkOutcome, ClientError>>);
 
 /// Connections kept open to nodes at most; beyond that the least recently used one is closed.
 const MAX_CACHED_CONNECTIONS: u64 = 256;
@@ -479,16 +483,18 @@ impl FogClient {
         let (first, last) = ((start / chunk_size) as usize, ((end - 1) / chunk_size) as usize);
         let failed = Arc::new(Mutex::new(HashSet::new()));
         let mut receipts = tokio::task::JoinSet::new();
-        let mut inflight: VecDeque<(usize, JoinHandle<Result<ChunkOutcome, ClientError>>)> = VecDeque::new();
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut next = first;
         let result = loop {
             // Pipelined up to the next chunk that is not hashed yet.
             while next <= last && manifest.hash(next).is_some() && inflight.len() < self.inner.cfg.parallel.max(1) {
-                let task = self.inner.clone().fetch_chunk(resolved.clone(), next, failed.clone(), opts.deadline);
-                inflight.push_back((next, tokio::spawn(task)));
+                // Each verified piece is one or more whole groups: the channel never fills.
+                let (tx, rx) = mpsc::channel(MAX_GROUPS_PER_CHUNK + 1);
+                let task = self.inner.clone().fetch_chunk(resolved.clone(), next, failed.clone(), opts.deadline, tx);
+                inflight.push_back((next, rx, tokio::spawn(task)));
                 next += 1;
             }
-            let Some((index, head)) = inflight.pop_front() else {
+            let Some((index, mut pieces, head)) = inflight.pop_front() else {
                 if next > last {
                     break Ok(());
                 }
@@ -509,26 +515,37 @@ impl FogClient {
                 }
                 continue;
             };
+            // The head chunk's verified bytes go out as they arrive, trimmed to the requested range.
+            let mut at = index as u64 * chunk_size;
+            let mut delivered = 0;
+            let mut output = Ok(());
+            while let Some(piece) = pieces.recv().await {
+                let (from, to) = (start.max(at), end.min(at + piece.len() as u64));
+                if from < to {
+                    if let Err(e) = out.write_all(&piece[(from - at) as usize..(to - at) as usize]).await {
+                        output = Err(ClientError::Output(e));
+                        break;
+                    }
+                    delivered += to - from;
+                    *written += to - from;
+                }
+                at += piece.len() as u64;
+            }
+            if let Err(e) = output {
+                head.abort();
+                break Err(e);
+            }
             let outcome = match head.await {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => break Err(e),
                 Err(join) => break Err(ClientError::Internal(join)),
             };
-            // Trim the first and last chunk to the requested range.
-            let offset = index as u64 * chunk_size;
-            let from = start.saturating_sub(offset) as usize;
-            let to = (end - offset).min(outcome.bytes.len() as u64) as usize;
-            if let Err(e) = out.write_all(&outcome.bytes[from..to]).await {
-                break Err(ClientError::Output(e));
-            }
-            let n = (to - from) as u64;
-            *written += n;
-            report.merge_chunk(&outcome, n);
+            report.merge_chunk(&outcome, delivered);
             if let Some((node, receipt)) = outcome.receipt {
                 receipts.spawn(self.inner.clone().hand_over(node, receipt));
             }
         };
-        for (_, task) in inflight {
+        for (_, _, task) in inflight {
             task.abort();
         }
         report.probed_rtt = std::mem::take(&mut *self.inner.probed.lock().expect("lock"));
@@ -654,6 +671,7 @@ fn failure_reason(e: &ChunkError) -> &'static str {
         },
         ChunkError::Protocol(_) => "protocol_error",
         ChunkError::Interrupted { .. } => "interrupted",
+        ChunkError::Rejected { .. } => "hash_mismatch",
     }
 }
 
@@ -695,25 +713,46 @@ impl Inner {
         }
     }
 
+    /// Fetches chunk `index` and sends its bytes to `verified` as they verify (group by group when the
+    /// manifest has group hashes): from the scheduled nodes in turn, each asked only for what the previous
+    /// one did not deliver, then from the origin.
     async fn fetch_chunk(
         self: Arc<Self>,
         resolved: Resolved,
         index: usize,
         failed: Arc<Mutex<HashSet<NodeId>>>,
         deadline: Option<Instant>,
+        verified: mpsc::Sender<Bytes>,
     ) -> Result<ChunkOutcome, ClientError> {
         let r = &resolved.0;
         let manifest = &r.manifest;
         let hash = manifest.hash(index).expect("only hashed chunks are fetched from nodes");
         let (offset, len) = manifest.chunk_span(index);
-        let req = ChunkRequest {
+        let groups = manifest.group_hashes(index);
+        let verifier = Verifier::new(hash, len, groups.clone()).unwrap_or_else(|e| {
+            tracing::warn!(chunk = %hash, error = %e, "the manifest's group hashes are wrong; verifying the chunk whole");
+            Verifier::new(hash, len, None).expect("no group hashes to check")
+        });
+        let mut gate = Gate::new(verifier);
+        // The writer may be gone (the fetch was abandoned): then nobody needs the bytes.
+        let pass = |gate: &mut Gate, piece: &[u8]| match gate.push(piece) {
+            Ok(Some(ready)) => {
+                let _ = verified.try_send(ready);
+                true
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let mut req = ChunkRequest {
             hash,
             range: None,
             origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
             receipt: None,
             ticket: resolved.1.as_ref().and_then(|s| s.signed_ticket.clone()),
+            groups,
         };
         let mut failures = Vec::new();
+        let mut node_used = None;
         for &i in &r.schedule[index] {
             let node = &r.nodes[i as usize];
             if failed.lock().expect("lock").contains(&node.id) {
@@ -725,23 +764,35 @@ impl Inner {
                 deadlines.first_byte = deadlines.first_byte.min(left);
                 deadlines.stall = deadlines.stall.min(left);
             }
+            // After a node delivered part of the chunk, the next is asked for the rest only.
+            let from = gate.verified();
+            req.range = (from > 0).then_some((from, len - from));
             let started = Instant::now();
-            let (result, rtt) = self.fetch_from_node(node, &req, len, deadlines, deadline).await;
+            let mut sink = |piece: Bytes| pass(&mut gate, &piece);
+            let (result, rtt) = self.fetch_from_node(node, &req, len - from, deadlines, deadline, &mut sink).await;
             let ms = started.elapsed().as_millis() as u64;
+            let node_bytes = u64::from(gate.verified() - from);
+            if node_bytes > 0 || result.is_ok() {
+                node_used = Some((node.id, ms, rtt, node_bytes));
+            }
             let err = match result {
-                Ok(bytes) if ChunkHash::of(&bytes) == hash => {
-                    let node_bytes = bytes.len() as u64;
-                    let receipt = resolved.1.as_ref().and_then(|s| s.pay(node.id)).map(|r| (node.clone(), r));
-                    return Ok(ChunkOutcome { bytes, receipt, node: Some((node.id, ms, rtt)), node_bytes, failures });
+                Ok(()) => {
+                    // Only a node that delivered the whole chunk earns a receipt for it.
+                    let paid = (from == 0).then(|| resolved.1.as_ref().and_then(|s| s.pay(node.id))).flatten();
+                    let receipt = paid.map(|r| (node.clone(), r));
+                    let node = Some((node.id, ms, rtt));
+                    return Ok(ChunkOutcome { receipt, node, node_bytes, failures });
                 }
-                Ok(_) => {
+                Err(ChunkError::Rejected { .. }) => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, "node sent bytes that do not match the chunk hash; not using it again");
                     failed.lock().expect("lock").insert(node.id);
                     failures.push((node.id, "hash_mismatch"));
+                    gate.rewind();
                     continue;
                 }
                 Err(e) => e,
             };
+            gate.rewind();
             failures.push((node.id, failure_reason(&err)));
             match err {
                 // The node is healthy but could not help with this chunk.
@@ -752,22 +803,8 @@ impl Inner {
                 ChunkError::Refused { status: Status::OriginMismatch, .. } => break,
                 // Against a deadline, keep what the node sent and take only the rest from the origin.
                 ChunkError::Interrupted { received, cause } if deadline.is_some() => {
-                    tracing::info!(node = %node.id, chunk = %hash, got = received.len(), error = %cause, "node too slow for the deadline; finishing the chunk from the origin");
+                    tracing::info!(node = %node.id, chunk = %hash, got = received, verified = gate.verified(), error = %cause, "node too slow for the deadline; finishing the chunk from the origin");
                     failed.lock().expect("lock").insert(node.id);
-                    let rest_offset = offset + received.len() as u64;
-                    let rest = self.origin.fetch_range(&manifest.url, rest_offset, len - received.len() as u32).await?;
-                    let mut whole = BytesMut::with_capacity(len as usize);
-                    whole.extend_from_slice(&received);
-                    whole.extend_from_slice(&rest);
-                    let whole = whole.freeze();
-                    if ChunkHash::of(&whole) == hash {
-                        let node_bytes = received.len() as u64;
-                        // Only whole chunks a node delivered earn it a receipt.
-                        let node = Some((node.id, ms, rtt));
-                        return Ok(ChunkOutcome { bytes: whole, receipt: None, node, node_bytes, failures });
-                    }
-                    // The node's part or the origin's was wrong: fall through to a clean origin fetch.
-                    failures.push((node.id, "hash_mismatch"));
                     break;
                 }
                 err => {
@@ -777,24 +814,39 @@ impl Inner {
                 }
             }
         }
-        let bytes = self.origin.fetch_range(&manifest.url, offset, len).await?;
-        if ChunkHash::of(&bytes) != hash {
-            return Err(ClientError::ContentChanged { url: manifest.url.clone() });
+        // The rest from the origin, verified as from a node.
+        let from = gate.verified();
+        let (start, end) = (offset + u64::from(from), offset + u64::from(len));
+        let mut body = self.origin.open_range(&manifest.url, start, Some(end), end - start, false).await?;
+        while let Some(piece) = body.next_piece().await? {
+            if !pass(&mut gate, &piece) {
+                return Err(ClientError::ContentChanged { url: manifest.url.clone() });
+            }
         }
-        Ok(ChunkOutcome { bytes, receipt: None, node: None, node_bytes: 0, failures })
+        if !gate.is_done() {
+            let got = u64::from(gate.verified() - from);
+            let short = OriginError::Truncated { url: manifest.url.clone(), expected: end - start, got };
+            return Err(short.into());
+        }
+        let (node, node_bytes) = match node_used {
+            Some((id, ms, rtt, bytes)) => (Some((id, ms, rtt)), bytes),
+            None => (None, 0),
+        };
+        Ok(ChunkOutcome { receipt: None, node, node_bytes, failures })
     }
 
     /// Hands `node` a receipt for chunks it delivered (best effort: a later receipt covers this one too).
     async fn hand_over(self: Arc<Self>, node: NodeContact, receipt: Receipt) {
         let Ok(json) = serde_json::to_vec(&receipt) else { return };
         let req = ChunkRequest::receipt_only(json);
-        let (result, _) = self.fetch_from_node(&node, &req, 0, self.cfg.deadlines, None).await;
+        let (result, _) = self.fetch_from_node(&node, &req, 0, self.cfg.deadlines, None, &mut |_| true).await;
         if let Err(e) = result {
             tracing::debug!(node = %node.id, error = %e, "could not hand over a receipt");
         }
     }
 
-    /// The chunk from `node`, and the connection's RTT in ms when one was established.
+    /// The chunk (or the range `req` asks for) from `node`, piece by piece to `sink`, and the connection's
+    /// RTT in ms when one was established.
     async fn fetch_from_node(
         &self,
         node: &NodeContact,
@@ -802,12 +854,13 @@ impl Inner {
         len: u32,
         deadlines: Deadlines,
         until: Option<Instant>,
-    ) -> (Result<Bytes, ChunkError>, Option<u64>) {
+        sink: &mut (dyn FnMut(Bytes) -> bool + Send),
+    ) -> (Result<(), ChunkError>, Option<u64>) {
         let conn = match self.connection(node).await {
             Ok(c) => c,
             Err(e) => return (Err(e), None),
         };
-        let result = chunk::request(&conn, req, len, deadlines, until).await;
+        let result = chunk::request_into(&conn, req, len, deadlines, until, sink).await;
         (result, Some(conn.rtt().as_millis() as u64))
     }
 
@@ -840,6 +893,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use fog_proto::manifest::{Progress, MIN_CHUNK_SIZE};
+    use fog_proto::ChunkHash;
 
     use super::*;
 
@@ -858,6 +912,7 @@ mod tests {
             content_type: None,
             etag: None,
             progress,
+            groups: None,
         }
     }
 

@@ -41,7 +41,7 @@ pub enum PublishError {
     TooMany(PathBuf),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("the manifest of {path} is {bytes} bytes of JSON, over the {MAX_MANIFEST_JSON} a tracker accepts; use a larger --chunk-size")]
+    #[error("the manifest of {path} is {bytes} bytes of JSON, over the {MAX_MANIFEST_JSON} a tracker accepts; use a larger --chunk-size or --group-size")]
     TooLarge { path: PathBuf, bytes: usize },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
@@ -268,15 +268,27 @@ pub fn guess_content_type(path: &Path) -> Option<&'static str> {
 
 /// The manifest of the file at `path`, served at `url`, read in pieces on a blocking thread. It has no etag:
 /// the publisher cannot know the one its origin will send.
-pub async fn build(path: &Path, url: String, chunk_size: u32) -> Result<Manifest, PublishError> {
+/// With `group_size`, the manifest carries group hashes (see `fog_proto::groups`).
+pub async fn build(
+    path: &Path,
+    url: String,
+    chunk_size: u32,
+    group_size: Option<u32>,
+) -> Result<Manifest, PublishError> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || build_blocking(&path, url, chunk_size)).await.map_err(PublishError::Internal)?
+    let build = move || build_blocking(&path, url, chunk_size, group_size);
+    tokio::task::spawn_blocking(build).await.map_err(PublishError::Internal)?
 }
 
-fn build_blocking(path: &Path, url: String, chunk_size: u32) -> Result<Manifest, PublishError> {
+fn build_blocking(
+    path: &Path,
+    url: String,
+    chunk_size: u32,
+    group_size: Option<u32>,
+) -> Result<Manifest, PublishError> {
     let read_err = |source| PublishError::Read { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
-    let mut builder = ManifestBuilder::new(chunk_size);
+    let mut builder = ManifestBuilder::with_groups(chunk_size, group_size);
     let mut buf = vec![0; READ_BUFFER];
     loop {
         match file.read(&mut buf) {
@@ -340,9 +352,9 @@ mod tests {
         let path = dir.path().join("seg.ts");
         std::fs::write(&path, &bytes).expect("write");
         let url = "http://o.example/vod/seg.ts".to_string();
-        let built = build(&path, url.clone(), MIN_CHUNK_SIZE).await.expect("built");
+        let built = build(&path, url.clone(), MIN_CHUNK_SIZE, Some(4096)).await.expect("built");
 
-        let mut whole = ManifestBuilder::new(MIN_CHUNK_SIZE);
+        let mut whole = ManifestBuilder::with_groups(MIN_CHUNK_SIZE, Some(4096));
         whole.update(&bytes);
         let expected = whole.finish(url, Some("video/mp2t".into()), None);
         assert_eq!(built, expected);
@@ -353,7 +365,7 @@ mod tests {
 
         let empty = dir.path().join("empty.bin");
         std::fs::write(&empty, b"").expect("write");
-        let m = build(&empty, "http://o.example/e".into(), MIN_CHUNK_SIZE).await.expect("built");
+        let m = build(&empty, "http://o.example/e".into(), MIN_CHUNK_SIZE, None).await.expect("built");
         assert_eq!((m.size, m.chunks.len(), m.content_type), (0, 0, None));
     }
 
@@ -444,7 +456,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.m4s");
         std::fs::write(&path, object(100_000)).expect("write");
-        let manifest = build(&path, "http://o.example/a.m4s".into(), MIN_CHUNK_SIZE).await.expect("built");
+        let manifest = build(&path, "http://o.example/a.m4s".into(), MIN_CHUNK_SIZE, None).await.expect("built");
         let sidecar = write_sidecar(&path, &manifest).await.expect("written");
         assert_eq!(sidecar, dir.path().join("a.m4s.fog-manifest.json"));
         let read: Manifest = serde_json::from_slice(&std::fs::read(&sidecar).expect("read")).expect("json");

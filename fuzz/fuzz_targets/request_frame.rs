@@ -1,9 +1,10 @@
 //! The chunk-request frame (client → node on `fog/1`; node → peer on the peer-fill protocol): a u16 length
-//! prefix, then the body. Decoding is canonical (what decodes re-encodes to the same bytes), every field
+//! prefix, then the body (group hashes included). Decoding is canonical (what decodes re-encodes to the same bytes), every field
 //! stays within its bound, and whatever the encoder frames, the receiver's length check and decoder accept.
 #![no_main]
 
 use fog_fuzz::read_as_stream;
+use fog_proto::groups::{GroupHashes, MAX_GROUPS_PER_CHUNK};
 use fog_proto::wire::{
     ChunkRequest, Decode, Decoded, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_TICKET_LEN,
     MAX_URL_LEN,
@@ -35,6 +36,7 @@ fn check_decoded(req: &ChunkRequest, body: &[u8]) {
     }
     assert!(req.receipt.as_ref().is_none_or(|r| r.len() <= MAX_RECEIPT_LEN));
     assert!(req.ticket.as_ref().is_none_or(|t| t.len() <= MAX_TICKET_LEN));
+    assert!(req.groups.as_ref().is_none_or(|(size, h)| size.is_power_of_two() && h.0.len() <= MAX_GROUPS_PER_CHUNK));
     assert_eq!(req.wants_chunk(), req.hash.0 != [0; 32]);
     // What a node accepted, a node can send on (peer fill re-frames requests).
     if body.len() <= MAX_REQUEST_LEN {
@@ -72,5 +74,9 @@ fn request_from(data: &[u8]) -> ChunkRequest {
         }),
         receipt: (flags & 4 != 0).then(|| filler(word(3) % (MAX_RECEIPT_LEN + 64), 56)),
         ticket: (flags & 8 != 0).then(|| filler(word(72) % (MAX_TICKET_LEN + 64), 74)),
+        groups: (flags & 16 != 0).then(|| {
+            let count = usize::from(byte(4)) % (MAX_GROUPS_PER_CHUNK + 8);
+            (1 << (10 + byte(2) % 16), GroupHashes(vec![[byte(3); 32]; count]))
+        }),
     }
 }

@@ -39,9 +39,13 @@ pub enum ChunkError {
     Refused { status: Status, message: String },
     #[error("node broke the protocol: {0}")]
     Protocol(#[source] ProtocolError),
-    /// The payload stopped part-way; what arrived is kept so the rest can come from elsewhere.
-    #[error("transfer interrupted after {} bytes: {cause}", received.len())]
-    Interrupted { received: Bytes, cause: Box<ChunkError> },
+    /// The payload stopped part-way after `received` bytes; the caller keeps what verified of them, so the
+    /// rest can come from elsewhere.
+    #[error("transfer interrupted after {received} bytes: {cause}")]
+    Interrupted { received: u32, cause: Box<ChunkError> },
+    /// The caller refused the bytes (they failed verification) after `received` of them.
+    #[error("the node's bytes failed verification after {received} bytes")]
+    Rejected { received: u32 },
 }
 
 /// What failed below the protocol: a retry on another node (or a new connection) may help.
@@ -83,7 +87,7 @@ impl From<ReadError<FrameError>> for ChunkError {
 
 /// Sends `req` on a new stream of `conn` and returns the payload, which must be exactly `expected_len`
 /// bytes. The caller verifies the bytes against the chunk hash. With `until`, a transfer still running
-/// then is cut off like a stall (keeping what arrived), however steadily the node was sending.
+/// then is cut off like a stall, however steadily the node was sending.
 pub async fn request(
     conn: &quinn::Connection,
     req: &ChunkRequest,
@@ -91,6 +95,26 @@ pub async fn request(
     deadlines: Deadlines,
     until: Option<Instant>,
 ) -> Result<Bytes, ChunkError> {
+    let mut out = BytesMut::with_capacity(expected_len as usize);
+    request_into(conn, req, expected_len, deadlines, until, &mut |piece| {
+        out.extend_from_slice(&piece);
+        true
+    })
+    .await?;
+    Ok(out.freeze())
+}
+
+/// Like [`request`], but hands the payload to `sink` piece by piece as it arrives, so the caller can
+/// verify and pass on each group before the rest has arrived; `sink` returns false to refuse the bytes
+/// ([`ChunkError::Rejected`]).
+pub async fn request_into(
+    conn: &quinn::Connection,
+    req: &ChunkRequest,
+    expected_len: u32,
+    deadlines: Deadlines,
+    until: Option<Instant>,
+    sink: &mut (dyn FnMut(Bytes) -> bool + Send),
+) -> Result<(), ChunkError> {
     let framed = req.encode_framed().map_err(|e| ChunkError::Protocol(e.into()))?;
     let (mut send, mut recv) = timeout(deadlines.first_byte, conn.open_bi())
         .await
@@ -108,20 +132,25 @@ pub async fn request(
     // Without a caller's deadline, a node must still deliver the whole chunk at a minimum rate: one that
     // trickles a byte now and then (never stalling for `stall`) is cut off, and the caller falls back.
     let until = until.or_else(|| Instant::now().checked_add(deadlines.stall + PER_BYTE_AT_MIN_RATE * len as u32));
-    let mut out = BytesMut::with_capacity(len);
-    while out.len() < len {
+    let mut got = 0;
+    while got < len {
         let wait = until.map_or(deadlines.stall, |u| deadlines.stall.min(u.saturating_duration_since(Instant::now())));
-        let piece = match timeout(wait, recv.read_chunk(len - out.len(), true)).await {
+        let piece = match timeout(wait, recv.read_chunk(len - got, true)).await {
             Err(_) => Err(ChunkError::Timeout(wait)),
             Ok(Err(e)) => Err(ChunkError::Stream(StreamError::Payload(e))),
-            Ok(Ok(None)) => Err(ChunkError::Protocol(ProtocolError::Ended { received: out.len(), len })),
+            Ok(Ok(None)) => Err(ChunkError::Protocol(ProtocolError::Ended { received: got, len })),
             Ok(Ok(Some(c))) => Ok(c.bytes),
         };
         match piece {
-            Ok(bytes) => out.extend_from_slice(&bytes),
-            Err(cause) if out.is_empty() => return Err(cause),
-            Err(cause) => return Err(ChunkError::Interrupted { received: out.freeze(), cause: Box::new(cause) }),
+            Ok(bytes) => {
+                got += bytes.len();
+                if !sink(bytes) {
+                    return Err(ChunkError::Rejected { received: got as u32 });
+                }
+            }
+            Err(cause) if got == 0 => return Err(cause),
+            Err(cause) => return Err(ChunkError::Interrupted { received: got as u32, cause: Box::new(cause) }),
         }
     }
-    Ok(out.freeze())
+    Ok(())
 }

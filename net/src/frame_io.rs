@@ -120,7 +120,14 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_streams_fail_cleanly() {
-        let req = ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None, receipt: None, ticket: None };
+        let req = ChunkRequest {
+            hash: ChunkHash::of(b"a"),
+            range: None,
+            origin: None,
+            receipt: None,
+            ticket: None,
+            groups: None,
+        };
         let framed = req.encode_framed().expect("fits");
         for cut in [0, 1, 2, framed.len() - 1] {
             let mut r = stream_of(&framed[..cut]).await;

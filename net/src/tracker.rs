@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use fog_proto::api::{
-    ApiError, ClientReport, ErrorCode, HeartbeatResponse, Published, RegisterResponse, Resolve, Signed,
+    ApiError, ClientReport, ErrorCode, Families, HeartbeatResponse, Published, RegisterResponse, Resolve, Signed,
 };
 use fog_proto::credits::RedeemResponse;
 use fog_proto::manifest::Manifest;
@@ -74,7 +74,8 @@ impl TrackerClient {
     /// The manifest of `url` and a schedule of nodes per chunk. `stale` names a content id the caller found
     /// no longer matching the origin, asking the tracker to ingest the object again.
     /// `client_key`: the session's public key, asking for a credit ticket. `from`: the byte the client
-    /// reads first (a seek), which an ingest still under way hashes before the rest.
+    /// reads first (a seek), which an ingest still under way hashes before the rest. The query names the IP
+    /// families this host has routes in, so the tracker offers only nodes it can dial.
     pub async fn resolve(
         &self,
         url: &str,
@@ -91,6 +92,10 @@ impl TrackerClient {
         }
         if let Some(k) = client_key {
             req = req.query(&[("client_key", k.to_string())]);
+        }
+        let families = crate::transport::local_families();
+        if families != Families::default() {
+            req = req.query(&[("families", families.to_query())]);
         }
         self.send(req).await
     }

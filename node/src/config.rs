@@ -35,9 +35,12 @@ pub struct NodeArgs {
     /// firewall guards it [default: 127.0.0.1:7702].
     #[arg(long, env = "FOG_NODE_STATUS_LISTEN")]
     pub status_listen: Option<SocketAddr>,
-    /// Address clients should dial, when it differs from what the tracker sees (port forwarding).
+    /// Addresses clients should dial, when they differ from what the tracker sees (port forwarding),
+    /// comma-separated: the node registers at the first; the tracker dials each back and hands out those
+    /// that answer (one per family, say `203.0.113.7:7701,[2001:db8::7]:7701`). Port 0: the QUIC port
+    /// [default: the address the tracker sees, and this host's global addresses on the QUIC port].
     #[arg(long, env = "FOG_NODE_ADVERTISE")]
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Option<AddrList>,
     /// Disk quota: the data directory (cache, receipts, state) stays within it plus a small allowance
     /// (docs/operations.md), e.g. 10GiB [default: 1GiB].
     #[arg(long, env = "FOG_NODE_CACHE_SIZE")]
@@ -59,12 +62,37 @@ pub struct NodeArgs {
     #[arg(long, env = "FOG_NODE_MAX_FILLS")]
     pub max_fills: Option<usize>,
     /// libp2p overlay listen addresses, comma-separated multiaddrs; "none" turns the overlay off
-    /// [default: /ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0 (ephemeral ports)].
+    /// [default: /ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0,/ip6/::/udp/0/quic-v1,/ip6/::/tcp/0 (ephemeral
+    /// ports; the IPv6 ones are skipped on a host without IPv6)].
     #[arg(long, env = "FOG_NODE_P2P_LISTEN")]
     pub p2p_listen: Option<String>,
 }
 
-const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0";
+const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0,/ip6/::/udp/0/quic-v1,/ip6/::/tcp/0";
+
+/// Comma-separated socket addresses (`--advertise`), at most `1 + MAX_QUIC_ADDRS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrList(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for AddrList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addrs = s
+            .split(',')
+            .map(|a| a.trim().parse().map_err(|e| format!("{a:?} is not an address ({e}); e.g. [2001:db8::7]:7701")))
+            .collect::<Result<Vec<SocketAddr>, String>>()?;
+        if addrs.len() > 1 + fog_proto::api::MAX_QUIC_ADDRS {
+            return Err(format!("at most {} addresses", 1 + fog_proto::api::MAX_QUIC_ADDRS));
+        }
+        Ok(Self(addrs))
+    }
+}
+
+impl<'de> Deserialize<'de> for AddrList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// The configuration after merging, with defaults applied.
 #[derive(Debug, Clone)]
@@ -72,7 +100,8 @@ pub struct NodeConfig {
     pub tracker: String,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    pub advertise: Option<SocketAddr>,
+    /// `--advertise`: empty when not set.
+    pub advertise: Vec<SocketAddr>,
     pub status_listen: SocketAddr,
     pub cache_size: u64,
     pub min_free_disk: DiskFloor,
@@ -91,7 +120,7 @@ impl NodeArgs {
             tracker: self.tracker.or(file.tracker).unwrap_or_else(|| "http://127.0.0.1:7700".into()),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 7701))),
-            advertise: self.advertise.or(file.advertise),
+            advertise: self.advertise.or(file.advertise).map(|a| a.0).unwrap_or_default(),
             status_listen: self
                 .status_listen
                 .or(file.status_listen)
@@ -193,11 +222,17 @@ mod tests {
         assert_eq!(cfg.tracker, "http://flag");
         assert_eq!(cfg.cache_size, 2 << 20);
         assert_eq!(cfg.upload_limit, Some(1000));
-        assert_eq!(cfg.p2p_listen.len(), 2);
+        assert_eq!(cfg.p2p_listen.len(), 4);
+        assert!(cfg.advertise.is_empty());
         assert_eq!(cfg.min_free_disk, DiskFloor::Percent(10.0));
         std::fs::write(&path, "min_free_disk = \"5%\"\n").expect("write");
         let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
         assert_eq!(args.resolve().expect("valid").min_free_disk.bytes(1000), 50);
+        std::fs::write(&path, "advertise = \"203.0.113.7:7701, [2001:db8::7]:0\"\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        let want: Vec<SocketAddr> = vec!["203.0.113.7:7701".parse().expect("a"), "[2001:db8::7]:0".parse().expect("a")];
+        assert_eq!(args.resolve().expect("valid").advertise, want);
+        assert!("1.2.3.4:1,nonsense".parse::<AddrList>().is_err());
         let args = NodeArgs::parse_from(["fog-node", "--min-free-disk", "2GiB"]);
         assert_eq!(args.resolve().expect("valid").min_free_disk, DiskFloor::Bytes(2 << 30));
         assert!("120%".parse::<DiskFloor>().is_err());

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod credits;
+pub mod fill;
 pub mod grants;
 pub mod limits;
 pub mod overlay;

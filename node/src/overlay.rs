@@ -12,12 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
 use fog_proto::api::{
     OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
+use fog_proto::groups::GroupHashes;
 use fog_proto::placement::peers_to_ask;
 use fog_proto::rtt::RttFilter;
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, PEER_PROTOCOL};
@@ -31,8 +31,9 @@ use libp2p::{
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use crate::fill::Feed;
 use crate::stats::Counters;
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fog/kad/1.0.0");
@@ -55,6 +56,8 @@ const TARGET_PEERS: usize = NEIGHBOURHOOD;
 /// whole chunk), and to send a whole chunk.
 const PEER_FIRST_BYTE: Duration = Duration::from_secs(2);
 const PEER_WHOLE_CHUNK: Duration = Duration::from_secs(10);
+/// Bytes read from a peer's stream at a time.
+const PEER_READ_BUF: usize = 64 * 1024;
 /// How long a peer that answered busy (or too late) is left out of the neighbourhood.
 const REST_FOR: Duration = Duration::from_secs(10);
 /// Peers that sent wrong bytes are not dialled or asked again for this long.
@@ -91,8 +94,6 @@ enum FetchError {
     Send(#[source] std::io::Error),
     #[error("{0}")]
     Head(#[from] ReadError<FrameError>),
-    #[error("reading the chunk: {0}")]
-    Chunk(#[source] std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,9 +136,52 @@ struct PeerEntry {
 /// A peer's answer to a fill request.
 #[derive(Debug)]
 enum PeerAnswer {
-    Chunk(Bytes),
+    Chunk(PeerBody),
     NotFound,
     Busy,
+}
+
+/// The chunk a peer is sending.
+#[derive(Debug)]
+struct PeerBody {
+    stream: Compat<libp2p::Stream>,
+    len: u32,
+    /// The whole chunk must have arrived by then.
+    until: tokio::time::Instant,
+}
+
+/// Why a peer's chunk did not arrive whole.
+#[derive(Debug, thiserror::Error)]
+enum PeerReadError {
+    #[error("reading the chunk: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the peer stopped after {0} of the chunk's bytes")]
+    Ended(u32),
+    #[error("the peer was silent for {0:?}")]
+    Stalled(Duration),
+    #[error("the peer's bytes do not match the chunk's hash")]
+    Mismatch,
+}
+
+impl PeerBody {
+    /// Reads the chunk into `feed` as it arrives, under the whole-chunk deadline and a stall limit.
+    async fn stream_into<E: Clone>(&mut self, feed: &mut Feed<'_, E>) -> Result<(), PeerReadError> {
+        let mut buf = vec![0u8; PEER_READ_BUF.min(self.len as usize)];
+        let mut got = 0u32;
+        while got < self.len {
+            let stall = tokio::time::Instant::now() + PEER_FIRST_BYTE;
+            let want = buf.len().min((self.len - got) as usize);
+            let n = match tokio::time::timeout_at(stall.min(self.until), self.stream.read(&mut buf[..want])).await {
+                Err(_) => return Err(PeerReadError::Stalled(PEER_FIRST_BYTE)),
+                Ok(Err(e)) => return Err(PeerReadError::Read(e)),
+                Ok(Ok(0)) => return Err(PeerReadError::Ended(got)),
+                Ok(Ok(n)) => n,
+            };
+            feed.push(&buf[..n]).map_err(|_| PeerReadError::Mismatch)?;
+            got += n as u32;
+        }
+        Ok(())
+    }
 }
 
 /// What the swarm task publishes for the rest of the node.
@@ -285,8 +329,16 @@ impl Overlay {
             // Peers are kept for fill and RTT measurement; the connection limits bound them.
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
+        let is_ip6 = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::Ip6(_)));
         for addr in listen {
-            swarm.listen_on(addr.clone()).map_err(|source| OverlayError::Listen { addr: addr.clone(), source })?;
+            match swarm.listen_on(addr.clone()) {
+                Ok(_) => {}
+                // The default listens on both families; a host without IPv6 keeps the IPv4 ones.
+                Err(e) if is_ip6(addr) && listen.iter().any(|a| !is_ip6(a)) => {
+                    tracing::info!(%addr, error = %e, "overlay not listening on IPv6 (no IPv6 on this host?)");
+                }
+                Err(source) => return Err(OverlayError::Listen { addr: addr.clone(), source }),
+            }
         }
         let mut control = swarm.behaviour().stream.new_control();
         let incoming = control.accept(CHUNK_PROTOCOL).expect("the chunk protocol is registered once");
@@ -387,10 +439,18 @@ impl Overlay {
     }
 
     /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
-    /// uses, over this node's neighbourhood), all at once, and returns the first verified copy. With an
-    /// origin hint and the ticket that licensed it, the first of them — the chunk's home — is asked to fill
-    /// the chunk through if it lacks it.
-    pub async fn fetch(&self, hash: ChunkHash, fill_through: Option<(&OriginHint, &[u8])>) -> Option<Bytes> {
+    /// uses, over this node's neighbourhood), all at once, and streams the chunk from the first that has it
+    /// into `feed`, which verifies it (group by group with `groups`) and passes it on as it verifies. With
+    /// an origin hint and the ticket that licensed it, the first of them — the chunk's home — is asked to
+    /// fill the chunk through if it lacks it. Whether the whole chunk arrived: if not, `feed` holds what
+    /// verified before the peer failed, and the rest must come from elsewhere.
+    pub async fn fetch<E: Clone>(
+        &self,
+        hash: ChunkHash,
+        fill_through: Option<(&OriginHint, &[u8])>,
+        groups: Option<&(u32, GroupHashes)>,
+        feed: &mut Feed<'_, E>,
+    ) -> bool {
         let peers = self.neighbourhood();
         let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
         let mut asks: futures::stream::FuturesUnordered<_> = peers_to_ask(&hash, &ids)
@@ -405,17 +465,15 @@ impl Overlay {
                     origin: home.map(|(hint, _)| hint.clone()),
                     receipt: None,
                     ticket: home.map(|(_, ticket)| ticket.to_vec()),
+                    groups: groups.cloned(),
                 };
-                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.fetch_from(peer, req)).await) }
+                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.open(peer, req)).await) }
             })
             .collect();
-        while let Some((peer, node, answer)) = asks.next().await {
+        let chosen = loop {
+            let Some((peer, node, answer)) = asks.next().await else { return false };
             match answer {
-                Ok(Ok(PeerAnswer::Chunk(bytes))) if ChunkHash::of(&bytes) == hash => {
-                    Counters::add(&self.counters.peer_fills, 1);
-                    Counters::add(&self.counters.peer_fill_bytes, bytes.len() as u64);
-                    return Some(bytes);
-                }
+                Ok(Ok(PeerAnswer::Chunk(body))) if body.len == feed.chunk_len() => break (peer, node, body),
                 Ok(Ok(PeerAnswer::Chunk(_))) => self.punish(peer, node),
                 Ok(Ok(PeerAnswer::NotFound)) => {}
                 Ok(Ok(PeerAnswer::Busy)) => self.rest(peer),
@@ -429,8 +487,26 @@ impl Overlay {
                     self.rest(peer);
                 }
             }
+        };
+        // The others are not needed any more (dropping their streams tells them).
+        drop(asks);
+        let (peer, node, mut body) = chosen;
+        let from = feed.verified();
+        match body.stream_into(feed).await {
+            Ok(()) => {
+                Counters::add(&self.counters.peer_fills, 1);
+                Counters::add(&self.counters.peer_fill_bytes, u64::from(feed.verified() - from));
+                return true;
+            }
+            Err(PeerReadError::Mismatch) => self.punish(peer, node),
+            Err(e) => {
+                tracing::debug!(%node, chunk = %hash, error = %e, got = feed.verified(), "peer fill stopped part-way");
+                self.rest(peer);
+            }
         }
-        None
+        Counters::add(&self.counters.peer_fill_bytes, u64::from(feed.verified() - from));
+        feed.restart();
+        false
     }
 
     /// Leaves a busy, failing or slow peer out of the neighbourhood for [`REST_FOR`]: chunks it is home to get the
@@ -441,7 +517,8 @@ impl Overlay {
         }
     }
 
-    async fn fetch_from(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, FetchError> {
+    /// Sends `req` to `peer` and reads its answer's head; a chunk's bytes follow on the stream.
+    async fn open(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, FetchError> {
         let frame = req.encode_framed().map_err(FetchError::Frame)?;
         let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await?.compat();
         write_last_frame(&mut stream, &frame).await.map_err(FetchError::Send)?;
@@ -452,9 +529,8 @@ impl Overlay {
             PeerResponseHead::NotFound => return Ok(PeerAnswer::NotFound),
             PeerResponseHead::Busy => return Ok(PeerAnswer::Busy),
         };
-        let mut body = vec![0u8; len as usize];
-        stream.read_exact(&mut body).await.map_err(FetchError::Chunk)?;
-        Ok(PeerAnswer::Chunk(Bytes::from(body)))
+        let until = tokio::time::Instant::now() + PEER_WHOLE_CHUNK;
+        Ok(PeerAnswer::Chunk(PeerBody { stream, len, until }))
     }
 
     /// A peer sent bytes that do not match the hash: disconnect, ban, and tell the tracker.
@@ -745,6 +821,16 @@ fn on_event(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, event: Sw
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fill::Filling;
+    use bytes::Bytes;
+    use fog_proto::groups::Verifier;
+
+    /// Fetches `hash` (of `len` bytes, verified whole) from the asker's peers: the chunk, if it arrived.
+    async fn fetch(asker: &Overlay, hash: ChunkHash, len: u32) -> Option<Bytes> {
+        let filling = Filling::<()>::new(len);
+        let mut feed = Feed::new(&filling, Verifier::new(hash, len, None).expect("no groups"));
+        asker.fetch(hash, None, None, &mut feed).await.then(|| feed.into_whole())
+    }
 
     #[test]
     fn node_and_peer_ids_name_the_same_key() {
@@ -805,7 +891,7 @@ mod tests {
         let (busy, busy_incoming, busy_id) = start(4);
         answer_every_request(busy_incoming, PeerResponseHead::Busy.encode());
         connect(&asker, &busy, busy_id).await;
-        assert!(asker.fetch(ChunkHash::of(b"x"), None).await.is_none());
+        assert!(fetch(&asker, ChunkHash::of(b"x"), 1).await.is_none());
         assert!(asker.neighbourhood().is_empty(), "the busy peer is still asked first");
         assert_eq!(asker.peer_count(), 1, "a busy peer is not disconnected");
     }
@@ -822,7 +908,7 @@ mod tests {
         answer.extend_from_slice(&[8u8; 100_000]);
         answer_every_request(liar_incoming, answer);
         connect(&asker, &liar, liar_id).await;
-        assert!(asker.fetch(hash, None).await.is_none(), "wrong bytes were accepted");
+        assert!(fetch(&asker, hash, 100_000).await.is_none(), "wrong bytes were accepted");
         assert_eq!(asker.report().bad_peers, vec![liar_id]);
         assert!(!asker.accepts(&liar.peer_id), "the liar is not banned");
         for _ in 0..100 {

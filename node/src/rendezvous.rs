@@ -350,7 +350,8 @@ mod tests {
 
         // A client reaches the node through the rendezvous, even with a stale address in hand.
         let client = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("client endpoint");
-        let stale = NodeContact { id: x_id, addr: "127.0.0.1:9".parse().expect("addr"), via: Some(via.clone()) };
+        let stale_addr = "127.0.0.1:9".parse().expect("addr");
+        let stale = NodeContact { via: Some(via.clone()), ..NodeContact::direct(x_id, stale_addr) };
         let conn = transport::connect_contact(&client, &stale, Duration::from_secs(5), Duration::from_secs(5))
             .await
             .expect("connected through the rendezvous");

@@ -19,7 +19,7 @@ use crate::stats::Counters;
 use crate::status::{Status, StatusInfo};
 use crate::store::{Store, StoreError};
 use crate::tracker_link::SharedLinkState;
-use crate::tracker_link::{load_origins, TrackerLink};
+use crate::tracker_link::{load_origins, MoreAddrs, TrackerLink};
 use fog_net::identity::{self, IdentityError};
 
 /// File in the data directory holding the status page's address, for `fog-node status`.
@@ -153,7 +153,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         state: link_state,
         tracker,
         key,
-        quic_addr: cfg.advertise.unwrap_or(local),
+        quic_addr: cfg.advertise.first().map_or(local, |&a| on_port(a, local.port())),
+        more_addrs: match cfg.advertise.split_first() {
+            Some((_, more)) => MoreAddrs::Named(more.iter().map(|&a| on_port(a, local.port())).collect()),
+            None => MoreAddrs::discover(local),
+        },
         server: server.clone(),
         origins,
         origins_file,
@@ -197,6 +201,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     store.flush()?;
     tracing::info!("fog-node stopped");
     Ok(())
+}
+
+/// `addr`, with `port` if it names none (port 0).
+fn on_port(addr: SocketAddr, port: u16) -> SocketAddr {
+    if addr.port() == 0 {
+        SocketAddr::new(addr.ip(), port)
+    } else {
+        addr
+    }
 }
 
 /// Measures the data directory every few seconds, so the cache gives way to the disk floor and to other

@@ -2,9 +2,10 @@
 //!
 //! A hit is read from the store (verified on read); a miss is filled from the overlay peers most likely to
 //! hold the chunk, then (given an origin hint and a tracker ticket that licenses the fill, see
-//! [`crate::grants`]) from the origin, verified, stored and served; concurrent
-//! misses for one chunk share a single fill. The same server answers peers' fill requests from the store
-//! only, and hands connections that negotiated the rendezvous protocol to [`RendezvousServer`].
+//! [`crate::grants`]) from the origin. A fill runs on its own, shared by every request for the chunk: its
+//! bytes are served as each group verifies (cut-through, [`crate::fill`]) and stored once whole. The same
+//! server answers peers' fill requests, and hands connections that negotiated the rendezvous protocol to
+//! [`RendezvousServer`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -15,17 +16,18 @@ use bytes::Bytes;
 use fog_net::frame_io::{read_frame, write_last_frame, ReadError};
 use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_net::per_source::Held;
-use fog_net::single_flight::SingleFlight;
 use fog_proto::api::now_ms;
+use fog_proto::groups::{GroupHashes, Verifier};
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::credits::Credits;
+use crate::fill::{Feed, Filling, Follower, Next};
 use crate::grants::FillGrants;
 use crate::limits::{UploadLimit, PIECE};
 use crate::overlay::{node_id_of, IncomingChunkStreams, Overlay};
@@ -51,6 +53,8 @@ enum FillError {
     Mismatch { url: String, offset: u64, hash: ChunkHash },
     #[error("too many origin pulls in progress")]
     Busy,
+    #[error("the fill stopped without a result (a bug; see the log)")]
+    Lost,
 }
 
 impl FillError {
@@ -60,9 +64,22 @@ impl FillError {
             Self::Origin(_) => Status::OriginFailed,
             Self::Mismatch { .. } => Status::OriginMismatch,
             Self::Busy => Status::Busy,
+            Self::Lost => Status::Internal,
         }
     }
 }
+
+type Fill = Filling<FillError>;
+
+/// Where a requested chunk's bytes come from.
+enum Source {
+    Stored(Bytes),
+    /// A fill in progress: verified pieces as they come, and the chunk's length.
+    Filling(Follower<FillError>, u32),
+}
+
+/// QUIC reset code for a response cut off after its head: the fill behind it failed.
+const FILL_FAILED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Everything a stream handler needs.
 #[derive(Debug)]
@@ -72,9 +89,10 @@ pub struct Server {
     pub counters: Arc<Counters>,
     origin: OriginClient,
     upload: Option<UploadLimit>,
-    /// Fills in progress, by chunk.
-    fills: SingleFlight<ChunkHash, Result<Bytes, FillError>>,
-    fill_slots: Semaphore,
+    /// Fills in progress, by chunk: a request for a chunk being filled follows that fill. Bounded by the
+    /// fill slots.
+    fills: Mutex<HashMap<ChunkHash, Arc<Fill>>>,
+    fill_slots: Arc<Semaphore>,
     max_connections: usize,
     connections: AtomicUsize,
     /// Open client connections by source (IPv4 address or IPv6 /64).
@@ -120,8 +138,8 @@ impl Server {
             counters,
             origin: OriginClient::new(Some(origins)),
             upload: upload_limit.map(UploadLimit::new),
-            fills: SingleFlight::default(),
-            fill_slots: Semaphore::new(max_fills),
+            fills: Mutex::new(HashMap::new()),
+            fill_slots: Arc::new(Semaphore::new(max_fills)),
             max_connections,
             connections: AtomicUsize::new(0),
             by_source: Held::default(),
@@ -205,7 +223,12 @@ impl Server {
         }
     }
 
-    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, served: &AtomicU32) {
+    async fn serve_stream(
+        self: &Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        served: &AtomicU32,
+    ) {
         Counters::add(&self.counters.requests, 1);
         let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<ChunkRequest, _>(&mut recv)).await {
             Ok(Ok(req)) => req,
@@ -243,33 +266,50 @@ impl Server {
         }
     }
 
-    async fn respond(&self, req: &ChunkRequest, send: &mut quinn::SendStream, served: &AtomicU32) {
-        let bytes = match self.chunk(req).await {
-            Ok(b) => b,
+    async fn respond(self: &Arc<Self>, req: &ChunkRequest, send: &mut quinn::SendStream, served: &AtomicU32) {
+        let source = match self.chunk(req).await {
+            Ok(source) => source,
             Err((status, message)) => return respond_error(send, status, &message).await,
         };
-        let body = match req.range {
-            None => bytes,
-            Some((off, len)) => {
-                let end = u64::from(off) + u64::from(len);
-                if end > bytes.len() as u64 {
-                    Counters::add(&self.counters.bad_requests, 1);
-                    let msg = format!("range {off}+{len} is outside the {}-byte chunk", bytes.len());
-                    return respond_error(send, Status::BadRequest, &msg).await;
-                }
-                bytes.slice(off as usize..end as usize)
+        let sent = match (source, req.range) {
+            (Source::Filling(follower, len), None) => self.send_following(send, follower, len).await,
+            (source, range) => {
+                let bytes = match source {
+                    Source::Stored(bytes) => bytes,
+                    // Only whole chunks are served as they verify; a range waits for the whole.
+                    Source::Filling(follower, len) => match follower.whole(len).await {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            let e = e.unwrap_or(FillError::Lost);
+                            return respond_error(send, e.status(), &e.to_string()).await;
+                        }
+                    },
+                };
+                let body = match range {
+                    None => bytes,
+                    Some((off, len)) => {
+                        let end = u64::from(off) + u64::from(len);
+                        if end > bytes.len() as u64 {
+                            Counters::add(&self.counters.bad_requests, 1);
+                            let msg = format!("range {off}+{len} is outside the {}-byte chunk", bytes.len());
+                            return respond_error(send, Status::BadRequest, &msg).await;
+                        }
+                        bytes.slice(off as usize..end as usize)
+                    }
+                };
+                self.send_payload(send, body).await
             }
         };
-        match self.send_payload(send, body).await {
+        match sent {
             Ok(()) => {
                 served.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::debug!(chunk = %req.hash, error = %e, "client went away mid-response"),
+            Err(e) => tracing::debug!(chunk = %req.hash, error = %e, "response not completed"),
         }
     }
 
-    /// The verified chunk, from the store or pulled through from the origin.
-    async fn chunk(&self, req: &ChunkRequest) -> Result<Bytes, (Status, String)> {
+    /// The chunk from the store, or the fill that pulls it through.
+    async fn chunk(self: &Arc<Self>, req: &ChunkRequest) -> Result<Source, (Status, String)> {
         let store = self.store.clone();
         let hash = req.hash;
         let lookup = tokio::task::spawn_blocking(move || store.get(&hash))
@@ -278,7 +318,7 @@ impl Server {
         match lookup {
             Ok(Lookup::Hit(b)) => {
                 Counters::add(&self.counters.hits, 1);
-                return Ok(b);
+                return Ok(Source::Stored(b));
             }
             Ok(Lookup::Corrupt) => Counters::add(&self.counters.corrupt_chunks, 1),
             Ok(Lookup::Miss) => {}
@@ -294,7 +334,42 @@ impl Server {
                 format!("chunk {hash} is not cached here; misses are filled only with an origin hint and a ticket");
             return Err((Status::NotFound, msg));
         };
-        self.fill(hash, hint, req.ticket.as_deref(), Tier::Edge).await.map_err(|e| (e.status(), e.to_string()))
+        let (follower, len) = self
+            .fill(hash, hint, req.ticket.as_deref(), req.groups.as_ref(), Tier::Edge)
+            .map_err(|e| (e.status(), e.to_string()))?;
+        Ok(Source::Filling(follower, len))
+    }
+
+    /// Answers with a chunk being filled, group by group as it verifies. The head waits for the first
+    /// verified bytes, so a fill that fails at once still answers with its status; one that fails later
+    /// resets the stream, and the client keeps what arrived.
+    async fn send_following(
+        &self,
+        send: &mut quinn::SendStream,
+        mut follower: Follower<FillError>,
+        len: u32,
+    ) -> Result<(), quinn::WriteError> {
+        let mut next = follower.next().await;
+        if let Next::Failed(e) = next {
+            let e = e.unwrap_or(FillError::Lost);
+            respond_error(send, e.status(), &e.to_string()).await;
+            return Err(quinn::WriteError::Stopped(FILL_FAILED));
+        }
+        send.write_all(&ResponseHead::Ok { len }.encode()).await?;
+        loop {
+            match next {
+                Next::Piece(piece) => self.send_limited(send, piece).await?,
+                Next::Done => break,
+                Next::Failed(e) => {
+                    tracing::debug!(error = ?e, "fill failed part-way; resetting the response");
+                    let _ = send.reset(FILL_FAILED);
+                    return Err(quinn::WriteError::Stopped(FILL_FAILED));
+                }
+            }
+            next = follower.next().await;
+        }
+        let _ = send.finish();
+        Ok(())
     }
 
     /// The request's origin hint, if its ticket still licenses a fill for `beneficiary` (this node for its
@@ -312,61 +387,106 @@ impl Server {
         None
     }
 
-    /// `hint` is licensed; `ticket` licensed it, and goes on with it to the chunk's home.
-    async fn fill(
-        &self,
+    /// Follows the fill of `hash` in progress, or starts one if a fill slot is free. `hint` is licensed;
+    /// `ticket` licensed it, and goes on with it to the chunk's home. `groups` (the request's group hashes)
+    /// are used when they check out against `hash`; else the chunk verifies whole.
+    fn fill(
+        self: &Arc<Self>,
         hash: ChunkHash,
         hint: &OriginHint,
         ticket: Option<&[u8]>,
+        groups: Option<&(u32, GroupHashes)>,
         tier: Tier,
-    ) -> Result<Bytes, FillError> {
-        self.fills.run(hash, || self.pull(hash, hint, ticket, tier)).await
+    ) -> Result<(Follower<FillError>, u32), FillError> {
+        let mut fills = self.fills.lock().expect("fills lock");
+        if let Some(filling) = fills.get(&hash) {
+            return Ok((filling.follow(), filling.chunk_len()));
+        }
+        let slot = self.fill_slots.clone().try_acquire_owned().map_err(|_| FillError::Busy)?;
+        let groups = groups.filter(|(size, hashes)| match hashes.check(hash, hint.length, *size) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(chunk = %hash, error = %e, "ignoring a request's group hashes; verifying the chunk whole");
+                false
+            }
+        });
+        let filling = Arc::new(Fill::new(hint.length));
+        fills.insert(hash, filling.clone());
+        let follower = filling.follow();
+        let job =
+            FillJob { hash, hint: hint.clone(), ticket: ticket.map(<[u8]>::to_vec), groups: groups.cloned(), tier };
+        tokio::spawn(self.clone().run_fill(job, filling, slot));
+        Ok((follower, hint.length))
+    }
+
+    /// Runs one fill to its end, whoever still follows it: stores the chunk once whole.
+    async fn run_fill(self: Arc<Self>, job: FillJob, filling: Arc<Fill>, _slot: OwnedSemaphorePermit) {
+        let hash = job.hash;
+        match self.pull(&job, &filling).await {
+            Ok(bytes) => {
+                filling.end(Ok(()));
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.put(&hash, &bytes)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        Counters::add(&self.counters.store_errors, 1);
+                        tracing::error!(chunk = %hash, error = %e, "could not cache chunk; served it anyway");
+                    }
+                    Err(e) => tracing::error!(error = %e, "store task failed"),
+                }
+            }
+            Err(e) => filling.end(Err(e)),
+        }
+        // Forgotten only once stored: a request in between follows the finished fill.
+        let mut fills = self.fills.lock().expect("fills lock");
+        if fills.get(&hash).is_some_and(|f| Arc::ptr_eq(f, &filling)) {
+            fills.remove(&hash);
+        }
     }
 
     /// Peers first (they cost the origin nothing; at the edge, the chunk's home fills through), then the
-    /// origin; stores what verified.
-    async fn pull(
+    /// origin for what the peers did not deliver; every byte verified before it is passed on.
+    async fn pull(&self, job: &FillJob, filling: &Fill) -> Result<Bytes, FillError> {
+        let FillJob { hash, hint, ticket, groups, tier } = job;
+        let verifier = Verifier::new(*hash, hint.length, groups.clone())
+            .unwrap_or_else(|_| Verifier::new(*hash, hint.length, None).expect("no group hashes to check"));
+        let mut feed = Feed::new(filling, verifier);
+        if let Some(overlay) = &self.overlay {
+            let fill_through = ticket.as_deref().map(|t| (hint, t)).filter(|_| *tier == Tier::Edge);
+            if overlay.fetch(*hash, fill_through, groups.as_ref(), &mut feed).await {
+                return Ok(feed.into_whole());
+            }
+        }
+        self.pull_from_origin(*hash, hint, &mut feed).await?;
+        Ok(feed.into_whole())
+    }
+
+    /// The chunk's bytes from the origin, from the first one `feed` has not verified.
+    async fn pull_from_origin(
         &self,
         hash: ChunkHash,
         hint: &OriginHint,
-        ticket: Option<&[u8]>,
-        tier: Tier,
-    ) -> Result<Bytes, FillError> {
-        let _slot = self.fill_slots.try_acquire().map_err(|_| FillError::Busy)?;
-        let from_peer = match &self.overlay {
-            Some(overlay) => {
-                let fill_through = ticket.map(|t| (hint, t)).filter(|_| tier == Tier::Edge);
-                overlay.fetch(hash, fill_through).await
-            }
-            None => None,
-        };
-        let bytes = match from_peer {
-            Some(bytes) => bytes,
-            None => self.pull_from_origin(hash, hint).await?,
-        };
-        let (store, stored) = (self.store.clone(), bytes.clone());
-        match tokio::task::spawn_blocking(move || store.put(&hash, &stored)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                Counters::add(&self.counters.store_errors, 1);
-                tracing::error!(chunk = %hash, error = %e, "could not cache chunk; serving it anyway");
-            }
-            Err(e) => tracing::error!(error = %e, "store task failed"),
-        }
-        Ok(bytes)
-    }
-
-    async fn pull_from_origin(&self, hash: ChunkHash, hint: &OriginHint) -> Result<Bytes, FillError> {
-        let bytes = self.origin.fetch_range(&hint.url, hint.offset, hint.length).await.inspect_err(|e| {
-            tracing::warn!(url = %hint.url, offset = hint.offset, error = %e, "origin pull failed");
-        })?;
+        feed: &mut Feed<'_, FillError>,
+    ) -> Result<(), FillError> {
+        let (start, end) = (hint.offset + u64::from(feed.verified()), hint.offset + u64::from(hint.length));
+        let warn = |e: &OriginError| tracing::warn!(url = %hint.url, offset = start, error = %e, "origin pull failed");
+        let mut body =
+            self.origin.open_range(&hint.url, start, Some(end), end - start, false).await.inspect_err(warn)?;
         Counters::add(&self.counters.origin_fills, 1);
-        Counters::add(&self.counters.origin_bytes, bytes.len() as u64);
-        if ChunkHash::of(&bytes) != hash {
-            tracing::warn!(url = %hint.url, offset = hint.offset, chunk = %hash, "origin bytes do not match the requested chunk");
-            return Err(FillError::Mismatch { url: hint.url.clone(), offset: hint.offset, hash });
+        while let Some(piece) = body.next_piece().await.inspect_err(warn)? {
+            Counters::add(&self.counters.origin_bytes, piece.len() as u64);
+            if feed.push(&piece).is_err() {
+                tracing::warn!(url = %hint.url, offset = hint.offset, chunk = %hash, "origin bytes do not match the requested chunk");
+                return Err(FillError::Mismatch { url: hint.url.clone(), offset: hint.offset, hash });
+            }
         }
-        Ok(bytes)
+        if !feed.is_done() {
+            let got = u64::from(feed.verified());
+            let e = OriginError::Truncated { url: hint.url.clone(), expected: hint.length.into(), got };
+            warn(&e);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Answers peers' fill requests until the overlay stops: from the store only, under the upload cap,
@@ -411,7 +531,11 @@ impl Server {
     }
 
     /// `asker`: the peer's node id, which the request's ticket must assign chunks to for a fill through.
-    async fn serve_peer_stream(&self, stream: libp2p::Stream, asker: Option<NodeId>) -> Result<(), PeerStreamError> {
+    async fn serve_peer_stream(
+        self: &Arc<Self>,
+        stream: libp2p::Stream,
+        asker: Option<NodeId>,
+    ) -> Result<(), PeerStreamError> {
         let mut stream = stream.compat();
         let req: ChunkRequest = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream))
             .await
@@ -422,24 +546,54 @@ impl Server {
             (Ok(Lookup::Hit(_)), _) | (_, None) => None,
             (_, Some(asker)) => self.licensed(&req, asker).await,
         };
-        let bytes = match (lookup, hint) {
-            (Ok(Lookup::Hit(bytes)), _) => bytes,
+        let (mut follower, len) = match (lookup, hint) {
+            (Ok(Lookup::Hit(bytes)), _) => {
+                stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
+                self.send_to_peer(&mut stream, &bytes).await?;
+                return Ok(stream.shutdown().await?);
+            }
             // This node is the chunk's home for the asking peer: fill it through (never passing the hint on).
-            (_, Some(hint)) => match self.fill(hash, hint, None, Tier::Home).await {
-                Ok(bytes) => {
-                    Counters::add(&self.counters.home_fills, 1);
-                    bytes
-                }
-                Err(e) => {
-                    tracing::debug!(chunk = %hash, error = %e, "could not fill a chunk through for a peer");
-                    let head =
-                        if matches!(e, FillError::Busy) { PeerResponseHead::Busy } else { PeerResponseHead::NotFound };
-                    return Ok(write_last_frame(&mut stream, &head.encode()).await?);
-                }
+            (_, Some(hint)) => match self.fill(hash, hint, None, req.groups.as_ref(), Tier::Home) {
+                Ok(following) => following,
+                Err(e) => return self.refuse_peer(&mut stream, hash, &e).await,
             },
             (_, None) => return Ok(write_last_frame(&mut stream, &PeerResponseHead::NotFound.encode()).await?),
         };
-        stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
+        // As on the client protocol: the head once the first bytes verified, then each group as it verifies.
+        let mut next = follower.next().await;
+        if let Next::Failed(e) = &next {
+            let e = e.clone().unwrap_or(FillError::Lost);
+            return self.refuse_peer(&mut stream, hash, &e).await;
+        }
+        Counters::add(&self.counters.home_fills, 1);
+        stream.write_all(&PeerResponseHead::Ok { len }.encode()).await?;
+        loop {
+            match next {
+                Next::Piece(piece) => self.send_to_peer(&mut stream, &piece).await?,
+                Next::Done => return Ok(stream.shutdown().await?),
+                // Dropping the stream tells the peer; it keeps what verified.
+                Next::Failed(e) => return Err(PeerStreamError::Fill(e.unwrap_or(FillError::Lost))),
+            }
+            next = follower.next().await;
+        }
+    }
+
+    async fn refuse_peer<S: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        hash: ChunkHash,
+        e: &FillError,
+    ) -> Result<(), PeerStreamError> {
+        tracing::debug!(chunk = %hash, error = %e, "could not fill a chunk through for a peer");
+        let head = if matches!(e, FillError::Busy) { PeerResponseHead::Busy } else { PeerResponseHead::NotFound };
+        Ok(write_last_frame(stream, &head.encode()).await?)
+    }
+
+    async fn send_to_peer<S: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
         for piece in bytes.chunks(PIECE) {
             if let Some(limit) = &self.upload {
                 limit.acquire(piece.len()).await;
@@ -447,12 +601,19 @@ impl Server {
             stream.write_all(piece).await?;
             Counters::add(&self.counters.peer_served_bytes, piece.len() as u64);
         }
-        Ok(stream.shutdown().await?)
+        Ok(())
     }
 
     async fn send_payload(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
         let head = ResponseHead::Ok { len: body.len() as u32 }.encode();
         send.write_all(&head).await?;
+        self.send_limited(send, body).await?;
+        let _ = send.finish();
+        Ok(())
+    }
+
+    /// Sends `body` under the upload cap, a piece at a time.
+    async fn send_limited(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
         let mut offset = 0;
         while offset < body.len() {
             let end = (offset + PIECE).min(body.len());
@@ -463,7 +624,6 @@ impl Server {
             Counters::add(&self.counters.bytes_served, (end - offset) as u64);
             offset = end;
         }
-        let _ = send.finish();
         Ok(())
     }
 }
@@ -479,6 +639,17 @@ enum PeerStreamError {
     Store(#[from] tokio::task::JoinError),
     #[error("sending the answer: {0}")]
     Send(#[from] std::io::Error),
+    #[error("the fill failed part-way: {0}")]
+    Fill(FillError),
+}
+
+/// What one fill needs to know.
+struct FillJob {
+    hash: ChunkHash,
+    hint: OriginHint,
+    ticket: Option<Vec<u8>>,
+    groups: Option<(u32, GroupHashes)>,
+    tier: Tier,
 }
 
 /// Where a fill was asked for: by a client at this node (the edge), which may ask the chunk's home among its

@@ -86,6 +86,10 @@ pub struct NodeStatus {
     pub tracker: TrackerStatus,
     /// How clients reach this node, in words.
     pub reachability: String,
+    /// Where clients may dial this node (the registered address, then the others heartbeats advertise),
+    /// by family, and whether the tracker's dial-back reached each.
+    #[serde(default)]
+    pub addresses: Vec<AddressStatus>,
     /// The libp2p overlay, when it runs.
     pub overlay: Option<OverlaySummary>,
     /// Nodes behind NAT attached to this node for hole punching.
@@ -97,6 +101,37 @@ pub struct NodeStatus {
     /// The plain-language answer to "why am I (not) getting traffic?".
     pub traffic: Traffic,
     pub counters: NodeStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressStatus {
+    pub addr: SocketAddr,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    pub verified: bool,
+}
+
+impl AddressStatus {
+    /// The registered address and the other advertised ones, each once, with what the dial-backs found.
+    fn list(link: &crate::tracker_link::LinkState) -> Vec<AddressStatus> {
+        let mut out: Vec<AddressStatus> = Vec::new();
+        for addr in link.advertised.iter().chain(&link.more_addrs) {
+            if out.iter().all(|a| a.addr != *addr) {
+                let family = if addr.ip().to_canonical().is_ipv4() { "ipv4" } else { "ipv6" };
+                out.push(AddressStatus {
+                    addr: *addr,
+                    family: family.into(),
+                    verified: link.verified_addrs.contains(addr),
+                });
+            }
+        }
+        out
+    }
+
+    /// How many of `list` are in `family`, and verified if `verified`.
+    fn count(list: &[AddressStatus], family: &str, verified: bool) -> u64 {
+        list.iter().filter(|a| a.family == family && (a.verified || !verified)).count() as u64
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,6 +334,7 @@ impl Status {
                 rtt_ms: link.rtt_ms,
             },
             reachability: self.reachability(&link),
+            addresses: AddressStatus::list(&link),
             overlay: self.overlay.as_ref().map(Overlay::summary),
             rendezvous_attached: self.rendezvous.attached(),
             caps: Caps {
@@ -330,20 +366,27 @@ impl Status {
 
     fn reachability(&self, link: &crate::tracker_link::LinkState) -> String {
         let port = self.info.quic_listen.port();
+        let verified: Vec<String> = link.verified_addrs.iter().map(ToString::to_string).collect();
+        // Direct in one family (a global IPv6 address), behind NAT in the other.
+        let partly = if verified.is_empty() {
+            String::new()
+        } else {
+            format!("direct at {} for clients of that family; otherwise ", verified.join(", "))
+        };
         match (link.reachable, *self.attachment.lock().expect("attachment lock")) {
             (None, _) => "unknown until the tracker has tried to dial this node".into(),
             (Some(true), _) => format!(
                 "direct: the tracker reached this node at {}; clients dial it",
-                link.advertised.map_or("its address".into(), |a| a.to_string())
+                if verified.is_empty() { "its address".into() } else { verified.join(", ") }
             ),
             (Some(false), Some(a)) => format!(
-                "behind NAT: attached to rendezvous node {} which sees this node at {}; clients reach it by hole \
-                 punching (forward UDP port {port} to serve directly)",
+                "{partly}behind NAT: attached to rendezvous node {} which sees this node at {}; clients reach it by \
+                 hole punching (forward UDP port {port} to serve directly)",
                 a.rendezvous, a.external
             ),
             (Some(false), None) => format!(
-                "behind NAT and not attached to a rendezvous yet: clients cannot reach this node. Forward UDP port \
-                 {port} on your router, or wait for a reachable peer (docs/operations.md)"
+                "{partly}behind NAT and not attached to a rendezvous yet: clients cannot reach this node. Forward \
+                 UDP port {port} on your router, or wait for a reachable peer (docs/operations.md)"
             ),
         }
     }
@@ -452,7 +495,19 @@ impl Default for NodeMetrics {
                 s.unlicensed_hints
             }),
         ];
-        let gauge_defs: [(&str, &str, ReadGauge); 16] = [
+        let gauge_defs: [(&str, &str, ReadGauge); 20] = [
+            ("fog_node_ipv4_addresses", "IPv4 addresses advertised to the tracker", |s| {
+                AddressStatus::count(&s.addresses, "ipv4", false)
+            }),
+            ("fog_node_ipv4_verified_addresses", "IPv4 addresses the tracker dialled back", |s| {
+                AddressStatus::count(&s.addresses, "ipv4", true)
+            }),
+            ("fog_node_ipv6_addresses", "IPv6 addresses advertised to the tracker", |s| {
+                AddressStatus::count(&s.addresses, "ipv6", false)
+            }),
+            ("fog_node_ipv6_verified_addresses", "IPv6 addresses the tracker dialled back", |s| {
+                AddressStatus::count(&s.addresses, "ipv6", true)
+            }),
             ("fog_node_cache_used_bytes", "Bytes the cache accounts for (chunks and per-chunk overhead)", |s| {
                 s.cache.used
             }),
@@ -545,6 +600,10 @@ pub fn render_text(s: &NodeStatus) -> String {
         line("advertised as", a.to_string());
     }
     line("reachability", s.reachability.clone());
+    for a in &s.addresses {
+        let verdict = if a.verified { "reached by the tracker" } else { "not reached by the tracker" };
+        line("  address", format!("{} ({}, {verdict})", a.addr, a.family));
+    }
     if let Some(o) = &s.overlay {
         line(
             "overlay",

@@ -1,7 +1,7 @@
 //! Registration and heartbeats. The tracker is not on the data path: while it is unreachable the node keeps
 //! serving with the origin list it last received (persisted in `origins.json`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,9 +11,10 @@ use ed25519_dalek::SigningKey;
 use fog_net::backoff::Backoff;
 use fog_net::origin::SharedOrigins;
 use fog_net::tracker::{TrackerClient, TrackerError};
+use fog_net::transport;
 use fog_proto::api::{
-    ErrorCode, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed, KIND_HEARTBEAT,
-    KIND_MEMBERSHIP, KIND_REGISTER,
+    ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed,
+    KIND_HEARTBEAT, KIND_MEMBERSHIP, KIND_REGISTER, MAX_QUIC_ADDRS,
 };
 use fog_proto::origins::OriginList;
 use fog_proto::rtt::RttFilter;
@@ -35,13 +36,53 @@ pub struct LinkState {
     pub advertised: Option<SocketAddr>,
     /// The key the tracker signs ledger heads with (learned at registration).
     pub tracker_key: Option<fog_proto::NodeId>,
-    /// Whether the tracker could dial this node's QUIC address (learned at registration).
+    /// Whether the tracker could dial this node's QUIC address in every family it advertised (learned at
+    /// registration, updated by heartbeats).
     pub reachable: Option<bool>,
+    /// The other addresses heartbeats advertise, and those of all the tracker's dial-backs reached.
+    pub more_addrs: Vec<SocketAddr>,
+    pub verified_addrs: Vec<SocketAddr>,
     /// Filtered RTT to the tracker.
     pub rtt_ms: Option<f32>,
 }
 
 pub type SharedLinkState = Arc<Mutex<LinkState>>;
+
+/// Where clients may dial this node besides the address it registers at.
+#[derive(Debug, Clone)]
+pub enum MoreAddrs {
+    /// The rest of `--advertise`.
+    Named(Vec<SocketAddr>),
+    /// This host's global addresses (looked up again for each heartbeat: an IPv6 prefix may change) on the
+    /// QUIC port, in the families the QUIC socket serves.
+    Discover { port: u16, families: Families },
+}
+
+impl MoreAddrs {
+    /// For a QUIC socket bound to `local`: discovery when it is bound to an unspecified address (`[::]`
+    /// serves both families, `0.0.0.0` IPv4), none when bound to one address.
+    pub fn discover(local: SocketAddr) -> Self {
+        let families = match local.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => Families::BOTH,
+            IpAddr::V4(ip) if ip.is_unspecified() => Families { ipv4: true, ipv6: false },
+            _ => Families::default(),
+        };
+        Self::Discover { port: local.port(), families }
+    }
+
+    fn now(&self) -> Vec<SocketAddr> {
+        let mut addrs = match self {
+            Self::Named(addrs) => addrs.clone(),
+            Self::Discover { port, families } => transport::global_addrs()
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, *port))
+                .filter(|a| families.allows(a))
+                .collect(),
+        };
+        addrs.truncate(MAX_QUIC_ADDRS);
+        addrs
+    }
+}
 
 #[derive(Debug)]
 pub struct TrackerLink {
@@ -49,6 +90,7 @@ pub struct TrackerLink {
     pub tracker: TrackerClient,
     pub key: SigningKey,
     pub quic_addr: SocketAddr,
+    pub more_addrs: MoreAddrs,
     pub server: Arc<Server>,
     pub origins: SharedOrigins,
     pub origins_file: PathBuf,
@@ -121,8 +163,13 @@ impl TrackerLink {
             s.tracker_key = resp.tracker_key;
             self.server.grants.set_tracker_key(resp.tracker_key);
             self.server.rendezvous.set_tracker_key(resp.tracker_key);
-            s.reachable = Some(resp.reachable);
         }
+        // An older tracker names no verified addresses: its `reachable` is about the registered one.
+        let verified = match (resp.verified_addrs.is_empty(), resp.reachable) {
+            (true, true) => vec![resp.advertised_addr],
+            _ => resp.verified_addrs.clone(),
+        };
+        self.set_reachability(resp.reachable, verified);
         let renew = resp
             .membership
             .as_ref()
@@ -131,11 +178,25 @@ impl TrackerLink {
         *self.renew_membership_ms.lock().expect("membership lock") = renew;
         *self.membership.lock().expect("membership lock") = resp.membership;
         self.update_origins(resp.origins);
-        if let (true, Some(overlay)) = (resp.reachable, &self.overlay) {
-            overlay.confirm_public_ip(resp.advertised_addr.ip());
-        }
         self.update_peers(&resp.peers, !resp.reachable);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
+    }
+
+    /// Notes what the tracker's dial-backs found; the overlay's listen addresses on a reached IP are
+    /// public too.
+    fn set_reachability(&self, reachable: bool, verified: Vec<SocketAddr>) {
+        let newly: Vec<IpAddr> = {
+            let mut s = self.state.lock().expect("link state lock");
+            let newly = verified.iter().filter(|a| !s.verified_addrs.contains(a)).map(|a| a.ip()).collect();
+            s.reachable = Some(reachable);
+            s.verified_addrs = verified;
+            newly
+        };
+        if let Some(overlay) = &self.overlay {
+            for ip in newly {
+                overlay.confirm_public_ip(ip);
+            }
+        }
     }
 
     /// `draining`: tell the tracker this node is shutting down, so it schedules nothing new here.
@@ -147,6 +208,9 @@ impl TrackerLink {
         let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(overlay) };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
+        if let (Some(reachable), Some(verified)) = (resp.reachable, resp.verified_addrs) {
+            self.set_reachability(reachable, verified);
+        }
         let behind_nat = self.state.lock().expect("link state lock").reachable == Some(false);
         self.update_peers(&resp.peers, behind_nat);
         Ok(resp.registered)
@@ -185,6 +249,9 @@ impl TrackerLink {
             report.external_quic = Some(a.external);
         }
         report.attached = self.server.rendezvous.attached_nodes();
+        report.quic_addrs = self.more_addrs.now();
+        report.quic_addrs.retain(|a| *a != self.quic_addr);
+        self.state.lock().expect("link state lock").more_addrs = report.quic_addrs.clone();
         report
     }
 
@@ -232,7 +299,13 @@ impl TrackerLink {
                         interval = Some(i);
                         failures = 0;
                         backoff.reset();
-                        i
+                        // Other addresses travel in heartbeats: the first comes soon, so clients of the other
+                        // family need not wait an interval.
+                        if !self.more_addrs.now().is_empty() {
+                            i.min(Duration::from_secs(1))
+                        } else {
+                            i
+                        }
                     }
                     Err(e) => {
                         self.record(Err(&e));

@@ -1,6 +1,6 @@
 //! Types of the tracker's HTTP API (JSON). `docs/protocol.md` lists the endpoints.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 use serde::de::DeserializeOwned;
@@ -109,6 +109,21 @@ pub struct Register {
     pub joining: bool,
 }
 
+/// Most extra addresses a node may advertise ([`OverlayReport::quic_addrs`]): each costs the tracker a
+/// dial-back.
+pub const MAX_QUIC_ADDRS: usize = 4;
+
+/// Refuses extra addresses nobody can dial, and more than [`MAX_QUIC_ADDRS`] of them.
+fn check_quic_addrs(addrs: &[SocketAddr]) -> Result<(), String> {
+    if addrs.len() > MAX_QUIC_ADDRS {
+        return Err(format!("at most {MAX_QUIC_ADDRS} extra QUIC addresses"));
+    }
+    match addrs.iter().find(|a| a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast()) {
+        Some(a) => Err(format!("{a} is not an address clients can dial")),
+        None => Ok(()),
+    }
+}
+
 impl Register {
     /// Refuses registrations with fields out of range (the tracker shows them on its dashboard).
     pub fn check_bounds(&self) -> Result<(), String> {
@@ -128,10 +143,14 @@ pub struct RegisterResponse {
     /// The key the tracker signs tickets and ledger heads with.
     #[serde(default)]
     pub tracker_key: Option<NodeId>,
-    /// Whether the tracker could open a QUIC connection to `advertised_addr` (its dial-back). A node that
-    /// is not reachable attaches to a rendezvous node so clients can hole-punch to it.
+    /// Whether the tracker's dial-back reached the node in every family it advertised an address in
+    /// (`advertised_addr`, and [`OverlayReport::quic_addrs`] once a heartbeat brought them). A node that is not reachable attaches to a rendezvous
+    /// node so clients can hole-punch to it.
     #[serde(default)]
     pub reachable: bool,
+    /// The advertised addresses the dial-back reached: clients are handed these (in the families they use).
+    #[serde(default)]
+    pub verified_addrs: Vec<SocketAddr>,
     /// Overlay peers to connect to (bootstrap), publicly reachable ones first.
     #[serde(default)]
     pub peers: Vec<PeerContact>,
@@ -264,6 +283,11 @@ pub struct OverlayReport {
     /// the origin.
     #[serde(default)]
     pub joining: bool,
+    /// More QUIC addresses clients may dial besides the registered one, typically in the other family (a
+    /// dual-stack node's global IPv6 address). The tracker dials a changed set back and hands out only the
+    /// addresses that answered. At most [`MAX_QUIC_ADDRS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quic_addrs: Vec<SocketAddr>,
 }
 
 /// Most nodes one rendezvous keeps attached (each costs it one idle QUIC connection).
@@ -285,6 +309,7 @@ impl OverlayReport {
         if self.addrs.len() > MAX_PEER_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!("at most {MAX_PEER_ADDRS} addresses of {MAX_ADDR_LEN} bytes each"));
         }
+        check_quic_addrs(&self.quic_addrs)?;
         check_rtts(self.rtt.iter().map(|s| s.rtt_ms).chain(self.tracker_rtt_ms))
     }
 }
@@ -308,6 +333,12 @@ pub struct HeartbeatResponse {
     pub origins: OriginList,
     #[serde(default)]
     pub peers: Vec<PeerContact>,
+    /// As [`RegisterResponse::reachable`] and [`RegisterResponse::verified_addrs`], now (absent from older
+    /// trackers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_addrs: Option<Vec<SocketAddr>>,
 }
 
 /// What a node reports about itself. Counters are totals since the node started.
@@ -381,9 +412,94 @@ pub struct NodeContact {
     pub id: NodeId,
     /// Where to dial it; for a node behind NAT, its last known NAT mapping (the rendezvous gives a fresh one).
     pub addr: SocketAddr,
+    /// More verified direct addresses (another family), raced with `addr` (Happy Eyeballs); with `via`, the
+    /// direct addresses to try before a punch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_addrs: Vec<SocketAddr>,
     /// For a node behind NAT: the publicly reachable node that coordinates hole punching to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<Rendezvous>,
+}
+
+impl NodeContact {
+    /// A node dialled at `addr` only.
+    pub fn direct(id: NodeId, addr: SocketAddr) -> Self {
+        Self { id, addr, other_addrs: Vec::new(), via: None }
+    }
+
+    /// Where the node answers directly, best first: `addr` and `other_addrs`, or only `other_addrs` for a
+    /// node reached through a rendezvous (`addr` is then its NAT mapping).
+    pub fn direct_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let addr = self.via.is_none().then_some(self.addr);
+        addr.into_iter().chain(self.other_addrs.iter().copied())
+    }
+
+    /// Whether a client that can use `families` can dial the node ([`NodeContact::for_families`] is `Some`).
+    pub fn usable_by(&self, families: Families) -> bool {
+        self.direct_addrs().any(|a| families.allows(&a))
+            || self.via.as_ref().is_some_and(|v| families.allows(&v.addr) && families.allows(&self.addr))
+    }
+
+    /// What a client that can use `families` may be given: the direct addresses in them, without the
+    /// rendezvous (a verified direct path needs no punch); else the punch, if the node's mapping and its
+    /// rendezvous are both in them; else nothing.
+    pub fn for_families(&self, families: Families) -> Option<NodeContact> {
+        let mut direct = self.direct_addrs().filter(|a| families.allows(a));
+        if let Some(addr) = direct.next() {
+            return Some(NodeContact { id: self.id, addr, other_addrs: direct.collect(), via: None });
+        }
+        let via = self.via.as_ref().filter(|v| families.allows(&v.addr) && families.allows(&self.addr))?;
+        Some(NodeContact { id: self.id, addr: self.addr, other_addrs: Vec::new(), via: Some(via.clone()) })
+    }
+}
+
+/// The IP families a client can use. It names them in `resolve` (`families=ipv4,ipv6`); the tracker adds
+/// the family the request came in by, and hands out only addresses in them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub const BOTH: Families = Families { ipv4: true, ipv6: true };
+
+    /// The family of `ip` (a v4-mapped IPv6 address is IPv4).
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => Self { ipv4: true, ipv6: false },
+            IpAddr::V6(_) => Self { ipv4: false, ipv6: true },
+        }
+    }
+
+    pub fn allows(self, addr: &SocketAddr) -> bool {
+        match addr.ip().to_canonical() {
+            IpAddr::V4(_) => self.ipv4,
+            IpAddr::V6(_) => self.ipv6,
+        }
+    }
+
+    pub fn union(self, other: Self) -> Self {
+        Self { ipv4: self.ipv4 || other.ipv4, ipv6: self.ipv6 || other.ipv6 }
+    }
+
+    /// The query form: `ipv4`, `ipv6`, `ipv4,ipv6` or empty.
+    pub fn to_query(self) -> String {
+        [(self.ipv4, "ipv4"), (self.ipv6, "ipv6")].iter().filter(|f| f.0).map(|f| f.1).collect::<Vec<_>>().join(",")
+    }
+
+    /// Parses [`Families::to_query`]'s form.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut families = Self::default();
+        for name in text.split(',').filter(|n| !n.is_empty()) {
+            match name {
+                "ipv4" => families.ipv4 = true,
+                "ipv6" => families.ipv6 = true,
+                _ => return Err(format!("families: {name:?} is neither ipv4 nor ipv6")),
+            }
+        }
+        Ok(families)
+    }
 }
 
 /// A publicly reachable node that a NAT'd node keeps a connection to (see `docs/protocol.md`).
@@ -527,6 +643,17 @@ pub struct TrackerStats {
     /// rendezvous) or `unreachable` (not scheduled).
     #[serde(default)]
     pub nodes_by_client_path: std::collections::BTreeMap<String, u64>,
+    /// Live nodes by IP family (`ipv4`, `ipv6`): how many the tracker dialled back in it, and how many
+    /// advertised an address in it that it could not dial.
+    #[serde(default)]
+    pub nodes_by_family: std::collections::BTreeMap<String, FamilyCounts>,
+}
+
+/// Nodes with an address in one IP family, by whether the tracker's dial-back reached one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyCounts {
+    pub verified: u64,
+    pub unverified: u64,
 }
 
 #[cfg(test)]
@@ -560,6 +687,27 @@ mod tests {
         assert!(overlay(Some(12.5)).check_bounds().is_ok());
         assert!(overlay(Some(f32::INFINITY)).check_bounds().is_err());
         assert!(overlay(Some(-1.0)).check_bounds().is_err());
+    }
+
+    #[test]
+    fn families_parse_and_allow_by_canonical_address() {
+        assert_eq!(Families::parse("ipv4,ipv6"), Ok(Families::BOTH));
+        assert_eq!(Families::parse(""), Ok(Families::default()));
+        assert!(Families::parse("ipv5").is_err());
+        for f in [Families::BOTH, Families::default(), Families::of("::1".parse().expect("ip"))] {
+            assert_eq!(Families::parse(&f.to_query()), Ok(f));
+        }
+        let v4 = Families::of("::ffff:10.0.0.1".parse().expect("ip"));
+        assert_eq!(v4, Families { ipv4: true, ipv6: false }, "v4-mapped is IPv4");
+        assert!(v4.allows(&"[::ffff:10.0.0.1]:1".parse().expect("addr")));
+        assert!(!v4.allows(&"[2001:db8::1]:1".parse().expect("addr")));
+        assert_eq!(v4.union(Families::of("::1".parse().expect("ip"))), Families::BOTH);
+        let overlay = |quic_addrs: Vec<SocketAddr>| OverlayReport { quic_addrs, ..Default::default() };
+        assert!(overlay(vec!["[2001:db8::1]:7701".parse().expect("addr")]).check_bounds().is_ok());
+        assert!(overlay(vec!["[::]:7701".parse().expect("addr")]).check_bounds().is_err());
+        assert!(overlay(vec!["[2001:db8::1]:0".parse().expect("addr")]).check_bounds().is_err());
+        let many = vec!["[2001:db8::1]:7701".parse().expect("addr"); MAX_QUIC_ADDRS + 1];
+        assert!(overlay(many).check_bounds().is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! - [`id`]: BLAKE3 chunk hashes and content ids, ed25519 node ids.
 //! - [`manifest`]: how an origin object is split into verified chunks.
+//! - [`groups`]: verifying a chunk group by group as it streams (BLAKE3's tree).
 //! - [`wire`]: the QUIC chunk protocol frames (the normative spec is `docs/protocol.md`).
 //! - [`api`]: the tracker's HTTP API types.
 //! - [`placement`]: rendezvous hashing, the one placement function tracker and nodes share.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod cache;
 pub mod credits;
+pub mod groups;
 pub mod id;
 pub mod manifest;
 pub mod merkle;

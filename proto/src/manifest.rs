@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::groups::{self, GroupError, GroupHashes};
 use crate::{ChunkHash, ContentId};
 
 /// Smallest and largest chunk sizes we accept. The upper bound keeps one chunk comfortably in memory on a
@@ -37,6 +38,19 @@ pub struct Manifest {
     /// manifest has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Every chunk's group hashes, so chunks verify group by group as they stream ([`crate::groups`]).
+    /// Manifests without them (older ones, or ingested with groups off) verify chunks whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Groups>,
+}
+
+/// The group hashes of a manifest's chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Groups {
+    /// Bytes per group: a power of two from 1 KiB up to the chunk size.
+    pub size: u32,
+    /// Per chunk, its group hashes: none for a chunk of one group, or one not hashed yet.
+    pub hashes: Vec<GroupHashes>,
 }
 
 /// How far ingest has got with an object it is still reading. Chunks not yet hashed have placeholder
@@ -90,6 +104,8 @@ pub enum ManifestError {
     ChunkCount { listed: usize, expected: u64, size: u64, chunk_size: u32 },
     #[error("manifest's hashed runs are unsorted, overlapping, beyond its chunks or more than {MAX_HASHED_RUNS}")]
     Progress,
+    #[error("manifest's group hashes are wrong for chunk {index}: {error}")]
+    Groups { index: usize, error: GroupError },
 }
 
 impl Manifest {
@@ -120,7 +136,44 @@ impl Manifest {
                 return Err(ManifestError::Progress);
             }
         }
+        if let Some(g) = &self.groups {
+            let wrong = |index, error| Err(ManifestError::Groups { index, error });
+            if let Err(e) = groups::check_size(g.size).and_then(|()| {
+                let chunk = self.chunk_size;
+                (g.size <= chunk && groups::group_count(chunk, g.size) <= groups::MAX_GROUPS_PER_CHUNK)
+                    .then_some(())
+                    .ok_or(GroupError::Size(g.size))
+            }) {
+                return wrong(0, e);
+            }
+            if g.hashes.len() != self.chunks.len() {
+                let error = GroupError::Count {
+                    listed: g.hashes.len(),
+                    expected: self.chunks.len(),
+                    len: 0,
+                    group_size: g.size,
+                };
+                return wrong(g.hashes.len().min(self.chunks.len()), error);
+            }
+            // Counts only: merging every chunk's hashes would cost a resolve as much as hashing; whoever
+            // uses a chunk's group hashes checks them against its chunk hash first (`groups::Verifier`).
+            for (index, hashes) in g.hashes.iter().enumerate() {
+                let len = self.chunk_span(index).1;
+                let expected = if self.hash(index).is_some() { groups::hash_count(len, g.size) } else { 0 };
+                if hashes.0.len() != expected {
+                    let error = GroupError::Count { listed: hashes.0.len(), expected, len, group_size: g.size };
+                    return wrong(index, error);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Group size and hashes of chunk `index`, when the manifest has them and the chunk has several groups.
+    pub fn group_hashes(&self, index: usize) -> Option<(u32, GroupHashes)> {
+        let g = self.groups.as_ref()?;
+        let hashes = g.hashes.get(index).filter(|h| !h.0.is_empty())?;
+        Some((g.size, hashes.clone()))
     }
 
     /// Whether ingest has read the whole object (every chunk is hashed).
@@ -153,7 +206,8 @@ impl Manifest {
     /// The content id: BLAKE3 over a canonical binary encoding, so it does not depend on JSON formatting.
     /// Layout: `"fog-manifest-v1"`, then url, content type and etag as (u32 BE length, bytes), then size (u64 BE),
     /// chunk size (u32 BE), chunk count (u64 BE) and the chunk hashes; for a manifest still being ingested,
-    /// then `"partial"`, the size-known flag (u8) and each hashed run (start, end as u64 BE).
+    /// then `"partial"`, the size-known flag (u8) and each hashed run (start, end as u64 BE); with group
+    /// hashes, then `"groups"`, the group size (u32 BE) and per chunk its hash count (u32 BE) and hashes.
     pub fn content_id(&self) -> ContentId {
         let mut h = blake3::Hasher::new();
         h.update(b"fog-manifest-v1");
@@ -176,41 +230,103 @@ impl Manifest {
                 h.update(&end.to_be_bytes());
             }
         }
+        if let Some(g) = &self.groups {
+            h.update(b"groups");
+            h.update(&g.size.to_be_bytes());
+            for hashes in &g.hashes {
+                h.update(&(hashes.0.len() as u32).to_be_bytes());
+                for cv in &hashes.0 {
+                    h.update(cv);
+                }
+            }
+        }
         ContentId(*h.finalize().as_bytes())
     }
 }
 
 /// Chunks and hashes an object as its bytes arrive, in pieces of any size: the one chunking every manifest
-/// is built with. Sans I/O, so the tracker's ingest and offline tools share it.
+/// is built with. Sans I/O, so the tracker's ingest and offline tools share it. With a group size, it hashes
+/// each chunk group by group and keeps the group hashes (the chunk hash is the same either way).
 #[derive(Debug, Clone)]
 pub struct ManifestBuilder {
     chunk_size: u32,
+    group_size: Option<u32>,
     chunks: Vec<ChunkHash>,
+    /// Each finished chunk's group hashes, when grouping.
+    groups: Vec<GroupHashes>,
+    /// Hashes the current group (the current chunk without groups).
     hasher: blake3::Hasher,
+    /// The current chunk's group hashes before the current group.
+    done_groups: Vec<[u8; 32]>,
     in_chunk: u32,
     size: u64,
 }
 
 impl ManifestBuilder {
+    /// A builder without group hashes: chunks verify whole.
     pub fn new(chunk_size: u32) -> Self {
-        Self { chunk_size, chunks: Vec::new(), hasher: blake3::Hasher::new(), in_chunk: 0, size: 0 }
+        Self::with_groups(chunk_size, None)
+    }
+
+    /// A builder that keeps group hashes of `group_size` (a valid size at most `chunk_size`) when given.
+    pub fn with_groups(chunk_size: u32, group_size: Option<u32>) -> Self {
+        Self {
+            chunk_size,
+            group_size: group_size.filter(|&g| g < chunk_size),
+            chunks: Vec::new(),
+            groups: Vec::new(),
+            hasher: blake3::Hasher::new(),
+            done_groups: Vec::new(),
+            in_chunk: 0,
+            size: 0,
+        }
     }
 
     /// Takes the next `piece` of the object.
     pub fn update(&mut self, mut piece: &[u8]) {
+        use blake3::hazmat::HasherExt;
         self.size += piece.len() as u64;
         while !piece.is_empty() {
-            let take = piece.len().min((self.chunk_size - self.in_chunk) as usize);
+            let mut end = self.chunk_size;
+            if let Some(g) = self.group_size {
+                // A group ends where the next begins: its hash is final only once more bytes follow it
+                // in this chunk (else it is the chunk's only group, and the chunk hash is a root hash).
+                if self.in_chunk > 0 && self.in_chunk % g == 0 {
+                    self.done_groups.push(self.hasher.finalize_non_root());
+                    self.hasher = blake3::Hasher::new();
+                    self.hasher.set_input_offset(u64::from(self.in_chunk));
+                }
+                end = end.min((self.in_chunk / g + 1) * g);
+            }
+            let take = piece.len().min((end - self.in_chunk) as usize);
             let (head, rest) = piece.split_at(take);
             self.hasher.update(head);
             self.in_chunk += take as u32;
             piece = rest;
             if self.in_chunk == self.chunk_size {
-                self.chunks.push(ChunkHash(*self.hasher.finalize().as_bytes()));
-                self.hasher.reset();
-                self.in_chunk = 0;
+                self.finish_chunk();
             }
         }
+    }
+
+    fn finish_chunk(&mut self) {
+        use blake3::hazmat::HasherExt;
+        let hash = if self.done_groups.is_empty() {
+            ChunkHash(*self.hasher.finalize().as_bytes())
+        } else {
+            let mut hashes = std::mem::take(&mut self.done_groups);
+            hashes.push(self.hasher.finalize_non_root());
+            let hashes = GroupHashes(hashes);
+            let hash = hashes.root(self.in_chunk, self.group_size.expect("groups only when grouping"));
+            self.groups.push(hashes);
+            hash
+        };
+        if self.group_size.is_some() && self.groups.len() == self.chunks.len() {
+            self.groups.push(GroupHashes::default());
+        }
+        self.chunks.push(hash);
+        self.hasher = blake3::Hasher::new();
+        self.in_chunk = 0;
     }
 
     /// Bytes taken so far.
@@ -223,18 +339,31 @@ impl ManifestBuilder {
         &self.chunks
     }
 
-    /// Every chunk's hash, the last one possibly short: for the end of the object.
-    pub fn into_chunks(mut self) -> Vec<ChunkHash> {
+    /// Group hashes of the whole chunks taken so far (none without a group size).
+    pub fn groups(&self) -> &[GroupHashes] {
+        &self.groups
+    }
+
+    /// The group size, if grouping.
+    pub fn group_size(&self) -> Option<u32> {
+        self.group_size
+    }
+
+    /// Every chunk's hash and group hashes (none without a group size), the last chunk possibly short: for
+    /// the end of the object.
+    pub fn into_parts(mut self) -> (Vec<ChunkHash>, Vec<GroupHashes>) {
         if self.in_chunk > 0 {
-            self.chunks.push(ChunkHash(*self.hasher.finalize().as_bytes()));
+            self.finish_chunk();
         }
-        self.chunks
+        (self.chunks, self.groups)
     }
 
     /// The manifest of the object whose bytes were all given, as served from `url`.
     pub fn finish(self, url: String, content_type: Option<String>, etag: Option<String>) -> Manifest {
-        let (size, chunk_size) = (self.size, self.chunk_size);
-        Manifest { url, size, chunk_size, chunks: self.into_chunks(), content_type, etag, progress: None }
+        let (size, chunk_size, group_size) = (self.size, self.chunk_size, self.group_size);
+        let (chunks, hashes) = self.into_parts();
+        let groups = group_size.map(|size| Groups { size, hashes });
+        Manifest { url, size, chunk_size, chunks, content_type, etag, progress: None, groups }
     }
 }
 
@@ -258,6 +387,59 @@ mod tests {
         assert_eq!((empty.size, empty.chunks.len()), (0, 0));
     }
 
+    #[test]
+    fn grouping_keeps_chunk_hashes_and_adds_group_hashes_that_check() {
+        let chunk = 64 * 1024;
+        for len in [1, 4096, chunk as usize, 2 * chunk as usize + 8192, 3 * chunk as usize + 1000] {
+            let object: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let plain = {
+                let mut b = ManifestBuilder::new(chunk);
+                b.update(&object);
+                b.finish("http://o.example/a".into(), None, None)
+            };
+            for piece in [1000, 8192, object.len()] {
+                let mut b = ManifestBuilder::with_groups(chunk, Some(8192));
+                object.chunks(piece).for_each(|p| b.update(p));
+                let m = b.finish("http://o.example/a".into(), None, None);
+                assert_eq!(m.chunks, plain.chunks, "{len} in pieces of {piece}");
+                m.validate().expect("consistent");
+                for (i, c) in object.chunks(chunk as usize).enumerate() {
+                    let hashes = m.groups.as_ref().expect("grouped").hashes[i].clone();
+                    assert_eq!(hashes, GroupHashes::of(c, 8192), "chunk {i} of {len}");
+                    hashes.check(m.chunks[i], c.len() as u32, 8192).expect("merges to the chunk hash");
+                }
+                assert_ne!(m.content_id(), plain.content_id(), "group hashes are part of the version");
+            }
+        }
+    }
+
+    #[test]
+    fn validate_checks_group_hash_counts() {
+        let object = vec![7u8; 3 * MIN_CHUNK_SIZE as usize];
+        let mut b = ManifestBuilder::with_groups(MIN_CHUNK_SIZE, Some(4096));
+        b.update(&object);
+        let good = b.finish("http://o.example/a".into(), None, None);
+        good.validate().expect("valid");
+        assert_eq!(good.group_hashes(1).map(|(size, h)| (size, h.0.len())), Some((4096, 4)));
+        let mut m = good.clone();
+        m.groups.as_mut().expect("grouped").hashes[1].0.pop();
+        assert!(matches!(m.validate(), Err(ManifestError::Groups { index: 1, .. })));
+        let mut m = good.clone();
+        m.groups.as_mut().expect("grouped").hashes.pop();
+        assert!(matches!(m.validate(), Err(ManifestError::Groups { .. })));
+        let mut m = good.clone();
+        m.groups.as_mut().expect("grouped").size = 3000;
+        assert!(matches!(m.validate(), Err(ManifestError::Groups { index: 0, .. })));
+        // Chunks not hashed yet have no group hashes.
+        let mut m = good;
+        m.progress = Some(Progress { hashed: vec![(0, 1)], size_known: true });
+        assert!(matches!(m.validate(), Err(ManifestError::Groups { index: 1, .. })));
+        m.groups.as_mut().expect("grouped").hashes[1].0.clear();
+        m.groups.as_mut().expect("grouped").hashes[2].0.clear();
+        m.validate().expect("placeholders");
+        assert!(m.group_hashes(1).is_none());
+    }
+
     fn sample(size: u64) -> Manifest {
         let n = Manifest::chunk_count_for(size, MIN_CHUNK_SIZE);
         Manifest {
@@ -268,6 +450,7 @@ mod tests {
             content_type: None,
             etag: Some("\"x\"".into()),
             progress: None,
+            groups: None,
         }
     }
 

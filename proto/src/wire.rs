@@ -5,13 +5,19 @@
 //! so a reader never allocates more than these limits on a peer's say-so. Decoders work on a growing prefix
 //! of a stream ([`Decode`]); the tests hold each frame's encoding as hex test vectors.
 
+use crate::groups::{self, GroupHashes, MAX_GROUPS_PER_CHUNK};
 use crate::ChunkHash;
 
 pub const ALPN: &[u8] = b"fog/1";
 pub const VERSION: u8 = 1;
 /// Largest request body (after its u16 length prefix): every field at its longest.
-pub const MAX_REQUEST_LEN: usize =
-    2 + 32 + 8 + (8 + 4 + 2 + MAX_URL_LEN) + (2 + MAX_RECEIPT_LEN) + (2 + MAX_TICKET_LEN);
+pub const MAX_REQUEST_LEN: usize = 2
+    + 32
+    + 8
+    + (8 + 4 + 2 + MAX_URL_LEN)
+    + (2 + MAX_RECEIPT_LEN)
+    + (2 + MAX_TICKET_LEN)
+    + (1 + 2 + 32 * MAX_GROUPS_PER_CHUNK);
 /// Longest origin URL in a hint.
 pub const MAX_URL_LEN: usize = 2048;
 /// Longest error message in a response.
@@ -23,6 +29,9 @@ const FLAG_RANGE: u8 = 1;
 const FLAG_ORIGIN: u8 = 2;
 const FLAG_RECEIPT: u8 = 4;
 const FLAG_TICKET: u8 = 8;
+const FLAG_GROUPS: u8 = 16;
+/// Largest group size a request may name (2^24: one group for the largest chunk).
+const MAX_GROUP_LOG2: u8 = 24;
 /// Longest receipt (JSON) a request may carry.
 pub const MAX_RECEIPT_LEN: usize = 2048;
 /// Longest credit ticket (JSON of the tracker-signed `credits::Ticket`) a request may carry; the tracker
@@ -52,12 +61,16 @@ pub struct ChunkRequest {
     /// an origin hint only with a valid ticket that still has fills left, so a stranger cannot make it
     /// download from the origin for nothing.
     pub ticket: Option<Vec<u8>>,
+    /// The chunk's group size and group hashes (from the manifest), so the node can verify and pass on
+    /// each group as it arrives from a peer or the origin instead of waiting for the whole chunk. The node
+    /// checks them against `hash` before using them.
+    pub groups: Option<(u32, GroupHashes)>,
 }
 
 impl ChunkRequest {
     /// A request that asks for no chunk and only hands over a receipt.
     pub fn receipt_only(receipt: Vec<u8>) -> Self {
-        Self { hash: ChunkHash([0; 32]), range: None, origin: None, receipt: Some(receipt), ticket: None }
+        Self { hash: ChunkHash([0; 32]), range: None, origin: None, receipt: Some(receipt), ticket: None, groups: None }
     }
 
     pub fn wants_chunk(&self) -> bool {
@@ -120,6 +133,8 @@ pub enum FrameError {
     UnknownStatus(u8),
     #[error("empty range")]
     EmptyRange,
+    #[error("group size {0} is not a power of two from 1 KiB to 16 MiB")]
+    GroupSize(u32),
 }
 
 /// A frame decoded from the front of a byte stream, so that a reader takes exactly the bytes the frame
@@ -178,7 +193,8 @@ impl ChunkRequest {
         let flags = if self.range.is_some() { FLAG_RANGE } else { 0 }
             | if self.origin.is_some() { FLAG_ORIGIN } else { 0 }
             | if self.receipt.is_some() { FLAG_RECEIPT } else { 0 }
-            | if self.ticket.is_some() { FLAG_TICKET } else { 0 };
+            | if self.ticket.is_some() { FLAG_TICKET } else { 0 }
+            | if self.groups.is_some() { FLAG_GROUPS } else { 0 };
         out.push(flags);
         out.extend_from_slice(self.hash.as_bytes());
         if let Some((off, len)) = self.range {
@@ -194,6 +210,11 @@ impl ChunkRequest {
         for field in [&self.receipt, &self.ticket].into_iter().flatten() {
             out.extend_from_slice(&(field.len() as u16).to_be_bytes());
             out.extend_from_slice(field);
+        }
+        if let Some((size, hashes)) = &self.groups {
+            out.push(size.trailing_zeros() as u8);
+            out.extend_from_slice(&(hashes.0.len() as u16).to_be_bytes());
+            out.extend_from_slice(&hashes.to_bytes());
         }
         out
     }
@@ -214,6 +235,15 @@ impl ChunkRequest {
         if let Some(t) = &self.ticket {
             if t.len() > MAX_TICKET_LEN {
                 return Err(FrameError::TooLong { what: "ticket", len: t.len(), max: MAX_TICKET_LEN });
+            }
+        }
+        if let Some((size, hashes)) = &self.groups {
+            if groups::check_size(*size).is_err() || size.trailing_zeros() > u32::from(MAX_GROUP_LOG2) {
+                return Err(FrameError::GroupSize(*size));
+            }
+            if hashes.0.len() > MAX_GROUPS_PER_CHUNK {
+                let len = hashes.0.len();
+                return Err(FrameError::TooLong { what: "group hashes", len, max: MAX_GROUPS_PER_CHUNK });
             }
         }
         let body = self.encode();
@@ -243,7 +273,7 @@ impl ChunkRequest {
             return Err(FrameError::Version(version));
         }
         let flags = r.u8()?;
-        if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT | FLAG_TICKET) != 0 {
+        if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT | FLAG_TICKET | FLAG_GROUPS) != 0 {
             return Err(FrameError::Flags(flags));
         }
         let hash = ChunkHash(r.array()?);
@@ -287,10 +317,24 @@ impl ChunkRequest {
         };
         let receipt = blob(FLAG_RECEIPT, "receipt", MAX_RECEIPT_LEN)?;
         let ticket = blob(FLAG_TICKET, "ticket", MAX_TICKET_LEN)?;
+        let groups = if flags & FLAG_GROUPS != 0 {
+            let log2 = r.u8()?;
+            if !(10..=MAX_GROUP_LOG2).contains(&log2) {
+                return Err(FrameError::GroupSize(1u32.checked_shl(u32::from(log2)).unwrap_or(0)));
+            }
+            let count = usize::from(r.u16()?);
+            if count > MAX_GROUPS_PER_CHUNK {
+                return Err(FrameError::TooLong { what: "group hashes", len: count, max: MAX_GROUPS_PER_CHUNK });
+            }
+            let hashes = GroupHashes::from_bytes(r.take(32 * count)?).expect("a multiple of 32 bytes");
+            Some((1 << log2, hashes))
+        } else {
+            None
+        };
         if !r.0.is_empty() {
             return Err(FrameError::Trailing(r.0.len()));
         }
-        Ok(Self { hash, range, origin, receipt, ticket })
+        Ok(Self { hash, range, origin, receipt, ticket, groups })
     }
 }
 
@@ -493,7 +537,14 @@ mod tests {
     #[test]
     fn request_round_trips() {
         let reqs = [
-            ChunkRequest { hash: ChunkHash::of(b"a"), range: None, origin: None, receipt: None, ticket: None },
+            ChunkRequest {
+                hash: ChunkHash::of(b"a"),
+                range: None,
+                origin: None,
+                receipt: None,
+                ticket: None,
+                groups: None,
+            },
             ChunkRequest::receipt_only(b"{\"receipt\": 1}".to_vec()),
             ChunkRequest {
                 hash: ChunkHash::of(b"b"),
@@ -501,6 +552,15 @@ mod tests {
                 origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
                 receipt: None,
                 ticket: Some(b"{\"ticket\": 1}".to_vec()),
+                groups: None,
+            },
+            ChunkRequest {
+                hash: ChunkHash::of(b"c"),
+                range: None,
+                origin: None,
+                receipt: None,
+                ticket: None,
+                groups: Some((65_536, GroupHashes(vec![[1; 32], [2; 32]]))),
             },
         ];
         for r in reqs {
@@ -519,6 +579,7 @@ mod tests {
             origin: Some(OriginHint { url: "http://o/x".into(), offset: 0, length: 5 }),
             receipt: None,
             ticket: Some(b"t".to_vec()),
+            groups: None,
         }
         .encode();
         for cut in 0..good.len() {
@@ -540,6 +601,7 @@ mod tests {
             origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN + 1), offset: 0, length: 1 }),
             receipt: None,
             ticket: None,
+            groups: None,
         };
         assert!(long.encode_framed().is_err());
         let long_ticket = ChunkRequest { ticket: Some(vec![b't'; MAX_TICKET_LEN + 1]), ..long.clone() };
@@ -549,6 +611,23 @@ mod tests {
         forged[at..at + 2].copy_from_slice(&(MAX_TICKET_LEN as u16 + 1).to_be_bytes());
         forged.push(b't');
         assert!(matches!(ChunkRequest::decode(&forged), Err(FrameError::TooLong { what: "ticket", .. })));
+        // Group hashes: a size that is no group size, or more hashes than a chunk can have.
+        let grouped = |size, count| ChunkRequest {
+            hash: ChunkHash::of(b"a"),
+            range: None,
+            origin: None,
+            receipt: None,
+            ticket: None,
+            groups: Some((size, GroupHashes(vec![[0; 32]; count]))),
+        };
+        assert_eq!(grouped(3000, 2).encode_framed(), Err(FrameError::GroupSize(3000)));
+        assert!(grouped(1024, MAX_GROUPS_PER_CHUNK + 1).encode_framed().is_err());
+        let mut tiny = grouped(1024, 2).encode();
+        tiny[2 + 32] = 9;
+        assert_eq!(ChunkRequest::decode(&tiny), Err(FrameError::GroupSize(512)));
+        let mut many = grouped(1024, 2).encode();
+        many[2 + 32 + 1..2 + 32 + 3].copy_from_slice(&(MAX_GROUPS_PER_CHUNK as u16 + 1).to_be_bytes());
+        assert!(matches!(ChunkRequest::decode(&many), Err(FrameError::TooLong { what: "group hashes", .. })));
     }
 
     /// Found by `fuzz/fuzz_targets/request_frame.rs`: a URL and a receipt each within their limits made a
@@ -561,6 +640,7 @@ mod tests {
             origin: Some(OriginHint { url: "x".repeat(MAX_URL_LEN), offset: 0, length: 1 }),
             receipt: Some(vec![b'r'; MAX_RECEIPT_LEN]),
             ticket: Some(vec![b't'; MAX_TICKET_LEN]),
+            groups: Some((1 << MAX_GROUP_LOG2, GroupHashes(vec![[0; 32]; MAX_GROUPS_PER_CHUNK]))),
         };
         assert_eq!(longest.encode().len(), MAX_REQUEST_LEN);
         let framed = longest.encode_framed().expect("fits");
@@ -586,8 +666,14 @@ mod tests {
     /// back from it, a byte at a time.
     #[test]
     fn hex_vectors() {
-        let minimal =
-            ChunkRequest { hash: ChunkHash([0x11; 32]), range: None, origin: None, receipt: None, ticket: None };
+        let minimal = ChunkRequest {
+            hash: ChunkHash([0x11; 32]),
+            range: None,
+            origin: None,
+            receipt: None,
+            ticket: None,
+            groups: None,
+        };
         assert_vector(&minimal, &minimal.encode_framed().expect("fits"), &format!("0022 01 00 {HASH_11}"));
         let full = ChunkRequest {
             hash: ChunkHash([0xab; 32]),
@@ -595,12 +681,20 @@ mod tests {
             origin: Some(OriginHint { url: "http://o/x".into(), offset: 1 << 40, length: 1 << 20 }),
             receipt: Some(b"r1".to_vec()),
             ticket: Some(b"t".to_vec()),
+            groups: None,
         };
         let full_hex = format!(
             "0049 01 0f {HASH_AB} 00000010 00001000 0000010000000000 00100000 000a 687474703a2f2f6f2f78 0002 7231 \
              0001 74"
         );
         assert_vector(&full, &full.encode_framed().expect("fits"), &full_hex);
+        let grouped =
+            ChunkRequest { groups: Some((1024, GroupHashes(vec![[0x11; 32], [0xab; 32]]))), ..minimal.clone() };
+        assert_vector(
+            &grouped,
+            &grouped.encode_framed().expect("fits"),
+            &format!("0065 01 10 {HASH_11} 0a 0002 {HASH_11} {HASH_AB}"),
+        );
         let receipt = ChunkRequest::receipt_only(b"{}".to_vec());
         assert_vector(
             &receipt,
@@ -645,10 +739,10 @@ mod tests {
             Err(FrameError::TooLong { what: "payload", .. })
         ));
         assert!(matches!(
-            ChunkRequest::decode_prefix(&bytes("203d")),
+            ChunkRequest::decode_prefix(&bytes("4040")),
             Err(FrameError::TooLong { what: "request", .. })
         ));
-        assert_eq!(ChunkRequest::decode_prefix(&bytes("203c")), Ok(Decoded::NeedMore(MAX_REQUEST_LEN)));
+        assert_eq!(ChunkRequest::decode_prefix(&bytes("403f")), Ok(Decoded::NeedMore(MAX_REQUEST_LEN)));
         // A whole body that is shorter than its fields say is malformed, not waiting for more.
         assert_eq!(ChunkRequest::decode_prefix(&bytes("000101")), Err(FrameError::Truncated { needed: 1 }));
     }

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use fog_proto::api::NodeContact;
+use fog_proto::api::{Families, NodeContact};
 use fog_proto::placement::top_k;
 use fog_proto::{ChunkHash, NodeId};
 use fog_sched::coords::{splitmix, ClientNet, Coord, Measured, MAX_MEASURED};
@@ -40,11 +40,10 @@ fn main() {
     let mut rng = 42u64;
     let nodes: Vec<NodeInfo> = (0..NODES)
         .map(|i| NodeInfo {
-            contact: NodeContact {
-                id: NodeId(*blake3::hash(&(i as u64).to_be_bytes()).as_bytes()),
-                addr: SocketAddr::from(([10, 0, 0, 1], 7701)),
-                via: None,
-            },
+            contact: NodeContact::direct(
+                NodeId(*blake3::hash(&(i as u64).to_be_bytes()).as_bytes()),
+                SocketAddr::from(([10, 0, 0, 1], 7701)),
+            ),
             coord: place(&mut rng),
             upload: (1 + splitmix(&mut rng) % 8) << 20,
         })
@@ -97,7 +96,7 @@ fn main() {
         let client = &clients[r % clients.len()];
         let first = (r * 32) % (chunks.len() - 32);
         let request: Vec<(ChunkHash, u32)> = chunks[first..first + 32].iter().map(|c| (*c, 1 << 20)).collect();
-        std::hint::black_box(schedule(&snapshot, &mut load, Some(client), &request, &params, r as u64));
+        std::hint::black_box(schedule(&snapshot, &mut load, Some(client), Families::BOTH, &request, &params, r as u64));
     }
     let batched = (requests * 32) as f64 / started.elapsed().as_secs_f64();
 

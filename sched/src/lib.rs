@@ -3,5 +3,6 @@
 //! calls it for every resolve and probe, the simulator runs it at 10^6 nodes, and the scheduling benchmark
 //! builds only this.
 
+pub mod cells;
 pub mod coords;
 pub mod scheduler;

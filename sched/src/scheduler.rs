@@ -27,10 +27,13 @@
 //!    the least loaded relative to its upload is chosen. The chosen node is charged the chunk's bytes.
 //!
 //! Load and popularity decay with a half-life, so they describe the last tens of seconds.
+//!
+//! Only nodes the client can dial in an IP family it has take part (see [`Families`]), and each is handed out
+//! with the addresses of those families only.
 
 use std::collections::HashMap;
 
-use fog_proto::api::NodeContact;
+use fog_proto::api::{Families, NodeContact};
 use fog_proto::placement::weight;
 use fog_proto::{ChunkHash, NodeId};
 
@@ -188,21 +191,28 @@ impl Snapshot {
     /// The nodes closest to a client network, and how many of them are near (see the module docs); without
     /// a coordinate, the default pool's first `params.reach` in affinity order, all of them "near".
     pub fn close_set(&self, client: Option<&ClientNet>, params: &Params) -> Close {
+        self.close_set_for(client, Families::BOTH, params)
+    }
+
+    /// [`Snapshot::close_set`] among the nodes a client of `families` can dial.
+    pub fn close_set_for(&self, client: Option<&ClientNet>, families: Families, params: &Params) -> Close {
+        let usable = |i: &u32| families == Families::BOTH || self.nodes[*i as usize].contact.usable_by(families);
         let wanted = params.close.max(params.reach);
         let (Some(coord), Some(client)) = (client.and_then(|c| c.coord.as_ref()), client) else {
             // There is no "closest": every node of the pool gets its rendezvous share (a joining one too).
-            let nodes: Vec<u32> = self.default_pool.iter().take(wanted).copied().collect();
+            let nodes: Vec<u32> = self.default_pool.iter().filter(|i| usable(i)).take(wanted).copied().collect();
             return Close { near: nodes.len(), place: nodes.len(), nodes, explore: None };
         };
         let mut found: Vec<u32> = Vec::new();
         for (cell_ms, grid, rings) in &self.levels {
             found = ring_search(grid, cell(coord, *cell_ms), *rings, params.prefilter);
+            found.retain(usable);
             if found.len() >= wanted {
                 break;
             }
         }
         if found.is_empty() {
-            found = self.default_pool.clone();
+            found = self.default_pool.iter().copied().filter(usable).collect();
         }
         let mut ranked: Vec<(f32, u32)> =
             found.into_iter().map(|i| (coord.rtt_to(&self.nodes[i as usize].coord), i)).collect();
@@ -210,7 +220,7 @@ impl Snapshot {
         // node enters the ranks by being measured (see `explore`), not by a prediction that may be optimistic.
         let mut measured: Vec<(f32, u32)> = Vec::with_capacity(client.measured.len());
         for m in &client.measured {
-            let Some(i) = self.index_of(&m.node) else { continue };
+            let Some(i) = self.index_of(&m.node).filter(|&i| usable(&(i as u32))) else { continue };
             measured.push((m.effective(coord.rtt_to(&self.nodes[i].coord)), i as u32));
         }
         let mut ids: Vec<u32> = measured.iter().map(|m| m.1).collect();
@@ -348,17 +358,19 @@ impl Load {
     }
 }
 
-/// Candidates for each of `chunks` (hash, length) for a client at `client`: a compacted node list and, per
-/// chunk, up to `params.k` indices into it, best first. Charges the first candidates in `load`.
+/// Candidates for each of `chunks` (hash, length) for a client at `client` that can dial `families`: a
+/// compacted node list (with the addresses of those families only) and, per chunk, up to `params.k` indices
+/// into it, best first. Charges the first candidates in `load`.
 pub fn schedule(
     snapshot: &Snapshot,
     load: &mut Load,
     client: Option<&ClientNet>,
+    families: Families,
     chunks: &[(ChunkHash, u32)],
     params: &Params,
     now_ms: u64,
 ) -> (Vec<NodeContact>, Vec<Vec<u32>>) {
-    let close = snapshot.close_set(client, params);
+    let close = snapshot.close_set_for(client, families, params);
     let mut used: Vec<NodeContact> = Vec::new();
     let mut slot: HashMap<u32, u32> = HashMap::new();
     let per_chunk = chunks
@@ -369,7 +381,8 @@ pub fn schedule(
                 .into_iter()
                 .map(|i| {
                     *slot.entry(i).or_insert_with(|| {
-                        used.push(snapshot.nodes[i as usize].contact.clone());
+                        let contact = &snapshot.nodes[i as usize].contact;
+                        used.push(contact.for_families(families).unwrap_or_else(|| contact.clone()));
                         (used.len() - 1) as u32
                     })
                 })
@@ -460,11 +473,10 @@ mod tests {
         let mut id = [0u8; 32];
         id[..4].copy_from_slice(&i.to_be_bytes());
         NodeInfo {
-            contact: NodeContact {
-                id: NodeId(*blake3::hash(&id).as_bytes()),
-                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
-                via: None,
-            },
+            contact: NodeContact::direct(
+                NodeId(*blake3::hash(&id).as_bytes()),
+                SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+            ),
             coord: Coord { pos: [x, y, 0.0, 0.0], height: 1.0, error: 0.1 },
             upload,
         }
@@ -485,16 +497,16 @@ mod tests {
         let snap = Snapshot::new(two_regions(), &params);
         let mut load = Load::default();
         let chunk = [(ChunkHash::of(b"c"), 1000)];
-        let (a, sa) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), &chunk, &params, 0);
-        let (b, sb) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), &chunk, &params, 1);
-        let (far, _) = schedule(&snap, &mut load, Some(&at(201.0, 1.0)), &chunk, &params, 2);
+        let (a, sa) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), Families::BOTH, &chunk, &params, 0);
+        let (b, sb) = schedule(&snap, &mut load, Some(&at(1.0, 1.0)), Families::BOTH, &chunk, &params, 1);
+        let (far, _) = schedule(&snap, &mut load, Some(&at(201.0, 1.0)), Families::BOTH, &chunk, &params, 2);
         assert_eq!(sa[0].len(), 3);
         assert_eq!(a[sa[0][0] as usize].id, b[sb[0][0] as usize].id, "cache affinity for one client network");
         let near: Vec<NodeId> = snap.nodes.iter().filter(|n| n.coord.pos[0] < 100.0).map(|n| n.contact.id).collect();
         assert!(a.iter().all(|n| near.contains(&n.id)), "a client was sent across the world");
         assert!(far.iter().all(|n| !near.contains(&n.id)));
         // Deterministic: the same inputs give the same answer.
-        let (again, _) = schedule(&snap, &mut Load::default(), Some(&at(1.0, 1.0)), &chunk, &params, 0);
+        let (again, _) = schedule(&snap, &mut Load::default(), Some(&at(1.0, 1.0)), Families::BOTH, &chunk, &params, 0);
         assert_eq!(again, a);
     }
 
@@ -509,7 +521,15 @@ mod tests {
         // Many distinct 1 MiB chunks (far more than a second of anyone's upload): spread by rendezvous,
         // capped by bounded load.
         for c in 0..4000u32 {
-            schedule(&snap, &mut load, Some(&client), &[(ChunkHash::of(&c.to_be_bytes()), 1 << 20)], &params, 0);
+            schedule(
+                &snap,
+                &mut load,
+                Some(&client),
+                Families::BOTH,
+                &[(ChunkHash::of(&c.to_be_bytes()), 1 << 20)],
+                &params,
+                0,
+            );
         }
         let total: f64 = snap.nodes.iter().map(|n| load.assigned(&n.contact.id, 0, &params)).sum();
         let total_up: f64 = snap.nodes.iter().map(|n| n.upload as f64).sum();
@@ -525,7 +545,7 @@ mod tests {
         let hot = [(ChunkHash::of(b"hot"), 1 << 20)];
         let mut firsts = std::collections::HashSet::new();
         for t in 0..64u64 {
-            let (nodes, s) = schedule(&snap, &mut load, Some(&client), &hot, &params, t);
+            let (nodes, s) = schedule(&snap, &mut load, Some(&client), Families::BOTH, &hot, &params, t);
             firsts.insert(nodes[s[0][0] as usize].id);
         }
         assert!(firsts.len() >= 4, "hot chunk stayed on {} nodes", firsts.len());
@@ -536,14 +556,23 @@ mod tests {
         let params = Params::default();
         let snap = Snapshot::new(two_regions(), &params);
         let chunk = [(ChunkHash::of(b"c"), 1)];
-        let (a, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
-        let (b, _) = schedule(&snap, &mut Load::default(), None, &chunk, &params, 0);
+        let (a, _) = schedule(&snap, &mut Load::default(), None, Families::BOTH, &chunk, &params, 0);
+        let (b, _) = schedule(&snap, &mut Load::default(), None, Families::BOTH, &chunk, &params, 0);
         assert_eq!(a, b);
         // A client far from every node still gets the nearest ones (through the coarse grid).
-        let (far, _) = schedule(&snap, &mut Load::default(), Some(&at(1500.0, 0.0)), &chunk, &params, 0);
+        let (far, _) =
+            schedule(&snap, &mut Load::default(), Some(&at(1500.0, 0.0)), Families::BOTH, &chunk, &params, 0);
         let east: Vec<NodeId> = snap.nodes.iter().filter(|n| n.coord.pos[0] > 100.0).map(|n| n.contact.id).collect();
         assert!(!far.is_empty() && far.iter().all(|n| east.contains(&n.id)), "{far:?}");
-        let (none, s) = schedule(&Snapshot::new(Vec::new(), &params), &mut Load::default(), None, &chunk, &params, 0);
+        let (none, s) = schedule(
+            &Snapshot::new(Vec::new(), &params),
+            &mut Load::default(),
+            None,
+            Families::BOTH,
+            &chunk,
+            &params,
+            0,
+        );
         assert!(none.is_empty() && s[0].is_empty());
     }
 
@@ -558,8 +587,8 @@ mod tests {
         let firsts = |(nodes, s): (Vec<NodeContact>, Vec<Vec<u32>>)| -> Vec<NodeId> {
             s.iter().map(|c| nodes[c[0] as usize].id).collect()
         };
-        let a = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1000));
-        let b = firsts(schedule(&snap, &mut load, None, &chunks, &params, 1100));
+        let a = firsts(schedule(&snap, &mut load, None, Families::BOTH, &chunks, &params, 1000));
+        let b = firsts(schedule(&snap, &mut load, None, Families::BOTH, &chunks, &params, 1100));
         assert_eq!(a, b);
     }
 
@@ -578,7 +607,7 @@ mod tests {
         let close = snap.close_set(Some(&client), &params);
         assert_eq!(close.nodes[0], far as u32);
         assert_eq!(close.near, 1, "nodes predicted at ≥ 2 ms are not near a 1 ms one");
-        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), &chunks, &params, 0);
+        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), Families::BOTH, &chunks, &params, 0);
         assert!(s.iter().all(|c| nodes[c[0] as usize].id == snap.nodes[far].contact.id));
         // Three nodes at 10, 11 and 13 ms (measured), the rest predicted farther: chunks spread over the two
         // within 20 % of the closest only.
@@ -587,7 +616,7 @@ mod tests {
         client.measured = (0..3)
             .map(|i| Measured { node: snap.nodes[i].contact.id, rtt_ms: [10.0, 11.0, 13.0][i], agrees: true })
             .collect();
-        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), &chunks, &params, 0);
+        let (nodes, s) = schedule(&snap, &mut Load::default(), Some(&client), Families::BOTH, &chunks, &params, 0);
         let firsts: std::collections::HashSet<NodeId> = s.iter().map(|c| nodes[c[0] as usize].id).collect();
         let near: std::collections::HashSet<NodeId> = (0..2).map(|i| snap.nodes[i].contact.id).collect();
         assert_eq!(firsts, near);
@@ -630,8 +659,57 @@ mod tests {
         let params = Params::default();
         let snap = Snapshot::new((0..4).map(|i| node(i, 0.0, 0.0, DEFAULT_UPLOAD)).collect(), &params);
         let chunks: Vec<(ChunkHash, u32)> = (0..48u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1)).collect();
-        let (nodes, s) = schedule(&snap, &mut Load::default(), None, &chunks, &params, 0);
+        let (nodes, s) = schedule(&snap, &mut Load::default(), None, Families::BOTH, &chunks, &params, 0);
         let firsts: std::collections::HashSet<NodeId> = s.iter().map(|c| nodes[c[0] as usize].id).collect();
         assert_eq!(firsts.len(), 4);
+    }
+
+    /// A client is offered only nodes it can dial in its families, with those addresses only; a node it can
+    /// reach directly is not sent through a rendezvous.
+    #[test]
+    fn clients_get_only_nodes_and_addresses_of_their_families() {
+        let params = Params::default();
+        let v6 = |i: u16| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7000 + i));
+        let via = fog_proto::api::Rendezvous { id: NodeId([9; 32]), addr: SocketAddr::from(([192, 0, 2, 9], 7701)) };
+        let nodes: Vec<NodeInfo> = (0..12)
+            .map(|i| {
+                let mut n = node(i, 0.0, 0.0, DEFAULT_UPLOAD);
+                let v4 = n.contact.addr;
+                match i % 4 {
+                    0 => {}                             // IPv4 only
+                    1 => n.contact.addr = v6(i as u16), // IPv6 only
+                    2 => {
+                        n.contact.addr = v6(i as u16); // both, IPv6 first
+                        n.contact.other_addrs = vec![v4];
+                    }
+                    _ => {
+                        // IPv6 directly; IPv4 through a rendezvous only
+                        n.contact.via = Some(via.clone());
+                        n.contact.other_addrs = vec![v6(i as u16)];
+                    }
+                }
+                n
+            })
+            .collect();
+        let snap = Snapshot::new(nodes, &Params { reach: 12, close: 12, ..params });
+        let chunks: Vec<(ChunkHash, u32)> = (0..64u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1)).collect();
+        let wide = Params { reach: 12, close: 12, k: 12, ..params };
+        let only_v4 = Families { ipv4: true, ipv6: false };
+        let (offered, _) = schedule(&snap, &mut Load::default(), None, only_v4, &chunks, &wide, 0);
+        assert_eq!(offered.len(), 9, "IPv6-only nodes are not offered: {offered:?}");
+        for c in &offered {
+            assert!(c.addr.is_ipv4() && c.other_addrs.iter().all(|a| a.is_ipv4()), "{c:?}");
+        }
+        assert_eq!(offered.iter().filter(|c| c.via.is_some()).count(), 3, "punched where IPv4 is not direct");
+        let only_v6 = Families { ipv4: false, ipv6: true };
+        let (offered, _) = schedule(&snap, &mut Load::default(), None, only_v6, &chunks, &wide, 0);
+        assert_eq!(offered.len(), 9, "IPv4-only nodes are not offered");
+        assert!(offered.iter().all(|c| c.addr.is_ipv6() && c.other_addrs.is_empty() && c.via.is_none()));
+        let (offered, _) = schedule(&snap, &mut Load::default(), None, Families::BOTH, &chunks, &wide, 0);
+        assert_eq!(offered.len(), 12);
+        assert!(offered.iter().all(|c| c.via.is_none()), "a verified direct path beats a punch");
+        assert_eq!(offered.iter().filter(|c| c.addr.is_ipv6() && c.other_addrs.len() == 1).count(), 3);
+        let (none, _) = schedule(&snap, &mut Load::default(), None, Families::default(), &chunks, &wide, 0);
+        assert!(none.is_empty());
     }
 }

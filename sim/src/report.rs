@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use crate::{Config, Policy, Scenario};
+use crate::player::Arrival;
+use crate::{Config, Homes, Policy, Scenario};
 
 /// A pick is suboptimal when it is more than this much, or this share, slower than the best node.
 const SUBOPTIMAL_MS: f32 = 10.0;
@@ -23,15 +24,23 @@ pub struct Metrics {
     /// Candidates that had left since the last snapshot (each costs the client a timeout).
     pub failed_attempts: u64,
     pub too_large: u64,
-    /// Set once half the requests are done: from then on bytes also count towards steady-state offload.
+    /// Set once half the requests are done (at `steady_from`, simulated seconds): from then on what clients
+    /// get and how they play it is measured.
     pub steady: bool,
+    pub steady_from: f64,
     steady_all: u64,
     steady_origin: u64,
     closest_errors: Vec<f32>,
     suboptimal: u64,
+    /// Players' startup delays, and their stalled and watch time (see `player`).
     startups: Vec<f64>,
+    stalled_secs: f64,
+    watch_secs: f64,
+    /// Live: how far behind the live edge each session's playback ended.
+    live_latencies: Vec<f64>,
+    /// Chunks after a session's first, and how many took longer than their playback time.
     deliveries: u64,
-    stalls: u64,
+    late: u64,
 }
 
 impl Metrics {
@@ -43,6 +52,14 @@ impl Metrics {
         }
     }
 
+    /// Live push: the tracker ingested `bytes` from the origin, for no client in particular.
+    pub fn ingested(&mut self, bytes: u64) {
+        self.origin_fill_bytes += bytes;
+        if self.steady {
+            self.steady_origin += bytes;
+        }
+    }
+
     pub fn closest_error(&mut self, picked_ms: f32, best_ms: f32) {
         let error = (picked_ms - best_ms).max(0.0);
         self.closest_errors.push(error);
@@ -51,27 +68,48 @@ impl Metrics {
         }
     }
 
-    /// A chunk arrived `secs` after it was asked for. The first of a session is the startup delay; a later
-    /// one slower than its playback time is a stall (the player buffers one chunk ahead).
-    pub fn delivery(&mut self, first: bool, secs: f64, chunk_secs: f64) {
-        if first {
-            self.startups.push(secs);
-        } else {
+    /// A chunk arrived `secs` after the player asked for it, with what that did to playback. `first`: the
+    /// session's first chunk (not counted as late: a later one slower than its playback time would stall a
+    /// player that buffers one chunk ahead).
+    pub fn chunk(&mut self, first: bool, secs: f64, chunk_secs: f64, arrival: &Arrival) {
+        if let Some(startup) = arrival.startup {
+            self.startups.push(startup);
+        }
+        self.stalled_secs += arrival.stall;
+        self.watch_secs += arrival.watch;
+        if !first {
             self.deliveries += 1;
             if secs > chunk_secs {
-                self.stalls += 1;
+                self.late += 1;
             }
         }
     }
 
-    pub fn finish(mut self, cfg: &Config, sim_secs: f64, origin_per_sec: &[u64], loads: &[f64], wall_s: f64) -> Report {
+    pub fn live_latency(&mut self, secs: f64) {
+        self.live_latencies.push(secs);
+    }
+
+    /// `warm_share`: the share of the catalogue a node's warm cache holds; `phases`: wall seconds per phase.
+    pub fn finish(
+        mut self,
+        cfg: &Config,
+        sim_secs: f64,
+        origin_per_sec: &[u64],
+        loads: &[f64],
+        warm_share: Option<f64>,
+        phases: Vec<(&'static str, f64)>,
+    ) -> Report {
         let all = (self.fog_bytes + self.origin_bytes).max(1) as f64;
         let from_origin = (self.origin_bytes + self.origin_fill_bytes) as f64;
-        let mut egress: Vec<f64> = origin_per_sec.iter().map(|b| *b as f64 * 8.0).collect();
-        egress.resize((sim_secs as usize).max(1), 0.0);
+        // Egress over the measured seconds (whole ones; seconds without origin traffic count as zero).
+        let from = (self.steady_from.ceil() as usize).min(sim_secs as usize);
+        let mut egress: Vec<f64> = origin_per_sec.iter().skip(from).map(|b| *b as f64 * 8.0).collect();
+        egress.resize((sim_secs as usize).saturating_sub(from).max(1), 0.0);
         egress.sort_by(f64::total_cmp);
         self.closest_errors.sort_by(f32::total_cmp);
         self.startups.sort_by(f64::total_cmp);
+        self.live_latencies.sort_by(f64::total_cmp);
+        let live = |p: f64| (cfg.scenario == Scenario::Live).then(|| percentile(&self.live_latencies, p) * 1000.0);
         let mean_load = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
         let max_load = loads.iter().copied().fold(0.0, f64::max);
         Report {
@@ -81,6 +119,7 @@ impl Metrics {
             seed: cfg.seed,
             scenario: cfg.scenario,
             policy: cfg.policy,
+            homes: cfg.homes,
             alpha: cfg.alpha,
             offload_ratio: 1.0 - self.steady_origin as f64 / self.steady_all.max(1) as f64,
             offload_ratio_whole_run: 1.0 - from_origin / all,
@@ -92,10 +131,18 @@ impl Metrics {
             load_max_over_mean: if mean_load > 0.0 { max_load / mean_load } else { 0.0 },
             startup_ms_p50: percentile(&self.startups, 0.5) * 1000.0,
             startup_ms_p95: percentile(&self.startups, 0.95) * 1000.0,
-            stall_fraction: self.stalls as f64 / self.deliveries.max(1) as f64,
+            rebuffer_ratio: self.stalled_secs / self.watch_secs.max(f64::MIN_POSITIVE),
+            live_latency_ms_p50: live(0.5),
+            live_latency_ms_p95: live(0.95),
+            stall_fraction: self.late as f64 / self.deliveries.max(1) as f64,
             failed_attempts: self.failed_attempts,
             sim_secs,
-            wall_s,
+            measured_from_s: self.steady_from,
+            warm: cfg.warm.then_some(cfg.warm_hours),
+            warm_cache_share: warm_share,
+            buffer_secs: cfg.buffer_secs,
+            wall_s: phases.iter().map(|p| p.1).sum(),
+            wall_phases_s: phases.into_iter().collect(),
             closest_errors: self.closest_errors,
         }
     }
@@ -116,6 +163,7 @@ pub struct Report {
     pub seed: u64,
     pub scenario: Scenario,
     pub policy: Policy,
+    pub homes: Homes,
     pub alpha: f64,
     /// Bytes clients got that did not come from the origin, over all bytes clients got, in the second half
     /// of the run (steady state: caches have warmed up).
@@ -124,7 +172,7 @@ pub struct Report {
     pub offload_ratio_whole_run: f64,
     /// Bytes nodes filled from peers, over all bytes clients got.
     pub peer_fill_share: f64,
-    /// 95th percentile over simulated seconds of the origin's egress, bits/s.
+    /// 95th percentile over the measured simulated seconds of the origin's egress, bits/s.
     pub origin_egress_p95_bps: f64,
     /// How much slower the first candidate is than the truly closest online node (sampled requests).
     pub closest_error_ms_p50: f64,
@@ -132,12 +180,29 @@ pub struct Report {
     pub suboptimal_fraction: f64,
     /// Max over mean of nodes' utilisation (bytes served / (upload × time online)).
     pub load_max_over_mean: f64,
+    /// Time from pressing play until playback starts (see `player`), over sessions that started measured.
     pub startup_ms_p50: f64,
     pub startup_ms_p95: f64,
+    /// Stalled time over watch time (playing plus stalled), summed over the measured chunks.
+    pub rebuffer_ratio: f64,
+    /// Live: how far behind the live edge sessions' playback ended.
+    pub live_latency_ms_p50: Option<f64>,
+    pub live_latency_ms_p95: Option<f64>,
+    /// Share of chunks (after a session's first) that took longer to arrive than their playback time: what a
+    /// player buffering only one chunk ahead would stall on.
     pub stall_fraction: f64,
     pub failed_attempts: u64,
     pub sim_secs: f64,
+    /// When measuring began (half the requests done), simulated seconds.
+    pub measured_from_s: f64,
+    /// Hours of demand the warm start assumed (none: a cold start), and the share of the catalogue a node's
+    /// warm cache held before its disk limited it.
+    pub warm: Option<f64>,
+    pub warm_cache_share: Option<f64>,
+    pub buffer_secs: f64,
+    /// Wall time in all and per phase (building the world and fitting coordinates, the warm start, the run).
     pub wall_s: f64,
+    pub wall_phases_s: std::collections::BTreeMap<&'static str, f64>,
     #[serde(skip)]
     pub closest_errors: Vec<f32>,
 }

@@ -13,8 +13,9 @@ use fog_net::per_source::{Held, PerSource};
 use fog_net::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
-    ClientReport, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Published, Reachability, Register,
-    RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED, WANT_PEERS,
+    ClientReport, Families, FamilyCounts, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Published,
+    Reachability, Register, RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED,
+    WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, MAX_BATCH};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
@@ -22,14 +23,15 @@ use fog_sched::coords::{ClientCoords, ClientNet};
 use fog_sched::scheduler;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::config::TrackerConfig;
 use crate::dashboard::{Dashboard, Event, Sample, TopContent};
 use crate::db::{Db, DbError};
 use crate::ingest::{Ingest, IngestConfig, IngestError, Source};
 use crate::ledger::{Ledger, LedgerError};
-use crate::metrics::{Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
-use crate::registry::{ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
+use crate::metrics::{FamilyLabel, Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
+use crate::registry::{Advertised, ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
 
 /// Most dashboards following the live stream at once, in all and per source.
 const MAX_STREAMS: usize = 64;
@@ -153,11 +155,12 @@ pub struct App {
     pub(crate) urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
     /// QUIC endpoint for probes; `None` if it could not be opened.
     pub dialer: Option<quinn::Endpoint>,
-    /// QUIC endpoint for registrations' dial-backs, never used for probes: probes of nodes behind NAT are
-    /// hole-punched, which opens their NAT to the prober's address, and a dial-back from there would pass.
-    /// One long-lived endpoint: a fresh one per dial-back cost ~1 MiB of resident memory each under a
-    /// registration flood (quinn's receive buffer, kept by the allocator).
-    dial_back_endpoint: Option<quinn::Endpoint>,
+    /// QUIC endpoints for dial-backs (one per IP family, each address verified in its own family), never
+    /// used for probes: probes of nodes behind NAT are hole-punched, which opens their NAT to the prober's
+    /// address, and a dial-back from there would pass. Long-lived: a fresh endpoint per dial-back cost
+    /// ~1 MiB of resident memory each under a registration flood (quinn's receive buffer, kept by the
+    /// allocator).
+    dial_back_endpoints: transport::FamilyEndpoints,
     /// The scheduler's recent load and chunk popularity.
     load: std::sync::Mutex<scheduler::Load>,
     /// Client networks' coordinates, from their reports.
@@ -198,6 +201,7 @@ impl App {
         let metrics = Metrics::default();
         let ingest_cfg = IngestConfig {
             chunk_size: cfg.chunk_size,
+            group_size: cfg.group_size,
             max_object_size: cfg.max_object_size,
             min_reingest_age: cfg.min_reingest_age,
             resolve_wait: cfg.resolve_wait,
@@ -230,9 +234,13 @@ impl App {
             dialer: transport::client_endpoint(transport::any_family())
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
                 .ok(),
-            dial_back_endpoint: transport::client_endpoint(transport::any_family())
-                .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: no node will be reachable"))
-                .ok(),
+            dial_back_endpoints: {
+                let endpoints = transport::FamilyEndpoints::open();
+                if endpoints.is_empty() {
+                    tracing::error!("cannot open a QUIC endpoint: no node will be reachable");
+                }
+                endpoints
+            },
             dial_backs: Semaphore::new(DIAL_BACKS),
             registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
             ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
@@ -247,7 +255,8 @@ impl App {
     /// `url`'s manifest (ingested now if need be, again if the client saw it `stale`) and a schedule of
     /// nodes for the client at `peer`, with a credit ticket for its session key `client_key`. While the
     /// object is being ingested the manifest lists the chunks hashed so far, those at `from` (the byte the
-    /// client reads first) first.
+    /// client reads first) first. Only nodes the client can dial in `families` (those it named, and the one
+    /// it asked from) are offered.
     pub async fn resolve(
         &self,
         url: &str,
@@ -255,9 +264,11 @@ impl App {
         client_key: Option<NodeId>,
         from: u64,
         peer: IpAddr,
+        families: Families,
     ) -> Result<Resolve, AppError> {
         self.resolves.fetch_add(1, Ordering::Relaxed);
-        match self.resolve_counted(url, stale, client_key, from, peer).await {
+        let families = families.union(Families::of(peer));
+        match self.resolve_counted(url, stale, client_key, from, peer, families).await {
             Ok(resolve) => Ok(resolve),
             Err(e) => {
                 // Failed ingests themselves are counted and shown by the ingest task, once each.
@@ -296,6 +307,7 @@ impl App {
         client_key: Option<NodeId>,
         from: u64,
         peer: IpAddr,
+        families: Families,
     ) -> Result<Resolve, AppError> {
         // One form for the allow-list, the fetch and the manifest key: spellings of one URL share a manifest.
         let url = fog_proto::origins::canonical_url(url).map_err(AppError::BadRequest)?;
@@ -322,18 +334,22 @@ impl App {
         });
         self.dashboard.count_resolve(&url);
         let client = self.clients.lock().expect("clients lock").get(peer);
+        let mut load = self.load.lock().expect("load lock");
         let (nodes, schedule, ticket) =
-            self.assign(&manifest, client.as_ref(), &mut self.load.lock().expect("load lock"), client_key, Some(peer));
+            self.assign(&manifest, client.as_ref(), families, &mut load, client_key, Some(peer));
+        drop(load);
         Ok(Resolve { content_id: manifest.content_id(), manifest: (*manifest).clone(), nodes, schedule, ticket })
     }
 
     /// Candidate nodes for each chunk of `manifest`, as a client network `client` gets them (charged to
     /// `load`), with a credit ticket for the session key `client_key` (tickets are shared per `source`, if
-    /// given). The tracker's probes ask nodes through the same call, so they look like any client's.
+    /// given). Only nodes a client of `families` can dial are offered. The tracker's probes ask nodes through
+    /// the same call, so they look like any client's.
     pub(crate) fn assign(
         &self,
         manifest: &Manifest,
         client: Option<&ClientNet>,
+        families: Families,
         load: &mut scheduler::Load,
         client_key: Option<NodeId>,
         source: Option<IpAddr>,
@@ -344,7 +360,7 @@ impl App {
         let chunks: Vec<(ChunkHash, u32)> =
             hashed.iter().map(|&i| (manifest.chunks[i], manifest.chunk_span(i).1)).collect();
         let (nodes, mut schedule) =
-            scheduler::schedule(&snapshot, load, client, &chunks, self.registry.params(), now_ms());
+            scheduler::schedule(&snapshot, load, client, families, &chunks, self.registry.params(), now_ms());
         if hashed.len() < manifest.chunks.len() {
             let mut full = vec![Vec::new(); manifest.chunks.len()];
             for (i, candidates) in hashed.into_iter().zip(schedule) {
@@ -424,12 +440,15 @@ impl App {
             Ok(()) => {
                 tracing::info!(node = %node, %addr, reachable, "node registered");
                 self.dashboard.event("node_registered", format!("node {} registered", &node.to_hex()[..16]));
+                // Its other addresses, dialled back since an earlier registration, count too.
+                let (reachable, verified_addrs) = self.registry.verified(&node).unwrap_or((reachable, Vec::new()));
                 Ok(RegisterResponse {
                     heartbeat_interval_secs: self.cfg.heartbeat_interval.as_secs(),
                     advertised_addr: addr,
                     origins: self.cfg.origins.clone(),
                     tracker_key: Some(self.ledger.public_key()),
                     reachable,
+                    verified_addrs,
                     peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
                     membership: Some(self.ledger.membership(node, now_ms())),
                 })
@@ -439,8 +458,9 @@ impl App {
         }
     }
 
-    /// A node's heartbeat: its stats and overlay view; answers with peers when it needs more.
-    pub fn heartbeat(&self, signed: &Signed) -> Result<HeartbeatResponse, AppError> {
+    /// A node's heartbeat, from `peer`: its stats and overlay view; dials back the addresses it advertises
+    /// when they changed; answers with peers when it needs more.
+    pub async fn heartbeat(&self, signed: &Signed, peer: IpAddr) -> Result<HeartbeatResponse, AppError> {
         let (node, hb): (NodeId, Heartbeat) = self.open_signed(signed, fog_proto::api::KIND_HEARTBEAT)?;
         let overlay_bounds = hb.overlay.as_ref().map_or(Ok(()), OverlayReport::check_bounds);
         hb.stats.check_bounds().and(overlay_bounds).map_err(AppError::BadRequest)?;
@@ -461,9 +481,35 @@ impl App {
             );
             let _ = self.urgent_probes.try_send(peer);
         }
+        if registered {
+            self.verify_more_addrs(node, peer).await;
+        }
         let peers =
             if registered && wants_peers { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
-        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers })
+        let (reachable, verified_addrs) = self.registry.verified(&node).unzip();
+        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers, reachable, verified_addrs })
+    }
+
+    /// Dials back the other addresses `node` advertises, when they changed since the last time, from
+    /// `peer`'s share of dial-backs (past it, the next heartbeat tries again).
+    async fn verify_more_addrs(&self, node: NodeId, peer: IpAddr) {
+        let Some(addrs) = self.registry.more_addrs_to_verify(&node) else { return };
+        if !self.registrations_by_source.check(peer) {
+            return;
+        }
+        let Ok(_slots) = self.dial_backs.acquire_many(addrs.len().max(1) as u32).await else { return };
+        let mut dials = JoinSet::new();
+        for addr in addrs {
+            let endpoint = self.dial_back_endpoints.for_addr(&addr).cloned();
+            dials.spawn(async move { Advertised { addr, verified: reaches(endpoint, node, addr).await } });
+        }
+        let mut advertised = Vec::new();
+        while let Some(joined) = dials.join_next().await {
+            advertised.extend(joined.ok());
+        }
+        advertised.sort_unstable_by_key(|a| a.addr);
+        tracing::info!(%node, addrs = ?advertised, "node's other addresses dialled back");
+        self.registry.set_more_addrs(&node, advertised);
     }
 
     /// Whether a QUIC handshake with `node` at `addr` succeeds (the node proves its key): only then are
@@ -471,17 +517,7 @@ impl App {
     /// leaves no NAT state that could later collide with the node's hole-punched flows to our prober.
     async fn dial_back(&self, node: NodeId, addr: SocketAddr) -> bool {
         let Ok(_slot) = self.dial_backs.acquire().await else { return false };
-        let Some(dialer) = &self.dial_back_endpoint else { return false };
-        match transport::connect(dialer, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
-            Ok(conn) => {
-                conn.close(0u32.into(), b"dial-back done");
-                true
-            }
-            Err(e) => {
-                tracing::info!(%node, %addr, error = %e, "dial-back failed: node is behind NAT or a firewall");
-                false
-            }
-        }
+        reaches(self.dial_back_endpoints.for_addr(&addr).cloned(), node, addr).await
     }
 
     /// A node's signed batch of receipts, from `peer`.
@@ -576,6 +612,11 @@ impl App {
                 .zip(c.by_client_path)
                 .map(|(p, n)| (p.name().to_string(), n))
                 .collect(),
+            nodes_by_family: ["ipv4", "ipv6"]
+                .into_iter()
+                .zip(c.by_family)
+                .map(|(f, (verified, unverified))| (f.to_string(), FamilyCounts { verified, unverified }))
+                .collect(),
         }
     }
 
@@ -669,6 +710,12 @@ impl App {
         for (path, n) in &s.nodes_by_client_path {
             m.nodes_by_client_path.get_or_create(&PathLabel { path: path.clone() }).set(*n as i64);
         }
+        for (family, counts) in &s.nodes_by_family {
+            for (state, n) in [("verified", counts.verified), ("unverified", counts.unverified)] {
+                let label = FamilyLabel { family: family.clone(), state };
+                m.nodes_by_family.get_or_create(&label).set(n as i64);
+            }
+        }
         for (reachability, n) in &s.nodes_by_reachability {
             let label = ReachabilityLabel { reachability: reachability.clone() };
             m.nodes_by_reachability.get_or_create(&label).set(*n as i64);
@@ -685,5 +732,21 @@ impl App {
         catch_up(&m.node_requests, &t.node_requests);
         catch_up(&m.corrupt_chunks, &t.corrupt_chunks);
         m.encode()
+    }
+}
+
+/// Whether a QUIC handshake with `node` at `addr` from `endpoint` (of `addr`'s family; `None` if the host
+/// has none) succeeds: the node proves its key there.
+async fn reaches(endpoint: Option<quinn::Endpoint>, node: NodeId, addr: SocketAddr) -> bool {
+    let Some(endpoint) = endpoint else { return false };
+    match transport::connect(&endpoint, node, addr, DIAL_BACK_TIMEOUT, DIAL_BACK_TIMEOUT).await {
+        Ok(conn) => {
+            conn.close(0u32.into(), b"dial-back done");
+            true
+        }
+        Err(e) => {
+            tracing::info!(%node, %addr, error = %e, "dial-back failed: node is behind NAT or a firewall");
+            false
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
+use fog_proto::groups::{self, DEFAULT_GROUP_SIZE};
 use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use fog_proto::origins::OriginList;
 use fog_proto::size::Size;
@@ -33,6 +34,11 @@ pub struct TrackerArgs {
     /// Chunk size for newly ingested objects, 16KiB..16MiB [default: 1MiB].
     #[arg(long, env = "FOG_TRACKER_CHUNK_SIZE")]
     pub chunk_size: Option<Size>,
+    /// Group size for newly ingested objects: manifests carry a hash per group of this many bytes, so
+    /// nodes and clients pass on each verified group as it arrives instead of the whole chunk; a power
+    /// of two from 1KiB, at most 256 groups a chunk; 0 leaves group hashes out [default: 64KiB].
+    #[arg(long, env = "FOG_TRACKER_GROUP_SIZE")]
+    pub group_size: Option<Size>,
     /// Largest object the tracker ingests [default: 64GiB].
     #[arg(long, env = "FOG_TRACKER_MAX_OBJECT_SIZE")]
     pub max_object_size: Option<Size>,
@@ -83,6 +89,8 @@ pub struct TrackerConfig {
     pub data_dir: PathBuf,
     pub origins: OriginList,
     pub chunk_size: u32,
+    /// `None`: manifests without group hashes.
+    pub group_size: Option<u32>,
     pub max_object_size: u64,
     pub heartbeat_interval: Duration,
     /// A node missing heartbeats this long is unhealthy: three intervals.
@@ -116,6 +124,9 @@ impl TrackerArgs {
                 "--chunk-size {chunk_size} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes"
             )));
         }
+        let group_size = self.group_size.or(file.group_size).map_or(u64::from(DEFAULT_GROUP_SIZE), |s| s.0);
+        let group_size = groups::configured(group_size, chunk_size as u32)
+            .map_err(|e| ConfigError::Invalid(format!("--group-size: {e} (0 turns group hashes off)")))?;
         let heartbeat = self.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(5).clamp(1, 300);
         let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("tracker"));
         let admin_token = self.admin_token.or(file.admin_token).filter(|t| !t.is_empty());
@@ -127,6 +138,7 @@ impl TrackerArgs {
             data_dir,
             origins,
             chunk_size: chunk_size as u32,
+            group_size,
             max_object_size: self.max_object_size.or(file.max_object_size).map_or(64 << 30, |s| s.0),
             heartbeat_interval: Duration::from_secs(heartbeat),
             node_timeout: Duration::from_secs(heartbeat * 3),
@@ -162,5 +174,19 @@ mod tests {
         assert!(cfg.origins.allows("http://a.example/x"));
         let bad = TrackerArgs::parse_from(["t", "--origin", "http://a", "--chunk-size", "1"]).resolve();
         assert!(matches!(bad, Err(ConfigError::Invalid(_))));
+        // 64 KiB chunks are one default group each: nothing to gain from group hashes.
+        assert_eq!(cfg.group_size, None);
+        let default = TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("valid");
+        assert_eq!(default.group_size, Some(DEFAULT_GROUP_SIZE));
+        let groups = |g: &str, chunk: &str| {
+            TrackerArgs::parse_from(["t", "--origin", "http://a", "--chunk-size", chunk, "--group-size", g])
+                .resolve()
+                .map(|c| c.group_size)
+        };
+        assert_eq!(groups("0", "1MiB").expect("off"), None);
+        assert_eq!(groups("4KiB", "1MiB").expect("256 groups"), Some(4096));
+        assert!(matches!(groups("3000", "1MiB"), Err(ConfigError::Invalid(_))));
+        assert!(matches!(groups("16KiB", "16MiB"), Err(ConfigError::Invalid(m)) if m.contains("65536")));
+        assert_eq!(groups("1MiB", "1MiB").expect("one group a chunk"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fog_net::http_server::{self, json, reply, Reply};
 use fog_net::origin::OriginError;
-use fog_proto::api::{ApiError, ClientReport, ErrorCode, Signed};
+use fog_proto::api::{ApiError, ClientReport, ErrorCode, Families, Signed};
 use fog_proto::manifest::MAX_MANIFEST_JSON;
 use fog_proto::{ContentId, NodeId};
 use hyper::body::Incoming;
@@ -71,9 +71,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
             Ok(signed) => app.register(&signed, peer).await.and_then(|r| ok(&r)),
             Err(e) => Err(e),
         },
-        (&Method::POST, "/v1/nodes/heartbeat") => {
-            signed_body(req).await.and_then(|signed| app.heartbeat(&signed)).and_then(|r| ok(&r))
-        }
+        (&Method::POST, "/v1/nodes/heartbeat") => match signed_body(req).await {
+            Ok(signed) => app.heartbeat(&signed, peer.ip()).await.and_then(|r| ok(&r)),
+            Err(e) => Err(e),
+        },
         (&Method::POST, "/v1/reports") => match json_body::<ClientReport>(req, MAX_BODY).await {
             Ok(report) => app.client_report(&report, peer.ip()).and_then(|()| ok(&serde_json::json!({"ok": true}))),
             Err(e) => Err(e),
@@ -196,6 +197,7 @@ async fn signed_body(req: Request<Incoming>) -> Result<Signed, AppError> {
 /// `GET /v1/resolve?url=U[&client_key=K][&stale=C][&from=BYTE]`.
 async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError> {
     let (mut url, mut stale, mut client_key, mut from) = (None, None, None, 0);
+    let mut families = Families::default();
     for (k, v) in query_pairs(query) {
         let parsed = match k.as_str() {
             "url" => {
@@ -209,6 +211,7 @@ async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError
             "from" => {
                 v.parse().map(|f| from = f).map_err(|_| AppError::BadRequest(format!("from={v} is not a byte offset")))
             }
+            "families" => Families::parse(&v).map(|f| families = f).map_err(AppError::BadRequest),
             _ => Ok(()),
         };
         if let Err(e) = parsed {
@@ -218,7 +221,7 @@ async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError
     let Some(url) = url else {
         return app.resolve_refused(AppError::BadRequest("missing query parameter url".into()));
     };
-    ok(&app.resolve(&url, stale, client_key, from, peer).await?)
+    ok(&app.resolve(&url, stale, client_key, from, peer, families).await?)
 }
 
 /// `GET /v1/ledger/head[?epoch=E]`: the signed head now, or the one that sealed epoch E.

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use fog_net::origin::{OriginClient, OriginError};
 use fog_proto::api::now_ms;
-use fog_proto::manifest::{ManifestBuilder, Progress, MAX_HASHED_RUNS, MAX_MANIFEST_JSON, SIDECAR_SUFFIX};
+use fog_proto::groups::GroupHashes;
+use fog_proto::manifest::{Groups, ManifestBuilder, Progress, MAX_HASHED_RUNS, MAX_MANIFEST_JSON, SIDECAR_SUFFIX};
 use fog_proto::{ChunkHash, ContentId, Manifest};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -82,6 +83,9 @@ pub struct Answer {
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
     pub chunk_size: u32,
+    /// Group hashes of this size in every manifest (chunks then verify group by group as they stream);
+    /// `None`, or a size not below the chunk size, leaves them out.
+    pub group_size: Option<u32>,
     pub max_object_size: u64,
     /// A manifest younger than this is not re-ingested on a client's "stale" report.
     pub min_reingest_age: Duration,
@@ -351,7 +355,13 @@ impl Inner {
             content_type: None,
             etag: None,
             progress: Some(Progress { hashed: Vec::new(), size_known: false }),
+            groups: None,
         }
+    }
+
+    /// The group size manifests get, if any.
+    fn group_size(&self) -> Option<u32> {
+        self.cfg.group_size.filter(|&g| g < self.cfg.chunk_size)
     }
 
     /// The ingest task: reads the object (or its published manifest), stores the manifest, and tells
@@ -419,16 +429,19 @@ impl Inner {
                 content_type: body.content_type.clone(),
                 etag: body.etag.clone(),
                 progress: Some(Progress { hashed: Vec::new(), size_known }),
+                groups: self
+                    .group_size()
+                    .map(|size| Groups { size, hashes: vec![GroupHashes::default(); count as usize] }),
             });
         });
-        let mut builder = ManifestBuilder::new(chunk_size);
+        let mut builder = ManifestBuilder::with_groups(chunk_size, self.group_size());
         let mut told = 0;
         while let Some(piece) = body.next_piece().await? {
             builder.update(&piece);
             // Counted for the pace without waking waiters; whole chunks wake them.
             run.state.lock().expect("ingest state lock").received = builder.size();
             if builder.chunks().len() > told {
-                self.record(url, run, told as u64, &builder.chunks()[told..])?;
+                self.record(url, run, told as u64, &builder.chunks()[told..], builder.groups().get(told..))?;
                 told = builder.chunks().len();
             }
         }
@@ -436,13 +449,22 @@ impl Inner {
         // The last (short) chunk, checked against a ranged read's; without a known size the complete
         // manifest follows at once.
         if size_known {
-            self.record(url, run, told as u64, &manifest.chunks[told..])?;
+            let groups = manifest.groups.as_ref().and_then(|g| g.hashes.get(told..));
+            self.record(url, run, told as u64, &manifest.chunks[told..], groups)?;
         }
         Ok((manifest, false))
     }
 
-    /// Records chunks `first..` hashed by the sequential read, checking any a ranged read hashed first.
-    fn record(&self, url: &str, run: &Running, first: u64, hashes: &[ChunkHash]) -> Result<(), IngestError> {
+    /// Records chunks `first..` (and their group hashes, when grouping) hashed by the sequential read,
+    /// checking any a ranged read hashed first.
+    fn record(
+        &self,
+        url: &str,
+        run: &Running,
+        first: u64,
+        hashes: &[ChunkHash],
+        groups: Option<&[GroupHashes]>,
+    ) -> Result<(), IngestError> {
         if hashes.is_empty() {
             return Ok(());
         }
@@ -456,6 +478,10 @@ impl Inner {
                 partial.chunks.truncate(first as usize);
                 partial.chunks.extend_from_slice(hashes);
                 partial.size = end * u64::from(partial.chunk_size);
+                if let (Some(g), Some(new)) = (partial.groups.as_mut(), groups) {
+                    g.hashes.truncate(first as usize);
+                    g.hashes.extend_from_slice(new);
+                }
             } else {
                 for (i, hash) in (first..end).zip(hashes) {
                     let Some(slot) = partial.chunks.get_mut(i as usize) else {
@@ -468,6 +494,7 @@ impl Inner {
                     }
                     *slot = *hash;
                 }
+                set_groups(&mut partial.groups, first, groups);
             }
             progress.add(first, end.min(partial.chunks.len() as u64));
             s.sequential = end;
@@ -497,19 +524,25 @@ impl Inner {
                 return;
             }
         };
-        let mut builder = ManifestBuilder::new(chunk_size);
+        let mut builder = ManifestBuilder::with_groups(chunk_size, self.group_size());
         let mut told = 0;
-        let record = |hashes: &[ChunkHash], at: u64| {
+        let record = |hashes: &[ChunkHash], groups: Option<&[GroupHashes]>, at: u64| {
             run.update(|s| {
                 let Some(partial) = s.partial.as_mut() else { return };
                 let Some(progress) = partial.progress.as_mut() else { return };
+                let mut fresh = Vec::new();
                 for (i, hash) in (at..).zip(hashes) {
                     // The sequential read got there first: it has checked or will check this one.
                     if !progress.is_hashed(i) {
                         partial.chunks[i as usize] = *hash;
+                        fresh.push(i);
                     }
                 }
                 progress.add(at, at + hashes.len() as u64);
+                for i in fresh {
+                    let one = groups.and_then(|g| g.get((i - at) as usize..=(i - at) as usize));
+                    set_groups(&mut partial.groups, i, one);
+                }
             });
         };
         loop {
@@ -522,14 +555,14 @@ impl Inner {
                 }
             }
             if builder.chunks().len() > told {
-                record(&builder.chunks()[told..], first + told as u64);
+                record(&builder.chunks()[told..], builder.groups().get(told..), first + told as u64);
                 told = builder.chunks().len();
             }
         }
         // The object's short last chunk, when the read reached the end.
         if stop == size {
-            let all = builder.into_chunks();
-            record(&all[told..], first + told as u64);
+            let (chunks, groups) = builder.into_parts();
+            record(&chunks[told..], groups.get(told..), first + told as u64);
         }
     }
 
@@ -591,6 +624,14 @@ impl Inner {
     }
 }
 
+/// Stores the group hashes of chunks `first..` in a partial manifest's (when both group).
+fn set_groups(partial: &mut Option<Groups>, first: u64, groups: Option<&[GroupHashes]>) {
+    let (Some(g), Some(new)) = (partial.as_mut(), groups) else { return };
+    for (slot, hashes) in g.hashes.iter_mut().skip(first as usize).zip(new) {
+        slot.clone_from(hashes);
+    }
+}
+
 /// Whether the chunk at byte `from` is not hashed yet but will be (it lies within the object, or the
 /// object's size is not known yet).
 fn wanted(partial: &Manifest, from: u64) -> bool {
@@ -614,6 +655,7 @@ mod tests {
             content_type: None,
             etag: None,
             progress: Some(Progress { hashed: Vec::new(), size_known: size.is_some() }),
+            groups: None,
         };
         partial.validate().expect("consistent");
         let state = State {
@@ -664,6 +706,7 @@ mod tests {
         let db = Arc::new(Db::open(dir.path()).expect("db"));
         let cfg = IngestConfig {
             chunk_size: MIN_CHUNK_SIZE,
+            group_size: Some(4096),
             max_object_size: 1 << 30,
             min_reingest_age: Duration::from_secs(30),
             resolve_wait: Duration::from_millis(50),

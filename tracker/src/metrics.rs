@@ -51,6 +51,14 @@ pub struct ReachabilityLabel {
     pub reachability: String,
 }
 
+/// Live nodes with an address in an IP family (`ipv4`, `ipv6`), by whether a dial-back reached one
+/// (`verified`, `unverified`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabel {
+    pub family: String,
+    pub state: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -61,6 +69,7 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     pub nodes_by_client_path: Family<PathLabel, Gauge>,
     pub nodes_by_reachability: Family<ReachabilityLabel, Gauge>,
+    pub nodes_by_family: Family<FamilyLabel, Gauge>,
     pub manifests: Gauge,
     pub ingests_running: Gauge,
     pub node_cache_used_bytes: Gauge,
@@ -116,6 +125,12 @@ impl Default for Metrics {
             "Live nodes by their overlay's own view (public, nat, relayed, unknown)",
             nodes_by_reachability.clone(),
         );
+        let nodes_by_family = Family::default();
+        registry.register(
+            "fog_tracker_nodes_by_family",
+            "Live nodes with an address in an IP family (ipv4, ipv6), by whether the tracker dialled one back",
+            nodes_by_family.clone(),
+        );
         registry.register("fog_tracker_manifests", "Manifests stored", manifests.clone());
         let ingests_running = Gauge::default();
         registry.register(
@@ -162,6 +177,7 @@ impl Default for Metrics {
             nodes,
             nodes_by_client_path,
             nodes_by_reachability,
+            nodes_by_family,
             manifests,
             ingests_running,
             node_cache_used_bytes,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fog_net::chunk::{self, ChunkError, Deadlines};
 use fog_net::transport;
-use fog_proto::api::{NodeContact, Signed};
+use fog_proto::api::{Families, NodeContact, Signed};
 use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, Manifest, NodeId};
@@ -59,7 +59,9 @@ fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed
         let m = stored.manifest;
         // A scratch load: a probe is one chunk, not the object the schedule covers.
         let first_here = |key: Option<NodeId>| {
-            let (nodes, schedule, ticket) = app.assign(&m, Some(&next_to_it), &mut Load::default(), key, None);
+            // The prober dials either family (its endpoint is dual-stack), as a dual-stack client would.
+            let both = Families::BOTH;
+            let (nodes, schedule, ticket) = app.assign(&m, Some(&next_to_it), both, &mut Load::default(), key, None);
             let slot = nodes.iter().position(|n| n.id == *node)? as u32;
             Some((schedule.iter().position(|c| c.first() == Some(&slot))?, ticket))
         };
@@ -91,6 +93,7 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
         origin: Some(OriginHint { url: manifest.url.clone(), offset, length: len }),
         receipt: None,
         ticket,
+        groups: manifest.group_hashes(index),
     };
     let outcome = match chunk::request(&conn, &req, len, deadlines, None).await {
         Ok(bytes) if ChunkHash::of(&bytes) == hash => ProbeOutcome::Ok { rtt_ms: started.elapsed().as_millis() as u64 },

@@ -82,6 +82,10 @@ struct ManifestArgs {
     /// Chunk size, 16KiB..16MiB: any size in that range may be published, whatever the tracker's --chunk-size.
     #[arg(long, default_value = "1MiB")]
     chunk_size: fog_proto::size::Size,
+    /// Group hashes in the manifests, so nodes and players pass on each verified group as it arrives: a
+    /// power of two from 1KiB, at most 256 groups a chunk; 0 leaves them out (smaller manifests).
+    #[arg(long, default_value = "64KiB")]
+    group_size: fog_proto::size::Size,
     /// Write each manifest next to its file, as FILE.fog-manifest.json (for a tracker run with
     /// --origin-manifests).
     #[arg(long)]
@@ -130,6 +134,7 @@ fn report_published(
 
 async fn manifest(args: ManifestArgs) -> anyhow::Result<()> {
     let chunk_size = publish::chunk_size(args.chunk_size.0).context("--chunk-size")?;
+    let group_size = fog_proto::groups::configured(args.group_size.0, chunk_size).context("--group-size")?;
     let publisher = match (args.publish, args.tracker, args.admin_token) {
         (false, ..) => None,
         (true, Some(tracker), Some(token)) => {
@@ -149,7 +154,7 @@ async fn manifest(args: ManifestArgs) -> anyhow::Result<()> {
     let (mut failed, mut sidecars, mut published) = (plan.failed.len(), 0, 0);
     let mut publishing = tokio::task::JoinSet::new();
     for object in plan.objects {
-        let manifest = match publish::build(&object.path, object.url, chunk_size).await {
+        let manifest = match publish::build(&object.path, object.url, chunk_size, group_size).await {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("fog: error: {e}");

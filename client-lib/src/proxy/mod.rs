@@ -485,9 +485,6 @@ impl Proxy {
 
     async fn object(self: &Arc<Self>, url: String, range: Option<String>, head: bool) -> Reply {
         let pos = self.segments.lock().expect("lock").entries.get(&url).cloned();
-        if let Some(p) = &pos {
-            self.prefetch_after(p).await;
-        }
         // Players often ask for a whole object as `Range: bytes=0-`; that is not a partial request.
         let whole = range.as_deref().is_none_or(|r| r.trim() == "bytes=0-");
         let range = if whole { None } else { range };
@@ -498,6 +495,9 @@ impl Proxy {
                 if let Some(bytes) = cell.get_or_init(|| async { None }).await.clone() {
                     self.stats.request("segment");
                     self.stats.prefetch_hit();
+                    if let Some(p) = &pos {
+                        self.prefetch_after(p).await;
+                    }
                     let len = bytes.len() as u64;
                     return with_length(reply(StatusCode::OK, "application/octet-stream", bytes), len);
                 }
@@ -549,7 +549,13 @@ impl Proxy {
             let started = Instant::now();
             let mut written = 0;
             let opts = FetchOptions { range: span, deadline: Some(deadline) };
-            match proxy.client.fetch_resolved(&resolved, opts, &mut writer, &mut written).await {
+            let fetched = proxy.client.fetch_resolved(&resolved, opts, &mut writer, &mut written).await;
+            // Prefetching starts once the segment the player waits for is out, not against it: at startup
+            // a player's first segment would otherwise share the nodes' uplinks with the next four.
+            if let Some(p) = &pos {
+                proxy.prefetch_after(p).await;
+            }
+            match fetched {
                 Ok(report) => proxy.stats.fetched(&report, started.elapsed(), segment_secs),
                 // The player went away (a seek, a closed tab): nothing is wrong.
                 Err(ClientError::Output(_)) => tracing::debug!(url, written, "player stopped reading"),
@@ -578,7 +584,7 @@ impl Proxy {
         let mut ahead = Duration::ZERO;
         let mut started = 0;
         for next in pos.list.iter().skip(pos.index + 1) {
-            if started >= self.cfg.prefetch_segments || ahead > self.cfg.prefetch_window {
+            if started >= self.cfg.prefetch_segments || ahead >= self.cfg.prefetch_window {
                 break;
             }
             // The playhead reaches this segment once everything before it has played.

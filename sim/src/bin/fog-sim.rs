@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use fog_sim::report::{svg_chart, Report};
-use fog_sim::{Config, Policy, Scenario, Sim};
+use fog_sim::{Config, Homes, Policy, Scenario, Sim};
 
 #[derive(Parser, Debug)]
 #[command(name = "fog-sim", about = "Discrete-event simulation of a fogcdn deployment")]
@@ -42,6 +42,37 @@ struct Args {
     /// Peers serve misses only from what they hold (no fill-through at the chunk's home): the old protocol.
     #[arg(long)]
     no_fill_through: bool,
+    /// Which peers are a chunk's homes: each node's 32 nearest (neighbourhood), its cell of the coordinate
+    /// grid (grid), or its region (region).
+    #[arg(long, value_enum, default_value_t = Homes::Neighbourhood)]
+    homes: Homes,
+    /// Edge of the grid's cells for `--homes grid`, ms.
+    #[arg(long, default_value_t = fog_sched::cells::DEFAULT_EDGE_MS)]
+    cell_ms: f32,
+    /// Live, with `--homes grid|region`: the tracker ingests each new segment once and pushes it to the
+    /// homes of the cells with viewers of its channel.
+    #[arg(long)]
+    live_push: bool,
+    /// The players' buffer target, seconds of media.
+    #[arg(long, default_value_t = 10.0)]
+    buffer_secs: f64,
+    /// Media a player needs before it starts playing, seconds (it gets whole chunks).
+    #[arg(long, default_value_t = 1.0)]
+    startup_secs: f64,
+    /// Live: segments behind the newest published one that viewers start at (1: the newest; 3: the HLS
+    /// rule of three target durations).
+    #[arg(long, default_value_t = 3)]
+    live_hold_back: u32,
+    /// Start from a long-running deployment's state (caches, client networks' measurements); `--warm false`
+    /// starts cold.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    warm: bool,
+    /// Hours of the same demand the warm caches have served.
+    #[arg(long, default_value_t = 24.0)]
+    warm_hours: f64,
+    /// Reports (of RTTs to every node of its close set) each client network made before a warm run.
+    #[arg(long, default_value_t = 12)]
+    warm_reports: usize,
     /// Requests compared with the truly closest node (each scans every node).
     #[arg(long, default_value_t = 2_000)]
     oracle_samples: u64,
@@ -64,6 +95,15 @@ fn config(args: &Args, policy: Policy, alpha: f64) -> Config {
     cfg.fit_rounds = args.fit_rounds;
     cfg.client_samples = args.client_samples.max(1);
     cfg.fill_through = !args.no_fill_through;
+    cfg.homes = args.homes;
+    cfg.cell_ms = args.cell_ms;
+    cfg.live_push = args.live_push;
+    cfg.buffer_secs = args.buffer_secs.max(0.0);
+    cfg.startup_secs = args.startup_secs.max(0.0);
+    cfg.live_hold_back = args.live_hold_back.max(1);
+    cfg.warm = args.warm;
+    cfg.warm_hours = args.warm_hours.max(0.0);
+    cfg.warm_reports = args.warm_reports;
     if let Some(close) = args.close {
         cfg.params.close = close.max(1);
     }
@@ -72,8 +112,16 @@ fn config(args: &Args, policy: Policy, alpha: f64) -> Config {
 
 fn run(cfg: Config) -> Report {
     eprintln!(
-        "fog-sim: {} nodes, {} clients, {} requests, {:?}, {:?}, α={}, seed {}",
-        cfg.nodes, cfg.clients, cfg.requests, cfg.scenario, cfg.policy, cfg.alpha, cfg.seed
+        "fog-sim: {} nodes, {} clients, {} requests, {:?}, {:?}, α={}, seed {}, {}, {:?} homes",
+        cfg.nodes,
+        cfg.clients,
+        cfg.requests,
+        cfg.scenario,
+        cfg.policy,
+        cfg.alpha,
+        cfg.seed,
+        if cfg.warm { "warm" } else { "cold" },
+        cfg.homes
     );
     Sim::new(cfg).run()
 }
@@ -90,11 +138,11 @@ fn sweep(args: &Args) -> anyhow::Result<Vec<Report>> {
         }
     }
     let mut csv = String::from(
-        "policy,alpha,offload_ratio,closest_error_ms_p50,closest_error_ms_p90,suboptimal_fraction,load_max_over_mean,origin_egress_p95_bps,startup_ms_p50,stall_fraction,wall_s\n",
+        "policy,alpha,offload_ratio,closest_error_ms_p50,closest_error_ms_p90,suboptimal_fraction,load_max_over_mean,origin_egress_p95_bps,startup_ms_p50,startup_ms_p95,rebuffer_ratio,stall_fraction,wall_s\n",
     );
     for r in &reports {
         csv.push_str(&format!(
-            "{},{},{:.4},{:.2},{:.2},{:.4},{:.2},{:.0},{:.0},{:.4},{:.1}\n",
+            "{},{},{:.4},{:.2},{:.2},{:.4},{:.2},{:.0},{:.0},{:.0},{:.5},{:.4},{:.1}\n",
             serde_json::to_value(r.policy)?.as_str().unwrap_or("?"),
             r.alpha,
             r.offload_ratio,
@@ -104,6 +152,8 @@ fn sweep(args: &Args) -> anyhow::Result<Vec<Report>> {
             r.load_max_over_mean,
             r.origin_egress_p95_bps,
             r.startup_ms_p50,
+            r.startup_ms_p95,
+            r.rebuffer_ratio,
             r.stall_fraction,
             r.wall_s
         ));
@@ -143,6 +193,9 @@ fn sweep(args: &Args) -> anyhow::Result<Vec<Report>> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.live_push && args.homes == Homes::Neighbourhood {
+        anyhow::bail!("--live-push pushes to cell homes: give --homes grid or --homes region");
+    }
     if args.sweep {
         let reports = sweep(&args)?;
         println!("{}", serde_json::json!({ "runs": reports }));

@@ -361,6 +361,7 @@ fn node_error(e: &ChunkError) -> String {
         ChunkError::Stream(m) => format!("stream: {}", short(&m.to_string())),
         ChunkError::Protocol(m) => format!("protocol: {}", short(&m.to_string())),
         ChunkError::Interrupted { .. } => "interrupted".into(),
+        ChunkError::Rejected { .. } => "rejected".into(),
     }
 }
 

@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                             origin: None,
                             receipt: None,
                             ticket: None,
+                            groups: None,
                         };
                         let started = Instant::now();
                         match chunk::request(&conn, &req, m.chunk_span(idx).1, deadlines, None).await {

@@ -281,6 +281,7 @@ async fn origin_hints_without_a_ticket_download_nothing() {
             origin: Some(OriginHint { url: url.clone(), offset: 0, length }),
             receipt: None,
             ticket,
+            groups: None,
         };
         let conn = conn.clone();
         async move { chunk::request(&conn, &req, length, deadlines, None).await }

@@ -1,6 +1,7 @@
 //! What several test modules share.
 
 use fog_proto::api::Resolve;
+use fog_proto::NodeId;
 use fog_testkit::harness::Cluster;
 
 pub(crate) const MIB: usize = 1 << 20;
@@ -9,6 +10,23 @@ pub(crate) const MIB: usize = 1 << 20;
 pub(crate) async fn resolve_response(cluster: &Cluster, url: &str) -> reqwest::Response {
     let resolve = format!("{}/v1/resolve", cluster.tracker_url());
     reqwest::Client::new().get(resolve).query(&[("url", url)]).send().await.expect("resolve")
+}
+
+/// Waits until each of the cluster's `n` nodes has direct connections to all the others, with RTTs measured
+/// (a node's neighbourhood is by RTT), and returns their ids.
+pub(crate) async fn meshed(cluster: &Cluster, n: usize) -> Vec<NodeId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let others = n as u64 - 1;
+        let s = cluster
+            .wait_node_status(i, "direct connections to all other nodes", |s| {
+                s["overlay"]["direct_peers"].as_u64() >= Some(others)
+                    && s["overlay"]["rtt"].as_array().map_or(0, Vec::len) as u64 >= others
+            })
+            .await;
+        ids.push(serde_json::from_value::<NodeId>(s["node_id"].clone()).expect("node id"));
+    }
+    ids
 }
 
 pub(crate) async fn resolve(cluster: &Cluster, url: &str) -> Resolve {

@@ -198,8 +198,15 @@ async fn bad_requests_get_clear_errors_and_processes_keep_running() {
     let node = resolved.nodes[0].clone();
     let endpoint = transport::client_endpoint(([127, 0, 0, 1], 0).into()).expect("endpoint");
     let conn = connect(&endpoint, node.id, node.addr).await.expect("handshake");
-    let good =
-        ChunkRequest { hash: ChunkHash::of(b"x"), range: None, origin: None, receipt: None, ticket: None }.encode();
+    let good = ChunkRequest {
+        hash: ChunkHash::of(b"x"),
+        range: None,
+        origin: None,
+        receipt: None,
+        ticket: None,
+        groups: None,
+    }
+    .encode();
     let mut bad_version = good.clone();
     bad_version[0] = 99;
     let frames: Vec<Vec<u8>> = vec![
@@ -326,7 +333,7 @@ async fn nodes_keep_serving_without_the_tracker_and_rejoin_when_it_returns() {
     let deadlines = Deadlines { first_byte: Duration::from_secs(10), stall: Duration::from_secs(10) };
     let mut fetched = Vec::new();
     for (i, hash) in resolved.manifest.chunks.iter().enumerate() {
-        let req = ChunkRequest { hash: *hash, range: None, origin: None, receipt: None, ticket: None };
+        let req = ChunkRequest { hash: *hash, range: None, origin: None, receipt: None, ticket: None, groups: None };
         let bytes =
             chunk::request(&conn, &req, resolved.manifest.chunk_span(i).1, deadlines, None).await.expect("chunk");
         assert_eq!(ChunkHash::of(&bytes), *hash);

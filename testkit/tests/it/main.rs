@@ -7,6 +7,7 @@ mod common;
 mod adversarial;
 mod c_abi;
 mod credits;
+mod cut_through;
 mod dashboard;
 mod disk;
 mod e2e;

@@ -12,6 +12,8 @@ use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
 
+use crate::common::meshed;
+
 fn counter(status: &Value, name: &str) -> u64 {
     status["counters"][name].as_u64().unwrap_or(0)
 }
@@ -27,7 +29,7 @@ async fn ask(cluster: &Cluster, i: usize, hash: ChunkHash, hint: &OriginHint) ->
     let conn = transport::connect(&endpoint, id, addr, Duration::from_secs(10), Duration::from_secs(10))
         .await
         .expect("handshake");
-    let req = ChunkRequest { hash, range: None, origin: Some(hint.clone()), receipt: None, ticket };
+    let req = ChunkRequest { hash, range: None, origin: Some(hint.clone()), receipt: None, ticket, groups: None };
     let deadlines = Deadlines { first_byte: Duration::from_secs(20), stall: Duration::from_secs(10) };
     chunk::request(&conn, &req, hint.length, deadlines, None).await.expect("chunk")
 }
@@ -39,17 +41,7 @@ async fn a_miss_is_filled_through_the_chunks_home_and_the_origin_is_asked_once()
     cluster.origin.put("tiered.bin", content.clone());
     let hash = ChunkHash::of(&content);
     let hint = OriginHint { url: cluster.origin.url("tiered.bin"), offset: 0, length: content.len() as u32 };
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        // Every node connected to both others, with RTTs measured (the neighbourhood is by RTT).
-        let s = cluster
-            .wait_node_status(i, "direct connections to both other nodes", |s| {
-                s["overlay"]["direct_peers"].as_u64() >= Some(2)
-                    && s["overlay"]["rtt"].as_array().map_or(0, Vec::len) >= 2
-            })
-            .await;
-        ids.push(serde_json::from_value::<NodeId>(s["node_id"].clone()).expect("node id"));
-    }
+    let ids = meshed(&cluster, 3).await;
     // Node 0 misses; its home for the chunk is the peer rendezvous ranks first among nodes 1 and 2.
     let home = [1, 2][top_k(&hash, &[ids[1], ids[2]], 1)[0]];
     let other = 3 - home;

@@ -59,11 +59,14 @@ impl Registry {
         let (stats, upload_rate) = old.map(|n| (n.stats.clone(), n.upload_rate)).unwrap_or_default();
         let health = Health { draining: false, ..old.map(|n| n.health.clone()).unwrap_or_default() };
         let first_seen = old.map_or_else(|| self.clock.now(), |n| n.first_seen);
-        // Keep the coordinate too: it reflects the network, which a restart does not move.
+        // Keep the coordinate too: it reflects the network, which a restart does not move. And its other
+        // addresses: its next heartbeat names them again, and only a changed set is dialled back again.
         let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
+        let more_addrs = nodes.get(&id).map(|n| n.more_addrs.clone()).unwrap_or_default();
         let overlay = OverlayReport { joining: reg.joining, ..Default::default() };
         let entry = NodeEntry {
             reg,
+            more_addrs,
             health,
             first_seen,
             last_seen: self.clock.now(),
@@ -117,6 +120,7 @@ impl Registry {
                 o.rendezvous = None;
             }
             o.bad_peers.clear();
+            o.quic_addrs.retain(|a| *a != n.reg.addr);
             let path = |o: &OverlayReport| (o.rendezvous, o.external_quic);
             if path(&o) != path(&n.overlay) || o.attached != n.overlay.attached || o.joining != n.overlay.joining {
                 self.changed();
@@ -187,8 +191,35 @@ impl Registry {
         self.nodes.read().expect("registry lock").contains_key(id)
     }
 
-    /// Whether the tracker's dial-back to `id` worked.
+    /// Whether the tracker's dial-backs reached `id` in every family it advertised an address in.
     pub fn is_reachable(&self, id: &NodeId) -> bool {
-        self.nodes.read().expect("registry lock").get(id).is_some_and(|n| n.reg.reachable)
+        self.nodes.read().expect("registry lock").get(id).is_some_and(NodeEntry::reachable_everywhere)
+    }
+
+    /// The other addresses `id`'s last heartbeat advertised, when they differ from those last dialled back:
+    /// the caller dials them and records the outcome with [`Registry::set_more_addrs`].
+    pub fn more_addrs_to_verify(&self, id: &NodeId) -> Option<Vec<SocketAddr>> {
+        let nodes = self.nodes.read().expect("registry lock");
+        let n = nodes.get(id)?;
+        let mut wanted = n.overlay.quic_addrs.clone();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut known: Vec<SocketAddr> = n.more_addrs.iter().map(|a| a.addr).collect();
+        known.sort_unstable();
+        (wanted != known).then_some(wanted)
+    }
+
+    /// Records the dial-backs of `id`'s other addresses.
+    pub fn set_more_addrs(&self, id: &NodeId, addrs: Vec<Advertised>) {
+        if let Some(n) = self.nodes.write().expect("registry lock").get_mut(id) {
+            n.more_addrs = addrs;
+            self.changed();
+        }
+    }
+
+    /// Whether `id` is reachable in every family it advertised, and its verified addresses.
+    pub fn verified(&self, id: &NodeId) -> Option<(bool, Vec<SocketAddr>)> {
+        let nodes = self.nodes.read().expect("registry lock");
+        nodes.get(id).map(|n| (n.reachable_everywhere(), n.direct_addrs()))
     }
 }

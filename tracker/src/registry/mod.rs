@@ -5,6 +5,10 @@
 //! Split by concern: [`members`] (registration, heartbeats, blocking, coordinates), [`health`] (states and
 //! probe hysteresis), [`peers`] (how clients and peers reach a node: client paths, the bootstrap peer
 //! directory) and [`view`] (counts and the dashboard's node table). Each adds methods to [`Registry`].
+//!
+//! A node may be reachable at several addresses (IPv4 and IPv6): the one it registered at, and the others
+//! its heartbeats advertise. The tracker dials each back and keeps which answered; clients get the
+//! verified ones in the families they can use.
 
 mod health;
 mod members;
@@ -23,7 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fog_proto::api::{NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous, NEIGHBOURHOOD};
+use fog_proto::api::{
+    Families, NodeContact, NodeStats, OverlayReport, PeerContact, Reachability, Rendezvous, NEIGHBOURHOOD,
+};
 use fog_proto::{placement, ChunkHash, NodeId};
 use serde::Serialize;
 
@@ -47,9 +53,18 @@ pub struct Registration {
     pub joining: bool,
 }
 
+/// One more address a node advertised, and whether the tracker's dial-back to it answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advertised {
+    pub addr: SocketAddr,
+    pub verified: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeEntry {
     pub reg: Registration,
+    /// Its other addresses (from heartbeats), as last dialled back; kept across re-registrations.
+    pub more_addrs: Vec<Advertised>,
     pub health: Health,
     /// When it first registered (kept across re-registrations).
     pub first_seen: Instant,
@@ -64,6 +79,50 @@ pub struct NodeEntry {
     /// Its network coordinate, fitted to its neighbours' RTTs.
     pub coord: Coord,
     pub neighbours: Vec<Neighbour<NodeId>>,
+}
+
+impl NodeEntry {
+    /// Every address it advertised, the registered one first, with whether the dial-back answered.
+    fn advertised(&self) -> impl Iterator<Item = Advertised> + '_ {
+        let registered = Advertised { addr: self.reg.addr, verified: self.reg.reachable };
+        std::iter::once(registered).chain(self.more_addrs.iter().copied())
+    }
+
+    /// Addresses clients may dial directly: the verified ones, IPv6 first (no NAT in the way; RFC 8305's
+    /// preference), each once.
+    pub fn direct_addrs(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for a in self.advertised().filter(|a| a.verified) {
+            if !out.contains(&a.addr) {
+                out.push(a.addr);
+            }
+        }
+        out.sort_by_key(|a| !a.is_ipv6());
+        out
+    }
+
+    /// The verified families, and those it advertised an address in.
+    pub fn families(&self) -> (Families, Families) {
+        self.advertised().fold((Families::default(), Families::default()), |(verified, advertised), a| {
+            let f = Families::of(a.addr.ip());
+            (if a.verified { verified.union(f) } else { verified }, advertised.union(f))
+        })
+    }
+
+    /// Dialled back in every family it advertised an address in; otherwise it needs a rendezvous for the
+    /// others.
+    pub fn reachable_everywhere(&self) -> bool {
+        let (verified, advertised) = self.families();
+        verified == advertised
+    }
+
+    /// Where nodes behind NAT attach to it as their rendezvous, if it is directly reachable: a verified
+    /// address in `family` if it has one, else IPv4 (NAT is an IPv4 thing), else any.
+    pub fn rendezvous_addr(&self, family: Option<Families>) -> Option<SocketAddr> {
+        let direct = self.direct_addrs();
+        let pick = |f: Families| direct.iter().copied().find(|a| f.allows(a));
+        family.and_then(pick).or_else(|| pick(Families { ipv4: true, ipv6: false })).or(direct.first().copied())
+    }
 }
 
 /// The tracker's own place among the neighbours (nodes report their RTT to it).

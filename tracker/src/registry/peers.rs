@@ -3,10 +3,10 @@
 
 use super::*;
 
-/// How clients reach a node.
+/// How clients reach a node (some of them, when it is direct in one family and punched in the other).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientPath {
-    /// The tracker dialled it: clients dial it too.
+    /// The tracker dialled it (at one address at least): clients dial it too.
     Direct,
     /// Behind NAT, attached to a directly reachable rendezvous: clients hole-punch through it.
     HolePunch,
@@ -39,36 +39,46 @@ pub(super) struct PeerDirectory {
 
 impl Registry {
     pub(super) fn client_path(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> ClientPath {
-        if n.reg.reachable {
-            return ClientPath::Direct;
-        }
-        // The node's word that it is attached is not enough: its rendezvous must list it too.
-        let via = n.overlay.rendezvous.and_then(|r| nodes.get(&r));
-        if via.is_some_and(|r| r.reg.reachable && self.alive(r) && r.overlay.attached.contains(id)) {
+        if n.reg.reachable || n.more_addrs.iter().any(|a| a.verified) {
+            ClientPath::Direct
+        } else if self.punch_via(nodes, id, n).is_some() {
             ClientPath::HolePunch
         } else {
             ClientPath::Unreachable
         }
     }
 
-    /// How a client dials `n`, if it can.
+    /// The rendezvous clients punch through to `n`, if it is attached to one that is alive, directly
+    /// reachable and lists it (the node's word alone is not enough). Its address is in the family the node
+    /// attached in, which is the family its NAT mapping is in.
+    fn punch_via(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> Option<Rendezvous> {
+        let r_id = n.overlay.rendezvous?;
+        let r = nodes.get(&r_id).filter(|r| self.alive(r) && r.overlay.attached.contains(id))?;
+        let family = n.overlay.external_quic.map(|a| Families::of(a.ip()));
+        Some(Rendezvous { id: r_id, addr: r.rendezvous_addr(family)? })
+    }
+
+    /// How clients dial `n`, if anyone can: its verified addresses, IPv6 first, and its rendezvous if it
+    /// has one (for clients of a family it is not verified in). The scheduler gives each client the part
+    /// of its families ([`NodeContact::for_families`]).
     pub(super) fn contact(
         &self,
         nodes: &HashMap<NodeId, NodeEntry>,
         id: &NodeId,
         n: &NodeEntry,
     ) -> Option<NodeContact> {
-        match self.client_path(nodes, id, n) {
-            ClientPath::Direct => Some(NodeContact { id: *id, addr: n.reg.addr, via: None }),
-            ClientPath::HolePunch => {
-                let r = n.overlay.rendezvous?;
-                Some(NodeContact {
-                    id: *id,
-                    addr: n.overlay.external_quic.unwrap_or(n.reg.addr),
-                    via: Some(Rendezvous { id: r, addr: nodes.get(&r)?.reg.addr }),
-                })
+        let direct = n.direct_addrs();
+        match (self.punch_via(nodes, id, n), direct.split_first()) {
+            (Some(via), _) => Some(NodeContact {
+                id: *id,
+                addr: n.overlay.external_quic.unwrap_or(n.reg.addr),
+                other_addrs: direct,
+                via: Some(via),
+            }),
+            (None, Some((first, rest))) => {
+                Some(NodeContact { id: *id, addr: *first, other_addrs: rest.to_vec(), via: None })
             }
-            ClientPath::Unreachable => None,
+            (None, None) => None,
         }
     }
 
@@ -121,12 +131,9 @@ impl Registry {
             let nodes = self.nodes.read().expect("registry lock");
             let (mut reachable, mut others) = (Vec::new(), Vec::new());
             for (id, n) in nodes.iter().filter(|(_, n)| self.alive(n) && !n.overlay.addrs.is_empty()) {
-                let contact = PeerContact {
-                    id: *id,
-                    addrs: n.overlay.addrs.clone(),
-                    rendezvous: n.reg.reachable.then_some(n.reg.addr),
-                };
-                if n.reg.reachable {
+                let rendezvous = n.rendezvous_addr(None);
+                let contact = PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous };
+                if rendezvous.is_some() {
                     reachable.push(contact)
                 } else {
                     others.push(contact)

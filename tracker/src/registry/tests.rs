@@ -205,3 +205,45 @@ fn nodes_behind_nat_are_scheduled_only_through_a_live_rendezvous() {
     r.block(id(1));
     assert!(r.snapshot().nodes.is_empty());
 }
+
+/// A node behind an IPv4 NAT with a global IPv6 address: its IPv6 address, once dialled back, is handed out
+/// directly; its IPv4 clients go through its rendezvous; the counts say which family was verified.
+#[test]
+fn other_addresses_are_verified_per_family_and_kept_across_registrations() {
+    let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+    let now = 10_000_000;
+    r.register(id(1), reg(), now, now).expect("rendezvous");
+    let natted = Registration { reachable: false, addr: SocketAddr::from(([198, 51, 100, 9], 7701)), ..reg() };
+    r.register(id(2), natted.clone(), now, now).expect("node behind NAT");
+    let v6: SocketAddr = "[2001:db8::9]:7701".parse().expect("addr");
+    let overlay = |quic_addrs: Vec<SocketAddr>| OverlayReport {
+        rendezvous: Some(id(1)),
+        external_quic: Some(SocketAddr::from(([198, 51, 100, 9], 40000))),
+        quic_addrs,
+        ..Default::default()
+    };
+    r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay(vec![v6, natted.addr])), now + 1, now).expect("hb");
+    assert_eq!(r.more_addrs_to_verify(&id(2)), Some(vec![v6]), "the registered address is not dialled again");
+    assert!(r.snapshot().nodes.iter().all(|n| n.contact.id != id(2)), "nothing verified yet");
+    r.set_more_addrs(&id(2), vec![Advertised { addr: v6, verified: true }]);
+    assert_eq!(r.more_addrs_to_verify(&id(2)), None);
+    assert_eq!(r.verified(&id(2)), Some((false, vec![v6])), "reached over IPv6 only");
+    assert!(!r.is_reachable(&id(2)), "it still needs a rendezvous for IPv4 clients");
+    let contact = || r.snapshot().nodes.iter().find(|n| n.contact.id == id(2)).map(|n| n.contact.clone());
+    let both = contact().expect("scheduled: directly over IPv6");
+    assert_eq!(both.for_families(Families::BOTH).map(|c| (c.addr, c.via)), Some((v6, None)));
+    assert_eq!(both.for_families(Families { ipv4: false, ipv6: true }).map(|c| c.addr), Some(v6));
+    assert_eq!(both.for_families(Families { ipv4: true, ipv6: false }), None, "its rendezvous has not confirmed it");
+    let confirms = OverlayReport { attached: vec![id(2)], ..Default::default() };
+    r.heartbeat(&id(1), NodeStats::default(), false, Some(confirms), now + 1, now).expect("hb");
+    let via = contact().expect("scheduled").for_families(Families { ipv4: true, ipv6: false }).expect("punched");
+    assert_eq!(via.via, Some(Rendezvous { id: id(1), addr: reg().addr }));
+    let c = r.counts();
+    assert_eq!((c.by_family[0], c.by_family[1]), ((1, 1), (1, 0)), "IPv4: one verified, one not; IPv6: one verified");
+    // A re-registration keeps what was verified; a changed set is dialled again.
+    r.register(id(2), natted, now + 2, now).expect("register again");
+    assert_eq!(r.verified(&id(2)), Some((false, vec![v6])));
+    let moved: SocketAddr = "[2001:db8:1::9]:7701".parse().expect("addr");
+    r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay(vec![moved])), now + 3, now).expect("hb");
+    assert_eq!(r.more_addrs_to_verify(&id(2)), Some(vec![moved]));
+}

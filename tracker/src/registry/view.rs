@@ -11,6 +11,8 @@ pub struct Counts {
     /// Live (heartbeating) nodes by overlay reachability and by client path.
     pub by_reachability: [u64; 4],
     pub by_client_path: [u64; 3],
+    /// Live nodes with an address in IPv4 and in IPv6 (in that order): (dialled back, not dialled back).
+    pub by_family: [(u64, u64); 2],
     pub total: u64,
     pub healthy: u64,
     /// Active but unreachable by clients.
@@ -38,6 +40,12 @@ pub struct NodeView {
     pub reachability: &'static str,
     /// How clients reach it: direct, hole_punch, unreachable.
     pub client_path: &'static str,
+    /// The IP families the tracker dialled it back in (`ipv4`, `ipv6`, both or none), and those it
+    /// advertised addresses in.
+    pub families_verified: String,
+    pub families_advertised: String,
+    /// Its other advertised addresses (operators only).
+    pub more_addrs: Option<Vec<SocketAddr>>,
     /// Filtered RTT the node measured to the tracker.
     pub tracker_rtt_ms: Option<f32>,
     /// Overlay peers with RTT samples.
@@ -103,6 +111,16 @@ impl Registry {
             c.by_reachability[r] += 1;
             let p = ClientPath::ALL.iter().position(|p| *p == self.client_path(&nodes, id, n)).unwrap_or(0);
             c.by_client_path[p] += 1;
+            let (verified, advertised) = n.families();
+            for (i, (v, a)) in
+                [(verified.ipv4, advertised.ipv4), (verified.ipv6, advertised.ipv6)].into_iter().enumerate()
+            {
+                if v {
+                    c.by_family[i].0 += 1;
+                } else if a {
+                    c.by_family[i].1 += 1;
+                }
+            }
         }
         let path = |(id, n): &(&NodeId, &NodeEntry)| self.healthy(n).then(|| self.client_path(&nodes, id, n));
         c.unreachable = nodes.iter().filter(|e| path(e) == Some(ClientPath::Unreachable)).count() as u64;
@@ -139,6 +157,7 @@ impl Registry {
             .take(per_page)
             .map(|(id, n, state)| {
                 let lookups = n.stats.hits.saturating_add(n.stats.misses);
+                let (verified, advertised) = n.families();
                 NodeView {
                     id: *id,
                     state: state.name(),
@@ -147,6 +166,9 @@ impl Registry {
                     addr: with_addr.then_some(n.reg.addr),
                     reachability: n.overlay.reachability.as_str(),
                     client_path: self.client_path(&nodes, id, n).name(),
+                    families_verified: verified.to_query(),
+                    families_advertised: advertised.to_query(),
+                    more_addrs: with_addr.then(|| n.more_addrs.iter().map(|a| a.addr).collect()),
                     tracker_rtt_ms: n.overlay.tracker_rtt_ms,
                     peers_measured: n.overlay.rtt.len(),
                     version: n.reg.version.clone(),

@@ -6,10 +6,12 @@ use crate::{ChunkHash, NodeId};
 
 /// The pseudo-random weight of `node` for `chunk`: the first 8 bytes of BLAKE3(chunk ‖ node).
 pub fn weight(chunk: &ChunkHash, node: &NodeId) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(chunk.as_bytes());
-    h.update(node.as_bytes());
-    let digest = h.finalize();
+    // One 64-byte input: `blake3::hash` spares building a Hasher (2 KB) per weight, a quarter of a 10^6-node
+    // simulation's time; the digest is the same.
+    let mut input = [0u8; 64];
+    input[..32].copy_from_slice(chunk.as_bytes());
+    input[32..].copy_from_slice(node.as_bytes());
+    let digest = blake3::hash(&input);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_bytes()[..8]);
     u64::from_be_bytes(first)
@@ -47,6 +49,18 @@ mod tests {
 
     fn nodes(n: u8) -> Vec<NodeId> {
         (0..n).map(|i| NodeId(*blake3::hash(&[i]).as_bytes())).collect()
+    }
+
+    /// Placement is shared by nodes and trackers of different versions: the weight must stay BLAKE3 of the
+    /// chunk hash followed by the node id.
+    #[test]
+    fn the_weight_is_blake3_of_chunk_then_node() {
+        let (c, n) = (ChunkHash::of(b"chunk"), nodes(1)[0]);
+        let mut h = blake3::Hasher::new();
+        h.update(c.as_bytes());
+        h.update(n.as_bytes());
+        let first: [u8; 8] = h.finalize().as_bytes()[..8].try_into().expect("8 bytes");
+        assert_eq!(weight(&c, &n), u64::from_be_bytes(first));
     }
 
     #[test]

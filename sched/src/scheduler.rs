@@ -170,7 +170,16 @@ impl Snapshot {
         pool.truncate(size);
         let total_upload = nodes.iter().map(|n| n.upload.max(1) as f64).sum();
         let coarse = grid(&nodes, CELL_COARSE_MS);
-        let levels = vec![(cell_ms, cells, FINE_RINGS), (CELL_COARSE_MS, coarse, COARSE_RINGS)];
+        // Between the fine grid and the coarse one, grids 8× coarser each time, so a client just beyond the
+        // fine rings finds about `prefilter` nodes rather than the 3 × 3 coarse cells around it (whole
+        // regions at 10^6 nodes), which it would rank all of.
+        let mut levels = vec![(cell_ms, cells, FINE_RINGS)];
+        let mut mid_ms = cell_ms * 8.0;
+        while mid_ms < CELL_COARSE_MS / 2.0 {
+            levels.push((mid_ms, grid(&nodes, mid_ms), FINE_RINGS));
+            mid_ms *= 8.0;
+        }
+        levels.push((CELL_COARSE_MS, coarse, COARSE_RINGS));
         let prefixes = nodes.iter().map(|n| id_prefix(&n.contact.id)).collect();
         Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload, prefixes }
     }

@@ -484,19 +484,27 @@ impl Proxy {
     }
 
     async fn object(self: &Arc<Self>, url: String, range: Option<String>, head: bool) -> Reply {
+        let asked = Instant::now();
         let pos = self.segments.lock().expect("lock").entries.get(&url).cloned();
+        let segment_secs = pos.as_ref().map(|p| p.list[p.index].duration);
+        // The player runs dry when its buffer does (if it tells us); else allow one segment's play time.
+        let budget =
+            self.stats.buffer_left().or(segment_secs.map(Duration::from_secs_f64)).unwrap_or(self.cfg.default_deadline);
         // Players often ask for a whole object as `Range: bytes=0-`; that is not a partial request.
         let whole = range.as_deref().is_none_or(|r| r.trim() == "bytes=0-");
         let range = if whole { None } else { range };
         // A whole-segment request the prefetcher already has (or is fetching) is served from memory.
         if whole && !head {
             if let Some(cell) = self.prefetch.get(&url).await {
-                // Waits for a prefetch in progress; one that failed (None) falls through to a fresh fetch.
-                if let Some(bytes) = cell.get_or_init(|| async { None }).await.clone() {
+                // Waits for a prefetch in progress, for half the player's budget at most: then its own
+                // fetch starts (joining the nodes' fills of the prefetch). One that failed (None) falls
+                // through to a fresh fetch too.
+                let prefetched = tokio::time::timeout(budget / 2, cell.get_or_init(|| async { None })).await;
+                if let Ok(Some(bytes)) = prefetched.cloned() {
                     self.stats.request("segment");
                     self.stats.prefetch_hit();
                     if let Some(p) = &pos {
-                        self.prefetch_after(p).await;
+                        self.prefetch_after(p, asked).await;
                     }
                     let len = bytes.len() as u64;
                     return with_length(reply(StatusCode::OK, "application/octet-stream", bytes), len);
@@ -538,11 +546,7 @@ impl Proxy {
         if head {
             return resp;
         }
-        let segment_secs = pos.as_ref().map(|p| p.list[p.index].duration);
-        // The player runs dry when its buffer does (if it tells us); else allow one segment's play time.
-        let budget =
-            self.stats.buffer_left().or(segment_secs.map(Duration::from_secs_f64)).unwrap_or(self.cfg.default_deadline);
-        let deadline = Instant::now() + budget;
+        let deadline = asked + budget;
         let (reader, mut writer) = tokio::io::duplex(PIPE);
         let proxy = self.clone();
         tokio::spawn(async move {
@@ -553,7 +557,7 @@ impl Proxy {
             // Prefetching starts once the segment the player waits for is out, not against it: at startup
             // a player's first segment would otherwise share the nodes' uplinks with the next four.
             if let Some(p) = &pos {
-                proxy.prefetch_after(p).await;
+                proxy.prefetch_after(p, asked).await;
             }
             match fetched {
                 Ok(report) => proxy.stats.fetched(&report, started.elapsed(), segment_secs),
@@ -579,8 +583,9 @@ impl Proxy {
         resp
     }
 
-    /// Starts fetching the segments after `pos` that fall within the prefetch window.
-    async fn prefetch_after(self: &Arc<Self>, pos: &SegmentPos) {
+    /// Starts fetching the segments after `pos` that fall within the prefetch window; the player asked for
+    /// `pos` at `asked`, which is when its playhead was there.
+    async fn prefetch_after(self: &Arc<Self>, pos: &SegmentPos, asked: Instant) {
         let mut ahead = Duration::ZERO;
         let mut started = 0;
         for next in pos.list.iter().skip(pos.index + 1) {
@@ -588,7 +593,7 @@ impl Proxy {
                 break;
             }
             // The playhead reaches this segment once everything before it has played.
-            let due = ahead + Duration::from_secs_f64(pos.list[pos.index].duration);
+            let due = (ahead + Duration::from_secs_f64(pos.list[pos.index].duration)).saturating_sub(asked.elapsed());
             ahead += Duration::from_secs_f64(next.duration);
             let cell = Prefetched::default();
             if !self.prefetch.entry(next.url.clone()).or_insert(cell.clone()).await.is_fresh() {

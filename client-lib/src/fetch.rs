@@ -254,8 +254,9 @@ impl Resolved {
 struct ChunkOutcome {
     /// What the serving node is owed for this chunk.
     receipt: Option<(NodeContact, Receipt)>,
-    /// The node that sent all or the first `node_bytes` of the chunk: (id, ms spent, RTT ms).
+    /// The last node that sent any of the chunk: (id, ms spent, RTT ms).
     node: Option<(NodeId, u64, Option<u64>)>,
+    /// The chunk's first bytes came from nodes, this many (the rest from the origin).
     node_bytes: u64,
     failures: Vec<(NodeId, &'static str)>,
 }
@@ -771,17 +772,17 @@ impl Inner {
             let mut sink = |piece: Bytes| pass(&mut gate, &piece);
             let (result, rtt) = self.fetch_from_node(node, &req, len - from, deadlines, deadline, &mut sink).await;
             let ms = started.elapsed().as_millis() as u64;
-            let node_bytes = u64::from(gate.verified() - from);
-            if node_bytes > 0 || result.is_ok() {
-                node_used = Some((node.id, ms, rtt, node_bytes));
+            if gate.verified() > from || result.is_ok() {
+                node_used = Some((node.id, ms, rtt));
             }
             let err = match result {
                 Ok(()) => {
                     // Only a node that delivered the whole chunk earns a receipt for it.
                     let paid = (from == 0).then(|| resolved.1.as_ref().and_then(|s| s.pay(node.id))).flatten();
                     let receipt = paid.map(|r| (node.clone(), r));
+                    // Every byte came from nodes: this one, and any that delivered part before it.
                     let node = Some((node.id, ms, rtt));
-                    return Ok(ChunkOutcome { receipt, node, node_bytes, failures });
+                    return Ok(ChunkOutcome { receipt, node, node_bytes: u64::from(len), failures });
                 }
                 Err(ChunkError::Rejected { .. }) => {
                     tracing::warn!(node = %node.id, addr = %node.addr, chunk = %hash, "node sent bytes that do not match the chunk hash; not using it again");
@@ -828,11 +829,7 @@ impl Inner {
             let short = OriginError::Truncated { url: manifest.url.clone(), expected: end - start, got };
             return Err(short.into());
         }
-        let (node, node_bytes) = match node_used {
-            Some((id, ms, rtt, bytes)) => (Some((id, ms, rtt)), bytes),
-            None => (None, 0),
-        };
-        Ok(ChunkOutcome { receipt: None, node, node_bytes, failures })
+        Ok(ChunkOutcome { receipt: None, node: node_used, node_bytes: u64::from(from), failures })
     }
 
     /// Hands `node` a receipt for chunks it delivered (best effort: a later receipt covers this one too).

@@ -39,6 +39,17 @@ impl<E: Clone> Filling<E> {
         self.progress.send_modify(|p| p.outcome = Some(outcome));
     }
 
+    /// Ends the fill with `error` if nothing ended it yet.
+    pub fn end_unless_ended(&self, error: E) {
+        self.progress.send_if_modified(|p| {
+            let open = p.outcome.is_none();
+            if open {
+                p.outcome = Some(Err(error));
+            }
+            open
+        });
+    }
+
     pub fn follow(&self) -> Follower<E> {
         Follower { rx: self.progress.subscribe(), next: 0 }
     }
@@ -195,12 +206,18 @@ mod tests {
         assert_eq!(feed.verified(), 8192);
         feed.push(&chunk[8192..]).expect("the rest from elsewhere");
         filling.end(Ok(()));
+        // What cleans up after a task does not overwrite how it ended.
+        filling.end_unless_ended("lost".into());
         assert_eq!(follower.whole(10_000).await.expect("whole"), chunk);
 
         let failed = Filling::<String>::new(10_000);
         let follower = failed.follow();
         failed.end(Err("origin gone".into()));
         assert_eq!(follower.whole(10_000).await, Err(Some("origin gone".to_string())));
+        let abandoned = Filling::<String>::new(10);
+        let follower = abandoned.follow();
+        abandoned.end_unless_ended("lost".into());
+        assert_eq!(follower.whole(10).await, Err(Some("lost".to_string())));
         // A filler that vanished without an outcome is a failure too, not a hang.
         let vanished = Filling::<String>::new(10);
         let mut follower = vanished.follow();

@@ -422,6 +422,9 @@ impl Server {
     /// Runs one fill to its end, whoever still follows it: stores the chunk once whole.
     async fn run_fill(self: Arc<Self>, job: FillJob, filling: Arc<Fill>, _slot: OwnedSemaphorePermit) {
         let hash = job.hash;
+        // However this task ends (a panic included), its followers learn it and the chunk is not left
+        // "being filled" for ever.
+        let _forget = ForgetFill { fills: &self.fills, hash, filling: &filling };
         match self.pull(&job, &filling).await {
             Ok(bytes) => {
                 filling.end(Ok(()));
@@ -436,11 +439,6 @@ impl Server {
                 }
             }
             Err(e) => filling.end(Err(e)),
-        }
-        // Forgotten only once stored: a request in between follows the finished fill.
-        let mut fills = self.fills.lock().expect("fills lock");
-        if fills.get(&hash).is_some_and(|f| Arc::ptr_eq(f, &filling)) {
-            fills.remove(&hash);
         }
     }
 
@@ -641,6 +639,24 @@ enum PeerStreamError {
     Send(#[from] std::io::Error),
     #[error("the fill failed part-way: {0}")]
     Fill(FillError),
+}
+
+/// Forgets a fill when its task ends: only once its chunk is stored, so a request in between follows the
+/// finished fill; a fill that ended without an outcome (its task panicked) fails for its followers.
+struct ForgetFill<'a> {
+    fills: &'a Mutex<HashMap<ChunkHash, Arc<Fill>>>,
+    hash: ChunkHash,
+    filling: &'a Arc<Fill>,
+}
+
+impl Drop for ForgetFill<'_> {
+    fn drop(&mut self) {
+        self.filling.end_unless_ended(FillError::Lost);
+        let mut fills = self.fills.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fills.get(&self.hash).is_some_and(|f| Arc::ptr_eq(f, self.filling)) {
+            fills.remove(&self.hash);
+        }
+    }
 }
 
 /// What one fill needs to know.

@@ -3,9 +3,8 @@
 //! QUIC and TLS with key pinning ([`transport`]), one chunk request to a node ([`chunk`]), origins as
 //! ordinary web servers ([`origin`]), the tracker's API as its callers see it ([`tracker`]), the client
 //! side of hole punching ([`rendezvous`]), the small bounded HTTP server behind every HTTP surface
-//! ([`http_server`]), per-source fairness ([`per_source`]), long-lived keys ([`identity`]), one run of
-//! shared work per key ([`single_flight`]), retry delays ([`backoff`]) and what binaries share
-//! ([`bin_support`]). The node, the tracker and the player SDK (fog-client) build on it; it knows nothing
+//! ([`http_server`]), per-source fairness ([`per_source`]), long-lived keys ([`identity`]), retry delays
+//! ([`backoff`]) and what binaries share ([`bin_support`]). The node, the tracker and the player SDK (fog-client) build on it; it knows nothing
 //! of any of them.
 
 pub mod backoff;
@@ -17,6 +16,5 @@ pub mod identity;
 pub mod origin;
 pub mod per_source;
 pub mod rendezvous;
-pub mod single_flight;
 pub mod tracker;
 pub mod transport;

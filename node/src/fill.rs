@@ -51,7 +51,7 @@ impl<E: Clone> Filling<E> {
     }
 
     pub fn follow(&self) -> Follower<E> {
-        Follower { rx: self.progress.subscribe(), next: 0 }
+        Follower { rx: self.progress.subscribe(), next: 0, len: self.len }
     }
 }
 
@@ -60,6 +60,7 @@ impl<E: Clone> Filling<E> {
 pub struct Follower<E> {
     rx: watch::Receiver<Progress<E>>,
     next: usize,
+    len: u32,
 }
 
 /// The next thing a follower learns.
@@ -72,6 +73,11 @@ pub enum Next<E> {
 }
 
 impl<E: Clone> Follower<E> {
+    /// The chunk's length.
+    pub fn chunk_len(&self) -> u32 {
+        self.len
+    }
+
     /// The next verified piece, or how the fill ended once every piece was read.
     pub async fn next(&mut self) -> Next<E> {
         loop {
@@ -97,7 +103,8 @@ impl<E: Clone> Follower<E> {
     }
 
     /// Waits for the whole chunk (for requests that want a range of it, or a copy to keep).
-    pub async fn whole(mut self, len: u32) -> Result<Bytes, Option<E>> {
+    pub async fn whole(mut self) -> Result<Bytes, Option<E>> {
+        let len = self.len;
         let mut out = BytesMut::with_capacity(len as usize);
         loop {
             match self.next().await {
@@ -183,7 +190,7 @@ mod tests {
         feed.push(&chunk[5000..]).expect("matches");
         assert!(feed.is_done());
         filling.end(Ok(()));
-        assert_eq!(late.whole(10_000).await.expect("whole"), chunk);
+        assert_eq!(late.whole().await.expect("whole"), chunk);
         let mut rest = Vec::new();
         while let Next::Piece(p) = early.next().await {
             rest.extend_from_slice(&p);
@@ -208,16 +215,16 @@ mod tests {
         filling.end(Ok(()));
         // What cleans up after a task does not overwrite how it ended.
         filling.end_unless_ended("lost".into());
-        assert_eq!(follower.whole(10_000).await.expect("whole"), chunk);
+        assert_eq!(follower.whole().await.expect("whole"), chunk);
 
         let failed = Filling::<String>::new(10_000);
         let follower = failed.follow();
         failed.end(Err("origin gone".into()));
-        assert_eq!(follower.whole(10_000).await, Err(Some("origin gone".to_string())));
+        assert_eq!(follower.whole().await, Err(Some("origin gone".to_string())));
         let abandoned = Filling::<String>::new(10);
         let follower = abandoned.follow();
         abandoned.end_unless_ended("lost".into());
-        assert_eq!(follower.whole(10).await, Err(Some("lost".to_string())));
+        assert_eq!(follower.whole().await, Err(Some("lost".to_string())));
         // A filler that vanished without an outcome is a failure too, not a hang.
         let vanished = Filling::<String>::new(10);
         let mut follower = vanished.follow();

@@ -74,8 +74,8 @@ type Fill = Filling<FillError>;
 /// Where a requested chunk's bytes come from.
 enum Source {
     Stored(Bytes),
-    /// A fill in progress: verified pieces as they come, and the chunk's length.
-    Filling(Follower<FillError>, u32),
+    /// A fill in progress: verified pieces as they come.
+    Filling(Follower<FillError>),
 }
 
 /// QUIC reset code for a response cut off after its head: the fill behind it failed.
@@ -272,12 +272,12 @@ impl Server {
             Err((status, message)) => return respond_error(send, status, &message).await,
         };
         let sent = match (source, req.range) {
-            (Source::Filling(follower, len), None) => self.send_following(send, follower, len).await,
+            (Source::Filling(follower), None) => self.send_following(send, follower).await,
             (source, range) => {
                 let bytes = match source {
                     Source::Stored(bytes) => bytes,
                     // Only whole chunks are served as they verify; a range waits for the whole.
-                    Source::Filling(follower, len) => match follower.whole(len).await {
+                    Source::Filling(follower) => match follower.whole().await {
                         Ok(bytes) => bytes,
                         Err(e) => {
                             let e = e.unwrap_or(FillError::Lost);
@@ -334,10 +334,10 @@ impl Server {
                 format!("chunk {hash} is not cached here; misses are filled only with an origin hint and a ticket");
             return Err((Status::NotFound, msg));
         };
-        let (follower, len) = self
+        let follower = self
             .fill(hash, hint, req.ticket.as_deref(), req.groups.as_ref(), Tier::Edge)
             .map_err(|e| (e.status(), e.to_string()))?;
-        Ok(Source::Filling(follower, len))
+        Ok(Source::Filling(follower))
     }
 
     /// Answers with a chunk being filled, group by group as it verifies. The head waits for the first
@@ -347,7 +347,6 @@ impl Server {
         &self,
         send: &mut quinn::SendStream,
         mut follower: Follower<FillError>,
-        len: u32,
     ) -> Result<(), quinn::WriteError> {
         let mut next = follower.next().await;
         if let Next::Failed(e) = next {
@@ -355,7 +354,7 @@ impl Server {
             respond_error(send, e.status(), &e.to_string()).await;
             return Err(quinn::WriteError::Stopped(FILL_FAILED));
         }
-        send.write_all(&ResponseHead::Ok { len }.encode()).await?;
+        send.write_all(&ResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
             match next {
                 Next::Piece(piece) => self.send_limited(send, piece).await?,
@@ -397,10 +396,10 @@ impl Server {
         ticket: Option<&[u8]>,
         groups: Option<&(u32, GroupHashes)>,
         tier: Tier,
-    ) -> Result<(Follower<FillError>, u32), FillError> {
+    ) -> Result<Follower<FillError>, FillError> {
         let mut fills = self.fills.lock().expect("fills lock");
         if let Some(filling) = fills.get(&hash) {
-            return Ok((filling.follow(), filling.chunk_len()));
+            return Ok(filling.follow());
         }
         let slot = self.fill_slots.clone().try_acquire_owned().map_err(|_| FillError::Busy)?;
         let groups = groups.filter(|(size, hashes)| match hashes.check(hash, hint.length, *size) {
@@ -416,7 +415,7 @@ impl Server {
         let job =
             FillJob { hash, hint: hint.clone(), ticket: ticket.map(<[u8]>::to_vec), groups: groups.cloned(), tier };
         tokio::spawn(self.clone().run_fill(job, filling, slot));
-        Ok((follower, hint.length))
+        Ok(follower)
     }
 
     /// Runs one fill to its end, whoever still follows it: stores the chunk once whole.
@@ -544,7 +543,7 @@ impl Server {
             (Ok(Lookup::Hit(_)), _) | (_, None) => None,
             (_, Some(asker)) => self.licensed(&req, asker).await,
         };
-        let (mut follower, len) = match (lookup, hint) {
+        let mut follower = match (lookup, hint) {
             (Ok(Lookup::Hit(bytes)), _) => {
                 stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
                 self.send_to_peer(&mut stream, &bytes).await?;
@@ -564,7 +563,7 @@ impl Server {
             return self.refuse_peer(&mut stream, hash, &e).await;
         }
         Counters::add(&self.counters.home_fills, 1);
-        stream.write_all(&PeerResponseHead::Ok { len }.encode()).await?;
+        stream.write_all(&PeerResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
             match next {
                 Next::Piece(piece) => self.send_to_peer(&mut stream, &piece).await?,

@@ -221,31 +221,11 @@ impl Verifier {
         Ok(Self { hash, len, groups, hasher: blake3::Hasher::new(), taken: 0, verified: 0 })
     }
 
-    /// A verifier for the rest of a chunk from byte `offset` on, which must be a group boundary (bytes
-    /// before it verified elsewhere); `None` if the chunk has no groups or `offset` is not a boundary.
-    pub fn resume_at(&self, offset: u32) -> Option<Self> {
-        let (size, _) = self.groups.as_ref()?;
-        if offset % size != 0 || offset > self.len {
-            return None;
-        }
-        Some(Self { hasher: hasher_at(offset), taken: offset, verified: offset, ..self.clone() })
-    }
-
     /// A verifier that goes on from the last verified byte, forgetting what was taken after it: where a
     /// source that failed part-way leaves off and the next one starts (from the start of the chunk
     /// without groups).
     pub fn rewound(&self) -> Self {
         Self { hasher: hasher_at(self.verified), taken: self.verified, ..self.clone() }
-    }
-
-    /// Whether the chunk is verified by groups (else only whole).
-    pub fn by_groups(&self) -> bool {
-        self.groups.is_some()
-    }
-
-    /// The group size, if verified by groups.
-    pub fn group_size(&self) -> Option<u32> {
-        self.groups.as_ref().map(|(size, _)| *size)
     }
 
     /// Bytes of the chunk verified so far (from its start, including those verified elsewhere).
@@ -387,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn the_verifier_stops_at_the_first_bad_group_and_resumes_at_a_boundary() {
+    fn the_verifier_stops_at_the_first_bad_group_and_goes_on_from_the_last_verified_byte() {
         let chunk = bytes(200_000, 5);
         let hash = ChunkHash::of(&chunk);
         let groups = (65_536, GroupHashes::of(&chunk, 65_536));
@@ -397,11 +377,8 @@ mod tests {
         assert_eq!(v.update(&bad[..131_072]), Ok(131_072));
         assert_eq!(v.update(&bad[131_072..]), Err(Mismatch { hash, offset: 131_072 }));
         // The rest from elsewhere, from the first unverified group.
-        let mut rest = v.resume_at(131_072).expect("a boundary");
-        assert_eq!(rest.update(&chunk[131_072..]), Ok(200_000));
         let mut rewound = v.rewound();
         assert_eq!((rewound.verified(), rewound.update(&chunk[131_072..])), (131_072, Ok(200_000)));
-        assert!(v.resume_at(1000).is_none());
         // Too many bytes, or a wrong chunk without groups.
         let mut over = Verifier::new(hash, 200_000, Some(groups)).expect("valid");
         assert!(over.update(&bytes(200_001, 5)).is_err());

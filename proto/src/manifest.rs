@@ -344,11 +344,6 @@ impl ManifestBuilder {
         &self.groups
     }
 
-    /// The group size, if grouping.
-    pub fn group_size(&self) -> Option<u32> {
-        self.group_size
-    }
-
     /// Every chunk's hash and group hashes (none without a group size), the last chunk possibly short: for
     /// the end of the object.
     pub fn into_parts(mut self) -> (Vec<ChunkHash>, Vec<GroupHashes>) {

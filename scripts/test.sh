@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 netns_only=false
 if [ "${1:-}" = "--netns" ]; then netns_only=true; shift; fi
 ensure_build_deps
-# The network-namespace tests need iptables (home routers' NAT), iproute2 and python3 (delay lines).
+# The network-namespace tests need iptables (home routers' NAT; the package has ip6tables too, for the IPv6
+# home's firewall), iproute2 and python3 (delay lines).
 if [ "$(id -u)" -eq 0 ]; then
     ensure_packages iptables iproute2 python3 || log "warning: iptables could not be installed; the netns tests will skip"
 fi

@@ -6,8 +6,8 @@
 use fog_fuzz::read_as_stream;
 use fog_proto::groups::{GroupHashes, MAX_GROUPS_PER_CHUNK};
 use fog_proto::wire::{
-    ChunkRequest, Decode, Decoded, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN, MAX_TICKET_LEN,
-    MAX_URL_LEN,
+    ChunkRequest, Decode, Decoded, NodeRequest, OriginHint, MAX_PAYLOAD_LEN, MAX_RECEIPT_LEN, MAX_REQUEST_LEN,
+    MAX_TICKET_LEN, MAX_URL_LEN,
 };
 use fog_proto::ChunkHash;
 use libfuzzer_sys::fuzz_target;
@@ -17,6 +17,12 @@ fuzz_target!(|data: &[u8]| {
     if let Some((req, len)) = read_as_stream::<ChunkRequest>(data) {
         assert!(len - 2 <= MAX_REQUEST_LEN);
         check_decoded(&req, &data[2..len]);
+    }
+    // As a node's client protocol reads it: a chunk request or a push (the same fields, one more flag).
+    if let Some((req, len)) = read_as_stream::<NodeRequest>(data) {
+        let (NodeRequest::Chunk(fields) | NodeRequest::Push(fields)) = &req;
+        check_decoded(fields, &ChunkRequest::encode(fields));
+        assert_eq!(req.encode_framed().as_deref(), Ok(&data[..len]), "decoding a push is not canonical");
     }
     // Any bytes as a body, of any length.
     if let Ok(req) = ChunkRequest::decode(data) {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
+use fog_proto::api::MAX_VERSION_LEN;
 use fog_proto::size::Size;
 use serde::Deserialize;
 
@@ -66,6 +67,11 @@ pub struct NodeArgs {
     /// ports; the IPv6 ones are skipped on a host without IPv6)].
     #[arg(long, env = "FOG_NODE_P2P_LISTEN")]
     pub p2p_listen: Option<String>,
+    /// The region this node serves, if the operator groups nodes by hand (e.g. `eu-west`): nodes with one
+    /// label share a cell and its chunk homes, whatever their measured RTTs say [default: the tracker's
+    /// grid cell of the node's network coordinate].
+    #[arg(long, env = "FOG_NODE_REGION")]
+    pub region: Option<String>,
 }
 
 const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0,/ip6/::/udp/0/quic-v1,/ip6/::/tcp/0";
@@ -111,6 +117,7 @@ pub struct NodeConfig {
     pub max_fills: usize,
     /// Empty: no overlay.
     pub p2p_listen: Vec<libp2p::Multiaddr>,
+    pub region: Option<String>,
 }
 
 impl NodeArgs {
@@ -132,7 +139,11 @@ impl NodeArgs {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
             max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),
             p2p_listen: parse_p2p_listen(self.p2p_listen.or(file.p2p_listen).as_deref().unwrap_or(DEFAULT_P2P_LISTEN))?,
+            region: self.region.or(file.region).filter(|r| !r.is_empty()),
         };
+        if cfg.region.as_ref().is_some_and(|r| r.len() > MAX_VERSION_LEN) {
+            return Err(ConfigError::Invalid(format!("--region must be at most {MAX_VERSION_LEN} bytes")));
+        }
         if cfg.upload_limit == Some(0) {
             return Err(ConfigError::Invalid("--upload-limit must be above 0 (omit it for no cap)".into()));
         }

@@ -2,6 +2,7 @@
 //! them over QUIC under the owner's upload cap, pulls misses through from registered origins, and reports
 //! to the tracker without depending on it.
 
+pub mod cell;
 pub mod config;
 pub mod credits;
 pub mod fill;

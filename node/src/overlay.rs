@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
+use fog_net::transport;
 use fog_proto::api::{
-    OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
+    CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_CELL_LISTED,
+    MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::groups::GroupHashes;
-use fog_proto::placement::peers_to_ask;
+use fog_proto::placement::{peers_to_ask, PEERS_ASKED};
 use fog_proto::rtt::RttFilter;
 use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, PEER_PROTOCOL};
 use fog_proto::{ChunkHash, NodeId};
@@ -33,6 +35,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use crate::cell::{AddressBook, Cell, Member};
 use crate::fill::Feed;
 use crate::stats::Counters;
 
@@ -42,7 +45,10 @@ const IDENTIFY_VERSION: &str = "/fog/1.0.0";
 
 /// Connections: enough peers for fill and measurement, few enough for a 1 GB device.
 const MAX_ESTABLISHED_IN: u32 = 96;
-const MAX_ESTABLISHED_OUT: u32 = 48;
+/// Bootstrap peers, plus members of this node's cell dialled when asked for a chunk (homes it asks again
+/// stay connected). Past it, an unconnected home cannot be dialled, rests, and the next takes over. A few
+/// hundred idle QUIC connections fit a 1 GB device.
+const MAX_ESTABLISHED_OUT: u32 = 256;
 /// Two peers behind NAT may each dial the other through the relay and each complete a hole punch: two
 /// relayed and two direct connections. A lower limit closes the direct ones (seen in the netns test).
 const MAX_PER_PEER: u32 = 4;
@@ -81,6 +87,7 @@ struct Behaviour {
     relay_server: relay::Behaviour,
     dcutr: dcutr::Behaviour,
     stream: libp2p_stream::Behaviour,
+    cell_addresses: AddressBook,
 }
 
 /// Why a peer gave no answer to a fill request (as distinct from answering not found or busy).
@@ -204,6 +211,9 @@ struct OverlayState {
     /// When each peer was last dialled, so suggestions repeated every heartbeat do not redial at once.
     dialled: HashMap<PeerId, Instant>,
     joining: Joining,
+    /// The members of this node's cell, when the tracker partitions the overlay into cells: misses go to
+    /// the chunk's home among them rather than among the nearest peers.
+    cell: Option<Cell>,
 }
 
 /// A node joining the fog waits for the neighbourhood the tracker first suggested to connect before it
@@ -274,6 +284,7 @@ pub struct Overlay {
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     counters: Arc<Counters>,
+    cell_addresses: AddressBook,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -292,6 +303,7 @@ impl Overlay {
         listen: &[Multiaddr],
         counters: Arc<Counters>,
     ) -> Result<(Overlay, IncomingChunkStreams), OverlayError> {
+        let cell_addresses = AddressBook::default();
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).map_err(OverlayError::Identity)?;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
@@ -323,6 +335,7 @@ impl Overlay {
                     relay_server: relay::Behaviour::new(local, relay_config),
                     dcutr: dcutr::Behaviour::new(local),
                     stream: libp2p_stream::Behaviour::new(),
+                    cell_addresses: cell_addresses.clone(),
                 }
             })
             .map_err(|e| OverlayError::Transport(Box::new(e)))?
@@ -349,6 +362,7 @@ impl Overlay {
             commands: tx,
             control,
             counters,
+            cell_addresses,
         };
         tokio::spawn(drive(swarm, overlay.state.clone(), rx));
         Ok((overlay, incoming))
@@ -451,14 +465,13 @@ impl Overlay {
         groups: Option<&(u32, GroupHashes)>,
         feed: &mut Feed<'_, E>,
     ) -> bool {
-        let peers = self.neighbourhood();
-        let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
-        let mut asks: futures::stream::FuturesUnordered<_> = peers_to_ask(&hash, &ids)
+        let (peers, own_home) = self.peers_to_ask(&hash);
+        let mut asks: futures::stream::FuturesUnordered<_> = peers
             .into_iter()
             .enumerate()
-            .map(|(rank, i)| {
-                let (peer, node) = peers[i];
-                let home = fill_through.filter(|_| rank == 0);
+            .map(|(rank, (peer, node))| {
+                // This node being the home itself, it fills from the origin after asking the others.
+                let home = fill_through.filter(|_| rank == 0 && !own_home);
                 let req = ChunkRequest {
                     hash,
                     range: None,
@@ -509,11 +522,67 @@ impl Overlay {
         false
     }
 
-    /// Leaves a busy, failing or slow peer out of the neighbourhood for [`REST_FOR`]: chunks it is home to get the
-    /// next peer in rendezvous order as home meanwhile (as the nodes near it will choose too).
+    /// The peers to ask for `hash`, best first (the first is the chunk's home), and whether this node is
+    /// the chunk's home itself: the first members of its cell in the chunk's home order, or without a cell
+    /// the top of rendezvous placement over its neighbourhood.
+    fn peers_to_ask(&self, hash: &ChunkHash) -> (Vec<(PeerId, NodeId)>, bool) {
+        {
+            let s = self.state.lock().expect("overlay lock");
+            if let Some(cell) = s.cell.as_ref().filter(|c| c.members.len() > 1) {
+                let (asked, own_home) = cell.homes(hash, &self.peer_id, |p| s.is_banned(p), PEERS_ASKED);
+                return (asked.into_iter().map(|m| (m.peer, m.node)).collect(), own_home);
+            }
+        }
+        let peers = self.neighbourhood();
+        let ids: Vec<NodeId> = peers.iter().map(|(_, n)| *n).collect();
+        (peers_to_ask(hash, &ids).into_iter().map(|i| peers[i]).collect(), false)
+    }
+
+    /// The members of this node's cell, from the tracker (at most [`MAX_CELL_LISTED`] are kept). Members
+    /// still resting keep resting.
+    pub fn set_cell(&self, list: CellList) {
+        let mut addresses = HashMap::new();
+        let mut members = Vec::new();
+        let families = transport::local_families();
+        for m in list.members.iter().take(MAX_CELL_LISTED) {
+            let Some(peer) = peer_id_of(&m.id) else { continue };
+            let addrs: Vec<Multiaddr> = m
+                .addrs
+                .iter()
+                .take(MAX_PEER_ADDRS)
+                .filter_map(|a| a.parse().ok())
+                .filter(|a| routable(a, families))
+                .collect();
+            if peer != self.peer_id {
+                if addrs.is_empty() {
+                    continue;
+                }
+                addresses.insert(peer, addrs);
+            }
+            members.push(Member { peer, node: m.id, resting_until: None });
+        }
+        let mut s = self.state.lock().expect("overlay lock");
+        if let Some(old) = &s.cell {
+            for m in &mut members {
+                m.resting_until = old.members.iter().find(|o| o.peer == m.peer).and_then(|o| o.resting_until);
+            }
+        }
+        tracing::info!(members = members.len(), version = list.version, "cell members from the tracker");
+        self.cell_addresses.replace(addresses);
+        s.cell = Some(Cell { version: list.version, members });
+    }
+
+    /// Leaves a busy, failing or slow peer out of the neighbourhood (and of its cell's homes) for
+    /// [`REST_FOR`]: chunks it is home to get the next peer in rendezvous order as home meanwhile (as the
+    /// nodes near it will choose too).
     fn rest(&self, peer: PeerId) {
-        if let Some(e) = self.state.lock().expect("overlay lock").peers.get_mut(&peer) {
-            e.busy_until = Some(Instant::now() + REST_FOR);
+        let until = Instant::now() + REST_FOR;
+        let mut s = self.state.lock().expect("overlay lock");
+        if let Some(e) = s.peers.get_mut(&peer) {
+            e.busy_until = Some(until);
+        }
+        if let Some(cell) = s.cell.as_mut() {
+            cell.rest(&peer, until);
         }
     }
 
@@ -568,6 +637,7 @@ impl Overlay {
             rtt: rtt_samples(&s),
             connected_peers: s.peers.len() as u32,
             bad_peers: std::mem::take(&mut s.bad_peers),
+            cell_version: s.cell.as_ref().map(|c| c.version),
             ..Default::default()
         }
     }
@@ -598,6 +668,7 @@ impl Overlay {
             direct_peers: s.peers.values().filter(|e| e.direct > 0).count(),
             addrs: self.addrs_locked(&s),
             rtt: rtt_samples(&s),
+            cell_members: s.cell.as_ref().map_or(0, |c| c.members.len()),
         }
     }
 }
@@ -621,6 +692,10 @@ pub struct OverlaySummary {
     pub addrs: Vec<String>,
     /// Filtered RTTs to peers on direct connections.
     pub rtt: Vec<RttSample>,
+    /// Members of this node's cell (this node too) among which misses find their chunk's home; 0 without
+    /// cells.
+    #[serde(default)]
+    pub cell_members: usize,
 }
 
 /// The swarm task: applies commands and turns swarm events into [`OverlayState`].
@@ -652,6 +727,8 @@ fn apply(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, command: Com
                     s.dialled.insert(peer, Instant::now());
                 }
             }
+            let families = transport::local_families();
+            let addrs: Vec<Multiaddr> = addrs.into_iter().filter(|a| routable(a, families)).collect();
             for a in &addrs {
                 swarm.behaviour_mut().kad.add_address(&peer, a.clone());
             }
@@ -712,6 +789,17 @@ fn confirm_external(swarm: &mut Swarm<Behaviour>, state: &Mutex<OverlayState>, a
     if !s.external.contains(&addr) && s.external.len() < MAX_PEER_ADDRS {
         s.external.push(addr);
     }
+}
+
+/// Whether this host can send to `a` (to its relay, for a relayed address): it is loopback, or in a family
+/// the host has a route in. A v6-only home would otherwise dial its peers' IPv4 addresses in vain.
+fn routable(a: &Multiaddr, families: Families) -> bool {
+    let ip = a.iter().find_map(|p| match p {
+        Protocol::Ip4(v4) => Some(std::net::IpAddr::V4(v4)),
+        Protocol::Ip6(v6) => Some(std::net::IpAddr::V6(v6)),
+        _ => None,
+    });
+    ip.is_none_or(|ip| ip.is_loopback() || families == Families::default() || families.allows(&(ip, 0).into()))
 }
 
 fn has_ip(a: &Multiaddr, ip: std::net::IpAddr) -> bool {

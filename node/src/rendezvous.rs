@@ -149,9 +149,16 @@ impl RendezvousServer {
         let Some(node) = self.attached.lock().expect("attached lock").get(&target).cloned() else {
             return Frame::Error { message: format!("node {target} is not attached here") };
         };
-        let request = Frame::PunchRequest { client: transport::remote_addr(client) };
+        let (client_addr, node_addr) = (transport::remote_addr(client), transport::remote_addr(&node));
+        // The node's mapping is in the family it attached in: packets from it cannot reach a client of the
+        // other family, nor could that client dial it (the tracker hands out `via` in the node's family).
+        if client_addr.is_ipv4() != node_addr.is_ipv4() {
+            let family = if node_addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Frame::Error { message: format!("node {target} is attached over {family}; ask over {family}") };
+        }
+        let request = Frame::PunchRequest { client: client_addr };
         match tokio::time::timeout(PUNCH_TIMEOUT, exchange(&node, &request)).await {
-            Ok(Ok(Frame::PunchSent)) => Frame::PunchReady { addr: transport::remote_addr(&node) },
+            Ok(Ok(Frame::PunchSent)) => Frame::PunchReady { addr: node_addr },
             Ok(Ok(other)) => Frame::Error { message: format!("node answered {other:?}") },
             Ok(Err(e)) => Frame::Error { message: format!("node unreachable: {e}") },
             Err(_) => Frame::Error { message: "node did not answer the punch request in time".into() },
@@ -301,8 +308,17 @@ mod tests {
     /// A node endpoint on loopback that runs the rendezvous for connections that ask for it and completes
     /// every other handshake.
     fn node_endpoint(key: &SigningKey, rendezvous: Option<Arc<RendezvousServer>>) -> quinn::Endpoint {
+        node_endpoint_on(([127, 0, 0, 1], 0).into(), key, rendezvous)
+    }
+
+    /// [`node_endpoint`] bound to `bind`.
+    fn node_endpoint_on(
+        bind: SocketAddr,
+        key: &SigningKey,
+        rendezvous: Option<Arc<RendezvousServer>>,
+    ) -> quinn::Endpoint {
         let config = transport::server_config(key, 8).expect("server config");
-        let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).expect("bind");
+        let endpoint = quinn::Endpoint::server(config, bind).expect("bind");
         let accepting = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
@@ -412,5 +428,45 @@ mod tests {
         }
         assert_eq!(server.attached(), ATTACHED_PER_SOURCE);
         assert!(server.attached_nodes().contains(&x_id));
+    }
+
+    /// A rendezvous on a dual-stack socket: a node attached over IPv4 cannot be punched for a client that
+    /// asks over IPv6 (its packets would go nowhere), and the client is told so; over IPv4 it is reached.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn punches_stay_in_the_family_the_node_attached_in() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("SKIPPED: no IPv6 loopback ([::1]) on this host");
+            return;
+        }
+        let (r_key, x_key) = (SigningKey::from_bytes(&[5; 32]), SigningKey::from_bytes(&[6; 32]));
+        let (r_id, x_id) = (NodeId::from(r_key.verifying_key()), NodeId::from(x_key.verifying_key()));
+        let tracker = SigningKey::from_bytes(&[7; 32]);
+        let server = Arc::new(RendezvousServer::new(r_id));
+        server.set_tracker_key(Some(NodeId::from(tracker.verifying_key())));
+        let r_endpoint = node_endpoint_on(transport::any_family(), &r_key, Some(server.clone()));
+        let port = r_endpoint.local_addr().expect("addr").port();
+        let x_endpoint = node_endpoint(&x_key, None);
+        let via_v4 = Rendezvous { id: r_id, addr: ([127, 0, 0, 1], port).into() };
+        let (_plan, plan_rx) = watch::channel(Some(vec![via_v4.clone()]));
+        let attachment = SharedAttachment::default();
+        let m = Membership { node_id: x_id, issued_ms: 0, expiry_ms: u64::MAX };
+        let membership = Signed::sign(&tracker, fog_proto::api::KIND_MEMBERSHIP, &m);
+        let membership = SharedMembership::new(Mutex::new(Some(membership)));
+        tokio::spawn(attach_forever(x_endpoint.clone(), x_key, plan_rx, attachment.clone(), membership));
+        let started = std::time::Instant::now();
+        while attachment.lock().expect("lock").is_none() {
+            assert!(started.elapsed() < Duration::from_secs(10), "node did not attach");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let client = transport::client_endpoint(transport::any_family()).expect("client endpoint");
+        let via_v6 = Rendezvous { id: r_id, addr: (std::net::Ipv6Addr::LOCALHOST, port).into() };
+        let err = fog_net::rendezvous::punch(&client, &via_v6, x_id, Duration::from_secs(5)).await;
+        assert!(
+            matches!(&err, Err(fog_net::rendezvous::PunchError::Refused { message, .. }) if message.contains("attached over IPv4")),
+            "{err:?}"
+        );
+        let addr = fog_net::rendezvous::punch(&client, &via_v4, x_id, Duration::from_secs(5)).await.expect("punched");
+        assert_eq!(addr, x_endpoint.local_addr().expect("addr"));
     }
 }

@@ -162,6 +162,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         origins,
         origins_file,
         upload_limit: cfg.upload_limit,
+        region: cfg.region.clone(),
         overlay,
         nat_plan,
         attachment,

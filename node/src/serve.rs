@@ -18,7 +18,7 @@ use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_net::per_source::Held;
 use fog_proto::api::now_ms;
 use fog_proto::groups::{GroupHashes, Verifier};
-use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, ResponseHead, Status};
+use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, PeerResponseHead, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -230,8 +230,9 @@ impl Server {
         served: &AtomicU32,
     ) {
         Counters::add(&self.counters.requests, 1);
-        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<ChunkRequest, _>(&mut recv)).await {
-            Ok(Ok(req)) => req,
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<NodeRequest, _>(&mut recv)).await {
+            Ok(Ok(NodeRequest::Chunk(req))) => req,
+            Ok(Ok(NodeRequest::Push(req))) => return self.keep_pushed(&req, &mut send).await,
             Ok(Err(e)) => {
                 Counters::add(&self.counters.bad_requests, 1);
                 tracing::warn!(error = %e, "malformed chunk request");
@@ -305,6 +306,28 @@ impl Server {
                 served.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => tracing::debug!(chunk = %req.hash, error = %e, "response not completed"),
+        }
+    }
+
+    /// A push (the tracker's live push): gets the chunk as for a client's miss (a fill licensed by the
+    /// request's ticket; a chunk held already costs nothing), keeps it, and answers with the response head
+    /// alone once it holds the chunk, so no upload is spent on the tracker.
+    async fn keep_pushed(self: &Arc<Self>, req: &ChunkRequest, send: &mut quinn::SendStream) {
+        if !req.wants_chunk() {
+            Counters::add(&self.counters.bad_requests, 1);
+            return respond_error(send, Status::BadRequest, "a push names a chunk").await;
+        }
+        let held = match self.chunk(req).await {
+            Ok(Source::Stored(bytes)) => Ok(bytes),
+            Ok(Source::Filling(follower)) => follower.whole().await.map_err(|e| e.unwrap_or(FillError::Lost)),
+            Err((status, message)) => return respond_error(send, status, &message).await,
+        };
+        match held {
+            Ok(bytes) => {
+                tracing::debug!(chunk = %req.hash, "holding a pushed chunk");
+                let _ = write_last_frame(send, &ResponseHead::Ok { len: bytes.len() as u32 }.encode()).await;
+            }
+            Err(e) => respond_error(send, e.status(), &e.to_string()).await,
         }
     }
 

@@ -495,7 +495,7 @@ impl Default for NodeMetrics {
                 s.unlicensed_hints
             }),
         ];
-        let gauge_defs: [(&str, &str, ReadGauge); 20] = [
+        let gauge_defs: [(&str, &str, ReadGauge); 21] = [
             ("fog_node_ipv4_addresses", "IPv4 addresses advertised to the tracker", |s| {
                 AddressStatus::count(&s.addresses, "ipv4", false)
             }),
@@ -538,6 +538,9 @@ impl Default for NodeMetrics {
                 s.tracker.rtt_ms.map_or(0, |r| r.round() as u64)
             }),
             ("fog_node_overlay_peers", "Connected overlay peers", |s| s.overlay.as_ref().map_or(0, |o| o.peers as u64)),
+            ("fog_node_cell_members", "Nodes in this node's cell (0: no cells)", |s| {
+                s.overlay.as_ref().map_or(0, |o| o.cell_members as u64)
+            }),
             ("fog_node_overlay_direct_peers", "Overlay peers with a direct (not relayed) connection", |s| {
                 s.overlay.as_ref().map_or(0, |o| o.direct_peers as u64)
             }),
@@ -609,6 +612,9 @@ pub fn render_text(s: &NodeStatus) -> String {
             "overlay",
             format!("{} peers ({} direct), sees itself as {}", o.peers, o.direct_peers, o.reachability.as_str()),
         );
+        if o.cell_members > 0 {
+            line("cell", format!("{} nodes share this node's chunk homes", o.cell_members));
+        }
     }
     let cap = s.caps.upload_limit.map_or("no cap".into(), |l| format!("{}/s", mib(l)));
     line("upload", format!("{}/s now, cap {cap}", mib(s.caps.upload_rate)));

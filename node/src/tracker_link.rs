@@ -13,7 +13,7 @@ use fog_net::origin::SharedOrigins;
 use fog_net::tracker::{TrackerClient, TrackerError};
 use fog_net::transport;
 use fog_proto::api::{
-    ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed,
+    CellList, ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed,
     KIND_HEARTBEAT, KIND_MEMBERSHIP, KIND_REGISTER, MAX_QUIC_ADDRS,
 };
 use fog_proto::origins::OriginList;
@@ -70,6 +70,17 @@ impl MoreAddrs {
         Self::Discover { port: local.port(), families }
     }
 
+    /// The families clients may dial the QUIC socket in, `registered` being the address it registers at.
+    fn serving_families(&self, registered: SocketAddr) -> Families {
+        match self {
+            Self::Named(addrs) => {
+                addrs.iter().fold(Families::of(registered.ip()), |f, a| f.union(Families::of(a.ip())))
+            }
+            Self::Discover { .. } if registered.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => Families::BOTH,
+            Self::Discover { .. } => Families::of(registered.ip()),
+        }
+    }
+
     fn now(&self) -> Vec<SocketAddr> {
         let mut addrs = match self {
             Self::Named(addrs) => addrs.clone(),
@@ -95,6 +106,7 @@ pub struct TrackerLink {
     pub origins: SharedOrigins,
     pub origins_file: PathBuf,
     pub upload_limit: Option<u64>,
+    pub region: Option<String>,
     pub overlay: Option<Overlay>,
     /// `Some(candidates)` while this node needs a rendezvous (see `rendezvous::attach_forever`).
     pub nat_plan: watch::Sender<Option<Vec<Rendezvous>>>,
@@ -139,6 +151,7 @@ impl TrackerLink {
             version: env!("CARGO_PKG_VERSION").to_string(),
             timestamp_ms: now_ms(),
             joining: self.overlay.as_ref().is_some_and(Overlay::is_joining),
+            region: self.region.clone(),
         };
         self.told_joining.store(msg.joining, Ordering::Relaxed);
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
@@ -179,6 +192,7 @@ impl TrackerLink {
         *self.membership.lock().expect("membership lock") = resp.membership;
         self.update_origins(resp.origins);
         self.update_peers(&resp.peers, !resp.reachable);
+        self.update_cell(resp.cell);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }
 
@@ -213,17 +227,27 @@ impl TrackerLink {
         }
         let behind_nat = self.state.lock().expect("link state lock").reachable == Some(false);
         self.update_peers(&resp.peers, behind_nat);
+        self.update_cell(resp.cell);
         Ok(resp.registered)
     }
 
-    /// Connects the overlay to the peers the tracker suggests and, behind NAT, keeps the rendezvous
-    /// candidates current (publicly reachable peers).
+    /// Hands the overlay the members of this node's cell, among which it finds chunks' homes.
+    fn update_cell(&self, cell: Option<CellList>) {
+        if let (Some(overlay), Some(cell)) = (&self.overlay, cell) {
+            overlay.set_cell(cell);
+        }
+    }
+
+    /// Connects the overlay to the peers the tracker suggests and, where clients cannot dial this node in a
+    /// family, keeps the rendezvous candidates current (publicly reachable peers, at an address in it).
     fn update_peers(&self, peers: &[PeerContact], behind_nat: bool) {
         if let Some(overlay) = &self.overlay {
             overlay.bootstrap(peers, behind_nat);
         }
-        let plan = behind_nat.then(|| {
-            peers.iter().filter_map(|p| Some(Rendezvous { id: p.id, addr: p.rendezvous? })).collect::<Vec<_>>()
+        let needed = self.rendezvous_families(behind_nat);
+        let plan = (needed != Families::default()).then(|| {
+            let candidates = peers.iter().filter_map(|p| Some(Rendezvous { id: p.id, addr: p.rendezvous? }));
+            candidates.filter(|r| needed.allows(&r.addr)).collect::<Vec<_>>()
         });
         self.nat_plan.send_if_modified(|current| {
             // A fresh candidate list while attached is no reason to move; an empty one is no plan.
@@ -234,6 +258,31 @@ impl TrackerLink {
             }
             false
         });
+    }
+
+    /// The families clients cannot dial this node in, where it needs a rendezvous: those its QUIC socket
+    /// serves and the host has routes in, but no dial-back reached. The tracker cannot know them all: a node
+    /// that registered over IPv6 from behind an IPv4 NAT has no IPv4 address to advertise. When the tracker
+    /// says an address it was given did not answer (`behind_nat`) and the routes tell nothing more, any.
+    fn rendezvous_families(&self, behind_nat: bool) -> Families {
+        let verified = self
+            .state
+            .lock()
+            .expect("link state lock")
+            .verified_addrs
+            .iter()
+            .fold(Families::default(), |f, a| f.union(Families::of(a.ip())));
+        let routed = transport::local_families();
+        let serving = self.more_addrs.serving_families(self.quic_addr);
+        let needed = Families {
+            ipv4: serving.ipv4 && routed.ipv4 && !verified.ipv4,
+            ipv6: serving.ipv6 && routed.ipv6 && !verified.ipv6,
+        };
+        if behind_nat && needed == Families::default() {
+            Families::BOTH
+        } else {
+            needed
+        }
     }
 
     /// RTTs, reachability and attachment for the heartbeat.

@@ -107,6 +107,10 @@ pub struct Register {
     /// The node's overlay is still connecting its neighbourhood (see [`OverlayReport::joining`]).
     #[serde(default)]
     pub joining: bool,
+    /// The region its operator placed it in (`--region`): nodes with one label share a cell, whatever
+    /// their coordinates say. At most [`MAX_VERSION_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Most extra addresses a node may advertise ([`OverlayReport::quic_addrs`]): each costs the tracker a
@@ -128,6 +132,9 @@ impl Register {
     /// Refuses registrations with fields out of range (the tracker shows them on its dashboard).
     pub fn check_bounds(&self) -> Result<(), String> {
         check_label("version", &self.version, MAX_VERSION_LEN)?;
+        if let Some(region) = &self.region {
+            check_label("region", region, MAX_VERSION_LEN)?;
+        }
         let limit = [("cache_capacity", self.cache_capacity), ("upload_limit", self.upload_limit.unwrap_or(0))];
         check_counts("registration", &limit, MAX_REPORTED)
     }
@@ -158,6 +165,9 @@ pub struct RegisterResponse {
     /// the rendezvous it attaches to.
     #[serde(default)]
     pub membership: Option<Signed>,
+    /// The node's cell, when the tracker partitions the overlay into cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellList>,
 }
 
 /// Signed-message kind of [`Membership`].
@@ -206,6 +216,20 @@ pub struct PeerContact {
     /// The peer's QUIC chunk endpoint, when it is publicly reachable (a possible rendezvous).
     #[serde(default)]
     pub rendezvous: Option<SocketAddr>,
+}
+
+/// Most members a cell lists to its nodes (`fog_sched::cells` splits bigger cells into parts).
+pub const MAX_CELL_LISTED: usize = 1024;
+
+/// The members of a node's cell (issue #17): every member ranks this same list for a missed chunk, so all
+/// agree on the chunk's home and it is fetched from the origin once per cell. The node is listed too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellList {
+    /// Changes whenever the members or their addresses do; the node reports the version it holds
+    /// ([`OverlayReport::cell_version`]) and the tracker sends the list only when it changed.
+    pub version: u64,
+    /// At most [`MAX_CELL_LISTED`].
+    pub members: Vec<PeerContact>,
 }
 
 /// How a node's overlay (libp2p) sees its own reachability.
@@ -288,6 +312,9 @@ pub struct OverlayReport {
     /// addresses that answered. At most [`MAX_QUIC_ADDRS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quic_addrs: Vec<SocketAddr>,
+    /// The [`CellList::version`] the node holds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_version: Option<u64>,
 }
 
 /// Most nodes one rendezvous keeps attached (each costs it one idle QUIC connection).
@@ -339,6 +366,9 @@ pub struct HeartbeatResponse {
     pub reachable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_addrs: Option<Vec<SocketAddr>>,
+    /// The node's cell, when it changed from the version the heartbeat reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellList>,
 }
 
 /// What a node reports about itself. Counters are totals since the node started.
@@ -544,10 +574,19 @@ pub struct ClientReport {
     /// network prefix a coordinate from them, after dropping samples that disagree with the rest.
     #[serde(default)]
     pub node_rtt: Vec<RttSample>,
+    /// Live HLS media playlists the client plays (at most [`MAX_LIVE_PLAYLISTS`], each URL at most
+    /// [`MAX_LIVE_URL_LEN`] bytes): the tracker follows them while they have viewers and pushes their new
+    /// segments to the nodes of the client's cell before it asks. A proxy reports one as it fetches it.
+    #[serde(default)]
+    pub live_playlists: Vec<String>,
 }
 
 /// Most node RTTs one client report may carry.
 pub const MAX_CLIENT_RTTS: usize = 16;
+
+/// Most live playlists one client report may name, and the longest URL of one.
+pub const MAX_LIVE_PLAYLISTS: usize = 8;
+pub const MAX_LIVE_URL_LEN: usize = 2048;
 
 /// Most failure entries one report may carry.
 pub const MAX_REPORTED_FAILURES: usize = 256;
@@ -569,6 +608,13 @@ impl ClientReport {
         for f in &self.node_failures {
             check_label("failure reason", &f.reason, MAX_REASON_LEN)?;
             check_counts("client report", &[("failure count", f.count)], u64::from(u32::MAX))?;
+        }
+        if self.live_playlists.len() > MAX_LIVE_PLAYLISTS
+            || self.live_playlists.iter().any(|u| u.len() > MAX_LIVE_URL_LEN)
+        {
+            return Err(format!(
+                "at most {MAX_LIVE_PLAYLISTS} live playlists per report, each URL at most {MAX_LIVE_URL_LEN} bytes"
+            ));
         }
         check_rtts(self.node_rtt.iter().map(|s| s.rtt_ms))
     }
@@ -647,6 +693,9 @@ pub struct TrackerStats {
     /// advertised an address in it that it could not dial.
     #[serde(default)]
     pub nodes_by_family: std::collections::BTreeMap<String, FamilyCounts>,
+    /// Cells the healthy nodes are partitioned into (parts of split cells count; 0: cells are off).
+    #[serde(default)]
+    pub cells: u64,
 }
 
 /// Nodes with an address in one IP family, by whether the tracker's dial-back reached one.
@@ -669,8 +718,11 @@ mod tests {
             version: version.into(),
             timestamp_ms: 1,
             joining: false,
+            region: None,
         };
         assert!(reg("0.1.0", 1 << 40).check_bounds().is_ok());
+        assert!(Register { region: Some("eu-west".into()), ..reg("0.1.0", 1) }.check_bounds().is_ok());
+        assert!(Register { region: Some("r".repeat(MAX_VERSION_LEN + 1)), ..reg("0.1.0", 1) }.check_bounds().is_err());
         assert!(reg(&"v".repeat(MAX_VERSION_LEN + 1), 1).check_bounds().is_err());
         assert!(reg("0.1\n<script>", 1).check_bounds().is_err());
         assert!(reg("0.1.0", u64::MAX).check_bounds().is_err());
@@ -683,6 +735,11 @@ mod tests {
         assert!(report(u64::MAX, failure("timeout", 3)).check_bounds().is_err());
         assert!(report(1, failure(&"x".repeat(1000), 3)).check_bounds().is_err());
         assert!(report(1, failure("timeout", u64::MAX)).check_bounds().is_err());
+        let live =
+            |n: usize, len: usize| ClientReport { live_playlists: vec!["h".repeat(len); n], ..Default::default() };
+        assert!(live(MAX_LIVE_PLAYLISTS, MAX_LIVE_URL_LEN).check_bounds().is_ok());
+        assert!(live(MAX_LIVE_PLAYLISTS + 1, 10).check_bounds().is_err());
+        assert!(live(1, MAX_LIVE_URL_LEN + 1).check_bounds().is_err());
         let overlay = |tracker_rtt_ms| OverlayReport { tracker_rtt_ms, ..Default::default() };
         assert!(overlay(Some(12.5)).check_bounds().is_ok());
         assert!(overlay(Some(f32::INFINITY)).check_bounds().is_err());

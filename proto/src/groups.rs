@@ -238,6 +238,14 @@ impl Verifier {
         self.verified == self.len
     }
 
+    /// Where the group being taken ends (the chunk's end without groups): its bytes verify there.
+    fn next_check(&self) -> u32 {
+        match &self.groups {
+            Some((size, _)) => (self.taken / size + 1).saturating_mul(*size).min(self.len),
+            None => self.len,
+        }
+    }
+
     /// Takes the next bytes of the chunk and returns how many bytes are verified now. Bytes past the chunk's
     /// end are a mismatch.
     pub fn update(&mut self, mut piece: &[u8]) -> Result<u32, Mismatch> {
@@ -246,10 +254,7 @@ impl Verifier {
             return Err(mismatch(self.len));
         }
         while !piece.is_empty() {
-            let group_end = match &self.groups {
-                Some((size, _)) => (self.taken / size + 1).saturating_mul(*size).min(self.len),
-                None => self.len,
-            };
+            let group_end = self.next_check();
             let take = piece.len().min((group_end - self.taken) as usize);
             self.hasher.update(&piece[..take]);
             self.taken += take as u32;
@@ -278,18 +283,34 @@ pub struct Gate {
     verifier: Verifier,
     /// At most one group (the whole chunk without groups).
     pending: BytesMut,
+    /// Bytes at the end of `pending` the verifier has not taken yet.
+    unhashed: usize,
 }
+
+/// Bytes the verifier takes at once, unless a group or the chunk ends sooner. Pieces arrive ~1 KiB at a time
+/// (one QUIC packet each), and BLAKE3 hashes one leaf after another within such small updates; given 64 KiB it
+/// hashes 16 leaves side by side (SIMD), 4–5× faster.
+const HASH_BATCH: usize = 64 * 1024;
 
 impl Gate {
     pub fn new(verifier: Verifier) -> Self {
-        Self { verifier, pending: BytesMut::new() }
+        Self { verifier, pending: BytesMut::new(), unhashed: 0 }
     }
 
     /// Takes the next bytes; returns those that verified with them, if any.
     pub fn push(&mut self, piece: &[u8]) -> Result<Option<Bytes>, Mismatch> {
-        let before = self.verifier.verified();
-        let after = self.verifier.update(piece)?;
+        if self.pending.capacity() - self.pending.len() < piece.len() {
+            self.pending.reserve(piece.len().max(HASH_BATCH));
+        }
         self.pending.extend_from_slice(piece);
+        self.unhashed += piece.len();
+        let arrived = self.verifier.taken as usize + self.unhashed;
+        if self.unhashed < HASH_BATCH && arrived < self.verifier.next_check() as usize {
+            return Ok(None);
+        }
+        let before = self.verifier.verified();
+        let start = self.pending.len() - std::mem::take(&mut self.unhashed);
+        let after = self.verifier.update(&self.pending[start..])?;
         Ok((after > before).then(|| self.pending.split_to((after - before) as usize).freeze()))
     }
 
@@ -305,6 +326,7 @@ impl Gate {
     /// After a source failed part-way: drops what it sent past the last verified byte.
     pub fn rewind(&mut self) {
         self.pending.clear();
+        self.unhashed = 0;
         self.verifier = self.verifier.rewound();
     }
 }
@@ -400,6 +422,28 @@ mod tests {
         let rest = gate.push(&chunk[65_536..]).expect("matches").expect("the rest verified");
         assert_eq!(&rest[..], &chunk[65_536..]);
         assert!(gate.is_done());
+    }
+
+    /// Pieces as QUIC delivers them (~1 KiB) are hashed in batches, but every group still comes out as it
+    /// completes, and bytes past the chunk's end are still refused.
+    #[test]
+    fn the_gate_releases_groups_of_small_pieces_as_they_complete() {
+        let chunk = bytes(300_000, 13);
+        let hash = ChunkHash::of(&chunk);
+        for groups in [Some((65_536, GroupHashes::of(&chunk, 65_536))), None] {
+            let mut gate = Gate::new(Verifier::new(hash, 300_000, groups.clone()).expect("valid"));
+            let mut out = Vec::new();
+            for (i, piece) in chunk.chunks(1_200).enumerate() {
+                if let Some(ready) = gate.push(piece).expect("matches") {
+                    let end = (i + 1) * 1_200;
+                    let boundary = if groups.is_some() { end / 65_536 * 65_536 } else { 0 };
+                    assert!(out.len() + ready.len() == boundary || end >= 300_000, "released late at {end}");
+                    out.extend_from_slice(&ready);
+                }
+            }
+            assert_eq!(out, chunk);
+            assert!(gate.push(b"x").is_err(), "a byte past the end");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`groups`]: verifying a chunk group by group as it streams (BLAKE3's tree).
 //! - [`wire`]: the QUIC chunk protocol frames (the normative spec is `docs/protocol.md`).
 //! - [`api`]: the tracker's HTTP API types.
+//! - [`hls`]: HLS media playlists (segments, live or ended), read by the player proxy and the tracker.
 //! - [`placement`]: rendezvous hashing, the one placement function tracker and nodes share.
 //! - [`rendezvous`]: frames of the rendezvous protocol that lets clients reach nodes behind NAT.
 //! - [`rtt`]: the moving-percentile RTT filter nodes apply before reporting RTTs.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod cache;
 pub mod credits;
 pub mod groups;
+pub mod hls;
 pub mod id;
 pub mod manifest;
 pub mod merkle;

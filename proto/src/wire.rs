@@ -30,6 +30,8 @@ const FLAG_ORIGIN: u8 = 2;
 const FLAG_RECEIPT: u8 = 4;
 const FLAG_TICKET: u8 = 8;
 const FLAG_GROUPS: u8 = 16;
+/// Marks a push ([`NodeRequest::Push`]); only the client protocol carries it.
+const FLAG_PUSH: u8 = 32;
 /// Largest group size a request may name (2^24: one group for the largest chunk).
 const MAX_GROUP_LOG2: u8 = 24;
 /// Longest receipt (JSON) a request may carry.
@@ -360,6 +362,50 @@ impl Decode for ChunkRequest {
     /// is shorter than its fields say is an error, not a reason to read on.
     fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
         decode_length_prefixed(buf, Self::check_len, Self::decode)
+    }
+}
+
+/// What a stream of the client protocol opens with: a chunk request, or a push — a chunk request's fields
+/// with [`FLAG_PUSH`] set. A push asks the node to get the chunk (a fill licensed by its origin hint and a
+/// ticket naming the node, as for any miss), keep it, and answer with a [`ResponseHead`] only: `Ok { len }`
+/// once it holds the chunk, no payload, so the node's uplink is not spent sending it back. The tracker
+/// pushes live segments to the nodes its viewers will ask. Peers' fill streams carry chunk requests only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeRequest {
+    Chunk(ChunkRequest),
+    Push(ChunkRequest),
+}
+
+impl NodeRequest {
+    /// The request as it goes on the wire (see [`ChunkRequest::encode_framed`]).
+    pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
+        match self {
+            Self::Chunk(req) => req.encode_framed(),
+            Self::Push(req) => {
+                let mut framed = req.encode_framed()?;
+                // Length prefix (2), version (1), then the flags.
+                framed[3] |= FLAG_PUSH;
+                Ok(framed)
+            }
+        }
+    }
+
+    /// The request body (after its length prefix), which must be exactly one request.
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        if body.get(1).is_none_or(|flags| flags & FLAG_PUSH == 0) {
+            return ChunkRequest::decode(body).map(Self::Chunk);
+        }
+        let mut plain = body.to_vec();
+        plain[1] &= !FLAG_PUSH;
+        ChunkRequest::decode(&plain).map(Self::Push)
+    }
+}
+
+impl Decode for NodeRequest {
+    type Error = FrameError;
+
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        decode_length_prefixed(buf, ChunkRequest::check_len, Self::decode)
     }
 }
 
@@ -695,6 +741,14 @@ mod tests {
             &grouped.encode_framed().expect("fits"),
             &format!("0065 01 10 {HASH_11} 0a 0002 {HASH_11} {HASH_AB}"),
         );
+        // A push: the same fields, flag 0x20; a chunk request decoder refuses it.
+        let push = NodeRequest::Push(ChunkRequest { ticket: Some(b"t".to_vec()), ..minimal.clone() });
+        let push_hex = format!("0025 01 28 {HASH_11} 0001 74");
+        assert_vector(&push, &push.encode_framed().expect("fits"), &push_hex);
+        let plain = NodeRequest::Chunk(minimal.clone());
+        assert_vector(&plain, &plain.encode_framed().expect("fits"), &format!("0022 01 00 {HASH_11}"));
+        let push_bytes = ::hex::decode(push_hex.replace(' ', "")).expect("hex");
+        assert_eq!(ChunkRequest::decode_prefix(&push_bytes), Err(FrameError::Flags(0x28)));
         let receipt = ChunkRequest::receipt_only(b"{}".to_vec());
         assert_vector(
             &receipt,

@@ -16,6 +16,7 @@
 //! Pure code: the node's overlay, the tracker and the simulator call it with what they have (ids,
 //! coordinates from [`crate::coords`], labels).
 
+use fog_proto::api::MAX_CELL_LISTED;
 use fog_proto::placement::weight;
 use fog_proto::{ChunkHash, NodeId};
 
@@ -72,6 +73,47 @@ pub fn home_order(chunk: &ChunkHash, members: &[NodeId], available: impl Fn(usiz
     ranked.truncate(k);
     ranked.sort_unstable_by(by_weight);
     ranked.into_iter().map(|(_, _, i)| i).collect()
+}
+
+/// Members a part of a split cell holds at most on average: a cell is listed to each of its nodes (ids and
+/// addresses, [`MAX_CELL_LISTED`] at most), so a crowded cell is split into parts, each a cell of its own.
+pub const PART_SIZE: usize = 768;
+
+/// The cell a member of cell `key` with `members` members is in once crowded cells are split: `key` itself
+/// up to [`PART_SIZE`] members; past that one of 2^k parts (the fewest that keep parts at [`PART_SIZE`] on
+/// average), by the top k bits of the member's rendezvous weight. When a growing cell doubles its parts,
+/// each part splits in two, so the chunks homed on the half that stays keep their homes.
+pub fn part_of(key: CellKey, id: &NodeId, members: usize) -> CellKey {
+    if members <= PART_SIZE {
+        return key;
+    }
+    let bits = members.div_ceil(PART_SIZE).next_power_of_two().trailing_zeros();
+    let part = weight(&salt(key), id) >> (64 - bits);
+    let mut h = blake3::Hasher::new();
+    h.update(b"fogcdn cell part\0");
+    h.update(&key.0.to_be_bytes());
+    h.update(&[bits as u8]);
+    h.update(&part.to_be_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    CellKey(u64::from_be_bytes(first))
+}
+
+/// The members of cell `key` it lists to its nodes, as indices into `members`: all of them, or the
+/// [`MAX_CELL_LISTED`] first in the cell's own rendezvous order when a part came out larger than that (the
+/// others use the list but are nobody's home).
+pub fn listed(key: CellKey, members: &[NodeId]) -> Vec<usize> {
+    if members.len() <= MAX_CELL_LISTED {
+        return (0..members.len()).collect();
+    }
+    home_order(&salt(key), members, |_| true, MAX_CELL_LISTED)
+}
+
+/// The pseudo-chunk a cell ranks its own members by.
+fn salt(key: CellKey) -> ChunkHash {
+    let mut input = *b"fogcdn cell salt\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+    input[24..].copy_from_slice(&key.0.to_be_bytes());
+    ChunkHash(*blake3::hash(&input).as_bytes())
 }
 
 #[cfg(test)]
@@ -136,5 +178,42 @@ mod tests {
             homed[home_order(&ChunkHash::of(&c.to_be_bytes()), &members, |_| true, 1)[0]] += 1;
         }
         assert!(homed.iter().all(|&n| (350..=650).contains(&n)), "{homed:?}");
+    }
+
+    #[test]
+    fn a_crowded_cell_splits_into_parts_and_a_doubling_keeps_half_of_each() {
+        let key = CellKey(7);
+        let n = 2 * PART_SIZE + 1;
+        let members = ids(2 * n as u32);
+        assert!(members.iter().all(|id| part_of(key, id, PART_SIZE) == key), "small cells stay whole");
+        let parts = |n: usize| -> std::collections::HashMap<CellKey, Vec<NodeId>> {
+            let mut by: std::collections::HashMap<CellKey, Vec<NodeId>> = Default::default();
+            for id in &members[..n] {
+                by.entry(part_of(key, id, n)).or_default().push(*id);
+            }
+            by
+        };
+        let before = parts(n);
+        assert_eq!(before.len(), 4);
+        let sizes: Vec<usize> = before.values().map(Vec::len).collect();
+        assert!(sizes.iter().all(|m| (PART_SIZE / 4..=MAX_CELL_LISTED).contains(m)), "{sizes:?}");
+        // Twice the members, twice the parts: every new part lies inside one old part.
+        let after = parts(2 * n);
+        assert_eq!(after.len(), 8);
+        for m in after.values() {
+            let within = |old: &Vec<NodeId>| m.iter().filter(|id| members[..n].contains(id)).all(|id| old.contains(id));
+            assert!(before.values().any(within));
+        }
+        // A part larger than a list lists its first members in its own order, the same whatever the order.
+        let crowd = &members[..MAX_CELL_LISTED + 100];
+        let chosen = listed(key, crowd);
+        assert_eq!(chosen.len(), MAX_CELL_LISTED);
+        let mut reversed: Vec<NodeId> = crowd.to_vec();
+        reversed.reverse();
+        let mut a: Vec<NodeId> = chosen.iter().map(|&i| crowd[i]).collect();
+        let mut b: Vec<NodeId> = listed(key, &reversed).iter().map(|&i| reversed[i]).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
     }
 }

@@ -130,10 +130,22 @@ pub struct Snapshot {
     total_upload: f64,
     /// The first 8 bytes of each node's id, in node order (so sorted too).
     prefixes: Vec<u64>,
+    /// Where in `prefixes` each of as many equal slices of their range begins, and one past the end: a
+    /// lookup searches one slice (ids are hashes: a node or two each) instead of bisecting all of them,
+    /// which at 10^6 nodes is ~20 cache misses for each node a client network measured.
+    buckets: Vec<u32>,
 }
 
 fn id_prefix(id: &NodeId) -> u64 {
     u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+/// Which of `sorted.len()` equal slices of the range of the (non-empty, sorted) `sorted` holds `p`, which
+/// lies within that range.
+fn bucket(sorted: &[u64], p: u64) -> usize {
+    let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+    let span = u128::from(hi - lo) + 1;
+    (u128::from(p - lo) * sorted.len() as u128 / span) as usize
 }
 
 fn cell(c: &Coord, cell_ms: f32) -> (i32, i32) {
@@ -180,15 +192,30 @@ impl Snapshot {
             mid_ms *= 8.0;
         }
         levels.push((CELL_COARSE_MS, coarse, COARSE_RINGS));
-        let prefixes = nodes.iter().map(|n| id_prefix(&n.contact.id)).collect();
-        Self { nodes, levels, default_pool: pool.into_iter().map(|(_, i)| i).collect(), total_upload, prefixes }
+        let prefixes: Vec<u64> = nodes.iter().map(|n| id_prefix(&n.contact.id)).collect();
+        // Counted per slice, then summed: the first index of each slice.
+        let mut buckets = vec![0u32; prefixes.len() + 1];
+        for &p in &prefixes {
+            buckets[bucket(&prefixes, p) + 1] += 1;
+        }
+        for b in 1..buckets.len() {
+            buckets[b] += buckets[b - 1];
+        }
+        let default_pool = pool.into_iter().map(|(_, i)| i).collect();
+        Self { nodes, levels, default_pool, total_upload, prefixes, buckets }
     }
 
-    /// Where `id` is in [`Snapshot::nodes`]: a binary search over the ids' first 8 bytes (integer compares,
-    /// several times faster than comparing whole ids), then the full id.
+    /// Where `id` is in [`Snapshot::nodes`]: a search over the ids' first 8 bytes (integer compares, several
+    /// times faster than comparing whole ids) in the slice of their range it falls in, then the full id.
     fn index_of(&self, id: &NodeId) -> Option<usize> {
         let key = id_prefix(id);
-        let from = self.prefixes.partition_point(|p| *p < key);
+        let (&lo, &hi) = (self.prefixes.first()?, self.prefixes.last()?);
+        if !(lo..=hi).contains(&key) {
+            return None;
+        }
+        let b = bucket(&self.prefixes, key);
+        let (start, end) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
+        let from = start + self.prefixes[start..end].partition_point(|p| *p < key);
         (from..self.prefixes.len()).take_while(|&i| self.prefixes[i] == key).find(|&i| self.nodes[i].contact.id == *id)
     }
 
@@ -659,6 +686,36 @@ mod tests {
         let mut load = Load::default();
         assert_eq!(first(&mut load, a, false, 0), home(a));
         assert_eq!(first(&mut load, b, false, 10), home(b), "a chunk fetched later joined the queue");
+    }
+
+    /// Ids are found whatever their spread: hashes, shared first bytes, both ends of the range, a cluster.
+    #[test]
+    fn every_node_is_found_by_its_id_and_no_other_id_is() {
+        let params = Params::default();
+        let with_id = |i: u32, id: [u8; 32]| NodeInfo {
+            contact: NodeContact { id: NodeId(id), ..node(i, 0.0, 0.0, 1).contact },
+            ..node(i, 0.0, 0.0, 1)
+        };
+        let mut nodes: Vec<NodeInfo> = (0..300).map(|i| node(i, 0.0, 0.0, 1)).collect();
+        for (i, first) in [[0u8; 8], [0xff; 8], [7; 8], [7; 8]].into_iter().enumerate() {
+            let mut id = [i as u8 + 1; 32];
+            id[..8].copy_from_slice(&first);
+            nodes.push(with_id(300 + i as u32, id));
+        }
+        // A cluster: 50 ids a few apart in their first 8 bytes.
+        for i in 0..50u32 {
+            let mut id = [0x42; 32];
+            id[4..8].copy_from_slice(&(i * 3).to_be_bytes());
+            nodes.push(with_id(400 + i, id));
+        }
+        let snap = Snapshot::new(nodes, &params);
+        for (i, n) in snap.nodes.iter().enumerate() {
+            assert_eq!(snap.index_of(&n.contact.id), Some(i));
+        }
+        let mut absent = [0x42; 32];
+        absent[4..8].copy_from_slice(&4u32.to_be_bytes());
+        assert!(!snap.contains(&NodeId(absent)) && !snap.contains(&NodeId([7; 32])));
+        assert!(!Snapshot::default().contains(&NodeId([0; 32])));
     }
 
     /// Clients without a coordinate spread over the whole default pool, so every node (a new one too) gets

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use fog_proto::{ChunkHash, NodeId};
-use fog_sched::cells::{cell_of, home_order, CellKey};
+use fog_sched::cells::{cell_of, home_order, part_of, CellKey};
 use fog_sched::coords::Coord;
 
 /// How much of a (cell, chunk) home order is kept.
@@ -25,8 +25,9 @@ pub struct CellHomes {
     cell: Vec<u32>,
     members: Vec<Vec<u32>>,
     member_ids: Vec<Vec<NodeId>>,
-    /// Cell keys to cells, and how cells are keyed (region labels, or the grid's edge).
-    dense: HashMap<CellKey, u32>,
+    /// Cell keys (before splitting) to their parts' cells, and how cells are keyed (region labels, or the
+    /// grid's edge).
+    parts: HashMap<CellKey, Vec<u32>>,
     by_region: bool,
     edge_ms: f32,
     /// (cell, the chunk hash's first 8 bytes) → the first [`KEPT`] members (node indices) in the chunk's home
@@ -35,30 +36,44 @@ pub struct CellHomes {
 }
 
 impl CellHomes {
-    /// Cells of nodes with these ids and coordinates, and (for region cells) region labels.
+    /// Cells of nodes with these ids and coordinates, and (for region cells) region labels; crowded cells
+    /// split into parts as the tracker splits them (`fog_sched::cells::part_of`).
     pub fn new(ids: &[NodeId], coords: &[Coord], regions: Option<&[u16]>, edge_ms: f32) -> Self {
         let mut dense: HashMap<CellKey, u32> = HashMap::new();
         let label = |region: u16| format!("region-{region}");
+        let keys: Vec<CellKey> = coords
+            .iter()
+            .enumerate()
+            .map(|(i, coord)| cell_of(coord, regions.map(|r| label(r[i])).as_deref(), edge_ms))
+            .collect();
+        let mut sizes: HashMap<CellKey, usize> = HashMap::new();
+        for key in &keys {
+            *sizes.entry(*key).or_default() += 1;
+        }
         let (mut cell, mut members, mut member_ids) = (Vec::with_capacity(ids.len()), Vec::new(), Vec::new());
-        for (i, (id, coord)) in ids.iter().zip(coords).enumerate() {
-            let key = cell_of(coord, regions.map(|r| label(r[i])).as_deref(), edge_ms);
+        let mut parts: HashMap<CellKey, Vec<u32>> = HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let key = part_of(keys[i], id, sizes[&keys[i]]);
             let next = dense.len() as u32;
             let c = *dense.entry(key).or_insert(next);
             if c == next {
                 members.push(Vec::new());
                 member_ids.push(Vec::new());
+                parts.entry(keys[i]).or_default().push(c);
             }
             cell.push(c);
             members[c as usize].push(i as u32);
             member_ids[c as usize].push(*id);
         }
-        Self { cell, members, member_ids, dense, by_region: regions.is_some(), edge_ms, orders: HashMap::new() }
+        Self { cell, members, member_ids, parts, by_region: regions.is_some(), edge_ms, orders: HashMap::new() }
     }
 
-    /// The cell a host with this coordinate and region is in, if any node is.
-    pub fn cell_at(&self, coord: &Coord, region: u16) -> Option<u32> {
+    /// The cell a host with this coordinate and region is in, if any node is; in a split cell, the part
+    /// `pick` selects (the tracker counts a viewer in the part its first node is in, any of them).
+    pub fn cell_at(&self, coord: &Coord, region: u16, pick: usize) -> Option<u32> {
         let label = self.by_region.then(|| format!("region-{region}"));
-        self.dense.get(&cell_of(coord, label.as_deref(), self.edge_ms)).copied()
+        let parts = self.parts.get(&cell_of(coord, label.as_deref(), self.edge_ms))?;
+        Some(parts[pick % parts.len()])
     }
 
     pub fn cell(&self, n: usize) -> u32 {

@@ -1005,7 +1005,7 @@ impl Sim {
     fn viewer_cell(&self, client: u32) -> Option<u32> {
         let cells = self.cell_homes.as_ref().filter(|_| self.pushing())?;
         let c = &self.clients[client as usize];
-        cells.cell_at(c.net.coord.as_ref()?, c.host.region)
+        cells.cell_at(c.net.coord.as_ref()?, c.host.region, client as usize)
     }
 
     /// When node `m` has the chunk it holds: a pushed segment may still be on its way.

@@ -116,8 +116,10 @@ pub struct WarmCaches {
     near: Rows,
     place: Vec<u8>,
     near_of: Rows,
-    /// Per node, the share of all clients' requests placed on it (ordinary chunks).
+    /// Per node, the share of all clients' requests placed on it (ordinary chunks), and the sum of it over
+    /// the nodes whose neighbourhood holds the node (the most their misses can add to what reaches it).
     serves: Vec<f32>,
+    hood_reach: Vec<f64>,
     /// With cell homes: each node's cell, and per cell the sum of its members' `serves`.
     cells: Option<(Vec<u32>, Vec<f32>)>,
     demand: Vec<ChunkDemand>,
@@ -188,8 +190,12 @@ impl WarmCaches {
         for (r, &key) in by_rate.iter().enumerate() {
             rank[key] = r as u32;
         }
+        let in_hoods = hoods.transpose(nodes);
+        let hood_reach =
+            (0..nodes).map(|h| in_hoods.row(h).iter().map(|&n| f64::from(serves[n as usize])).sum()).collect();
         let mut warm = Self {
-            in_hoods: hoods.transpose(nodes),
+            in_hoods,
+            hood_reach,
             hoods,
             near_of: near.transpose(nodes),
             near,
@@ -297,20 +303,31 @@ impl WarmCaches {
         let draw = (splitmix(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
         // Reached if the requests' rate exceeds −ln(1 − draw) / H: stop adding sources once it does.
         let needed = -(1.0 - draw).ln() / self.horizon_secs / demand.rate.max(f64::MIN_POSITIVE);
-        let weights = &mut self.weights;
-        weights.start();
-        let mine = weights.get(h as u32, &w);
         let replicas = usize::from(demand.replicas).max(1);
-        // Shares of the chunk's requests reaching `h`: from client networks...
-        let mut reach = if self.place.is_empty() { f64::from(self.serves[h]) } else { 0.0 };
-        for &c in self.near_of.row(h) {
+        // The client networks whose placement set holds `h` (each gives a share if `h` ranks in its top)...
+        let placements = self.near_of.row(h).iter().filter_map(|&c| {
             let near = self.near.row(c as usize);
             let len = usize::from(self.place[c as usize]).max(replicas.min(near.len())).clamp(1, near.len());
             let set = &near[..len];
-            let top = replicas.min(len);
-            if set.contains(&(h as u32))
-                && set.iter().filter(|&&p| p as usize != h && weights.get(p, &w) > mine).count() < top
-            {
+            set.contains(&(h as u32)).then(|| (set, replicas.min(len)))
+        });
+        // ... and the most the nodes whose home `h` may be can add: if even all of it falls short, `h` was not
+        // reached, and no weight need be hashed (the margin covers rounding in the order of the sums).
+        let from_homes = match &self.cells {
+            Some((cell, share)) => f64::from(share[cell[h] as usize] - self.serves[h]),
+            None => self.hood_reach[h],
+        };
+        let most = placements.clone().map(|(_, top)| 1.0 / (top as f64 * self.clients)).sum::<f64>() + from_homes;
+        if most * (1.0 + 1e-9) < needed && !self.place.is_empty() {
+            return false;
+        }
+        let weights = &mut self.weights;
+        weights.start();
+        let mine = weights.get(h as u32, &w);
+        // Shares of the chunk's requests reaching `h`: from client networks...
+        let mut reach = if self.place.is_empty() { f64::from(self.serves[h]) } else { 0.0 };
+        for (set, top) in placements {
+            if set.iter().filter(|&&p| p as usize != h && weights.get(p, &w) > mine).count() < top {
                 reach += 1.0 / (top as f64 * self.clients);
             }
         }
@@ -318,18 +335,23 @@ impl WarmCaches {
             return true;
         }
         // ... and from the nodes whose home it is: with cell homes, every other member of its cell...
-        if let Some((cell, share)) = &self.cells {
-            return is_home() && reach + f64::from(share[cell[h] as usize] - self.serves[h]) >= needed;
+        if self.cells.is_some() {
+            return reach + from_homes >= needed && is_home();
         }
         // ... else the neighbours whose home it is (most nodes are outranked in a neighbourhood at once).
         for &n in self.in_hoods.row(h) {
+            let serves = f64::from(self.serves[n as usize]);
+            // A neighbour no client places chunks on has no misses to send.
+            if serves == 0.0 {
+                continue;
+            }
             let hood = self.hoods.row(n as usize);
             // A member whose weight is known already often outranks `h`: look for one before hashing.
             if hood.iter().any(|&p| weights.known(p).is_some_and(|wp| wp > mine)) {
                 continue;
             }
             if hood.iter().all(|&p| p as usize == h || weights.get(p, &w) < mine) {
-                reach += f64::from(self.serves[n as usize]);
+                reach += serves;
                 if reach >= needed {
                     return true;
                 }

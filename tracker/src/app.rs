@@ -146,6 +146,8 @@ pub struct App {
     pub dashboard: Arc<Dashboard>,
     pub ledger: Ledger,
     pub db: Arc<Db>,
+    /// Live playlists followed, their viewers and pushes.
+    pub live: Arc<crate::live::Live>,
     resolves: AtomicU64,
     ingests: AtomicU64,
     streams: Arc<Semaphore>,
@@ -162,9 +164,9 @@ pub struct App {
     /// allocator).
     dial_back_endpoints: transport::FamilyEndpoints,
     /// The scheduler's recent load and chunk popularity.
-    load: std::sync::Mutex<scheduler::Load>,
+    pub(crate) load: std::sync::Mutex<scheduler::Load>,
     /// Client networks' coordinates, from their reports.
-    clients: std::sync::Mutex<ClientCoords>,
+    pub(crate) clients: std::sync::Mutex<ClientCoords>,
     dial_backs: Semaphore,
     /// Fair shares per source (IPv4 address / IPv6 /64) of registrations and of new ingests.
     registrations_by_source: PerSource,
@@ -212,11 +214,9 @@ impl App {
         let (urgent_probes, urgent_rx) = mpsc::channel(64);
         let blocked = db.blocked_nodes()?;
         Ok(Self {
-            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked).with_params(scheduler::Params {
-                k: cfg.candidates,
-                epsilon: cfg.load_epsilon,
-                ..Default::default()
-            }),
+            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked)
+                .with_params(scheduler::Params { k: cfg.candidates, epsilon: cfg.load_epsilon, ..Default::default() })
+                .with_cells(cfg.cell_ms),
             load: Default::default(),
             clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
             metrics,
@@ -225,6 +225,7 @@ impl App {
             cfg,
             ingest,
             db,
+            live: Arc::default(),
             resolves: AtomicU64::new(0),
             ingests: AtomicU64::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
@@ -435,6 +436,7 @@ impl App {
             version: reg.version,
             reachable,
             joining: reg.joining,
+            region: reg.region,
         };
         match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
@@ -451,6 +453,7 @@ impl App {
                     verified_addrs,
                     peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
                     membership: Some(self.ledger.membership(node, now_ms())),
+                    cell: self.registry.cell_list_for(&node, None).map(|c| (*c).clone()),
                 })
             }
             Err(RegistryError::Full(n)) => Err(AppError::RegistryFull(n)),
@@ -465,6 +468,7 @@ impl App {
         let overlay_bounds = hb.overlay.as_ref().map_or(Ok(()), OverlayReport::check_bounds);
         hb.stats.check_bounds().and(overlay_bounds).map_err(AppError::BadRequest)?;
         let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
+        let cell_held = hb.overlay.as_ref().and_then(|o| o.cell_version);
         // Few overlay peers, or behind NAT without a rendezvous: suggest peers (and rendezvous candidates).
         let wants_peers = hb.overlay.as_ref().is_some_and(|o| {
             o.connected_peers < WANT_PEERS || (o.rendezvous.is_none() && !self.registry.is_reachable(&node))
@@ -487,7 +491,8 @@ impl App {
         let peers =
             if registered && wants_peers { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
         let (reachable, verified_addrs) = self.registry.verified(&node).unzip();
-        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers, reachable, verified_addrs })
+        let cell = registered.then(|| self.registry.cell_list_for(&node, cell_held)).flatten().map(|c| (*c).clone());
+        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers, reachable, verified_addrs, cell })
     }
 
     /// Dials back the other addresses `node` advertises, when they changed since the last time, from
@@ -555,6 +560,9 @@ impl App {
     pub fn client_report(&self, report: &ClientReport, peer: IpAddr) -> Result<(), AppError> {
         report.check_bounds().map_err(AppError::BadRequest)?;
         self.place_client(peer, &report.node_rtt);
+        if !report.live_playlists.is_empty() {
+            self.watch_live(&report.live_playlists, peer);
+        }
         let m = &self.metrics;
         m.client_bytes.get_or_create(&SourceLabel { source: "fog" }).inc_by(report.fog_bytes);
         m.client_bytes.get_or_create(&SourceLabel { source: "origin" }).inc_by(report.origin_bytes);
@@ -617,6 +625,7 @@ impl App {
                 .zip(c.by_family)
                 .map(|(f, (verified, unverified))| (f.to_string(), FamilyCounts { verified, unverified }))
                 .collect(),
+            cells: self.registry.cell_count() as u64,
         }
     }
 
@@ -721,6 +730,7 @@ impl App {
             m.nodes_by_reachability.get_or_create(&label).set(*n as i64);
         }
         m.manifests.set(s.manifests as i64);
+        m.cells.set(s.cells as i64);
         m.ingests_running.set(s.ingests_running as i64);
         m.node_cache_used_bytes.set(s.cache_used as i64);
         let t = &self.registry.totals;

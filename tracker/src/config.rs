@@ -11,6 +11,7 @@ use fog_proto::groups::{self, DEFAULT_GROUP_SIZE};
 use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use fog_proto::origins::OriginList;
 use fog_proto::size::Size;
+use fog_sched::cells::DEFAULT_EDGE_MS;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
@@ -69,6 +70,12 @@ pub struct TrackerArgs {
     /// Seconds between rounds of active probes of nodes; 0 turns probing off [default: 30].
     #[arg(long, env = "FOG_TRACKER_PROBE_SECS")]
     pub probe_secs: Option<u64>,
+    /// Edge of the grid cells nodes are grouped into by network coordinate, in ms of RTT: every node of a
+    /// cell (or of a region label a node was given with `--region`) asks the same member, the chunk's home,
+    /// for a chunk it lacks, so a chunk is fetched from the origin once per cell. 0 turns cells off (each
+    /// node finds homes among its nearest peers) [default: 50].
+    #[arg(long, env = "FOG_TRACKER_CELL_MS")]
+    pub cell_ms: Option<f32>,
     /// Most registered nodes kept [default: 100000].
     #[arg(long, env = "FOG_TRACKER_MAX_NODES")]
     pub max_nodes: Option<usize>,
@@ -99,6 +106,8 @@ pub struct TrackerConfig {
     pub load_epsilon: f64,
     pub min_reingest_age: Duration,
     pub max_nodes: usize,
+    /// Grid edge of cells in ms; `None`: no cells.
+    pub cell_ms: Option<f32>,
     pub admin_token: Option<String>,
     pub epoch: Duration,
     pub tickets_per_minute: u32,
@@ -146,6 +155,9 @@ impl TrackerArgs {
             load_epsilon: self.load_epsilon.or(file.load_epsilon).unwrap_or(0.25).clamp(0.0, 10.0),
             min_reingest_age: Duration::from_secs(self.min_reingest_secs.or(file.min_reingest_secs).unwrap_or(30)),
             max_nodes: self.max_nodes.or(file.max_nodes).unwrap_or(100_000).max(1),
+            cell_ms: Some(self.cell_ms.or(file.cell_ms).unwrap_or(DEFAULT_EDGE_MS))
+                .filter(|ms| ms.is_finite() && *ms > 0.0)
+                .map(|ms| ms.max(1.0)),
             admin_token,
             epoch: Duration::from_secs(self.epoch_secs.or(file.epoch_secs).unwrap_or(3600).max(1)),
             probe_every: Some(self.probe_secs.or(file.probe_secs).unwrap_or(30))

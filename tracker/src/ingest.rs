@@ -186,6 +186,11 @@ impl Ingest {
         Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// The client ingest reads origins with (held to the registered origins).
+    pub fn origin(&self) -> &OriginClient {
+        &self.inner.origin
+    }
+
     /// Manifests stored.
     pub fn manifests(&self) -> u64 {
         self.inner.manifests.load(Ordering::Relaxed)
@@ -246,6 +251,36 @@ impl Ingest {
             }
         };
         inner.wait(url, &run, from, started).await
+    }
+
+    /// `url`'s complete manifest, ingesting it on first use as a resolve does (one read, shared with
+    /// resolves of it), waiting for the whole read at most `within`; `None` if it is not done by then.
+    /// The tracker's live push needs a segment's every chunk hashed before it names them to nodes.
+    pub async fn complete(&self, url: &str, within: Duration) -> Result<Option<Arc<Manifest>>, IngestError> {
+        let answer = self.manifest(url, None, 0).await?;
+        if answer.manifest.is_complete() {
+            return Ok(Some(answer.manifest));
+        }
+        let running = self.inner.running.lock().expect("running lock").get(url).cloned();
+        let Some(run) = running else {
+            // It finished in between: stored by now.
+            let stored = self.inner.db.manifest(url).map_err(|e| IngestError::Db(Arc::new(e)))?;
+            return Ok(stored.map(|s| Arc::new(s.manifest)));
+        };
+        let mut changed = run.changed.subscribe();
+        let outcome = async {
+            loop {
+                if let Some(outcome) = &run.state.lock().expect("ingest state lock").outcome {
+                    return outcome.clone();
+                }
+                // The sender lives in `run`, which this holds: it cannot close.
+                let _ = changed.changed().await;
+            }
+        };
+        match tokio::time::timeout(within, outcome).await {
+            Ok(outcome) => outcome.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Stores a manifest built where the content is packaged; the object is never read to hash it.

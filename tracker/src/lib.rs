@@ -3,7 +3,7 @@
 //! and reports stats and metrics.
 //!
 //! `app` is what requests mean, `http` only routes and maps errors to statuses, `run` starts the
-//! background tasks; `registry`, `ledger`, `ingest` and `probe` are the domain's parts.
+//! background tasks; `registry`, `ledger`, `ingest`, `live` and `probe` are the domain's parts.
 
 pub mod app;
 pub mod clock;
@@ -13,6 +13,7 @@ pub mod db;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
+pub mod live;
 pub mod metrics;
 pub mod probe;
 pub mod registry;

@@ -71,6 +71,7 @@ pub struct Metrics {
     pub nodes_by_reachability: Family<ReachabilityLabel, Gauge>,
     pub nodes_by_family: Family<FamilyLabel, Gauge>,
     pub manifests: Gauge,
+    pub cells: Gauge,
     pub ingests_running: Gauge,
     pub node_cache_used_bytes: Gauge,
     pub fog_bytes: Counter,
@@ -82,6 +83,44 @@ pub struct Metrics {
     pub credited_bytes: Counter,
     pub rejected_receipts: Counter,
     pub probes: Family<ResultLabel, Counter>,
+    pub live: LiveMetrics,
+}
+
+/// Live playlists followed and segments pushed (`crate::live`).
+#[derive(Debug, Default)]
+pub struct LiveMetrics {
+    pub playlists: Gauge,
+    pub viewers: Gauge,
+    /// Playlist polls by result (ok, or why the playlist could not be read).
+    pub polls: Family<ResultLabel, Counter>,
+    /// New segments ingested to be pushed, and those whose ingest failed.
+    pub segments: Counter,
+    pub segment_errors: Counter,
+    /// Pushes by result (ok, failed, and those skipped: the home loaded, too many in flight).
+    pub pushes: Family<ResultLabel, Counter>,
+}
+
+impl LiveMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("fog_tracker_live_playlists", "Live playlists followed", self.playlists.clone());
+        registry.register(
+            "fog_tracker_live_viewers",
+            "Viewers of followed live playlists (reporting addresses)",
+            self.viewers.clone(),
+        );
+        registry.register("fog_tracker_live_polls", "Polls of followed live playlists by result", self.polls.clone());
+        registry.register("fog_tracker_live_segments", "New live segments ingested for push", self.segments.clone());
+        registry.register(
+            "fog_tracker_live_segment_errors",
+            "New live segments that could not be ingested for push",
+            self.segment_errors.clone(),
+        );
+        registry.register(
+            "fog_tracker_live_pushes",
+            "Live segment chunks pushed to cell homes by result",
+            self.pushes.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -132,6 +171,12 @@ impl Default for Metrics {
             nodes_by_family.clone(),
         );
         registry.register("fog_tracker_manifests", "Manifests stored", manifests.clone());
+        let cells = Gauge::default();
+        registry.register(
+            "fog_tracker_cells",
+            "Cells the healthy nodes are partitioned into, each fetching a chunk from the origin once",
+            cells.clone(),
+        );
         let ingests_running = Gauge::default();
         registry.register(
             "fog_tracker_ingests_running",
@@ -169,8 +214,11 @@ impl Default for Metrics {
             "Node failures clients report, by reason",
             node_failure_reports.clone(),
         );
+        let live = LiveMetrics::default();
+        live.register(&mut registry);
         Self {
             registry,
+            live,
             resolves,
             ingest_errors,
             bad_node_messages,
@@ -179,6 +227,7 @@ impl Default for Metrics {
             nodes_by_reachability,
             nodes_by_family,
             manifests,
+            cells,
             ingests_running,
             node_cache_used_bytes,
             fog_bytes,

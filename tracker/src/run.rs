@@ -4,7 +4,8 @@
 //! - the sampler: a dashboard sample every [`SAMPLE_EVERY`], forgetting the load of nodes that left;
 //! - the sealer: signs the ledger head that closes each epoch, once the epoch has ended;
 //! - the prober (with `--probe-every`): fetches a chunk from each node as a client would, and at once from
-//!   nodes reported to serve wrong bytes.
+//!   nodes reported to serve wrong bytes;
+//! - the live follower: polls the live playlists players report and pushes their new segments (`live`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,9 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl std::futur
     let urgent = app.urgent_rx.lock().expect("probe channel lock").take();
     if let (Some(every), Some(urgent)) = (app.cfg.probe_every, urgent) {
         tasks.spawn(crate::probe::probe_forever(app.clone(), every, urgent));
+    }
+    if let Some(started) = app.live.start_rx.lock().expect("live channel lock").take() {
+        tasks.spawn(crate::live::follow_forever(app.clone(), started));
     }
     crate::http::serve(app, listener, shutdown).await;
     tasks.abort_all();

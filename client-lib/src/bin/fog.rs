@@ -256,6 +256,11 @@ fn summary(url: &str, r: &FetchReport, elapsed: Duration) -> String {
     )
 }
 
+/// Bytes collected before each write to standard output. Tokio writes it on a blocking thread, one
+/// hand-over per write: the fetch delivers 64 KiB groups, and 16 times fewer hand-overs cost less than the
+/// extra copy.
+const OUTPUT_BUFFER: usize = 1 << 20;
+
 async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: usize, json: bool) -> anyhow::Result<()> {
     let client = FogClient::new(ClientConfig { tracker: Some(tracker), parallel, ..Default::default() })?;
     let started = Instant::now();
@@ -293,7 +298,7 @@ async fn get(tracker: String, url: String, output: Option<PathBuf>, parallel: us
             }
         }
         None => {
-            let mut stdout = tokio::io::stdout();
+            let mut stdout = tokio::io::BufWriter::with_capacity(OUTPUT_BUFFER, tokio::io::stdout());
             let r = client.fetch_to(&url, &mut stdout).await?;
             stdout.flush().await?;
             r

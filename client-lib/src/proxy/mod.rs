@@ -102,6 +102,10 @@ const ORIGINS_RETRY: Duration = Duration::from_secs(5);
 const MAX_PREFETCHED: u64 = 256;
 /// Buffer between a fetch and the player's connection.
 const PIPE: usize = 256 * 1024;
+/// How often a live playlist the player keeps reloading is reported to the tracker (which counts a viewer
+/// for 30 s after a report), and most playlists remembered as reported.
+const LIVE_REPORT_EVERY: Duration = Duration::from_secs(10);
+const MAX_LIVE_REPORTED: usize = 64;
 
 /// A segment being prefetched, then its bytes (`None`: the prefetch failed). A player asking for it meanwhile
 /// waits for it; a cell is in the cache from the moment its prefetch starts, so none starts twice.
@@ -205,6 +209,8 @@ pub struct Proxy {
     /// Resolved manifests reused for `manifest_ttl`, bounded by count.
     manifests: Cache<String, Resolved>,
     segments: Mutex<SegmentIndex>,
+    /// Live playlists reported to the tracker, and when (bounded by `MAX_LIVE_REPORTED`).
+    live_reported: Mutex<HashMap<String, Instant>>,
     /// Prefetched segments, bounded by `prefetch_memory` and `MAX_PREFETCHED`.
     prefetch: Cache<String, Prefetched>,
     pub stats: ProxyStats,
@@ -275,6 +281,7 @@ impl Proxy {
             ),
             manifests: lru_cache(MAX_MANIFESTS, |_, _| 1, Some(cfg.manifest_ttl)),
             segments: Mutex::new(SegmentIndex::default()),
+            live_reported: Mutex::default(),
             // Weighed by its bytes once fetched (the prefetcher puts it again then); at the least share before.
             prefetch: lru_cache(
                 prefetch_memory,
@@ -446,8 +453,18 @@ impl Proxy {
         let text = String::from_utf8_lossy(&raw);
         let rewritten = match kind {
             Kind::Hls => {
+                let (segments, live) = match fog_proto::hls::media_playlist(&text, &base) {
+                    Ok(media) => {
+                        let live = media.is_live() && !media.segments.is_empty();
+                        (media.segments, live)
+                    }
+                    Err(_) => (hls_segments(&text, &base), false),
+                };
                 // Where each segment sits tells, when the player asks for it, where the playhead is.
-                self.segments.lock().expect("lock").insert(url, hls_segments(&text, &base));
+                self.segments.lock().expect("lock").insert(url, segments);
+                if live {
+                    self.report_live(url);
+                }
                 rewrite_hls(&text, &base)
             }
             Kind::Dash => rewrite_dash(&text, &base),
@@ -458,6 +475,35 @@ impl Proxy {
         let body = Bytes::from(rewritten.into_bytes().into_boxed_slice());
         self.playlists.insert(url.to_string(), body.clone()).await;
         Ok(body)
+    }
+
+    /// Tells the tracker the player plays the live playlist `url`, so that it pushes the segments to come
+    /// to the nodes this network is sent to, before the player asks (at most every [`LIVE_REPORT_EVERY`]).
+    fn report_live(&self, url: &str) {
+        if url.len() > fog_proto::api::MAX_LIVE_URL_LEN {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut reported = self.live_reported.lock().expect("lock");
+            if reported.get(url).is_some_and(|at| now.duration_since(*at) < LIVE_REPORT_EVERY) {
+                return;
+            }
+            if reported.len() >= MAX_LIVE_REPORTED {
+                reported.retain(|_, at| now.duration_since(*at) < LIVE_REPORT_EVERY);
+            }
+            if reported.len() >= MAX_LIVE_REPORTED && !reported.contains_key(url) {
+                return;
+            }
+            reported.insert(url.to_string(), now);
+        }
+        let report = fog_proto::api::ClientReport { live_playlists: vec![url.to_string()], ..Default::default() };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.report(&report).await {
+                tracing::debug!(error = %e, "could not report a live playlist to the tracker");
+            }
+        });
     }
 
     /// `url`'s manifest and candidates; `from`: the byte the player reads first. A manifest still being

@@ -1,7 +1,10 @@
 //! Playlists are mutable and pass through from the origin; the proxy only rewrites the URIs in them so
 //! that players fetch every referenced object through the proxy. HLS (master and media playlists, tag
 //! attributes such as `EXT-X-MAP:URI`) and DASH MPDs (`BaseURL`, `SegmentTemplate`, `SegmentURL`) are
-//! handled. The media playlist's segment list also tells the proxy what the player will ask for next.
+//! handled. The media playlist's segment list (`fog_proto::hls`, which the tracker reads too) also tells the
+//! proxy what the player will ask for next.
+
+pub use fog_proto::hls::{hls_segments, Segment};
 
 use super::urls::rewrite_uri;
 
@@ -96,61 +99,6 @@ fn rewrite_between(text: &str, open: &str, close: &str, base: &str) -> String {
     out
 }
 
-/// One media segment of an HLS media playlist: its origin URL and duration in seconds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Segment {
-    pub url: String,
-    pub duration: f64,
-}
-
-/// Resolves a (possibly relative) URI against an origin URL.
-fn resolve(uri: &str, base: &str) -> String {
-    if uri.contains("://") {
-        return uri.to_string();
-    }
-    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
-    let host = rest.split('/').next().unwrap_or("");
-    if let Some(net) = uri.strip_prefix("//") {
-        return format!("{scheme}://{net}");
-    }
-    if uri.starts_with('/') {
-        return format!("{scheme}://{host}{uri}");
-    }
-    let dir = base.split(['?', '#']).next().unwrap_or(base);
-    let dir = &dir[..dir.rfind('/').map_or(dir.len(), |i| i + 1)];
-    format!("{dir}{uri}")
-}
-
-/// Longest segment duration believed, in seconds.
-const MAX_SEGMENT_SECS: f64 = 86_400.0;
-
-/// The media segments of an HLS media playlist (empty for a master playlist), with byte-range segments
-/// left out (they are fetched by range, not prefetched whole), and those without a believable duration.
-pub fn hls_segments(text: &str, playlist: &str) -> Vec<Segment> {
-    let mut segments = Vec::new();
-    let mut duration = None;
-    let mut byterange = false;
-    for line in text.lines().map(str::trim) {
-        if let Some(d) = line.strip_prefix("#EXTINF:") {
-            // The proxy turns durations into deadlines (`Duration::from_secs_f64` panics on a negative, NaN
-            // or huge one) and adds them up: one outside 0..=a day counts as unknown.
-            duration = d
-                .split(',')
-                .next()
-                .and_then(|d| d.trim().parse::<f64>().ok())
-                .filter(|d| (0.0..=MAX_SEGMENT_SECS).contains(d));
-        } else if line.starts_with("#EXT-X-BYTERANGE") {
-            byterange = true;
-        } else if !line.is_empty() && !line.starts_with('#') {
-            if let (Some(d), false) = (duration.take(), byterange) {
-                segments.push(Segment { url: resolve(line, playlist), duration: d });
-            }
-            byterange = false;
-        }
-    }
-    segments
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,24 +114,6 @@ mod tests {
         assert!(out.contains("\n/http/cdn2/seg1.ts\n"));
         assert!(out.contains("URI=\"/http/o:81/keys/k1\""));
         assert!(out.contains("\n/http/o:81/abs/seg2.ts\n"));
-        let segs = hls_segments(text, PL);
-        assert_eq!(
-            segs,
-            vec![
-                Segment { url: "http://o:81/vod/seg0.ts".into(), duration: 4.0 },
-                Segment { url: "http://cdn2/seg1.ts".into(), duration: 4.0 },
-                Segment { url: "http://o:81/abs/seg2.ts".into(), duration: 2.5 },
-            ]
-        );
-    }
-
-    /// Found by `fuzz/fuzz_targets/playlist.rs`: these durations made the proxy panic in
-    /// `Duration::from_secs_f64` when the player asked for the segment.
-    #[test]
-    fn unbelievable_durations_are_unknown() {
-        let text =
-            "#EXTINF:-1,\na.ts\n#EXTINF:NaN,\nb.ts\n#EXTINF:inf,\nc.ts\n#EXTINF:1e400,\nd.ts\n#EXTINF:2,\ne.ts\n";
-        assert_eq!(hls_segments(text, PL), vec![Segment { url: "http://o:81/vod/e.ts".into(), duration: 2.0 }]);
     }
 
     #[test]

@@ -620,6 +620,7 @@ async fn junk_registration(t: Arc<Target>, c: Arc<Class>, i: u64) {
         version: "attack".into(),
         timestamp_ms: now_ms(),
         joining: false,
+        region: None,
     };
     let body = Signed::sign(&key, KIND_REGISTER, &reg);
     match t.http.post(format!("{}/v1/nodes/register", t.tracker)).json(&body).send().await {

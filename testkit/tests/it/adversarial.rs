@@ -214,6 +214,7 @@ async fn out_of_range_fields_and_junk_redeems_are_refused() {
         version,
         timestamp_ms: ts,
         joining: false,
+        region: None,
     };
 
     let long = register("v".repeat(1 << 20), now);

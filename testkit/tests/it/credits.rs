@@ -39,6 +39,7 @@ async fn register_fake_node(cluster: &Cluster, node: &SigningKey) -> quinn::Endp
         version: "test".into(),
         timestamp_ms: now_ms(),
         joining: false,
+        region: None,
     };
     let body = Signed::sign(node, KIND_REGISTER, &reg);
     let resp = reqwest::Client::new()

@@ -423,6 +423,7 @@ async fn forged_and_replayed_node_messages_are_rejected() {
         version: "test".into(),
         timestamp_ms: now - 1,
         joining: false,
+        region: None,
     };
     let registration = Signed::sign(&key, fog_proto::api::KIND_REGISTER, &reg);
     assert_eq!(post("/v1/nodes/register", &registration).await.expect("post").status().as_u16(), 200);

@@ -92,6 +92,7 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
         version: "liar".into(),
         timestamp_ms: now_ms(),
         joining: false,
+        region: None,
     };
     assert_eq!(post(cluster, "/v1/nodes/register", &Signed::sign(&key, KIND_REGISTER, &reg)).await, 200);
     let id: NodeId = key.verifying_key().into();

@@ -14,6 +14,7 @@ mod e2e;
 mod first_view;
 mod health;
 mod ipv6;
+mod live;
 mod netns;
 mod observability;
 mod peer_fill;

@@ -1,5 +1,6 @@
-//! Tiered peer fill between real nodes (libp2p on loopback): a miss asks the chunk's home among the node's
-//! peers to fill it through, so a neighbourhood pulls each chunk from the origin once.
+//! Tiered peer fill between real nodes (libp2p on loopback): a miss asks the chunk's home to fill it through
+//! — among the node's cell (the tracker's default) or its nearest peers — so a cell or neighbourhood pulls
+//! each chunk from the origin once.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use fog_net::transport;
 use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint};
 use fog_proto::{ChunkHash, NodeId};
+use fog_sched::cells::home_order;
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::Value;
@@ -36,7 +38,9 @@ async fn ask(cluster: &Cluster, i: usize, hash: ChunkHash, hint: &OriginHint) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_is_filled_through_the_chunks_home_and_the_origin_is_asked_once() {
-    let cluster = Cluster::start(ClusterOptions { nodes: 3, ..Default::default() }).await;
+    // Homes among the nearest peers (no cells): the node's own neighbourhood, itself left out.
+    let no_cells = vec!["--cell-ms".to_string(), "0".to_string()];
+    let cluster = Cluster::start(ClusterOptions { nodes: 3, tracker_args: no_cells, ..Default::default() }).await;
     let content = test_bytes(1 << 20, 5);
     cluster.origin.put("tiered.bin", content.clone());
     let hash = ChunkHash::of(&content);
@@ -56,6 +60,47 @@ async fn a_miss_is_filled_through_the_chunks_home_and_the_origin_is_asked_once()
     let third = cluster.node_status(other).await;
     assert_eq!((counter(&third, "peer_fills"), counter(&third, "origin_fills")), (1, 0), "{third:#}");
     assert_eq!(cluster.origin.requests_for("tiered.bin"), 1, "the neighbourhood pulled the chunk twice");
+}
+
+/// With cells (the tracker's default), whichever node of a cell a client asks, the miss goes to the same
+/// member: the chunk's home in the cell's order, which fills it from the origin once — itself, when the
+/// edge is the home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_of_a_cell_finds_the_same_home_and_the_origin_is_asked_once() {
+    // One region label: on two loaded cores loopback RTTs can spread coordinates over several grid cells.
+    let region = vec!["--region".to_string(), "loopback".to_string()];
+    let cluster = Cluster::start(ClusterOptions { nodes: 3, node_args: region, ..Default::default() }).await;
+    let ids = meshed(&cluster, 3).await;
+    // Wait until every node holds the whole list.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for i in 0..3 {
+        loop {
+            let status = cluster.node_status(i).await;
+            if status["overlay"]["cell_members"].as_u64() == Some(3) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "node {i} has no full cell list: {:#}", status["overlay"]);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut homed = [0u64; 3];
+    for c in 0..6u64 {
+        let name = format!("cell-{c}.bin");
+        let content = test_bytes(256 << 10, 40 + c);
+        cluster.origin.put(&name, content.clone());
+        let hash = ChunkHash::of(&content);
+        let hint = OriginHint { url: cluster.origin.url(&name), offset: 0, length: content.len() as u32 };
+        homed[home_order(&hash, &ids, |_| true, 1)[0]] += 1;
+        for i in 0..3 {
+            assert_eq!(ask(&cluster, i, hash, &hint).await, content, "chunk {c} from node {i}");
+        }
+        assert_eq!(cluster.origin.requests_for(&name), 1, "chunk {c}: the cell pulled it more than once");
+    }
+    // Each chunk came from the origin through its home, whether the home was asked by a client or a peer.
+    for (i, want) in homed.iter().enumerate() {
+        let status = cluster.node_status(i).await;
+        assert_eq!(counter(&status, "origin_fills"), *want, "node {i}: {status:#}");
+    }
 }
 
 /// A node joining a warm fog is scheduled only once its overlay neighbourhood is connected; from then on its

@@ -4,12 +4,13 @@
 //!
 //! Split by concern: [`members`] (registration, heartbeats, blocking, coordinates), [`health`] (states and
 //! probe hysteresis), [`peers`] (how clients and peers reach a node: client paths, the bootstrap peer
-//! directory) and [`view`] (counts and the dashboard's node table). Each adds methods to [`Registry`].
+//! directory), [`cells`] (the partition that gives each chunk one home per cell) and [`view`] (counts and the dashboard's node table). Each adds methods to [`Registry`].
 //!
 //! A node may be reachable at several addresses (IPv4 and IPv6): the one it registered at, and the others
 //! its heartbeats advertise. The tracker dials each back and keeps which answered; clients get the
 //! verified ones in the families they can use.
 
+mod cells;
 mod health;
 mod members;
 mod peers;
@@ -51,6 +52,8 @@ pub struct Registration {
     pub reachable: bool,
     /// The node's overlay is still connecting (until a heartbeat says otherwise).
     pub joining: bool,
+    /// Its operator's region label, which decides its cell.
+    pub region: Option<String>,
 }
 
 /// One more address a node advertised, and whether the tracker's dial-back to it answered.
@@ -119,10 +122,23 @@ impl NodeEntry {
     /// Where nodes behind NAT attach to it as their rendezvous, if it is directly reachable: a verified
     /// address in `family` if it has one, else IPv4 (NAT is an IPv4 thing), else any.
     pub fn rendezvous_addr(&self, family: Option<Families>) -> Option<SocketAddr> {
-        let direct = self.direct_addrs();
-        let pick = |f: Families| direct.iter().copied().find(|a| f.allows(a));
-        family.and_then(pick).or_else(|| pick(Families { ipv4: true, ipv6: false })).or(direct.first().copied())
+        rendezvous_among(&self.direct_addrs(), family)
     }
+
+    /// The family it needs a rendezvous in, when the tracker knows it is IPv6 only: it advertised IPv6
+    /// addresses and none answered (a stateful firewall), while every IPv4 one did or it has none.
+    /// Otherwise `None`: IPv4 is where NAT is, and where one attachment serves most clients.
+    pub fn rendezvous_family(&self) -> Option<Families> {
+        let (verified, advertised) = self.families();
+        let v6 = Families { ipv4: false, ipv6: true };
+        (advertised.ipv6 && !verified.ipv6 && verified.ipv4 == advertised.ipv4).then_some(v6)
+    }
+}
+
+/// [`NodeEntry::rendezvous_addr`] of a node verified at `direct`.
+fn rendezvous_among(direct: &[SocketAddr], family: Option<Families>) -> Option<SocketAddr> {
+    let pick = |f: Families| direct.iter().copied().find(|a| f.allows(a));
+    family.and_then(pick).or_else(|| pick(Families { ipv4: true, ipv6: false })).or(direct.first().copied())
 }
 
 /// The tracker's own place among the neighbours (nodes report their RTT to it).
@@ -161,6 +177,9 @@ pub struct Totals {
 pub struct Registry {
     nodes: RwLock<HashMap<NodeId, NodeEntry>>,
     directory: Mutex<PeerDirectory>,
+    /// The grid edge of cells (ms), when the overlay is partitioned into them.
+    cell_edge_ms: Option<f32>,
+    cells: Mutex<cells::CellIndex>,
     tracker_coord: Mutex<Coord>,
     params: Params,
     /// Bumped when the set of schedulable nodes may have changed, so the cached snapshot is rebuilt.
@@ -178,6 +197,8 @@ impl Registry {
         Self {
             nodes: RwLock::new(HashMap::new()),
             directory: Mutex::new(PeerDirectory::default()),
+            cell_edge_ms: None,
+            cells: Mutex::new(cells::CellIndex::default()),
             tracker_coord: Mutex::new(Coord::default()),
             params: Params::default(),
             generation: AtomicU64::new(0),

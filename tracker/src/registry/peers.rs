@@ -29,12 +29,20 @@ impl ClientPath {
 /// How long the bootstrap peer directory is reused before it is rebuilt from the registry.
 const PEER_DIRECTORY_TTL: Duration = Duration::from_secs(2);
 
-/// Overlay contacts of healthy nodes, split by whether the tracker could dial them.
+/// The bootstrap peer directory, and when it was built.
 #[derive(Debug, Default)]
 pub(super) struct PeerDirectory {
     built: Option<Instant>,
-    reachable: Arc<Vec<PeerContact>>,
-    others: Arc<Vec<PeerContact>>,
+    contacts: Arc<Contacts>,
+}
+
+/// Overlay contacts of healthy nodes, split by whether the tracker could dial them.
+#[derive(Debug, Default)]
+pub(super) struct Contacts {
+    reachable: Vec<PeerContact>,
+    others: Vec<PeerContact>,
+    /// The verified addresses of the reachable ones, for a rendezvous address in the asker's family.
+    direct: HashMap<NodeId, Vec<SocketAddr>>,
 }
 
 impl Registry {
@@ -46,6 +54,24 @@ impl Registry {
         } else {
             ClientPath::Unreachable
         }
+    }
+
+    /// How clients of each family (IPv4, IPv6) reach `n`: directly in a family it was dialled back in,
+    /// else by a punch through its rendezvous in the family it attached in (the rendezvous's address and the
+    /// node's NAT mapping are both in it), else not at all.
+    pub(super) fn paths_by_family(
+        &self,
+        nodes: &HashMap<NodeId, NodeEntry>,
+        id: &NodeId,
+        n: &NodeEntry,
+    ) -> [ClientPath; 2] {
+        let (verified, _) = n.families();
+        let punched = self.punch_via(nodes, id, n).map_or(Families::default(), |v| Families::of(v.addr.ip()));
+        [(verified.ipv4, punched.ipv4), (verified.ipv6, punched.ipv6)].map(|(direct, punch)| match (direct, punch) {
+            (true, _) => ClientPath::Direct,
+            (false, true) => ClientPath::HolePunch,
+            (false, false) => ClientPath::Unreachable,
+        })
     }
 
     /// The rendezvous clients punch through to `n`, if it is attached to one that is alive, directly
@@ -86,16 +112,17 @@ impl Registry {
     /// most [`NEIGHBOURHOOD`]) are the nodes nearest to it by coordinate (where peer fill finds a chunk's
     /// home); then directly reachable ones (which can relay and act as rendezvous), then others. Each asking node gets
     /// a different window of the directory, so bootstrap load spreads; the cost is O(`limit`), not O(nodes).
+    /// Each contact's rendezvous address is in the family `id` needs one in (see
+    /// [`NodeEntry::rendezvous_family`]): an IPv6-only node behind a firewall cannot attach over IPv4.
     pub fn peers_for(&self, id: &NodeId, limit: usize) -> Vec<PeerContact> {
-        let (reachable, others) = self.peer_directory();
+        let contacts = self.peer_directory();
+        let (reachable, others) = (&contacts.reachable, &contacts.others);
         let start = placement::weight(&ChunkHash(id.0), id) as usize;
         let mut out: Vec<PeerContact> = Vec::with_capacity(limit);
         if let Some(coord) = self.coord_of(id) {
             let snap = self.snapshot();
             let listed = |nid: &NodeId| {
-                [&reachable, &others]
-                    .into_iter()
-                    .find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
+                [reachable, others].into_iter().find_map(|l| l.binary_search_by_key(nid, |c| c.id).ok().map(|i| &l[i]))
             };
             let nearest = NEIGHBOURHOOD.min(limit * 2 / 3);
             for i in snap.nearest(&coord, nearest + 1, &self.params) {
@@ -105,7 +132,7 @@ impl Registry {
                 }
             }
         }
-        for (list, want) in [(&reachable, limit.div_ceil(2)), (&others, limit), (&reachable, limit)] {
+        for (list, want) in [(reachable, limit.div_ceil(2)), (others, limit), (reachable, limit)] {
             let want = want.min(limit - out.len());
             let mut taken = 0;
             for i in 0..list.len() {
@@ -119,22 +146,29 @@ impl Registry {
                 }
             }
         }
+        let family = self.nodes.read().expect("registry lock").get(id).and_then(NodeEntry::rendezvous_family);
+        if family.is_some() {
+            for c in &mut out {
+                c.rendezvous = contacts.direct.get(&c.id).and_then(|d| rendezvous_among(d, family));
+            }
+        }
         out
     }
 
     /// The (reachable, other) overlay contacts of live nodes (joining ones too: peers should dial them),
-    /// rebuilt at most every
-    /// [`PEER_DIRECTORY_TTL`].
-    pub(super) fn peer_directory(&self) -> (Arc<Vec<PeerContact>>, Arc<Vec<PeerContact>>) {
+    /// and the reachable ones' verified addresses; rebuilt at most every [`PEER_DIRECTORY_TTL`].
+    pub(super) fn peer_directory(&self) -> Arc<Contacts> {
         let mut dir = self.directory.lock().expect("directory lock");
         if dir.built.is_none_or(|t| self.since(t) >= PEER_DIRECTORY_TTL) {
             let nodes = self.nodes.read().expect("registry lock");
-            let (mut reachable, mut others) = (Vec::new(), Vec::new());
+            let (mut reachable, mut others, mut direct) = (Vec::new(), Vec::new(), HashMap::new());
             for (id, n) in nodes.iter().filter(|(_, n)| self.alive(n) && !n.overlay.addrs.is_empty()) {
-                let rendezvous = n.rendezvous_addr(None);
+                let addrs = n.direct_addrs();
+                let rendezvous = rendezvous_among(&addrs, None);
                 let contact = PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous };
                 if rendezvous.is_some() {
-                    reachable.push(contact)
+                    reachable.push(contact);
+                    direct.insert(*id, addrs);
                 } else {
                     others.push(contact)
                 }
@@ -142,12 +176,9 @@ impl Registry {
             // A stable order, so that windows stay put between rebuilds.
             reachable.sort_unstable_by_key(|c| c.id);
             others.sort_unstable_by_key(|c| c.id);
-            *dir = PeerDirectory {
-                built: Some(self.clock.now()),
-                reachable: Arc::new(reachable),
-                others: Arc::new(others),
-            };
+            let contacts = Arc::new(Contacts { reachable, others, direct });
+            *dir = PeerDirectory { built: Some(self.clock.now()), contacts };
         }
-        (dir.reachable.clone(), dir.others.clone())
+        dir.contacts.clone()
     }
 }

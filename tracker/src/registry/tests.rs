@@ -14,6 +14,7 @@ fn reg() -> Registration {
         version: "t".into(),
         reachable: true,
         joining: false,
+        region: None,
     }
 }
 
@@ -127,24 +128,16 @@ fn pages_are_bounded_and_complete_with_ten_thousand_nodes() {
     assert!(r.page(100, 100, SortBy::State, false).nodes.is_empty());
 }
 
-/// Most of a node's bootstrap peers are its nearest by coordinate: where its misses' homes are.
-#[test]
-fn bootstrap_peers_start_with_the_nearest_nodes() {
-    let r = Registry::new(Duration::from_secs(60), 100, HashSet::new());
-    let now = 10_000_000;
-    // Two sites 100 ms apart (even and odd ids, so no window of the id-sorted directory is one site), ten
-    // nodes each, every node measuring 5 ms to its site and 100 ms across.
-    let site = |i: u32| i % 2;
-    for i in 0..20 {
-        r.register(id(i), reg(), now, now).expect("register");
-    }
+/// Thirty heartbeat rounds from nodes `0..n` of two sites (even and odd ids), each measuring `within` ms to
+/// its own site and `across` ms to the other, so their coordinates fit.
+fn fit_two_sites(r: &Registry, n: u32, within: f32, across: f32, now: u64) {
     for round in 0..30u64 {
-        for i in 0..20 {
-            let rtt = (0..20)
+        for i in 0..n {
+            let rtt = (0..n)
                 .filter(|&j| j != i)
                 .map(|j| fog_proto::api::RttSample {
                     peer: id(j),
-                    rtt_ms: if site(i) == site(j) { 5.0 } else { 100.0 },
+                    rtt_ms: if i % 2 == j % 2 { within } else { across },
                 })
                 .collect();
             let overlay = OverlayReport {
@@ -156,6 +149,20 @@ fn bootstrap_peers_start_with_the_nearest_nodes() {
             r.heartbeat(&id(i), NodeStats::default(), false, Some(overlay), at, at).expect("heartbeat");
         }
     }
+}
+
+/// Most of a node's bootstrap peers are its nearest by coordinate: where its misses' homes are.
+#[test]
+fn bootstrap_peers_start_with_the_nearest_nodes() {
+    let r = Registry::new(Duration::from_secs(60), 100, HashSet::new());
+    let now = 10_000_000;
+    // Two sites 100 ms apart (even and odd ids, so no window of the id-sorted directory is one site), ten
+    // nodes each, every node measuring 5 ms to its site and 100 ms across.
+    let site = |i: u32| i % 2;
+    for i in 0..20 {
+        r.register(id(i), reg(), now, now).expect("register");
+    }
+    fit_two_sites(&r, 20, 5.0, 100.0, now);
     for i in [0, 15] {
         let peers = r.peers_for(&id(i), 8);
         assert_eq!(peers.len(), 8);
@@ -246,4 +253,102 @@ fn other_addresses_are_verified_per_family_and_kept_across_registrations() {
     let moved: SocketAddr = "[2001:db8:1::9]:7701".parse().expect("addr");
     r.heartbeat(&id(2), NodeStats::default(), false, Some(overlay(vec![moved])), now + 3, now).expect("hb");
     assert_eq!(r.more_addrs_to_verify(&id(2)), Some(vec![moved]));
+}
+
+/// Homes of the IPv6 lab (`testkit/tests/it/netns/dual_stack.rs`): an IPv6-only node behind a stateful firewall is
+/// given its rendezvous candidates at their IPv6 addresses (it cannot attach over IPv4) and is punched over
+/// IPv6 only; a node that registered over IPv6 from behind an IPv4 NAT is direct over IPv6 and punched over
+/// IPv4. The node table says which, per family.
+#[test]
+fn rendezvous_and_paths_follow_the_family_a_node_attached_in() {
+    let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+    let now = 10_000_000;
+    let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+    let (public_v4, public_v6) = (addr("198.51.100.1:7701"), addr("[2a0f::1]:7701"));
+    r.register(id(1), Registration { addr: public_v4, ..reg() }, now, now).expect("public node");
+    r.set_more_addrs(&id(1), vec![Advertised { addr: public_v6, verified: true }]);
+    let overlay_addrs = vec!["/ip4/198.51.100.1/udp/4001/quic-v1".to_string()];
+    let listed = OverlayReport { addrs: overlay_addrs, ..Default::default() };
+    r.heartbeat(&id(1), NodeStats::default(), false, Some(listed.clone()), now + 1, now).expect("hb");
+    let firewalled = addr("[2a0f:5::2]:7701");
+    r.register(id(2), Registration { addr: firewalled, reachable: false, ..reg() }, now, now).expect("IPv6 home");
+    let dual_v6 = addr("[2a0f:6::2]:7701");
+    r.register(id(3), Registration { addr: dual_v6, ..reg() }, now, now).expect("dual-stack home");
+    let natted = Registration { addr: addr("203.0.113.9:7701"), reachable: false, ..reg() };
+    r.register(id(4), natted, now, now).expect("IPv4 home");
+
+    let rendezvous_for = |node: u32| r.peers_for(&id(node), 8).iter().find(|p| p.id == id(1)).map(|p| p.rendezvous);
+    assert_eq!(rendezvous_for(2), Some(Some(public_v6)), "IPv6 for the IPv6-only node");
+    assert_eq!(rendezvous_for(4), Some(Some(public_v4)), "IPv4 where NAT is");
+    assert_eq!(rendezvous_for(3), Some(Some(public_v4)), "the tracker does not know its IPv4: IPv4 as ever");
+
+    let attached = |external: &str| OverlayReport {
+        rendezvous: Some(id(1)),
+        external_quic: Some(addr(external)),
+        ..Default::default()
+    };
+    r.heartbeat(&id(2), NodeStats::default(), false, Some(attached("[2a0f:5::2]:7701")), now + 1, now).expect("hb");
+    r.heartbeat(&id(3), NodeStats::default(), false, Some(attached("198.51.100.6:40000")), now + 1, now).expect("hb");
+    let confirms = OverlayReport { attached: vec![id(2), id(3)], ..listed };
+    r.heartbeat(&id(1), NodeStats::default(), false, Some(confirms), now + 2, now).expect("hb");
+
+    let snap = r.snapshot();
+    let contact = |node: u32| snap.nodes.iter().find(|n| n.contact.id == id(node)).map(|n| n.contact.clone());
+    let (v4_only, v6_only) = (Families { ipv4: true, ipv6: false }, Families { ipv4: false, ipv6: true });
+    let home6 = contact(2).expect("the IPv6 home is scheduled");
+    assert_eq!(home6.for_families(v4_only), None, "never offered to an IPv4-only client");
+    let punched = home6.for_families(Families::BOTH).expect("punched");
+    assert_eq!((punched.addr, punched.via.map(|v| v.addr)), (firewalled, Some(public_v6)));
+    let dual = contact(3).expect("the dual-stack home is scheduled");
+    assert_eq!(dual.for_families(v6_only).map(|c| (c.addr, c.via)), Some((dual_v6, None)), "direct over IPv6");
+    let punched = dual.for_families(v4_only).expect("punched over IPv4");
+    assert_eq!((punched.addr, punched.via.map(|v| v.addr)), (addr("198.51.100.6:40000"), Some(public_v4)));
+
+    let page = r.page(0, 10, SortBy::Id, false);
+    let paths: Vec<(&str, &str)> = page.nodes.iter().map(|n| (n.client_path_ipv4, n.client_path_ipv6)).collect();
+    let expected =
+        [("direct", "direct"), ("unreachable", "hole_punch"), ("hole_punch", "direct"), ("unreachable", "unreachable")];
+    assert_eq!(paths, expected);
+}
+
+/// Cells: nodes far apart never share one; nodes with one region label always do, get the same list
+/// (sent again only when it changed) and agree on every chunk's home.
+#[test]
+fn cells_group_nodes_by_coordinate_or_label_and_list_them_once() {
+    let now = 10_000_000;
+    let site = |i: u32| i % 2;
+    let by_grid = Registry::new(Duration::from_secs(60), 100, HashSet::new()).with_cells(Some(50.0));
+    for i in 0..12 {
+        by_grid.register(id(i), reg(), now, now).expect("register");
+    }
+    fit_two_sites(&by_grid, 12, 4.0, 300.0, now);
+    for i in 0..12 {
+        for j in (0..12).filter(|&j| site(j) != site(i)) {
+            assert_ne!(
+                by_grid.cell_of_node(&id(i)),
+                by_grid.cell_of_node(&id(j)),
+                "nodes {i} and {j} are 300 ms apart"
+            );
+        }
+    }
+    assert!(Registry::new(Duration::from_secs(60), 8, HashSet::new()).cell_of_node(&id(0)).is_none(), "cells off");
+
+    let by_label = Registry::new(Duration::from_secs(60), 100, HashSet::new()).with_cells(Some(50.0));
+    for i in 0..12 {
+        let region = Some(if site(i) == 0 { "even" } else { "odd" }.to_string());
+        by_label.register(id(i), Registration { region, ..reg() }, now, now).expect("register");
+    }
+    fit_two_sites(&by_label, 12, 4.0, 300.0, now);
+    let list = by_label.cell_list_for(&id(0), None).expect("a cell list");
+    let mut members: Vec<NodeId> = list.members.iter().map(|m| m.id).collect();
+    members.sort();
+    assert_eq!(members, (0..12).filter(|&i| site(i) == 0).map(id).collect::<Vec<_>>());
+    assert!(by_label.cell_list_for(&id(0), Some(list.version)).is_none(), "unchanged: not sent again");
+    assert_eq!(by_label.cell_list_for(&id(2), None).as_deref(), Some(&*list));
+    let cell = by_label.cell_of_node(&id(0)).expect("a cell");
+    assert_ne!(Some(cell), by_label.cell_of_node(&id(1)));
+    for c in 0..20u32 {
+        let home = by_label.cell_home(cell, &ChunkHash::of(&c.to_be_bytes())).expect("a home");
+        assert!(members.contains(&home));
+    }
 }

@@ -40,6 +40,10 @@ pub struct NodeView {
     pub reachability: &'static str,
     /// How clients reach it: direct, hole_punch, unreachable.
     pub client_path: &'static str,
+    /// The same for clients of one IP family: direct in a family the tracker dialled it back in, hole_punch
+    /// in the family it attached to its rendezvous in.
+    pub client_path_ipv4: &'static str,
+    pub client_path_ipv6: &'static str,
     /// The IP families the tracker dialled it back in (`ipv4`, `ipv6`, both or none), and those it
     /// advertised addresses in.
     pub families_verified: String,
@@ -158,6 +162,7 @@ impl Registry {
             .map(|(id, n, state)| {
                 let lookups = n.stats.hits.saturating_add(n.stats.misses);
                 let (verified, advertised) = n.families();
+                let [path_ipv4, path_ipv6] = self.paths_by_family(&nodes, id, n);
                 NodeView {
                     id: *id,
                     state: state.name(),
@@ -166,6 +171,8 @@ impl Registry {
                     addr: with_addr.then_some(n.reg.addr),
                     reachability: n.overlay.reachability.as_str(),
                     client_path: self.client_path(&nodes, id, n).name(),
+                    client_path_ipv4: path_ipv4.name(),
+                    client_path_ipv6: path_ipv6.name(),
                     families_verified: verified.to_query(),
                     families_advertised: advertised.to_query(),
                     more_addrs: with_addr.then(|| n.more_addrs.iter().map(|a| a.addr).collect()),

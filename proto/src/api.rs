@@ -219,7 +219,7 @@ pub struct PeerContact {
 }
 
 /// Most members a cell lists to its nodes (`fog_sched::cells` splits bigger cells into parts).
-pub const MAX_CELL_LISTED: usize = 1024;
+pub const MAX_CELL_LISTED: usize = 2048;
 
 /// The members of a node's cell (issue #17): every member ranks this same list for a missed chunk, so all
 /// agree on the chunk's home and it is fetched from the origin once per cell. The node is listed too.

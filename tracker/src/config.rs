@@ -73,7 +73,7 @@ pub struct TrackerArgs {
     /// Edge of the grid cells nodes are grouped into by network coordinate, in ms of RTT: every node of a
     /// cell (or of a region label a node was given with `--region`) asks the same member, the chunk's home,
     /// for a chunk it lacks, so a chunk is fetched from the origin once per cell. 0 turns cells off (each
-    /// node finds homes among its nearest peers) [default: 50].
+    /// node finds homes among its nearest peers) [default: 100].
     #[arg(long, env = "FOG_TRACKER_CELL_MS")]
     pub cell_ms: Option<f32>,
     /// Most registered nodes kept [default: 100000].

@@ -11,7 +11,7 @@ use fog_sched::cells::{cell_of, home_order, listed, part_of, CellKey};
 use super::*;
 
 /// How long the cell index is reused before it is rebuilt. Coordinates move a little every heartbeat and
-/// members come and go; a list (up to 1024 contacts) is sent again whenever it changes, so at most this
+/// members come and go; a list (up to 2048 contacts) is sent again whenever it changes, so at most this
 /// often. Meanwhile a member that left is skipped by its cell-mates once it fails to answer.
 const CELLS_TTL: Duration = Duration::from_secs(30);
 

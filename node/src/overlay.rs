@@ -465,7 +465,7 @@ impl Overlay {
         groups: Option<&(u32, GroupHashes)>,
         feed: &mut Feed<'_, E>,
     ) -> bool {
-        let (peers, own_home) = self.peers_to_ask(&hash);
+        let (peers, own_home) = self.peers_for_miss(&hash);
         let mut asks: futures::stream::FuturesUnordered<_> = peers
             .into_iter()
             .enumerate()
@@ -525,7 +525,7 @@ impl Overlay {
     /// The peers to ask for `hash`, best first (the first is the chunk's home), and whether this node is
     /// the chunk's home itself: the first members of its cell in the chunk's home order, or without a cell
     /// the top of rendezvous placement over its neighbourhood.
-    fn peers_to_ask(&self, hash: &ChunkHash) -> (Vec<(PeerId, NodeId)>, bool) {
+    fn peers_for_miss(&self, hash: &ChunkHash) -> (Vec<(PeerId, NodeId)>, bool) {
         {
             let s = self.state.lock().expect("overlay lock");
             if let Some(cell) = s.cell.as_ref().filter(|c| c.members.len() > 1) {

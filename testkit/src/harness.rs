@@ -179,14 +179,20 @@ pub struct ClusterOptions {
     pub ipv6: bool,
 }
 
+/// A temporary directory for a test's processes, named `prefix…`; with FOG_TEST_KEEP=1 it is kept (the path
+/// is printed), with the processes' logs and data, for debugging.
+pub fn test_dir(prefix: &str) -> TempDir {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("tempdir");
+    if std::env::var_os("FOG_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    dir
+}
+
 impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Cluster {
-        let mut dir = tempfile::Builder::new().prefix("fogcdn-test").tempdir().expect("tempdir");
-        // FOG_TEST_KEEP=1 keeps the processes' logs and data (the path is printed) for debugging.
-        if std::env::var_os("FOG_TEST_KEEP").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("keeping {}", dir.path().display());
-        }
+        let dir = test_dir("fogcdn-test");
         let loopback = if opts.ipv6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
         let origin = TestOrigin::start((loopback, 0).into(), opts.origin_dir, opts.quirks).await.expect("origin");
         let mut args: Vec<String> = vec![

@@ -121,12 +121,7 @@ async fn overlay_serves_from_behind_home_nats() {
         return;
     }
     let lab = Lab::build();
-    // FOG_TEST_KEEP=1 keeps the processes' logs and data (the path is printed) for debugging.
-    let mut dir = tempfile::Builder::new().prefix("fogcdn-netns").tempdir().expect("tempdir");
-    if std::env::var_os("FOG_TEST_KEEP").is_some() {
-        dir.disable_cleanup(true);
-        eprintln!("keeping {}", dir.path().display());
-    }
+    let dir = fog_testkit::harness::test_dir("fogcdn-netns");
     let content = dir.path().join("content");
     std::fs::create_dir_all(&content).expect("content dir");
     let video = fog_testkit::test_bytes(CHUNK * CHUNKS, 7);

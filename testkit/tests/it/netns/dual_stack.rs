@@ -110,12 +110,7 @@ async fn ipv6_homes_behind_firewall_and_nat_serve_clients_of_each_family() {
         return;
     }
     let lab = Lab::build_dual_stack();
-    // FOG_TEST_KEEP=1 keeps the processes' logs and data (the path is printed) for debugging.
-    let mut dir = tempfile::Builder::new().prefix("fogcdn-netns6").tempdir().expect("tempdir");
-    if std::env::var_os("FOG_TEST_KEEP").is_some() {
-        dir.disable_cleanup(true);
-        eprintln!("keeping {}", dir.path().display());
-    }
+    let dir = fog_testkit::harness::test_dir("fogcdn-netns6");
     let content = dir.path().join("content");
     std::fs::create_dir_all(&content).expect("content dir");
     std::fs::write(content.join("video.bin"), fog_testkit::test_bytes(CHUNK * CHUNKS, 8)).expect("content");

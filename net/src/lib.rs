@@ -2,7 +2,8 @@
 //!
 //! QUIC and TLS with key pinning ([`transport`]), one chunk request to a node ([`chunk`]), origins as
 //! ordinary web servers ([`origin`]), the tracker's API as its callers see it ([`tracker`]), the client
-//! side of hole punching ([`rendezvous`]), the small bounded HTTP server behind every HTTP surface
+//! side of hole punching ([`rendezvous`]), a WebTransport session as a browser page opens it
+//! ([`webtransport`]), the small bounded HTTP server behind every HTTP surface
 //! ([`http_server`]), per-source fairness ([`per_source`]), long-lived keys ([`identity`]), retry delays
 //! ([`backoff`]) and what binaries share ([`bin_support`]). The node, the tracker and the player SDK (fog-client) build on it; it knows nothing
 //! of any of them.
@@ -18,3 +19,4 @@ pub mod per_source;
 pub mod rendezvous;
 pub mod tracker;
 pub mod transport;
+pub mod webtransport;

@@ -3,12 +3,16 @@
 //! There is no certificate authority. A node's TLS certificate is self-signed with its ed25519 identity key,
 //! and a client pins the node id the tracker gave it: the handshake succeeds only if the server signs the
 //! TLS 1.3 transcript with exactly that key. The certificate's contents are never trusted.
+//!
+//! Browsers cannot pin an ed25519 key: a node's endpoint also offers HTTP/3 (`h3`) for WebTransport, and a
+//! connection that negotiates it is shown a short-lived ECDSA P-256 certificate instead ([`WebCert`]), whose
+//! SHA-256 the browser pins (see `docs/protocol.md`, "WebTransport").
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, SigningKey, Verifier};
@@ -17,6 +21,8 @@ use fog_proto::wire::ALPN;
 use fog_proto::NodeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The TLS server name clients use; identity comes from the pinned key, not from this name.
@@ -54,32 +60,177 @@ fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Server configuration for a node: certificate from its identity key, ALPN `fog/1`, at most
-/// `max_streams_per_connection` concurrent requests per client.
+/// Server configuration for a node: certificate from its identity key, ALPN `fog/1` (and rendezvous), at
+/// most `max_streams_per_connection` concurrent requests per client.
 pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Result<quinn::ServerConfig, TransportError> {
+    node_server_config(key, max_streams_per_connection, None)
+}
+
+/// [`server_config`] that also offers `h3` to browsers, showing them the certificate in `web` (which the
+/// node's rotation replaces).
+pub fn server_config_with_web(
+    key: &SigningKey,
+    max_streams_per_connection: u32,
+    web: Arc<WebCertSlot>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    node_server_config(key, max_streams_per_connection, Some(web))
+}
+
+fn node_server_config(
+    key: &SigningKey,
+    max_streams_per_connection: u32,
+    web: Option<Arc<WebCertSlot>>,
+) -> Result<quinn::ServerConfig, TransportError> {
     let pkcs8 = key.to_pkcs8_der().map_err(TransportError::KeyEncoding)?;
     let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(TransportError::Certificate)?;
     let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(TransportError::Certificate)?;
     let cert = params.self_signed(&key_pair).map_err(TransportError::Certificate)?;
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
+    let identity =
+        CertifiedKey::from_der(vec![cert.der().clone()], private, &crypto_provider()).map_err(TransportError::Tls)?;
+    let alpn_protocols: Vec<Vec<u8>> = [ALPN, fog_proto::rendezvous::ALPN]
+        .into_iter()
+        .chain(web.is_some().then_some(H3_ALPN))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let resolver = CertByAlpn { identity: Arc::new(identity), web, protocols: alpn_protocols.clone() };
+    let web_enabled = resolver.web.is_some();
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TransportError::Tls)?
         .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], private)
-        .map_err(TransportError::Tls)?;
-    tls.alpn_protocols = vec![ALPN.to_vec(), fog_proto::rendezvous::ALPN.to_vec()];
+        .with_cert_resolver(Arc::new(resolver));
+    tls.alpn_protocols = alpn_protocols;
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(TransportError::Quic)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
+    // HTTP/3 needs the browser's control stream and its two QPACK streams (a browser hangs without them);
+    // native clients open none. Unread, they can hold at most 3 stream windows per connection.
+    let uni_streams: u8 = if web_enabled { 3 } else { 0 };
     t.stream_receive_window(quinn::VarInt::from_u32(64 << 10))
         .send_window(32 << 20)
         .max_concurrent_bidi_streams(max_streams_per_connection.into())
-        .max_concurrent_uni_streams(0u8.into())
+        .max_concurrent_uni_streams(uni_streams.into())
+        // Datagrams are never read (fog/1 and its WebTransport form use streams only), but HTTP/3 peers
+        // expect the transport parameter: a small buffer keeps what a peer can park here bounded.
+        .datagram_receive_buffer_size(Some(16 << 10))
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("fits")));
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
+}
+
+/// The ALPN protocol of HTTP/3, which browsers' WebTransport sessions negotiate.
+pub const H3_ALPN: &[u8] = b"h3";
+
+/// Picks the certificate by the protocol the handshake will settle on: the web certificate for `h3`, the
+/// identity certificate (which native clients pin by its key) otherwise.
+#[derive(Debug)]
+struct CertByAlpn {
+    identity: Arc<CertifiedKey>,
+    web: Option<Arc<WebCertSlot>>,
+    /// The server's protocols in its order of preference, as rustls chooses among them.
+    protocols: Vec<Vec<u8>>,
+}
+
+impl ResolvesServerCert for CertByAlpn {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let offered: Vec<&[u8]> = hello.alpn().map(Iterator::collect).unwrap_or_default();
+        // rustls takes the first of the server's protocols that the client offers.
+        let chosen = self.protocols.iter().find(|p| offered.contains(&p.as_slice()));
+        match &self.web {
+            Some(web) if chosen.is_some_and(|p| p == H3_ALPN) => Some(web.current()),
+            _ => Some(self.identity.clone()),
+        }
+    }
+}
+
+/// How long a web certificate is valid, `not_before` to `not_after`: browsers refuse a pinned certificate
+/// valid for more than 14 days; one day less leaves room for their rounding and clocks.
+pub const WEB_CERT_VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
+
+/// How long before it is made a web certificate becomes valid, so that a browser whose clock is a little
+/// behind accepts it too (counted within [`WEB_CERT_VALIDITY`]).
+pub const WEB_CERT_BACKDATE: Duration = Duration::from_secs(3600);
+
+/// A certificate a browser can pin by hash (W3C WebTransport `serverCertificateHashes`): X.509v3 with a
+/// subject alternative name (Chromium refuses a certificate without extensions), an ECDSA P-256 key (RSA
+/// and ed25519 are refused), valid for [`WEB_CERT_VALIDITY`]. Its key is never written anywhere: a restarted
+/// node makes a new one and announces its hash.
+#[derive(Debug, Clone)]
+pub struct WebCert {
+    certified: Arc<CertifiedKey>,
+    sha256: [u8; 32],
+    made_at: SystemTime,
+}
+
+impl WebCert {
+    /// A new key and certificate, valid from [`WEB_CERT_BACKDATE`] before `made_at`.
+    pub fn new(made_at: SystemTime) -> Result<Self, TransportError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TransportError::Certificate)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(TransportError::Certificate)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, SERVER_NAME);
+        // Whole seconds, as the certificate encodes them; a closure, so the date crate rcgen uses need not
+        // be named.
+        let x509_time = |t: SystemTime| {
+            let since_epoch = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(since_epoch.as_secs())
+        };
+        let not_before = made_at.checked_sub(WEB_CERT_BACKDATE).unwrap_or(SystemTime::UNIX_EPOCH);
+        params.not_before = x509_time(not_before);
+        params.not_after = x509_time(not_before + WEB_CERT_VALIDITY);
+        let cert = params.self_signed(&key).map_err(TransportError::Certificate)?;
+        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let certified = CertifiedKey::from_der(vec![cert.der().clone()], private, &crypto_provider())
+            .map_err(TransportError::Tls)?;
+        Ok(Self { sha256: sha256(cert.der()), certified: Arc::new(certified), made_at })
+    }
+
+    /// SHA-256 of the DER certificate: what browsers are given to pin.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    pub fn der(&self) -> &CertificateDer<'static> {
+        &self.certified.cert[0]
+    }
+
+    pub fn made_at(&self) -> SystemTime {
+        self.made_at
+    }
+
+    /// When browsers stop accepting it.
+    pub fn not_after(&self) -> SystemTime {
+        self.made_at.checked_sub(WEB_CERT_BACKDATE).unwrap_or(SystemTime::UNIX_EPOCH) + WEB_CERT_VALIDITY
+    }
+}
+
+/// SHA-256 with ring through rustls, which this crate links already.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256.tls13().expect("a TLS 1.3 suite");
+    suite.common.hash_provider.hash(bytes).as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// The web certificate the endpoint shows browsers now. The node's rotation replaces it; connections
+/// already made keep theirs (the certificate only matters during a handshake).
+#[derive(Debug)]
+pub struct WebCertSlot(RwLock<Arc<CertifiedKey>>);
+
+impl WebCertSlot {
+    pub fn new(cert: &WebCert) -> Self {
+        Self(RwLock::new(cert.certified.clone()))
+    }
+
+    /// Shows `cert` to browsers from the next handshake on.
+    pub fn set(&self, cert: &WebCert) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = cert.certified.clone();
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 /// Client configuration that accepts only a server proving possession of `node`'s key.
@@ -541,6 +692,37 @@ mod tests {
         let plan =
             Plan::from([(v6(1), (Duration::ZERO, Some(false))), (v4(2), (Duration::from_millis(1), Some(false)))]);
         assert_eq!(run(&[v6(1), v4(2)], LONG, plan).await, (Err(v4(2)), vec![v6(1), v4(2)]));
+    }
+
+    #[test]
+    fn web_certificates_are_what_browsers_pin() {
+        use x509_parser::prelude::*;
+        let made_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let cert = WebCert::new(made_at).expect("certificate");
+        let (rest, x509) = X509Certificate::from_der(cert.der()).expect("DER certificate");
+        assert!(rest.is_empty());
+        assert_eq!(x509.version(), X509Version::V3);
+        // ECDSA P-256: id-ecPublicKey on prime256v1, signed with ecdsa-with-SHA256.
+        let spki = x509.public_key();
+        assert_eq!(spki.algorithm.algorithm, x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY);
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).expect("named curve");
+        assert_eq!(curve, x509_parser::oid_registry::OID_EC_P256);
+        assert_eq!(x509.signature_algorithm.algorithm, x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256);
+        // Browsers refuse more than 14 days; valid from a little before it was made.
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+        let validity = x509.validity();
+        assert_eq!(validity.not_before.timestamp(), secs(made_at - WEB_CERT_BACKDATE));
+        assert_eq!(validity.not_after.timestamp(), secs(cert.not_after()));
+        let valid_for = validity.not_after.timestamp() - validity.not_before.timestamp();
+        assert!(valid_for > 0 && valid_for <= 13 * 24 * 3600, "{valid_for} s");
+        // Chromium wants extensions: the subject alternative name is one.
+        let san = x509.subject_alternative_name().expect("one SAN extension").expect("a SAN");
+        assert_eq!(san.value.general_names, [GeneralName::DNSName(SERVER_NAME)]);
+        // The hash browsers pin is SHA-256 of the DER certificate (checked against the FIPS 180-2 vector).
+        let abc: String = sha256(b"abc").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(abc, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(cert.sha256(), sha256(cert.der()));
+        assert_ne!(WebCert::new(made_at).expect("another").sha256(), cert.sha256(), "a new key each time");
     }
 
     #[test]

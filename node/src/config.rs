@@ -8,6 +8,7 @@ use clap::Parser;
 use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
 use fog_proto::api::MAX_VERSION_LEN;
 use fog_proto::size::Size;
+use fog_proto::web::WebOrigins;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
@@ -72,6 +73,12 @@ pub struct NodeArgs {
     /// grid cell of the node's network coordinate].
     #[arg(long, env = "FOG_NODE_REGION")]
     pub region: Option<String>,
+    /// Site whose pages may open WebTransport sessions to this node (`https://player.example.com`), besides
+    /// those the tracker registered; repeat for several. Pages of any other site are refused
+    /// [default: only the tracker's list].
+    #[arg(long = "web-origin", env = "FOG_NODE_WEB_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub web_origin: Vec<String>,
 }
 
 const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0,/ip6/::/udp/0/quic-v1,/ip6/::/tcp/0";
@@ -118,11 +125,16 @@ pub struct NodeConfig {
     /// Empty: no overlay.
     pub p2p_listen: Vec<libp2p::Multiaddr>,
     pub region: Option<String>,
+    /// `--web-origin`: accepted besides the tracker's list.
+    pub web_origins: WebOrigins,
 }
 
 impl NodeArgs {
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
         let file: NodeArgs = load_toml(self.config.as_deref())?;
+        let web_origins = if self.web_origin.is_empty() { file.web_origin } else { self.web_origin };
+        let web_origins =
+            WebOrigins::new(web_origins).map_err(|e| ConfigError::Invalid(format!("--web-origin: {e}")))?;
         let cfg = NodeConfig {
             tracker: self.tracker.or(file.tracker).unwrap_or_else(|| "http://127.0.0.1:7700".into()),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| default_data_dir("node")),
@@ -140,6 +152,7 @@ impl NodeArgs {
             max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),
             p2p_listen: parse_p2p_listen(self.p2p_listen.or(file.p2p_listen).as_deref().unwrap_or(DEFAULT_P2P_LISTEN))?,
             region: self.region.or(file.region).filter(|r| !r.is_empty()),
+            web_origins,
         };
         if cfg.region.as_ref().is_some_and(|r| r.len() > MAX_VERSION_LEN) {
             return Err(ConfigError::Invalid(format!("--region must be at most {MAX_VERSION_LEN} bytes")));
@@ -244,6 +257,14 @@ mod tests {
         let want: Vec<SocketAddr> = vec!["203.0.113.7:7701".parse().expect("a"), "[2001:db8::7]:0".parse().expect("a")];
         assert_eq!(args.resolve().expect("valid").advertise, want);
         assert!("1.2.3.4:1,nonsense".parse::<AddrList>().is_err());
+        std::fs::write(&path, "web_origin = [\"https://Player.example\"]\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(args.resolve().expect("valid").web_origins.as_slice(), ["https://player.example"]);
+        let args =
+            NodeArgs::parse_from(["fog-node", "--web-origin", "https://a.example", "--web-origin", "http://b:8080"]);
+        assert_eq!(args.resolve().expect("valid").web_origins.as_slice(), ["https://a.example", "http://b:8080"]);
+        let args = NodeArgs::parse_from(["fog-node", "--web-origin", "https://a.example/player"]);
+        assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))), "a page, not an origin");
         let args = NodeArgs::parse_from(["fog-node", "--min-free-disk", "2GiB"]);
         assert_eq!(args.resolve().expect("valid").min_free_disk, DiskFloor::Bytes(2 << 30));
         assert!("120%".parse::<DiskFloor>().is_err());

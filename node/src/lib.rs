@@ -16,6 +16,7 @@ pub mod stats;
 pub mod status;
 pub mod store;
 pub mod tracker_link;
+pub mod web;
 
 mod run;
 pub use run::{run, NodeError, STATUS_ADDR_FILE};

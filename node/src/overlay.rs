@@ -16,8 +16,8 @@ use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
 use fog_net::transport;
 use fog_proto::api::{
-    CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_CELL_LISTED,
-    MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
+    CellDelta, CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS,
+    MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::groups::GroupHashes;
 use fog_proto::placement::{peers_to_ask, PEERS_ASKED};
@@ -35,7 +35,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
-use crate::cell::{AddressBook, Cell, Member};
+use crate::cell::{AddressBook, Cell};
 use crate::fill::Feed;
 use crate::stats::Counters;
 
@@ -214,6 +214,8 @@ struct OverlayState {
     /// The members of this node's cell, when the tracker partitions the overlay into cells: misses go to
     /// the chunk's home among them rather than among the nearest peers.
     cell: Option<Cell>,
+    /// Cell lists and changes from the tracker refused (out of bounds, or not from the version held).
+    cell_refused: u64,
 }
 
 /// A node joining the fog waits for the neighbourhood the tracker first suggested to connect before it
@@ -538,38 +540,47 @@ impl Overlay {
         (peers_to_ask(hash, &ids).into_iter().map(|i| peers[i]).collect(), false)
     }
 
-    /// The members of this node's cell, from the tracker (at most [`MAX_CELL_LISTED`] are kept). Members
-    /// still resting keep resting.
+    /// The members of this node's cell, from the tracker's whole list (refused past the protocol's bounds:
+    /// [`CellList::check_bounds`]). Members still resting keep resting.
     pub fn set_cell(&self, list: CellList) {
-        let mut addresses = HashMap::new();
-        let mut members = Vec::new();
-        let families = transport::local_families();
-        for m in list.members.iter().take(MAX_CELL_LISTED) {
-            let Some(peer) = peer_id_of(&m.id) else { continue };
-            let addrs: Vec<Multiaddr> = m
-                .addrs
-                .iter()
-                .take(MAX_PEER_ADDRS)
-                .filter_map(|a| a.parse().ok())
-                .filter(|a| routable(a, families))
-                .collect();
-            if peer != self.peer_id {
-                if addrs.is_empty() {
-                    continue;
-                }
-                addresses.insert(peer, addrs);
-            }
-            members.push(Member { peer, node: m.id, resting_until: None });
-        }
         let mut s = self.state.lock().expect("overlay lock");
-        if let Some(old) = &s.cell {
-            for m in &mut members {
-                m.resting_until = old.members.iter().find(|o| o.peer == m.peer).and_then(|o| o.resting_until);
-            }
+        if let Err(e) = list.check_bounds() {
+            tracing::warn!(error = %e, "cell list from the tracker refused");
+            s.cell_refused += 1;
+            return;
         }
-        tracing::info!(members = members.len(), version = list.version, "cell members from the tracker");
+        self.install_cell(&mut s, list);
+    }
+
+    /// Changes this node's cell by the tracker's `delta` from the version it holds; when that is not the
+    /// version held, or the change does not give the list it names, keeps the members it has (the next
+    /// heartbeat asks again: [`Cell::held_version`]).
+    pub fn change_cell(&self, delta: CellDelta) {
+        let mut s = self.state.lock().expect("overlay lock");
+        let next = match s.cell.as_mut().map(|cell| cell.changed(&delta)) {
+            Some(Ok(list)) => list,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cell change from the tracker refused");
+                s.cell_refused += 1;
+                return;
+            }
+            None => {
+                // Nothing held is reported as no version: the tracker sends the whole list next time.
+                tracing::warn!(from = delta.from, "cell change from the tracker, but no cell list is held");
+                s.cell_refused += 1;
+                return;
+            }
+        };
+        tracing::debug!(added = delta.added.len(), removed = delta.removed.len(), "cell change from the tracker");
+        self.install_cell(&mut s, next);
+    }
+
+    fn install_cell(&self, s: &mut OverlayState, list: CellList) {
+        let families = transport::local_families();
+        let (cell, addresses) = Cell::new(list, &self.peer_id, |a| routable(a, families), s.cell.as_ref());
+        tracing::info!(members = cell.members.len(), version = cell.listed.version, "cell members from the tracker");
         self.cell_addresses.replace(addresses);
-        s.cell = Some(Cell { version: list.version, members });
+        s.cell = Some(cell);
     }
 
     /// Leaves a busy, failing or slow peer out of the neighbourhood (and of its cell's homes) for
@@ -637,7 +648,8 @@ impl Overlay {
             rtt: rtt_samples(&s),
             connected_peers: s.peers.len() as u32,
             bad_peers: std::mem::take(&mut s.bad_peers),
-            cell_version: s.cell.as_ref().map(|c| c.version),
+            cell_version: s.cell.as_ref().and_then(Cell::held_version),
+            cell_deltas: true,
             ..Default::default()
         }
     }
@@ -669,6 +681,7 @@ impl Overlay {
             addrs: self.addrs_locked(&s),
             rtt: rtt_samples(&s),
             cell_members: s.cell.as_ref().map_or(0, |c| c.members.len()),
+            cell_refused: s.cell_refused,
         }
     }
 }
@@ -696,6 +709,10 @@ pub struct OverlaySummary {
     /// cells.
     #[serde(default)]
     pub cell_members: usize,
+    /// Cell lists and changes from the tracker this node refused (out of bounds, or not from the version
+    /// it held).
+    #[serde(default)]
+    pub cell_refused: u64,
 }
 
 /// The swarm task: applies commands and turns swarm events into [`OverlayState`].

@@ -20,6 +20,7 @@ use crate::status::{Status, StatusInfo};
 use crate::store::{Store, StoreError};
 use crate::tracker_link::SharedLinkState;
 use crate::tracker_link::{load_origins, MoreAddrs, TrackerLink};
+use crate::web::Web;
 use fog_net::identity::{self, IdentityError};
 
 /// File in the data directory holding the status page's address, for `fog-node status`.
@@ -66,7 +67,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let origins_file = cfg.data_dir.join("origins.json");
     let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
 
-    let server_config = transport::server_config(&key, STREAMS_PER_CONNECTION)?;
+    let web = Arc::new(Web::new(cfg.web_origins.clone())?);
+    let server_config = transport::server_config_with_web(&key, STREAMS_PER_CONNECTION, web.cert_slot())?;
     // `[::]` is one dual-stack socket for IPv4 and IPv6 clients; a host without IPv6 gets `0.0.0.0`.
     let v4_only = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port());
     let endpoint = transport::endpoint(cfg.listen, Some(server_config.clone()))
@@ -104,7 +106,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         overlay.clone(),
         rendezvous.clone(),
         node_id,
+        web.clone(),
     ));
+    let rotate_task = tokio::spawn(web.rotate_forever());
     let peers_task = peer_streams.map(|incoming| tokio::spawn(server.clone().serve_peers(incoming)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let link_state = SharedLinkState::default();
@@ -188,6 +192,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     endpoint.close(0u32.into(), b"node shutting down");
     serve_task.abort();
+    rotate_task.abort();
     attach_task.abort();
     if let Some(t) = peers_task {
         t.abort();

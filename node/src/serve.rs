@@ -5,9 +5,12 @@
 //! [`crate::grants`]) from the origin. A fill runs on its own, shared by every request for the chunk: its
 //! bytes are served as each group verifies (cut-through, [`crate::fill`]) and stored once whole. The same
 //! server answers peers' fill requests, and hands connections that negotiated the rendezvous protocol to
-//! [`RendezvousServer`].
+//! [`RendezvousServer`] and those that negotiated HTTP/3 to [`crate::web`]: a browser's WebTransport session
+//! carries the same requests on its streams, served by the same code (generic over [`RequestStreams`]).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,11 +21,12 @@ use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_net::per_source::Held;
 use fog_proto::api::now_ms;
 use fog_proto::groups::{GroupHashes, Verifier};
+use fog_proto::web::WebOrigins;
 use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, PeerResponseHead, ResponseHead, Status};
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::PeerId;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
@@ -34,6 +38,7 @@ use crate::overlay::{node_id_of, IncomingChunkStreams, Overlay};
 use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
+use crate::web::Web;
 
 /// Chunks a receipt may pay for beyond those its connection delivered (a client that reconnected pays for
 /// chunks the earlier connection delivered).
@@ -78,8 +83,71 @@ enum Source {
     Filling(Follower<FillError>),
 }
 
-/// QUIC reset code for a response cut off after its head: the fill behind it failed.
-const FILL_FAILED: quinn::VarInt = quinn::VarInt::from_u32(1);
+/// Stream reset code for a response cut off after its head: the fill behind it failed.
+const FILL_FAILED: u32 = 1;
+
+/// A connection whose bidirectional streams each carry one request: a native QUIC connection (`fog/1`) or a
+/// browser's WebTransport session, whose streams carry the same frames.
+pub(crate) trait RequestStreams: Send + Sync + 'static {
+    type Send: ResponseStream;
+    type Recv: AsyncRead + Unpin + Send + 'static;
+    type Error: std::fmt::Display + Send;
+    /// The next stream the client opened.
+    fn accept(&self) -> impl Future<Output = Result<(Self::Send, Self::Recv), Self::Error>> + Send;
+    fn close(&self, reason: &[u8]);
+    fn remote(&self) -> SocketAddr;
+}
+
+/// The sending half of a request's stream.
+pub(crate) trait ResponseStream: AsyncWrite + Unpin + Send + 'static {
+    /// Queues `piece` without copying it (chunks are 1 MiB).
+    fn write_piece(&mut self, piece: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Ends the response; what was queued is still delivered.
+    fn finish(&mut self);
+    /// Cuts the response off with `code`: the client keeps what it verified and learns it is incomplete.
+    fn reset(&mut self, code: u32);
+    fn id(&self) -> quinn::StreamId;
+}
+
+impl RequestStreams for quinn::Connection {
+    type Send = quinn::SendStream;
+    type Recv = quinn::RecvStream;
+    type Error = quinn::ConnectionError;
+    fn accept(&self) -> impl Future<Output = Result<(Self::Send, Self::Recv), Self::Error>> + Send {
+        self.accept_bi()
+    }
+    fn close(&self, reason: &[u8]) {
+        quinn::Connection::close(self, 0u32.into(), reason);
+    }
+    fn remote(&self) -> SocketAddr {
+        self.remote_address()
+    }
+}
+
+impl ResponseStream for quinn::SendStream {
+    async fn write_piece(&mut self, piece: Bytes) -> std::io::Result<()> {
+        Ok(self.write_chunk(piece).await?)
+    }
+    fn finish(&mut self) {
+        // Already finished or reset: the client is gone, nobody is left to tell.
+        let _ = quinn::SendStream::finish(self);
+    }
+    fn reset(&mut self, code: u32) {
+        let _ = quinn::SendStream::reset(self, code.into());
+    }
+    fn id(&self) -> quinn::StreamId {
+        quinn::SendStream::id(self)
+    }
+}
+
+/// Why a response was not completed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("{0}")]
+    Stream(#[from] std::io::Error),
+    #[error("the fill behind it failed part-way")]
+    FillFailed,
+}
 
 /// Everything a stream handler needs.
 #[derive(Debug)]
@@ -104,6 +172,8 @@ pub struct Server {
     node_id: NodeId,
     peer_streams: Arc<Semaphore>,
     peer_streams_by_peer: Mutex<HashMap<PeerId, usize>>,
+    /// Browsers' side: web certificates and the web origins sessions are accepted from.
+    pub web: Arc<Web>,
 }
 
 /// Peers' fill requests served at once, in all and per peer.
@@ -131,6 +201,7 @@ impl Server {
         overlay: Option<Overlay>,
         rendezvous: Arc<RendezvousServer>,
         node_id: NodeId,
+        web: Arc<Web>,
     ) -> Self {
         Self {
             store,
@@ -149,7 +220,14 @@ impl Server {
             node_id,
             peer_streams: Arc::new(Semaphore::new(PEER_STREAMS)),
             peer_streams_by_peer: Mutex::new(HashMap::new()),
+            web,
         }
+    }
+
+    /// The web origins the tracker registered (sent with its answers to this node): browser pages from them,
+    /// or from the operator's own `--web-origin`, may open WebTransport sessions here.
+    pub fn set_web_origins(&self, origins: WebOrigins) {
+        self.web.set_tracker_origins(origins);
     }
 
     /// Accepts connections until the endpoint is closed.
@@ -178,7 +256,10 @@ impl Server {
                         Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
                             server.rendezvous.clone().serve_connection(conn).await
                         }
-                        Ok(conn) => server.serve_connection(conn).await,
+                        Ok(conn) if negotiated(&conn, fog_net::transport::H3_ALPN) => {
+                            crate::web::serve_session(&server, conn).await
+                        }
+                        Ok(conn) => server.serve_requests(conn).await,
                         Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                     }
                 },
@@ -187,23 +268,24 @@ impl Server {
         }
     }
 
-    async fn serve_connection(self: &Arc<Self>, conn: quinn::Connection) {
+    /// Serves each stream `conn` opens as one request until it closes, or stays idle.
+    pub(crate) async fn serve_requests<C: RequestStreams>(self: &Arc<Self>, conn: C) {
         // Chunks delivered on this connection: what its receipts may pay for.
         let served = Arc::new(AtomicU32::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
         // quinn's max_concurrent_bidi_streams bounds the streams in flight per connection.
         loop {
-            let (send, recv) = match tokio::time::timeout(IDLE_CONNECTION, conn.accept_bi()).await {
+            let (send, recv) = match tokio::time::timeout(IDLE_CONNECTION, conn.accept()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
+                    tracing::debug!(remote = %conn.remote(), reason = %e, "connection closed");
                     return;
                 }
                 // Keep-alives hold a QUIC connection open forever; one that asks for nothing gives its
                 // slot back.
                 Err(_) if in_flight.load(Ordering::Relaxed) == 0 => {
-                    tracing::debug!(remote = %conn.remote_address(), "closing a connection idle for {IDLE_CONNECTION:?}");
-                    conn.close(0u32.into(), b"idle");
+                    tracing::debug!(remote = %conn.remote(), "closing a connection idle for {IDLE_CONNECTION:?}");
+                    conn.close(b"idle");
                     return;
                 }
                 Err(_) => continue,
@@ -223,10 +305,10 @@ impl Server {
         }
     }
 
-    async fn serve_stream(
+    async fn serve_stream<S: ResponseStream, R: AsyncRead + Unpin>(
         self: &Arc<Self>,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        mut send: S,
+        mut recv: R,
         served: &AtomicU32,
     ) {
         Counters::add(&self.counters.requests, 1);
@@ -267,7 +349,7 @@ impl Server {
         }
     }
 
-    async fn respond(self: &Arc<Self>, req: &ChunkRequest, send: &mut quinn::SendStream, served: &AtomicU32) {
+    async fn respond<S: ResponseStream>(self: &Arc<Self>, req: &ChunkRequest, send: &mut S, served: &AtomicU32) {
         let source = match self.chunk(req).await {
             Ok(source) => source,
             Err((status, message)) => return respond_error(send, status, &message).await,
@@ -312,7 +394,7 @@ impl Server {
     /// A push (the tracker's live push): gets the chunk as for a client's miss (a fill licensed by the
     /// request's ticket; a chunk held already costs nothing), keeps it, and answers with the response head
     /// alone once it holds the chunk, so no upload is spent on the tracker.
-    async fn keep_pushed(self: &Arc<Self>, req: &ChunkRequest, send: &mut quinn::SendStream) {
+    async fn keep_pushed<S: ResponseStream>(self: &Arc<Self>, req: &ChunkRequest, send: &mut S) {
         if !req.wants_chunk() {
             Counters::add(&self.counters.bad_requests, 1);
             return respond_error(send, Status::BadRequest, "a push names a chunk").await;
@@ -366,16 +448,16 @@ impl Server {
     /// Answers with a chunk being filled, group by group as it verifies. The head waits for the first
     /// verified bytes, so a fill that fails at once still answers with its status; one that fails later
     /// resets the stream, and the client keeps what arrived.
-    async fn send_following(
+    async fn send_following<S: ResponseStream>(
         &self,
-        send: &mut quinn::SendStream,
+        send: &mut S,
         mut follower: Follower<FillError>,
-    ) -> Result<(), quinn::WriteError> {
+    ) -> Result<(), SendError> {
         let mut next = follower.next().await;
         if let Next::Failed(e) = next {
             let e = e.unwrap_or(FillError::Lost);
             respond_error(send, e.status(), &e.to_string()).await;
-            return Err(quinn::WriteError::Stopped(FILL_FAILED));
+            return Err(SendError::FillFailed);
         }
         send.write_all(&ResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
@@ -384,13 +466,13 @@ impl Server {
                 Next::Done => break,
                 Next::Failed(e) => {
                     tracing::debug!(error = ?e, "fill failed part-way; resetting the response");
-                    let _ = send.reset(FILL_FAILED);
-                    return Err(quinn::WriteError::Stopped(FILL_FAILED));
+                    send.reset(FILL_FAILED);
+                    return Err(SendError::FillFailed);
                 }
             }
             next = follower.next().await;
         }
-        let _ = send.finish();
+        send.finish();
         Ok(())
     }
 
@@ -624,23 +706,23 @@ impl Server {
         Ok(())
     }
 
-    async fn send_payload(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
+    async fn send_payload<S: ResponseStream>(&self, send: &mut S, body: Bytes) -> Result<(), SendError> {
         let head = ResponseHead::Ok { len: body.len() as u32 }.encode();
         send.write_all(&head).await?;
         self.send_limited(send, body).await?;
-        let _ = send.finish();
+        send.finish();
         Ok(())
     }
 
     /// Sends `body` under the upload cap, a piece at a time.
-    async fn send_limited(&self, send: &mut quinn::SendStream, body: Bytes) -> Result<(), quinn::WriteError> {
+    async fn send_limited<S: ResponseStream>(&self, send: &mut S, body: Bytes) -> Result<(), SendError> {
         let mut offset = 0;
         while offset < body.len() {
             let end = (offset + PIECE).min(body.len());
             if let Some(limit) = &self.upload {
                 limit.acquire(end - offset).await;
             }
-            send.write_chunk(body.slice(offset..end)).await?;
+            send.write_piece(body.slice(offset..end)).await?;
             Counters::add(&self.counters.bytes_served, (end - offset) as u64);
             offset = end;
         }
@@ -706,7 +788,7 @@ fn negotiated(conn: &quinn::Connection, alpn: &[u8]) -> bool {
         .is_some_and(|p| p == alpn)
 }
 
-async fn respond_error(send: &mut quinn::SendStream, status: Status, message: &str) {
+async fn respond_error<S: ResponseStream>(send: &mut S, status: Status, message: &str) {
     let head = ResponseHead::Error { status, message: message.to_string() }.encode();
     // The client may be gone; there is nobody left to tell.
     let _ = write_last_frame(send, &head).await;

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fog_net::http_server::{self, json, reply, Reply};
-use fog_proto::api::NodeStats;
+use fog_proto::api::{NodeStats, WebTransportEndpoint};
 use fog_proto::NodeId;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +102,9 @@ pub struct NodeStatus {
     /// The plain-language answer to "why am I (not) getting traffic?".
     pub traffic: Traffic,
     pub counters: NodeStats,
+    /// Browsers' WebTransport endpoint: the QUIC port it listens on and the certificate hashes they pin.
+    #[serde(default)]
+    pub web_transport: Option<WebTransportEndpoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +365,7 @@ impl Status {
             credits: self.credits_status(counters.bytes_served),
             traffic,
             counters,
+            web_transport: Some(self.server.web.endpoint(self.info.quic_listen.port())),
         }
     }
 
@@ -439,6 +444,7 @@ impl Status {
     fn metrics_text(&self) -> String {
         let s = self.status();
         self.metrics.update(&s);
+        self.metrics.update_web_sessions(&self.server.web.sessions);
         self.metrics.encode()
     }
 
@@ -471,6 +477,8 @@ struct NodeMetrics {
     registry: prometheus_client::registry::Registry,
     counters: Vec<(Counter, ReadCounter)>,
     gauges: Vec<(Gauge, ReadGauge)>,
+    /// `fog_node_web_sessions_total{result}`.
+    web_sessions: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for NodeMetrics {
@@ -564,7 +572,9 @@ impl Default for NodeMetrics {
                 (g, read)
             })
             .collect();
-        Self { registry, counters, gauges }
+        let web_sessions = Family::default();
+        registry.register("fog_node_web_sessions", "Browsers' WebTransport sessions by outcome", web_sessions.clone());
+        Self { registry, counters, gauges, web_sessions }
     }
 }
 
@@ -576,6 +586,13 @@ impl NodeMetrics {
         }
         for (g, read) in &self.gauges {
             g.set(read(s) as i64);
+        }
+    }
+
+    fn update_web_sessions(&self, sessions: &crate::web::SessionCounts) {
+        for (result, n) in sessions.by_result() {
+            let c = self.web_sessions.get_or_create(&[("result", result)]);
+            c.inc_by(n.saturating_sub(c.get()));
         }
     }
 

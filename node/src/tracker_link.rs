@@ -13,8 +13,8 @@ use fog_net::origin::SharedOrigins;
 use fog_net::tracker::{TrackerClient, TrackerError};
 use fog_net::transport;
 use fog_proto::api::{
-    CellList, ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous, Signed,
-    KIND_HEARTBEAT, KIND_MEMBERSHIP, KIND_REGISTER, MAX_QUIC_ADDRS,
+    CellDelta, CellList, ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous,
+    Signed, KIND_HEARTBEAT, KIND_MEMBERSHIP, KIND_REGISTER, MAX_QUIC_ADDRS,
 };
 use fog_proto::origins::OriginList;
 use fog_proto::rtt::RttFilter;
@@ -191,8 +191,9 @@ impl TrackerLink {
         *self.renew_membership_ms.lock().expect("membership lock") = renew;
         *self.membership.lock().expect("membership lock") = resp.membership;
         self.update_origins(resp.origins);
+        self.server.set_web_origins(resp.web_origins);
         self.update_peers(&resp.peers, !resp.reachable);
-        self.update_cell(resp.cell);
+        self.update_cell(resp.cell, None);
         Ok(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 300)))
     }
 
@@ -219,22 +220,29 @@ impl TrackerLink {
         let stats = self.server.counters.snapshot(used, chunks, self.server.store.capacity());
         let overlay = self.overlay_report().await;
         self.told_joining.store(overlay.joining, Ordering::Relaxed);
-        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(overlay) };
+        // Browsers dial the QUIC port clients are told about (the endpoint serves WebTransport too).
+        let web_transport = Some(self.server.web.endpoint(self.quic_addr.port()));
+        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(overlay), web_transport };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
+        self.server.set_web_origins(resp.web_origins);
         if let (Some(reachable), Some(verified)) = (resp.reachable, resp.verified_addrs) {
             self.set_reachability(reachable, verified);
         }
         let behind_nat = self.state.lock().expect("link state lock").reachable == Some(false);
         self.update_peers(&resp.peers, behind_nat);
-        self.update_cell(resp.cell);
+        self.update_cell(resp.cell, resp.cell_delta);
         Ok(resp.registered)
     }
 
-    /// Hands the overlay the members of this node's cell, among which it finds chunks' homes.
-    fn update_cell(&self, cell: Option<CellList>) {
-        if let (Some(overlay), Some(cell)) = (&self.overlay, cell) {
+    /// Hands the overlay the members of this node's cell, among which it finds chunks' homes: the whole
+    /// list, or its change from the version the node reported.
+    fn update_cell(&self, cell: Option<CellList>, change: Option<CellDelta>) {
+        let Some(overlay) = &self.overlay else { return };
+        if let Some(cell) = cell {
             overlay.set_cell(cell);
+        } else if let Some(change) = change {
+            overlay.change_cell(change);
         }
     }
 

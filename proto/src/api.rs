@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::origins::OriginList;
+use crate::web::WebOrigins;
 use crate::{ContentId, Manifest, NodeId};
 
 /// Milliseconds since the Unix epoch, as every `timestamp_ms` field carries them.
@@ -168,6 +169,9 @@ pub struct RegisterResponse {
     /// The node's cell, when the tracker partitions the overlay into cells.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell: Option<CellList>,
+    /// Sites whose pages may open WebTransport sessions to the node (the session's `Origin`).
+    #[serde(default, skip_serializing_if = "WebOrigins::is_empty")]
+    pub web_origins: WebOrigins,
 }
 
 /// Signed-message kind of [`Membership`].
@@ -225,11 +229,193 @@ pub const MAX_CELL_LISTED: usize = 2048;
 /// agree on the chunk's home and it is fetched from the origin once per cell. The node is listed too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellList {
-    /// Changes whenever the members or their addresses do; the node reports the version it holds
-    /// ([`OverlayReport::cell_version`]) and the tracker sends the list only when it changed.
+    /// [`CellList::version_of`] the members: changes whenever the members or their addresses do. The node
+    /// reports the version it holds ([`OverlayReport::cell_version`]) and the tracker sends the list (or
+    /// a [`CellDelta`] from the held version) only when it changed.
     pub version: u64,
-    /// At most [`MAX_CELL_LISTED`].
+    /// Sorted by id, each id once, at most [`MAX_CELL_LISTED`] ([`CellList::check_bounds`]).
     pub members: Vec<PeerContact>,
+}
+
+/// What changes a node's cell list from version `from` to version `to` (issue #17): sent instead of the
+/// whole list when the node reports it holds `from` and asks for changes ([`OverlayReport::cell_deltas`]).
+/// An id is in at most one of `added` and `removed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellDelta {
+    pub from: u64,
+    pub to: u64,
+    /// Members new since `from`, or whose addresses changed: each replaces any member with its id. Sorted
+    /// by id, at most [`MAX_CELL_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<PeerContact>,
+    /// Members gone since `from` (an id the node does not hold is ignored). At most [`MAX_CELL_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<NodeId>,
+}
+
+/// Why a cell list or change from the tracker was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CellError {
+    /// The node holds another version (an answer crossed a newer one): its next report names the version
+    /// it holds, and the tracker answers with the change from there or the whole list. Retrying helps.
+    #[error("cell change from version {from:016x}, but version {held:016x} is held")]
+    NotHeld { from: u64, held: u64 },
+    /// The tracker broke the protocol: only the whole list can help.
+    #[error("cell list from the tracker out of bounds: {0}")]
+    Bounds(&'static str),
+    /// The change does not lead to the version it names: only the whole list can help.
+    #[error("cell change to version {to:016x} gives version {got:016x}")]
+    Mismatch { to: u64, got: u64 },
+}
+
+impl CellList {
+    /// The list of `members` (sorted by id here) and its version.
+    pub fn new(mut members: Vec<PeerContact>) -> Self {
+        members.sort_unstable_by_key(|m| m.id);
+        Self { version: Self::version_of(&members), members }
+    }
+
+    /// A digest of `members` in order, ids and addresses, each length-prefixed so no two lists share a
+    /// form: equal versions mean equal lists (up to a 64-bit collision), which lets a node check that a
+    /// change gave it exactly the tracker's list.
+    pub fn version_of(members: &[PeerContact]) -> u64 {
+        let mut h = blake3::Hasher::new();
+        let text = |h: &mut blake3::Hasher, t: &str| {
+            h.update(&(t.len() as u64).to_be_bytes());
+            h.update(t.as_bytes());
+        };
+        h.update(&(members.len() as u64).to_be_bytes());
+        for m in members {
+            h.update(m.id.as_bytes());
+            h.update(&(m.addrs.len() as u64).to_be_bytes());
+            for a in &m.addrs {
+                text(&mut h, a);
+            }
+            match m.rendezvous {
+                Some(r) => text(&mut h, &r.to_string()),
+                None => text(&mut h, ""),
+            }
+        }
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_be_bytes(first)
+    }
+
+    /// Refuses lists a node could not hold or change: too many members or addresses, ids out of order.
+    pub fn check_bounds(&self) -> Result<(), CellError> {
+        if self.members.len() > MAX_CELL_LISTED {
+            return Err(CellError::Bounds("more members than MAX_CELL_LISTED"));
+        }
+        if self.members.windows(2).any(|w| w[0].id >= w[1].id) {
+            return Err(CellError::Bounds("members not sorted by id, each once"));
+        }
+        check_contacts(&self.members)
+    }
+
+    /// This list changed by `delta`, which must start from this version and end at the version it names
+    /// (checked by digest, so a node never holds a list the tracker did not).
+    pub fn apply(&self, delta: &CellDelta) -> Result<CellList, CellError> {
+        if delta.from != self.version {
+            return Err(CellError::NotHeld { from: delta.from, held: self.version });
+        }
+        delta.check_bounds()?;
+        let mut removed = delta.removed.iter().peekable();
+        let mut added = delta.added.iter().peekable();
+        let mut members = Vec::with_capacity(self.members.len() + delta.added.len());
+        // All three are sorted by id: one merge.
+        for held in &self.members {
+            while let Some(a) = added.next_if(|a| a.id < held.id) {
+                members.push(a.clone());
+            }
+            while removed.next_if(|r| **r < held.id).is_some() {}
+            if removed.next_if(|r| **r == held.id).is_some() {
+                continue;
+            }
+            match added.next_if(|a| a.id == held.id) {
+                Some(a) => members.push(a.clone()),
+                None => members.push(held.clone()),
+            }
+        }
+        members.extend(added.cloned());
+        if members.len() > MAX_CELL_LISTED {
+            return Err(CellError::Bounds("changed list over MAX_CELL_LISTED members"));
+        }
+        let got = Self::version_of(&members);
+        if got != delta.to {
+            return Err(CellError::Mismatch { to: delta.to, got });
+        }
+        Ok(CellList { version: got, members })
+    }
+}
+
+impl CellDelta {
+    /// What changes `old` into `new` (both sorted by id, as [`CellList::check_bounds`] wants).
+    pub fn between(old: &CellList, new: &CellList) -> Self {
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let mut next = new.members.iter().peekable();
+        for o in &old.members {
+            while let Some(n) = next.next_if(|n| n.id < o.id) {
+                added.push(n.clone());
+            }
+            match next.next_if(|n| n.id == o.id) {
+                Some(n) if n != o => added.push(n.clone()),
+                Some(_) => {}
+                None => removed.push(o.id),
+            }
+        }
+        added.extend(next.cloned());
+        Self { from: old.version, to: new.version, added, removed }
+    }
+
+    /// This change, then `next` (which starts where this one ends), as one change. Exact for a node
+    /// holding `self.from`; it may remove an id that node never held (added, then removed again).
+    pub fn then(&self, next: &CellDelta) -> Self {
+        let mut by_id: std::collections::BTreeMap<NodeId, Option<&PeerContact>> = std::collections::BTreeMap::new();
+        for d in [self, next] {
+            by_id.extend(d.added.iter().map(|a| (a.id, Some(a))));
+            by_id.extend(d.removed.iter().map(|r| (*r, None)));
+        }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (id, change) in by_id {
+            match change {
+                Some(a) => added.push(a.clone()),
+                None => removed.push(id),
+            }
+        }
+        Self { from: self.from, to: next.to, added, removed }
+    }
+
+    /// Refuses changes over the bounds, out of order, or naming an id twice.
+    pub fn check_bounds(&self) -> Result<(), CellError> {
+        if self.added.len() > MAX_CELL_LISTED || self.removed.len() > MAX_CELL_LISTED {
+            return Err(CellError::Bounds("more changed members than MAX_CELL_LISTED"));
+        }
+        if self.added.windows(2).any(|w| w[0].id >= w[1].id) || self.removed.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(CellError::Bounds("changed members not sorted by id, each once"));
+        }
+        // Both sorted: an id in both shows up in one merge.
+        let (mut a, mut r) = (self.added.iter().map(|m| m.id).peekable(), self.removed.iter().peekable());
+        while let (Some(x), Some(y)) = (a.peek(), r.peek()) {
+            match x.cmp(y) {
+                std::cmp::Ordering::Less => {
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    r.next();
+                }
+                std::cmp::Ordering::Equal => return Err(CellError::Bounds("a member both added and removed")),
+            }
+        }
+        check_contacts(&self.added)
+    }
+}
+
+/// Each contact within [`MAX_PEER_ADDRS`] addresses of [`MAX_ADDR_LEN`] bytes, as nodes report them.
+fn check_contacts(contacts: &[PeerContact]) -> Result<(), CellError> {
+    if contacts.iter().any(|m| m.addrs.len() > MAX_PEER_ADDRS || m.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN)) {
+        return Err(CellError::Bounds("a member with more than MAX_PEER_ADDRS addresses or a too long one"));
+    }
+    Ok(())
 }
 
 /// How a node's overlay (libp2p) sees its own reachability.
@@ -315,6 +501,10 @@ pub struct OverlayReport {
     /// The [`CellList::version`] the node holds, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell_version: Option<u64>,
+    /// The node takes a [`CellDelta`] from the version it holds instead of the whole list (older nodes
+    /// do not say so and get whole lists).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cell_deltas: bool,
 }
 
 /// Most nodes one rendezvous keeps attached (each costs it one idle QUIC connection).
@@ -351,6 +541,55 @@ pub struct Heartbeat {
     pub draining: bool,
     #[serde(default)]
     pub overlay: Option<OverlayReport>,
+    /// Where browsers reach the node over WebTransport (absent from nodes older than that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_transport: Option<WebTransportEndpoint>,
+}
+
+crate::id::hex_id!(
+    /// SHA-256 of a node's WebTransport certificate (DER): what a browser pins (`serverCertificateHashes`).
+    CertHash,
+    "certificate hash",
+    32
+);
+
+/// Most certificate hashes a node advertises: the one it serves and the next one, with room to spare.
+pub const MAX_WEB_CERT_HASHES: usize = 4;
+
+/// The path of a node's WebTransport URL, `https://<addr>:<port>/fog/1`: it names the protocol version, as
+/// the ALPN does on native connections.
+pub const WEB_TRANSPORT_PATH: &str = "/fog/1";
+
+/// A node's WebTransport endpoint for browsers (`docs/protocol.md`, "WebTransport"). Bounds are checked
+/// when it is parsed, so no reader can forget them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawWebTransportEndpoint")]
+pub struct WebTransportEndpoint {
+    /// UDP port at the node's addresses (its QUIC port: one endpoint serves both protocols).
+    pub port: u16,
+    /// Hashes of the certificates browsers may meet: the one served now first, then the next one while it
+    /// is announced ahead of the switch. A page given all of them connects across a rotation. 1 to
+    /// [`MAX_WEB_CERT_HASHES`].
+    pub cert_hashes: Vec<CertHash>,
+}
+
+#[derive(Deserialize)]
+struct RawWebTransportEndpoint {
+    port: u16,
+    cert_hashes: Vec<CertHash>,
+}
+
+impl TryFrom<RawWebTransportEndpoint> for WebTransportEndpoint {
+    type Error = String;
+    fn try_from(raw: RawWebTransportEndpoint) -> Result<Self, String> {
+        if raw.port == 0 {
+            return Err("the WebTransport port must not be 0".into());
+        }
+        if raw.cert_hashes.is_empty() || raw.cert_hashes.len() > MAX_WEB_CERT_HASHES {
+            return Err(format!("1 to {MAX_WEB_CERT_HASHES} WebTransport certificate hashes"));
+        }
+        Ok(Self { port: raw.port, cert_hashes: raw.cert_hashes })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -366,9 +605,16 @@ pub struct HeartbeatResponse {
     pub reachable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_addrs: Option<Vec<SocketAddr>>,
-    /// The node's cell, when it changed from the version the heartbeat reported.
+    /// The node's cell, when it changed from the version the heartbeat reported (and no `cell_delta`
+    /// from there is at hand, or the node did not ask for one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell: Option<CellList>,
+    /// Instead of `cell`: the change from the version the heartbeat reported to the current list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_delta: Option<CellDelta>,
+    /// As [`RegisterResponse::web_origins`], now.
+    #[serde(default, skip_serializing_if = "WebOrigins::is_empty")]
+    pub web_origins: WebOrigins,
 }
 
 /// What a node reports about itself. Counters are totals since the node started.
@@ -449,12 +695,34 @@ pub struct NodeContact {
     /// For a node behind NAT: the publicly reachable node that coordinates hole punching to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<Rendezvous>,
+    /// In answers to browser pages only: where the page opens a WebTransport session to the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<WebContact>,
+}
+
+/// A node's WebTransport endpoint as a browser page uses it (issue #14): a URL at the contact's `addr`, and
+/// the certificate hashes to pin (`serverCertificateHashes`), which the tracker's own probe connected with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebContact {
+    /// `https://ADDR:PORT/fog/1`.
+    pub url: String,
+    /// The served certificate's first, then the next one's while the node announces it (at most
+    /// [`MAX_WEB_CERT_HASHES`]).
+    pub cert_hashes: Vec<CertHash>,
+}
+
+impl WebContact {
+    /// The endpoint `web` advertises, at `addr`.
+    pub fn at(addr: SocketAddr, web: &WebTransportEndpoint) -> Self {
+        let url = format!("https://{}{WEB_TRANSPORT_PATH}", SocketAddr::new(addr.ip().to_canonical(), web.port));
+        Self { url, cert_hashes: web.cert_hashes.clone() }
+    }
 }
 
 impl NodeContact {
     /// A node dialled at `addr` only.
     pub fn direct(id: NodeId, addr: SocketAddr) -> Self {
-        Self { id, addr, other_addrs: Vec::new(), via: None }
+        Self { id, addr, other_addrs: Vec::new(), via: None, web: None }
     }
 
     /// Where the node answers directly, best first: `addr` and `other_addrs`, or only `other_addrs` for a
@@ -476,10 +744,12 @@ impl NodeContact {
     pub fn for_families(&self, families: Families) -> Option<NodeContact> {
         let mut direct = self.direct_addrs().filter(|a| families.allows(a));
         if let Some(addr) = direct.next() {
-            return Some(NodeContact { id: self.id, addr, other_addrs: direct.collect(), via: None });
+            // A web contact is at `addr`, and browsers dial nodes only directly.
+            let web = self.web.clone().filter(|_| addr == self.addr);
+            return Some(NodeContact { id: self.id, addr, other_addrs: direct.collect(), via: None, web });
         }
         let via = self.via.as_ref().filter(|v| families.allows(&v.addr) && families.allows(&self.addr))?;
-        Some(NodeContact { id: self.id, addr: self.addr, other_addrs: Vec::new(), via: Some(via.clone()) })
+        Some(NodeContact { via: Some(via.clone()), ..NodeContact::direct(self.id, self.addr) })
     }
 }
 
@@ -641,6 +911,8 @@ pub enum ErrorCode {
     RegistryFull,
     /// The requester's source (IPv4 address or IPv6 /64) used up its share of this kind of work.
     RateLimited,
+    /// A browser page from a site the operator did not register (`--web-origin`).
+    UnknownWebOrigin,
     Internal,
 }
 
@@ -746,6 +1018,62 @@ mod tests {
         assert!(overlay(Some(-1.0)).check_bounds().is_err());
     }
 
+    fn contact(i: u8, port: u16) -> PeerContact {
+        PeerContact {
+            id: NodeId([i; 32]),
+            addrs: vec![format!("/ip4/10.0.0.{i}/udp/{port}/quic-v1")],
+            rendezvous: None,
+        }
+    }
+
+    /// A change between two lists, through JSON, turns the first into exactly the second; changes in a row
+    /// compose; a change from another version, out of bounds or to a list it does not give is refused.
+    #[test]
+    fn cell_changes_round_trip_and_are_checked() {
+        let old = CellList::new((1..=6).map(|i| contact(i, 7000)).collect());
+        let mid = CellList::new([1, 2, 4, 5, 6, 9].map(|i| contact(i, if i == 4 { 7001 } else { 7000 })).to_vec());
+        let new = CellList::new([0, 2, 4, 5, 9].map(|i| contact(i, if i == 4 { 7001 } else { 7000 })).to_vec());
+        assert!(old.check_bounds().is_ok() && mid.check_bounds().is_ok());
+        let step = CellDelta::between(&old, &mid);
+        let ids = |v: &[PeerContact]| v.iter().map(|m| m.id.0[0]).collect::<Vec<_>>();
+        assert_eq!((ids(&step.added), step.removed.clone()), (vec![4, 9], vec![NodeId([3; 32])]));
+        let wire: CellDelta = serde_json::from_slice(&serde_json::to_vec(&step).expect("json")).expect("parse");
+        assert_eq!(old.apply(&wire), Ok(mid.clone()));
+        let two = step.then(&CellDelta::between(&mid, &new));
+        assert_eq!((two.from, two.to), (old.version, new.version));
+        assert_eq!(old.apply(&two), Ok(new.clone()));
+        assert_eq!(new.apply(&CellDelta::between(&new, &new)), Ok(new.clone()));
+
+        assert_eq!(mid.apply(&step), Err(CellError::NotHeld { from: old.version, held: mid.version }));
+        let wrong_to = CellDelta { to: new.version, ..step.clone() };
+        assert!(matches!(old.apply(&wrong_to), Err(CellError::Mismatch { .. })));
+        let both = CellDelta { removed: vec![NodeId([4; 32])], ..step.clone() };
+        assert!(matches!(old.apply(&both), Err(CellError::Bounds(_))));
+        let unsorted = CellDelta { added: step.added.iter().rev().cloned().collect(), ..step.clone() };
+        assert!(matches!(old.apply(&unsorted), Err(CellError::Bounds(_))));
+        let node = |i: usize| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            NodeId(b)
+        };
+        let many = CellDelta { added: Vec::new(), removed: (0..=MAX_CELL_LISTED).map(node).collect(), ..step };
+        assert!(matches!(old.apply(&many), Err(CellError::Bounds(_))));
+        let long_addr = PeerContact { addrs: vec!["x".repeat(MAX_ADDR_LEN + 1)], ..contact(1, 1) };
+        assert!(CellList::new(vec![long_addr]).check_bounds().is_err());
+        let twice = CellList { version: 0, members: vec![contact(1, 1), contact(1, 2)] };
+        assert!(twice.check_bounds().is_err());
+
+        // The version names the list: addresses and rendezvous count, an address cannot pass for two.
+        let with_rendezvous = PeerContact { rendezvous: Some("10.0.0.1:7700".parse().expect("addr")), ..contact(1, 1) };
+        let split = PeerContact { addrs: vec!["/a".into(), "/b".into()], ..contact(1, 1) };
+        let joined = PeerContact { addrs: vec!["/a\0/b".into()], ..contact(1, 1) };
+        let versions = [vec![contact(1, 1)], vec![contact(1, 2)], vec![with_rendezvous], vec![split], vec![joined]]
+            .map(|m| CellList::version_of(&m));
+        for (i, v) in versions.iter().enumerate() {
+            assert!(!versions[..i].contains(v), "version {i} repeats");
+        }
+    }
+
     #[test]
     fn families_parse_and_allow_by_canonical_address() {
         assert_eq!(Families::parse("ipv4,ipv6"), Ok(Families::BOTH));
@@ -770,7 +1098,13 @@ mod tests {
     #[test]
     fn signed_messages_verify_and_resist_tampering() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let hb = Heartbeat { timestamp_ms: 1, stats: NodeStats::default(), draining: false, overlay: None };
+        let hb = Heartbeat {
+            timestamp_ms: 1,
+            stats: NodeStats::default(),
+            draining: false,
+            overlay: None,
+            web_transport: None,
+        };
         let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
         let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");
         assert_eq!(back.timestamp_ms, 1);
@@ -781,5 +1115,25 @@ mod tests {
         let mut other = s;
         other.node_id = SigningKey::from_bytes(&[8u8; 32]).verifying_key().into();
         assert!(matches!(other.open::<Heartbeat>(KIND_HEARTBEAT), Err(SignedError::BadSignature)));
+    }
+
+    #[test]
+    fn web_transport_endpoints_are_bounded_when_parsed() {
+        let hash = CertHash([0xab; 32]);
+        let endpoint = WebTransportEndpoint { port: 7701, cert_hashes: vec![hash, CertHash([1; 32])] };
+        let json = serde_json::to_string(&endpoint).expect("json");
+        assert_eq!(serde_json::from_str::<WebTransportEndpoint>(&json).expect("valid"), endpoint);
+        let parse = |port: u16, n: usize| {
+            let text = serde_json::json!({ "port": port, "cert_hashes": vec![hash; n] }).to_string();
+            serde_json::from_str::<WebTransportEndpoint>(&text)
+        };
+        assert!(parse(7701, MAX_WEB_CERT_HASHES).is_ok());
+        assert!(parse(7701, MAX_WEB_CERT_HASHES + 1).is_err(), "a node advertises a few hashes, not a list");
+        assert!(parse(7701, 0).is_err(), "a browser needs a hash to pin");
+        assert!(parse(0, 1).is_err());
+        let old_node = r#"{"timestamp_ms":1,"stats":{"cache_used":0,"cache_capacity":0,"cached_chunks":0,
+            "active_streams":0,"requests":0,"hits":0,"misses":0,"bytes_served":0,"origin_fills":0,"origin_bytes":0,
+            "corrupt_chunks":0,"bad_requests":0,"store_errors":0}}"#;
+        assert_eq!(serde_json::from_str::<Heartbeat>(old_node).expect("older nodes still parse").web_transport, None);
     }
 }

@@ -12,6 +12,7 @@
 //! - [`cache`]: the cache eviction policy, pure so the node and the simulator run the same code.
 //! - [`origins`]: which URLs belong to operator-registered origins.
 //! - [`size`]: human-friendly byte sizes (`64MiB`) for configuration.
+//! - [`web`]: the web origins (sites) whose pages may use the fog from a browser.
 
 pub mod api;
 pub mod cache;
@@ -26,6 +27,7 @@ pub mod placement;
 pub mod rendezvous;
 pub mod rtt;
 pub mod size;
+pub mod web;
 pub mod wire;
 
 pub use id::{ChunkHash, ContentId, NodeId};

@@ -12,19 +12,26 @@
 //!    network measured are ranked even when the pre-filter missed them. The **near** ones — no more than
 //!    [`Params::near_fraction`] (20 %) and [`Params::near_ms`] (10 ms) farther than the closest — are as
 //!    good as the closest for the client, so a chunk may be placed among up to [`Params::close`] (`k` = 3)
-//!    of them for cache affinity without a worse pick.
+//!    of them for cache affinity without a worse pick. The rest of what was ranked (up to `prefilter` more,
+//!    by measured RTT where there is one, else predicted) is the close set's **spill**.
 //!
 //! For each chunk:
 //! 3. **Cache affinity**: rank the close set by rendezvous weight of the chunk id, so clients in one area
 //!    ask the same nodes for the same chunk and those stay warm.
 //! 4. **Hot chunks** get more replicas: the first candidate is the least-loaded of the top `r` near nodes
-//!    in rendezvous order, where `r` grows with the chunk's recent request count.
+//!    in rendezvous order that is within its bounds (step 5), where `r` grows with the chunk's recent
+//!    request count.
 //! 5. **Bounded load**: a node whose recently assigned bytes would exceed (1+ε)× its fair share (its share
 //!    of all advertised upload; never less than [`Params::min_load_secs`] (15 s, about the mean life of the
 //!    10 s half-life load) of its own upload), or whose backlog of chunks clients fetch now would exceed
 //!    [`Params::max_backlog_secs`] (1 s) of its upload, is passed over for
-//!    the first place, for the next near node, else the next closest of the `reach`; if every one is over,
-//!    the least loaded relative to its upload is chosen. The chosen node is charged the chunk's bytes.
+//!    the first place, for the next near node, else the next closest of the `reach`, else the closest of
+//!    the spill with room — not the least loaded of nodes that are all over: where nodes are dense, the
+//!    same few with short access links are the closest for many networks, and their queues would only
+//!    grow. Only if every node ranked is over is the least loaded close node (relative to its upload)
+//!    chosen. The chosen node is charged the chunk's bytes, and its backlog drains at all but
+//!    [`Params::headroom`] (10 %) of its upload: the rest is for the work the scheduler does not charge.
+//!    The other candidates, which take over when the first has left, are nodes with room where there are.
 //!
 //! Load and popularity decay with a half-life, so they describe the last tens of seconds.
 //!
@@ -32,6 +39,7 @@
 //! with the addresses of those families only.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 use fog_proto::api::{Families, NodeContact};
 use fog_proto::placement::weight;
@@ -87,10 +95,15 @@ pub struct Params {
     /// recent assignments it can upload in about the load window is not overloaded, and moving chunks away
     /// from it would only cost cache affinity (a cold node must fill them first).
     pub min_load_secs: f64,
-    /// Nor may a node's backlog — chunks clients fetch now that it cannot have uploaded yet at its
-    /// advertised rate — exceed this many seconds of its upload (a chunk waits behind that queue; about
+    /// Nor may a node's backlog — chunks clients fetch now that it cannot have uploaded yet at the share of
+    /// its advertised rate left after [`Params::headroom`] — exceed this many seconds of its upload (a chunk waits behind that queue; about
     /// half a chunk's playback time keeps players from stalling).
     pub max_backlog_secs: f64,
+    /// Share of a node's advertised upload the scheduler leaves free: its backlog drains, as the scheduler
+    /// counts it, at the rest. Only first candidates are charged, so a node also serves what it is not
+    /// charged for — clients failing over to it from a departed first candidate, peers' fills; filled to its
+    /// whole upload by what is charged, it would queue that extra work without end.
+    pub headroom: f64,
 }
 
 impl Default for Params {
@@ -107,6 +120,7 @@ impl Default for Params {
             half_life_ms: 10_000,
             min_load_secs: 15.0,
             max_backlog_secs: 1.0,
+            headroom: 0.1,
         }
     }
 }
@@ -154,11 +168,18 @@ fn cell(c: &Coord, cell_ms: f32) -> (i32, i32) {
 
 /// A grid over `nodes` with cells of `cell_ms`.
 fn grid(nodes: &[NodeInfo], cell_ms: f32) -> Grid {
-    let mut grid = Grid::new();
-    for (i, n) in nodes.iter().enumerate() {
-        grid.entry(cell(&n.coord, cell_ms)).or_default().push(i as u32);
+    let mut by_cell: Vec<((i32, i32), u32)> =
+        nodes.iter().enumerate().map(|(i, n)| (cell(&n.coord, cell_ms), i as u32)).collect();
+    by_cell.sort_unstable();
+    let mut cells = HashMap::with_hasher(CellHashing(RandomState::new().hash_one(cell_ms.to_bits())));
+    let mut start = 0;
+    for (i, (key, _)) in by_cell.iter().enumerate() {
+        if by_cell.get(i + 1).is_none_or(|next| next.0 != *key) {
+            cells.insert(*key, (start as u32, i as u32 + 1));
+            start = i + 1;
+        }
     }
-    grid
+    Grid { cells, nodes: by_cell.into_iter().map(|(_, i)| i).collect() }
 }
 
 impl Snapshot {
@@ -167,7 +188,8 @@ impl Snapshot {
         let mut cell_ms = CELL_MAX_MS;
         let mut cells = grid(&nodes, cell_ms);
         // Node-weighted mean occupancy: the cell size a typical client sees.
-        let crowding = |g: &Grid| g.values().map(|v| v.len() * v.len()).sum::<usize>() / nodes.len().max(1);
+        let crowding =
+            |g: &Grid| g.cells.values().map(|&(a, b)| ((b - a) as usize).pow(2)).sum::<usize>() / nodes.len().max(1);
         while crowding(&cells) > 2 * CELL_TARGET && cell_ms / 2.0 >= CELL_MIN_MS {
             cell_ms /= 2.0;
             cells = grid(&nodes, cell_ms);
@@ -232,12 +254,17 @@ impl Snapshot {
 
     /// [`Snapshot::close_set`] among the nodes a client of `families` can dial.
     pub fn close_set_for(&self, client: Option<&ClientNet>, families: Families, params: &Params) -> Close {
+        self.ranked(client, families, params, params.prefilter)
+    }
+
+    /// The close set with a spill of up to `spill_len` nodes.
+    fn ranked(&self, client: Option<&ClientNet>, families: Families, params: &Params, spill_len: usize) -> Close {
         let usable = |i: &u32| families == Families::BOTH || self.nodes[*i as usize].contact.usable_by(families);
         let wanted = params.close.max(params.reach);
         let (Some(coord), Some(client)) = (client.and_then(|c| c.coord.as_ref()), client) else {
             // There is no "closest": every node of the pool gets its rendezvous share (a joining one too).
             let nodes: Vec<u32> = self.default_pool.iter().filter(|i| usable(i)).take(wanted).copied().collect();
-            return Close { near: nodes.len(), place: nodes.len(), nodes, explore: None };
+            return Close { near: nodes.len(), place: nodes.len(), nodes, explore: None, spill: Vec::new() };
         };
         let mut found: Vec<u32> = Vec::new();
         for (cell_ms, grid, rings) in &self.levels {
@@ -266,27 +293,42 @@ impl Snapshot {
         measured.sort_unstable_by(by_rtt);
         let close = wanted.min(measured.len() + ranked.len());
         let predicted = close.saturating_sub(measured.len()).max(1).min(ranked.len());
-        if predicted > 0 && predicted < ranked.len() {
-            ranked.select_nth_unstable_by(predicted - 1, by_rtt);
+        // Beyond those, up to `spill_len` more by prediction: candidates for the spill.
+        let kept = (predicted + spill_len).min(ranked.len());
+        if kept > 0 && kept < ranked.len() {
+            ranked.select_nth_unstable_by(kept - 1, by_rtt);
         }
+        ranked.truncate(kept);
+        ranked.sort_unstable_by(by_rtt);
         // The nearest node by prediction that the network has not measured yet: offered as the last
         // candidate, so that the clients' RTT reports find the truly closest nodes over time.
-        ranked.truncate(predicted);
-        ranked.sort_unstable_by(by_rtt);
         let explore = ranked.first().map(|r| r.1);
-        measured.truncate(close);
-        measured.extend(ranked.into_iter().take(close - measured.len()));
+        let from_measured = close.min(measured.len());
+        let mut spill = measured.split_off(from_measured);
+        let from_ranked = close - from_measured;
+        spill.extend_from_slice(&ranked[from_ranked..]);
+        ranked.truncate(from_ranked);
+        measured.append(&mut ranked);
         let ranked = measured;
+        // The spill mixes measured and predicted RTTs: by distance as best known, not measured first.
+        spill.sort_unstable_by(by_rtt);
+        spill.truncate(spill_len);
         let best = ranked.first().map_or(0.0, |r| r.0);
         let near_limit = best + (best * params.near_fraction).min(params.near_ms);
         let near = ranked.iter().take_while(|r| r.0 <= near_limit).count().clamp(1, close.max(1));
-        Close { nodes: ranked.into_iter().map(|(_, i)| i).collect(), near, place: near.min(params.close), explore }
+        Close {
+            nodes: ranked.into_iter().map(|(_, i)| i).collect(),
+            near,
+            place: near.min(params.close),
+            explore,
+            spill: spill.into_iter().map(|(_, i)| i).collect(),
+        }
     }
 
     /// The `n` nodes nearest to `coord` by prediction (a node's neighbourhood), nearest first.
     pub fn nearest(&self, coord: &Coord, n: usize, params: &Params) -> Vec<u32> {
         let at = ClientNet { coord: Some(*coord), measured: Vec::new() };
-        self.close_set(Some(&at), &Params { close: 1, reach: n, ..*params }).nodes
+        self.ranked(Some(&at), Families::BOTH, &Params { close: 1, reach: n, ..*params }, 0).nodes
     }
 }
 
@@ -299,11 +341,68 @@ pub struct Close {
     pub place: usize,
     /// A node to measure: offered as the last candidate.
     pub explore: Option<u32>,
+    /// The rest of what the pre-filter and the network's measurements ranked (at most [`Params::prefilter`]),
+    /// closest first: where a chunk goes when every node of `nodes` is over its bounds, rather than onto
+    /// a queue that only grows (where nodes are dense, the same few short-access-link nodes are the
+    /// closest for many networks).
+    pub spill: Vec<u32>,
 }
 
 /// One grid over node coordinates: its cell edge (ms), cells, and how many rings a search may visit.
 type GridLevel = (f32, Grid, i32);
-type Grid = HashMap<(i32, i32), Vec<u32>>;
+
+/// Node indices by grid cell: each occupied cell's are `nodes[start..end]` (in node order), so a search
+/// reads one table entry and one run of a flat array per cell. At 10^6 nodes a close set searches hundreds
+/// of cells, most of them empty.
+#[derive(Debug, Clone)]
+struct Grid {
+    cells: HashMap<(i32, i32), (u32, u32), CellHashing>,
+    nodes: Vec<u32>,
+}
+
+impl Grid {
+    fn get(&self, cell: (i32, i32)) -> &[u32] {
+        self.cells.get(&cell).map_or(&[], |&(start, end)| &self.nodes[start as usize..end as usize])
+    }
+}
+
+/// A keyed multiply-xorshift hash of a cell, several times cheaper than SipHash: the keys are cells of
+/// coordinates the tracker fits from measured RTTs, which no one chooses precisely, and the key is random
+/// per grid (lookups only, so the order of the table does not matter).
+#[derive(Debug, Clone, Copy)]
+struct CellHashing(u64);
+
+impl BuildHasher for CellHashing {
+    type Hasher = CellHasher;
+
+    fn build_hasher(&self) -> CellHasher {
+        CellHasher(self.0)
+    }
+}
+
+#[derive(Debug)]
+struct CellHasher(u64);
+
+impl Hasher for CellHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+
+    fn write_i32(&mut self, i: i32) {
+        self.write_u32(i as u32);
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.0 = (self.0.rotate_left(32) ^ u64::from(i)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        let h = self.0 ^ (self.0 >> 29);
+        h.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ (h >> 32)
+    }
+}
 
 /// Nodes in rings of cells around `center`, until `enough` are found (plus one ring: a node just across a
 /// cell edge may be closer) or `rings` rings were searched.
@@ -312,13 +411,10 @@ fn ring_search(grid: &Grid, center: (i32, i32), rings: i32, enough: usize) -> Ve
     let mut found: Vec<u32> = Vec::new();
     for r in 0..=rings {
         for dx in -r..=r {
-            for dy in -r..=r {
-                if dx.abs() != r && dy.abs() != r {
-                    continue; // inside: searched in an earlier ring
-                }
-                if let Some(v) = grid.get(&(cx + dx, cy + dy)) {
-                    found.extend_from_slice(v);
-                }
+            // The ring only: whole columns at its edges, top and bottom cells between them.
+            let step = if dx.abs() == r { 1 } else { (2 * r).max(1) as usize };
+            for dy in (-r..=r).step_by(step) {
+                found.extend_from_slice(grid.get((cx + dx, cy + dy)));
             }
         }
         if found.len() >= enough && r > 0 {
@@ -463,39 +559,51 @@ pub fn pick(
         let upload = n.upload.max(1) as f64;
         let fair = total * upload / snapshot.total_upload.max(1.0);
         let cap = ((1.0 + params.epsilon) * fair).max(params.min_load_secs * upload);
+        let drain = upload * (1.0 - params.headroom);
         let queued =
-            if immediate { load.assigned.get(&n.contact.id).map_or(0.0, |u| u.1.get(now_ms, upload)) } else { 0.0 };
+            if immediate { load.assigned.get(&n.contact.id).map_or(0.0, |u| u.1.get(now_ms, drain)) } else { 0.0 };
         load.assigned(&n.contact.id, now_ms, params) + len as f64 <= cap
             && queued + len as f64 <= (params.max_backlog_secs * upload).max(len as f64)
     };
-    // The least loaded of the chunk's replicas, if within its bounds; else the next in rendezvous order that is;
-    // else the closest node beyond the placement set that is; else the least loaded close node.
+    // The least loaded of the chunk's replicas within its bounds; else the next in rendezvous order that is;
+    // else the closest node beyond the placement set that is, in the close set, then in its spill; else the
+    // least loaded close node.
     let by_load = |load: &Load, set: &mut dyn Iterator<Item = u32>| {
         set.min_by(|&a, &b| relative(load, a).total_cmp(&relative(load, b)).then(a.cmp(&b)))
     };
-    let first = by_load(load, &mut ranked[..replicas].iter().map(|&(_, i)| i))
-        .filter(|&i| within_cap(load, i))
+    let first = by_load(load, &mut ranked[..replicas].iter().map(|&(_, i)| i).filter(|&i| within_cap(load, i)))
         .or_else(|| ranked[replicas..].iter().map(|&(_, i)| i).find(|&i| within_cap(load, i)))
         // All of the chunk's placement is over its bound: the next closest node with room.
-        .or_else(|| close.nodes[set.len()..].iter().copied().find(|&i| within_cap(load, i)))
-        // Every close node is: the least loaded of them, relative to its upload.
+        .or_else(|| close.nodes[set.len()..].iter().chain(&close.spill).copied().find(|&i| within_cap(load, i)))
+        // Every node ranked is (or the spill is empty): the least loaded close node, relative to its upload.
         .or_else(|| by_load(load, &mut close.nodes.iter().copied()))
         .expect("close set is not empty");
     let chosen = &snapshot.nodes[first as usize];
     let (recent, backlog) = load.assigned.entry(chosen.contact.id).or_default();
     recent.add(len as f64, now_ms, hl);
     if immediate {
-        let bytes = backlog.get(now_ms, chosen.upload.max(1) as f64) + len as f64;
+        let bytes = backlog.get(now_ms, chosen.upload.max(1) as f64 * (1.0 - params.headroom)) + len as f64;
         *backlog = Backlog { bytes, at_ms: now_ms };
     }
     load.total.add(len as f64, now_ms, hl);
-    // The other candidates: the chunk's other near nodes (they may hold it), then the next closest; the
-    // last one is a node to measure, if there is one.
+    // The other candidates, which serve when the first has left: nodes within their bounds first — only the
+    // first is charged, so a client failing over to a full node adds work the scheduler never sees, and where
+    // the same few nodes are everyone's near nodes their queues grow without end. In each group, the chunk's
+    // other near nodes (they may hold it), then the next closest; then the spill's nodes with room. The last
+    // candidate is a node to measure, if there is one.
     let mut out = vec![first];
     let explore = close.explore.filter(|&e| e != first && params.k > 1);
     let others = params.k.saturating_sub(1 + usize::from(explore.is_some()));
-    let rest = ranked.iter().map(|&(_, i)| i).chain(close.nodes[set.len()..].iter().copied());
-    out.extend(rest.filter(|&i| i != first && Some(i) != explore).take(others));
+    let unused = |i: &u32| *i != first && Some(*i) != explore;
+    let close_rest = ranked.iter().map(|&(_, i)| i).chain(close.nodes[set.len()..].iter().copied()).filter(unused);
+    let with_room: Vec<u32> = close_rest
+        .clone()
+        .chain(close.spill.iter().copied().filter(unused))
+        .filter(|&i| within_cap(load, i))
+        .take(others)
+        .collect();
+    let full = close_rest.filter(|i| !with_room.contains(i)).take(others - with_room.len());
+    out.extend(with_room.iter().copied().chain(full));
     out.extend(explore);
     out
 }
@@ -665,7 +773,8 @@ mod tests {
     }
 
     /// A node with a second of upload queued for chunks clients want now is passed over for the next such
-    /// chunk, and takes it again once its queue has drained; later chunks of a long object do not queue.
+    /// chunk, and takes it again once its queue has drained (at 90 % of its upload: until 2026-12-01 at all
+    /// of it); later chunks of a long object do not queue.
     #[test]
     fn a_node_with_a_queue_is_passed_over_until_it_drains() {
         let params = Params::default();
@@ -683,9 +792,70 @@ mod tests {
         assert_eq!(first(&mut load, a, true, 0), home(a));
         assert_ne!(first(&mut load, b, true, 10), home(b), "queued behind a second of upload");
         assert_eq!(first(&mut load, b, true, 2_000), home(b), "the queue drained");
+        // The scheduler counts only 90 % of a node's upload as its clients' (the rest takes what it does not
+        // charge), so a second's worth takes longer than a second to drain.
+        let mut load = Load::default();
+        assert_eq!(first(&mut load, a, true, 0), home(a));
+        assert_ne!(first(&mut load, b, true, 1_050), home(b), "the queue drains at 90 % of the upload");
         let mut load = Load::default();
         assert_eq!(first(&mut load, a, false, 0), home(a));
         assert_eq!(first(&mut load, b, false, 10), home(b), "a chunk fetched later joined the queue");
+    }
+
+    /// When every node of the close set has a full queue, a chunk goes to the closest node of the spill with
+    /// room, not onto the shortest of the full queues (which, where the same few nodes are everyone's
+    /// closest, only grow); only when the spill is full too does the least loaded close node take it.
+    #[test]
+    fn when_the_close_set_is_full_the_closest_node_with_room_beyond_it_serves() {
+        let params = Params::default();
+        // Eight nodes where the client is, one 3 ms away, three 6 ms away; 1 MiB/s each, so one 1 MiB chunk
+        // fills a node's one-second queue.
+        let xs = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 6.0, 6.0, 6.0];
+        let snap =
+            Snapshot::new(xs.iter().enumerate().map(|(i, &x)| node(i as u32, x, 0.0, 1 << 20)).collect(), &params);
+        let close = snap.close_set(Some(&at(0.0, 0.0)), &params);
+        let x = |i: u32| snap.nodes[i as usize].coord.pos[0];
+        assert!(close.nodes.len() == params.reach && close.nodes.iter().all(|&i| x(i) == 0.0));
+        assert_eq!(close.spill.iter().map(|&i| x(i)).collect::<Vec<_>>(), [3.0, 6.0, 6.0, 6.0]);
+        let mut load = Load::default();
+        let mut pick_one =
+            |c: u32| pick(&snap, &mut load, &close, &ChunkHash::of(&c.to_be_bytes()), 1 << 20, true, &params, 0);
+        let picks: Vec<Vec<u32>> = (0..13).map(&mut pick_one).collect();
+        let firsts: Vec<u32> = picks.iter().map(|p| p[0]).collect();
+        let mut filled = firsts[..8].to_vec();
+        filled.sort_unstable();
+        filled.dedup();
+        assert_eq!(filled.len(), 8, "each close node takes one chunk: {firsts:?}");
+        assert_eq!(x(firsts[8]), 3.0, "the closest node with room, not a full close node");
+        // A client whose first candidate has left fails over to a node with room too: only the first is
+        // charged, and a full node would queue the failover beyond what the scheduler counts.
+        assert_eq!(x(picks[8][1]), 6.0, "{:?}", picks[8]);
+        assert!(firsts[9..12].iter().all(|&i| x(i) == 6.0), "{firsts:?}");
+        assert_eq!(x(firsts[12]), 0.0, "every node ranked is full: the least loaded close node");
+    }
+
+    /// A hot chunk's first candidate is the least loaded of its replicas *within its bounds*: a replica with a
+    /// lighter recent load but a full queue is passed over for another replica, and the chunk stays on its
+    /// replicas (which may hold it). (Until 2026-12-01 only the least loaded replica's bounds were checked:
+    /// when it was over, the chunk left the replicas for a farther node, or here, with none, took the full one.)
+    #[test]
+    fn a_hot_chunk_goes_to_the_least_loaded_replica_with_room() {
+        let params = Params::default();
+        let snap = Snapshot::new((0..3).map(|i| node(i, 0.0, 0.0, 1 << 20)).collect(), &params);
+        let all = Close { nodes: vec![0, 1, 2], near: 3, place: 3, explore: None, spill: Vec::new() };
+        let only = |i: u32| Close { nodes: vec![i], near: 1, place: 1, explore: None, spill: Vec::new() };
+        let hot = ChunkHash::of(b"hot");
+        let mut load = Load::default();
+        // Asked for often enough to be on all three nodes (17 requests: 1 + 16 / 8 replicas).
+        for _ in 0..17 {
+            pick(&snap, &mut load, &only(0), &hot, 1, false, &params, 0);
+        }
+        // Node 0: 1 MiB queued now (full); nodes 1 and 2: more recent load, none of it queued.
+        let other = |c: u32| ChunkHash::of(&c.to_be_bytes());
+        pick(&snap, &mut load, &only(0), &other(0), 1 << 20, true, &params, 0);
+        pick(&snap, &mut load, &only(1), &other(1), 5 << 20, false, &params, 0);
+        pick(&snap, &mut load, &only(2), &other(2), 6 << 20, false, &params, 0);
+        assert_eq!(pick(&snap, &mut load, &all, &hot, 1 << 20, true, &params, 0)[0], 1);
     }
 
     /// Ids are found whatever their spread: hashes, shared first bytes, both ends of the range, a cluster.

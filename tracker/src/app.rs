@@ -31,7 +31,7 @@ use crate::db::{Db, DbError};
 use crate::ingest::{Ingest, IngestConfig, IngestError, Source};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{FamilyLabel, Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
-use crate::registry::{Advertised, ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
+use crate::registry::{Advertised, CellUpdate, ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
 
 /// Most dashboards following the live stream at once, in all and per source.
 const MAX_STREAMS: usize = 64;
@@ -90,6 +90,9 @@ pub enum AppError {
     StreamsPerSource { limit: usize },
     #[error("too many live dashboards")]
     StreamsFull,
+    /// A browser page of a site the operator did not register, or asking for more than resolve and reports.
+    #[error("pages of {origin} may not {what}: the operator registers the sites that embed the fog with --web-origin")]
+    UnknownWebOrigin { origin: String, what: &'static str },
 }
 
 /// Why a node's message was refused.
@@ -106,7 +109,7 @@ impl AppError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::BadRequest(_) | Self::UnknownOrigin { .. } | Self::NodeRejected(_) | Self::AdminOff => false,
-            Self::NotAdmin => false,
+            Self::NotAdmin | Self::UnknownWebOrigin { .. } => false,
             Self::RateLimited(_) | Self::UnknownNode | Self::RegistryFull(_) => true,
             Self::StreamsPerSource { .. } | Self::StreamsFull | Self::Db(_) => true,
             Self::Ingest(e) => e.is_retryable(),
@@ -129,6 +132,14 @@ impl AppError {
             _ => "internal",
         }
     }
+}
+
+/// How a client reaches nodes: over QUIC in its IP `families`, or, for a `browser` page, over WebTransport
+/// (to directly reachable nodes whose endpoint the tracker's probe vouched for).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reach {
+    pub families: Families,
+    pub browser: bool,
 }
 
 /// A live dashboard stream's place, held for as long as the stream is open.
@@ -257,7 +268,7 @@ impl App {
     /// nodes for the client at `peer`, with a credit ticket for its session key `client_key`. While the
     /// object is being ingested the manifest lists the chunks hashed so far, those at `from` (the byte the
     /// client reads first) first. Only nodes the client can dial in `families` (those it named, and the one
-    /// it asked from) are offered.
+    /// it asked from) are offered; to a browser page, only nodes it can open a WebTransport session to.
     pub async fn resolve(
         &self,
         url: &str,
@@ -265,11 +276,11 @@ impl App {
         client_key: Option<NodeId>,
         from: u64,
         peer: IpAddr,
-        families: Families,
+        reach: Reach,
     ) -> Result<Resolve, AppError> {
         self.resolves.fetch_add(1, Ordering::Relaxed);
-        let families = families.union(Families::of(peer));
-        match self.resolve_counted(url, stale, client_key, from, peer, families).await {
+        let reach = Reach { families: reach.families.union(Families::of(peer)), ..reach };
+        match self.resolve_counted(url, stale, client_key, from, peer, reach).await {
             Ok(resolve) => Ok(resolve),
             Err(e) => {
                 // Failed ingests themselves are counted and shown by the ingest task, once each.
@@ -308,7 +319,7 @@ impl App {
         client_key: Option<NodeId>,
         from: u64,
         peer: IpAddr,
-        families: Families,
+        reach: Reach,
     ) -> Result<Resolve, AppError> {
         // One form for the allow-list, the fetch and the manifest key: spellings of one URL share a manifest.
         let url = fog_proto::origins::canonical_url(url).map_err(AppError::BadRequest)?;
@@ -337,25 +348,26 @@ impl App {
         let client = self.clients.lock().expect("clients lock").get(peer);
         let mut load = self.load.lock().expect("load lock");
         let (nodes, schedule, ticket) =
-            self.assign(&manifest, client.as_ref(), families, &mut load, client_key, Some(peer));
+            self.assign(&manifest, client.as_ref(), reach, &mut load, client_key, Some(peer));
         drop(load);
         Ok(Resolve { content_id: manifest.content_id(), manifest: (*manifest).clone(), nodes, schedule, ticket })
     }
 
     /// Candidate nodes for each chunk of `manifest`, as a client network `client` gets them (charged to
     /// `load`), with a credit ticket for the session key `client_key` (tickets are shared per `source`, if
-    /// given). Only nodes a client of `families` can dial are offered. The tracker's probes ask nodes through
-    /// the same call, so they look like any client's.
+    /// given). Only nodes a client of that `reach` can dial are offered. The tracker's probes ask nodes
+    /// through the same call, so they look like any client's.
     pub(crate) fn assign(
         &self,
         manifest: &Manifest,
         client: Option<&ClientNet>,
-        families: Families,
+        reach: Reach,
         load: &mut scheduler::Load,
         client_key: Option<NodeId>,
         source: Option<IpAddr>,
     ) -> (Vec<NodeContact>, Vec<Vec<u32>>, Option<Signed>) {
-        let snapshot = self.registry.snapshot();
+        let snapshot = if reach.browser { self.registry.web_snapshot() } else { self.registry.snapshot() };
+        let families = reach.families;
         // Only hashed chunks can be fetched from nodes (and verified); the others get no candidates.
         let hashed: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| manifest.hash(i).is_some()).collect();
         let chunks: Vec<(ChunkHash, u32)> =
@@ -454,6 +466,7 @@ impl App {
                     peers: self.registry.peers_for(&node, MAX_PEERS_LISTED),
                     membership: Some(self.ledger.membership(node, now_ms())),
                     cell: self.registry.cell_list_for(&node, None).map(|c| (*c).clone()),
+                    web_origins: self.cfg.web_origins.clone(),
                 })
             }
             Err(RegistryError::Full(n)) => Err(AppError::RegistryFull(n)),
@@ -469,6 +482,7 @@ impl App {
         hb.stats.check_bounds().and(overlay_bounds).map_err(AppError::BadRequest)?;
         let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
         let cell_held = hb.overlay.as_ref().and_then(|o| o.cell_version);
+        let cell_deltas = hb.overlay.as_ref().is_some_and(|o| o.cell_deltas);
         // Few overlay peers, or behind NAT without a rendezvous: suggest peers (and rendezvous candidates).
         let wants_peers = hb.overlay.as_ref().is_some_and(|o| {
             o.connected_peers < WANT_PEERS || (o.rendezvous.is_none() && !self.registry.is_reachable(&node))
@@ -477,6 +491,9 @@ impl App {
             .registry
             .heartbeat(&node, hb.stats, hb.draining, hb.overlay, hb.timestamp_ms, now_ms())
             .map_err(|e| self.reject_node(&node, e.into()))?;
+        if registered {
+            self.registry.set_web(&node, hb.web_transport);
+        }
         for peer in bad_peers {
             // Like a client's report: not believed as such, the node gets probed.
             self.dashboard.event(
@@ -491,8 +508,22 @@ impl App {
         let peers =
             if registered && wants_peers { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
         let (reachable, verified_addrs) = self.registry.verified(&node).unzip();
-        let cell = registered.then(|| self.registry.cell_list_for(&node, cell_held)).flatten().map(|c| (*c).clone());
-        Ok(HeartbeatResponse { registered, origins: self.cfg.origins.clone(), peers, reachable, verified_addrs, cell })
+        let cell_update = if registered { self.registry.cell_update_for(&node, cell_held, cell_deltas) } else { None };
+        let (cell, cell_delta) = match cell_update {
+            Some(CellUpdate::Whole(list)) => (Some((*list).clone()), None),
+            Some(CellUpdate::Change(change)) => (None, Some((*change).clone())),
+            None => (None, None),
+        };
+        Ok(HeartbeatResponse {
+            registered,
+            origins: self.cfg.origins.clone(),
+            peers,
+            reachable,
+            verified_addrs,
+            cell,
+            cell_delta,
+            web_origins: self.cfg.web_origins.clone(),
+        })
     }
 
     /// Dials back the other addresses `node` advertises, when they changed since the last time, from

@@ -11,6 +11,7 @@ use fog_proto::groups::{self, DEFAULT_GROUP_SIZE};
 use fog_proto::manifest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use fog_proto::origins::OriginList;
 use fog_proto::size::Size;
+use fog_proto::web::WebOrigins;
 use fog_sched::cells::DEFAULT_EDGE_MS;
 use serde::Deserialize;
 
@@ -88,6 +89,12 @@ pub struct TrackerArgs {
     #[arg(long, env = "FOG_TRACKER_ORIGIN_MANIFESTS")]
     #[serde(default)]
     pub origin_manifests: bool,
+    /// Site whose pages may use the fog from a browser (`https://player.example.com`); repeat for several.
+    /// The tracker answers their resolves and reports with CORS and tells nodes to accept their
+    /// WebTransport sessions; pages of any other site are refused by both. None: browsers are refused.
+    #[arg(long = "web-origin", env = "FOG_TRACKER_WEB_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub web_origin: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +122,7 @@ pub struct TrackerConfig {
     pub probe_every: Option<Duration>,
     pub resolve_wait: Duration,
     pub origin_manifests: bool,
+    pub web_origins: WebOrigins,
 }
 
 impl TrackerArgs {
@@ -127,6 +135,9 @@ impl TrackerArgs {
             ));
         }
         let origins = OriginList::new(origins).map_err(ConfigError::Invalid)?;
+        let web_origins = if self.web_origin.is_empty() { file.web_origin } else { self.web_origin };
+        let web_origins =
+            WebOrigins::new(web_origins).map_err(|e| ConfigError::Invalid(format!("--web-origin: {e}")))?;
         let chunk_size = self.chunk_size.or(file.chunk_size).map_or(u64::from(DEFAULT_CHUNK_SIZE), |s| s.0);
         if !(u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&chunk_size) {
             return Err(ConfigError::Invalid(format!(
@@ -168,6 +179,7 @@ impl TrackerArgs {
                 self.resolve_wait_ms.or(file.resolve_wait_ms).unwrap_or(50).min(30_000),
             ),
             origin_manifests: self.origin_manifests || file.origin_manifests,
+            web_origins,
         })
     }
 }
@@ -200,5 +212,14 @@ mod tests {
         assert!(matches!(groups("3000", "1MiB"), Err(ConfigError::Invalid(_))));
         assert!(matches!(groups("16KiB", "16MiB"), Err(ConfigError::Invalid(m)) if m.contains("65536")));
         assert_eq!(groups("1MiB", "1MiB").expect("one group a chunk"), None);
+    }
+
+    #[test]
+    fn web_origins_are_origins_only() {
+        let web = |o: &str| TrackerArgs::parse_from(["t", "--origin", "http://a", "--web-origin", o]).resolve();
+        let cfg = web("https://Player.example.com,http://localhost:8080").expect("two origins");
+        assert_eq!(cfg.web_origins.as_slice(), ["https://player.example.com", "http://localhost:8080"]);
+        assert!(matches!(web("https://player.example.com/embed"), Err(ConfigError::Invalid(m)) if m.contains("path")));
+        assert!(TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("none").web_origins.is_empty());
     }
 }

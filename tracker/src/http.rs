@@ -12,14 +12,16 @@ use fog_proto::api::{ApiError, ClientReport, ErrorCode, Families, Signed};
 use fog_proto::manifest::MAX_MANIFEST_JSON;
 use fog_proto::{ContentId, NodeId};
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::app::{App, AppError};
+use crate::app::{App, AppError, Reach};
 use crate::dashboard::SAMPLE_EVERY;
 use crate::ingest::IngestError;
 use crate::ledger::LedgerError;
+use crate::metrics::ResultLabel;
 use crate::registry::SortBy;
 
 /// Largest request body (register and heartbeat messages are a few hundred bytes).
@@ -37,13 +39,89 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::fut
 }
 
 async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    match cross_site_origin(&req) {
+        None => route(app, req, peer, false).await,
+        Some(origin) => cross_site(app, req, peer, origin).await,
+    }
+}
+
+/// What browser pages of other sites may ask for: resolving objects and reporting what they fetched.
+const WEB_ENDPOINTS: [(Method, &str); 2] = [(Method::GET, "/v1/resolve"), (Method::POST, "/v1/reports")];
+/// How long a browser may reuse a preflight's answer.
+const PREFLIGHT_MAX_AGE_SECS: &str = "600";
+
+/// The `Origin` of a request a browser page of another site made: none for native clients (which send no
+/// `Origin`) and for the dashboard's own requests (same site: the origin's authority is the `Host`).
+fn cross_site_origin(req: &Request<Incoming>) -> Option<String> {
+    let origin = req.headers().get(hyper::header::ORIGIN)?;
+    // An origin that is not text cannot be registered: it is refused like any unknown one.
+    let origin = origin.to_str().unwrap_or("null");
+    let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok());
+    let authority = origin.split_once("://").map(|(_, authority)| authority);
+    match (authority, host) {
+        (Some(authority), Some(host)) if authority.eq_ignore_ascii_case(host) => None,
+        _ => Some(origin.to_string()),
+    }
+}
+
+/// A request from a page of another site: refused unless the site is registered (`--web-origin`) and it
+/// asks for a [web endpoint](WEB_ENDPOINTS); answered with CORS headers naming the site, so only its pages
+/// read the answers. Preflights (`OPTIONS`, for the reports' JSON body) are answered here.
+async fn cross_site(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, origin: String) -> Reply {
+    let web_requests = |result| app.metrics.web_requests.get_or_create(&ResultLabel { result }).inc();
+    let path = req.uri().path();
+    let preflight = req.method() == Method::OPTIONS;
+    let asked = if preflight {
+        req.headers()
+            .get(hyper::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+    } else {
+        Some(req.method().clone())
+    };
+    let endpoint = WEB_ENDPOINTS.iter().any(|(m, p)| asked.as_ref() == Some(m) && *p == path);
+    let refusal = if !app.cfg.web_origins.allows(&origin) {
+        Some("use this fog")
+    } else if !endpoint {
+        Some("call this endpoint (only GET /v1/resolve and POST /v1/reports)")
+    } else {
+        None
+    };
+    if let Some(what) = refusal {
+        web_requests("refused");
+        tracing::info!(%origin, %path, %peer, "refused a request from a browser page of another site");
+        return error_reply(&AppError::UnknownWebOrigin { origin, what });
+    }
+    let mut reply = if preflight {
+        web_requests("preflight");
+        let mut reply = Reply::new(http_server::empty_body());
+        *reply.status_mut() = StatusCode::NO_CONTENT;
+        let headers = reply.headers_mut();
+        headers.insert(hyper::header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+        headers.insert(hyper::header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
+        headers.insert(hyper::header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(PREFLIGHT_MAX_AGE_SECS));
+        reply
+    } else {
+        web_requests("allowed");
+        route(app, req, peer, true).await
+    };
+    let headers = reply.headers_mut();
+    // Registered origins are serialised origins, so valid header values.
+    if let Ok(value) = HeaderValue::from_str(&origin) {
+        headers.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+    }
+    headers.insert(hyper::header::VARY, HeaderValue::from_static("Origin"));
+    reply
+}
+
+/// Answers a request; `browser`: from a page of a registered site.
+async fn route(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, browser: bool) -> Reply {
     // Behind a dual-stack listener (`--listen [::]:7700`) IPv4 clients arrive v4-mapped: they are IPv4
     // sources, networks and nodes.
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let result = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/resolve") => resolve(&app, &query, peer.ip()).await,
+        (&Method::GET, "/v1/resolve") => resolve(&app, &query, peer.ip(), browser).await,
         (&Method::GET, "/v1/origins") => ok(&app.cfg.origins),
         (&Method::POST, "/v1/credits/redeem") => match signed_body(req).await {
             Ok(signed) => app.redeem(&signed, peer.ip()).and_then(|r| ok(&r)),
@@ -125,6 +203,7 @@ fn error_reply(e: &AppError) -> Reply {
             (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
         }
         AppError::AdminOff => (StatusCode::FORBIDDEN, ErrorCode::Unauthorized),
+        AppError::UnknownWebOrigin { .. } => (StatusCode::FORBIDDEN, ErrorCode::UnknownWebOrigin),
         AppError::RegistryFull(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::RegistryFull),
         AppError::Ingest(IngestError::Origin(OriginError::Status { status: 404 | 410, .. })) => {
             (StatusCode::NOT_FOUND, ErrorCode::OriginNotFound)
@@ -195,7 +274,7 @@ async fn signed_body(req: Request<Incoming>) -> Result<Signed, AppError> {
 }
 
 /// `GET /v1/resolve?url=U[&client_key=K][&stale=C][&from=BYTE]`.
-async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError> {
+async fn resolve(app: &App, query: &str, peer: IpAddr, browser: bool) -> Result<Reply, AppError> {
     let (mut url, mut stale, mut client_key, mut from) = (None, None, None, 0);
     let mut families = Families::default();
     for (k, v) in query_pairs(query) {
@@ -221,7 +300,7 @@ async fn resolve(app: &App, query: &str, peer: IpAddr) -> Result<Reply, AppError
     let Some(url) = url else {
         return app.resolve_refused(AppError::BadRequest("missing query parameter url".into()));
     };
-    ok(&app.resolve(&url, stale, client_key, from, peer, families).await?)
+    ok(&app.resolve(&url, stale, client_key, from, peer, Reach { families, browser }).await?)
 }
 
 /// `GET /v1/ledger/head[?epoch=E]`: the signed head now, or the one that sealed epoch E.

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub credited_bytes: Counter,
     pub rejected_receipts: Counter,
     pub probes: Family<ResultLabel, Counter>,
+    /// Requests browsers made from other sites, by result (`allowed`, `preflight`, `refused`).
+    pub web_requests: Family<ResultLabel, Counter>,
+    /// Probes of nodes' browser (WebTransport) endpoints by result (`ok`, `failed`).
+    pub web_probes: Family<ResultLabel, Counter>,
     pub live: LiveMetrics,
 }
 
@@ -214,6 +218,18 @@ impl Default for Metrics {
             "Node failures clients report, by reason",
             node_failure_reports.clone(),
         );
+        let web_requests = Family::default();
+        registry.register(
+            "fog_tracker_web_requests",
+            "Requests from browser pages of other sites by result (allowed, preflight, refused)",
+            web_requests.clone(),
+        );
+        let web_probes = Family::default();
+        registry.register(
+            "fog_tracker_web_probes",
+            "Probes of nodes' WebTransport endpoints for browsers by result (ok, failed)",
+            web_probes.clone(),
+        );
         let live = LiveMetrics::default();
         live.register(&mut registry);
         Self {
@@ -239,6 +255,8 @@ impl Default for Metrics {
             credited_bytes,
             rejected_receipts,
             probes,
+            web_requests,
+            web_probes,
         }
     }
 }

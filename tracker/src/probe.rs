@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use fog_net::chunk::{self, ChunkError, Deadlines};
-use fog_net::transport;
-use fog_proto::api::{Families, NodeContact, Signed};
+use fog_net::{transport, webtransport};
+use fog_proto::api::{Families, NodeContact, Signed, WebContact};
 use fog_proto::placement::top_k;
 use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
 use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::app::App;
+use crate::app::{App, Reach};
 use crate::metrics::ResultLabel;
 use crate::registry::{NodeState, ProbeOutcome};
 use fog_sched::coords::{ClientNet, Measured};
@@ -60,7 +60,7 @@ fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed
         // A scratch load: a probe is one chunk, not the object the schedule covers.
         let first_here = |key: Option<NodeId>| {
             // The prober dials either family (its endpoint is dual-stack), as a dual-stack client would.
-            let both = Families::BOTH;
+            let both = Reach { families: Families::BOTH, browser: false };
             let (nodes, schedule, ticket) = app.assign(&m, Some(&next_to_it), both, &mut Load::default(), key, None);
             let slot = nodes.iter().position(|n| n.id == *node)? as u32;
             Some((schedule.iter().position(|c| c.first() == Some(&slot))?, ticket))
@@ -135,6 +135,29 @@ fn record(app: &App, node: &NodeContact, outcome: &ProbeOutcome) {
     }
 }
 
+/// How long a browser endpoint's probe may take to open a session.
+const WEB_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a WebTransport session to a node's browser endpoint as a page of a registered site would, pinning
+/// the hashes the node advertised: browsers get the endpoint only after this succeeded (see
+/// `registry::web`). The bytes it serves are checked by the native probes: one server code path serves both.
+async fn probe_web(app: &App, node: NodeId, web: WebContact) {
+    let Some(page) = app.cfg.web_origins.as_slice().first() else { return };
+    let served = match webtransport::open_as_page(&web, page, WEB_PROBE_TIMEOUT).await {
+        Ok((session, served)) => {
+            session.close(0, b"probe done");
+            app.metrics.web_probes.get_or_create(&ResultLabel { result: "ok" }).inc();
+            Some(served)
+        }
+        Err(e) => {
+            app.metrics.web_probes.get_or_create(&ResultLabel { result: "failed" }).inc();
+            tracing::info!(%node, url = web.url, error = %e, "probe of a browser endpoint failed");
+            None
+        }
+    };
+    app.registry.record_web_probe(&node, served);
+}
+
 /// Probes a sample of nodes every `every`, and at once any node a client reported, until the process ends.
 pub async fn probe_forever(app: Arc<App>, every: Duration, mut urgent: mpsc::Receiver<NodeId>) {
     let Some(endpoint) = app.dialer.clone() else { return };
@@ -159,6 +182,16 @@ pub async fn probe_forever(app: Arc<App>, every: Duration, mut urgent: mpsc::Rec
                 let outcome = probe_one(&app, &endpoint, &node).await;
                 record(&app, &node, &outcome);
             });
+        }
+        // Browser endpoints no probe vouched for yet (new, rotated or restarted ones), when pages may come.
+        if !app.cfg.web_origins.is_empty() {
+            for (node, web) in app.registry.web_probe_targets().into_iter().take(PER_ROUND) {
+                if running.len() >= AT_ONCE {
+                    running.join_next().await;
+                }
+                let app = app.clone();
+                running.spawn(async move { probe_web(&app, node, web).await });
+            }
         }
         while running.join_next().await.is_some() {}
     }

@@ -402,7 +402,13 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let mut forged = Signed::sign(
         &key,
         KIND_HEARTBEAT,
-        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false, overlay: None },
+        &Heartbeat {
+            timestamp_ms: now,
+            stats: NodeStats::default(),
+            draining: false,
+            overlay: None,
+            web_transport: None,
+        },
     );
     forged.node_id = node_id;
     let resp = post("/v1/nodes/heartbeat", &forged).await.expect("post");
@@ -413,7 +419,13 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let honest = Signed::sign(
         &key,
         KIND_HEARTBEAT,
-        &Heartbeat { timestamp_ms: now, stats: NodeStats::default(), draining: false, overlay: None },
+        &Heartbeat {
+            timestamp_ms: now,
+            stats: NodeStats::default(),
+            draining: false,
+            overlay: None,
+            web_transport: None,
+        },
     );
     let endpoint = fog_testkit::harness::handshake_only_endpoint(&key);
     let reg = fog_proto::api::Register {

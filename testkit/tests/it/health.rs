@@ -100,7 +100,13 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
     let heartbeats = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(700)).await;
-            let hb = Heartbeat { timestamp_ms: now_ms(), stats: NodeStats::default(), draining: false, overlay: None };
+            let hb = Heartbeat {
+                timestamp_ms: now_ms(),
+                stats: NodeStats::default(),
+                draining: false,
+                overlay: None,
+                web_transport: None,
+            };
             let _ = reqwest::Client::new()
                 .post(format!("{tracker}/v1/nodes/heartbeat"))
                 .json(&Signed::sign(&key, KIND_HEARTBEAT, &hb))

@@ -19,3 +19,5 @@ mod netns;
 mod observability;
 mod peer_fill;
 mod player;
+mod web;
+mod web_origins;

@@ -63,6 +63,7 @@ impl Registry {
         // addresses: its next heartbeat names them again, and only a changed set is dialled back again.
         let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
         let more_addrs = nodes.get(&id).map(|n| n.more_addrs.clone()).unwrap_or_default();
+        let web = nodes.get(&id).and_then(|n| n.web.clone());
         let overlay = OverlayReport { joining: reg.joining, ..Default::default() };
         let entry = NodeEntry {
             reg,
@@ -76,6 +77,7 @@ impl Registry {
             overlay,
             coord,
             neighbours,
+            web,
         };
         nodes.insert(id, entry);
         self.changed();
@@ -114,6 +116,7 @@ impl Registry {
             n.health.draining = draining;
             self.changed();
         }
+
         if let Some(mut o) = overlay {
             // A node cannot be its own rendezvous, and bad-peer reports are handled by the caller.
             if o.rendezvous == Some(*id) {

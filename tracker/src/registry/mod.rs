@@ -15,12 +15,15 @@ mod health;
 mod members;
 mod peers;
 mod view;
+mod web;
 
+pub use cells::CellUpdate;
 pub use health::{Health, NodeState, ProbeOutcome, PROBE_FAILURES_DOWN, PROBE_SUCCESSES_UP};
 pub use members::MAX_CLOCK_SKEW_MS;
 pub use peers::ClientPath;
 use peers::PeerDirectory;
 pub use view::{Counts, NodePage, NodeView, SortBy, MAX_PAGE};
+pub use web::WebState;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -82,6 +85,8 @@ pub struct NodeEntry {
     /// Its network coordinate, fitted to its neighbours' RTTs.
     pub coord: Coord,
     pub neighbours: Vec<Neighbour<NodeId>>,
+    /// Its WebTransport endpoint for browsers, if its heartbeats advertise one.
+    pub web: Option<WebState>,
 }
 
 impl NodeEntry {
@@ -147,6 +152,8 @@ pub const TRACKER: NodeId = NodeId([0; 32]);
 const MAX_NEIGHBOURS: usize = 64;
 /// A scheduling snapshot is reused this long unless the node set changed.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+/// A snapshot, when it was built and the generation it was built at.
+type SnapshotCache = Mutex<Option<(Instant, u64, Arc<Snapshot>)>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -184,7 +191,9 @@ pub struct Registry {
     params: Params,
     /// Bumped when the set of schedulable nodes may have changed, so the cached snapshot is rebuilt.
     generation: AtomicU64,
-    snapshot: Mutex<Option<(Instant, u64, Arc<Snapshot>)>>,
+    snapshot: SnapshotCache,
+    /// [`Registry::web_snapshot`]'s.
+    web_snapshot: SnapshotCache,
     blocked: RwLock<HashSet<NodeId>>,
     pub totals: Totals,
     clock: Clock,
@@ -203,6 +212,7 @@ impl Registry {
             params: Params::default(),
             generation: AtomicU64::new(0),
             snapshot: Mutex::new(None),
+            web_snapshot: Mutex::new(None),
             blocked: RwLock::new(blocked),
             totals: Totals::default(),
             clock: Clock::System,
@@ -247,8 +257,17 @@ impl Registry {
     /// after [`SNAPSHOT_TTL`] (coordinates and heartbeat timeouts move continuously; one scan per second
     /// instead of one per request keeps resolves cheap with many nodes).
     pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.cached_snapshot(&self.snapshot, |nodes, id, n| self.contact(nodes, id, n))
+    }
+
+    /// The snapshot in `cache`, or a new one of the healthy nodes `contact` gives a contact for.
+    fn cached_snapshot(
+        &self,
+        cache: &SnapshotCache,
+        contact: impl Fn(&HashMap<NodeId, NodeEntry>, &NodeId, &NodeEntry) -> Option<NodeContact>,
+    ) -> Arc<Snapshot> {
         let generation = self.generation.load(Ordering::Relaxed);
-        let mut cached = self.snapshot.lock().expect("snapshot lock");
+        let mut cached = cache.lock().expect("snapshot lock");
         if let Some((built, g, snap)) = cached.as_ref() {
             if *g == generation && self.since(*built) < SNAPSHOT_TTL {
                 return snap.clone();
@@ -260,7 +279,7 @@ impl Registry {
             .filter(|(_, n)| self.healthy(n))
             .filter_map(|(id, n)| {
                 Some(NodeInfo {
-                    contact: self.contact(&nodes, id, n)?,
+                    contact: contact(&nodes, id, n)?,
                     coord: n.coord,
                     upload: n.reg.upload_limit.unwrap_or(DEFAULT_UPLOAD),
                 })

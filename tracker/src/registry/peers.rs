@@ -96,13 +96,12 @@ impl Registry {
         let direct = n.direct_addrs();
         match (self.punch_via(nodes, id, n), direct.split_first()) {
             (Some(via), _) => Some(NodeContact {
-                id: *id,
-                addr: n.overlay.external_quic.unwrap_or(n.reg.addr),
                 other_addrs: direct,
                 via: Some(via),
+                ..NodeContact::direct(*id, n.overlay.external_quic.unwrap_or(n.reg.addr))
             }),
             (None, Some((first, rest))) => {
-                Some(NodeContact { id: *id, addr: *first, other_addrs: rest.to_vec(), via: None })
+                Some(NodeContact { other_addrs: rest.to_vec(), ..NodeContact::direct(*id, *first) })
             }
             (None, None) => None,
         }

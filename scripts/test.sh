@@ -51,6 +51,10 @@ if $netns_only; then
 fi
 # The dashboard test drives a real browser; without one it skips, saying so.
 ensure_packages chromium chromium-driver || log "warning: Chromium could not be installed; the browser test will skip"
+# The web client's browser test loads the bundle built in web/ (versions pinned by its package-lock.json);
+# without npm it skips, saying so.
+command -v npm >/dev/null || ensure_packages nodejs npm || log "warning: npm could not be installed; the web client's browser test will skip"
+if command -v npm >/dev/null; then (cd web && npm ci --ignore-scripts --no-audit --no-fund && npm run build && npm test); fi
 # The player tests generate and play real HLS/DASH/MP4 with ffmpeg; without it they skip, saying so.
 ensure_packages ffmpeg || log "warning: ffmpeg could not be installed; the player tests will skip"
 # rustfmt and clippy come with the toolchain here; where they are missing, say so rather than fail.

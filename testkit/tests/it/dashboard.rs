@@ -12,13 +12,13 @@ use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::{json, Value};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
+pub(crate) const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-struct Browser {
+pub(crate) struct Browser {
     driver: Child,
     base: String,
-    session: String,
+    pub(crate) session: String,
     http: reqwest::Client,
 }
 
@@ -30,7 +30,7 @@ impl Drop for Browser {
 }
 
 impl Browser {
-    async fn start(profile: &Path) -> Browser {
+    pub(crate) async fn start(profile: &Path) -> Browser {
         let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
@@ -57,7 +57,7 @@ impl Browser {
         b
     }
 
-    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Value) -> Value {
         let url = format!("{}{path}", self.base);
         let req = match method {
             "GET" => self.http.get(url),
@@ -69,11 +69,11 @@ impl Browser {
         resp["value"].clone()
     }
 
-    async fn goto(&self, url: &str) {
+    pub(crate) async fn goto(&self, url: &str) {
         self.call("POST", &format!("/session/{}/url", self.session), json!({ "url": url })).await;
     }
 
-    async fn eval(&self, script: &str) -> Value {
+    pub(crate) async fn eval(&self, script: &str) -> Value {
         self.call("POST", &format!("/session/{}/execute/sync", self.session), json!({"script": script, "args": []}))
             .await
     }
@@ -93,7 +93,7 @@ impl Browser {
     }
 
     /// Polls `cond` (up to `limit`) and returns its last value.
-    async fn wait_for(&self, what: &str, limit: Duration, cond: &str) -> Value {
+    pub(crate) async fn wait_for(&self, what: &str, limit: Duration, cond: &str) -> Value {
         let started = Instant::now();
         loop {
             let v = self.eval(cond).await;

@@ -21,3 +21,4 @@ mod peer_fill;
 mod player;
 mod web;
 mod web_origins;
+mod web_page;

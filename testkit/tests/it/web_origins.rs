@@ -2,10 +2,11 @@
 //! their resolves and reports are answered with CORS, anything else a page of another site asks is refused,
 //! and native clients and the tracker's own dashboard are not affected.
 
+use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame, write_last_frame};
 use fog_proto::api::Resolve;
-use fog_proto::wire::{ChunkRequest, ResponseHead};
-use fog_proto::ChunkHash;
+use fog_proto::wire::{ChunkRequest, OriginHint, ResponseHead};
+use fog_proto::{ChunkHash, NodeId};
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use reqwest::header::{ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ORIGIN};
@@ -102,10 +103,12 @@ async fn pages_get_nodes_the_tracker_probed_over_webtransport() {
 
     let http = reqwest::Client::new();
     let tracker = cluster.tracker_url();
+    // A session key, as the page makes one: the ticket licenses each node to fill what it was given.
+    let client_key = NodeId::from(SigningKey::from_bytes(&[0x3c; 32]).verifying_key()).to_hex();
     let resolve_as_page = || async {
         let resp = http
             .get(format!("{tracker}/v1/resolve"))
-            .query(&[("url", url.as_str())])
+            .query(&[("url", url.as_str()), ("client_key", client_key.as_str())])
             .header(ORIGIN, PLAYER)
             .send()
             .await
@@ -135,9 +138,17 @@ async fn pages_get_nodes_the_tracker_probed_over_webtransport() {
             .expect("session");
         assert_eq!(web.cert_hashes[0], served, "the served certificate is listed first");
         let slot = resolved.nodes.iter().position(|n| n.id == node.id).expect("listed") as u32;
-        let i = resolved.schedule.iter().position(|c| c.first() == Some(&slot)).expect("a chunk first on it");
-        let hash = resolved.manifest.chunks[i];
-        let req = ChunkRequest { hash, range: None, origin: None, receipt: None, ticket: None, groups: None };
+        let i = resolved.schedule.iter().position(|c| c.contains(&slot)).expect("a chunk given to it");
+        let (hash, m) = (resolved.manifest.chunks[i], &resolved.manifest);
+        let (offset, length) = m.chunk_span(i);
+        let req = ChunkRequest {
+            hash,
+            range: None,
+            origin: Some(OriginHint { url: m.url.clone(), offset, length }),
+            receipt: None,
+            ticket: Some(serde_json::to_vec(resolved.ticket.as_ref().expect("a ticket")).expect("ticket json")),
+            groups: m.group_hashes(i),
+        };
         let (mut send, mut recv) = session.open_bi().await.expect("stream");
         write_last_frame(&mut send, &req.encode_framed().expect("frame")).await.expect("request");
         let head: ResponseHead = read_frame(&mut recv).await.expect("head");

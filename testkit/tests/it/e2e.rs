@@ -399,34 +399,21 @@ async fn forged_and_replayed_node_messages_are_rejected() {
     let node_id: fog_proto::NodeId = resolve_node_id(&cluster).await;
     let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
-    let mut forged = Signed::sign(
-        &key,
-        KIND_HEARTBEAT,
-        &Heartbeat {
-            timestamp_ms: now,
-            stats: NodeStats::default(),
-            draining: false,
-            overlay: None,
-            web_transport: None,
-        },
-    );
+    let heartbeat = Heartbeat {
+        timestamp_ms: now,
+        stats: NodeStats::default(),
+        draining: false,
+        overlay: None,
+        web_transport: None,
+    };
+    let mut forged = Signed::sign(&key, KIND_HEARTBEAT, &heartbeat);
     forged.node_id = node_id;
     let resp = post("/v1/nodes/heartbeat", &forged).await.expect("post");
     assert_eq!(resp.status().as_u16(), 401);
     let body: fog_proto::api::ApiError = resp.json().await.expect("error body");
     assert!(body.message.contains("signature"), "{}", body.message);
     // A correctly signed message replayed: the second copy is refused.
-    let honest = Signed::sign(
-        &key,
-        KIND_HEARTBEAT,
-        &Heartbeat {
-            timestamp_ms: now,
-            stats: NodeStats::default(),
-            draining: false,
-            overlay: None,
-            web_transport: None,
-        },
-    );
+    let honest = Signed::sign(&key, KIND_HEARTBEAT, &heartbeat);
     let endpoint = fog_testkit::harness::handshake_only_endpoint(&key);
     let reg = fog_proto::api::Register {
         quic_addr: endpoint.local_addr().expect("addr"),

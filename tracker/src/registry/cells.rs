@@ -221,15 +221,7 @@ mod tests {
     }
 
     fn registration() -> Registration {
-        Registration {
-            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
-            cache_capacity: 1,
-            upload_limit: None,
-            version: "t".into(),
-            reachable: true,
-            joining: false,
-            region: Some("lab".into()),
-        }
+        Registration { region: Some("lab".into()), ..crate::registry::tests::reg() }
     }
 
     /// Through the registry: a node holding the previous version gets the change from it (which gives the

@@ -6,7 +6,8 @@ fn id(i: u32) -> NodeId {
     NodeId(b)
 }
 
-fn reg() -> Registration {
+/// A registration of a reachable node on loopback.
+pub(super) fn reg() -> Registration {
     Registration {
         addr: SocketAddr::from(([127, 0, 0, 1], 1)),
         cache_capacity: 1,

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use fog_proto::api::{ClientReport, ErrorCode, NodeContact, Resolve, Signed, MAX_CLIENT_RTTS};
-use fog_proto::credits::{payment_chain, Commitment, Digest, Receipt, Ticket, TicketId, KIND_COMMITMENT, KIND_TICKET};
+use fog_proto::credits::{
+    payment_chain, ticket_on_wire, Commitment, Digest, Receipt, Ticket, TicketId, KIND_COMMITMENT, KIND_TICKET,
+};
 use fog_proto::groups::{Gate, Verifier, MAX_GROUPS_PER_CHUNK};
 use fog_proto::origins::OriginList;
-use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
+use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ContentId, Manifest, NodeId};
 use moka::future::Cache;
 use moka::ops::compute::Op;
@@ -195,7 +197,7 @@ impl Session {
             return None;
         }
         let ticket_id = fog_proto::credits::ticket_id(signed);
-        let signed_ticket = serde_json::to_vec(signed).ok().filter(|t| t.len() <= MAX_TICKET_LEN);
+        let signed_ticket = ticket_on_wire(signed);
         Some(Self { key, ticket, ticket_id, signed_ticket, chains: Mutex::new(HashMap::new()) })
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Signed;
 use crate::id::hex_id;
+use crate::wire::MAX_TICKET_LEN;
 use crate::{ContentId, NodeId};
 
 pub const KIND_TICKET: &str = "ticket";
@@ -95,6 +96,12 @@ pub struct Ticket {
     pub byte_budget: u64,
     pub expiry_ms: u64,
     pub epoch: u64,
+}
+
+/// A signed ticket as a chunk request carries it (`ChunkRequest::ticket`): its JSON, or `None` when that is
+/// longer than a request may carry ([`MAX_TICKET_LEN`]).
+pub fn ticket_on_wire(signed_ticket: &Signed) -> Option<Vec<u8>> {
+    serde_json::to_vec(signed_ticket).ok().filter(|t| t.len() <= MAX_TICKET_LEN)
 }
 
 /// The id a commitment names its ticket by.

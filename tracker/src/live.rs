@@ -30,13 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use fog_net::frame_io::read_frame;
+use fog_net::frame_io::{read_frame, write_last_frame};
 use fog_net::origin::OriginError;
 use fog_net::per_source::{source_of, PerSource};
 use fog_net::transport;
 use fog_proto::api::{now_ms, Families, NodeContact};
+use fog_proto::credits::ticket_on_wire;
 use fog_proto::hls::{media_playlist, PlaylistError};
-use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, ResponseHead, Status, MAX_TICKET_LEN};
+use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, ResponseHead, Status};
 use fog_proto::{ChunkHash, Manifest, NodeId};
 use fog_sched::cells::CellKey;
 use fog_sched::scheduler::{self, Load};
@@ -464,7 +465,7 @@ async fn push_segment(app: &Arc<App>, playlist: &str, segment: &str) -> Result<(
     let key = SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().into();
     let ticket =
         app.ledger.issue_ticket(None, key, manifest.content_id(), ids, assigned, manifest.chunk_size, manifest.size)?;
-    let Some(ticket) = ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN) else {
+    let Some(ticket) = ticket.as_ref().and_then(ticket_on_wire) else {
         tracing::warn!(segment, "no ticket for a live push; not pushed");
         return Ok(());
     };
@@ -536,8 +537,7 @@ async fn push(endpoint: &quinn::Endpoint, home: &NodeContact, req: ChunkRequest,
     let answer = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PushError::Stream(e.to_string()))?;
         let frame = NodeRequest::Push(req).encode_framed()?;
-        send.write_all(&frame).await.map_err(|e| PushError::Stream(e.to_string()))?;
-        let _ = send.finish();
+        write_last_frame(&mut send, &frame).await.map_err(|e| PushError::Stream(e.to_string()))?;
         read_frame::<ResponseHead, _>(&mut recv).await.map_err(|e| PushError::Stream(e.to_string()))
     };
     let head = tokio::time::timeout(PUSH_TIMEOUT, answer).await.map_err(|_| PushError::Timeout(PUSH_TIMEOUT));

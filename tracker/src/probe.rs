@@ -14,8 +14,9 @@ use ed25519_dalek::SigningKey;
 use fog_net::chunk::{self, ChunkError, Deadlines};
 use fog_net::{transport, webtransport};
 use fog_proto::api::{Families, NodeContact, Signed, WebContact};
+use fog_proto::credits::ticket_on_wire;
 use fog_proto::placement::top_k;
-use fog_proto::wire::{ChunkRequest, OriginHint, Status, MAX_TICKET_LEN};
+use fog_proto::wire::{ChunkRequest, OriginHint, Status};
 use fog_proto::{ChunkHash, Manifest, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -85,7 +86,7 @@ async fn probe_one(app: &App, endpoint: &quinn::Endpoint, node: &NodeContact) ->
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Failed(e.to_string()),
     };
-    let ticket = ticket.and_then(|t| serde_json::to_vec(&t).ok()).filter(|t| t.len() <= MAX_TICKET_LEN);
+    let ticket = ticket.as_ref().and_then(ticket_on_wire);
     let licensed = ticket.is_some();
     let req = ChunkRequest {
         hash,

@@ -146,7 +146,7 @@ async fn pages_get_nodes_the_tracker_probed_over_webtransport() {
             range: None,
             origin: Some(OriginHint { url: m.url.clone(), offset, length }),
             receipt: None,
-            ticket: Some(serde_json::to_vec(resolved.ticket.as_ref().expect("a ticket")).expect("ticket json")),
+            ticket: fog_proto::credits::ticket_on_wire(resolved.ticket.as_ref().expect("a ticket")),
             groups: m.group_hashes(i),
         };
         let (mut send, mut recv) = session.open_bi().await.expect("stream");

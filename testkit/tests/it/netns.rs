@@ -114,6 +114,41 @@ fn served_by(report: &Value, node: &NodeId) -> u64 {
     report["nodes"][node.to_hex()]["bytes"].as_u64().unwrap_or(0)
 }
 
+/// The content (`video.bin`, `CHUNKS` chunks of bytes seeded by `seed`), an origin serving it and a tracker,
+/// both in the public network listening at `listen`; the tracker registers the origin at `origin_at(&origin)`.
+/// Where each lab test starts.
+async fn start_origin_and_tracker(
+    lab: &Lab,
+    dir: &tempfile::TempDir,
+    seed: u64,
+    listen: &str,
+    origin_at: impl Fn(&Proc) -> String,
+) -> (Proc, Proc) {
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).expect("content dir");
+    std::fs::write(content.join("video.bin"), fog_testkit::test_bytes(CHUNK * CHUNKS, seed)).expect("content");
+    let public = lab.ns(Site::Public);
+    let origin_args: Vec<String> =
+        vec!["--dir".into(), content.to_str().expect("utf8").into(), "--listen".into(), listen.into()];
+    let origin = Proc::spawn_in(Some(&public), "fog-test-origin", &origin_args, dir.path().join("origin.log")).await;
+    let tracker_args: Vec<String> = [
+        "--listen",
+        listen,
+        "--data-dir",
+        dir.path().join("tracker").to_str().expect("utf8"),
+        "--origin",
+        &format!("http://{}/", origin_at(&origin)),
+        "--heartbeat-secs",
+        "1",
+        "--chunk-size",
+        "128KiB",
+    ]
+    .map(String::from)
+    .to_vec();
+    let tracker = Proc::spawn_in(Some(&public), "fog-tracker", &tracker_args, dir.path().join("tracker.log")).await;
+    (origin, tracker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlay_serves_from_behind_home_nats() {
     if let Some(why) = Lab::unavailable() {
@@ -122,32 +157,8 @@ async fn overlay_serves_from_behind_home_nats() {
     }
     let lab = Lab::build();
     let dir = fog_testkit::harness::test_dir("fogcdn-netns");
-    let content = dir.path().join("content");
-    std::fs::create_dir_all(&content).expect("content dir");
-    let video = fog_testkit::test_bytes(CHUNK * CHUNKS, 7);
-    std::fs::write(content.join("video.bin"), &video).expect("content");
-
-    let public = lab.ns(Site::Public);
     let listen = format!("{}:0", Site::Public.addr());
-    let origin_args: Vec<String> =
-        vec!["--dir".into(), content.to_str().expect("utf8").into(), "--listen".into(), listen.clone()];
-    let origin = Proc::spawn_in(Some(&public), "fog-test-origin", &origin_args, dir.path().join("origin.log")).await;
-    let tracker_args: Vec<String> = [
-        "--listen",
-        &listen,
-        "--data-dir",
-        dir.path().join("tracker").to_str().expect("utf8"),
-        "--origin",
-        &format!("http://{}/", origin.addr),
-        "--heartbeat-secs",
-        "1",
-        "--chunk-size",
-        "128KiB",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let tracker = Proc::spawn_in(Some(&public), "fog-tracker", &tracker_args, dir.path().join("tracker.log")).await;
+    let (origin, tracker) = start_origin_and_tracker(&lab, &dir, 7, &listen, |origin| origin.addr.clone()).await;
     let mut net =
         Net { lab, dir, origin: origin.addr.clone(), tracker: tracker.addr.clone(), procs: vec![origin, tracker] };
 

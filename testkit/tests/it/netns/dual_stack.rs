@@ -17,7 +17,7 @@ use fog_testkit::harness::{bin, Proc};
 use fog_testkit::netns::{Lab, Site};
 use serde_json::Value;
 
-use super::{node_id, served_by, Net, CHUNK, CHUNKS};
+use super::{node_id, served_by, start_origin_and_tracker, Net};
 
 /// Where a process listening on `[::]:PORT` in the public network is reached in each family.
 struct PublicAddrs {
@@ -111,33 +111,11 @@ async fn ipv6_homes_behind_firewall_and_nat_serve_clients_of_each_family() {
     }
     let lab = Lab::build_dual_stack();
     let dir = fog_testkit::harness::test_dir("fogcdn-netns6");
-    let content = dir.path().join("content");
-    std::fs::create_dir_all(&content).expect("content dir");
-    std::fs::write(content.join("video.bin"), fog_testkit::test_bytes(CHUNK * CHUNKS, 8)).expect("content");
-
     // Origin and tracker on one dual-stack socket each. The origin is named by its IPv6 address: every node
     // has IPv6, and clients only read from nodes.
-    let public = lab.ns(Site::Public);
-    let listen = "[::]:0".to_string();
-    let origin_args: Vec<String> =
-        vec!["--dir".into(), content.to_str().expect("utf8").into(), "--listen".into(), listen.clone()];
-    let origin = Proc::spawn_in(Some(&public), "fog-test-origin", &origin_args, dir.path().join("origin.log")).await;
-    let origin_addr = PublicAddrs::of(&origin).ipv6;
-    let tracker_args: Vec<String> = [
-        "--listen",
-        &listen,
-        "--data-dir",
-        dir.path().join("tracker").to_str().expect("utf8"),
-        "--origin",
-        &format!("http://{origin_addr}/"),
-        "--heartbeat-secs",
-        "1",
-        "--chunk-size",
-        "128KiB",
-    ]
-    .map(String::from)
-    .to_vec();
-    let tracker = Proc::spawn_in(Some(&public), "fog-tracker", &tracker_args, dir.path().join("tracker.log")).await;
+    let origin_at = |origin: &Proc| PublicAddrs::of(origin).ipv6;
+    let (origin, tracker) = start_origin_and_tracker(&lab, &dir, 8, "[::]:0", origin_at).await;
+    let origin_addr = origin_at(&origin);
     let tracker_at = PublicAddrs::of(&tracker);
     let mut net = Net { lab, dir, origin: origin_addr, tracker: tracker_at.ipv4.clone(), procs: vec![origin, tracker] };
 

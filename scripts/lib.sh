@@ -30,6 +30,14 @@ ensure_build_deps() {
     ensure_packages libclang-dev clang curl
 }
 
+# ensure_geckodriver: Firefox's WebDriver server, which Debian does not package: from crates.io, pinned, into
+# ~/.cache/fogcdn/tools (its own build directory, not the workspace's), where the browser tests look for it.
+ensure_geckodriver() {
+    local version=0.37.1 bin="$HOME/.cache/fogcdn/tools/bin/geckodriver"
+    [ "$("$bin" --version 2>/dev/null | head -n1)" = "geckodriver $version" ] && return 0
+    env -u CARGO_TARGET_DIR cargo install geckodriver --locked --version "$version" --root "$HOME/.cache/fogcdn/tools" >&2
+}
+
 build_release() {
     log "building (release; the first build compiles RocksDB and takes ~20 min) into $CARGO_TARGET_DIR"
     cargo build --release --locked --workspace

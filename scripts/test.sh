@@ -9,12 +9,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 netns_only=false
+CARGO_DEB_VERSION=3.8.0
+# ensure_cargo_deb: cargo-deb $CARGO_DEB_VERSION in ~/.cache/fogcdn/tools/bin, where the .deb test finds it.
+ensure_cargo_deb() {
+    local tools="$HOME/.cache/fogcdn/tools"
+    [ "$("$tools/bin/cargo-deb" --version 2>/dev/null)" = "cargo-deb $CARGO_DEB_VERSION" ] && return 0
+    log "installing cargo-deb $CARGO_DEB_VERSION into $tools"
+    env -u CARGO_TARGET_DIR cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --root "$tools" >&2
+}
 if [ "${1:-}" = "--netns" ]; then netns_only=true; shift; fi
 ensure_build_deps
 # The network-namespace tests need iptables (home routers' NAT; the package has ip6tables too, for the IPv6
 # home's firewall), iproute2 and python3 (delay lines).
 if [ "$(id -u)" -eq 0 ]; then
     ensure_packages iptables iproute2 python3 || log "warning: iptables could not be installed; the netns tests will skip"
+    # The install tests (install::) add the node's user in a throwaway root, check its unit with
+    # systemd-analyze, and build and install the .deb with cargo-deb (pinned, in ~/.cache/fogcdn/tools).
+    ensure_packages systemd passwd dpkg || log "warning: systemd or passwd could not be installed; the install tests will skip"
+    ensure_cargo_deb || log "warning: cargo-deb could not be installed; the .deb test will skip"
 fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
@@ -51,6 +63,9 @@ if $netns_only; then
 fi
 # The dashboard test drives a real browser; without one it skips, saying so.
 ensure_packages chromium chromium-driver || log "warning: Chromium could not be installed; the browser test will skip"
+# The web player tests also run in Firefox ESR, through geckodriver (scripts/lib.sh).
+ensure_packages firefox-esr || log "warning: Firefox ESR could not be installed; the Firefox browser tests will skip"
+ensure_geckodriver || log "warning: geckodriver could not be installed; the Firefox browser tests will skip"
 # The web client's browser test loads the bundle built in web/ (versions pinned by its package-lock.json);
 # without npm it skips, saying so.
 command -v npm >/dev/null || ensure_packages nodejs npm || log "warning: npm could not be installed; the web client's browser test will skip"

@@ -4,8 +4,9 @@
 //! ordinary web servers ([`origin`]), the tracker's API as its callers see it ([`tracker`]), the client
 //! side of hole punching ([`rendezvous`]), a WebTransport session as a browser page opens it
 //! ([`webtransport`]), the small bounded HTTP server behind every HTTP surface
-//! ([`http_server`]), per-source fairness ([`per_source`]), long-lived keys ([`identity`]), retry delays
-//! ([`backoff`]) and what binaries share ([`bin_support`]). The node, the tracker and the player SDK (fog-client) build on it; it knows nothing
+//! ([`http_server`]), per-source fairness ([`per_source`]), uploads that yield to the host's own traffic
+//! ([`ledbat`]), long-lived keys ([`identity`]), retry delays ([`backoff`]) and what binaries share
+//! ([`bin_support`]). The node, the tracker and the player SDK (fog-client) build on it; it knows nothing
 //! of any of them.
 
 pub mod backoff;
@@ -14,6 +15,7 @@ pub mod chunk;
 pub mod frame_io;
 pub mod http_server;
 pub mod identity;
+pub mod ledbat;
 pub mod origin;
 pub mod per_source;
 pub mod rendezvous;

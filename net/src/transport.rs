@@ -60,10 +60,38 @@ fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// How a node's uploads share the uplink with its host's own traffic (`--upload-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UploadPriority {
+    /// quinn's default controller (CUBIC): an equal share with every other flow, and a full uplink buffer.
+    Normal,
+    /// Lower than best effort ([`crate::ledbat`]): yields to the host's own uploads within a few round trips
+    /// and adds at most about [`crate::ledbat::TARGET_DELAY`] of queueing.
+    #[default]
+    Low,
+}
+
+impl std::str::FromStr for UploadPriority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "normal" => Ok(Self::Normal),
+            "low" => Ok(Self::Low),
+            other => Err(format!("{other:?} is not an upload priority: low or normal")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for UploadPriority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Server configuration for a node: certificate from its identity key, ALPN `fog/1` (and rendezvous), at
-/// most `max_streams_per_connection` concurrent requests per client.
+/// most `max_streams_per_connection` concurrent requests per client, quinn's default congestion control.
 pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Result<quinn::ServerConfig, TransportError> {
-    node_server_config(key, max_streams_per_connection, None)
+    node_server_config(key, max_streams_per_connection, None, UploadPriority::Normal)
 }
 
 /// [`server_config`] that also offers `h3` to browsers, showing them the certificate in `web` (which the
@@ -73,13 +101,16 @@ pub fn server_config_with_web(
     max_streams_per_connection: u32,
     web: Arc<WebCertSlot>,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    node_server_config(key, max_streams_per_connection, Some(web))
+    node_server_config(key, max_streams_per_connection, Some(web), UploadPriority::Normal)
 }
 
-fn node_server_config(
+/// The node's server configuration: [`server_config`], offering `h3` to browsers if `web` is given, and
+/// sending to every client (native or browser) at `upload` priority.
+pub fn node_server_config(
     key: &SigningKey,
     max_streams_per_connection: u32,
     web: Option<Arc<WebCertSlot>>,
+    upload: UploadPriority,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let pkcs8 = key.to_pkcs8_der().map_err(TransportError::KeyEncoding)?;
     let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(TransportError::Certificate)?;
@@ -116,6 +147,9 @@ fn node_server_config(
         // expect the transport parameter: a small buffer keeps what a peer can park here bounded.
         .datagram_receive_buffer_size(Some(16 << 10))
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("fits")));
+    if upload == UploadPriority::Low {
+        t.congestion_controller_factory(Arc::new(crate::ledbat::LedbatFactory));
+    }
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

@@ -3,13 +3,17 @@
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use fog_net::bin_support::{default_data_dir, load_toml, ConfigError};
+use fog_net::transport::UploadPriority;
 use fog_proto::api::MAX_VERSION_LEN;
 use fog_proto::size::Size;
 use fog_proto::web::WebOrigins;
 use serde::Deserialize;
+
+use crate::web::{RotationTiming, ROTATION_RANGE};
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(
@@ -57,6 +61,19 @@ pub struct NodeArgs {
     /// Upload cap in bytes per second across all clients, e.g. 2MiB [default: no cap].
     #[arg(long, env = "FOG_NODE_UPLOAD_LIMIT")]
     pub upload_limit: Option<Size>,
+    /// `low`: uploads give way to this host's own traffic (a delay-based controller, LEDBAT++) and add at
+    /// most ~60 ms of queueing to the uplink; `normal`: an equal share, like any download [default: low].
+    #[arg(long, env = "FOG_NODE_UPLOAD_PRIORITY")]
+    pub upload_priority: Option<UploadPriority>,
+    /// Weekly windows in local time that set the upload: `unlimited`, a rate (`2MiB/s`) or `off`, e.g.
+    /// "mon-fri 00:00-07:00 unlimited; mon-fri 07:00-23:00 2MiB/s; sat,sun 12:00-14:00 off"; outside them
+    /// --upload-limit applies (grammar: docs/operations.md) [default: none].
+    #[arg(long, env = "FOG_NODE_SCHEDULE")]
+    pub schedule: Option<String>,
+    /// Most bytes to upload (to clients and peers) per calendar month, local time, e.g. 500GiB; kept
+    /// across restarts [default: no budget].
+    #[arg(long, env = "FOG_NODE_MONTHLY_UPLOAD")]
+    pub monthly_upload: Option<Size>,
     /// Most client connections at once [default: 512].
     #[arg(long, env = "FOG_NODE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -79,6 +96,10 @@ pub struct NodeArgs {
     #[arg(long = "web-origin", env = "FOG_NODE_WEB_ORIGINS", value_delimiter = ',')]
     #[serde(default)]
     pub web_origin: Vec<String>,
+    /// Seconds between rotations of the certificate browsers pin (20 to 518400); its successor is announced
+    /// for half of that, at most a day, before it is served [default: 518400, 6 days].
+    #[arg(long, env = "FOG_NODE_WEB_CERT_ROTATION_SECS")]
+    pub web_cert_rotation_secs: Option<u64>,
 }
 
 const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0,/ip6/::/udp/0/quic-v1,/ip6/::/tcp/0";
@@ -120,6 +141,9 @@ pub struct NodeConfig {
     pub min_free_disk: DiskFloor,
     pub memory_cache: u64,
     pub upload_limit: Option<u64>,
+    pub upload_priority: UploadPriority,
+    pub schedule: Option<crate::schedule::Schedule>,
+    pub monthly_upload: Option<u64>,
     pub max_connections: usize,
     pub max_fills: usize,
     /// Empty: no overlay.
@@ -127,6 +151,7 @@ pub struct NodeConfig {
     pub region: Option<String>,
     /// `--web-origin`: accepted besides the tracker's list.
     pub web_origins: WebOrigins,
+    pub web_cert_rotation: RotationTiming,
 }
 
 impl NodeArgs {
@@ -148,11 +173,18 @@ impl NodeArgs {
             min_free_disk: self.min_free_disk.or(file.min_free_disk).unwrap_or(DiskFloor::Percent(10.0)),
             memory_cache: self.memory_cache.or(file.memory_cache).map_or(64 << 20, |s| s.0),
             upload_limit: self.upload_limit.or(file.upload_limit).map(|s| s.0),
+            upload_priority: self.upload_priority.or(file.upload_priority).unwrap_or_default(),
+            schedule: (self.schedule.or(file.schedule).as_deref())
+                .map(crate::schedule::Schedule::parse)
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            monthly_upload: self.monthly_upload.or(file.monthly_upload).map(|s| s.0),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(512),
             max_fills: self.max_fills.or(file.max_fills).unwrap_or(16),
             p2p_listen: parse_p2p_listen(self.p2p_listen.or(file.p2p_listen).as_deref().unwrap_or(DEFAULT_P2P_LISTEN))?,
             region: self.region.or(file.region).filter(|r| !r.is_empty()),
             web_origins,
+            web_cert_rotation: web_cert_rotation(self.web_cert_rotation_secs.or(file.web_cert_rotation_secs))?,
         };
         if cfg.region.as_ref().is_some_and(|r| r.len() > MAX_VERSION_LEN) {
             return Err(ConfigError::Invalid(format!("--region must be at most {MAX_VERSION_LEN} bytes")));
@@ -162,6 +194,9 @@ impl NodeArgs {
         }
         if cfg.upload_limit.is_some_and(|l| l > u64::from(u32::MAX)) {
             return Err(ConfigError::Invalid("--upload-limit must be below 4GiB per second".into()));
+        }
+        if cfg.monthly_upload == Some(0) {
+            return Err(ConfigError::Invalid("--monthly-upload must be above 0 (omit it for no budget)".into()));
         }
         if cfg.max_connections == 0 || cfg.max_fills == 0 {
             return Err(ConfigError::Invalid("--max-connections and --max-fills must be above 0".into()));
@@ -215,6 +250,16 @@ impl<'de> Deserialize<'de> for DiskFloor {
     }
 }
 
+fn web_cert_rotation(secs: Option<u64>) -> Result<RotationTiming, ConfigError> {
+    let Some(secs) = secs else { return Ok(RotationTiming::default()) };
+    let period = Duration::from_secs(secs);
+    if !ROTATION_RANGE.contains(&period) {
+        let (low, high) = (ROTATION_RANGE.start().as_secs(), ROTATION_RANGE.end().as_secs());
+        return Err(ConfigError::Invalid(format!("--web-cert-rotation-secs must be within {low}..={high}")));
+    }
+    Ok(RotationTiming::every(period))
+}
+
 fn parse_p2p_listen(text: &str) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
     if text.trim() == "none" {
         return Ok(Vec::new());
@@ -228,6 +273,109 @@ fn parse_p2p_listen(text: &str) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
             })
         })
         .collect()
+}
+
+/// `fog-node --print-config`: the configuration `matches` (flags and environment) and its `--config` file
+/// give, as TOML that `--config` accepts back. Every option is listed, from clap's own definitions so the
+/// list cannot fall behind them: a set one as `key = value` (flag or variable over the file, as
+/// [`NodeArgs::resolve`] merges them), an unset one commented out with its default. `commented`: each with
+/// its help, flag and variable above it (how the installers write `/etc/fogcdn/node.toml`).
+pub fn print_config(matches: &clap::ArgMatches, commented: bool) -> Result<String, ConfigError> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let file: toml::Table = match matches.get_one::<PathBuf>("config") {
+        Some(path) => {
+            // Refuses what `--config` would refuse (unknown keys, bad values) before echoing it.
+            load_toml::<NodeArgs>(Some(path))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            toml::from_str(&text)
+                .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
+        }
+        None => toml::Table::new(),
+    };
+    let mut out = String::from(
+        "# fog-node configuration (`fog-node --config FILE`): snake_case keys of the command-line options.\n\
+         # Flags and FOG_NODE_* environment variables override this file; the file overrides the defaults.\n",
+    );
+    if commented {
+        out.push_str("# Sizes take bytes or units (64MiB, 10GiB, 5MB). Options below that are commented out take their default.\n");
+    }
+    for arg in NodeArgs::command().get_arguments() {
+        let key = arg.get_id().as_str();
+        if matches!(key, "config" | "help" | "version") {
+            continue;
+        }
+        let help = arg.get_long_help().or(arg.get_help()).map(ToString::to_string).unwrap_or_default();
+        let value = match matches.value_source(key) {
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {
+                let raw: Vec<String> =
+                    matches.get_raw(key).into_iter().flatten().map(|v| v.to_string_lossy().into_owned()).collect();
+                let many = matches!(arg.get_action(), clap::ArgAction::Append);
+                Some(toml_value(key, &raw, many)?)
+            }
+            _ => file.get(key).cloned(),
+        };
+        if commented {
+            out.push('\n');
+            for line in wrap(&help, 100) {
+                out.push_str(&format!("# {line}\n"));
+            }
+            let env = arg.get_env().map(|e| format!(", {}", e.to_string_lossy())).unwrap_or_default();
+            out.push_str(&format!("# (--{}{env})\n", arg.get_long().unwrap_or(key)));
+        }
+        match value {
+            Some(v) => out.push_str(&format!("{key} = {v}\n")),
+            None => {
+                let default =
+                    help.rfind("[default: ").map(|i| help[i + 10..].trim_end_matches(['.', ']'])).unwrap_or("none");
+                out.push_str(&format!("# {key} =    (not set; default: {default})\n"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The TOML value of a flag's or variable's raw text: the first of string, integer, float and boolean
+/// that the option's own deserializer accepts (so `512` for a count, `"2MiB"` for a size).
+fn toml_value(key: &str, raw: &[String], many: bool) -> Result<toml::Value, ConfigError> {
+    let accepts = |v: &toml::Value| toml::from_str::<NodeArgs>(&format!("{key} = {v}")).is_ok();
+    let as_kind = |kind: usize, text: &str| -> Option<toml::Value> {
+        match kind {
+            0 => Some(toml::Value::String(text.to_string())),
+            1 => text.parse().ok().map(toml::Value::Integer),
+            2 => text.parse().ok().map(toml::Value::Float),
+            _ => text.parse().ok().map(toml::Value::Boolean),
+        }
+    };
+    let value = (0..4).find_map(|kind| {
+        let value = if many {
+            toml::Value::Array(raw.iter().map(|r| as_kind(kind, r)).collect::<Option<Vec<_>>>()?)
+        } else {
+            as_kind(kind, raw.first()?)?
+        };
+        accepts(&value).then_some(value)
+    });
+    value.ok_or_else(|| ConfigError::Invalid(format!("--{key}: {raw:?} cannot be written as a configuration value")))
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for paragraph in text.lines() {
+        let mut line = String::new();
+        for word in paragraph.split_whitespace() {
+            if !line.is_empty() && line.len() + 1 + word.len() > width {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -246,6 +394,7 @@ mod tests {
         assert_eq!(cfg.tracker, "http://flag");
         assert_eq!(cfg.cache_size, 2 << 20);
         assert_eq!(cfg.upload_limit, Some(1000));
+        assert_eq!(cfg.upload_priority, UploadPriority::Low);
         assert_eq!(cfg.p2p_listen.len(), 4);
         assert!(cfg.advertise.is_empty());
         assert_eq!(cfg.min_free_disk, DiskFloor::Percent(10.0));
@@ -268,8 +417,80 @@ mod tests {
         let args = NodeArgs::parse_from(["fog-node", "--min-free-disk", "2GiB"]);
         assert_eq!(args.resolve().expect("valid").min_free_disk, DiskFloor::Bytes(2 << 30));
         assert!("120%".parse::<DiskFloor>().is_err());
+        std::fs::write(&path, "upload_priority = \"normal\"\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(args.resolve().expect("valid").upload_priority, UploadPriority::Normal);
+        let config = path.to_str().expect("utf8");
+        let args = NodeArgs::parse_from(["fog-node", "--config", config, "--upload-priority", "low"]);
+        assert_eq!(args.resolve().expect("valid").upload_priority, UploadPriority::Low);
+        assert!(NodeArgs::try_parse_from(["fog-node", "--upload-priority", "high"]).is_err());
+        std::fs::write(&path, "schedule = \"weekdays 09:00-17:00 1MiB/s\"\nmonthly_upload = \"500GiB\"\n")
+            .expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        let cfg = args.resolve().expect("valid");
+        assert_eq!(cfg.schedule.as_ref().map(|s| s.text()), Some("weekdays 09:00-17:00 1MiB/s"));
+        assert_eq!(cfg.monthly_upload, Some(500 << 30));
+        let args = NodeArgs::parse_from(["fog-node", "--schedule", "weekdays 09:00 off"]);
+        let Err(ConfigError::Invalid(e)) = args.resolve() else { panic!("a schedule without a range's end") };
+        assert!(e.starts_with("--schedule, at character 16: expected \"-\""), "{e}");
+        let args = NodeArgs::parse_from(["fog-node", "--web-cert-rotation-secs", "60"]);
+        assert_eq!(args.resolve().expect("valid").web_cert_rotation, RotationTiming::every(Duration::from_secs(60)));
+        let args = NodeArgs::parse_from(["fog-node", "--web-cert-rotation-secs", "1000000"]);
+        assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))), "beyond the certificate's validity");
         std::fs::write(&path, "cache_sise = 1\n").expect("write");
         let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
         assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));
+    }
+}
+
+#[cfg(test)]
+mod print_config_tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    #[test]
+    fn printed_config_names_every_option_and_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "cache_size = \"2MiB\"\nweb_origin = [\"https://a.example\"]\nmax_fills = 3\n")
+            .expect("write");
+        let argv = [
+            "fog-node",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--tracker",
+            "http://flag.example:7700",
+            "--max-connections",
+            "7",
+            "--min-free-disk",
+            "5%",
+            "--p2p-listen",
+            "none",
+            "--upload-limit",
+            "1MiB",
+            "--advertise",
+            "203.0.113.7:7701,[2001:db8::7]:0",
+            "--web-origin",
+            "https://b.example,https://c.example",
+        ];
+        let matches = NodeArgs::command().get_matches_from(argv);
+        let printed = print_config(&matches, true).expect("printed");
+        for arg in NodeArgs::command().get_arguments() {
+            let key = arg.get_id().as_str();
+            if !matches!(key, "config" | "help" | "version") {
+                assert!(
+                    printed.contains(&format!("\n{key} = ")) || printed.contains(&format!("\n# {key} = ")),
+                    "{key} missing:\n{printed}"
+                );
+            }
+        }
+        assert!(printed.contains("\nmax_connections = 7\n") && printed.contains("\nmax_fills = 3\n"), "{printed}");
+        assert!(printed.contains("\n# region =    (not set; default: "), "{printed}");
+        let printed_file = dir.path().join("printed.toml");
+        std::fs::write(&printed_file, &printed).expect("write");
+        let from_print = NodeArgs::parse_from(["fog-node", "--config", printed_file.to_str().expect("utf8")]);
+        let original = NodeArgs::from_arg_matches(&matches).expect("args").resolve().expect("valid");
+        assert_eq!(format!("{:?}", from_print.resolve().expect("valid")), format!("{original:?}"));
     }
 }

@@ -1,7 +1,10 @@
 //! The node's side of credits: it checks and keeps the receipts clients hand it (on disk, until the
 //! tracker acknowledges them), redeems them in signed batches, and verifies that what the tracker credits
 //! really is in its append-only ledger: an inclusion proof for its newest record in a signed tree head,
-//! and a consistency proof from the last head it verified (so history was not rewritten).
+//! and a consistency proof from the last head it verified (so history was not rewritten). Every credit
+//! the tracker answers is written down in the node's books (`earnings.rs`) and its ledger record checked
+//! there, and each finished epoch's sealed head is checked against the verified log, so the node's own
+//! totals per epoch can be compared with the tracker's to the byte.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,14 +18,22 @@ use fog_proto::credits::{
     KIND_REDEEM, KIND_TREE_HEAD, MAX_BATCH,
 };
 use fog_proto::merkle;
+use fog_proto::merkle::Hash;
 use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
+use crate::earnings::{check_record, Earnings, EarningsError, Verification, VerifiedHead};
 use crate::receipts::{ReceiptDb, ReceiptsError, MAX_HELD};
 use crate::tracker_link::SharedLinkState;
 
 const REDEEM_EVERY: Duration = Duration::from_secs(5);
 const STATEMENT_EVERY: Duration = Duration::from_secs(30);
+/// Ledger records verified per request to the tracker (the answer stays well below its size limit), and
+/// per round.
+const RECORDS_PER_REQUEST: usize = 64;
+const RECORDS_PER_ROUND: usize = 256;
+/// Finished epochs whose sealed head is checked per round.
+const SEALS_PER_ROUND: usize = 8;
 
 /// Why a receipt a client handed over was not kept.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +57,22 @@ pub enum ReceiptRefused {
     Store(#[from] ReceiptsError),
 }
 
+impl ReceiptRefused {
+    /// The reason in the owner's books: one of a few, whatever the numbers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotAReceipt(_) => "not a receipt",
+            Self::Commitment(_) => "forged or malformed commitment",
+            Self::OtherNode => "for another node",
+            Self::OutsideChain => "payment index outside the chain",
+            Self::Full => "too many receipts awaiting redemption",
+            Self::BeyondDelivered { .. } => "pays for more than its connection delivered",
+            Self::BadChain => "preimage does not extend the committed chain",
+            Self::Store(_) => "receipts database failed",
+        }
+    }
+}
+
 /// Why a redemption round failed; the held receipts stay and are redeemed next round.
 #[derive(Debug, thiserror::Error)]
 pub enum RedeemError {
@@ -53,6 +80,13 @@ pub enum RedeemError {
     Tracker(#[from] TrackerError),
     #[error("reading or settling held receipts: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl RedeemError {
+    /// Whether the next round may succeed (the tracker comes back; a failed task will not).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Tracker(_))
+    }
 }
 
 /// Why the tracker's ledger failed verification (or could not be checked).
@@ -64,14 +98,16 @@ pub enum LedgerCheckError {
     WrongSigner,
     #[error("tree head: {0}")]
     Head(#[source] SignedError),
-    #[error("ledger leaf {0} is not this node's record")]
-    NotMine(u64),
-    #[error("record {index} is not in the signed tree of size {size}")]
-    NotIncluded { index: u64, size: u64 },
     #[error("the ledger shrank from {old} to {new} records")]
     Shrank { old: u64, new: u64 },
     #[error("the ledger of size {new} does not extend the one of size {old}")]
     Inconsistent { old: u64, new: u64 },
+    #[error("ledger record {index}: {why}")]
+    BadRecord { index: u64, why: String },
+    #[error("the node's books: {0}")]
+    Books(#[from] EarningsError),
+    #[error("reading or writing the node's books: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A Merkle proof as the tracker serves it.
@@ -86,9 +122,30 @@ impl Proof {
     }
 }
 
-/// The part of the tracker's statement for this node that the status page shows.
+/// Ledger records with their inclusion proofs (`GET /v1/ledger/records`).
+#[derive(Deserialize)]
+struct Records {
+    records: Vec<RecordProof>,
+}
+
+#[derive(Deserialize)]
+struct RecordProof {
+    index: u64,
+    leaf: LedgerLeaf,
+    proof: Vec<Digest>,
+}
+
+/// The part of the tracker's statement for this node that the node keeps: its total and per-epoch totals.
 #[derive(Deserialize)]
 struct Statement {
+    credited_bytes: u64,
+    #[serde(default)]
+    epochs: Vec<EpochLine>,
+}
+
+#[derive(Deserialize)]
+struct EpochLine {
+    epoch: u64,
     credited_bytes: u64,
 }
 
@@ -121,11 +178,14 @@ pub struct Credits {
     write: Mutex<()>,
     bad_receipts: AtomicU64,
     view: Mutex<CreditView>,
-    verified: Mutex<Option<(u64, merkle::Hash)>>,
+    earnings: Arc<Earnings>,
+    /// When the ledger is next worth checking for epochs to settle (unix ms): the estimated end of the
+    /// tracker's current epoch, or 0 while a finished epoch still awaits its sealed head.
+    settle_at_ms: AtomicU64,
 }
 
 impl Credits {
-    pub fn new(receipts: Arc<ReceiptDb>, me: NodeId) -> Self {
+    pub fn new(receipts: Arc<ReceiptDb>, me: NodeId, earnings: Arc<Earnings>) -> Self {
         let held = receipts.count();
         Self {
             receipts,
@@ -134,8 +194,14 @@ impl Credits {
             write: Mutex::new(()),
             bad_receipts: AtomicU64::new(0),
             view: Mutex::new(CreditView::default()),
-            verified: Mutex::new(None),
+            earnings,
+            settle_at_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The node's books.
+    pub fn earnings(&self) -> &Arc<Earnings> {
+        &self.earnings
     }
 
     pub fn view(&self) -> CreditView {
@@ -151,8 +217,9 @@ impl Credits {
     /// hashing). Blocking: call it off the async workers.
     pub fn accept(&self, json: &[u8], max_advance: u32) -> Result<(), ReceiptRefused> {
         let result = self.check_and_store(json, max_advance);
-        if result.is_err() {
+        if let Err(e) = &result {
             self.bad_receipts.fetch_add(1, Ordering::Relaxed);
+            self.earnings.note_refusal(e.kind());
         }
         result
     }
@@ -224,14 +291,34 @@ impl Credits {
             tick.tick().await;
             let tracker_key = link.lock().expect("link lock").tracker_key;
             let Some(tracker_key) = tracker_key else { continue };
-            let outcome = self.redeem_once(&tracker, &key, tracker_key).await;
+            let outcome = self.redeem_once(&tracker, &key).await;
             self.view.lock().expect("credits lock").last_redeem_error = outcome.as_ref().err().map(ToString::to_string);
-            if last_statement.is_none_or(|t| t.elapsed() > STATEMENT_EVERY)
-                || outcome.as_ref().is_ok_and(|credited| *credited)
-            {
+            let statement_due = last_statement.is_none_or(|t| t.elapsed() > STATEMENT_EVERY);
+            let settle_due =
+                crate::tracker_link::now_ms() >= self.settle_at_ms.load(Ordering::Relaxed) && self.earnings.has_open();
+            if self.earnings.pending_count() > 0 || statement_due || settle_due {
+                match self.check_ledger(&tracker, tracker_key).await {
+                    Ok(()) => {}
+                    Err(LedgerCheckError::Fetch { what, source }) => {
+                        tracing::debug!(what, error = %source, "cannot check the ledger this round")
+                    }
+                    Err(problem) => {
+                        tracing::error!(%problem, "the tracker's ledger failed verification");
+                        self.view.lock().expect("credits lock").ledger_problem = Some(problem.to_string());
+                    }
+                }
+            }
+            if statement_due || outcome.as_ref().is_ok_and(|credited| *credited) {
                 if let Ok(s) = tracker.get_json::<Statement>(&format!("/v1/nodes/{}/credits", self.me)).await {
                     self.view.lock().expect("credits lock").tracker_credited = Some(s.credited_bytes);
                     last_statement = Some(Instant::now());
+                    let lines: Vec<(u64, u64)> = s.epochs.iter().map(|e| (e.epoch, e.credited_bytes)).collect();
+                    let books = self.earnings.clone();
+                    match tokio::task::spawn_blocking(move || books.record_tracker_totals(&lines)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot write down the tracker's statement"),
+                        Err(e) => tracing::warn!(error = %e, "cannot write down the tracker's statement"),
+                    }
                 }
             }
             // A backlog (after the tracker was away, or on a busy node) is redeemed batch after batch, not
@@ -242,13 +329,9 @@ impl Credits {
         }
     }
 
-    /// One batch; `Ok(true)` when something was credited.
-    pub async fn redeem_once(
-        self: &Arc<Self>,
-        tracker: &TrackerClient,
-        key: &SigningKey,
-        tracker_key: NodeId,
-    ) -> Result<bool, RedeemError> {
+    /// One batch; `Ok(true)` when something was credited. The tracker's answers go into the node's books
+    /// before the receipts are dropped.
+    pub async fn redeem_once(self: &Arc<Self>, tracker: &TrackerClient, key: &SigningKey) -> Result<bool, RedeemError> {
         let me = self.clone();
         let receipts = tokio::task::spawn_blocking(move || me.held_batch()).await?;
         if receipts.is_empty() {
@@ -256,69 +339,172 @@ impl Credits {
         }
         let now = crate::tracker_link::now_ms();
         let batch = RedeemBatch { timestamp_ms: now, receipts };
-        let resp = tracker.redeem(&Signed::sign(key, KIND_REDEEM, &batch)).await?;
-        let mut newest_leaf = None;
-        let mut rejected = 0;
-        let settled = resp.results.iter().map(|r| (r.chain_id, r.index)).collect::<Vec<_>>();
+        let mut resp = tracker.redeem(&Signed::sign(key, KIND_REDEEM, &batch)).await?;
+        resp.results.truncate(batch.receipts.len());
+        let results = Arc::new(resp.results);
+        let (books, answers) = (self.earnings.clone(), results.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || books.record_redemption(&answers)).await? {
+            tracing::error!(error = %e, "cannot write the tracker's answers into the node's books");
+        }
+        let settled = results.iter().map(|r| (r.chain_id, r.index)).collect::<Vec<_>>();
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.settle(&settled)).await?;
-        for r in &resp.results {
-            if r.outcome == Outcome::Rejected {
-                rejected += 1;
-                tracing::warn!(chain = %r.chain_id, reason = ?r.reason, "tracker rejected a receipt");
-            }
-            newest_leaf = newest_leaf.max(r.leaf_index);
+        let mut rejected = 0;
+        for r in results.iter().filter(|r| r.outcome == Outcome::Rejected) {
+            rejected += 1;
+            tracing::warn!(chain = %r.chain_id, reason = ?r.reason, "tracker rejected a receipt");
         }
         self.view.lock().expect("credits lock").receipts_rejected += rejected;
-        if let Some(leaf) = newest_leaf {
-            if let Err(problem) = self.verify_ledger(tracker, tracker_key, leaf).await {
-                tracing::error!(%problem, "the tracker's ledger failed verification");
-                self.view.lock().expect("credits lock").ledger_problem = Some(problem.to_string());
-            }
-        }
-        Ok(newest_leaf.is_some())
+        Ok(results.iter().any(|r| r.leaf_index.is_some()))
     }
 
-    /// Verifies that leaf `index` is this node's record in a head the tracker signed, and that this head
-    /// extends the last one verified.
-    pub async fn verify_ledger(
+    /// Checks the tracker's signed head against the last one verified, the ledger records awaiting
+    /// verification against it, and the sealed heads of finished epochs against the verified log; writes
+    /// down what it found in the node's books.
+    pub async fn check_ledger(&self, tracker: &TrackerClient, tracker_key: NodeId) -> Result<(), LedgerCheckError> {
+        let books = self.earnings.clone();
+        let previous = tokio::task::spawn_blocking(move || books.verified_head()).await??;
+        let (head, root) = self.signed_head(tracker, tracker_key, "/v1/ledger/head").await?;
+        if let Some(old) = previous {
+            if old.size > head.size {
+                return Err(LedgerCheckError::Shrank { old: old.size, new: head.size });
+            }
+            self.check_consistency(tracker, (old.size, old.root.0), (head.size, root)).await?;
+        }
+        let books = self.earnings.clone();
+        let pending = tokio::task::spawn_blocking(move || books.pending_records(RECORDS_PER_ROUND)).await??;
+        let pending: Vec<_> = pending.into_iter().filter(|(index, _)| *index < head.size).collect();
+        let mut found = Verification::default();
+        for part in pending.chunks(RECORDS_PER_REQUEST) {
+            let list = part.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(",");
+            let path = format!("/v1/ledger/records?size={}&index={list}", head.size);
+            let got: Records = tracker
+                .get_json(&path)
+                .await
+                .map_err(|source| LedgerCheckError::Fetch { what: "ledger records", source })?;
+            for (index, expected) in part {
+                match got.records.iter().find(|r| r.index == *index) {
+                    Some(r) => {
+                        let proof: Vec<Hash> = r.proof.iter().map(|d| d.0).collect();
+                        match check_record(&self.me, *index, expected, &r.leaf, &proof, head.size, &root) {
+                            Ok(()) => found.included.push((*index, r.leaf.clone())),
+                            Err(why) => found.failed.push((*index, Some(r.leaf.epoch), why)),
+                        }
+                    }
+                    None => found.failed.push((*index, None, format!("missing from the tree of size {}", head.size))),
+                }
+            }
+        }
+        let first_failure = found.failed.first().map(|(index, _, why)| (*index, why.clone()));
+        let verified = VerifiedHead { size: head.size, root: Digest(root) };
+        let books = self.earnings.clone();
+        tokio::task::spawn_blocking(move || books.record_verification(verified, &found)).await??;
+        {
+            let mut v = self.view.lock().expect("credits lock");
+            v.ledger_verified_size = Some(head.size);
+            v.ledger_problem = None;
+        }
+        if let Some((index, why)) = first_failure {
+            return Err(LedgerCheckError::BadRecord { index, why });
+        }
+        let waiting = self.check_sealed(tracker, tracker_key, head.epoch, (head.size, root)).await?;
+        let next = if waiting { 0 } else { epoch_end_ms(&head).unwrap_or(0) };
+        self.settle_at_ms.store(next, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks the heads that sealed finished epochs with records in the books against the verified log;
+    /// `Ok(true)` while a finished epoch still waits for its sealed head or its records' verification.
+    async fn check_sealed(
         &self,
         tracker: &TrackerClient,
         tracker_key: NodeId,
-        index: u64,
-    ) -> Result<u64, LedgerCheckError> {
-        let fetch = |what: &'static str| move |source: TrackerError| LedgerCheckError::Fetch { what, source };
-        let head: Signed = tracker.get_json("/v1/ledger/head").await.map_err(fetch("the tree head"))?;
+        current_epoch: u64,
+        verified: (u64, Hash),
+    ) -> Result<bool, LedgerCheckError> {
+        let books = self.earnings.clone();
+        let epochs = tokio::task::spawn_blocking(move || books.unsettled(current_epoch, SEALS_PER_ROUND)).await??;
+        let mut problem = None;
+        let mut waiting = false;
+        for epoch in epochs {
+            let path = format!("/v1/ledger/head?epoch={epoch}");
+            let (head, root, note) = match self.signed_head(tracker, tracker_key, &path).await {
+                Ok((head, root)) => (head, root, None),
+                // The tracker seals each epoch within a second or so of its end; one it never sealed (it
+                // was down then) is settled against the verified head, which holds all of its records.
+                Err(LedgerCheckError::Fetch { .. }) if epoch + 2 <= current_epoch => {
+                    let note =
+                        format!("the tracker never sealed this epoch: settled against the head of size {}", verified.0);
+                    let head =
+                        TreeHead { size: verified.0, root: Digest(verified.1), epoch: current_epoch, timestamp_ms: 0 };
+                    (head, verified.1, Some(note))
+                }
+                Err(LedgerCheckError::Fetch { .. }) => {
+                    waiting = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let consistent = match self.check_consistency(tracker, (head.size, root), verified).await {
+                Ok(()) => Ok(()),
+                Err(e @ LedgerCheckError::Fetch { .. }) => return Err(e),
+                Err(e) => {
+                    let why = format!("the head that sealed epoch {epoch}: {e}");
+                    problem.get_or_insert(LedgerCheckError::BadRecord { index: head.size, why: why.clone() });
+                    Err(why)
+                }
+            };
+            let books = self.earnings.clone();
+            let settled =
+                tokio::task::spawn_blocking(move || books.record_sealed(epoch, head.size, consistent, note)).await??;
+            waiting |= !settled;
+        }
+        problem.map_or(Ok(waiting), Err)
+    }
+
+    /// A tree head the tracker signed, fetched from `path`, with its root.
+    async fn signed_head(
+        &self,
+        tracker: &TrackerClient,
+        tracker_key: NodeId,
+        path: &str,
+    ) -> Result<(TreeHead, Hash), LedgerCheckError> {
+        let head: Signed =
+            tracker.get_json(path).await.map_err(|source| LedgerCheckError::Fetch { what: "a tree head", source })?;
         if head.node_id != tracker_key {
             return Err(LedgerCheckError::WrongSigner);
         }
         let head: TreeHead = head.open(KIND_TREE_HEAD).map_err(LedgerCheckError::Head)?;
         let root = head.root.0;
-        let path = format!("/v1/ledger/leaf?index={index}");
-        let leaf: LedgerLeaf = tracker.get_json(&path).await.map_err(fetch("a ledger leaf"))?;
-        if leaf.node != self.me {
-            return Err(LedgerCheckError::NotMine(index));
-        }
-        let path = format!("/v1/ledger/inclusion?index={index}&size={}", head.size);
-        let inclusion: Proof = tracker.get_json(&path).await.map_err(fetch("an inclusion proof"))?;
-        if !merkle::verify_inclusion(&leaf.bytes(), index, head.size, &inclusion.hashes(), &root) {
-            return Err(LedgerCheckError::NotIncluded { index, size: head.size });
-        }
-        let previous = *self.verified.lock().expect("verified lock");
-        if let Some((old, old_root)) = previous {
-            if old > head.size {
-                return Err(LedgerCheckError::Shrank { old, new: head.size });
-            }
-            let path = format!("/v1/ledger/consistency?first={old}&second={}", head.size);
-            let proof: Proof = tracker.get_json(&path).await.map_err(fetch("a consistency proof"))?;
-            if !merkle::verify_consistency(old, head.size, &proof.hashes(), &old_root, &root) {
-                return Err(LedgerCheckError::Inconsistent { old, new: head.size });
-            }
-        }
-        *self.verified.lock().expect("verified lock") = Some((head.size, root));
-        let mut v = self.view.lock().expect("credits lock");
-        v.ledger_verified_size = Some(head.size);
-        v.ledger_problem = None;
-        Ok(head.size)
+        Ok((head, root))
     }
+
+    /// Checks that the smaller of two verified-signature heads is a prefix of the larger.
+    async fn check_consistency(
+        &self,
+        tracker: &TrackerClient,
+        a: (u64, Hash),
+        b: (u64, Hash),
+    ) -> Result<(), LedgerCheckError> {
+        let ((old, old_root), (new, new_root)) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+        if old == new {
+            return if old_root == new_root { Ok(()) } else { Err(LedgerCheckError::Inconsistent { old, new }) };
+        }
+        let path = format!("/v1/ledger/consistency?first={old}&second={new}");
+        let proof: Proof = tracker
+            .get_json(&path)
+            .await
+            .map_err(|source| LedgerCheckError::Fetch { what: "a consistency proof", source })?;
+        if !merkle::verify_consistency(old, new, &proof.hashes(), &old_root, &new_root) {
+            return Err(LedgerCheckError::Inconsistent { old, new });
+        }
+        Ok(())
+    }
+}
+
+/// When the epoch of `head` ends (unix ms), estimated from its timestamp: epochs are equal periods counted
+/// from 1970, so the length is at most `timestamp / epoch` and the estimate is never early.
+fn epoch_end_ms(head: &TreeHead) -> Option<u64> {
+    let len = head.timestamp_ms.checked_div(head.epoch)?;
+    (head.epoch + 1).checked_mul(len)
 }

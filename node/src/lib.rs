@@ -2,15 +2,18 @@
 //! them over QUIC under the owner's upload cap, pulls misses through from registered origins, and reports
 //! to the tracker without depending on it.
 
+pub mod budget;
 pub mod cell;
 pub mod config;
 pub mod credits;
+pub mod earnings;
 pub mod fill;
 pub mod grants;
 pub mod limits;
 pub mod overlay;
 pub mod receipts;
 pub mod rendezvous;
+pub mod schedule;
 pub mod serve;
 pub mod stats;
 pub mod status;

@@ -11,6 +11,8 @@ use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::credits::Credits;
+use crate::earnings::{Earnings, EarningsError};
+use crate::limits::UploadPolicy;
 use crate::overlay::{Overlay, OverlayError};
 use crate::receipts::{ReceiptDb, ReceiptsError};
 use crate::rendezvous::{self, RendezvousServer, SharedAttachment, SharedMembership};
@@ -43,6 +45,8 @@ pub enum NodeError {
     #[error(transparent)]
     Receipts(#[from] ReceiptsError),
     #[error(transparent)]
+    Earnings(#[from] EarningsError),
+    #[error(transparent)]
     Transport(#[from] transport::TransportError),
     #[error("cannot read the QUIC socket address: {0}")]
     LocalAddr(std::io::Error),
@@ -67,8 +71,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let origins_file = cfg.data_dir.join("origins.json");
     let origins = Arc::new(RwLock::new(load_origins(&origins_file)));
 
-    let web = Arc::new(Web::new(cfg.web_origins.clone())?);
-    let server_config = transport::server_config_with_web(&key, STREAMS_PER_CONNECTION, web.cert_slot())?;
+    let web = Arc::new(Web::new(cfg.web_origins.clone(), cfg.web_cert_rotation)?);
+    let server_config =
+        transport::node_server_config(&key, STREAMS_PER_CONNECTION, Some(web.cert_slot()), cfg.upload_priority)?;
     // `[::]` is one dual-stack socket for IPv4 and IPv6 clients; a host without IPv6 gets `0.0.0.0`.
     let v4_only = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port());
     let endpoint = transport::endpoint(cfg.listen, Some(server_config.clone()))
@@ -81,12 +86,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (used, chunks) = store.usage();
     tracing::info!(
         %node_id, cache_used = used, cache_chunks = chunks, quota = cfg.cache_size, capacity = store.capacity(),
-        data_dir_bytes = disk.data_dir_bytes, "fog-node listening on {local}"
+        data_dir_bytes = disk.data_dir_bytes, upload_priority = ?cfg.upload_priority, "fog-node listening on {local}"
     );
 
-    let credits = Arc::new(Credits::new(receipts, node_id));
+    let earnings = Arc::new(Earnings::open(&cfg.data_dir.join("earnings"))?);
+    let credits = Arc::new(Credits::new(receipts, node_id, earnings.clone()));
     let watch_task = tokio::spawn(watch_disk_forever(store.clone(), cfg.data_dir.clone(), cfg.min_free_disk));
     let counters = Arc::new(Counters::default());
+    let earnings_task = tokio::spawn(earnings.clone().count_served_forever(counters.clone()));
     let (overlay, peer_streams) = if cfg.p2p_listen.is_empty() {
         (None, None)
     } else {
@@ -95,12 +102,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         (Some(overlay), Some(incoming))
     };
     let rendezvous = Arc::new(RendezvousServer::new(node_id));
+    let clock = crate::schedule::LocalTime::system();
+    let upload =
+        Arc::new(UploadPolicy::new(cfg.upload_limit, cfg.schedule.clone(), cfg.monthly_upload, store.clone(), clock));
+    let upload_task = tokio::spawn(upload.clone().follow_forever());
     let server = Arc::new(Server::new(
         store.clone(),
         credits.clone(),
         counters,
         origins.clone(),
-        cfg.upload_limit,
+        upload.clone(),
         cfg.max_connections,
         cfg.max_fills,
         overlay.clone(),
@@ -198,9 +209,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         t.abort();
     }
     track_task.abort();
+    upload_task.abort();
+    upload.save();
+    earnings_task.abort();
     watch_task.abort();
     redeem_task.abort();
     status.save_usage();
+    if let Err(e) = earnings.count_served_now(&server.counters) {
+        tracing::warn!(error = %e, "cannot write down the last bytes served");
+    }
     let _ = link_task.await;
     let _ = status_task.await;
     endpoint.wait_idle().await;

@@ -26,14 +26,15 @@ use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, PeerRes
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::PeerId;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
+use crate::budget::Reservation;
 use crate::credits::Credits;
 use crate::fill::{Feed, Filling, Follower, Next};
 use crate::grants::FillGrants;
-use crate::limits::{UploadLimit, PIECE};
+use crate::limits::{UploadPolicy, PIECE};
 use crate::overlay::{node_id_of, IncomingChunkStreams, Overlay};
 use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
@@ -156,7 +157,8 @@ pub struct Server {
     pub credits: Arc<Credits>,
     pub counters: Arc<Counters>,
     origin: OriginClient,
-    upload: Option<UploadLimit>,
+    /// The owner's cap, schedule and monthly budget: every response reserves its length first.
+    pub upload: Arc<UploadPolicy>,
     /// Fills in progress, by chunk: a request for a chunk being filled follows that fill. Bounded by the
     /// fill slots.
     fills: Mutex<HashMap<ChunkHash, Arc<Fill>>>,
@@ -195,7 +197,7 @@ impl Server {
         credits: Arc<Credits>,
         counters: Arc<Counters>,
         origins: SharedOrigins,
-        upload_limit: Option<u64>,
+        upload: Arc<UploadPolicy>,
         max_connections: usize,
         max_fills: usize,
         overlay: Option<Overlay>,
@@ -208,7 +210,7 @@ impl Server {
             credits,
             counters,
             origin: OriginClient::new(Some(origins)),
-            upload: upload_limit.map(UploadLimit::new),
+            upload,
             fills: Mutex::new(HashMap::new()),
             fill_slots: Arc::new(Semaphore::new(max_fills)),
             max_connections,
@@ -313,8 +315,7 @@ impl Server {
     ) {
         Counters::add(&self.counters.requests, 1);
         let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<NodeRequest, _>(&mut recv)).await {
-            Ok(Ok(NodeRequest::Chunk(req))) => req,
-            Ok(Ok(NodeRequest::Push(req))) => return self.keep_pushed(&req, &mut send).await,
+            Ok(Ok(req)) => req,
             Ok(Err(e)) => {
                 Counters::add(&self.counters.bad_requests, 1);
                 tracing::warn!(error = %e, "malformed chunk request");
@@ -325,13 +326,26 @@ impl Server {
                 return respond_error(&mut send, Status::BadRequest, "request frame not received in time").await;
             }
         };
+        // Clients finish their side right after the frame. A stream dropped before its end was read makes
+        // QUIC tell the client to stop sending, which browsers report as a failed `close()`.
+        let request_end = async {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, recv.read(&mut [0u8; 1])).await;
+        };
+        tokio::join!(request_end, self.serve_request(req, &mut send, served));
+    }
+
+    async fn serve_request<S: ResponseStream>(self: &Arc<Self>, req: NodeRequest, send: &mut S, served: &AtomicU32) {
+        let req = match req {
+            NodeRequest::Chunk(req) => req,
+            NodeRequest::Push(req) => return self.keep_pushed(&req, send).await,
+        };
         if !req.wants_chunk() {
             // A receipt-only request: acknowledged once checked (whether or not the receipt was good).
             self.check_receipt(&req, served).await;
-            return self.send_payload(&mut send, Bytes::new()).await.unwrap_or(());
+            return self.send_payload(send, Bytes::new(), Reservation::none()).await.unwrap_or(());
         }
         // A receipt riding on a chunk request is checked while the chunk is served.
-        tokio::join!(self.check_receipt(&req, served), self.respond(&req, &mut send, served));
+        tokio::join!(self.check_receipt(&req, served), self.respond(&req, send, served));
     }
 
     /// Keeps a receipt the request carries, if it pays for no more chunks than this connection delivered
@@ -350,12 +364,30 @@ impl Server {
     }
 
     async fn respond<S: ResponseStream>(self: &Arc<Self>, req: &ChunkRequest, send: &mut S, served: &AtomicU32) {
+        // Off, or without budget for what the request names: refused before a fill is spent on it.
+        let named = req.range.map(|(_, len)| len).or(req.origin.as_ref().map(|h| h.length));
+        if let Err(refusal) = self.upload.check(named.map_or(1, u64::from)) {
+            tracing::debug!(chunk = %req.hash, %refusal, "refused: the owner's limits");
+            return respond_error(send, Status::Busy, &refusal.to_string()).await;
+        }
         let source = match self.chunk(req).await {
             Ok(source) => source,
             Err((status, message)) => return respond_error(send, status, &message).await,
         };
+        let len = match (&source, req.range) {
+            (_, Some((_, len))) => len,
+            (Source::Stored(bytes), None) => bytes.len() as u32,
+            (Source::Filling(follower), None) => follower.chunk_len(),
+        };
+        let reservation = match self.upload.reserve(u64::from(len)) {
+            Ok(reservation) => reservation,
+            Err(refusal) => {
+                tracing::debug!(chunk = %req.hash, %refusal, "refused: the owner's limits");
+                return respond_error(send, Status::Busy, &refusal.to_string()).await;
+            }
+        };
         let sent = match (source, req.range) {
-            (Source::Filling(follower), None) => self.send_following(send, follower).await,
+            (Source::Filling(follower), None) => self.send_following(send, follower, reservation).await,
             (source, range) => {
                 let bytes = match source {
                     Source::Stored(bytes) => bytes,
@@ -380,7 +412,7 @@ impl Server {
                         bytes.slice(off as usize..end as usize)
                     }
                 };
-                self.send_payload(send, body).await
+                self.send_payload(send, body, reservation).await
             }
         };
         match sent {
@@ -398,6 +430,10 @@ impl Server {
         if !req.wants_chunk() {
             Counters::add(&self.counters.bad_requests, 1);
             return respond_error(send, Status::BadRequest, "a push names a chunk").await;
+        }
+        // A chunk this node may not upload now is of no use to its viewers.
+        if let Err(refusal) = self.upload.check(req.origin.as_ref().map_or(1, |h| u64::from(h.length))) {
+            return respond_error(send, Status::Busy, &refusal.to_string()).await;
         }
         let held = match self.chunk(req).await {
             Ok(Source::Stored(bytes)) => Ok(bytes),
@@ -452,6 +488,7 @@ impl Server {
         &self,
         send: &mut S,
         mut follower: Follower<FillError>,
+        mut reservation: Reservation<'_>,
     ) -> Result<(), SendError> {
         let mut next = follower.next().await;
         if let Next::Failed(e) = next {
@@ -462,7 +499,7 @@ impl Server {
         send.write_all(&ResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
             match next {
-                Next::Piece(piece) => self.send_limited(send, piece).await?,
+                Next::Piece(piece) => self.send_limited(send, piece, &mut reservation).await?,
                 Next::Done => break,
                 Next::Failed(e) => {
                     tracing::debug!(error = ?e, "fill failed part-way; resetting the response");
@@ -650,9 +687,16 @@ impl Server {
         };
         let mut follower = match (lookup, hint) {
             (Ok(Lookup::Hit(bytes)), _) => {
+                let Ok(mut reservation) = self.upload.reserve(bytes.len() as u64) else {
+                    return Ok(write_last_frame(&mut stream, &PeerResponseHead::Busy.encode()).await?);
+                };
                 stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
-                self.send_to_peer(&mut stream, &bytes).await?;
+                self.send_to_peer(&mut stream, &bytes, &mut reservation).await?;
                 return Ok(stream.shutdown().await?);
+            }
+            // Off, or without budget for the chunk: the peer asks the next home.
+            (_, Some(hint)) if self.upload.check(u64::from(hint.length)).is_err() => {
+                return Ok(write_last_frame(&mut stream, &PeerResponseHead::Busy.encode()).await?);
             }
             // This node is the chunk's home for the asking peer: fill it through (never passing the hint on).
             (_, Some(hint)) => match self.fill(hash, hint, None, req.groups.as_ref(), Tier::Home) {
@@ -667,11 +711,14 @@ impl Server {
             let e = e.clone().unwrap_or(FillError::Lost);
             return self.refuse_peer(&mut stream, hash, &e).await;
         }
+        let Ok(mut reservation) = self.upload.reserve(u64::from(follower.chunk_len())) else {
+            return Ok(write_last_frame(&mut stream, &PeerResponseHead::Busy.encode()).await?);
+        };
         Counters::add(&self.counters.home_fills, 1);
         stream.write_all(&PeerResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
             match next {
-                Next::Piece(piece) => self.send_to_peer(&mut stream, &piece).await?,
+                Next::Piece(piece) => self.send_to_peer(&mut stream, &piece, &mut reservation).await?,
                 Next::Done => return Ok(stream.shutdown().await?),
                 // Dropping the stream tells the peer; it keeps what verified.
                 Next::Failed(e) => return Err(PeerStreamError::Fill(e.unwrap_or(FillError::Lost))),
@@ -695,34 +742,43 @@ impl Server {
         &self,
         stream: &mut S,
         bytes: &[u8],
+        reservation: &mut Reservation<'_>,
     ) -> std::io::Result<()> {
         for piece in bytes.chunks(PIECE) {
-            if let Some(limit) = &self.upload {
-                limit.acquire(piece.len()).await;
-            }
+            self.upload.acquire(piece.len()).await;
             stream.write_all(piece).await?;
+            reservation.sent(piece.len() as u64);
             Counters::add(&self.counters.peer_served_bytes, piece.len() as u64);
         }
         Ok(())
     }
 
-    async fn send_payload<S: ResponseStream>(&self, send: &mut S, body: Bytes) -> Result<(), SendError> {
+    async fn send_payload<S: ResponseStream>(
+        &self,
+        send: &mut S,
+        body: Bytes,
+        mut reservation: Reservation<'_>,
+    ) -> Result<(), SendError> {
         let head = ResponseHead::Ok { len: body.len() as u32 }.encode();
         send.write_all(&head).await?;
-        self.send_limited(send, body).await?;
+        self.send_limited(send, body, &mut reservation).await?;
         send.finish();
         Ok(())
     }
 
-    /// Sends `body` under the upload cap, a piece at a time.
-    async fn send_limited<S: ResponseStream>(&self, send: &mut S, body: Bytes) -> Result<(), SendError> {
+    /// Sends `body` under the upload cap, a piece at a time, each counted against `reservation` once sent.
+    async fn send_limited<S: ResponseStream>(
+        &self,
+        send: &mut S,
+        body: Bytes,
+        reservation: &mut Reservation<'_>,
+    ) -> Result<(), SendError> {
         let mut offset = 0;
         while offset < body.len() {
             let end = (offset + PIECE).min(body.len());
-            if let Some(limit) = &self.upload {
-                limit.acquire(end - offset).await;
-            }
+            self.upload.acquire(end - offset).await;
             send.write_piece(body.slice(offset..end)).await?;
+            reservation.sent((end - offset) as u64);
             Counters::add(&self.counters.bytes_served, (end - offset) as u64);
             offset = end;
         }

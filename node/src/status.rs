@@ -30,6 +30,8 @@ const STATUS_HTML: &str = include_str!("../assets/status.html");
 const ACTIVITY_WINDOW: Duration = Duration::from_secs(300);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_secs(1);
+/// A chunk of the tracker's default size: a budget with less left than this serves no more chunks.
+const TYPICAL_CHUNK: u64 = 1 << 20;
 /// Above this share of the cap, the cap is what limits the node's traffic.
 const CAP_SATURATED: f64 = 0.9;
 
@@ -96,9 +98,15 @@ pub struct NodeStatus {
     /// Nodes behind NAT attached to this node for hole punching.
     pub rendezvous_attached: usize,
     pub caps: Caps,
+    /// The owner's schedule and monthly budget: the mode in force, the next change, the month's bytes.
+    #[serde(default)]
+    pub upload: Option<crate::limits::UploadStatus>,
     pub cache: CacheStatus,
     pub served: Served,
     pub credits: CreditsStatus,
+    /// This month's books (`fog-node earnings` has every epoch of any month).
+    #[serde(default)]
+    pub earnings: Option<crate::earnings::Report>,
     /// The plain-language answer to "why am I (not) getting traffic?".
     pub traffic: Traffic,
     pub counters: NodeStats,
@@ -347,6 +355,7 @@ impl Status {
                 cache_quota: store.quota(),
                 memory_cache: self.info.memory_cache,
             },
+            upload: Some(self.server.upload.status()),
             cache: CacheStatus {
                 used,
                 quota: store.quota(),
@@ -363,6 +372,7 @@ impl Status {
                 requests_last_5_min: recent_requests,
             },
             credits: self.credits_status(counters.bytes_served),
+            earnings: self.earnings(),
             traffic,
             counters,
             web_transport: Some(self.server.web.endpoint(self.info.quic_listen.port())),
@@ -416,8 +426,20 @@ impl Status {
         CreditsStatus { own_bytes_served: served, ledger, note }
     }
 
+    /// This month's books, with the latest epochs.
+    fn earnings(&self) -> Option<crate::earnings::Report> {
+        const EPOCHS_SHOWN: usize = 24;
+        self.server
+            .credits
+            .earnings()
+            .summary(EPOCHS_SHOWN)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot read the books"))
+            .ok()
+    }
+
     fn why(&self, link: &crate::tracker_link::LinkState, state: &str, rate: u64, requests: u64) -> Traffic {
         let tracker = &self.info.tracker_url;
+        let paused = self.server.upload.check(TYPICAL_CHUNK).err();
         let (getting_traffic, why) = match state {
             "refused" => (false, format!(
                 "The tracker refuses this node: {}. It will send you no clients until that is resolved; if your clock is off, fix it; if the operator blocked the node, contact them.",
@@ -429,9 +451,12 @@ impl Status {
             )),
             "connecting" => (false, format!("Registering with the tracker at {tracker}…")),
             _ if self.overlay.as_ref().is_some_and(Overlay::is_joining) => (false, "Joining: connecting to the nearby nodes the tracker suggested (at most 10 seconds), so this node's first chunks come from them rather than the origin. The tracker sends clients once that is done.".into()),
-            _ => match self.info.upload_limit {
-                Some(limit) if rate as f64 >= CAP_SATURATED * limit as f64 => (true, format!(
-                    "Serving at your upload cap ({} bytes/s): the cap you set is what limits this node. Raise --upload-limit to serve more.",
+            _ => match (paused, self.server.upload.cap()) {
+                (Some(refusal), _) => (false, format!(
+                    "Paused by your limits: {refusal}. The tracker sends clients elsewhere meanwhile (--schedule, --monthly-upload)."
+                )),
+                (None, Some(limit)) if rate as f64 >= CAP_SATURATED * limit as f64 => (true, format!(
+                    "Serving at your upload cap ({} bytes/s): the cap you set is what limits this node. Raise --upload-limit (or the --schedule window's rate) to serve more.",
                     limit
                 )),
                 _ if requests > 0 => (true, format!("Serving: {requests} requests in the last 5 minutes.")),
@@ -444,7 +469,7 @@ impl Status {
     fn metrics_text(&self) -> String {
         let s = self.status();
         self.metrics.update(&s);
-        self.metrics.update_web_sessions(&self.server.web.sessions);
+        self.metrics.update_web(&self.server.web);
         self.metrics.encode()
     }
 
@@ -479,6 +504,8 @@ struct NodeMetrics {
     gauges: Vec<(Gauge, ReadGauge)>,
     /// `fog_node_web_sessions_total{result}`.
     web_sessions: Family<[(&'static str, &'static str); 1], Counter>,
+    /// `fog_node_web_cert_rotations_total{step}`.
+    web_cert_rotations: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for NodeMetrics {
@@ -556,6 +583,29 @@ impl Default for NodeMetrics {
                 s.rendezvous_attached as u64
             }),
         ];
+        let upload_defs: [(&str, &str, ReadGauge); 5] = [
+            (
+                "fog_node_upload_cap_bytes",
+                "Upload cap in force now (--upload-limit or a --schedule window), bytes/s (0: none)",
+                |s| s.upload.as_ref().and_then(|u| u.cap).unwrap_or(0),
+            ),
+            ("fog_node_upload_off", "1 while the owner's --schedule has the node off", |s| {
+                u64::from(s.upload.as_ref().is_some_and(|u| u.mode == fog_proto::api::UploadMode::Off))
+            }),
+            ("fog_node_monthly_upload_limit_bytes", "The month's upload budget, --monthly-upload (0: none)", |s| {
+                s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.limit)
+            }),
+            (
+                "fog_node_monthly_upload_used_bytes",
+                "Bytes uploaded this month (local time), counted against the budget",
+                |s| s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.used),
+            ),
+            (
+                "fog_node_monthly_upload_left_bytes",
+                "Bytes of the month's upload budget neither used nor reserved",
+                |s| s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.left),
+            ),
+        ];
         let counters = counter_defs
             .into_iter()
             .map(|(name, help, read)| {
@@ -566,6 +616,7 @@ impl Default for NodeMetrics {
             .collect();
         let gauges = gauge_defs
             .into_iter()
+            .chain(upload_defs)
             .map(|(name, help, read)| {
                 let g = Gauge::default();
                 registry.register(name, help, g.clone());
@@ -574,7 +625,13 @@ impl Default for NodeMetrics {
             .collect();
         let web_sessions = Family::default();
         registry.register("fog_node_web_sessions", "Browsers' WebTransport sessions by outcome", web_sessions.clone());
-        Self { registry, counters, gauges, web_sessions }
+        let web_cert_rotations = Family::default();
+        registry.register(
+            "fog_node_web_cert_rotations",
+            "Steps of the browsers' certificate rotation: made_next (announced), switched, replaced (clock jump)",
+            web_cert_rotations.clone(),
+        );
+        Self { registry, counters, gauges, web_sessions, web_cert_rotations }
     }
 }
 
@@ -589,9 +646,11 @@ impl NodeMetrics {
         }
     }
 
-    fn update_web_sessions(&self, sessions: &crate::web::SessionCounts) {
-        for (result, n) in sessions.by_result() {
-            let c = self.web_sessions.get_or_create(&[("result", result)]);
+    fn update_web(&self, web: &crate::web::Web) {
+        let counts = web.sessions.by_result().map(|(result, n)| (&self.web_sessions, ("result", result), n));
+        let steps = web.rotations_by_step().map(|(step, n)| (&self.web_cert_rotations, ("step", step), n));
+        for (family, label, n) in counts.into_iter().chain(steps) {
+            let c = family.get_or_create(&[label]);
             c.inc_by(n.saturating_sub(c.get()));
         }
     }
@@ -635,6 +694,9 @@ pub fn render_text(s: &NodeStatus) -> String {
     }
     let cap = s.caps.upload_limit.map_or("no cap".into(), |l| format!("{}/s", mib(l)));
     line("upload", format!("{}/s now, cap {cap}", mib(s.caps.upload_rate)));
+    if let Some(u) = &s.upload {
+        render_upload(u, &mut line);
+    }
     let hit = s.cache.hit_ratio.map_or("–".into(), |h| format!("{:.1} %", h * 100.0));
     line(
         "cache",
@@ -663,11 +725,63 @@ pub fn render_text(s: &NodeStatus) -> String {
     }
     line("served", format!("today {}, this month {}", mib(s.served.today_bytes), mib(s.served.month_bytes)));
     line("credits", s.credits.note.clone());
+    if let Some(e) = &s.earnings {
+        let t = &e.totals;
+        line(
+            "earned this month",
+            format!(
+                "{} credited for {} receipts ({} rejected); settled epochs: node {} bytes, tracker {} bytes{}",
+                mib(t.credited_bytes),
+                t.receipts_claimed,
+                t.receipts_rejected,
+                t.settled_node_bytes,
+                t.settled_tracker_bytes,
+                if t.epochs_disagreeing > 0 {
+                    format!(", {} epochs DISAGREE", t.epochs_disagreeing)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        line("  details", "fog-node earnings [--month YYYY-MM] [--csv]".into());
+    }
     out.push('\n');
     out.push_str(if s.traffic.getting_traffic { "Traffic: yes. " } else { "Why no traffic? " });
     out.push_str(&s.traffic.why);
     out.push('\n');
     out
+}
+
+/// The schedule's and the budget's lines of `fog-node status`.
+fn render_upload(u: &crate::limits::UploadStatus, line: &mut impl FnMut(&str, String)) {
+    use fog_proto::api::UploadMode;
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
+    let mode = |m: UploadMode| match m {
+        UploadMode::Unlimited => "unlimited".to_string(),
+        UploadMode::Off => "off".to_string(),
+        UploadMode::Rate(r) => format!("{}/s", mib(r)),
+    };
+    if let Some(text) = &u.schedule {
+        let source = if u.in_window { "a window of the schedule" } else { "outside the schedule's windows" };
+        line("schedule", format!("{text} ({})", u.time_zone));
+        line("  now", format!("{} ({source})", mode(u.mode)));
+        if let Some(next) = u.next_change {
+            line("  next change", format!("{} in {} s", mode(next.mode), next.in_secs));
+        }
+    }
+    if let Some(b) = &u.budget {
+        line(
+            "monthly budget",
+            format!(
+                "{} of {} used in {}, {} left; starts again in {} h",
+                mib(b.used + b.reserved),
+                mib(b.limit),
+                b.month,
+                mib(b.left),
+                b.resets_in_secs / 3600
+            ),
+        );
+    }
 }
 
 #[cfg(test)]

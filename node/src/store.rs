@@ -266,6 +266,11 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column families are created at open")
 }
 
+/// State keys live apart from anything a chunk hash could be.
+fn state_key(key: &str) -> Vec<u8> {
+    [b"state/".as_slice(), key.as_bytes()].concat()
+}
+
 fn meta_value(size: u32, seq: u64) -> [u8; 12] {
     let mut v = [0u8; 12];
     v[..4].copy_from_slice(&size.to_be_bytes());
@@ -291,6 +296,9 @@ fn db_options() -> Options {
     o.set_keep_log_file_num(2);
     o.set_max_manifest_file_size(1 << 20);
     o.set_manifest_preallocation_size(64 << 10);
+    // Only the small state keys ([`Store::set_state`]) go through the WAL: past this, their column family
+    // is flushed, so the WAL never outgrows the disk allowance.
+    o.set_max_total_wal_size(1 << 20);
     o
 }
 
@@ -692,6 +700,19 @@ impl Store {
             tracing::error!(error = %e, "cannot delete evicted chunks");
         }
         self.reclaim.add(freed);
+    }
+
+    /// A small value the node keeps across restarts (the month's upload counter), if one was set.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get(state_key(key)).map_err(StoreError::Read)
+    }
+
+    /// Sets a state value, in the default column family. Unlike chunks it cannot be fetched again, so it
+    /// goes through the WAL, synced. A cache rebuilt after damage loses it with the chunks.
+    pub fn set_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.put_opt(state_key(key), value, &opts).map_err(StoreError::Write)
     }
 
     /// Flushes memtables: without a WAL, what is not flushed is lost at exit.

@@ -222,7 +222,14 @@ impl TrackerLink {
         self.told_joining.store(overlay.joining, Ordering::Relaxed);
         // Browsers dial the QUIC port clients are told about (the endpoint serves WebTransport too).
         let web_transport = Some(self.server.web.endpoint(self.quic_addr.port()));
-        let msg = Heartbeat { timestamp_ms: now_ms(), stats, draining, overlay: Some(overlay), web_transport };
+        let msg = Heartbeat {
+            timestamp_ms: now_ms(),
+            stats,
+            draining,
+            overlay: Some(overlay),
+            web_transport,
+            upload_plan: self.server.upload.plan(),
+        };
         let resp = self.tracker.heartbeat(&Signed::sign(&self.key, KIND_HEARTBEAT, &msg)).await?;
         self.update_origins(resp.origins);
         self.server.set_web_origins(resp.web_origins);

@@ -544,6 +544,75 @@ pub struct Heartbeat {
     /// Where browsers reach the node over WebTransport (absent from nodes older than that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_transport: Option<WebTransportEndpoint>,
+    /// The owner's schedule and monthly budget as they stand (absent from older nodes, and from nodes
+    /// whose owner set neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_plan: Option<UploadPlan>,
+}
+
+/// What a node's owner allows it to upload at one moment of the schedule (`docs/operations.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadMode {
+    /// No cap.
+    Unlimited,
+    /// At most this many bytes per second.
+    Rate(u64),
+    /// Not serving: new requests are answered `Busy`.
+    Off,
+}
+
+impl UploadMode {
+    /// The cap in bytes per second, if serving with one.
+    pub fn cap(self) -> Option<u64> {
+        match self {
+            Self::Rate(r) => Some(r),
+            Self::Unlimited | Self::Off => None,
+        }
+    }
+}
+
+/// The owner's limits as a heartbeat reports them: the mode in force, when the schedule changes it next,
+/// when the next off window starts, and what is left of the month's upload budget. Lets the tracker stop
+/// sending clients before a window or the budget ends (`docs/protocol.md`, heartbeat).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadPlan {
+    pub now: UploadMode,
+    /// The schedule's next change: in how many seconds, and to what (absent: the schedule never changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<UploadChange>,
+    /// Seconds until the next off window starts (absent: none within a week, or off now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_in_secs: Option<u32>,
+    /// Bytes of this calendar month's upload budget not yet used or reserved (absent: no budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_left: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadChange {
+    pub in_secs: u32,
+    pub mode: UploadMode,
+}
+
+/// A schedule repeats weekly: its next change and off window are at most a week away (plus a day of slack
+/// for a daylight-saving shift).
+pub const MAX_PLAN_SECS: u32 = 8 * 24 * 3600;
+
+impl UploadPlan {
+    /// Refuses plans no node's schedule or budget produces.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let modes = std::iter::once(self.now).chain(self.next.map(|c| c.mode));
+        let rates = modes.filter_map(UploadMode::cap);
+        if rates.into_iter().any(|r| r == 0 || r > MAX_REPORTED) {
+            return Err(format!("upload plan: a rate must be within 1..={MAX_REPORTED} bytes/s"));
+        }
+        let secs = self.next.map(|c| c.in_secs).into_iter().chain(self.off_in_secs);
+        if secs.into_iter().any(|s| s > MAX_PLAN_SECS) {
+            return Err(format!("upload plan: changes are at most {MAX_PLAN_SECS} s ahead"));
+        }
+        check_counts("upload plan", &[("budget_left", self.budget_left.unwrap_or(0))], MAX_REPORTED)
+    }
 }
 
 crate::id::hex_id!(
@@ -1104,6 +1173,7 @@ mod tests {
             draining: false,
             overlay: None,
             web_transport: None,
+            upload_plan: None,
         };
         let s = Signed::sign(&key, KIND_HEARTBEAT, &hb);
         let back: Heartbeat = s.open(KIND_HEARTBEAT).expect("verifies");

@@ -78,6 +78,9 @@ impl Proc {
             .args(args)
             // FOG_TEST_LOG=debug,libp2p_autonat=trace … turns up the children's logs when debugging a test.
             .env("RUST_LOG", std::env::var("FOG_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            // Test machines share their disk: under the node's default floor (10 % of the disk free) a nearly
+            // full build machine would leave test nodes no cache. A test's own `--min-free-disk` still wins.
+            .env("FOG_NODE_MIN_FREE_DISK", std::env::var("FOG_NODE_MIN_FREE_DISK").unwrap_or_else(|_| "1%".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

@@ -383,3 +383,45 @@ impl Drop for Lab {
         }
     }
 }
+
+/// A home's uplink as a bottleneck, and a port forwarded to the home (`yield_uplink`, issue #16).
+impl Lab {
+    /// Why a home's uplink cannot be rate-limited on this machine, if it cannot.
+    pub fn uplink_unavailable() -> Option<String> {
+        Self::unavailable().or_else(|| (!have("tc")).then(|| "needs `tc` (iproute2)".into()))
+    }
+
+    /// Makes `home`'s uplink (its router's egress towards the core) a `rate_bits_per_sec` bottleneck that
+    /// queues up to `buffer` of traffic before dropping, like a home modem's: a token bucket (`tc tbf`,
+    /// which this kernel has, unlike `netem`) with a FIFO of that many bytes.
+    pub fn limit_uplink(&self, home: Site, rate_bits_per_sec: u64, buffer: std::time::Duration) {
+        assert!(home.router().is_some(), "{home:?} is not a home");
+        let bytes_per_sec = rate_bits_per_sec / 8;
+        // One millisecond of tokens, and never less than two full packets.
+        let burst = (bytes_per_sec / 1000).max(3000);
+        let limit = (bytes_per_sec as f64 * buffer.as_secs_f64()) as u64 + burst;
+        let (router, wan) = (format!("{}r", self.ns(home)), format!("{}e{}", self.prefix, home.link()));
+        let (rate, burst, limit) = (format!("{rate_bits_per_sec}bit"), burst.to_string(), limit.to_string());
+        let tbf = ["root", "tbf", "rate", &rate, "burst", &burst, "limit", &limit];
+        run(&[&["tc", "-n", &router, "qdisc", "replace", "dev", &wan][..], &tbf].concat());
+    }
+
+    /// Forwards `port` (UDP and TCP) on `home`'s router to the same port of the home's host, as an owner
+    /// does for a node; returns the address the rest of the lab reaches it at.
+    pub fn forward_port(&self, home: Site, port: u16) -> std::net::SocketAddr {
+        assert_eq!(home.router(), Some(Router::Nat), "{home:?} is not behind a NAT");
+        let inside = home.ipv4().expect("a NAT home has IPv4").to_string();
+        let (router, wan) = (format!("{}r", self.ns(home)), format!("{}e{}", self.prefix, home.link()));
+        let port_text = port.to_string();
+        let to = format!("{inside}:{port}");
+        for proto in ["udp", "tcp"] {
+            let matching = ["-i", &wan, "-p", proto, "--dport", &port_text];
+            let dnat = [&["iptables", "-t", "nat", "-A", "PREROUTING"][..], &matching, &["-j", "DNAT"]];
+            run_in(&router, &[&dnat.concat()[..], &["--to-destination", &to]].concat());
+            // Ahead of the rule that drops what the inside did not ask for.
+            let accept = [&["iptables", "-I", "FORWARD", "1"][..], &matching, &["-d", &inside, "-j", "ACCEPT"]];
+            run_in(&router, &accept.concat());
+        }
+        (Ipv4Addr::new(10, 77, home.link(), 2), port).into()
+    }
+}

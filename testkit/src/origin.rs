@@ -305,6 +305,16 @@ fn parse_range(header: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(if start >= len || start > end { Err(()) } else { Ok((start, end)) })
 }
 
+/// The `Content-Type` of the pages and scripts the demo and web tests serve (browsers register a service
+/// worker only from a JavaScript response); other objects go without, as from many origins.
+fn content_type(path: &str) -> Option<&'static str> {
+    match path.rsplit_once('.')?.1 {
+        "html" => Some("text/html; charset=utf-8"),
+        "js" | "mjs" => Some("text/javascript"),
+        _ => None,
+    }
+}
+
 /// The object at `path` and its length: from memory, else a regular file below the origin's directory.
 async fn find(state: &State, path: &str) -> Option<(Source, u64)> {
     if let Some(bytes) = state.objects.read().expect("lock").get(path) {
@@ -379,6 +389,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Or
         *r.status_mut() = status;
         r
     };
+    if let Some(kind) = content_type(&path) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         let cr = format!("bytes {start}-{}/{len}", end - 1);
         r.headers_mut().insert(hyper::header::CONTENT_RANGE, cr.parse().expect("valid header"));

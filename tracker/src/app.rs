@@ -14,8 +14,8 @@ use fog_net::transport;
 use fog_proto::api::now_ms;
 use fog_proto::api::{
     ClientReport, Families, FamilyCounts, Heartbeat, HeartbeatResponse, NodeContact, OverlayReport, Published,
-    Reachability, Register, RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, MAX_PEERS_LISTED,
-    WANT_PEERS,
+    Reachability, Register, RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, UploadPlan,
+    MAX_PEERS_LISTED, WANT_PEERS,
 };
 use fog_proto::credits::{RedeemBatch, RedeemResponse, MAX_BATCH};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
@@ -31,7 +31,9 @@ use crate::db::{Db, DbError};
 use crate::ingest::{Ingest, IngestConfig, IngestError, Source};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{FamilyLabel, Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
-use crate::registry::{Advertised, CellUpdate, ClientPath, NodePage, Registration, Registry, RegistryError, SortBy};
+use crate::registry::{
+    Advertised, CellUpdate, ClientPath, NodePage, PlanRule, Registration, Registry, RegistryError, SortBy,
+};
 
 /// Most dashboards following the live stream at once, in all and per source.
 const MAX_STREAMS: usize = 64;
@@ -227,7 +229,8 @@ impl App {
         Ok(Self {
             registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked)
                 .with_params(scheduler::Params { k: cfg.candidates, epsilon: cfg.load_epsilon, ..Default::default() })
-                .with_cells(cfg.cell_ms),
+                .with_cells(cfg.cell_ms)
+                .with_plan_rule(PlanRule { heartbeat: cfg.heartbeat_interval, chunk_size: u64::from(cfg.chunk_size) }),
             load: Default::default(),
             clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
             metrics,
@@ -479,7 +482,8 @@ impl App {
     pub async fn heartbeat(&self, signed: &Signed, peer: IpAddr) -> Result<HeartbeatResponse, AppError> {
         let (node, hb): (NodeId, Heartbeat) = self.open_signed(signed, fog_proto::api::KIND_HEARTBEAT)?;
         let overlay_bounds = hb.overlay.as_ref().map_or(Ok(()), OverlayReport::check_bounds);
-        hb.stats.check_bounds().and(overlay_bounds).map_err(AppError::BadRequest)?;
+        let plan_bounds = hb.upload_plan.as_ref().map_or(Ok(()), UploadPlan::check_bounds);
+        hb.stats.check_bounds().and(overlay_bounds).and(plan_bounds).map_err(AppError::BadRequest)?;
         let bad_peers = hb.overlay.as_ref().map(|o| o.bad_peers.clone()).unwrap_or_default();
         let cell_held = hb.overlay.as_ref().and_then(|o| o.cell_version);
         let cell_deltas = hb.overlay.as_ref().is_some_and(|o| o.cell_deltas);
@@ -493,6 +497,7 @@ impl App {
             .map_err(|e| self.reject_node(&node, e.into()))?;
         if registered {
             self.registry.set_web(&node, hb.web_transport);
+            self.registry.set_plan(&node, hb.upload_plan);
         }
         for peer in bad_peers {
             // Like a client's report: not believed as such, the node gets probed.

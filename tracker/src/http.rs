@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use crate::app::{App, AppError, Reach};
 use crate::dashboard::SAMPLE_EVERY;
 use crate::ingest::IngestError;
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, MAX_RECORDS};
 use crate::metrics::ResultLabel;
 use crate::registry::SortBy;
 
@@ -137,6 +137,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, browser:
             let proof = app.ledger.inclusion(i, n).map_err(ledger_failure)?;
             ok(&serde_json::json!({ "proof": proof }))
         }),
+        (&Method::GET, "/v1/ledger/records") => ledger_records(&app, &query),
         (&Method::GET, "/v1/ledger/consistency") => required(&query, &["first", "second"]).and_then(|[a, b]| {
             let proof = app.ledger.consistency(a, b).map_err(ledger_failure)?;
             ok(&serde_json::json!({ "proof": proof }))
@@ -312,6 +313,22 @@ fn ledger_head(app: &App, query: &str) -> Result<Reply, AppError> {
             None => Err(AppError::NotFound { what: format!("epoch {e} is not sealed yet"), retryable: true }),
         },
     }
+}
+
+/// `GET /v1/ledger/records?size=N&index=I,J,…`: leaves with their inclusion proofs in the tree of size N.
+fn ledger_records(app: &App, query: &str) -> Result<Reply, AppError> {
+    let size = query_u64(query, "size").ok_or_else(|| AppError::BadRequest("missing query parameter size".into()))?;
+    let list = query_pairs(query).find(|(k, _)| k == "index").map(|(_, v)| v).unwrap_or_default();
+    let indices = list
+        .split(',')
+        .filter(|i| !i.is_empty())
+        .map(|i| i.parse::<u64>().map_err(|_| AppError::BadRequest(format!("index {i:?} is not a leaf index"))))
+        .collect::<Result<Vec<u64>, AppError>>()?;
+    if indices.len() > MAX_RECORDS {
+        return Err(AppError::BadRequest(format!("at most {MAX_RECORDS} indices")));
+    }
+    let records = app.ledger.records(&indices, size).map_err(ledger_failure)?;
+    ok(&serde_json::json!({ "records": records }))
 }
 
 fn nodes_page(app: &App, query: &str, admin: bool) -> Result<Reply, AppError> {

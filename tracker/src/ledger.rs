@@ -37,6 +37,8 @@ const CF_META: &str = "ledger_meta";
 pub(crate) const COLUMN_FAMILIES: [&str; 9] =
     [CF_TICKETS, CF_CHAINS, CF_TICKET_USED, CF_NODE_EPOCHS, CF_LEAVES, CF_TREE, CF_HEADS, CF_REJECTED, CF_META];
 
+/// Records at most in one answer of [`Ledger::records`].
+pub const MAX_RECORDS: usize = 64;
 /// Rejections kept per node for its itemised statement.
 const REJECTIONS_KEPT: u64 = 200;
 /// How long a node's membership lasts; nodes register again once half of it has passed.
@@ -123,6 +125,14 @@ pub struct NodeCredits {
     pub node_id: NodeId,
     pub credited_bytes: u64,
     pub epochs: Vec<EpochLine>,
+}
+
+/// A ledger leaf with its inclusion proof.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordProof {
+    pub index: u64,
+    pub leaf: LedgerLeaf,
+    pub proof: Vec<Digest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,6 +303,7 @@ impl Ledger {
         let mut chains: HashMap<Vec<u8>, ChainState> = HashMap::new();
         let mut used: HashMap<SessionId, u64> = HashMap::new();
         let mut node_epoch: u64 = self.get_u64(CF_NODE_EPOCHS, &node_epoch_key(&node, epoch))?;
+        let node_epoch_before = node_epoch;
         let mut rejected_seq = self.get_u64(CF_META, &[b"rejseq/".as_slice(), node.as_bytes()].concat())?;
         let mut results = Vec::with_capacity(receipts.len());
         for (r, verified) in receipts.iter().zip(verified) {
@@ -354,7 +365,10 @@ impl Ledger {
         for (session, total) in used {
             batch.put_cf(self.db.cf(CF_TICKET_USED), session_key(&session), total.to_be_bytes());
         }
-        batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&node, epoch), node_epoch.to_be_bytes());
+        // A batch that credited nothing leaves no zero line in the node's statement.
+        if node_epoch != node_epoch_before {
+            batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&node, epoch), node_epoch.to_be_bytes());
+        }
         batch.put_cf(
             self.db.cf(CF_META),
             [b"rejseq/".as_slice(), node.as_bytes()].concat(),
@@ -545,6 +559,20 @@ impl Ledger {
     pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Digest>, LedgerError> {
         let size = size.min(self.size()?);
         Ok(merkle::inclusion_proof(&self.view(), index, size).into_iter().map(Digest).collect())
+    }
+
+    /// Leaves `indices` (at most [`MAX_RECORDS`]) with their inclusion proofs in the tree of `size` leaves,
+    /// so a node checks a round of its records in one request; indices beyond the tree are left out.
+    pub fn records(&self, indices: &[u64], size: u64) -> Result<Vec<RecordProof>, LedgerError> {
+        let size = size.min(self.size()?);
+        let mut out = Vec::new();
+        for &index in indices.iter().take(MAX_RECORDS).filter(|&&i| i < size) {
+            if let Some(leaf) = self.leaf(index)? {
+                let proof = merkle::inclusion_proof(&self.view(), index, size).into_iter().map(Digest).collect();
+                out.push(RecordProof { index, leaf, proof });
+            }
+        }
+        Ok(out)
     }
 
     pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<Digest>, LedgerError> {

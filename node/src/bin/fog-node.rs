@@ -1,8 +1,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use fog_node::config::NodeArgs;
+use fog_node::earnings::Earnings;
 use fog_node::status::{render_text, NodeStatus};
 
 #[derive(Parser, Debug)]
@@ -15,6 +16,13 @@ use fog_node::status::{render_text, NodeStatus};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Print the effective configuration (flags, environment and --config merged) as TOML that --config
+    /// accepts, and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// With --print-config: every option with its help as comments (what /etc/fogcdn/node.toml holds).
+    #[arg(long, requires = "print_config")]
+    commented: bool,
     #[command(flatten)]
     run: NodeArgs,
 }
@@ -33,12 +41,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What this node served and earned per day, and per ledger epoch whether it verified the tracker's
+    /// records and how its totals compare with the tracker's (works while the node runs).
+    Earnings {
+        /// The node's data directory [default: the one --config names, else ~/.local/share/fogcdn/node].
+        #[arg(long, env = "FOG_NODE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The node's configuration file, to find its data directory [default: /etc/fogcdn/node.toml if
+        /// it exists].
+        #[arg(long, env = "FOG_NODE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The month, YYYY-MM [default: this month, local time].
+        #[arg(long)]
+        month: Option<String>,
+        /// CSV: a row per day, per rejection or refusal reason, per epoch, and the month's total.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// The JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
+/// The configuration file a packaged node runs with (packaging/fog-node.service).
+const INSTALLED_CONFIG: &str = "/etc/fogcdn/node.toml";
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(Command::Status { data_dir, url, json }) => status(data_dir, url, json),
+        Some(Command::Earnings { data_dir, config, month, csv, json }) => earnings(data_dir, config, month, csv, json),
+        None if cli.print_config => {
+            print!("{}", fog_node::config::print_config(&matches, cli.commented)?);
+            Ok(())
+        }
         None => {
             fog_net::bin_support::init_logging("info");
             let cfg = cli.run.resolve()?;
@@ -74,6 +111,41 @@ fn status(data_dir: Option<PathBuf>, url: Option<String>, json: bool) -> anyhow:
     } else {
         let s: NodeStatus = serde_json::from_slice(&body).context("the status page sent something unexpected")?;
         print!("{}", render_text(&s));
+    }
+    Ok(())
+}
+
+fn earnings(
+    data_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+    month: Option<String>,
+    csv: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let data_dir = match data_dir {
+        Some(d) => d,
+        None => {
+            let config = config.or_else(|| Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()));
+            let args = NodeArgs { config, ..NodeArgs::default() };
+            args.resolve()?.data_dir
+        }
+    };
+    if let Some(m) = &month {
+        let valid =
+            m.len() == 7 && m.as_bytes()[4] == b'-' && m.chars().enumerate().all(|(i, c)| i == 4 || c.is_ascii_digit());
+        anyhow::ensure!(valid, "--month {m:?}: write the month as YYYY-MM, e.g. 2026-11");
+    }
+    let books = Earnings::open_read_only(&data_dir.join("earnings"))?;
+    let report = match &month {
+        Some(m) => books.month(m)?,
+        None => books.this_month()?,
+    };
+    if csv {
+        print!("{}", fog_node::earnings::render_csv(&report));
+    } else if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", fog_node::earnings::render_text(&report));
     }
     Ok(())
 }

@@ -231,7 +231,14 @@ async fn out_of_range_fields_and_junk_redeems_are_refused() {
         200
     );
     let huge = NodeStats { bytes_served: u64::MAX, ..Default::default() };
-    let hb = Heartbeat { timestamp_ms: now + 2, stats: huge, draining: false, overlay: None, web_transport: None };
+    let hb = Heartbeat {
+        timestamp_ms: now + 2,
+        stats: huge,
+        draining: false,
+        overlay: None,
+        web_transport: None,
+        upload_plan: None,
+    };
     assert_eq!(status(post("/v1/nodes/heartbeat", signed(&key, KIND_HEARTBEAT, &hb)).await), 400, "u64::MAX served");
     let report = ClientReport { fog_bytes: u64::MAX, ..Default::default() };
     assert_eq!(status(post("/v1/reports", serde_json::to_value(&report).expect("json")).await), 400);

@@ -2,59 +2,155 @@
 //! API, against a real tracker and nodes. Skips (saying so) only where Chromium is not installed;
 //! scripts/test.sh installs it.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
+use base64::Engine as _;
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::test_bytes;
 use serde_json::{json, Value};
 
 pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
 pub(crate) const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+pub(crate) const FIREFOX: &str = "/usr/bin/firefox-esr";
 
+/// Where scripts/test.sh installs geckodriver (from crates.io: Debian does not package it).
+pub(crate) fn geckodriver() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fogcdn/tools/bin/geckodriver")
+}
+
+/// The browsers the tests drive, each through its own WebDriver server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Engine {
+    /// Debian's Chromium, through chromedriver.
+    Chromium,
+    /// Debian's Firefox ESR, through geckodriver.
+    Firefox,
+}
+
+impl Engine {
+    /// Why the engine cannot run here (browser or driver missing), or None when it can.
+    pub(crate) fn unavailable(self) -> Option<String> {
+        let (browser, driver, install) = match self {
+            Engine::Chromium => {
+                (PathBuf::from(CHROMIUM), PathBuf::from(CHROMEDRIVER), "apt-get install chromium chromium-driver")
+            }
+            Engine::Firefox => (
+                PathBuf::from(FIREFOX),
+                geckodriver(),
+                "apt-get install firefox-esr; cargo install geckodriver --locked --root ~/.cache/fogcdn/tools",
+            ),
+        };
+        let missing: Vec<String> =
+            [&browser, &driver].into_iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+        (!missing.is_empty()).then(|| {
+            format!("{self:?} is not installed ({} missing; {install}; scripts/test.sh does)", missing.join(", "))
+        })
+    }
+}
+
+/// A headless browser, driven through its WebDriver server (chromedriver, geckodriver); both stop when it
+/// is dropped.
 pub(crate) struct Browser {
     driver: Child,
     base: String,
     pub(crate) session: String,
+    pub(crate) engine: Engine,
     http: reqwest::Client,
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // A killed geckodriver leaves its Firefox running: end the session (the browser quits) first.
+        self.quit();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
 }
 
 impl Browser {
-    pub(crate) async fn start(profile: &Path) -> Browser {
+    /// Starts `engine` headless with its profile in `profile` (the driver's log beside it, `<profile>.log`),
+    /// or says why it cannot and returns None.
+    pub(crate) async fn launch(engine: Engine, profile: &Path) -> Option<Browser> {
+        if let Some(why) = engine.unavailable() {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        std::fs::create_dir_all(profile).expect("browser profile dir");
+        let log = std::fs::File::create(profile.with_extension("log")).expect("driver log");
         let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let driver = Command::new(CHROMEDRIVER)
+        // geckodriver picks a free Marionette port itself, so several Firefoxes can run at once.
+        let mut driver = match engine {
+            Engine::Chromium => Command::new(CHROMEDRIVER),
+            Engine::Firefox => Command::new(geckodriver()),
+        };
+        let mut driver = driver
             .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("driver log"))
+            .stderr(log)
             .spawn()
-            .expect("start chromedriver");
+            .expect("start the WebDriver server");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let started = Instant::now();
         while http.get(format!("{base}/status")).send().await.is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = driver.kill();
+                panic!(
+                    "the {engine:?} WebDriver server did not start; see {}",
+                    profile.with_extension("log").display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-dev-shm-usage", "--disable-component-update", "--no-first-run", "--disable-sync",
-                     "--window-size=1400,1200", format!("--user-data-dir={}", profile.display())]
-        }}}});
-        let mut b = Browser { driver, base, session: String::new(), http };
-        let v = b.call("POST", "/session", caps).await;
+        let caps = match engine {
+            Engine::Chromium => json!({"browserName": "chrome", "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                         "--disable-dev-shm-usage", "--disable-component-update", "--no-first-run", "--disable-sync",
+                         "--window-size=1400,1200", format!("--user-data-dir={}", profile.display())]
+            }}),
+            Engine::Firefox => json!({"browserName": "firefox", "moz:firefoxOptions": {
+                "binary": FIREFOX,
+                "args": ["-headless", "-profile", profile.display().to_string(), "-width", "1400", "-height", "1200"],
+                "prefs": {
+                    // No first-run pages, update checks or telemetry pings mixed into the tests' traffic.
+                    "browser.shell.checkDefaultBrowser": false,
+                    "app.update.disabledForTesting": true,
+                    "datareporting.policy.dataSubmissionEnabled": false,
+                    "toolkit.telemetry.reportingpolicy.firstRun": false,
+                    "browser.startup.homepage_override.mstone": "ignore",
+                },
+                "log": {"level": "info"},
+            }}),
+        };
+        let mut b = Browser { driver, base, session: String::new(), engine, http };
+        // Sites on 127.0.0.1 over HTTPS (web_bench's nginx) have self-signed certificates.
+        let mut caps = caps;
+        caps["acceptInsecureCerts"] = json!(true);
+        let v = b.call("POST", "/session", json!({"capabilities": {"alwaysMatch": caps}})).await;
         b.session = v["sessionId"].as_str().expect("session id").to_string();
-        b
+        Some(b)
+    }
+
+    /// Deletes the session, blocking (it runs from `drop`, outside any runtime's reach), for at most 20 s.
+    fn quit(&self) {
+        let Some(addr) = self.base.strip_prefix("http://") else { return };
+        if self.session.is_empty() {
+            return;
+        }
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else { return };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+        let request = format!(
+            "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.session
+        );
+        if stream.write_all(request.as_bytes()).is_ok() {
+            let _ = stream.read_to_end(&mut Vec::new());
+        }
     }
 
     pub(crate) async fn call(&self, method: &str, path: &str, body: Value) -> Value {
@@ -115,10 +211,8 @@ fn output_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_every_node_and_live_totals_in_a_real_browser() {
-    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
-        eprintln!(
-            "SKIPPED: Chromium is not installed (apt-get install chromium chromium-driver; scripts/test.sh does)"
-        );
+    if let Some(why) = Engine::Chromium.unavailable() {
+        eprintln!("SKIPPED: {why}");
         return;
     }
     let cluster = Cluster::start(ClusterOptions {
@@ -131,7 +225,7 @@ async fn dashboard_shows_every_node_and_live_totals_in_a_real_browser() {
     let content = test_bytes(40 << 20, 77);
     cluster.origin.put("show.bin", content.clone());
 
-    let browser = Browser::start(&cluster.dir.path().join("chrome")).await;
+    let Some(browser) = Browser::launch(Engine::Chromium, &cluster.dir.path().join("chrome")).await else { return };
     browser.goto(&cluster.tracker_url()).await;
     browser
         .wait_for(

@@ -405,6 +405,7 @@ async fn forged_and_replayed_node_messages_are_rejected() {
         draining: false,
         overlay: None,
         web_transport: None,
+        upload_plan: None,
     };
     let mut forged = Signed::sign(&key, KIND_HEARTBEAT, &heartbeat);
     forged.node_id = node_id;

@@ -106,6 +106,7 @@ async fn lying_node(cluster: &Cluster, key: SigningKey, lengths: HashMap<ChunkHa
                 draining: false,
                 overlay: None,
                 web_transport: None,
+                upload_plan: None,
             };
             let _ = reqwest::Client::new()
                 .post(format!("{tracker}/v1/nodes/heartbeat"))

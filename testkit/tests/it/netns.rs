@@ -15,6 +15,7 @@ use serde_json::Value;
 // The same across a dual-stack lab: a submodule, so that it runs like the rest of `netns` (alone, as root;
 // scripts/test.sh skips other modules by name, so the name is none of theirs).
 mod dual_stack;
+mod yield_uplink;
 
 /// 48 distinct chunks: the chance that placement gives one of four nodes none of them is (3/4)^48 ≈ 1e-6.
 const CHUNK: usize = 128 << 10;

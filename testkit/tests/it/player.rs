@@ -10,9 +10,9 @@ use std::time::Duration;
 use fog_testkit::harness::{Cluster, ClusterOptions, Proc};
 use serde_json::Value;
 
-const FFMPEG: &str = "/usr/bin/ffmpeg";
+pub(crate) const FFMPEG: &str = "/usr/bin/ffmpeg";
 
-fn ffmpeg(args: &[&str]) {
+pub(crate) fn ffmpeg(args: &[&str]) {
     let out = Command::new(FFMPEG)
         .args(["-hide_banner", "-loglevel", "error", "-y"])
         .args(args)
@@ -38,20 +38,26 @@ fn play(input: &str, out: &Path, format: &str, seek: Option<(&str, &str)>) -> Ve
     std::fs::read(out).expect("read ffmpeg output")
 }
 
-/// Ten seconds of test video and audio, encoded once.
-fn source(dir: &Path) -> PathBuf {
+/// `seconds` of test video (H.264, a keyframe every second) and audio (AAC), encoded once.
+pub(crate) fn source(dir: &Path, seconds: u32) -> PathBuf {
     let src = dir.join("source.mp4");
+    let (video, audio) =
+        (format!("testsrc=duration={seconds}:size=320x240:rate=25"), format!("sine=frequency=440:duration={seconds}"));
     ffmpeg(&[
         "-f",
         "lavfi",
         "-i",
-        "testsrc=duration=10:size=320x240:rate=25",
+        &video,
         "-f",
         "lavfi",
         "-i",
-        "sine=frequency=440:duration=10",
+        &audio,
         "-c:v",
         "libx264",
+        // 4:2:0 (Constrained Baseline with ultrafast): testsrc is RGB, which x264 would keep as High 4:4:4,
+        // a profile browsers' decoders (Firefox's) refuse.
+        "-pix_fmt",
+        "yuv420p",
         "-preset",
         "ultrafast",
         "-g",
@@ -72,7 +78,7 @@ fn source(dir: &Path) -> PathBuf {
 }
 
 /// Cuts `src` into 2-second HLS segments in `dir`, with absolute segment URIs under `base_url` if given.
-fn make_hls(src: &Path, dir: &Path, playlist: &str, base_url: Option<&str>) {
+pub(crate) fn make_hls(src: &Path, dir: &Path, playlist: &str, base_url: Option<&str>) {
     let (src, segments, playlist) = (src.display().to_string(), dir.join("seg_%03d.ts"), dir.join(playlist));
     let (segments, playlist) = (segments.display().to_string(), playlist.display().to_string());
     let mut args = vec!["-i", &src, "-c", "copy", "-f", "hls", "-hls_time", "2", "-hls_playlist_type", "vod"];
@@ -151,7 +157,7 @@ impl Stack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hls_vod_through_the_proxy_equals_the_origin() {
     let Some(stack) = Stack::start().await else { return };
-    let src = source(&stack.work);
+    let src = source(&stack.work, 10);
     let hls = stack.www("hls");
     // Absolute segment URIs in the media playlist, a relative one in the master: both must go through the proxy.
     let base = format!("{}hls/", stack.cluster.origin.base_url());
@@ -172,7 +178,7 @@ async fn hls_vod_through_the_proxy_equals_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dash_through_the_proxy_equals_the_origin() {
     let Some(stack) = Stack::start().await else { return };
-    let src = source(&stack.work);
+    let src = source(&stack.work, 10);
     let dash = stack.www("dash");
     ffmpeg(&[
         "-i",
@@ -193,7 +199,7 @@ async fn dash_through_the_proxy_equals_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progressive_mp4_with_seeks_through_the_proxy_equals_the_origin() {
     let Some(stack) = Stack::start().await else { return };
-    let src = source(&stack.work);
+    let src = source(&stack.work, 10);
     // The index (moov) at the end, as many encoders leave it: a player must jump there with a Range
     // request before it can play, and again to seek.
     let movie = stack.www("mp4").join("movie.mp4");
@@ -207,7 +213,7 @@ async fn progressive_mp4_with_seeks_through_the_proxy_equals_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_hls_that_grows_while_playing() {
     let Some(stack) = Stack::start().await else { return };
-    let src = source(&stack.work);
+    let src = source(&stack.work, 10);
     let staging = stack.work.join("staging");
     std::fs::create_dir_all(&staging).expect("staging");
     make_hls(&src, &staging, "full.m3u8", None);

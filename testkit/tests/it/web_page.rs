@@ -17,7 +17,7 @@ use fog_proto::api::{
     KIND_REGISTER,
 };
 use fog_proto::wire::{ChunkRequest, ResponseHead, Status};
-use fog_proto::{ChunkHash, NodeId};
+use fog_proto::{ChunkHash, Manifest, NodeId};
 use fog_testkit::harness::{Cluster, ClusterOptions};
 use fog_testkit::origin::{Quirks, TestOrigin};
 use fog_testkit::test_bytes;
@@ -26,14 +26,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::common::MIB;
-use crate::dashboard::{Browser, CHROMEDRIVER, CHROMIUM};
+use crate::dashboard::{Browser, Engine};
 
 /// The bundle `npm run build` makes in web/ (scripts/test.sh runs it before the tests).
-fn bundle() -> PathBuf {
+pub(crate) fn bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/packages/core/dist/fog-core.js")
 }
 
-const PAGE: &str = r#"<!doctype html>
+pub(crate) const PAGE: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>fogcdn web client test</title>
 <script src="/fog-core.js"></script></head><body></body></html>
 "#;
@@ -69,10 +69,10 @@ async fn fetch_in_page(browser: &Browser, tracker: &str, url: &str, range: Optio
 /// A node run by the test, registered as a real one is: natively (how the tracker probes it) it serves the
 /// object's chunks as they are; to pages, over WebTransport, bytes of the right length that are not the
 /// chunk. Only the page's own verification can catch it.
-struct TwoFacedNode {
+pub(crate) struct TwoFacedNode {
     endpoint: quinn::Endpoint,
     heartbeats: tokio::task::JoinHandle<()>,
-    id: NodeId,
+    pub(crate) id: NodeId,
 }
 
 impl Drop for TwoFacedNode {
@@ -82,7 +82,7 @@ impl Drop for TwoFacedNode {
     }
 }
 
-type Chunks = Arc<HashMap<ChunkHash, Vec<u8>>>;
+pub(crate) type Chunks = Arc<HashMap<ChunkHash, Vec<u8>>>;
 
 /// Answers one request: the chunk (or the range of it asked for), every byte flipped if `lie`; NotFound
 /// for chunks it does not have.
@@ -104,7 +104,7 @@ async fn answer(mut recv: impl AsyncRead + Unpin, mut send: impl AsyncWrite + Un
     let _ = send.shutdown().await;
 }
 
-async fn two_faced_node(cluster: &Cluster, chunks: Chunks) -> TwoFacedNode {
+pub(crate) async fn two_faced_node(cluster: &Cluster, chunks: Chunks) -> TwoFacedNode {
     let key = SigningKey::from_bytes(&[51; 32]);
     let web = WebCert::new(SystemTime::now()).expect("web certificate");
     let config = transport::server_config_with_web(&key, 32, Arc::new(WebCertSlot::new(&web))).expect("tls");
@@ -162,6 +162,7 @@ async fn two_faced_node(cluster: &Cluster, chunks: Chunks) -> TwoFacedNode {
                 draining: false,
                 overlay: None,
                 web_transport: Some(endpoint_for_pages.clone()),
+                upload_plan: None,
             };
             let signed = Signed::sign(&key, KIND_HEARTBEAT, &hb);
             let _ = http.post(format!("{tracker}/v1/nodes/heartbeat")).json(&signed).send().await;
@@ -171,8 +172,36 @@ async fn two_faced_node(cluster: &Cluster, chunks: Chunks) -> TwoFacedNode {
     TwoFacedNode { endpoint, heartbeats, id }
 }
 
+/// `content`'s chunks by hash, as `manifest` cuts it (what a [`TwoFacedNode`] serves).
+pub(crate) fn chunks_of<'a>(
+    manifest: &'a Manifest,
+    content: &'a [u8],
+) -> impl Iterator<Item = (ChunkHash, Vec<u8>)> + 'a {
+    (0..manifest.chunks.len()).map(|i| {
+        let (offset, len) = manifest.chunk_span(i);
+        (manifest.chunks[i], content[offset as usize..(offset + u64::from(len)) as usize].to_vec())
+    })
+}
+
+/// Tracker flags for a cluster that ingests from `origin` (a URL prefix) and lets pages of `page_origin` use
+/// the fog, probing nodes' WebTransport endpoints every second so that pages are given them soon.
+pub(crate) fn web_tracker_args(origin: &str, page_origin: &str) -> Vec<String> {
+    let args = ["--origin", origin, "--web-origin", page_origin, "--probe-secs", "1"];
+    args.into_iter().map(String::from).collect()
+}
+
+/// Waits (up to 30 s) until a page of `page_origin` resolving `url` is given every node of the cluster.
+pub(crate) async fn wait_page_gets_every_node(cluster: &Cluster, page_origin: &str, url: &str) {
+    let mut ids = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        ids.push(serde_json::from_value::<NodeId>(cluster.node_status(i).await["node_id"].clone()).expect("id"));
+    }
+    ids.sort_unstable();
+    wait_page_nodes(cluster, page_origin, url, &ids).await;
+}
+
 /// Waits (up to 30 s) until a page's resolve of `url` lists exactly the nodes `want`.
-async fn wait_page_nodes(cluster: &Cluster, page_origin: &str, url: &str, want: &[NodeId]) {
+pub(crate) async fn wait_page_nodes(cluster: &Cluster, page_origin: &str, url: &str, want: &[NodeId]) {
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();
     loop {
@@ -214,10 +243,8 @@ fn check_bytes(outcome: &Value, want: &[u8]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_back_to_the_origin() {
-    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
-        eprintln!(
-            "SKIPPED: Chromium is not installed (apt-get install chromium chromium-driver; scripts/test.sh does)"
-        );
+    if let Some(why) = Engine::Chromium.unavailable() {
+        eprintln!("SKIPPED: {why}");
         return;
     }
     if !bundle().exists() {
@@ -236,14 +263,7 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     let page_origin = format!("http://{}", site.addr);
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: 3,
-        tracker_args: vec![
-            "--origin".into(),
-            site.base_url(),
-            "--web-origin".into(),
-            page_origin.clone(),
-            "--probe-secs".into(),
-            "1".into(),
-        ],
+        tracker_args: web_tracker_args(&site.base_url(), &page_origin),
         ..Default::default()
     })
     .await;
@@ -254,17 +274,12 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     let (got, _) = cluster.client().get(&url).await.expect("native fetch");
     assert!(got == content);
     // The tracker gives pages only nodes it probed over WebTransport: wait until it vouches for all three.
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(serde_json::from_value::<NodeId>(cluster.node_status(i).await["node_id"].clone()).expect("id"));
-    }
-    ids.sort_unstable();
-    wait_page_nodes(&cluster, &page_origin, &url, &ids).await;
+    wait_page_gets_every_node(&cluster, &page_origin, &url).await;
     let http = reqwest::Client::new();
     let tracker = cluster.tracker_url();
 
     let refused_before = receipts_refused(&cluster).await;
-    let browser = Browser::start(&cluster.dir.path().join("chrome")).await;
+    let Some(browser) = Browser::launch(Engine::Chromium, &cluster.dir.path().join("chrome")).await else { return };
     browser.goto(&site.url("index.html")).await;
     browser.wait_for("the bundle", Duration::from_secs(20), "return typeof Fog === 'object'").await;
 
@@ -308,11 +323,7 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     // A node that passes the tracker's (native) probes but serves pages wrong bytes: a fresh page is given
     // only it, verifies, gets every byte right from the origin instead, and reports the node.
     let manifest = crate::common::resolve(&cluster, &url).await.manifest;
-    let chunks = (0..manifest.chunks.len()).map(|i| {
-        let (offset, len) = manifest.chunk_span(i);
-        (manifest.chunks[i], content[offset as usize..(offset + u64::from(len)) as usize].to_vec())
-    });
-    let liar = two_faced_node(&cluster, Arc::new(chunks.collect())).await;
+    let liar = two_faced_node(&cluster, Arc::new(chunks_of(&manifest, &content).collect())).await;
     wait_page_nodes(&cluster, &page_origin, &url, &[liar.id]).await;
     browser.goto(&site.url("index.html")).await;
     browser.wait_for("the bundle", Duration::from_secs(20), "return typeof Fog === 'object'").await;

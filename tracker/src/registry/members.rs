@@ -64,6 +64,7 @@ impl Registry {
         let (coord, neighbours) = nodes.get(&id).map(|n| (n.coord, n.neighbours.clone())).unwrap_or_default();
         let more_addrs = nodes.get(&id).map(|n| n.more_addrs.clone()).unwrap_or_default();
         let web = nodes.get(&id).and_then(|n| n.web.clone());
+        let plan = nodes.get(&id).and_then(|n| n.plan.clone());
         let overlay = OverlayReport { joining: reg.joining, ..Default::default() };
         let entry = NodeEntry {
             reg,
@@ -78,6 +79,7 @@ impl Registry {
             coord,
             neighbours,
             web,
+            plan,
         };
         nodes.insert(id, entry);
         self.changed();

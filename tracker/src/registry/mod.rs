@@ -14,6 +14,7 @@ mod cells;
 mod health;
 mod members;
 mod peers;
+mod plan;
 mod view;
 mod web;
 
@@ -22,6 +23,7 @@ pub use health::{Health, NodeState, ProbeOutcome, PROBE_FAILURES_DOWN, PROBE_SUC
 pub use members::MAX_CLOCK_SKEW_MS;
 pub use peers::ClientPath;
 use peers::PeerDirectory;
+pub use plan::{PlanRule, PlanState, Resting};
 pub use view::{Counts, NodePage, NodeView, SortBy, MAX_PAGE};
 pub use web::WebState;
 
@@ -87,6 +89,8 @@ pub struct NodeEntry {
     pub neighbours: Vec<Neighbour<NodeId>>,
     /// Its WebTransport endpoint for browsers, if its heartbeats advertise one.
     pub web: Option<WebState>,
+    /// Its owner's schedule and budget, if its heartbeats report them.
+    pub plan: Option<PlanState>,
 }
 
 impl NodeEntry {
@@ -199,6 +203,8 @@ pub struct Registry {
     clock: Clock,
     timeout: Duration,
     max_nodes: usize,
+    /// When owners' schedules and budgets rest their nodes.
+    plan_rule: PlanRule,
 }
 
 impl Registry {
@@ -218,6 +224,7 @@ impl Registry {
             clock: Clock::System,
             timeout,
             max_nodes,
+            plan_rule: PlanRule::default(),
         }
     }
 
@@ -276,12 +283,14 @@ impl Registry {
         let nodes = self.nodes.read().expect("registry lock");
         let infos = nodes
             .iter()
-            .filter(|(_, n)| self.healthy(n))
+            .filter(|(_, n)| self.healthy(n) && self.resting(n).is_none())
             .filter_map(|(id, n)| {
+                // The cap in force (a schedule's window may change it) over the one registered.
+                let upload = n.plan.as_ref().map_or(n.reg.upload_limit, |p| p.plan.now.cap());
                 Some(NodeInfo {
                     contact: contact(&nodes, id, n)?,
                     coord: n.coord,
-                    upload: n.reg.upload_limit.unwrap_or(DEFAULT_UPLOAD),
+                    upload: upload.unwrap_or(DEFAULT_UPLOAD),
                 })
             })
             .collect();

@@ -31,6 +31,9 @@ pub struct Counts {
 pub struct NodeView {
     pub id: NodeId,
     pub state: &'static str,
+    /// Why an active node is not given to clients for now: its owner's schedule (`off`, `off_soon`) or
+    /// monthly budget (`budget`).
+    pub resting: Option<&'static str>,
     pub quarantine_reason: Option<String>,
     /// Round trip of the tracker's latest successful probe.
     pub probe_rtt_ms: Option<u64>,
@@ -166,6 +169,7 @@ impl Registry {
                 NodeView {
                     id: *id,
                     state: state.name(),
+                    resting: self.resting(n).map(Resting::name),
                     quarantine_reason: n.health.quarantined.clone(),
                     probe_rtt_ms: n.health.last_probe_rtt_ms,
                     addr: with_addr.then_some(n.reg.addr),

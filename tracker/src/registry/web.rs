@@ -1,8 +1,9 @@
 //! Nodes browsers may use (issue #14): a node's WebTransport endpoint, as its heartbeats advertise it, is
 //! handed to browser pages only once the tracker's own probe opened a session to it with the advertised
 //! hashes, and only for nodes a browser can dial (a verified direct address: browsers cannot hole-punch).
-//! A node whose advertised hashes no longer include the certificate the probe met (it rotated, or
-//! restarted with a new one) waits for the next probe.
+//! A node that switched to the successor it announced beside the probed certificate (its rotation) stays
+//! with pages, so the switch costs no offload, and is probed again at once; one whose hashes no longer
+//! include either (it restarted with a new certificate, or moved) waits for the next probe.
 
 use fog_proto::api::{CertHash, WebContact, WebTransportEndpoint};
 
@@ -13,18 +14,27 @@ use super::*;
 pub struct WebState {
     pub advertised: WebTransportEndpoint,
     /// The hash of the certificate the node served the tracker's last successful probe, while its
-    /// heartbeats still advertise it at the same port.
+    /// heartbeats still advertise it at the same port; or of the successor it announced beside that one
+    /// and then switched to, until the next probe.
     pub served: Option<CertHash>,
+    /// Whether a probe met `served` itself (not only its announced predecessor).
+    pub confirmed: bool,
 }
 
 impl WebState {
     /// What a heartbeat advertising `advertised` leaves of `old`.
     pub(super) fn updated(old: Option<&WebState>, advertised: WebTransportEndpoint) -> WebState {
-        let served = old
-            .filter(|o| o.advertised.port == advertised.port)
-            .and_then(|o| o.served)
-            .filter(|h| advertised.cert_hashes.contains(h));
-        WebState { advertised, served }
+        let vouched = old.filter(|o| o.advertised.port == advertised.port).and_then(|o| Some((o, o.served?)));
+        let (served, confirmed) = match vouched {
+            Some((o, h)) if advertised.cert_hashes.contains(&h) => (Some(h), o.confirmed),
+            // A node serves its first advertised hash; it was announced beside the probed one.
+            Some((o, _)) => match advertised.cert_hashes.first().filter(|h| o.advertised.cert_hashes.contains(h)) {
+                Some(successor) => (Some(*successor), false),
+                None => (None, false),
+            },
+            None => (None, false),
+        };
+        WebState { advertised, served, confirmed }
     }
 }
 
@@ -50,13 +60,13 @@ impl Registry {
         }
     }
 
-    /// Live nodes browsers could dial whose endpoint no probe has vouched for yet, with where to probe it.
+    /// Live nodes browsers could dial whose served certificate no probe has met yet, with where to probe.
     pub fn web_probe_targets(&self) -> Vec<(NodeId, WebContact)> {
         let nodes = self.nodes.read().expect("registry lock");
         nodes
             .iter()
             .filter(|(_, n)| n.health.quarantined.is_none() && self.since(n.last_seen) <= self.timeout)
-            .filter(|(_, n)| n.web.as_ref().is_some_and(|w| w.served.is_none()))
+            .filter(|(_, n)| n.web.as_ref().is_some_and(|w| !w.confirmed))
             .filter_map(|(id, n)| {
                 let web = n.web.as_ref()?;
                 Some((*id, WebContact::at(n.web_addr()?, &web.advertised)))
@@ -74,6 +84,7 @@ impl Registry {
             web.served = served;
             self.changed();
         }
+        web.confirmed = served.is_some();
     }
 
     /// [`Registry::snapshot`] for browser pages: only nodes with a probed WebTransport endpoint and a
@@ -98,13 +109,22 @@ mod tests {
     }
 
     #[test]
-    fn a_probed_certificate_counts_while_the_node_still_advertises_it() {
-        let probed = WebState { advertised: endpoint(443, &[1]), served: Some(CertHash([1; 32])) };
+    fn a_probed_certificate_counts_while_the_node_still_advertises_it_or_its_announced_successor() {
+        let probed = WebState { advertised: endpoint(443, &[1]), served: Some(CertHash([1; 32])), confirmed: true };
+        let updated = |old: &WebState, port, hashes| {
+            let new = WebState::updated(Some(old), endpoint(port, hashes));
+            (new.served.map(|h| h.0[0]), new.confirmed)
+        };
+        assert_eq!(updated(&probed, 443, &[1]), (Some(1), true));
         // The next certificate announced beside it: still vouched for.
-        assert_eq!(WebState::updated(Some(&probed), endpoint(443, &[1, 2])).served, Some(CertHash([1; 32])));
-        // Switched to the next one, restarted with a new one, or moved: the next probe decides.
-        assert_eq!(WebState::updated(Some(&probed), endpoint(443, &[2])).served, None);
-        assert_eq!(WebState::updated(Some(&probed), endpoint(444, &[1])).served, None);
+        let announcing = WebState::updated(Some(&probed), endpoint(443, &[1, 2]));
+        assert_eq!((announcing.served, announcing.confirmed), (Some(CertHash([1; 32])), true));
+        // Switched to it: pages keep the node, the probe confirms it.
+        assert_eq!(updated(&announcing, 443, &[2]), (Some(2), false));
+        // A certificate nobody announced (a restart), or another port: the next probe decides.
+        assert_eq!(updated(&probed, 443, &[2]), (None, false));
+        assert_eq!(updated(&announcing, 443, &[3]), (None, false));
+        assert_eq!(updated(&probed, 444, &[1]), (None, false));
         assert_eq!(WebState::updated(None, endpoint(443, &[1])).served, None);
     }
 }

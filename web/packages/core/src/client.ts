@@ -43,6 +43,21 @@ export interface FetchOptions {
   onProgress?: (loaded: number, total: number) => void;
 }
 
+/** An object resolved through the fog, ready to stream ranges of (`FogClient.open`). */
+export interface FogObject {
+  /** The whole object's size. */
+  readonly size: number;
+  /** The origin's `Content-Type` and `ETag`, when it sent them. */
+  readonly contentType?: string;
+  readonly etag?: string;
+  /** `range` of the object (default: all of it), in order: each chunk's bytes are enqueued once the chunk
+   * verified, and chunks are fetched at most `parallel` ahead of what was read, so memory stays bounded
+   * however large the object. Cancelling stops further requests (those under way finish unread) and hands
+   * the nodes their receipts. Errors only when a chunk could be read neither from the fog nor the origin.
+   * Throws a FogError ("bad_range") for a range outside the object. */
+  stream(range?: { offset: number; length: number }): ReadableStream<Uint8Array>;
+}
+
 export interface NodeStats {
   /** Verified bytes the node delivered. */
   bytes: number;
@@ -169,6 +184,84 @@ export class FogClient {
     return this.clientKey;
   }
 
+  /** The object at `url`, resolved (for bytes from `from` on), to stream ranges of. Rejects when the fog
+   * cannot serve it at all (tracker down or refusing, fog off for the page, ingest still sizing the object):
+   * the caller reads it elsewhere then. */
+  async open(url: string, from = 0): Promise<FogObject> {
+    if (fogDisabled()) throw new FogError("fog_disabled", "fog is off for this page after failed handshakes");
+    const r = await this.resolve(url, from);
+    const m = r.manifest;
+    if (m.progress && !m.progress.size_known) throw new FogError("size_unknown", `${url} is still being sized`);
+    return {
+      size: m.size,
+      contentType: m.content_type,
+      etag: m.etag,
+      stream: (range) => this.streamChunks(r, range?.offset ?? 0, range?.length ?? m.size),
+    };
+  }
+
+  private streamChunks(r: Resolve, offset: number, length: number): ReadableStream<Uint8Array> {
+    const m = r.manifest;
+    // No maxBytes: a stream holds at most `parallel` chunks.
+    checkRange(m, offset, length, Infinity);
+    const first = Math.floor(offset / m.chunk_size);
+    const last = length === 0 ? first - 1 : Math.floor((offset + length - 1) / m.chunk_size);
+    const owed = new Map<string, Owed>();
+    const handovers: Promise<void>[] = [];
+    /** Chunks asked for and not read yet, in order. */
+    const ahead: Promise<Uint8Array>[] = [];
+    let next = first;
+    let settled = false;
+    const fill = () => {
+      while (next <= last && ahead.length < this.opts.parallel) {
+        const chunk = this.chunk(r, next++, owed, handovers);
+        chunk.catch(() => undefined); // read (and its failure surfaced) when its turn comes, or never
+        ahead.push(chunk);
+      }
+    };
+    // Chunks still under way when the stream ends unread are paid for too, once they arrive.
+    const settle = () => {
+      if (settled) return;
+      settled = true;
+      next = last + 1;
+      const pay = () => payOwed(owed, handovers, (node, receipt) => this.handOver(node, receipt));
+      Promise.allSettled(ahead).then(pay);
+    };
+    let i = first;
+    return new ReadableStream<Uint8Array>(
+      {
+        pull: async (controller) => {
+          fill();
+          const chunk = ahead.shift();
+          if (chunk === undefined) {
+            settle();
+            controller.close();
+            return;
+          }
+          try {
+            const bytes = await chunk;
+            const [chunkOffset] = chunkSpan(m, i++);
+            const from = Math.max(offset, chunkOffset) - chunkOffset;
+            const to = Math.min(offset + length, chunkOffset + bytes.length) - chunkOffset;
+            controller.enqueue(bytes.subarray(from, to));
+          } catch (e) {
+            settle();
+            throw e;
+          }
+          if (i > last) {
+            settle();
+            controller.close();
+          } else {
+            fill();
+          }
+        },
+        cancel: settle,
+      },
+      // Nothing is read ahead by the stream itself: `fill` bounds the look-ahead.
+      { highWaterMark: 0 },
+    );
+  }
+
   /** The object's bytes (or `range` of them), every byte from a node verified against the manifest. */
   async fetchObject(url: string, options: FetchOptions = {}): Promise<Uint8Array> {
     const offset = options.range?.offset ?? 0;
@@ -188,10 +281,7 @@ export class FogClient {
     }
     const m = r.manifest;
     const length = options.range ? options.range.length : m.size - offset;
-    if (offset < 0 || length < 0 || offset + length > m.size) {
-      throw new FogError("bad_range", `range ${offset}+${length} is outside the object (${m.size} bytes)`);
-    }
-    if (length > this.opts.maxBytes) throw new FogError("too_large", `${length} bytes is over maxBytes`);
+    checkRange(m, offset, length, this.opts.maxBytes);
     const out = new Uint8Array(length);
     if (length === 0) return out;
     const first = Math.floor(offset / m.chunk_size);
@@ -213,7 +303,7 @@ export class FogClient {
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.opts.parallel, last - first + 1) }, worker));
-    for (const o of owed.values()) if (o.newest) handovers.push(this.handOver(o.node, o.newest));
+    payOwed(owed, handovers, (node, receipt) => this.handOver(node, receipt));
     await Promise.all(handovers);
     return out;
   }
@@ -455,6 +545,24 @@ export class FogClient {
   close(): void {
     this.sessions.close();
   }
+}
+
+/** Throws unless `offset`+`length` is within the object and `length` within `maxBytes`. */
+function checkRange(m: Manifest, offset: number, length: number, maxBytes: number): void {
+  if (offset < 0 || length < 0 || offset + length > m.size) {
+    throw new FogError("bad_range", `range ${offset}+${length} is outside the object (${m.size} bytes)`);
+  }
+  if (length > maxBytes) throw new FogError("too_large", `${length} bytes is over maxBytes`);
+}
+
+/** Hands each node the newest receipt one fetch still owes it (the fetch's end). */
+function payOwed(
+  owed: Map<string, Owed>,
+  handovers: Promise<void>[],
+  handOver: (node: NodeContact, receipt: Receipt) => Promise<void>,
+): void {
+  for (const o of owed.values()) if (o.newest) handovers.push(handOver(o.node, o.newest));
+  owed.clear();
 }
 
 export type { Manifest };

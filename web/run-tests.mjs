@@ -1,4 +1,5 @@
-// Bundles the tests (TypeScript) for Node's own test runner and runs them.
+// Bundles a package's tests (test/*.test.ts, TypeScript) for Node's own test runner and runs them; each
+// package's `npm test` runs it in the package's folder.
 import { spawnSync } from "node:child_process";
 import { readdirSync } from "node:fs";
 

@@ -19,7 +19,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 ensure_build_deps
-ensure_packages nginx openssl ffmpeg chromium chromium-driver firefox-esr nodejs npm
+ensure_packages nginx openssl ffmpeg chromium chromium-driver firefox-esr
+command -v npm >/dev/null || ensure_packages nodejs npm
 ensure_geckodriver
 (cd web && npm ci --ignore-scripts --no-audit --no-fund && npm run build) >&2
 cargo build --release --locked --workspace --all-targets

@@ -4,6 +4,7 @@
 //! nginx (the site's own server: TLS 1.3, `sendfile`), alternating; and the time to the first video frame
 //! of hls.js playing an HLS stream through the fog (`@fogcdn/hlsjs`) against hls.js reading it from nginx.
 //! Ignored by the test suite: it measures, it checks nothing but that every run got the right bytes.
+//! Besides rates it reports the CPU time the whole machine spent per GiB fetched (every process involved).
 //! Settings: FOG_BENCH_SIZE_MIB (64), FOG_BENCH_RUNS (5).
 
 use std::net::TcpListener;
@@ -148,14 +149,28 @@ const STARTUP: &str = r#"
     return true;
 "#;
 
-async fn run_in_page(browser: &Browser, page: &str, script: &str, args: Value) -> Value {
+/// Runs `script` with `args` on a fresh load of `page`; returns its result and the machine's busy CPU
+/// seconds while it ran (page load excluded).
+async fn run_in_page(browser: &Browser, page: &str, script: &str, args: Value) -> (Value, f64) {
     browser.goto(page).await;
     browser.wait_for("the bundles", Duration::from_secs(20), "return typeof FogHls === 'object'").await;
+    let busy = machine_busy_seconds();
     browser.eval(&script.replace("ARGS", &args.to_string())).await;
     browser.wait_for("the run", Duration::from_secs(180), "return window.result !== undefined").await;
+    let busy = machine_busy_seconds() - busy;
     let result = browser.eval("return window.result").await;
     assert!(result.get("failure").is_none(), "{result}");
-    result
+    (result, busy)
+}
+
+/// CPU time the whole machine has spent busy (every process: browser, nodes, tracker, nginx), in seconds,
+/// from /proc/stat (clock ticks of 1/100 s).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let ticks: Vec<f64> =
+        stat.lines().next().expect("cpu line").split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0.0)).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / 100.0
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -233,16 +248,19 @@ async fn web_fog_against_https_nginx() {
             num_cpus()
         ),
         String::new(),
-        "| browser | way | MB/s median | min–max | ratio to HTTPS nginx | first frame ms median (min–max) |".into(),
-        "|---|---|---|---|---|---|".into(),
+        "| browser | way | MB/s median | min–max | ratio to HTTPS nginx | machine CPU s/GiB | first frame ms median (min–max) |"
+            .into(),
+        "|---|---|---|---|---|---|---|".into(),
     ];
     for engine in [Engine::Chromium, Engine::Firefox] {
         let Some(browser) = Browser::launch(engine, &work.path().join(format!("{engine:?}"))).await else { continue };
         let (mut rates, mut starts) = (vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]);
+        let mut cpu_per_gib = vec![Vec::new(), Vec::new()];
         for run in 0..runs {
             for (w, way) in ["direct", "fog"].into_iter().enumerate() {
                 let args = json!([way, tracker, format!("{origin}/object.bin"), format!("{site}/object.bin")]);
-                let r = run_in_page(&browser, &page, FETCH, args).await;
+                let (r, busy) = run_in_page(&browser, &page, FETCH, args).await;
+                cpu_per_gib[w].push(busy * f64::from(1u32 << 30) / object.len() as f64);
                 assert_eq!(r["len"].as_u64(), Some(object.len() as u64), "{engine:?} {way}: {r}");
                 if way == "fog" && r["fog"].as_u64() != Some(object.len() as u64) {
                     eprintln!("warning: {engine:?} run {run}: not all from the fog: {r}");
@@ -250,7 +268,7 @@ async fn web_fog_against_https_nginx() {
                 let ms = r["ms"].as_f64().expect("ms");
                 rates[w].push(object.len() as f64 / ms / 1e3);
                 let args = json!([way, tracker, format!("{site}/hls/fog.m3u8"), format!("{site}/hls/index.m3u8")]);
-                let r = run_in_page(&browser, &page, STARTUP, args).await;
+                let (r, _) = run_in_page(&browser, &page, STARTUP, args).await;
                 starts[w].push(r["ms"].as_f64().expect("ms"));
                 eprintln!(
                     "{engine:?} run {run} {way}: {:.1} MB/s, first frame {:.0} ms",
@@ -265,9 +283,10 @@ async fn web_fog_against_https_nginx() {
             let (slo, shi) =
                 (starts[w].iter().copied().fold(f64::MAX, f64::min), starts[w].iter().copied().fold(0.0, f64::max));
             table.push(format!(
-                "| {engine:?} | {way} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.0} ({slo:.0}–{shi:.0}) |",
+                "| {engine:?} | {way} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.1} | {:.0} ({slo:.0}–{shi:.0}) |",
                 median(rates[w].clone()),
                 median(rates[w].clone()) / direct,
+                median(cpu_per_gib[w].clone()),
                 median(starts[w].clone()),
             ));
         }

@@ -3,6 +3,7 @@
 //! monthly budget (`--monthly-upload`, [`crate::budget`]).
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,9 @@ pub struct UploadPolicy {
     budget: Option<Budget>,
     clock: LocalTime,
     now: Mutex<Now>,
+    /// Requests refused because the schedule had the node off, and for want of budget.
+    refused_off: AtomicU64,
+    refused_budget: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -133,7 +137,8 @@ impl UploadPolicy {
             month: schedule::month_of(&t),
             month_ends: Instant::now() + schedule::until_next_month(&t),
         });
-        let policy = Self { default, schedule, budget, clock, now };
+        let (refused_off, refused_budget) = (AtomicU64::new(0), AtomicU64::new(0));
+        let policy = Self { default, schedule, budget, clock, now, refused_off, refused_budget };
         policy.look_again();
         policy
     }
@@ -206,10 +211,10 @@ impl UploadPolicy {
     /// Whether a response of `len` bytes may start (before work such as a fill is spent on it).
     pub fn check(&self, len: u64) -> Result<(), Refusal> {
         if let (UploadMode::Off, back_in) = self.mode() {
-            return Err(Refusal::Off { back_in });
+            return Err(self.refused(Refusal::Off { back_in }));
         }
         match &self.budget {
-            Some(budget) => Ok(budget.check(len)?),
+            Some(budget) => budget.check(len).map_err(|e| self.refused(e.into())),
             None => Ok(()),
         }
     }
@@ -217,12 +222,27 @@ impl UploadPolicy {
     /// Reserves `len` bytes for a response that is about to start.
     pub fn reserve(&self, len: u64) -> Result<Reservation<'_>, Refusal> {
         if let (UploadMode::Off, back_in) = self.mode() {
-            return Err(Refusal::Off { back_in });
+            return Err(self.refused(Refusal::Off { back_in }));
         }
         match &self.budget {
-            Some(budget) => Ok(budget.reserve(len)?),
+            Some(budget) => budget.reserve(len).map_err(|e| self.refused(e.into())),
             None => Ok(Reservation::none()),
         }
+    }
+
+    /// Counts a refusal (each request meets at most one: `check` before any work, or `reserve`).
+    fn refused(&self, refusal: Refusal) -> Refusal {
+        let counter = match refusal {
+            Refusal::Off { .. } => &self.refused_off,
+            Refusal::Budget(_) => &self.refused_budget,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        refusal
+    }
+
+    /// Requests refused for the owner's limits, by reason (`fog_node_upload_refusals_total{reason}`).
+    pub fn refusals(&self) -> [(&'static str, u64); 2] {
+        [("off", self.refused_off.load(Ordering::Relaxed)), ("budget", self.refused_budget.load(Ordering::Relaxed))]
     }
 
     /// Waits until `len` (≤ [`PIECE`]) bytes may go out under the cap in force.

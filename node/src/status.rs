@@ -469,7 +469,7 @@ impl Status {
     fn metrics_text(&self) -> String {
         let s = self.status();
         self.metrics.update(&s);
-        self.metrics.update_web(&self.server.web);
+        self.metrics.update_families(&self.server.web, &self.server.upload);
         self.metrics.encode()
     }
 
@@ -506,6 +506,8 @@ struct NodeMetrics {
     web_sessions: Family<[(&'static str, &'static str); 1], Counter>,
     /// `fog_node_web_cert_rotations_total{step}`.
     web_cert_rotations: Family<[(&'static str, &'static str); 1], Counter>,
+    /// `fog_node_upload_refusals_total{reason}`.
+    upload_refusals: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for NodeMetrics {
@@ -631,7 +633,13 @@ impl Default for NodeMetrics {
             "Steps of the browsers' certificate rotation: made_next (announced), switched, replaced (clock jump)",
             web_cert_rotations.clone(),
         );
-        Self { registry, counters, gauges, web_sessions, web_cert_rotations }
+        let upload_refusals = Family::default();
+        registry.register(
+            "fog_node_upload_refusals",
+            "Requests refused (Busy) for the owner's limits: off (the schedule) or budget (the month's)",
+            upload_refusals.clone(),
+        );
+        Self { registry, counters, gauges, web_sessions, web_cert_rotations, upload_refusals }
     }
 }
 
@@ -646,10 +654,12 @@ impl NodeMetrics {
         }
     }
 
-    fn update_web(&self, web: &crate::web::Web) {
+    /// The counters kept by label outside [`NodeStatus`].
+    fn update_families(&self, web: &crate::web::Web, upload: &crate::limits::UploadPolicy) {
         let counts = web.sessions.by_result().map(|(result, n)| (&self.web_sessions, ("result", result), n));
         let steps = web.rotations_by_step().map(|(step, n)| (&self.web_cert_rotations, ("step", step), n));
-        for (family, label, n) in counts.into_iter().chain(steps) {
+        let refusals = upload.refusals().map(|(reason, n)| (&self.upload_refusals, ("reason", reason), n));
+        for (family, label, n) in counts.into_iter().chain(steps).chain(refusals) {
             let c = family.get_or_create(&[label]);
             c.inc_by(n.saturating_sub(c.get()));
         }

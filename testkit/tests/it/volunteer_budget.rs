@@ -156,6 +156,17 @@ async fn the_tracker_routes_around_off_windows_and_spent_budgets() {
         }
     };
     assert!(matches!(refusal, ChunkError::Refused { status: Status::Busy, .. }), "{refusal:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.status_addr(budget)))
+        .await
+        .expect("node metrics")
+        .text()
+        .await
+        .expect("text");
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fog_node_upload_refusals_total{reason=\"budget\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(counted >= Some(1), "the refusal is not in the node's metrics:\n{metrics}");
 
     stop.store(true, Ordering::Relaxed);
     let (fetches, from_node) = fetcher.await.expect("the client saw no failure");

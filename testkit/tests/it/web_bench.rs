@@ -254,8 +254,8 @@ async fn web_fog_against_https_nginx() {
     ];
     for engine in [Engine::Chromium, Engine::Firefox] {
         let Some(browser) = Browser::launch(engine, &work.path().join(format!("{engine:?}"))).await else { continue };
-        let (mut rates, mut starts) = (vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]);
-        let mut cpu_per_gib = vec![Vec::new(), Vec::new()];
+        let (mut rates, mut starts) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        let mut cpu_per_gib = [Vec::new(), Vec::new()];
         for run in 0..runs {
             for (w, way) in ["direct", "fog"].into_iter().enumerate() {
                 let args = json!([way, tracker, format!("{origin}/object.bin"), format!("{site}/object.bin")]);

@@ -183,6 +183,15 @@ pub(crate) fn chunks_of<'a>(
     })
 }
 
+/// A site serving [`PAGE`] and the core bundle (and whatever a test puts there), with its web origin.
+pub(crate) async fn core_page_site() -> (TestOrigin, String) {
+    let site = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Quirks::default()).await.expect("site");
+    site.put("index.html", PAGE);
+    site.put("fog-core.js", std::fs::read(bundle()).expect("bundle"));
+    let page_origin = format!("http://{}", site.addr);
+    (site, page_origin)
+}
+
 /// Tracker flags for a cluster that ingests from `origin` (a URL prefix) and lets pages of `page_origin` use
 /// the fog, probing nodes' WebTransport endpoints every second so that pages are given them soon.
 pub(crate) fn web_tracker_args(origin: &str, page_origin: &str) -> Vec<String> {
@@ -257,10 +266,7 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     }
     // The site: it serves the page, the bundle and the media, so the page's own origin is the origin of
     // the objects too (the page reads them with `Range`, as players read their site's media).
-    let site = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Quirks::default()).await.expect("site");
-    site.put("index.html", PAGE);
-    site.put("fog-core.js", std::fs::read(bundle()).expect("bundle"));
-    let page_origin = format!("http://{}", site.addr);
+    let (site, page_origin) = core_page_site().await;
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: 3,
         tracker_args: web_tracker_args(&site.base_url(), &page_origin),

@@ -7,13 +7,12 @@
 use std::time::Duration;
 
 use fog_testkit::harness::{Cluster, ClusterOptions};
-use fog_testkit::origin::{Quirks, TestOrigin};
 use fog_testkit::test_bytes;
 use serde_json::{json, Value};
 
 use crate::common::MIB;
 use crate::dashboard::{Browser, Engine};
-use crate::web_page::{bundle, wait_page_gets_every_node, web_tracker_args, PAGE};
+use crate::web_page::{bundle, core_page_site, wait_page_gets_every_node, web_tracker_args};
 
 const ROTATION_SECS: u64 = 30;
 
@@ -78,10 +77,7 @@ async fn a_node_rolls_its_certificate_while_pages_fetch_without_a_failed_session
         );
         return;
     }
-    let site = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Quirks::default()).await.expect("site");
-    site.put("index.html", PAGE);
-    site.put("fog-core.js", std::fs::read(bundle()).expect("bundle"));
-    let page_origin = format!("http://{}", site.addr);
+    let (site, page_origin) = core_page_site().await;
     let cluster = Cluster::start(ClusterOptions {
         nodes: 1,
         tracker_args: web_tracker_args(&site.base_url(), &page_origin),
@@ -97,10 +93,6 @@ async fn a_node_rolls_its_certificate_while_pages_fetch_without_a_failed_session
     wait_page_gets_every_node(&cluster, &page_origin, &url).await;
 
     for engine in [Engine::Chromium, Engine::Firefox] {
-        if let Some(why) = engine.unavailable() {
-            eprintln!("SKIPPED in {engine:?}: {why}");
-            continue;
-        }
         let Some(browser) = Browser::launch(engine, &cluster.dir.path().join(format!("{engine:?}"))).await else {
             continue;
         };

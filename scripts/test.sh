@@ -70,6 +70,9 @@ ensure_geckodriver || log "warning: geckodriver could not be installed; the Fire
 # without npm it skips, saying so.
 command -v npm >/dev/null || ensure_packages nodejs npm || log "warning: npm could not be installed; the web client's browser test will skip"
 if command -v npm >/dev/null; then (cd web && npm ci --ignore-scripts --no-audit --no-fund && npm run build && npm test); fi
+# Cluster mode (issue #15): the tests start their own nats-servers and PostgreSQL (with pg_auto_failover) on
+# 127.0.0.1; without the packages they skip, saying so.
+ensure_packages nats-server postgresql postgresql-15-auto-failover || log "warning: nats-server or PostgreSQL could not be installed; the cluster tests will skip"
 # The player tests generate and play real HLS/DASH/MP4 with ffmpeg; without it they skip, saying so.
 ensure_packages ffmpeg || log "warning: ffmpeg could not be installed; the player tests will skip"
 # rustfmt and clippy come with the toolchain here; where they are missing, say so rather than fail.

@@ -21,7 +21,9 @@ extern "C" {
 /**
  * Starts an embedded proxy from a JSON config (`{"tracker": "http://…", "listen": "127.0.0.1:0",
  * "prefetch_secs": 20, "prefetch_memory": 134217728, "origins": ["https://videos.example.com/"]}`; only
- * `tracker` is required; `origins` are relayed besides the tracker's registered ones). NULL on failure.
+ * `tracker` is required; `origins` are relayed besides the tracker's registered ones). `tracker` may name
+ * several replicas of one cell, as a list (`["http://a:7700", "http://b:7700"]`) or comma-separated: the
+ * proxy sticks to the one that answers and fails over to the next. NULL on failure.
  *
  * # Safety
  * `config_json` must be NULL or a NUL-terminated string.

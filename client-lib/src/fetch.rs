@@ -26,12 +26,13 @@ use tokio::task::JoinHandle;
 
 use fog_net::chunk::{self, ChunkError, Deadlines, StreamError};
 use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
-use fog_net::tracker::{TrackerClient, TrackerError};
+use fog_net::tracker::{CurrentTracker, TrackerClient, TrackerError};
 use fog_net::transport::{self, TransportError};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Tracker base URL. Without one every object comes straight from its origin.
+    /// Tracker base URL, or several comma-separated (replicas of one cell; see [`fog_net::trackers`]).
+    /// Without one every object comes straight from its origin.
     pub tracker: Option<String>,
     /// Chunks fetched at once.
     pub parallel: usize,
@@ -354,6 +355,11 @@ impl FogClient {
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
         let r = tracker.resolve(url, stale, Some(key.verifying_key().into()), Some(from)).await?;
         Resolved::validate(r, key).map_err(|e| TrackerError::BadResponse(Box::new(e)))
+    }
+
+    /// The tracker URL requests go to now (with several, the one that answered last); `None` without one.
+    pub fn tracker(&self) -> Option<CurrentTracker> {
+        self.inner.tracker.as_ref().map(TrackerClient::current)
     }
 
     /// The origins the tracker serves.

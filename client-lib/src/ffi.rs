@@ -32,7 +32,8 @@ pub struct FogHandle {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FfiConfig {
-    tracker: String,
+    /// One URL, several comma-separated, or a list of them (replicas of one cell, failed over in turn).
+    tracker: TrackerList,
     #[serde(default = "default_listen")]
     listen: SocketAddr,
     #[serde(default)]
@@ -42,6 +43,25 @@ struct FfiConfig {
     /// Origins relayed besides the tracker's (URL prefixes), as `fog proxy --origin`.
     #[serde(default)]
     origins: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TrackerList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TrackerList {
+    /// As `--tracker` takes it: comma-separated, checked.
+    fn joined(&self) -> Result<String, String> {
+        let list = match self {
+            Self::One(s) => s.clone(),
+            Self::Many(v) => v.join(","),
+        };
+        fog_net::trackers::parse_list(&list).map_err(|e| format!("tracker: {e}"))?;
+        Ok(list)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -87,6 +107,7 @@ fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 
 fn start(config_json: &str) -> Result<FogHandle, String> {
     let cfg: FfiConfig = serde_json::from_str(config_json).map_err(|e| format!("bad config JSON: {e}"))?;
+    let tracker = cfg.tracker.joined()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("fogcdn")
@@ -94,7 +115,7 @@ fn start(config_json: &str) -> Result<FogHandle, String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let (proxy, addr, listener) = runtime.block_on(async {
-        let client = ClientConfig { tracker: Some(cfg.tracker.clone()), ..Default::default() };
+        let client = ClientConfig { tracker: Some(tracker), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
@@ -119,7 +140,9 @@ fn start(config_json: &str) -> Result<FogHandle, String> {
 
 /// Starts an embedded proxy from a JSON config (`{"tracker": "http://…", "listen": "127.0.0.1:0",
 /// "prefetch_secs": 20, "prefetch_memory": 134217728, "origins": ["https://videos.example.com/"]}`; only
-/// `tracker` is required; `origins` are relayed besides the tracker's registered ones). NULL on failure.
+/// `tracker` is required; `origins` are relayed besides the tracker's registered ones). `tracker` may name
+/// several replicas of one cell, as a list (`["http://a:7700", "http://b:7700"]`) or comma-separated: the
+/// proxy sticks to the one that answers and fails over to the next. NULL on failure.
 ///
 /// # Safety
 /// `config_json` must be NULL or a NUL-terminated string.
@@ -205,7 +228,7 @@ pub unsafe extern "C" fn fog_stats_json(client: *const FogHandle) -> *mut c_char
             set_error("client is NULL");
             return std::ptr::null_mut();
         };
-        to_c(serde_json::to_string(&h.proxy.stats.snapshot()).unwrap_or_default())
+        to_c(serde_json::to_string(&h.proxy.snapshot()).unwrap_or_default())
     })
 }
 
@@ -259,4 +282,22 @@ pub unsafe extern "C" fn fog_client_free(client: *mut FogHandle) {
 #[no_mangle]
 pub extern "C" fn fog_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ref().map_or(std::ptr::null(), |s| s.as_ptr()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tracker_is_one_url_several_or_a_list() {
+        let joined = |json: &str| serde_json::from_str::<FfiConfig>(json).expect("config").tracker.joined();
+        assert_eq!(joined(r#"{"tracker": "http://a:7700"}"#), Ok("http://a:7700".into()));
+        assert_eq!(joined(r#"{"tracker": "http://a:7700,http://b:7700"}"#), Ok("http://a:7700,http://b:7700".into()));
+        assert_eq!(
+            joined(r#"{"tracker": ["http://a:7700", "http://b:7700"]}"#),
+            Ok("http://a:7700,http://b:7700".into())
+        );
+        assert!(joined(r#"{"tracker": []}"#).is_err());
+        assert!(joined(r#"{"tracker": "a:7700"}"#).is_err());
+    }
 }

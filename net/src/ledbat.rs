@@ -29,10 +29,14 @@
 //! RTT samples are taken here, per acknowledged packet, as the time since it was sent, not from quinn's
 //! `RttEstimator`: quinn hands the estimator to `on_ack` before updating it with that ACK's sample, its
 //! latest sample is not public, and its smoothed RTT trails the path by about eight samples.
+//!
+//! What the controllers do is counted node-wide in [`LedbatStats`] (the node's status page and `/metrics`
+//! show it): back-offs for delay, slowdowns, reductions for loss, and the latest delays measured.
 
 use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
@@ -68,14 +72,102 @@ const SLOWDOWN_RTTS: u32 = 2;
 /// it ended: at most 1/(1 + 9) of the time is spent slowed down (LEDBAT++).
 const SLOWDOWN_INTERVAL: u32 = 9;
 
-/// Builds a [`Ledbat`] controller for each connection: give it to
+/// The latest delays are shown for this long after they were measured: after that no connection of this
+/// controller is sending, and a stale value would read as the uplink's state now.
+pub const DELAYS_SHOWN_FOR: Duration = Duration::from_secs(10);
+
+/// What the controllers of one process did, summed over their connections; shared by the controllers'
+/// handles, as quinn builds one controller per connection.
+#[derive(Debug)]
+pub struct LedbatStats {
+    delay_backoffs: AtomicU64,
+    slowdowns: AtomicU64,
+    loss_reductions: AtomicU64,
+    /// Of the connection that took an RTT sample last: its base delay and queueing delay (µs), and when
+    /// (µs since `epoch`, plus one: 0 is never).
+    base_delay_us: AtomicU64,
+    queueing_delay_us: AtomicU64,
+    sampled_at_us: AtomicU64,
+    epoch: Instant,
+}
+
+/// [`LedbatStats`] read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedbatSnapshot {
+    /// Round trips in which a connection shrank its window because the queueing delay was over the target.
+    pub delay_backoffs: u64,
+    /// Periodic (and initial) slowdowns to two packets.
+    pub slowdowns: u64,
+    /// Losses that reduced a window (at most one per round trip and connection).
+    pub loss_reductions: u64,
+    /// The base and the queueing delay the connection that measured an RTT last saw, if that was within
+    /// [`DELAYS_SHOWN_FOR`].
+    pub base_delay: Option<Duration>,
+    pub queueing_delay: Option<Duration>,
+}
+
+/// The process's stats: a node is one process with one QUIC endpoint, whose status page reads them here.
+static PROCESS_STATS: LazyLock<Arc<LedbatStats>> = LazyLock::new(|| Arc::new(LedbatStats::new()));
+
+impl LedbatStats {
+    pub fn new() -> Self {
+        Self {
+            delay_backoffs: AtomicU64::new(0),
+            slowdowns: AtomicU64::new(0),
+            loss_reductions: AtomicU64::new(0),
+            base_delay_us: AtomicU64::new(0),
+            queueing_delay_us: AtomicU64::new(0),
+            sampled_at_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// What [`LedbatFactory`]'s controllers count into.
+    pub fn process() -> &'static Arc<LedbatStats> {
+        &PROCESS_STATS
+    }
+
+    fn since_epoch_us(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros().try_into().unwrap_or(u64::MAX - 1)
+    }
+
+    fn record_delays(&self, now: Instant, base: Duration, queueing: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.base_delay_us.store(us(base), Ordering::Relaxed);
+        self.queueing_delay_us.store(us(queueing), Ordering::Relaxed);
+        self.sampled_at_us.store(self.since_epoch_us(now) + 1, Ordering::Relaxed);
+    }
+
+    /// The counts, and the latest delays if they were measured within [`DELAYS_SHOWN_FOR`] of `now`.
+    pub fn snapshot(&self, now: Instant) -> LedbatSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sampled = get(&self.sampled_at_us);
+        let fresh =
+            sampled > 0 && self.since_epoch_us(now).saturating_sub(sampled - 1) <= DELAYS_SHOWN_FOR.as_micros() as u64;
+        LedbatSnapshot {
+            delay_backoffs: get(&self.delay_backoffs),
+            slowdowns: get(&self.slowdowns),
+            loss_reductions: get(&self.loss_reductions),
+            base_delay: fresh.then(|| Duration::from_micros(get(&self.base_delay_us))),
+            queueing_delay: fresh.then(|| Duration::from_micros(get(&self.queueing_delay_us))),
+        }
+    }
+}
+
+impl Default for LedbatStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds a [`Ledbat`] controller for each connection, counting into [`LedbatStats::process`]: give it to
 /// `quinn::TransportConfig::congestion_controller_factory`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LedbatFactory;
 
 impl ControllerFactory for LedbatFactory {
     fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(Ledbat::new(current_mtu))
+        Box::new(Ledbat::new(current_mtu, LedbatStats::process().clone()))
     }
 }
 
@@ -138,10 +230,14 @@ pub struct Ledbat {
     /// When the last loss was acted on: losses of packets sent before it belong to the same event.
     recovery_start: Option<Instant>,
     next_slowdown: Option<Instant>,
+    /// When a back-off for delay was last counted: one count per round trip, not per ACK.
+    counted_backoff: Option<Instant>,
+    stats: Arc<LedbatStats>,
 }
 
 impl Ledbat {
-    pub fn new(current_mtu: u16) -> Self {
+    /// A controller counting into `stats`.
+    pub fn new(current_mtu: u16, stats: Arc<LedbatStats>) -> Self {
         let mtu = u64::from(current_mtu);
         Self {
             mtu,
@@ -154,6 +250,8 @@ impl Ledbat {
             batch_bytes: 0,
             recovery_start: None,
             next_slowdown: None,
+            counted_backoff: None,
+            stats,
         }
     }
 
@@ -200,7 +298,11 @@ impl Ledbat {
             self.recent.pop_front();
         }
         self.recent.push_back(sample);
-        let (Some(queueing), Some(rtt)) = (self.queueing_delay(), self.current_rtt()) else { return };
+        let (Some(queueing), Some(rtt), Some(base)) = (self.queueing_delay(), self.current_rtt(), self.base_delay())
+        else {
+            return;
+        };
+        self.stats.record_delays(now, base, queueing);
         let over = queueing.as_secs_f64() / TARGET_DELAY.as_secs_f64();
         let gain = self.gain();
         match self.phase {
@@ -227,6 +329,7 @@ impl Ledbat {
                     self.window = self.min_window();
                     self.phase = Phase::Slowdown { since: now, until: now + rtt * SLOWDOWN_RTTS };
                     self.next_slowdown = None;
+                    Self::count(&self.stats.slowdowns);
                     return;
                 }
                 let mtu = self.mtu as f64;
@@ -240,9 +343,19 @@ impl Ledbat {
                 } else {
                     (gain * mtu - self.window * (over - 1.0)).max(-self.window / 2.0)
                 };
+                let before = self.window;
                 self.window = (self.window + per_rtt * acked / self.window).max(self.min_window());
+                if self.window < before && self.counted_backoff.is_none_or(|t| now.saturating_duration_since(t) >= rtt)
+                {
+                    self.counted_backoff = Some(now);
+                    Self::count(&self.stats.delay_backoffs);
+                }
             }
         }
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Slow start is over (at `now`, the RTT being `rtt`): schedules the next slowdown.
@@ -260,6 +373,7 @@ impl Ledbat {
             return;
         }
         self.recovery_start = Some(now);
+        Self::count(&self.stats.loss_reductions);
         match self.phase {
             // The window is at its minimum already; halve the one it returns to.
             Phase::Slowdown { .. } => self.ssthresh = (self.ssthresh / 2.0).max(self.min_window()),
@@ -373,7 +487,7 @@ mod tests {
             let start = Instant::now();
             let mut sim = Self {
                 path,
-                cc: Ledbat::new(MTU),
+                cc: Ledbat::new(MTU, Arc::new(LedbatStats::new())),
                 start,
                 now: start,
                 link_free: start,
@@ -431,6 +545,10 @@ mod tests {
 
         fn at(&self, t: Duration) -> Instant {
             self.start + t
+        }
+
+        fn stats(&self) -> LedbatSnapshot {
+            self.cc.stats.snapshot(self.now)
         }
 
         /// Bytes per second delivered between `from` and `to` after the start.
@@ -505,6 +623,10 @@ mod tests {
         let (_, worst_in_slow_start) = sim.queueing(Duration::ZERO, exit.0 - sim.start);
         assert!(worst_in_slow_start <= TARGET_DELAY * 3 / 2, "slow start queued {worst_in_slow_start:?}");
         assert_base(&sim, sim.path.base);
+        let stats = sim.stats();
+        assert_eq!(stats.loss_reductions, 0);
+        assert_eq!(stats.base_delay, sim.cc.base_delay(), "the latest sample's delays are shown");
+        assert_eq!(stats.queueing_delay, sim.cc.queueing_delay());
     }
 
     #[test]
@@ -515,10 +637,15 @@ mod tests {
         sim.run_until(secs(19.9));
         let before = sim.cc.window();
         assert!(before > 50 * u64::from(MTU), "window before: {before}");
+        let backoffs_before = sim.stats().delay_backoffs;
         // Within ten round trips of 140 ms the window is at or near its minimum.
         sim.run_until(secs(21.4));
         let min = MIN_WINDOW_PACKETS * u64::from(MTU);
         assert!(sim.cc.window() <= 2 * min, "window {} after the owner's queue appeared", sim.cc.window());
+        // Counted, at most once per round trip (1.5 s holds 11 of 140 ms); here a slowdown comes too.
+        let backoffs = sim.stats().delay_backoffs - backoffs_before;
+        assert!((1..=11).contains(&backoffs), "{backoffs} back-offs for delay");
+        assert!(sim.stats().queueing_delay.is_some_and(|q| q > TARGET_DELAY), "{:?}", sim.stats());
         let yielded = sim.throughput(secs(22.0), secs(40.0));
         assert!(yielded < 0.05 * sim.path.rate, "{yielded:.0} bytes/s while the owner uploads");
         // Once the owner's queue is gone the uplink is used again.
@@ -547,6 +674,8 @@ mod tests {
         let slowed: Duration = spans.iter().map(|(s, u)| *u - *s).sum();
         let between = spans.last().expect("spans").0 - spans[0].0;
         assert!(slowed < between / 10, "{slowed:?} of {between:?} at two packets");
+        let open = u64::from(matches!(sim.cc.phase, Phase::Slowdown { .. }));
+        assert_eq!(sim.stats().slowdowns, spans.len() as u64 + open, "every slowdown counted once");
     }
 
     #[test]
@@ -568,7 +697,7 @@ mod tests {
     #[test]
     fn loss_halves_the_window_once_per_round_trip() {
         let t0 = Instant::now();
-        let mut cc = Ledbat::new(MTU);
+        let mut cc = Ledbat::new(MTU, Arc::new(LedbatStats::new()));
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // Slow start on an empty path: 40 ms RTTs, no queue.
         for i in 0..400 {
@@ -587,12 +716,62 @@ mod tests {
         assert_eq!(cc.window(), w / 4);
         cc.congestion(at(700), at(660), true);
         assert_eq!(cc.window(), MIN_WINDOW_PACKETS * u64::from(MTU), "persistent congestion");
+        let stats = cc.stats.snapshot(at(700));
+        assert_eq!(stats.loss_reductions, 3, "the second loss of one round trip is not counted");
+        assert_eq!((stats.delay_backoffs, stats.slowdowns), (0, 0));
+    }
+
+    #[test]
+    fn back_offs_for_delay_are_counted_once_per_round_trip() {
+        let t0 = Instant::now();
+        let mut cc = Ledbat::new(MTU, Arc::new(LedbatStats::new()));
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mtu = u64::from(MTU);
+        // In congestion avoidance at 100 packets, no slowdown due, the base delay 40 ms.
+        cc.window = (100 * mtu) as f64;
+        cc.phase = Phase::CongestionAvoidance;
+        cc.ack(at(40), at(0), mtu);
+        cc.end_acks(at(40), false);
+        // Then a 100 ms queue: an ACK a millisecond for a second. The window shrinks by half a packet per
+        // ACK (half the window per round trip): ~200 decreases over two round trips of 140 ms, then it holds
+        // its minimum.
+        for ms in 1000..2000 {
+            cc.ack(at(ms), at(ms - 140), mtu);
+            cc.end_acks(at(ms), false);
+        }
+        assert_eq!(cc.window(), MIN_WINDOW_PACKETS * mtu);
+        assert_eq!(cc.stats.snapshot(at(2000)).delay_backoffs, 2);
+    }
+
+    #[test]
+    fn stats_are_shared_by_connections_and_delays_go_stale() {
+        let t0 = Instant::now();
+        let stats = Arc::new(LedbatStats::new());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (mut a, mut b) = (Ledbat::new(MTU, stats.clone()), Ledbat::new(MTU, stats.clone()));
+        a.congestion(at(100), at(50), false);
+        b.congestion(at(100), at(50), false);
+        assert_eq!(stats.snapshot(at(100)).loss_reductions, 2);
+        assert_eq!(stats.snapshot(at(100)).base_delay, None, "nothing measured yet");
+        // The latest connection to take a sample is the one shown.
+        a.ack(at(200), at(160), u64::from(MTU));
+        a.end_acks(at(200), false);
+        b.ack(at(210), at(110), u64::from(MTU));
+        b.end_acks(at(210), false);
+        b.ack(at(300), at(220), u64::from(MTU));
+        b.end_acks(at(300), false);
+        let shown = stats.snapshot(at(300));
+        assert_eq!(shown.base_delay, Some(Duration::from_millis(80)));
+        assert_eq!(shown.queueing_delay, Some(Duration::ZERO));
+        let later = at(300) + DELAYS_SHOWN_FOR + Duration::from_millis(1);
+        assert_eq!(stats.snapshot(later).base_delay, None, "no connection measured in {DELAYS_SHOWN_FOR:?}");
+        assert_eq!(stats.snapshot(later).loss_reductions, 2);
     }
 
     #[test]
     fn gain_shrinks_on_short_paths() {
         let t0 = Instant::now();
-        let mut cc = Ledbat::new(MTU);
+        let mut cc = Ledbat::new(MTU, Arc::new(LedbatStats::new()));
         for (base_ms, gain) in [(200, 1.0), (60, 0.5), (40, 1.0 / 3.0), (1, 1.0 / 16.0)] {
             cc.base = BaseDelay::default();
             cc.base.update(t0, Duration::from_millis(base_ms));

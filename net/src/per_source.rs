@@ -41,7 +41,7 @@ impl PerSource {
     /// Whether the source of `ip` may do one more; counts it if so.
     pub fn check(&self, ip: IpAddr) -> bool {
         let n = self.checks.fetch_add(1, Ordering::Relaxed);
-        if n % 1024 == 0 || self.limiter.len() > MAX_SOURCES {
+        if n.is_multiple_of(1024) || self.limiter.len() > MAX_SOURCES {
             // Sources whose allowance is back to full need no state.
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();

@@ -105,7 +105,7 @@ pub fn server_config_with_web(
 }
 
 /// The node's server configuration: [`server_config`], offering `h3` to browsers if `web` is given, and
-/// sending to every client (native or browser) at `upload` priority.
+/// sending to every client (native or browser) and to peers filling misses at `upload` priority.
 pub fn node_server_config(
     key: &SigningKey,
     max_streams_per_connection: u32,
@@ -119,7 +119,8 @@ pub fn node_server_config(
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
     let identity =
         CertifiedKey::from_der(vec![cert.der().clone()], private, &crypto_provider()).map_err(TransportError::Tls)?;
-    let alpn_protocols: Vec<Vec<u8>> = [ALPN, fog_proto::rendezvous::ALPN]
+    // Peers' fill requests (`fog-peer/1`) come here too, so the answers go under `upload` as well.
+    let alpn_protocols: Vec<Vec<u8>> = [ALPN, fog_proto::rendezvous::ALPN, fog_proto::wire::PEER_ALPN]
         .into_iter()
         .chain(web.is_some().then_some(H3_ALPN))
         .map(<[u8]>::to_vec)

@@ -27,8 +27,10 @@ pub struct NodeArgs {
     #[arg(long, env = "FOG_NODE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Tracker base URL [default: http://127.0.0.1:7700].
+    /// Tracker base URL, or several comma-separated (the replicas of one cell): the node sticks to the one
+    /// that answers and fails over to the next (in TOML a string or a list) [default: http://127.0.0.1:7700].
     #[arg(long, env = "FOG_NODE_TRACKER")]
+    #[serde(default, deserialize_with = "tracker_list")]
     pub tracker: Option<String>,
     /// Where the node keeps its identity key and cache [default: ~/.local/share/fogcdn/node].
     #[arg(long, env = "FOG_NODE_DATA_DIR")]
@@ -186,6 +188,7 @@ impl NodeArgs {
             web_origins,
             web_cert_rotation: web_cert_rotation(self.web_cert_rotation_secs.or(file.web_cert_rotation_secs))?,
         };
+        fog_net::trackers::parse_list(&cfg.tracker).map_err(|e| ConfigError::Invalid(format!("--tracker: {e}")))?;
         if cfg.region.as_ref().is_some_and(|r| r.len() > MAX_VERSION_LEN) {
             return Err(ConfigError::Invalid(format!("--region must be at most {MAX_VERSION_LEN} bytes")));
         }
@@ -203,6 +206,20 @@ impl NodeArgs {
         }
         Ok(cfg)
     }
+}
+
+/// `tracker` in the TOML file: `"URL,URL"` as on the command line, or a list of URLs.
+fn tracker_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(v) => v.join(","),
+    }))
 }
 
 /// `--min-free-disk`: bytes, or a percentage of the filesystem's size.
@@ -414,6 +431,11 @@ mod tests {
         assert_eq!(args.resolve().expect("valid").web_origins.as_slice(), ["https://a.example", "http://b:8080"]);
         let args = NodeArgs::parse_from(["fog-node", "--web-origin", "https://a.example/player"]);
         assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))), "a page, not an origin");
+        std::fs::write(&path, "tracker = [\"http://a:7700\", \"http://b:7700\"]\n").expect("write");
+        let args = NodeArgs::parse_from(["fog-node", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(args.resolve().expect("a list").tracker, "http://a:7700,http://b:7700");
+        let args = NodeArgs::parse_from(["fog-node", "--tracker", "http://a:7700,b:7700"]);
+        assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))), "every URL names its scheme");
         let args = NodeArgs::parse_from(["fog-node", "--min-free-disk", "2GiB"]);
         assert_eq!(args.resolve().expect("valid").min_free_disk, DiskFloor::Bytes(2 << 30));
         assert!("120%".parse::<DiskFloor>().is_err());

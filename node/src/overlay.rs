@@ -1,7 +1,12 @@
 //! The libp2p overlay: nodes find each other (tracker bootstrap, identify, Kademlia peer routing), learn
 //! whether they are reachable (AutoNAT v2), get through home NATs (relay reservations and DCUtR hole
-//! punching), measure RTTs to each other (ping), and fill cache misses from each other over raw streams
-//! (`fog_proto::wire::PEER_PROTOCOL`).
+//! punching), measure RTTs to each other (ping), and fill cache misses from each other.
+//!
+//! A miss is asked of a peer over the peer's own QUIC endpoint (`fog_proto::wire::PEER_ALPN`), dialled from
+//! this node's, where the uploading peer's congestion controller is the node's own (LEDBAT++ at
+//! `--upload-priority low`); over a libp2p stream (`fog_proto::wire::PEER_PROTOCOL`) only when that endpoint
+//! is unknown (a peer behind NAT) or cannot be reached. libp2p's transports choose their congestion control
+//! themselves.
 //!
 //! Clients never speak libp2p: they use the quinn chunk protocol. The overlay is node-to-node only.
 //!
@@ -9,6 +14,7 @@
 //! shared [`OverlayState`] snapshot.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,13 +22,16 @@ use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
 use fog_net::transport;
 use fog_proto::api::{
-    CellDelta, CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEER_ADDRS,
-    MAX_RTT_SAMPLES, NEIGHBOURHOOD,
+    CellDelta, CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEERS_LISTED,
+    MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::groups::GroupHashes;
 use fog_proto::placement::{peers_to_ask, PEERS_ASKED};
 use fog_proto::rtt::RttFilter;
-use fog_proto::wire::{ChunkRequest, FrameError, OriginHint, PeerResponseHead, PEER_PROTOCOL};
+use fog_proto::wire::{
+    ChunkRequest, FrameError, OriginHint, PeerHello, PeerResponseHead, PEER_ALPN, PEER_EXPORTER_LABEL,
+    PEER_EXPORTER_LEN, PEER_PROTOCOL,
+};
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
@@ -31,12 +40,13 @@ use libp2p::{
     autonat, connection_limits, dcutr, identify, kad, memory_connection_limits, noise, ping, relay, tcp, yamux,
     Multiaddr, PeerId, StreamProtocol, Swarm,
 };
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::cell::{AddressBook, Cell};
 use crate::fill::Feed;
+use crate::rendezvous::SharedMembership;
 use crate::stats::Counters;
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fog/kad/1.0.0");
@@ -73,6 +83,18 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// A peer is dialled again at most this often.
 const REDIAL_AFTER: Duration = Duration::from_secs(30);
 const COMMANDS: usize = 64;
+/// How long dialling a peer's QUIC endpoint may take, the hello's welcome included, before libp2p is asked.
+const QUIC_DIAL: Duration = PEER_FIRST_BYTE;
+/// Idle timeout of a connection to a peer's QUIC endpoint (keep-alives every third of it; the peer closes
+/// one that carries no fill for a minute).
+const QUIC_IDLE: Duration = Duration::from_secs(30);
+/// A peer whose QUIC endpoint did not answer or did not welcome this node is asked over libp2p for this long.
+const QUIC_RETRY_AFTER: Duration = REDIAL_AFTER;
+/// Public peers' QUIC endpoints remembered from the tracker's bootstrap lists (cell members' come with the
+/// cell list); past it, the memory starts over.
+const MAX_QUIC_ADDRS: usize = 16 * MAX_PEERS_LISTED;
+/// Connections to peers' QUIC endpoints kept open, as many as libp2p's outbound ones.
+const MAX_QUIC_CONNS: usize = MAX_ESTABLISHED_OUT as usize;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -101,6 +123,141 @@ enum FetchError {
     Send(#[source] std::io::Error),
     #[error("{0}")]
     Head(#[from] ReadError<FrameError>),
+}
+
+/// Why a peer's QUIC endpoint was not used: it is asked over libp2p instead.
+#[derive(Debug, thiserror::Error)]
+enum QuicDialError {
+    #[error("{0}")]
+    Connect(#[from] transport::ConnectError),
+    #[error("cannot export keying material for the hello")]
+    Exporter,
+    #[error("cannot frame the hello: {0}")]
+    Frame(#[source] FrameError),
+    #[error("cannot open the hello's stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    #[error("sending the hello: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("not welcomed: {0}")]
+    Refused(#[from] quinn::ReadToEndError),
+    #[error("no welcome within {QUIC_DIAL:?}")]
+    Timeout,
+}
+
+/// Which way a fill request went: over the node's own QUIC endpoint (`fog-peer/1`, under the uploading
+/// node's congestion controller) or over libp2p.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath {
+    Quic,
+    Libp2p,
+}
+
+/// What asking peers over this node's own QUIC endpoint needs.
+#[derive(Debug, Clone)]
+pub struct QuicLink {
+    /// The node's endpoint: peers see the address clients and the tracker know, and a NAT'd node's mapping.
+    pub endpoint: quinn::Endpoint,
+    /// Signs the hello that shows peers this is a node.
+    pub key: SigningKey,
+    /// The tracker's signed word that this node registered, which the hello carries (kept fresh by the
+    /// tracker link); none yet: peers are asked over libp2p.
+    pub membership: SharedMembership,
+}
+
+/// Connections to peers' QUIC endpoints and where those are.
+#[derive(Debug)]
+struct QuicPeers {
+    link: QuicLink,
+    /// Public peers' chunk endpoints from the tracker's bootstrap lists ([`PeerContact::rendezvous`]).
+    addrs: Mutex<HashMap<NodeId, SocketAddr>>,
+    /// One connection per peer, dialled once however many misses want it at the same time.
+    conns: Mutex<HashMap<NodeId, Arc<tokio::sync::OnceCell<quinn::Connection>>>>,
+    /// Peers whose endpoint did not answer or did not welcome this node, and when.
+    failed: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl QuicPeers {
+    /// The open, welcomed connection to `node` at `addr`, dialled now if there is none; `None` when it
+    /// cannot be had (the reason is logged), so the peer is asked over libp2p.
+    async fn connection(&self, node: NodeId, addr: SocketAddr) -> Option<quinn::Connection> {
+        let failed_lately =
+            || self.failed.lock().expect("quic lock").get(&node).is_some_and(|t| t.elapsed() < QUIC_RETRY_AFTER);
+        if failed_lately() {
+            return None;
+        }
+        let membership = self.link.membership.lock().expect("membership lock").clone()?;
+        let cell = {
+            let mut conns = self.conns.lock().expect("quic lock");
+            let alive =
+                |c: &tokio::sync::OnceCell<quinn::Connection>| c.get().is_none_or(|c| c.close_reason().is_none());
+            if conns.get(&node).is_some_and(|c| !alive(c)) {
+                conns.remove(&node);
+            }
+            if conns.len() >= MAX_QUIC_CONNS && !conns.contains_key(&node) {
+                conns.retain(|_, c| c.get().is_some_and(|c| c.close_reason().is_none()));
+                // Still full: one goes (its streams keep it open until they end).
+                if let Some(any) = conns.keys().next().copied().filter(|_| conns.len() >= MAX_QUIC_CONNS) {
+                    conns.remove(&any);
+                }
+            }
+            conns.entry(node).or_default().clone()
+        };
+        // Misses that waited for a dial that failed do not dial again, one after the other.
+        let dialled = cell
+            .get_or_try_init(|| async {
+                if failed_lately() {
+                    return Err(None);
+                }
+                self.dial(node, addr, &membership).await.map_err(Some)
+            })
+            .await;
+        match dialled {
+            Ok(conn) => Some(conn.clone()),
+            Err(None) => None,
+            Err(Some(e)) => {
+                tracing::debug!(%node, %addr, error = %e, "peer's QUIC endpoint not usable; asking over libp2p");
+                let mut failed = self.failed.lock().expect("quic lock");
+                if failed.len() >= MAX_QUIC_ADDRS {
+                    failed.retain(|_, t| t.elapsed() < QUIC_RETRY_AFTER);
+                }
+                if failed.len() < MAX_QUIC_ADDRS {
+                    failed.insert(node, Instant::now());
+                }
+                None
+            }
+        }
+    }
+
+    /// Dials `node` (its key pinned) and shows it this node's hello, bound to the connection by a TLS
+    /// exporter; the peer welcomes it by finishing the hello's stream.
+    async fn dial(
+        &self,
+        node: NodeId,
+        addr: SocketAddr,
+        membership: &fog_proto::api::Signed,
+    ) -> Result<quinn::Connection, QuicDialError> {
+        let cfg = transport::client_config_for(node, QUIC_IDLE, PEER_ALPN);
+        let conn = transport::connect_with(&self.link.endpoint, cfg, addr, QUIC_DIAL).await?;
+        let mut exporter = [0u8; PEER_EXPORTER_LEN];
+        conn.export_keying_material(&mut exporter, PEER_EXPORTER_LABEL, b"").map_err(|_| QuicDialError::Exporter)?;
+        let hello =
+            PeerHello::sign(&self.link.key, &exporter, membership).encode_framed().map_err(QuicDialError::Frame)?;
+        let welcome = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_last_frame(&mut send, &hello).await.map_err(QuicDialError::Send)?;
+            recv.read_to_end(0).await?;
+            Ok::<_, QuicDialError>(())
+        };
+        tokio::time::timeout(QUIC_DIAL, welcome).await.map_err(|_| QuicDialError::Timeout)??;
+        Ok(conn)
+    }
+
+    /// Closes the connection to a peer that sent wrong bytes.
+    fn forget(&self, node: &NodeId) {
+        if let Some(conn) = self.conns.lock().expect("quic lock").remove(node).and_then(|c| c.get().cloned()) {
+            conn.close(0u32.into(), b"wrong bytes");
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +298,6 @@ struct PeerEntry {
 }
 
 /// A peer's answer to a fill request.
-#[derive(Debug)]
 enum PeerAnswer {
     Chunk(PeerBody),
     NotFound,
@@ -149,9 +305,8 @@ enum PeerAnswer {
 }
 
 /// The chunk a peer is sending.
-#[derive(Debug)]
 struct PeerBody {
-    stream: Compat<libp2p::Stream>,
+    stream: Box<dyn AsyncRead + Unpin + Send>,
     len: u32,
     /// The whole chunk must have arrived by then.
     until: tokio::time::Instant,
@@ -287,6 +442,8 @@ pub struct Overlay {
     control: libp2p_stream::Control,
     counters: Arc<Counters>,
     cell_addresses: AddressBook,
+    /// Asking peers over this node's QUIC endpoint; without it, every peer is asked over libp2p.
+    quic: Option<Arc<QuicPeers>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -299,11 +456,13 @@ impl std::fmt::Debug for Overlay {
 pub type IncomingChunkStreams = libp2p_stream::IncomingStreams;
 
 impl Overlay {
-    /// Builds the swarm on the node's identity key, starts listening on `listen` and spawns its task.
+    /// Builds the swarm on the node's identity key, starts listening on `listen` and spawns its task; with
+    /// `quic`, peers are asked over their QUIC endpoints first.
     pub fn start(
         key: &SigningKey,
         listen: &[Multiaddr],
         counters: Arc<Counters>,
+        quic: Option<QuicLink>,
     ) -> Result<(Overlay, IncomingChunkStreams), OverlayError> {
         let cell_addresses = AddressBook::default();
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).map_err(OverlayError::Identity)?;
@@ -365,6 +524,14 @@ impl Overlay {
             control,
             counters,
             cell_addresses,
+            quic: quic.map(|link| {
+                Arc::new(QuicPeers {
+                    link,
+                    addrs: Default::default(),
+                    conns: Default::default(),
+                    failed: Default::default(),
+                })
+            }),
         };
         tokio::spawn(drive(swarm, overlay.state.clone(), rx));
         Ok((overlay, incoming))
@@ -378,6 +545,15 @@ impl Overlay {
             (s.peers.len(), s.relay_listener.is_some())
         };
         let mut relay_asked = relaying || !behind_nat;
+        if let Some(quic) = &self.quic {
+            let mut addrs = quic.addrs.lock().expect("quic lock");
+            for (id, addr) in peers.iter().filter_map(|p| Some((p.id, p.rendezvous?))) {
+                if addrs.len() >= MAX_QUIC_ADDRS && !addrs.contains_key(&id) {
+                    addrs.clear();
+                }
+                addrs.insert(id, addr);
+            }
+        }
         for p in peers {
             let Some(peer) = peer_id_of(&p.id).filter(|p| *p != self.peer_id) else { continue };
             let addrs: Vec<Multiaddr> = p.addrs.iter().take(MAX_PEER_ADDRS).filter_map(|a| a.parse().ok()).collect();
@@ -455,7 +631,8 @@ impl Overlay {
     }
 
     /// Asks the peers that rendezvous placement ranks highest for `hash` (the same ranking the tracker
-    /// uses, over this node's neighbourhood), all at once, and streams the chunk from the first that has it
+    /// uses, over this node's neighbourhood), all at once (over their QUIC endpoints where known and
+    /// reachable, else over libp2p), and streams the chunk from the first that has it
     /// into `feed`, which verifies it (group by group with `groups`) and passes it on as it verifies. With
     /// an origin hint and the ticket that licensed it, the first of them — the chunk's home — is asked to
     /// fill the chunk through if it lacks it. Whether the whole chunk arrived: if not, `feed` holds what
@@ -482,16 +659,18 @@ impl Overlay {
                     ticket: home.map(|(_, ticket)| ticket.to_vec()),
                     groups: groups.cloned(),
                 };
-                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.open(peer, req)).await) }
+                async move { (peer, node, tokio::time::timeout(PEER_WHOLE_CHUNK, self.ask(peer, node, req)).await) }
             })
             .collect();
         let chosen = loop {
             let Some((peer, node, answer)) = asks.next().await else { return false };
             match answer {
-                Ok(Ok(PeerAnswer::Chunk(body))) if body.len == feed.chunk_len() => break (peer, node, body),
-                Ok(Ok(PeerAnswer::Chunk(_))) => self.punish(peer, node),
-                Ok(Ok(PeerAnswer::NotFound)) => {}
-                Ok(Ok(PeerAnswer::Busy)) => self.rest(peer),
+                Ok(Ok((path, PeerAnswer::Chunk(body)))) if body.len == feed.chunk_len() => {
+                    break (peer, node, path, body)
+                }
+                Ok(Ok((_, PeerAnswer::Chunk(_)))) => self.punish(peer, node),
+                Ok(Ok((_, PeerAnswer::NotFound))) => {}
+                Ok(Ok((_, PeerAnswer::Busy))) => self.rest(peer),
                 // A dropped stream is how a peer at its stream limit says busy.
                 Ok(Err(e)) => {
                     tracing::debug!(%node, chunk = %hash, error = %e, "peer fill failed");
@@ -505,11 +684,14 @@ impl Overlay {
         };
         // The others are not needed any more (dropping their streams tells them).
         drop(asks);
-        let (peer, node, mut body) = chosen;
+        let (peer, node, path, mut body) = chosen;
         let from = feed.verified();
         match body.stream_into(feed).await {
             Ok(()) => {
                 Counters::add(&self.counters.peer_fills, 1);
+                if path == PeerPath::Quic {
+                    Counters::add(&self.counters.peer_fills_quic, 1);
+                }
                 Counters::add(&self.counters.peer_fill_bytes, u64::from(feed.verified() - from));
                 return true;
             }
@@ -597,20 +779,37 @@ impl Overlay {
         }
     }
 
-    /// Sends `req` to `peer` and reads its answer's head; a chunk's bytes follow on the stream.
-    async fn open(&self, peer: PeerId, req: ChunkRequest) -> Result<PeerAnswer, FetchError> {
+    /// Sends `req` to `peer` (`node`) and reads its answer's head; a chunk's bytes follow on the stream.
+    /// Over the peer's QUIC endpoint when this node knows it and it welcomes this node, else over libp2p.
+    async fn ask(&self, peer: PeerId, node: NodeId, req: ChunkRequest) -> Result<(PeerPath, PeerAnswer), FetchError> {
         let frame = req.encode_framed().map_err(FetchError::Frame)?;
+        let first_byte = if req.origin.is_some() { PEER_WHOLE_CHUNK } else { PEER_FIRST_BYTE };
+        if let Some((quic, addr)) = self.quic.as_ref().zip(self.quic_addr(&node)) {
+            if let Some(conn) = quic.connection(node, addr).await {
+                // A connection that closed since (the peer restarted, say) is dialled again next time.
+                match conn.open_bi().await {
+                    Ok((mut send, recv)) => {
+                        write_last_frame(&mut send, &frame).await.map_err(FetchError::Send)?;
+                        return Ok((PeerPath::Quic, read_answer(Box::new(recv), first_byte).await?));
+                    }
+                    Err(e) => tracing::debug!(%node, error = %e, "peer's QUIC connection closed; asking over libp2p"),
+                }
+            }
+        }
         let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await?.compat();
         write_last_frame(&mut stream, &frame).await.map_err(FetchError::Send)?;
-        let first_byte = if req.origin.is_some() { PEER_WHOLE_CHUNK } else { PEER_FIRST_BYTE };
-        // The whole fetch runs under PEER_WHOLE_CHUNK: no shorter stall limit after the first byte.
-        let len = match read_frame_within(&mut stream, first_byte, PEER_WHOLE_CHUNK).await? {
-            PeerResponseHead::Ok { len } => len,
-            PeerResponseHead::NotFound => return Ok(PeerAnswer::NotFound),
-            PeerResponseHead::Busy => return Ok(PeerAnswer::Busy),
+        Ok((PeerPath::Libp2p, read_answer(Box::new(stream), first_byte).await?))
+    }
+
+    /// `node`'s QUIC chunk endpoint, if the tracker listed it as public: in this node's cell list, or among
+    /// its bootstrap peers.
+    fn quic_addr(&self, node: &NodeId) -> Option<SocketAddr> {
+        let listed = {
+            let s = self.state.lock().expect("overlay lock");
+            let members = s.cell.as_ref().map(|c| &c.listed.members);
+            members.and_then(|m| m.binary_search_by_key(node, |m| m.id).ok().and_then(|i| m[i].rendezvous))
         };
-        let until = tokio::time::Instant::now() + PEER_WHOLE_CHUNK;
-        Ok(PeerAnswer::Chunk(PeerBody { stream, len, until }))
+        listed.or_else(|| self.quic.as_ref()?.addrs.lock().expect("quic lock").get(node).copied())
     }
 
     /// A peer sent bytes that do not match the hash: disconnect, ban, and tell the tracker.
@@ -630,6 +829,9 @@ impl Overlay {
             }
         }
         let _ = self.commands.try_send(Command::Disconnect(peer));
+        if let Some(quic) = &self.quic {
+            quic.forget(&node);
+        }
     }
 
     /// Whether `peer` may open fill streams here.
@@ -684,6 +886,21 @@ impl Overlay {
             cell_refused: s.cell_refused,
         }
     }
+}
+
+/// Reads the head of a peer's answer on `stream`; a chunk's bytes follow on it.
+async fn read_answer(
+    mut stream: Box<dyn AsyncRead + Unpin + Send>,
+    first_byte: Duration,
+) -> Result<PeerAnswer, FetchError> {
+    // The whole fetch runs under PEER_WHOLE_CHUNK: no shorter stall limit after the first byte.
+    let len = match read_frame_within(&mut stream, first_byte, PEER_WHOLE_CHUNK).await? {
+        PeerResponseHead::Ok { len } => len,
+        PeerResponseHead::NotFound => return Ok(PeerAnswer::NotFound),
+        PeerResponseHead::Busy => return Ok(PeerAnswer::Busy),
+    };
+    let until = tokio::time::Instant::now() + PEER_WHOLE_CHUNK;
+    Ok(PeerAnswer::Chunk(PeerBody { stream, len, until }))
 }
 
 /// Filtered RTTs to peers, nearest first, at most [`MAX_RTT_SAMPLES`].
@@ -929,6 +1146,7 @@ mod tests {
     use crate::fill::Filling;
     use bytes::Bytes;
     use fog_proto::groups::Verifier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Fetches `hash` (of `len` bytes, verified whole) from the asker's peers: the chunk, if it arrived.
     async fn fetch(asker: &Overlay, hash: ChunkHash, len: u32) -> Option<Bytes> {
@@ -950,7 +1168,8 @@ mod tests {
     fn start(seed: u8) -> (Overlay, IncomingChunkStreams, NodeId) {
         let key = SigningKey::from_bytes(&[seed; 32]);
         let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr");
-        let (overlay, incoming) = Overlay::start(&key, &[listen], Arc::new(Counters::default())).expect("overlay");
+        let (overlay, incoming) =
+            Overlay::start(&key, &[listen], Arc::new(Counters::default()), None).expect("overlay");
         (overlay, incoming, NodeId::from(key.verifying_key()))
     }
 
@@ -979,7 +1198,12 @@ mod tests {
 
     /// Connects `asker` to `peer` directly and waits until it is in the asker's neighbourhood.
     async fn connect(asker: &Overlay, peer: &Overlay, id: NodeId) {
-        asker.bootstrap(&[PeerContact { id, addrs: listen_addrs(peer).await, rendezvous: None }], false);
+        connect_listing(asker, peer, id, None).await;
+    }
+
+    /// [`connect`], the tracker having listed `peer`'s QUIC endpoint as `quic`.
+    async fn connect_listing(asker: &Overlay, peer: &Overlay, id: NodeId, quic: Option<SocketAddr>) {
+        asker.bootstrap(&[PeerContact { id, addrs: listen_addrs(peer).await, rendezvous: quic }], false);
         for _ in 0..100 {
             if !asker.neighbourhood().is_empty() {
                 break;
@@ -1024,5 +1248,107 @@ mod tests {
         }
         assert_eq!(asker.peer_count(), 0, "the liar is still connected");
         assert_eq!(asker.counters.peer_bad_chunks.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    /// An asker whose overlay asks over its own QUIC endpoint, showing a membership the test's tracker signed.
+    fn start_with_quic(seed: u8) -> (Overlay, IncomingChunkStreams) {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let tracker = SigningKey::from_bytes(&[99; 32]);
+        let m = fog_proto::api::Membership { node_id: key.verifying_key().into(), issued_ms: 0, expiry_ms: u64::MAX };
+        let membership = fog_proto::api::Signed::sign(&tracker, fog_proto::api::KIND_MEMBERSHIP, &m);
+        let endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), None).expect("endpoint");
+        let link = QuicLink { endpoint, key: key.clone(), membership: Arc::new(Mutex::new(Some(membership))) };
+        let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr");
+        Overlay::start(&key, &[listen], Arc::new(Counters::default()), Some(link)).expect("overlay")
+    }
+
+    /// A scripted peer's QUIC endpoint (`fog-peer/1`, holding `key`): welcomes every hello unchecked, then
+    /// answers each fill request with `answer`, whatever was asked. Counts the requests.
+    fn answer_every_request_over_quic(key: &SigningKey, answer: Vec<u8>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let config = transport::server_config(key, 8).expect("server config");
+        let endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), Some(config)).expect("endpoint");
+        let (addr, asked) = (endpoint.local_addr().expect("addr"), Arc::new(AtomicUsize::new(0)));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let (answer, asked) = (answer.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+                    if fog_net::frame_io::read_frame::<PeerHello, _>(&mut recv).await.is_err() {
+                        return;
+                    }
+                    let _ = send.finish();
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        if fog_net::frame_io::read_frame::<ChunkRequest, _>(&mut recv).await.is_ok() {
+                            asked.fetch_add(1, Ordering::Relaxed);
+                            let _ = write_last_frame(&mut send, &answer).await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, asked)
+    }
+
+    /// Over a peer's QUIC endpoint: an honest peer's chunk arrives (counted as a QUIC fill) and never
+    /// touches libp2p; a peer that sends wrong bytes there is not believed, banned, reported and
+    /// disconnected, as over libp2p.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quic_peer_fill_verifies_counts_and_punishes_wrong_bytes() {
+        let chunk = Bytes::from(vec![7u8; 100_000]);
+        let hash = ChunkHash::of(&chunk);
+        let answer = |byte: u8| {
+            let mut answer = PeerResponseHead::Ok { len: 100_000 }.encode();
+            answer.extend_from_slice(&[byte; 100_000]);
+            answer
+        };
+
+        let (asker, _asker_incoming) = start_with_quic(11);
+        let (honest, honest_incoming, honest_id) = start(12);
+        let (quic, asked) = answer_every_request_over_quic(&SigningKey::from_bytes(&[12; 32]), answer(7));
+        answer_every_request(honest_incoming, PeerResponseHead::NotFound.encode());
+        connect_listing(&asker, &honest, honest_id, Some(quic)).await;
+        assert_eq!(fetch(&asker, hash, 100_000).await, Some(chunk.clone()), "the honest peer's chunk over QUIC");
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.counters.peer_fills_quic.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.counters.peer_fills.load(Ordering::Relaxed), 1);
+
+        let (asker, _asker_incoming) = start_with_quic(13);
+        let (liar, liar_incoming, liar_id) = start(14);
+        let (quic, asked) = answer_every_request_over_quic(&SigningKey::from_bytes(&[14; 32]), answer(8));
+        answer_every_request(liar_incoming, answer(7));
+        connect_listing(&asker, &liar, liar_id, Some(quic)).await;
+        assert!(fetch(&asker, hash, 100_000).await.is_none(), "wrong bytes were accepted");
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "the liar was not asked over QUIC");
+        assert_eq!(asker.report().bad_peers, vec![liar_id]);
+        assert!(!asker.accepts(&liar.peer_id), "the liar is not banned");
+        assert_eq!(asker.counters.peer_bad_chunks.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.counters.peer_fills.load(Ordering::Relaxed), 0);
+        for _ in 0..100 {
+            if asker.peer_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(asker.peer_count(), 0, "the liar is still connected");
+    }
+
+    /// A peer whose listed QUIC endpoint does not answer is asked over libp2p, and the fill counts as such.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_quic_endpoint_falls_back_to_libp2p() {
+        let chunk = Bytes::from(vec![5u8; 50_000]);
+        let hash = ChunkHash::of(&chunk);
+        let (asker, _asker_incoming) = start_with_quic(15);
+        let (peer, peer_incoming, peer_id) = start(16);
+        let mut answer = PeerResponseHead::Ok { len: 50_000 }.encode();
+        answer.extend_from_slice(&chunk);
+        answer_every_request(peer_incoming, answer);
+        // A UDP port nobody answers on.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+        connect_listing(&asker, &peer, peer_id, Some(silent.local_addr().expect("addr"))).await;
+        assert_eq!(fetch(&asker, hash, 50_000).await, Some(chunk));
+        assert_eq!(asker.counters.peer_fills.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.counters.peer_fills_quic.load(Ordering::Relaxed), 0);
     }
 }

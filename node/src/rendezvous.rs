@@ -52,6 +52,11 @@ impl RendezvousServer {
         *self.tracker_key.lock().expect("tracker key lock") = key;
     }
 
+    /// The tracker's key, once registered: peers' memberships (`fog-peer/1`) must be signed with it too.
+    pub fn tracker_key(&self) -> Option<NodeId> {
+        *self.tracker_key.lock().expect("tracker key lock")
+    }
+
     pub fn attached(&self) -> usize {
         self.attached.lock().expect("attached lock").len()
     }

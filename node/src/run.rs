@@ -13,7 +13,7 @@ use crate::config::NodeConfig;
 use crate::credits::Credits;
 use crate::earnings::{Earnings, EarningsError};
 use crate::limits::UploadPolicy;
-use crate::overlay::{Overlay, OverlayError};
+use crate::overlay::{Overlay, OverlayError, QuicLink};
 use crate::receipts::{ReceiptDb, ReceiptsError};
 use crate::rendezvous::{self, RendezvousServer, SharedAttachment, SharedMembership};
 use crate::serve::Server;
@@ -94,10 +94,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let watch_task = tokio::spawn(watch_disk_forever(store.clone(), cfg.data_dir.clone(), cfg.min_free_disk));
     let counters = Arc::new(Counters::default());
     let earnings_task = tokio::spawn(earnings.clone().count_served_forever(counters.clone()));
+    let membership = SharedMembership::default();
     let (overlay, peer_streams) = if cfg.p2p_listen.is_empty() {
         (None, None)
     } else {
-        let (overlay, incoming) = Overlay::start(&key, &cfg.p2p_listen, counters.clone())?;
+        // Peers are asked over their QUIC endpoints from this one, which they answer from theirs (under
+        // their --upload-priority); libp2p carries fills only where that fails.
+        let quic = QuicLink { endpoint: endpoint.clone(), key: key.clone(), membership: membership.clone() };
+        let (overlay, incoming) = Overlay::start(&key, &cfg.p2p_listen, counters.clone(), Some(quic))?;
         tracing::info!(peer_id = %overlay.peer_id, "overlay started");
         (Some(overlay), Some(incoming))
     };
@@ -124,7 +128,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (stop_tx, stop_rx) = watch::channel(false);
     let link_state = SharedLinkState::default();
     let attachment = SharedAttachment::default();
-    let membership = SharedMembership::default();
     let (nat_plan, plan_rx) = watch::channel(None);
     let attach_task = tokio::spawn(rendezvous::attach_forever(
         endpoint.clone(),

@@ -4,7 +4,9 @@
 //! hold the chunk, then (given an origin hint and a tracker ticket that licenses the fill, see
 //! [`crate::grants`]) from the origin. A fill runs on its own, shared by every request for the chunk: its
 //! bytes are served as each group verifies (cut-through, [`crate::fill`]) and stored once whole. The same
-//! server answers peers' fill requests, and hands connections that negotiated the rendezvous protocol to
+//! server answers peers' fill requests — on its own endpoint (`fog-peer/1`, so the answers go under the
+//! node's congestion controller) and over libp2p streams, by the same code — and hands connections that
+//! negotiated the rendezvous protocol to
 //! [`RendezvousServer`] and those that negotiated HTTP/3 to [`crate::web`]: a browser's WebTransport session
 //! carries the same requests on its streams, served by the same code (generic over [`RequestStreams`]).
 
@@ -22,7 +24,10 @@ use fog_net::per_source::Held;
 use fog_proto::api::now_ms;
 use fog_proto::groups::{GroupHashes, Verifier};
 use fog_proto::web::WebOrigins;
-use fog_proto::wire::{ChunkRequest, FrameError, NodeRequest, OriginHint, PeerResponseHead, ResponseHead, Status};
+use fog_proto::wire::{
+    ChunkRequest, FrameError, NodeRequest, OriginHint, PeerHello, PeerHelloError, PeerResponseHead, ResponseHead,
+    Status, PEER_ALPN, PEER_EXPORTER_LABEL, PEER_EXPORTER_LEN, PEER_REFUSED,
+};
 use fog_proto::{ChunkHash, NodeId};
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -35,7 +40,7 @@ use crate::credits::Credits;
 use crate::fill::{Feed, Filling, Follower, Next};
 use crate::grants::FillGrants;
 use crate::limits::{UploadPolicy, PIECE};
-use crate::overlay::{node_id_of, IncomingChunkStreams, Overlay};
+use crate::overlay::{node_id_of, peer_id_of, IncomingChunkStreams, Overlay, PeerPath};
 use crate::rendezvous::RendezvousServer;
 use crate::stats::Counters;
 use crate::store::{Lookup, Store};
@@ -261,6 +266,7 @@ impl Server {
                         Ok(conn) if negotiated(&conn, fog_net::transport::H3_ALPN) => {
                             crate::web::serve_session(&server, conn).await
                         }
+                        Ok(conn) if negotiated(&conn, PEER_ALPN) => server.serve_peer_connection(conn).await,
                         Ok(conn) => server.serve_requests(conn).await,
                         Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                     }
@@ -628,54 +634,103 @@ impl Server {
         Ok(())
     }
 
-    /// Answers peers' fill requests until the overlay stops: from the store only, under the upload cap,
-    /// at most [`PEER_STREAMS`] at once and [`PEER_STREAMS_PER_PEER`] per peer; extra streams are dropped.
+    /// Answers peers' fill requests over libp2p until the overlay stops (see [`Server::answer_peer`]).
     pub async fn serve_peers(self: Arc<Self>, mut incoming: IncomingChunkStreams) {
         while let Some((peer, stream)) = incoming.next().await {
-            if self.overlay.as_ref().is_some_and(|o| !o.accepts(&peer)) {
-                continue;
-            }
-            let Ok(permit) = self.peer_streams.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "too many peer fill streams; dropping one");
-                continue;
-            };
-            {
-                let mut by_peer = self.peer_streams_by_peer.lock().expect("peer streams lock");
-                let n = by_peer.entry(peer).or_default();
-                if *n >= PEER_STREAMS_PER_PEER {
-                    continue;
-                }
-                *n += 1;
-            }
-            let server = self.clone();
-            tokio::spawn(async move {
-                match server.serve_peer_stream(stream, node_id_of(&peer)).await {
-                    Err(e @ PeerStreamError::Request(ReadError::Frame(_))) => {
-                        Counters::add(&server.counters.bad_requests, 1);
-                        tracing::warn!(%peer, error = %e, "malformed peer fill request");
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "peer fill stream failed"),
-                    Ok(()) => {}
-                }
-                let mut by_peer = server.peer_streams_by_peer.lock().expect("peer streams lock");
-                if let Some(n) = by_peer.get_mut(&peer) {
-                    *n -= 1;
-                    if *n == 0 {
-                        by_peer.remove(&peer);
-                    }
-                }
-                drop(permit);
-            });
+            self.answer_peer(peer, node_id_of(&peer), PeerPath::Libp2p, stream.compat());
         }
     }
 
+    /// Serves a peer's `fog-peer/1` connection: its first stream must prove a registered node
+    /// ([`PeerHello`]), which finishing that stream welcomes; each later stream is one fill request,
+    /// answered as over libp2p ([`Server::answer_peer`]). Closed when no fill is in flight for a minute.
+    async fn serve_peer_connection(self: &Arc<Self>, conn: quinn::Connection) {
+        let node = match tokio::time::timeout(REQUEST_TIMEOUT, self.welcome_peer(&conn)).await {
+            Ok(Ok(node)) => node,
+            Ok(Err(e)) => return refuse_peer_connection(&conn, &e.to_string()),
+            Err(_) => return refuse_peer_connection(&conn, "no hello in time"),
+        };
+        let Some(peer) = peer_id_of(&node) else { return refuse_peer_connection(&conn, "not an ed25519 key") };
+        loop {
+            let (send, recv) = match tokio::time::timeout(IDLE_CONNECTION, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%node, reason = %e, "peer connection closed"),
+                Err(_) if !self.peer_streams_by_peer.lock().expect("peer streams lock").contains_key(&peer) => {
+                    return conn.close(0u32.into(), b"idle");
+                }
+                Err(_) => continue,
+            };
+            self.answer_peer(peer, Some(node), PeerPath::Quic, tokio::io::join(recv, send));
+        }
+    }
+
+    /// The node whose hello opens `conn`, if it proves one the tracker registered and this node has not
+    /// banned; the hello's stream is then finished (the welcome).
+    async fn welcome_peer(&self, conn: &quinn::Connection) -> Result<NodeId, PeerRefusal> {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let hello: PeerHello = read_frame(&mut recv).await?;
+        let tracker_key = self.rendezvous.tracker_key().ok_or(PeerRefusal::Unregistered)?;
+        let mut exporter = [0u8; PEER_EXPORTER_LEN];
+        conn.export_keying_material(&mut exporter, PEER_EXPORTER_LABEL, b"").map_err(|_| PeerRefusal::Exporter)?;
+        let node = hello.verify(&exporter, tracker_key, now_ms())?;
+        if peer_id_of(&node).is_some_and(|p| self.overlay.as_ref().is_some_and(|o| !o.accepts(&p))) {
+            return Err(PeerRefusal::Banned);
+        }
+        // Finished already means the asker is gone; its next request finds the connection closed.
+        let _ = send.finish();
+        Ok(node)
+    }
+
+    /// Answers one of `peer`'s fill streams (from either path): from the store only (or filled through, as
+    /// the chunk's home, for `node`'s ticket), under the upload cap, at most [`PEER_STREAMS`] at once and
+    /// [`PEER_STREAMS_PER_PEER`] per peer; extra streams and banned peers' are dropped.
+    fn answer_peer<S>(self: &Arc<Self>, peer: PeerId, node: Option<NodeId>, path: PeerPath, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.overlay.as_ref().is_some_and(|o| !o.accepts(&peer)) {
+            return;
+        }
+        let Ok(permit) = self.peer_streams.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many peer fill streams; dropping one");
+            return;
+        };
+        {
+            let mut by_peer = self.peer_streams_by_peer.lock().expect("peer streams lock");
+            let n = by_peer.entry(peer).or_default();
+            if *n >= PEER_STREAMS_PER_PEER {
+                return;
+            }
+            *n += 1;
+        }
+        let server = self.clone();
+        tokio::spawn(async move {
+            match server.serve_peer_stream(stream, node, path).await {
+                Err(e @ PeerStreamError::Request(ReadError::Frame(_))) => {
+                    Counters::add(&server.counters.bad_requests, 1);
+                    tracing::warn!(%peer, error = %e, "malformed peer fill request");
+                }
+                Err(e) => tracing::debug!(%peer, ?path, error = %e, "peer fill stream failed"),
+                Ok(()) => {}
+            }
+            let mut by_peer = server.peer_streams_by_peer.lock().expect("peer streams lock");
+            if let Some(n) = by_peer.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    by_peer.remove(&peer);
+                }
+            }
+            drop(permit);
+        });
+    }
+
     /// `asker`: the peer's node id, which the request's ticket must assign chunks to for a fill through.
-    async fn serve_peer_stream(
+    async fn serve_peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
         self: &Arc<Self>,
-        stream: libp2p::Stream,
+        mut stream: S,
         asker: Option<NodeId>,
+        path: PeerPath,
     ) -> Result<(), PeerStreamError> {
-        let mut stream = stream.compat();
         let req: ChunkRequest = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream))
             .await
             .map_err(|_| PeerStreamError::Timeout)??;
@@ -691,7 +746,7 @@ impl Server {
                     return Ok(write_last_frame(&mut stream, &PeerResponseHead::Busy.encode()).await?);
                 };
                 stream.write_all(&PeerResponseHead::Ok { len: bytes.len() as u32 }.encode()).await?;
-                self.send_to_peer(&mut stream, &bytes, &mut reservation).await?;
+                self.send_to_peer(&mut stream, &bytes, &mut reservation, path).await?;
                 return Ok(stream.shutdown().await?);
             }
             // Off, or without budget for the chunk: the peer asks the next home.
@@ -718,7 +773,7 @@ impl Server {
         stream.write_all(&PeerResponseHead::Ok { len: follower.chunk_len() }.encode()).await?;
         loop {
             match next {
-                Next::Piece(piece) => self.send_to_peer(&mut stream, &piece, &mut reservation).await?,
+                Next::Piece(piece) => self.send_to_peer(&mut stream, &piece, &mut reservation, path).await?,
                 Next::Done => return Ok(stream.shutdown().await?),
                 // Dropping the stream tells the peer; it keeps what verified.
                 Next::Failed(e) => return Err(PeerStreamError::Fill(e.unwrap_or(FillError::Lost))),
@@ -743,12 +798,16 @@ impl Server {
         stream: &mut S,
         bytes: &[u8],
         reservation: &mut Reservation<'_>,
+        path: PeerPath,
     ) -> std::io::Result<()> {
         for piece in bytes.chunks(PIECE) {
             self.upload.acquire(piece.len()).await;
             stream.write_all(piece).await?;
             reservation.sent(piece.len() as u64);
             Counters::add(&self.counters.peer_served_bytes, piece.len() as u64);
+            if path == PeerPath::Quic {
+                Counters::add(&self.counters.peer_served_quic_bytes, piece.len() as u64);
+            }
         }
         Ok(())
     }
@@ -799,6 +858,29 @@ enum PeerStreamError {
     Send(#[from] std::io::Error),
     #[error("the fill failed part-way: {0}")]
     Fill(FillError),
+}
+
+/// Why a `fog-peer/1` connection was refused (closed with [`PEER_REFUSED`] and this as the reason).
+#[derive(Debug, thiserror::Error)]
+enum PeerRefusal {
+    #[error("no hello: {0}")]
+    Closed(#[from] quinn::ConnectionError),
+    #[error("bad peer hello: {0}")]
+    Hello(#[from] ReadError<FrameError>),
+    #[error("this node has not registered with the tracker yet")]
+    Unregistered,
+    #[error("cannot export keying material")]
+    Exporter,
+    #[error("{0}")]
+    Proof(#[from] PeerHelloError),
+    #[error("banned for sending wrong bytes")]
+    Banned,
+}
+
+/// Closes a `fog-peer/1` connection whose asker is not welcome, telling it why.
+fn refuse_peer_connection(conn: &quinn::Connection, why: &str) {
+    tracing::debug!(remote = %conn.remote_address(), %why, "refused a peer connection");
+    conn.close(PEER_REFUSED.into(), why.as_bytes());
 }
 
 /// Forgets a fill when its task ends: only once its chunk is stored, so a request in between follows the

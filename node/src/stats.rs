@@ -25,6 +25,9 @@ pub struct Counters {
     pub home_fills: AtomicU64,
     /// Origin hints ignored: no valid ticket with fills left came with them.
     pub unlicensed_hints: AtomicU64,
+    /// Of `peer_fills` and `peer_served_bytes`, those over the nodes' own QUIC endpoints (`fog-peer/1`).
+    pub peer_fills_quic: AtomicU64,
+    pub peer_served_quic_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -54,6 +57,8 @@ impl Counters {
             peer_bad_chunks: get(&self.peer_bad_chunks),
             home_fills: get(&self.home_fills),
             unlicensed_hints: get(&self.unlicensed_hints),
+            peer_fills_quic: get(&self.peer_fills_quic),
+            peer_served_quic_bytes: get(&self.peer_served_quic_bytes),
         }
     }
 }

@@ -113,6 +113,38 @@ pub struct NodeStatus {
     /// Browsers' WebTransport endpoint: the QUIC port it listens on and the certificate hashes they pin.
     #[serde(default)]
     pub web_transport: Option<WebTransportEndpoint>,
+    /// What the lower-than-best-effort controller did (`--upload-priority low`).
+    #[serde(default)]
+    pub ledbat: Option<LedbatStatus>,
+}
+
+/// The node's LEDBAT++ controllers ([`fog_net::ledbat`]), summed over its connections since it started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedbatStatus {
+    /// Round trips in which a connection shrank its window because the uplink's queue was over the target.
+    pub delay_backoffs: u64,
+    /// Drops to two packets for two round trips, so that every connection re-measures the base delay.
+    pub slowdowns: u64,
+    /// Window reductions for loss (at most one per round trip and connection).
+    pub loss_reductions: u64,
+    /// Of the connection that measured an RTT last (within 10 s; none while nothing is sent): its path's
+    /// base delay and the queueing delay above it, the uplink's queue being common to all connections.
+    pub base_delay_ms: Option<f64>,
+    pub queueing_delay_ms: Option<f64>,
+}
+
+impl LedbatStatus {
+    fn now() -> Self {
+        let s = fog_net::ledbat::LedbatStats::process().snapshot(Instant::now());
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        Self {
+            delay_backoffs: s.delay_backoffs,
+            slowdowns: s.slowdowns,
+            loss_reductions: s.loss_reductions,
+            base_delay_ms: ms(s.base_delay),
+            queueing_delay_ms: ms(s.queueing_delay),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +180,13 @@ impl AddressStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrackerStatus {
+    /// The tracker exchanges go to now (with several `--tracker` URLs, the one that answered last).
     pub url: String,
+    /// `url`'s place in the `--tracker` list, and how many times the node failed over to another URL.
+    #[serde(default)]
+    pub index: usize,
+    #[serde(default)]
+    pub failovers: u64,
     /// `connected`, `unreachable`, `refused` or `connecting`.
     pub state: String,
     pub last_contact_secs_ago: Option<u64>,
@@ -271,7 +309,7 @@ impl Status {
             interval.tick().await;
             self.tick();
             n += 1;
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 self.save_usage();
             }
         }
@@ -338,7 +376,9 @@ impl Status {
             uptime_secs: self.started.elapsed().as_secs(),
             quic_listen: self.info.quic_listen,
             tracker: TrackerStatus {
-                url: self.info.tracker_url.clone(),
+                url: link.tracker.as_ref().map_or_else(|| self.info.tracker_url.clone(), |t| t.url.clone()),
+                index: link.tracker.as_ref().map_or(0, |t| t.index),
+                failovers: link.tracker.as_ref().map_or(0, |t| t.failovers),
                 state: tracker_state.to_string(),
                 last_contact_secs_ago: link.last_ok.map(|t| t.elapsed().as_secs()),
                 last_error: link.refused.clone().or(link.last_error.clone()),
@@ -376,6 +416,7 @@ impl Status {
             traffic,
             counters,
             web_transport: Some(self.server.web.endpoint(self.info.quic_listen.port())),
+            ledbat: Some(LedbatStatus::now()),
         }
     }
 
@@ -501,6 +542,8 @@ type ReadGauge = fn(&NodeStatus) -> u64;
 struct NodeMetrics {
     registry: prometheus_client::registry::Registry,
     counters: Vec<(Counter, ReadCounter)>,
+    /// Counters kept outside [`NodeStats`], read from the whole status.
+    status_counters: Vec<(Counter, ReadGauge)>,
     gauges: Vec<(Gauge, ReadGauge)>,
     /// `fog_node_web_sessions_total{result}`.
     web_sessions: Family<[(&'static str, &'static str); 1], Counter>,
@@ -508,12 +551,15 @@ struct NodeMetrics {
     web_cert_rotations: Family<[(&'static str, &'static str); 1], Counter>,
     /// `fog_node_upload_refusals_total{reason}`.
     upload_refusals: Family<[(&'static str, &'static str); 1], Counter>,
+    /// `fog_node_tracker_failovers_total` and `fog_node_tracker_index`.
+    tracker_failovers: Counter,
+    tracker_index: Gauge,
 }
 
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
-        let counter_defs: [(&str, &str, ReadCounter); 15] = [
+        let counter_defs: [(&str, &str, ReadCounter); 17] = [
             ("fog_node_requests", "Chunk requests received", |s| s.requests),
             ("fog_node_hits", "Requests served from the cache", |s| s.hits),
             ("fog_node_misses", "Requests not in the cache", |s| s.misses),
@@ -528,6 +574,14 @@ impl Default for NodeMetrics {
             ("fog_node_peer_served_bytes", "Bytes sent to peers filling their misses", |s| s.peer_served_bytes),
             ("fog_node_peer_bad_chunks", "Chunks from peers that did not match their hash", |s| s.peer_bad_chunks),
             ("fog_node_home_fills", "Chunks filled through for peers as the chunk's home", |s| s.home_fills),
+            ("fog_node_peer_fills_quic", "Of fog_node_peer_fills, those over the peer's QUIC endpoint", |s| {
+                s.peer_fills_quic
+            }),
+            (
+                "fog_node_peer_served_quic_bytes",
+                "Of fog_node_peer_served_bytes, those sent over this node's QUIC endpoint (under --upload-priority)",
+                |s| s.peer_served_quic_bytes,
+            ),
             ("fog_node_unlicensed_hints", "Origin hints ignored for want of a valid ticket with fills left", |s| {
                 s.unlicensed_hints
             }),
@@ -608,6 +662,44 @@ impl Default for NodeMetrics {
                 |s| s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.left),
             ),
         ];
+        let ledbat_counter_defs: [(&str, &str, ReadGauge); 3] = [
+            (
+                "fog_node_ledbat_delay_backoffs",
+                "Round trips in which an upload (--upload-priority low, LEDBAT++) shrank its window because the \
+                 uplink's queueing delay was over the 60 ms target: the owner's traffic is being given way to",
+                |s| s.ledbat.as_ref().map_or(0, |l| l.delay_backoffs),
+            ),
+            (
+                "fog_node_ledbat_slowdowns",
+                "LEDBAT++ slowdowns: an upload held two packets for two round trips to re-measure the base delay",
+                |s| s.ledbat.as_ref().map_or(0, |l| l.slowdowns),
+            ),
+            ("fog_node_ledbat_loss_reductions", "LEDBAT++ window reductions for packet loss", |s| {
+                s.ledbat.as_ref().map_or(0, |l| l.loss_reductions)
+            }),
+        ];
+        let ledbat_gauge_defs: [(&str, &str, ReadGauge); 2] = [
+            (
+                "fog_node_ledbat_base_delay_ms",
+                "Base delay (smallest RTT over 10 min) of the LEDBAT++ upload that measured an RTT last, ms; 0 when \
+                 none did in 10 s",
+                |s| s.ledbat.as_ref().and_then(|l| l.base_delay_ms).map_or(0, |d| d.round() as u64),
+            ),
+            (
+                "fog_node_ledbat_queueing_delay_ms",
+                "Queueing delay over the base delay that the LEDBAT++ upload that measured an RTT last saw, ms (the \
+                 uplink's queue is common to all uploads); 0 when none did in 10 s",
+                |s| s.ledbat.as_ref().and_then(|l| l.queueing_delay_ms).map_or(0, |d| d.round() as u64),
+            ),
+        ];
+        let status_counters = ledbat_counter_defs
+            .into_iter()
+            .map(|(name, help, read)| {
+                let c = Counter::default();
+                registry.register(name, help, c.clone());
+                (c, read)
+            })
+            .collect();
         let counters = counter_defs
             .into_iter()
             .map(|(name, help, read)| {
@@ -619,6 +711,7 @@ impl Default for NodeMetrics {
         let gauges = gauge_defs
             .into_iter()
             .chain(upload_defs)
+            .chain(ledbat_gauge_defs)
             .map(|(name, help, read)| {
                 let g = Gauge::default();
                 registry.register(name, help, g.clone());
@@ -639,7 +732,29 @@ impl Default for NodeMetrics {
             "Requests refused (Busy) for the owner's limits: off (the schedule) or budget (the month's)",
             upload_refusals.clone(),
         );
-        Self { registry, counters, gauges, web_sessions, web_cert_rotations, upload_refusals }
+        let tracker_failovers = Counter::default();
+        registry.register(
+            "fog_node_tracker_failovers",
+            "Times the node moved to another of its --tracker URLs",
+            tracker_failovers.clone(),
+        );
+        let tracker_index = Gauge::default();
+        registry.register(
+            "fog_node_tracker_index",
+            "Which of the --tracker URLs the node talks to now (0: the first)",
+            tracker_index.clone(),
+        );
+        Self {
+            registry,
+            counters,
+            status_counters,
+            gauges,
+            web_sessions,
+            web_cert_rotations,
+            upload_refusals,
+            tracker_failovers,
+            tracker_index,
+        }
     }
 }
 
@@ -649,9 +764,14 @@ impl NodeMetrics {
             // Counters only go up: add what the node counted since the last scrape.
             c.inc_by(read(&s.counters).saturating_sub(c.get()));
         }
+        for (c, read) in &self.status_counters {
+            c.inc_by(read(s).saturating_sub(c.get()));
+        }
         for (g, read) in &self.gauges {
             g.set(read(s) as i64);
         }
+        self.tracker_failovers.inc_by(s.tracker.failovers.saturating_sub(self.tracker_failovers.get()));
+        self.tracker_index.set(s.tracker.index as i64);
     }
 
     /// The counters kept by label outside [`NodeStatus`].
@@ -681,6 +801,9 @@ pub fn render_text(s: &NodeStatus) -> String {
     line("node", s.node_id.to_string());
     line("version", format!("{} (up {} s)", s.version, s.uptime_secs));
     line("tracker", format!("{} — {}", s.tracker.url, s.tracker.state));
+    if s.tracker.failovers > 0 {
+        line("  failovers", format!("{} (now the list's #{})", s.tracker.failovers, s.tracker.index + 1));
+    }
     if let Some(e) = &s.tracker.last_error {
         line("  last error", e.clone());
     }
@@ -706,6 +829,9 @@ pub fn render_text(s: &NodeStatus) -> String {
     line("upload", format!("{}/s now, cap {cap}", mib(s.caps.upload_rate)));
     if let Some(u) = &s.upload {
         render_upload(u, &mut line);
+    }
+    if let Some(l) = &s.ledbat {
+        line("  giving way", render_ledbat(l));
     }
     let hit = s.cache.hit_ratio.map_or("–".into(), |h| format!("{:.1} %", h * 100.0));
     line(
@@ -760,6 +886,18 @@ pub fn render_text(s: &NodeStatus) -> String {
     out.push_str(&s.traffic.why);
     out.push('\n');
     out
+}
+
+/// What the LEDBAT++ controller did, in a line of `fog-node status`.
+fn render_ledbat(l: &LedbatStatus) -> String {
+    let delays = match (l.base_delay_ms, l.queueing_delay_ms) {
+        (Some(base), Some(queueing)) => format!("; now {queueing:.0} ms of queueing over a {base:.0} ms base delay"),
+        _ => String::new(),
+    };
+    format!(
+        "{} round trips backed off for the owner's traffic (LEDBAT++), {} slowdowns, {} reductions for loss{delays}",
+        l.delay_backoffs, l.slowdowns, l.loss_reductions
+    )
 }
 
 /// The schedule's and the budget's lines of `fog-node status`.

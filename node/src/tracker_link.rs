@@ -1,5 +1,9 @@
 //! Registration and heartbeats. The tracker is not on the data path: while it is unreachable the node keeps
 //! serving with the origin list it last received (persisted in `origins.json`).
+//!
+//! With several tracker URLs (`--tracker A,B,…`: replicas of one cell, sharing the registry) every exchange
+//! goes through the client's failover policy ([`fog_net::trackers`]). Moving to another replica is no reason
+//! to register again: the node does only when a heartbeat's answer says the tracker does not know it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fog_net::backoff::Backoff;
 use fog_net::origin::SharedOrigins;
-use fog_net::tracker::{TrackerClient, TrackerError};
+use fog_net::tracker::{CurrentTracker, TrackerClient, TrackerError};
 use fog_net::transport;
 use fog_proto::api::{
     CellDelta, CellList, ErrorCode, Families, Heartbeat, Membership, OverlayReport, PeerContact, Register, Rendezvous,
@@ -44,6 +48,8 @@ pub struct LinkState {
     pub verified_addrs: Vec<SocketAddr>,
     /// Filtered RTT to the tracker.
     pub rtt_ms: Option<f32>,
+    /// The tracker URL exchanges go to now, and how often that changed.
+    pub tracker: Option<CurrentTracker>,
 }
 
 pub type SharedLinkState = Arc<Mutex<LinkState>>;
@@ -156,7 +162,7 @@ impl TrackerLink {
         self.told_joining.store(msg.joining, Ordering::Relaxed);
         let resp = self.tracker.register(&Signed::sign(&self.key, KIND_REGISTER, &msg)).await?;
         tracing::info!(
-            tracker = self.tracker.base(),
+            tracker = self.tracker.current().url,
             advertised = %resp.advertised_addr,
             reachable = resp.reachable,
             "registered with tracker"
@@ -319,9 +325,10 @@ impl TrackerLink {
         report
     }
 
-    /// One RTT sample to the tracker: the time a TCP handshake takes (one round trip, no server work).
+    /// One RTT sample to the tracker: the time a TCP handshake takes (one round trip, no server work). The
+    /// filter is not reset on a failover: replicas of one cell sit close together.
     async fn measure_tracker_rtt(&self) -> Option<f32> {
-        let url = reqwest::Url::parse(self.tracker.base()).ok()?;
+        let url = reqwest::Url::parse(&self.tracker.current().url).ok()?;
         let addr = (url.host_str()?.to_string(), url.port_or_known_default()?);
         let addr = tokio::net::lookup_host(addr).await.ok()?.next()?;
         let started = Instant::now();
@@ -333,6 +340,7 @@ impl TrackerLink {
     /// Notes the outcome of one exchange: `Ok(registered)` or the error.
     fn record(&self, outcome: Result<bool, &TrackerError>) {
         let mut s = self.state.lock().expect("link state lock");
+        s.tracker = Some(self.tracker.current());
         match outcome {
             Ok(registered) => {
                 s.registered = registered;
@@ -355,6 +363,7 @@ impl TrackerLink {
         let mut interval: Option<Duration> = None;
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut failures = 0u32;
+        self.state.lock().expect("link state lock").tracker = Some(self.tracker.current());
         loop {
             let wait = match interval {
                 None => match self.register().await {
@@ -375,7 +384,7 @@ impl TrackerLink {
                         self.record(Err(&e));
                         failures += 1;
                         // Log the first failure and then every tenth, so an outage does not flood the log.
-                        if failures == 1 || failures % 10 == 0 {
+                        if failures == 1 || failures.is_multiple_of(10) {
                             tracing::warn!(error = %e, failures, "cannot register with the tracker; still serving, will retry");
                         }
                         backoff.next_delay()
@@ -393,13 +402,13 @@ impl TrackerLink {
                         }
                         Ok(true) => failures = 0,
                         Ok(false) => {
-                            tracing::info!("tracker does not know this node (restarted?); registering again");
+                            tracing::info!(tracker = self.tracker.current().url, "tracker does not know this node (restarted, or one not sharing the registry); registering again");
                             interval = None;
                             continue;
                         }
                         Err(e) => {
                             failures += 1;
-                            if failures == 1 || failures % 10 == 0 {
+                            if failures == 1 || failures.is_multiple_of(10) {
                                 tracing::warn!(error = %e, failures, "heartbeat failed; still serving");
                             }
                         }

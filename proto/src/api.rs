@@ -721,6 +721,14 @@ pub struct NodeStats {
     /// stores only, or refused).
     #[serde(default)]
     pub unlicensed_hints: u64,
+    /// Of `peer_fills`, those that came over the peer's own QUIC endpoint (`fog-peer/1`); the rest came
+    /// over libp2p.
+    #[serde(default)]
+    pub peer_fills_quic: u64,
+    /// Of `peer_served_bytes`, those sent over this node's QUIC endpoint, under its `--upload-priority`;
+    /// the rest went over libp2p, under libp2p's or the kernel's congestion control.
+    #[serde(default)]
+    pub peer_served_quic_bytes: u64,
 }
 
 impl NodeStats {
@@ -746,6 +754,8 @@ impl NodeStats {
             ("peer_bad_chunks", self.peer_bad_chunks),
             ("home_fills", self.home_fills),
             ("unlicensed_hints", self.unlicensed_hints),
+            ("peer_fills_quic", self.peer_fills_quic),
+            ("peer_served_quic_bytes", self.peer_served_quic_bytes),
         ];
         check_counts("node stats", &counts, MAX_REPORTED)
     }

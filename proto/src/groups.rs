@@ -131,7 +131,7 @@ impl GroupHashes {
 
     /// Hashes from 32 bytes each; `None` if `bytes` is not a multiple of 32 long.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() % 32 != 0 {
+        if !bytes.len().is_multiple_of(32) {
             return None;
         }
         Some(Self(bytes.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect()))
@@ -150,7 +150,7 @@ fn split(len: u64) -> (u64, u64) {
 /// bytes follow and the offset does not matter).
 fn hasher_at(offset: u32) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
-    if offset % MIN_GROUP_SIZE == 0 {
+    if offset.is_multiple_of(MIN_GROUP_SIZE) {
         h.set_input_offset(u64::from(offset));
     }
     h
@@ -379,7 +379,7 @@ mod tests {
             }
             assert!(v.is_done());
             // Verified prefixes are group boundaries, then the end.
-            assert!(released.iter().all(|&r| r % 65_536 == 0 || r == 200_000), "{piece}: {released:?}");
+            assert!(released.iter().all(|&r| r.is_multiple_of(65_536) || r == 200_000), "{piece}: {released:?}");
             assert!(released.windows(2).all(|w| w[0] <= w[1]));
         }
         // Without groups: nothing until the end.

@@ -291,7 +291,7 @@ impl ManifestBuilder {
             if let Some(g) = self.group_size {
                 // A group ends where the next begins: its hash is final only once more bytes follow it
                 // in this chunk (else it is the chunk's only group, and the chunk hash is a root hash).
-                if self.in_chunk > 0 && self.in_chunk % g == 0 {
+                if self.in_chunk > 0 && self.in_chunk.is_multiple_of(g) {
                     self.done_groups.push(self.hasher.finalize_non_root());
                     self.hasher = blake3::Hasher::new();
                     self.hasher.set_input_offset(u64::from(self.in_chunk));

@@ -42,7 +42,7 @@ pub fn range_hash(src: &impl SubtreeSource, lo: u64, hi: u64) -> Hash {
     if size == 0 {
         return empty_root();
     }
-    if size.is_power_of_two() && lo % size == 0 {
+    if size.is_power_of_two() && lo.is_multiple_of(size) {
         return src.subtree(size.trailing_zeros(), lo / size);
     }
     let k = split(size);

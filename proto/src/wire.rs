@@ -550,6 +550,136 @@ impl Decode for PeerResponseHead {
     }
 }
 
+/// The ALPN protocol of peer fill on a node's own QUIC endpoint (`docs/protocol.md`, "Peer fill"): the same
+/// request and answer as [`PEER_PROTOCOL`], after a [`PeerHello`] that proves the asker is a registered
+/// node. It carries the uploading side's bytes under the node's congestion controller (LEDBAT++ at
+/// `--upload-priority low`), which libp2p's transports do not let a node choose.
+pub const PEER_ALPN: &[u8] = b"fog-peer/1";
+/// The TLS exporter label (RFC 8446, section 7.5) of the value a [`PeerHello`] signs: it differs for every
+/// connection, so a hello cannot be replayed on another.
+pub const PEER_EXPORTER_LABEL: &[u8] = b"EXPORTER-fog-peer/1";
+/// Bytes of exported keying material a [`PeerHello`] signs.
+pub const PEER_EXPORTER_LEN: usize = 32;
+/// The application error code a peer closes a [`PEER_ALPN`] connection with when the hello does not prove a
+/// registered node (or the peer bans it); the reason says why.
+pub const PEER_REFUSED: u32 = 1;
+/// Longest membership (JSON of the tracker-signed `api::Signed` [`crate::api::Membership`]) a hello may
+/// carry; the tracker's are about 400 bytes.
+pub const MAX_MEMBERSHIP_LEN: usize = 1024;
+/// Largest [`PeerHello`] body after its u16 length prefix.
+pub const MAX_PEER_HELLO_LEN: usize = 1 + 32 + 64 + 2 + MAX_MEMBERSHIP_LEN;
+/// What the asker's signature covers before the exported value, so it can mean nothing else.
+const PEER_HELLO_CONTEXT: &[u8] = b"fog-peer-hello-v1\0";
+
+/// The first stream of a [`PEER_ALPN`] connection, asker → peer: the asker's node key, its signature over
+/// the connection's exported keying material ([`PEER_EXPORTER_LABEL`]), and its membership, signed by the
+/// tracker. The peer answers by finishing the stream (welcome) or closes the connection (refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHello {
+    pub node: crate::NodeId,
+    pub signature: [u8; 64],
+    /// JSON of the tracker-signed membership, opaque to the framing.
+    pub membership: Vec<u8>,
+}
+
+/// Why a [`PeerHello`] does not prove a registered node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerHelloError {
+    #[error("the hello's signature does not verify under its node key")]
+    BadSignature,
+    #[error("the hello's membership is not a signed message")]
+    MalformedMembership,
+    #[error("{0}")]
+    Membership(&'static str),
+}
+
+impl PeerHello {
+    /// `key`'s hello on the connection whose exported keying material is `exporter`.
+    pub fn sign(key: &ed25519_dalek::SigningKey, exporter: &[u8], membership: &crate::api::Signed) -> Self {
+        use ed25519_dalek::Signer;
+        let signature = key.sign(&Self::signed_bytes(exporter)).to_bytes();
+        let membership = serde_json::to_vec(membership).expect("signed messages serialise");
+        Self { node: key.verifying_key().into(), signature, membership }
+    }
+
+    fn signed_bytes(exporter: &[u8]) -> Vec<u8> {
+        [PEER_HELLO_CONTEXT, exporter].concat()
+    }
+
+    /// Checks that the hello was signed on this connection (`exporter`) by a node the tracker
+    /// (`tracker_key`) registered and whose membership is unexpired at `now_ms`; gives that node.
+    pub fn verify(
+        &self,
+        exporter: &[u8],
+        tracker_key: crate::NodeId,
+        now_ms: u64,
+    ) -> Result<crate::NodeId, PeerHelloError> {
+        use ed25519_dalek::Verifier;
+        let key = self.node.verifying_key().map_err(|_| PeerHelloError::BadSignature)?;
+        let signature = ed25519_dalek::Signature::from_bytes(&self.signature);
+        key.verify(&Self::signed_bytes(exporter), &signature).map_err(|_| PeerHelloError::BadSignature)?;
+        let membership: crate::api::Signed =
+            serde_json::from_slice(&self.membership).map_err(|_| PeerHelloError::MalformedMembership)?;
+        crate::api::Membership::verify(&membership, tracker_key, self.node, now_ms)
+            .map_err(PeerHelloError::Membership)?;
+        Ok(self.node)
+    }
+
+    /// u16 BE body length, then the body: version, node key, signature, u16 BE membership length and the
+    /// membership. Fails if the membership is longer than [`MAX_MEMBERSHIP_LEN`].
+    pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
+        let len = self.membership.len();
+        if len > MAX_MEMBERSHIP_LEN {
+            return Err(FrameError::TooLong { what: "membership", len, max: MAX_MEMBERSHIP_LEN });
+        }
+        let body_len = 1 + 32 + 64 + 2 + len;
+        let mut out = Vec::with_capacity(2 + body_len);
+        out.extend_from_slice(&(body_len as u16).to_be_bytes());
+        out.push(VERSION);
+        out.extend_from_slice(self.node.as_bytes());
+        out.extend_from_slice(&self.signature);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&self.membership);
+        Ok(out)
+    }
+
+    fn check_len(len: u16) -> Result<usize, FrameError> {
+        let len = usize::from(len);
+        if len > MAX_PEER_HELLO_LEN {
+            return Err(FrameError::TooLong { what: "peer hello", len, max: MAX_PEER_HELLO_LEN });
+        }
+        Ok(len)
+    }
+
+    /// The body (after its length prefix), which must be exactly one hello.
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader(body);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let node = crate::NodeId(r.array()?);
+        let signature = r.array()?;
+        let len = usize::from(r.u16()?);
+        if len > MAX_MEMBERSHIP_LEN {
+            return Err(FrameError::TooLong { what: "membership", len, max: MAX_MEMBERSHIP_LEN });
+        }
+        let membership = r.take(len)?.to_vec();
+        if !r.0.is_empty() {
+            return Err(FrameError::Trailing(r.0.len()));
+        }
+        Ok(Self { node, signature, membership })
+    }
+}
+
+impl Decode for PeerHello {
+    type Error = FrameError;
+
+    fn decode_prefix(buf: &[u8]) -> Result<Decoded<Self>, FrameError> {
+        decode_length_prefixed(buf, Self::check_len, Self::decode)
+    }
+}
+
 /// `frame` encodes (as `encoded`) to `hex` (spaces ignored) and decodes back from it, taking exactly its bytes
 /// even with more behind them; every proper prefix asks for at least one more byte and never for more than
 /// the rest of the frame, so a reader never reads past it.
@@ -799,5 +929,53 @@ mod tests {
         assert_eq!(ChunkRequest::decode_prefix(&bytes("403f")), Ok(Decoded::NeedMore(MAX_REQUEST_LEN)));
         // A whole body that is shorter than its fields say is malformed, not waiting for more.
         assert_eq!(ChunkRequest::decode_prefix(&bytes("000101")), Err(FrameError::Truncated { needed: 1 }));
+    }
+
+    /// A hello proves a registered node on this connection only: its encoding is byte for byte as
+    /// `docs/protocol.md` gives it, and it verifies only with the connection's exporter, under the tracker
+    /// that signed an unexpired membership for the same node.
+    #[test]
+    fn peer_hellos_encode_bounded_and_prove_a_registered_node_on_one_connection() {
+        use crate::api::{Membership, Signed, KIND_MEMBERSHIP};
+        let hello = PeerHello { node: crate::NodeId([0x11; 32]), signature: [0xab; 64], membership: b"{}".to_vec() };
+        let hex = format!("0065 01 {HASH_11} {HASH_AB}{HASH_AB} 0002 7b7d");
+        assert_vector(&hello, &hello.encode_framed().expect("fits"), &hex);
+        let long = PeerHello { membership: vec![b'm'; MAX_MEMBERSHIP_LEN + 1], ..hello.clone() };
+        assert!(matches!(long.encode_framed(), Err(FrameError::TooLong { what: "membership", .. })));
+        let longest = PeerHello { membership: vec![b'm'; MAX_MEMBERSHIP_LEN], ..hello.clone() };
+        assert_eq!(longest.encode_framed().expect("fits").len(), 2 + MAX_PEER_HELLO_LEN);
+        let too_long = ((MAX_PEER_HELLO_LEN + 1) as u16).to_be_bytes();
+        assert!(matches!(PeerHello::decode_prefix(&too_long), Err(FrameError::TooLong { what: "peer hello", .. })));
+        let mut forged = longest.encode_framed().expect("fits");
+        forged[2 + 1 + 32 + 64..2 + 1 + 32 + 64 + 2].copy_from_slice(&(MAX_MEMBERSHIP_LEN as u16 + 1).to_be_bytes());
+        assert!(matches!(PeerHello::decode(&forged[2..]), Err(FrameError::TooLong { what: "membership", .. })));
+
+        let tracker = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let tracker_id = crate::NodeId::from(tracker.verifying_key());
+        let node = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let node_id = crate::NodeId::from(node.verifying_key());
+        let member = |id, expiry_ms| {
+            Signed::sign(&tracker, KIND_MEMBERSHIP, &Membership { node_id: id, issued_ms: 0, expiry_ms })
+        };
+        let exporter = [7u8; PEER_EXPORTER_LEN];
+        let hello = PeerHello::sign(&node, &exporter, &member(node_id, 2_000));
+        let framed = hello.encode_framed().expect("a real membership fits");
+        assert_eq!(PeerHello::decode(&framed[2..]).expect("decodes"), hello);
+        assert_eq!(hello.verify(&exporter, tracker_id, 1_000), Ok(node_id));
+        assert_eq!(hello.verify(&[8u8; PEER_EXPORTER_LEN], tracker_id, 1_000), Err(PeerHelloError::BadSignature));
+        assert!(matches!(hello.verify(&exporter, node_id, 1_000), Err(PeerHelloError::Membership(_))));
+        assert!(matches!(hello.verify(&exporter, tracker_id, 2_000), Err(PeerHelloError::Membership(_))));
+        let someone_elses = PeerHello::sign(&node, &exporter, &member(tracker_id, 2_000));
+        assert!(matches!(someone_elses.verify(&exporter, tracker_id, 1_000), Err(PeerHelloError::Membership(_))));
+        let self_signed = PeerHello::sign(
+            &node,
+            &exporter,
+            &Signed::sign(&node, KIND_MEMBERSHIP, &Membership { node_id, issued_ms: 0, expiry_ms: 2_000 }),
+        );
+        assert!(matches!(self_signed.verify(&exporter, tracker_id, 1_000), Err(PeerHelloError::Membership(_))));
+        let garbled = PeerHello { membership: b"not json".to_vec(), ..hello.clone() };
+        assert_eq!(garbled.verify(&exporter, tracker_id, 1_000), Err(PeerHelloError::MalformedMembership));
+        let impostor = PeerHello { node: tracker_id, ..hello };
+        assert_eq!(impostor.verify(&exporter, tracker_id, 1_000), Err(PeerHelloError::BadSignature));
     }
 }

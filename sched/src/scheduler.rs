@@ -463,9 +463,71 @@ pub struct Load {
     assigned: HashMap<NodeId, (Decayed, Backlog)>,
     total: Decayed,
     chunks: HashMap<ChunkHash, Decayed>,
+    /// What this load charged since [`Load::take_delta`], when recording ([`Load::recording`]).
+    delta: Option<LoadDelta>,
+}
+
+/// What one scheduler charged over a short while, for the schedulers of other tracker replicas of the same
+/// nodes to add ([`Load::apply`]), so bounded load holds across replicas.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadDelta {
+    /// Bytes charged to each node as its first candidate, and those of them clients fetch now (backlog).
+    pub nodes: HashMap<NodeId, (f64, f64)>,
+    /// Requests per chunk (its popularity).
+    pub chunks: HashMap<ChunkHash, f64>,
+    /// All bytes charged.
+    pub total: f64,
+}
+
+impl LoadDelta {
+    /// Entries held: what bounds its size on the wire.
+    pub fn len(&self) -> usize {
+        self.nodes.len() + self.chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0 && self.total == 0.0
+    }
 }
 
 impl Load {
+    /// A load that also records what it charges, for [`Load::take_delta`].
+    pub fn recording() -> Self {
+        Self { delta: Some(LoadDelta::default()), ..Default::default() }
+    }
+
+    /// What was charged since the last call (empty unless recording).
+    pub fn take_delta(&mut self) -> LoadDelta {
+        self.delta.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Entries recorded since the last [`Load::take_delta`].
+    pub fn delta_len(&self) -> usize {
+        self.delta.as_ref().map_or(0, LoadDelta::len)
+    }
+
+    /// Adds what another scheduler charged (not recorded again): nodes not in `snapshot` are skipped, chunks
+    /// past the tracking bound only count when already tracked.
+    pub fn apply(&mut self, delta: &LoadDelta, snapshot: &Snapshot, now_ms: u64, params: &Params) {
+        let hl = params.half_life_ms;
+        for (id, &(bytes, now_bytes)) in &delta.nodes {
+            let Some(i) = snapshot.index_of(id) else { continue };
+            let upload = snapshot.nodes[i].upload.max(1) as f64;
+            let (recent, backlog) = self.assigned.entry(*id).or_default();
+            recent.add(bytes, now_ms, hl);
+            if now_bytes > 0.0 {
+                let bytes = backlog.get(now_ms, upload * (1.0 - params.headroom)) + now_bytes;
+                *backlog = Backlog { bytes, at_ms: now_ms };
+            }
+        }
+        for (chunk, &hits) in &delta.chunks {
+            if self.chunks.len() < MAX_TRACKED_CHUNKS || self.chunks.contains_key(chunk) {
+                self.chunks.entry(*chunk).or_default().add(hits, now_ms, hl);
+            }
+        }
+        self.total.add(delta.total, now_ms, hl);
+    }
+
     /// Recently assigned bytes of `node`, decayed to `now_ms`.
     pub fn assigned(&self, node: &NodeId, now_ms: u64, params: &Params) -> f64 {
         self.assigned.get(node).map_or(0.0, |d| d.0.get(now_ms, params.half_life_ms))
@@ -483,6 +545,9 @@ impl Load {
             if self.chunks.len() >= MAX_TRACKED_CHUNKS {
                 return 1.0;
             }
+        }
+        if let Some(delta) = &mut self.delta {
+            *delta.chunks.entry(*chunk).or_default() += 1.0;
         }
         let d = self.chunks.entry(*chunk).or_default();
         d.add(1.0, now_ms, hl);
@@ -586,6 +651,12 @@ pub fn pick(
         *backlog = Backlog { bytes, at_ms: now_ms };
     }
     load.total.add(len as f64, now_ms, hl);
+    if let Some(delta) = &mut load.delta {
+        let (bytes, now_bytes) = delta.nodes.entry(chosen.contact.id).or_default();
+        *bytes += len as f64;
+        *now_bytes += if immediate { len as f64 } else { 0.0 };
+        delta.total += len as f64;
+    }
     // The other candidates, which serve when the first has left: nodes within their bounds first — only the
     // first is charged, so a client failing over to a full node adds work the scheduler never sees, and where
     // the same few nodes are everyone's near nodes their queues grow without end. In each group, the chunk's
@@ -652,6 +723,33 @@ mod tests {
         // Deterministic: the same inputs give the same answer.
         let (again, _) = schedule(&snap, &mut Load::default(), Some(&at(1.0, 1.0)), Families::BOTH, &chunk, &params, 0);
         assert_eq!(again, a);
+    }
+
+    #[test]
+    fn another_scheduler_s_delta_adds_the_same_load_and_popularity() {
+        let params = Params::default();
+        let snap = Snapshot::new(two_regions(), &params);
+        let (mut here, mut there) = (Load::recording(), Load::default());
+        let chunks: Vec<(ChunkHash, u32)> = (0..20u32).map(|c| (ChunkHash::of(&c.to_be_bytes()), 1 << 20)).collect();
+        for t in 0..5 {
+            schedule(&snap, &mut here, Some(&at(1.0, 1.0)), Families::BOTH, &chunks, &params, t);
+        }
+        let delta = here.take_delta();
+        assert_eq!(delta.total, 100.0 * f64::from(1 << 20));
+        assert_eq!(delta.chunks.values().sum::<f64>(), 100.0);
+        assert!(here.take_delta().is_empty(), "taken once");
+        there.apply(&delta, &snap, 5, &params);
+        for n in &snap.nodes {
+            let (a, b) = (here.assigned(&n.contact.id, 5, &params), there.assigned(&n.contact.id, 5, &params));
+            assert!((a - b).abs() <= 1e-3 * a.max(1.0), "{a} vs {b} (5 ms of decay apart)");
+        }
+        assert_eq!(there.hits(&chunks[0].0, 5, &params).round(), here.hits(&chunks[0].0, 5, &params).round());
+        // Applied, not recorded again; a node the snapshot does not hold is skipped.
+        assert!(there.take_delta().is_empty());
+        let mut stranger = LoadDelta::default();
+        stranger.nodes.insert(NodeId([9; 32]), (1e6, 1e6));
+        there.apply(&stranger, &snap, 5, &params);
+        assert_eq!(there.assigned(&NodeId([9; 32]), 5, &params), 0.0);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Yielding the uplink (issue #16): a home's 20 Mbit/s uplink with 150 ms of buffer (network-namespace lab,
 # `tc tbf`), the owner's backup (bulk TCP) and video call (TCP at 8 Mbit/s) through it, alone, with a real
-# fog-node serving 4 clients at --upload-priority low and at normal, and the node alone: the owner's
-# throughput, the node's, and the uplink's queueing delay (UDP probes every 20 ms), in one run. It is the
-# lab test netns::yield_uplink, run for its table (which it prints before checking its assertions).
+# fog-node serving 4 clients at --upload-priority low and at normal, the node's clients arriving after the
+# backup (the latecomer), and the node alone: the owner's throughput, the node's, the uplink's queueing
+# delay (UDP probes every 20 ms) and the node's fog_node_ledbat_* metrics, in one run. It is the lab test
+# netns::yield_uplink, run for its table (which it prints before checking its assertions).
 # Needs root (network namespaces).
 #   sudo scripts/bench/yield.sh
 set -euo pipefail

@@ -833,7 +833,8 @@ impl Sim {
             self.metrics.steady = true;
             self.metrics.steady_from = now;
         }
-        let sample_oracle = self.cfg.oracle_samples > 0 && self.metrics.steady && self.metrics.requests % every == 0;
+        let sample_oracle =
+            self.cfg.oracle_samples > 0 && self.metrics.steady && self.metrics.requests.is_multiple_of(every);
         let chost = self.clients[client as usize].host;
         if sample_oracle {
             if let Some(&first_pick) = candidates.first() {

@@ -1,10 +1,13 @@
 //! fog-testkit: what fogcdn's integration tests, demo and benchmarks share — a configurable origin server,
-//! a harness that runs the real binaries, a disk-footprint sampler, and deterministic test content.
+//! a harness that runs the real binaries, a disk-footprint sampler, a throwaway PostgreSQL, a throwaway NATS
+//! cluster, and deterministic test content.
 
 pub mod disk;
 pub mod harness;
+pub mod nats;
 pub mod netns;
 pub mod origin;
+pub mod pg;
 
 /// Deterministic pseudo-random bytes (xorshift), so test objects are incompressible and reproducible.
 pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {

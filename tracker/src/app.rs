@@ -25,15 +25,16 @@ use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::bus::{wire, Bus};
 use crate::config::TrackerConfig;
 use crate::dashboard::{Dashboard, Event, Sample, TopContent};
-use crate::db::{Db, DbError};
 use crate::ingest::{Ingest, IngestConfig, IngestError, Source};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{FamilyLabel, Metrics, PathLabel, ReachabilityLabel, ResultLabel, SourceLabel, StateLabel};
 use crate::registry::{
     Advertised, CellUpdate, ClientPath, NodePage, PlanRule, Registration, Registry, RegistryError, SortBy,
 };
+use crate::store::{AdminStore, ManifestCache, StoreError, Stores};
 
 /// Most dashboards following the live stream at once, in all and per source.
 const MAX_STREAMS: usize = 64;
@@ -80,7 +81,7 @@ pub enum AppError {
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
     #[error("tracker database: {0}")]
-    Db(#[from] DbError),
+    Db(#[from] StoreError),
     /// What was asked for does not exist (yet, if `retryable`).
     #[error("{what}")]
     NotFound { what: String, retryable: bool },
@@ -95,6 +96,9 @@ pub enum AppError {
     /// A browser page of a site the operator did not register, or asking for more than resolve and reports.
     #[error("pages of {origin} may not {what}: the operator registers the sites that embed the fog with --web-origin")]
     UnknownWebOrigin { origin: String, what: &'static str },
+    /// A replica that does not hold the whole cell yet (just started, or reconnecting to the bus).
+    #[error("this tracker replica is catching up with its cell; retry (or another replica)")]
+    NotReady,
 }
 
 /// Why a node's message was refused.
@@ -113,7 +117,7 @@ impl AppError {
             Self::BadRequest(_) | Self::UnknownOrigin { .. } | Self::NodeRejected(_) | Self::AdminOff => false,
             Self::NotAdmin | Self::UnknownWebOrigin { .. } => false,
             Self::RateLimited(_) | Self::UnknownNode | Self::RegistryFull(_) => true,
-            Self::StreamsPerSource { .. } | Self::StreamsFull | Self::Db(_) => true,
+            Self::StreamsPerSource { .. } | Self::StreamsFull | Self::Db(_) | Self::NotReady => true,
             Self::Ingest(e) => e.is_retryable(),
             Self::Ledger(e) => e.is_retryable(),
             Self::NotFound { retryable, .. } => *retryable,
@@ -158,7 +162,8 @@ pub struct App {
     pub metrics: Metrics,
     pub dashboard: Arc<Dashboard>,
     pub ledger: Ledger,
-    pub db: Arc<Db>,
+    /// The operator's block list, persisted.
+    pub admin: Arc<dyn AdminStore>,
     /// Live playlists followed, their viewers and pushes.
     pub live: Arc<crate::live::Live>,
     resolves: AtomicU64,
@@ -168,6 +173,8 @@ pub struct App {
     /// Nodes clients reported serving wrong bytes, for the prober to check now.
     urgent_probes: mpsc::Sender<NodeId>,
     pub(crate) urgent_rx: std::sync::Mutex<Option<mpsc::Receiver<NodeId>>>,
+    /// The cell's bus, once connected (`--nats`): this tracker is then one replica of the cell.
+    pub bus: std::sync::OnceLock<Arc<Bus>>,
     /// QUIC endpoint for probes; `None` if it could not be opened.
     pub dialer: Option<quinn::Endpoint>,
     /// QUIC endpoints for dial-backs (one per IP family, each address verified in its own family), never
@@ -206,12 +213,8 @@ pub struct Summary {
 }
 
 impl App {
-    pub fn new(
-        cfg: TrackerConfig,
-        db: Arc<Db>,
-        origin: OriginClient,
-        ledger: Ledger,
-    ) -> Result<Self, crate::db::DbError> {
+    /// A tracker over `stores` (their manifest count and block list read at open).
+    pub fn new(cfg: TrackerConfig, stores: Stores, origin: OriginClient, ledger: Ledger) -> Self {
         let dashboard = Arc::new(Dashboard::default());
         let metrics = Metrics::default();
         let ingest_cfg = IngestConfig {
@@ -223,22 +226,29 @@ impl App {
             origin_manifests: cfg.origin_manifests,
             max_running: MAX_CONCURRENT_INGESTS,
         };
-        let ingest = Ingest::new(origin, db.clone(), ingest_cfg, dashboard.clone(), metrics.ingest_errors.clone())?;
+        let manifests =
+            ManifestCache::new(stores.manifests, Default::default(), stores.manifest_count, metrics.store.clone());
+        let ingest =
+            Ingest::new(origin, Arc::new(manifests), ingest_cfg, dashboard.clone(), metrics.ingest_errors.clone());
         let (urgent_probes, urgent_rx) = mpsc::channel(64);
-        let blocked = db.blocked_nodes()?;
-        Ok(Self {
-            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, blocked)
+        Self {
+            registry: Registry::new(cfg.node_timeout, cfg.max_nodes, stores.blocked)
                 .with_params(scheduler::Params { k: cfg.candidates, epsilon: cfg.load_epsilon, ..Default::default() })
                 .with_cells(cfg.cell_ms)
                 .with_plan_rule(PlanRule { heartbeat: cfg.heartbeat_interval, chunk_size: u64::from(cfg.chunk_size) }),
-            load: Default::default(),
+            // A replica records what it charges, for the others (`bus`).
+            load: std::sync::Mutex::new(if cfg.nats.is_empty() {
+                scheduler::Load::default()
+            } else {
+                scheduler::Load::recording()
+            }),
             clients: std::sync::Mutex::new(ClientCoords::new(MAX_CLIENT_PREFIXES)),
             metrics,
             dashboard,
             ledger,
             cfg,
             ingest,
-            db,
+            admin: stores.admin,
             live: Arc::default(),
             resolves: AtomicU64::new(0),
             ingests: AtomicU64::new(0),
@@ -246,6 +256,7 @@ impl App {
             streams_by_source: Held::default(),
             urgent_probes,
             urgent_rx: std::sync::Mutex::new(Some(urgent_rx)),
+            bus: std::sync::OnceLock::new(),
             dialer: transport::client_endpoint(transport::any_family())
                 .inspect_err(|e| tracing::error!(error = %e, "cannot open a QUIC endpoint: nodes will not be probed"))
                 .ok(),
@@ -260,7 +271,7 @@ impl App {
             registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
             ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
             redeems_by_source: PerSource::new(REDEEMS_PER_SOURCE.1, REDEEMS_PER_SOURCE.0),
-        })
+        }
     }
 
     fn count_resolve(&self, result: &'static str) {
@@ -332,7 +343,7 @@ impl App {
         }
         // Reading an object from its origin is the costliest thing a stranger can ask for: each source gets
         // its share of new ingests (query-string variants of one URL are distinct objects to an origin).
-        if (stale.is_some() || !self.ingest.is_known(&url)) && !self.ingests_by_source.check(peer) {
+        if (stale.is_some() || !self.ingest.is_known(&url).await) && !self.ingests_by_source.check(peer) {
             return Err(AppError::RateLimited(
                 "too many new objects ingested for your network; try again in a minute (the origin serves it meanwhile)",
             ));
@@ -352,6 +363,9 @@ impl App {
         let mut load = self.load.lock().expect("load lock");
         let (nodes, schedule, ticket) =
             self.assign(&manifest, client.as_ref(), reach, &mut load, client_key, Some(peer));
+        if let Some(bus) = self.bus.get() {
+            bus.flush_load_if_full(&mut load);
+        }
         drop(load);
         Ok(Resolve { content_id: manifest.content_id(), manifest: (*manifest).clone(), nodes, schedule, ticket })
     }
@@ -456,6 +470,8 @@ impl App {
         match self.registry.register(node, registration, reg.timestamp_ms, now_ms()) {
             Ok(()) => {
                 tracing::info!(node = %node, %addr, reachable, "node registered");
+                self.metrics.registrations.inc();
+                self.publish_node(&node);
                 self.dashboard.event("node_registered", format!("node {} registered", &node.to_hex()[..16]));
                 // Its other addresses, dialled back since an earlier registration, count too.
                 let (reachable, verified_addrs) = self.registry.verified(&node).unwrap_or((reachable, Vec::new()));
@@ -509,6 +525,10 @@ impl App {
         }
         if registered {
             self.verify_more_addrs(node, peer).await;
+            self.publish_node(&node);
+        } else if self.bus.get().is_some_and(|bus| !bus.ready()) {
+            // Perhaps registered at another replica: a replica catching up does not send it to register.
+            return Err(AppError::NotReady);
         }
         let peers =
             if registered && wants_peers { self.registry.peers_for(&node, MAX_PEERS_LISTED) } else { Vec::new() };
@@ -529,6 +549,13 @@ impl App {
             cell_delta,
             web_origins: self.cfg.web_origins.clone(),
         })
+    }
+
+    /// Tells the cell's other replicas `node`'s state, as this replica accepted it.
+    fn publish_node(&self, node: &NodeId) {
+        if let (Some(bus), Some(record)) = (self.bus.get(), self.registry.record(node)) {
+            bus.publish(wire::Message::Node(Box::new(record)));
+        }
     }
 
     /// Dials back the other addresses `node` advertises, when they changed since the last time, from
@@ -578,8 +605,12 @@ impl App {
             return Err(AppError::BadRequest(format!("at most {MAX_BATCH} receipts per batch")));
         }
         // Signature checks, chain walks and a synced write: off the async workers.
-        let results = tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts))
-            .inspect_err(|e| tracing::error!(error = %e, "ledger failure"))?;
+        let results =
+            tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts)).inspect_err(|e| match e {
+                // Routine in a cell: the node tries the replica that sequences the ledger.
+                LedgerError::NotSequencer { .. } => tracing::debug!(error = %e, "redemption left to the sequencer"),
+                e => tracing::error!(error = %e, "ledger failure"),
+            })?;
         let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
         let rejected = results.iter().filter(|r| r.outcome == fog_proto::credits::Outcome::Rejected).count();
         self.metrics.credited_bytes.inc_by(credited);
@@ -717,13 +748,23 @@ impl App {
 
     /// An operator blocks (or unblocks) a node: persisted, and applied to the registry at once.
     pub fn set_blocked(&self, id: NodeId, block: bool) -> Result<serde_json::Value, AppError> {
-        // A synced write: off the async workers.
-        tokio::task::block_in_place(|| self.db.set_blocked(&id, block))?;
-        let changed = if block { self.registry.block(id) } else { self.registry.unblock(&id) };
+        let changed = self.apply_block(id, block)?;
+        if let Some(bus) = self.bus.get() {
+            bus.publish(wire::Message::Block(wire::Block { id, block }));
+        }
         let verb = if block { "blocked" } else { "unblocked" };
         tracing::info!(node = %id, "operator {verb} node");
         self.dashboard.event("node_blocked", format!("operator {verb} node {}", &id.to_hex()[..16]));
         Ok(serde_json::json!({ "node": id, verb: true, "changed": changed }))
+    }
+
+    /// A block (or unblock), persisted and applied to the registry (an operator's here, or another
+    /// replica's); whether it changed anything.
+    pub fn apply_block(&self, id: NodeId, block: bool) -> Result<bool, AppError> {
+        // A durable write (synced, or committed in PostgreSQL): off the async workers.
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| handle.block_on(self.admin.set_blocked(&id, block)))?;
+        Ok(if block { self.registry.block(id) } else { self.registry.unblock(&id) })
     }
 
     /// One dashboard sample; forgets the load of nodes that left.

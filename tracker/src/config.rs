@@ -95,6 +95,49 @@ pub struct TrackerArgs {
     #[arg(long = "web-origin", env = "FOG_TRACKER_WEB_ORIGINS", value_delimiter = ',')]
     #[serde(default)]
     pub web_origin: Vec<String>,
+    /// NATS servers (`nats://host:4222`, comma-separated or repeated): with them the tracker is one replica
+    /// of a cell, sharing the node registry, load and blocks with the cell's other replicas over NATS core
+    /// pub/sub. Replicas of a cell share the tracker key (`tracker.key` in the data directory).
+    #[arg(long = "nats", env = "FOG_TRACKER_NATS", value_delimiter = ',')]
+    #[serde(default)]
+    pub nats: Vec<String>,
+    /// The cell this replica belongs to (letters, digits, `-` and `_`; at most 64): replicas of one cell
+    /// hold the same registry [default: default].
+    #[arg(long, env = "FOG_TRACKER_CELL")]
+    pub cell: Option<String>,
+    /// PostgreSQL for manifests and the block list, shared by the replicas of a cell, instead of the
+    /// embedded database: a libpq connection string (`host=pg1,pg2 port=5432,5432 user=fog dbname=fog`, or
+    /// `postgresql://fog@pg1:5432,pg2:5432/fog`); with several hosts the tracker follows a failover to
+    /// whichever is the primary. `fog-tracker export` moves an embedded tracker's state there.
+    #[arg(long, env = "FOG_TRACKER_POSTGRES", hide_env_values = true)]
+    pub postgres: Option<String>,
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<TrackerCommand>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TrackerCommand {
+    /// Copy an embedded tracker's manifests, block list and ledger into PostgreSQL (run it with the
+    /// tracker stopped; again after a conflict is resolved: rows already there are skipped, a different
+    /// manifest for a URL is never overwritten).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// The PostgreSQL to copy into (as for `--postgres`).
+    #[arg(long, env = "FOG_TRACKER_POSTGRES", hide_env_values = true)]
+    pub postgres: String,
+    /// The embedded tracker's data directory [default: ~/.local/share/fogcdn/tracker].
+    #[arg(long, env = "FOG_TRACKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ExportArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| default_data_dir("tracker"))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +166,11 @@ pub struct TrackerConfig {
     pub resolve_wait: Duration,
     pub origin_manifests: bool,
     pub web_origins: WebOrigins,
+    /// NATS servers of the cell's bus; empty: a single tracker.
+    pub nats: Vec<String>,
+    pub cell: String,
+    /// PostgreSQL connection string for the durable state; `None`: the embedded database.
+    pub postgres: Option<String>,
 }
 
 impl TrackerArgs {
@@ -153,6 +201,16 @@ impl TrackerArgs {
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid("--admin-token must be at least 16 characters".into()));
         }
+        let nats: Vec<String> = if self.nats.is_empty() { file.nats } else { self.nats };
+        let nats = nats.into_iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        let cell = self.cell.or(file.cell).unwrap_or_else(|| "default".into());
+        // The cell is a token of NATS subjects: no dots, wildcards or spaces.
+        if cell.is_empty()
+            || cell.len() > 64
+            || !cell.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::Invalid(format!("--cell {cell:?}: letters, digits, - and _ only, at most 64")));
+        }
         Ok(TrackerConfig {
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir,
@@ -180,6 +238,9 @@ impl TrackerArgs {
             ),
             origin_manifests: self.origin_manifests || file.origin_manifests,
             web_origins,
+            nats,
+            cell,
+            postgres: self.postgres.or(file.postgres).map(|c| c.trim().to_string()).filter(|c| !c.is_empty()),
         })
     }
 }
@@ -221,5 +282,33 @@ mod tests {
         assert_eq!(cfg.web_origins.as_slice(), ["https://player.example.com", "http://localhost:8080"]);
         assert!(matches!(web("https://player.example.com/embed"), Err(ConfigError::Invalid(m)) if m.contains("path")));
         assert!(TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("none").web_origins.is_empty());
+    }
+
+    #[test]
+    fn nats_servers_and_a_cell_name_that_fits_a_subject() {
+        let single = TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("single");
+        assert!(single.nats.is_empty());
+        assert_eq!(single.cell, "default");
+        let args =
+            ["t", "--origin", "http://a", "--nats", "nats://127.0.0.1:4222,nats://127.0.0.1:4223", "--cell", "eu-1"];
+        let replica = TrackerArgs::parse_from(args).resolve().expect("replica");
+        assert_eq!(replica.nats, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
+        assert_eq!(replica.cell, "eu-1");
+        for bad in ["a.b", "a*", "", "a b"] {
+            let cfg = TrackerArgs::parse_from(["t", "--origin", "http://a", "--cell", bad]).resolve();
+            assert!(matches!(cfg, Err(ConfigError::Invalid(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn postgres_for_a_replica_and_the_export_command() {
+        let single = TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("single");
+        assert_eq!(single.postgres, None);
+        let conn = "host=pg1,pg2 port=5432,5433 user=fog dbname=fog";
+        let replica = TrackerArgs::parse_from(["t", "--origin", "http://a", "--postgres", conn]).resolve();
+        assert_eq!(replica.expect("replica").postgres.as_deref(), Some(conn));
+        let export = TrackerArgs::parse_from(["t", "export", "--postgres", conn, "--data-dir", "/var/lib/fog"]);
+        let Some(TrackerCommand::Export(export)) = export.command else { panic!("export parsed") };
+        assert_eq!((export.postgres.as_str(), export.data_dir()), (conn, PathBuf::from("/var/lib/fog")));
     }
 }

@@ -1,6 +1,7 @@
-//! Tracker persistence in RocksDB: manifests by URL, and the operator's block list. Node registrations are
-//! soft state kept in memory: after a tracker restart nodes learn from their next heartbeat that they must
-//! register again.
+//! A single tracker's persistence in RocksDB: manifests by URL, the operator's block list and the ledger's
+//! column families. `crate::store::rocks` puts the first two behind the store traits; replicas of a cell
+//! keep them in PostgreSQL instead. Node registrations are soft state kept in memory: after a tracker
+//! restart nodes learn from their next heartbeat that they must register again.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -27,7 +28,7 @@ pub enum DbError {
 }
 
 /// A manifest and when it was ingested or published (ms since the Unix epoch).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredManifest {
     pub manifest: Manifest,
     pub ingested_at_ms: u64,
@@ -82,6 +83,25 @@ impl Db {
         opts.set_sync(true);
         self.db.put_cf_opt(self.manifests(), stored.manifest.url.as_bytes(), value, &opts)?;
         Ok(())
+    }
+
+    /// Up to `limit` manifests with URLs after `after` (all from the first with `None`), in key order.
+    pub fn manifests_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredManifest>, DbError> {
+        let start =
+            after.map_or(IteratorMode::Start, |a| IteratorMode::From(a.as_bytes(), rocksdb::Direction::Forward));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.manifests(), start) {
+            let (key, value) = item?;
+            if after.is_some_and(|a| *key == *a.as_bytes()) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            let url = String::from_utf8_lossy(&key).into_owned();
+            out.push(serde_json::from_slice(&value).map_err(|source| DbError::Corrupt { url, source })?);
+        }
+        Ok(out)
     }
 
     pub fn blocked_nodes(&self) -> Result<HashSet<NodeId>, DbError> {

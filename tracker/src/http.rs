@@ -161,6 +161,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, browser:
         (&Method::GET, "/v1/stats") => ok(&app.stats()),
         (&Method::GET, "/metrics") => Ok(http_server::metrics(app.metrics_text())),
         (&Method::GET, "/healthz") => ok(&serde_json::json!({"ok": true})),
+        (&Method::GET, "/readyz") => Ok(readyz(&app)),
         (&Method::GET, "/") => Ok(reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD_HTML)),
         (&Method::GET, "/assets/uplot.min.js") => {
             Ok(reply(StatusCode::OK, "text/javascript", Bytes::from_static(UPLOT_JS)))
@@ -219,12 +220,29 @@ fn error_reply(e: &AppError) -> Reply {
         AppError::Ingest(IngestError::Busy) | AppError::StreamsFull => {
             (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal)
         }
+        // Another replica sequences the ledger: a node with the cell's URLs moves on to the next one.
+        AppError::Ledger(LedgerError::NotSequencer { .. }) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal),
         AppError::Ingest(IngestError::Db(_)) | AppError::Ledger(_) | AppError::Db(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal)
         }
         AppError::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::BadRequest),
+        AppError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal),
     };
     json(status, &ApiError { error: code, message: e.to_string(), retryable: e.is_retryable() })
+}
+
+/// Whether this tracker holds the whole registry: always alone; as a replica of a cell, once it has been
+/// on the bus for a heartbeat interval (load balancers send it traffic from then on).
+fn readyz(app: &App) -> Reply {
+    let reason = match app.bus.get() {
+        Some(bus) => bus.not_ready_reason(),
+        None if !app.cfg.nats.is_empty() => Some("not on the cell's bus".into()),
+        None => None,
+    };
+    match reason {
+        None => json(StatusCode::OK, &serde_json::json!({"ready": true})),
+        Some(reason) => json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"ready": false, "reason": reason})),
+    }
 }
 
 fn ledger_failure(e: LedgerError) -> AppError {

@@ -13,7 +13,6 @@
 //!   do not hash to it) has the object ingested at once, and the dashboard says so.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::dashboard::Dashboard;
-use crate::db::{Db, DbError, StoredManifest};
+use crate::store::{ManifestCache, StoreError, StoredManifest};
 
 /// Chunks a seek makes the tracker hash ahead of the sequential read: enough for a player to start.
 const RANGE_FIRST_CHUNKS: u64 = 8;
@@ -41,7 +40,7 @@ pub enum IngestError {
     Origin(#[from] OriginError),
     /// Shared: one ingest's outcome goes to every client that waited on it.
     #[error(transparent)]
-    Db(Arc<DbError>),
+    Db(Arc<StoreError>),
     #[error("too many ingests in progress; retry shortly")]
     Busy,
     #[error("{url} changed at its origin while it was being ingested (chunk {chunk} differs between reads); it is ingested again on the next request")]
@@ -55,7 +54,8 @@ impl IngestError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Origin(e) => e.is_retryable(),
-            Self::Db(_) | Self::Busy | Self::ChangedDuringIngest { .. } => true,
+            Self::Db(e) => e.is_retryable(),
+            Self::Busy | Self::ChangedDuringIngest { .. } => true,
             Self::BadPublished { .. } => false,
         }
     }
@@ -105,12 +105,11 @@ pub struct Ingest {
 #[derive(Debug)]
 struct Inner {
     origin: OriginClient,
-    db: Arc<Db>,
+    /// Stored manifests, those in use in memory.
+    manifests: Arc<ManifestCache>,
     cfg: IngestConfig,
     dashboard: Arc<Dashboard>,
     failures: Counter,
-    /// Manifests stored, counted at open and on each new URL.
-    manifests: AtomicU64,
     running: Mutex<HashMap<String, Arc<Running>>>,
     slots: Arc<Semaphore>,
     range_reads: Arc<Semaphore>,
@@ -165,25 +164,23 @@ impl Ingest {
     /// `failures` counts ingests that failed (`fog_tracker_ingest_errors`).
     pub fn new(
         origin: OriginClient,
-        db: Arc<Db>,
+        manifests: Arc<ManifestCache>,
         cfg: IngestConfig,
         dashboard: Arc<Dashboard>,
         failures: Counter,
-    ) -> Result<Self, DbError> {
-        let manifests = AtomicU64::new(db.count_manifests()?);
+    ) -> Self {
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let inner = Inner {
             origin,
-            db,
+            manifests,
             cfg,
             dashboard,
             failures,
-            manifests,
             running: Mutex::default(),
             slots,
             range_reads: Arc::new(Semaphore::new(MAX_RANGE_READS)),
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Self { inner: Arc::new(inner) }
     }
 
     /// The client ingest reads origins with (held to the registered origins).
@@ -193,14 +190,19 @@ impl Ingest {
 
     /// Manifests stored.
     pub fn manifests(&self) -> u64 {
-        self.inner.manifests.load(Ordering::Relaxed)
+        self.inner.manifests.count()
+    }
+
+    /// The stored manifests, with those in use in memory.
+    pub fn cache(&self) -> &Arc<ManifestCache> {
+        &self.inner.manifests
     }
 
     /// Whether a resolve of `url` would not start reading its origin (a manifest is stored or being made),
     /// unless the client reports the object stale.
-    pub fn is_known(&self, url: &str) -> bool {
+    pub async fn is_known(&self, url: &str) -> bool {
         self.inner.running.lock().expect("running lock").contains_key(url)
-            || self.inner.db.manifest(url).is_ok_and(|m| m.is_some())
+            || self.inner.manifests.get(url).await.is_ok_and(|m| m.is_some())
     }
 
     /// Ingests under way.
@@ -219,14 +221,25 @@ impl Ingest {
             return inner.wait(url, &run, from, false).await;
         }
         let mut replacing = None;
-        if let Some(stored) = inner.db.manifest(url).map_err(|e| IngestError::Db(Arc::new(e)))? {
+        let stored = match inner.manifests.get(url).await {
+            Ok(stored) => stored,
+            // The database is unavailable (failing over): the origin still has the object, so it is read
+            // again, and its manifest kept in memory until the database is back.
+            Err(e) if e.is_retryable() => {
+                tracing::info!(url, error = %e, "manifest store unavailable; ingesting from the origin");
+                None
+            }
+            Err(e) => return Err(IngestError::Db(Arc::new(e))),
+        };
+        if let Some(stored) = stored {
             let id = stored.manifest.content_id();
             let young = now_ms().saturating_sub(stored.ingested_at_ms) < inner.cfg.min_reingest_age.as_millis() as u64;
             if stale != Some(id) || (young && !stored.published) {
-                return Ok(Answer { manifest: Arc::new(stored.manifest), source: Source::Stored, started: false });
+                let manifest = Arc::new(stored.manifest.clone());
+                return Ok(Answer { manifest, source: Source::Stored, started: false });
             }
             tracing::info!(url, stale = %id, published = stored.published, "client reports the origin object changed; ingesting it again");
-            replacing = stored.published.then_some(stored.manifest);
+            replacing = stored.published.then(|| stored.manifest.clone());
         }
         let (run, started) = {
             let mut map = inner.running.lock().expect("running lock");
@@ -264,8 +277,8 @@ impl Ingest {
         let running = self.inner.running.lock().expect("running lock").get(url).cloned();
         let Some(run) = running else {
             // It finished in between: stored by now.
-            let stored = self.inner.db.manifest(url).map_err(|e| IngestError::Db(Arc::new(e)))?;
-            return Ok(stored.map(|s| Arc::new(s.manifest)));
+            let stored = self.inner.manifests.get(url).await.map_err(|e| IngestError::Db(Arc::new(e)))?;
+            return Ok(stored.map(|s| Arc::new(s.manifest.clone())));
         };
         let mut changed = run.changed.subscribe();
         let outcome = async {
@@ -639,23 +652,12 @@ impl Inner {
         }
     }
 
-    /// Stores a complete manifest with a synced write (off the async workers).
+    /// Stores a complete manifest: durably, or, while the database is unavailable, in memory until it is
+    /// back (`ManifestCache::put`).
     async fn store(&self, manifest: Manifest, published: bool) -> Result<Arc<Manifest>, IngestError> {
         let stored = StoredManifest { manifest, ingested_at_ms: now_ms(), published };
-        let db = self.db.clone();
-        let put = move || {
-            let new = db.manifest(&stored.manifest.url)?.is_none();
-            db.put_manifest(&stored).map(|()| (stored, new))
-        };
-        let (stored, new) = tokio::task::spawn_blocking(put)
-            .await
-            .map_err(DbError::from)
-            .and_then(|put| put)
-            .map_err(|e| IngestError::Db(Arc::new(e)))?;
-        if new {
-            self.manifests.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Arc::new(stored.manifest))
+        let stored = self.manifests.put(stored).await.map_err(|e| IngestError::Db(Arc::new(e)))?;
+        Ok(Arc::new(stored.manifest.clone()))
     }
 }
 
@@ -738,7 +740,9 @@ mod tests {
 
     fn test_inner() -> (Inner, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path()).expect("db"));
+        let db = Arc::new(crate::db::Db::open(dir.path()).expect("db"));
+        let store = Arc::new(crate::store::rocks::RocksStore::new(db));
+        let manifests = Arc::new(ManifestCache::new(store, Default::default(), 0, Default::default()));
         let cfg = IngestConfig {
             chunk_size: MIN_CHUNK_SIZE,
             group_size: Some(4096),
@@ -750,11 +754,10 @@ mod tests {
         };
         let inner = Inner {
             origin: OriginClient::new(None),
-            db,
+            manifests,
             cfg,
             dashboard: Arc::default(),
             failures: Counter::default(),
-            manifests: AtomicU64::new(0),
             running: Mutex::default(),
             slots: Arc::new(Semaphore::new(4)),
             range_reads: Arc::new(Semaphore::new(MAX_RANGE_READS)),

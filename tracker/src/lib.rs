@@ -3,9 +3,11 @@
 //! and reports stats and metrics.
 //!
 //! `app` is what requests mean, `http` only routes and maps errors to statuses, `run` starts the
-//! background tasks; `registry`, `ledger`, `ingest`, `live` and `probe` are the domain's parts.
+//! background tasks; `registry`, `ledger`, `ingest`, `live` and `probe` are the domain's parts; `bus` makes
+//! the tracker one replica of a cell (`--nats`).
 
 pub mod app;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod dashboard;
@@ -18,3 +20,4 @@ pub mod metrics;
 pub mod probe;
 pub mod registry;
 pub mod run;
+pub mod store;

@@ -88,6 +88,12 @@ pub struct Metrics {
     /// Probes of nodes' browser (WebTransport) endpoints by result (`ok`, `failed`).
     pub web_probes: Family<ResultLabel, Counter>,
     pub live: LiveMetrics,
+    /// Node registrations accepted by this tracker (a replica of a cell: by this replica).
+    pub registrations: Counter,
+    /// The cell's bus (`fog_tracker_bus_*`), with `--nats`.
+    pub bus: crate::bus::BusMetrics,
+    /// The manifest store and its cache (`fog_tracker_store_*`).
+    pub store: crate::store::StoreMetrics,
 }
 
 /// Live playlists followed and segments pushed (`crate::live`).
@@ -232,9 +238,22 @@ impl Default for Metrics {
         );
         let live = LiveMetrics::default();
         live.register(&mut registry);
+        let registrations = Counter::default();
+        registry.register(
+            "fog_tracker_registrations",
+            "Node registrations accepted (by this replica, in a cell)",
+            registrations.clone(),
+        );
+        let bus = crate::bus::BusMetrics::default();
+        bus.register(&mut registry);
+        let store = crate::store::StoreMetrics::default();
+        store.register(&mut registry);
         Self {
             registry,
             live,
+            registrations,
+            bus,
+            store,
             resolves,
             ingest_errors,
             bad_node_messages,

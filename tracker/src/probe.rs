@@ -6,6 +6,9 @@
 //! of wrong bytes are not trusted: they trigger a probe, whose verdict counts. Only chunks the scheduler
 //! places on the node first are asked for: a node holds those once clients fetched them, so probes rarely
 //! cost a fill.
+//!
+//! In a cell of replicas (`crate::bus`), each node is probed by one replica, the live one ranking first
+//! for it by rendezvous, which publishes every verdict; the others take it as their own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::app::{App, Reach};
+use crate::bus::wire::{self, Message};
 use crate::metrics::ResultLabel;
 use crate::registry::{NodeState, ProbeOutcome};
 use fog_sched::coords::{ClientNet, Measured};
@@ -42,8 +46,9 @@ fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed
         let mut ids: Vec<NodeId> = snapshot.nodes.iter().map(|n| n.contact.id).collect();
         ids.push(*node);
         for top in app.dashboard.top_content().into_iter().take(OBJECTS_TRIED) {
-            let Ok(Some(stored)) = app.db.manifest(&top.url) else { continue };
-            let m = stored.manifest;
+            // Recently requested: in memory, no database read.
+            let Some(stored) = app.ingest.cache().cached(&top.url) else { continue };
+            let m = stored.manifest.clone();
             let here = |c: &ChunkHash| top_k(c, &ids, app.cfg.candidates).into_iter().any(|j| ids[j] == *node);
             let Some(index) = m.chunks.iter().position(here) else { continue };
             let key: NodeId = SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().into();
@@ -56,8 +61,8 @@ fn chunk_for(app: &App, node: &NodeId) -> Option<(Manifest, usize, Option<Signed
     let next_to_it =
         ClientNet { coord: Some(coord), measured: vec![Measured { node: *node, rtt_ms: 1.0, agrees: true }] };
     for top in app.dashboard.top_content().into_iter().take(OBJECTS_TRIED) {
-        let Ok(Some(stored)) = app.db.manifest(&top.url) else { continue };
-        let m = stored.manifest;
+        let Some(stored) = app.ingest.cache().cached(&top.url) else { continue };
+        let m = stored.manifest.clone();
         // A scratch load: a probe is one chunk, not the object the schedule covers.
         let first_here = |key: Option<NodeId>| {
             // The prober dials either family (its endpoint is dual-stack), as a dual-stack client would.
@@ -124,7 +129,11 @@ fn record(app: &App, node: &NodeContact, outcome: &ProbeOutcome) {
     if let ProbeOutcome::Failed(e) = outcome {
         tracing::debug!(node = %node.id, error = %e, "probe failed");
     }
-    if let Some((from, to)) = app.registry.record_probe(&node.id, outcome) {
+    let change = app.registry.record_probe(&node.id, outcome);
+    if let (Some(bus), Some((down, quarantined))) = (app.bus.get(), app.registry.health_of(&node.id)) {
+        bus.publish(Message::Health(wire::Health { id: node.id, down, quarantined }));
+    }
+    if let Some((from, to)) = change {
         let why = match outcome {
             ProbeOutcome::Failed(e) => format!(": probes keep failing ({e})"),
             ProbeOutcome::WrongBytes => ": it served bytes that do not match their hash".into(),
@@ -157,15 +166,24 @@ async fn probe_web(app: &App, node: NodeId, web: WebContact) {
         }
     };
     app.registry.record_web_probe(&node, served);
+    if let Some(bus) = app.bus.get() {
+        bus.publish(Message::Web(wire::Web { id: node, served }));
+    }
+}
+
+/// Whether this tracker probes `node`: always alone; in a cell, if it is the node's prober.
+fn mine(app: &App, node: &NodeId) -> bool {
+    app.bus.get().is_none_or(|bus| bus.probes(node))
 }
 
 /// Probes a sample of nodes every `every`, and at once any node a client reported, until the process ends.
+/// (A client's report reaches one replica, which probes the node itself.)
 pub async fn probe_forever(app: Arc<App>, every: Duration, mut urgent: mpsc::Receiver<NodeId>) {
     let Some(endpoint) = app.dialer.clone() else { return };
     let mut tick = tokio::time::interval(every);
     loop {
-        let mut targets = tokio::select! {
-            _ = tick.tick() => app.registry.probe_targets(),
+        let mut targets: Vec<NodeContact> = tokio::select! {
+            _ = tick.tick() => app.registry.probe_targets().into_iter().filter(|n| mine(&app, &n.id)).collect(),
             Some(id) = urgent.recv() => app.registry.probe_targets().into_iter().filter(|n| n.id == id).collect(),
         };
         // A random sample, so that rounds stay bounded however many nodes there are.
@@ -186,7 +204,8 @@ pub async fn probe_forever(app: Arc<App>, every: Duration, mut urgent: mpsc::Rec
         }
         // Browser endpoints no probe vouched for yet (new, rotated or restarted ones), when pages may come.
         if !app.cfg.web_origins.is_empty() {
-            for (node, web) in app.registry.web_probe_targets().into_iter().take(PER_ROUND) {
+            let targets = app.registry.web_probe_targets().into_iter().filter(|(node, _)| mine(&app, node));
+            for (node, web) in targets.take(PER_ROUND) {
                 if running.len() >= AT_ONCE {
                     running.join_next().await;
                 }

@@ -5,7 +5,9 @@
 //! - the sealer: signs the ledger head that closes each epoch, once the epoch has ended;
 //! - the prober (with `--probe-every`): fetches a chunk from each node as a client would, and at once from
 //!   nodes reported to serve wrong bytes;
-//! - the live follower: polls the live playlists players report and pushes their new segments (`live`).
+//! - the live follower: polls the live playlists players report and pushes their new segments (`live`);
+//! - the manifest writer: stores the manifest writes held while the database was unavailable (`store`);
+//! - the bus (with `--nats`): shares the registry, load and blocks with the cell's other replicas (`bus`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +19,31 @@ use crate::dashboard::SAMPLE_EVERY;
 
 /// How often the sealer looks for an ended epoch; epochs last minutes, so a late seal is seconds late.
 const SEAL_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopping tracker keeps trying to store the manifest writes still held.
+const DRAIN_WRITES: Duration = Duration::from_secs(5);
 
 /// Serves HTTP on `listener` and runs the background tasks until `shutdown` resolves.
 pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     let mut tasks = tokio::task::JoinSet::new();
+    if !app.cfg.nats.is_empty() {
+        // Connecting never waits for a server (it retries in the background); until the replica is
+        // connected and complete, `/readyz` says so.
+        match crate::bus::Bus::connect(&app.cfg, app.metrics.bus.clone()).await {
+            Ok((bus, subscriber)) => {
+                let _ = app.bus.set(bus.clone());
+                tasks.spawn(crate::bus::run(app.clone(), bus, subscriber));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot join the cell's bus: this replica stays not ready");
+                // Nobody would take what the scheduler records for the other replicas.
+                *app.load.lock().expect("load lock") = fog_sched::scheduler::Load::default();
+            }
+        }
+    }
     tasks.spawn(sample_forever(app.clone()));
     tasks.spawn(seal_forever(app.clone()));
+    let manifests = app.ingest.cache().clone();
+    tasks.spawn(manifests.clone().write_pending_forever());
     let urgent = app.urgent_rx.lock().expect("probe channel lock").take();
     if let (Some(every), Some(urgent)) = (app.cfg.probe_every, urgent) {
         tasks.spawn(crate::probe::probe_forever(app.clone(), every, urgent));
@@ -31,6 +52,13 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl std::futur
         tasks.spawn(crate::live::follow_forever(app.clone(), started));
     }
     crate::http::serve(app, listener, shutdown).await;
+    let lost = manifests.drain(DRAIN_WRITES).await;
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            "the database is still unavailable: manifests not stored are ingested again when asked for"
+        );
+    }
     tasks.abort_all();
 }
 

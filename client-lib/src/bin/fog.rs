@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Fetch ORIGIN_URL through the fog (verified chunks from nodes, origin fallback).
     Get {
-        /// Tracker base URL, e.g. http://127.0.0.1:7700.
-        #[arg(long, env = "FOG_TRACKER")]
+        /// Tracker base URL, e.g. http://127.0.0.1:7700, or several comma-separated (replicas of one cell,
+        /// failed over in turn).
+        #[arg(long, env = "FOG_TRACKER", value_parser = tracker_list)]
         tracker: String,
         /// The origin URL to fetch.
         origin_url: String,
@@ -41,8 +42,8 @@ enum Command {
     },
     /// Run the local player proxy: players fetch http://ADDR/<scheme>/<host[:port]>/<path>.
     Proxy {
-        /// Tracker base URL.
-        #[arg(long, env = "FOG_TRACKER")]
+        /// Tracker base URL, or several comma-separated (replicas of one cell, failed over in turn).
+        #[arg(long, env = "FOG_TRACKER", value_parser = tracker_list)]
         tracker: String,
         /// Where players connect; keep it on loopback [default: 127.0.0.1:7780].
         #[arg(long, env = "FOG_PROXY_LISTEN", default_value = "127.0.0.1:7780")]
@@ -93,12 +94,17 @@ struct ManifestArgs {
     /// Publish each manifest to the tracker (needs --tracker and --admin-token).
     #[arg(long)]
     publish: bool,
-    /// Tracker base URL, for --publish.
-    #[arg(long, env = "FOG_TRACKER")]
+    /// Tracker base URL (or several comma-separated), for --publish.
+    #[arg(long, env = "FOG_TRACKER", value_parser = tracker_list)]
     tracker: Option<String>,
     /// The tracker's admin token, for --publish.
     #[arg(long, env = "FOG_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+/// `--tracker URL[,URL…]`, checked as the client will use it.
+fn tracker_list(s: &str) -> Result<String, String> {
+    fog_net::trackers::parse_list(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// Manifests being published at once: uploads overlap the hashing of the next files without flooding the

@@ -296,6 +296,18 @@ impl Proxy {
         })
     }
 
+    /// What `/stats` shows (and `fog_stats_json`).
+    pub fn snapshot(&self) -> Snapshot {
+        self.note_tracker();
+        self.stats.snapshot()
+    }
+
+    fn note_tracker(&self) {
+        if let Some(t) = self.client.tracker() {
+            self.stats.tracker(t);
+        }
+    }
+
     /// What the player says about itself: playhead, seconds buffered ahead, state. Used for deadlines.
     pub fn report_playback(&self, position_secs: f64, buffer_secs: f64, state: PlaybackState) {
         self.stats.playback(Playback { position_secs, buffer_secs, state, at: Instant::now() });
@@ -384,9 +396,10 @@ impl Proxy {
         }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         match path.as_str() {
-            "/stats" => return json(StatusCode::OK, &self.stats.snapshot()),
+            "/stats" => return json(StatusCode::OK, &self.snapshot()),
             "/metrics" => {
                 self.count_cached().await;
+                self.note_tracker();
                 return http_server::metrics(self.stats.metrics_text());
             }
             "/healthz" => return json(StatusCode::OK, &serde_json::json!({"ok": true})),

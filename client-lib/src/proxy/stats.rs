@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use fog_net::tracker::CurrentTracker;
 use fog_proto::api::{ClientReport, NodeFailure, RttSample, MAX_CLIENT_RTTS, MAX_REPORTED_FAILURES};
 use fog_proto::NodeId;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -69,6 +70,8 @@ struct Metrics {
     stalls: Counter,
     startup_ms: Gauge,
     cached: Family<Label, Gauge>,
+    tracker_failovers: Counter,
+    tracker_index: Gauge,
 }
 
 impl Metrics {
@@ -99,6 +102,16 @@ impl Metrics {
             "fog_proxy_cache_entries",
             "Entries in the proxy's caches (kind: playlist, manifest, prefetch)",
             m.cached.clone(),
+        );
+        m.registry.register(
+            "fog_proxy_tracker_failovers",
+            "Times the proxy moved to another of its --tracker URLs",
+            m.tracker_failovers.clone(),
+        );
+        m.registry.register(
+            "fog_proxy_tracker_index",
+            "Which of the --tracker URLs the proxy asks now (0: the first)",
+            m.tracker_index.clone(),
         );
         m
     }
@@ -131,6 +144,8 @@ pub struct Snapshot {
     pub stalls: u64,
     pub prefetch_hits: u64,
     pub playback: Option<Playback>,
+    /// The tracker URL requests go to now (the one that answered last), and how often that changed.
+    pub tracker: Option<CurrentTracker>,
 }
 
 #[derive(Debug)]
@@ -264,6 +279,14 @@ impl ProxyStats {
         }
         self.metrics.bytes.get_or_create(&Label { kind: "passthrough".into() }).inc_by(bytes);
         self.unreported.lock().expect("lock").passthrough_bytes += bytes;
+    }
+
+    /// Notes which tracker the client asks now (kept by its failover policy).
+    pub fn tracker(&self, current: CurrentTracker) {
+        let m = &self.metrics;
+        m.tracker_failovers.inc_by(current.failovers.saturating_sub(m.tracker_failovers.get()));
+        m.tracker_index.set(current.index as i64);
+        self.state.lock().expect("lock").tracker = Some(current);
     }
 
     pub fn snapshot(&self) -> Snapshot {

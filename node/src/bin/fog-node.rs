@@ -1,3 +1,4 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -31,9 +32,14 @@ struct Cli {
 enum Command {
     /// Show what the running node is doing, and why it gets no traffic if it gets none.
     Status {
-        /// The node's data directory (where it recorded its status address).
+        /// The node's data directory, where it recorded its status address [default: the one --config
+        /// names, else ~/.local/share/fogcdn/node].
         #[arg(long, env = "FOG_NODE_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The node's configuration file, for its data directory and, where that cannot be read (the
+        /// service's, by other users), its status_listen [default: /etc/fogcdn/node.toml if it exists].
+        #[arg(long, env = "FOG_NODE_CONFIG")]
+        config: Option<PathBuf>,
         /// The status page URL, e.g. http://127.0.0.1:7702 (instead of --data-dir).
         #[arg(long)]
         url: Option<String>,
@@ -70,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
-        Some(Command::Status { data_dir, url, json }) => status(data_dir, url, json),
+        Some(Command::Status { data_dir, config, url, json }) => status(data_dir, config, url, json),
         Some(Command::Earnings { data_dir, config, month, csv, json }) => earnings(data_dir, config, month, csv, json),
         None if cli.print_config => {
             print!("{}", fog_node::config::print_config(&matches, cli.commented)?);
@@ -87,23 +93,47 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn status(data_dir: Option<PathBuf>, url: Option<String>, json: bool) -> anyhow::Result<()> {
-    let base = match url {
-        Some(u) => u.trim_end_matches('/').to_string(),
-        None => {
-            let dir = data_dir.unwrap_or_else(|| fog_net::bin_support::default_data_dir("node"));
-            let file = dir.join(fog_node::STATUS_ADDR_FILE);
-            let addr = std::fs::read_to_string(&file).with_context(|| {
-                format!("cannot read {}: is fog-node running with --data-dir {}?", file.display(), dir.display())
-            })?;
-            format!("http://{}", addr.trim())
+/// `--config`, else the installed node's configuration if there is one: what the service runs with.
+fn config_file(config: Option<PathBuf>) -> Option<PathBuf> {
+    config.or_else(|| Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()))
+}
+
+/// The status page's URL, and what to check if it does not answer: the address the node recorded in its
+/// data directory, else the configured status_listen (the service's data directory is closed to other
+/// users, its configuration is not).
+fn status_url(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<(String, String)> {
+    let cfg = NodeArgs { config: config_file(config), data_dir, ..NodeArgs::default() }.resolve()?;
+    let file = cfg.data_dir.join(fog_node::STATUS_ADDR_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(addr) => Ok((
+            format!("http://{}", addr.trim()),
+            format!("is fog-node running with --data-dir {}?", cfg.data_dir.display()),
+        )),
+        Err(e) if cfg.status_listen.port() != 0 => {
+            let mut addr = cfg.status_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+            }
+            Ok((format!("http://{addr}"), format!("is fog-node running? ({} cannot be read: {e})", file.display())))
         }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot read {}: {e}: is fog-node running with --data-dir {}?",
+            file.display(),
+            cfg.data_dir.display()
+        )),
+    }
+}
+
+fn status(data_dir: Option<PathBuf>, config: Option<PathBuf>, url: Option<String>, json: bool) -> anyhow::Result<()> {
+    let (base, hint) = match url {
+        Some(u) => (u.trim_end_matches('/').to_string(), "is fog-node running?".to_string()),
+        None => status_url(data_dir, config)?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let body = runtime.block_on(async {
         let resp = reqwest::get(format!("{base}/status"))
             .await
-            .with_context(|| format!("the node's status page at {base} does not answer: is fog-node running?"))?;
+            .with_context(|| format!("the node's status page at {base} does not answer: {hint}"))?;
         anyhow::Ok(resp.error_for_status()?.bytes().await?)
     })?;
     if json {
@@ -124,11 +154,7 @@ fn earnings(
 ) -> anyhow::Result<()> {
     let data_dir = match data_dir {
         Some(d) => d,
-        None => {
-            let config = config.or_else(|| Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()));
-            let args = NodeArgs { config, ..NodeArgs::default() };
-            args.resolve()?.data_dir
-        }
+        None => NodeArgs { config: config_file(config), ..NodeArgs::default() }.resolve()?.data_dir,
     };
     if let Some(m) = &month {
         let valid =

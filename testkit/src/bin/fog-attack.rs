@@ -640,7 +640,7 @@ async fn junk_registration(t: Arc<Target>, c: Arc<Class>, i: u64) {
 async fn junk_redeem(t: Arc<Target>, c: Arc<Class>, i: u64) {
     let registered = {
         let keys = t.registered.lock().expect("registered lock");
-        if i % 2 == 0 && !keys.is_empty() {
+        if i.is_multiple_of(2) && !keys.is_empty() {
             Some(keys[(i / 2) as usize % keys.len()].clone())
         } else {
             None

@@ -6,6 +6,8 @@ mod common;
 
 mod adversarial;
 mod c_abi;
+mod cluster;
+mod cluster_store;
 mod credits;
 mod cut_through;
 mod dashboard;
@@ -21,6 +23,7 @@ mod netns;
 mod observability;
 mod peer_fill;
 mod player;
+mod tracker_failover;
 mod volunteer_budget;
 mod web;
 mod web_bench;

@@ -43,12 +43,40 @@ async fn node_status_explains_traffic_and_tracker_trouble() {
     assert_eq!(busy["served"]["month_bytes"], busy["served"]["today_bytes"]);
     let text = fog_node_status_cli(&cluster, 0);
     assert!(text.contains("Traffic: yes") && text.contains("connected"), "{text}");
+    assert!(text.contains("giving way"), "{text}");
+
+    // `fog-node status` as an installed node's owner runs it: from the node's configuration file, its data
+    // directory; and where that cannot be read (the service's is closed to other users), its status_listen.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, format!("data_dir = {:?}\n", cluster.node_dir(0))).expect("config");
+    let listen_only = dir.path().join("listen-only.toml");
+    let listen = format!("data_dir = {:?}\nstatus_listen = {:?}\n", dir.path(), cluster.status_addr(0));
+    std::fs::write(&listen_only, listen).expect("config");
+    for (how, file) in [("--config", &config), ("FOG_NODE_CONFIG", &listen_only)] {
+        let mut cli = Command::new(bin("fog-node"));
+        cli.arg("status").env_remove("FOG_NODE_DATA_DIR").env_remove("FOG_NODE_CONFIG");
+        if how == "--config" {
+            cli.arg("--config").arg(file);
+        } else {
+            cli.env(how, file);
+        }
+        let out = cli.output().expect("run fog-node status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "fog-node status with {how}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("Traffic: yes"), "with {how}: {text}");
+    }
 
     let (code, metrics) = get(&format!("http://{}/metrics", cluster.status_addr(0))).await;
     assert_eq!(code, 200);
     let served_line = metrics.lines().find(|l| l.starts_with("fog_node_served_bytes_total ")).expect("served metric");
     assert!(served_line.ends_with(&(2u64 << 20).to_string()), "{served_line}");
     assert!(metrics.contains("fog_node_tracker_connected 1"));
+    for name in
+        ["fog_node_ledbat_delay_backoffs_total ", "fog_node_ledbat_slowdowns_total ", "fog_node_ledbat_base_delay_ms "]
+    {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
 
     cluster.tracker.kill();
     let lost =

@@ -212,7 +212,7 @@ mod tests {
                 format!("/ip4/{v4}/tcp/{port}"),
                 format!("/ip6/2001:db8::{i:x}/udp/{port}/quic-v1"),
             ],
-            rendezvous: (i % 2 == 0).then(|| SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 7701))),
+            rendezvous: (i.is_multiple_of(2)).then(|| SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 7701))),
         }
     }
 

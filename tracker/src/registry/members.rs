@@ -6,7 +6,7 @@ use super::*;
 /// How far a signed message's timestamp may be from the tracker's clock.
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 
-fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
+pub(super) fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
     if now_ms.abs_diff(ts) > MAX_CLOCK_SKEW_MS {
         return Err(RegistryError::Clock);
     }
@@ -14,7 +14,7 @@ fn check_clock(now_ms: u64, ts: u64) -> Result<(), RegistryError> {
 }
 
 /// Growth of a counter that may have been reset (node restart): the new value itself in that case.
-fn growth(old: u64, new: u64) -> u64 {
+pub(super) fn growth(old: u64, new: u64) -> u64 {
     if new >= old {
         new - old
     } else {
@@ -31,27 +31,8 @@ impl Registry {
             if timestamp_ms <= old.last_timestamp_ms {
                 return Err(RegistryError::Replay);
             }
-        } else if nodes.len() >= self.max_nodes {
-            // Room for a newcomer comes from entries that serve nobody: silent past the heartbeat timeout,
-            // or never reachable by clients after a grace period. Throwaway keys cannot lock real nodes out.
-            // A quarantined node stays (forgetting it would let it re-register clean).
-            let victim = nodes
-                .iter()
-                .filter(|(_, n)| n.health.quarantined.is_none())
-                .filter(|(id, n)| {
-                    self.since(n.last_seen) > self.timeout
-                        || (self.since(n.first_seen) > UNREACHABLE_GRACE
-                            && self.client_path(&nodes, id, n) == ClientPath::Unreachable)
-                })
-                .min_by_key(|(_, n)| n.last_seen)
-                .map(|(id, _)| *id);
-            match victim {
-                Some(victim) => {
-                    tracing::info!(node = %victim, "registry full: forgetting a silent or unreachable node");
-                    nodes.remove(&victim);
-                }
-                None => return Err(RegistryError::Full(self.max_nodes)),
-            }
+        } else {
+            self.make_room(&mut nodes)?;
         }
         // Re-registering keeps what the node earned and what the tracker learned: its counters, its probe
         // history and a quarantine (a restart must not wash away failed probes).
@@ -84,6 +65,33 @@ impl Registry {
         nodes.insert(id, entry);
         self.changed();
         Ok(())
+    }
+
+    /// Room for one more node: when full, an entry that serves nobody is forgotten (silent past the
+    /// heartbeat timeout, or never reachable by clients after a grace period), so throwaway keys cannot
+    /// lock real nodes out. A quarantined node stays (forgetting it would let it re-register clean).
+    pub(super) fn make_room(&self, nodes: &mut HashMap<NodeId, NodeEntry>) -> Result<(), RegistryError> {
+        if nodes.len() < self.max_nodes {
+            return Ok(());
+        }
+        let victim = nodes
+            .iter()
+            .filter(|(_, n)| n.health.quarantined.is_none())
+            .filter(|(id, n)| {
+                self.since(n.last_seen) > self.timeout
+                    || (self.since(n.first_seen) > UNREACHABLE_GRACE
+                        && self.client_path(nodes, id, n) == ClientPath::Unreachable)
+            })
+            .min_by_key(|(_, n)| n.last_seen)
+            .map(|(id, _)| *id);
+        match victim {
+            Some(victim) => {
+                tracing::info!(node = %victim, "registry full: forgetting a silent or unreachable node");
+                nodes.remove(&victim);
+                Ok(())
+            }
+            None => Err(RegistryError::Full(self.max_nodes)),
+        }
     }
 
     /// Records a heartbeat. `Ok(false)`: the node is unknown and must register.

@@ -4,7 +4,7 @@
 //!
 //! Split by concern: [`members`] (registration, heartbeats, blocking, coordinates), [`health`] (states and
 //! probe hysteresis), [`peers`] (how clients and peers reach a node: client paths, the bootstrap peer
-//! directory), [`cells`] (the partition that gives each chunk one home per cell) and [`view`] (counts and the dashboard's node table). Each adds methods to [`Registry`].
+//! directory), [`cells`] (the partition that gives each chunk one home per cell), [`view`] (counts and the dashboard's node table) and [`replicas`] (a node's state as tracker replicas exchange it on the bus). Each adds methods to [`Registry`].
 //!
 //! A node may be reachable at several addresses (IPv4 and IPv6): the one it registered at, and the others
 //! its heartbeats advertise. The tracker dials each back and keeps which answered; clients get the
@@ -15,6 +15,7 @@ mod health;
 mod members;
 mod peers;
 mod plan;
+mod replicas;
 mod view;
 mod web;
 

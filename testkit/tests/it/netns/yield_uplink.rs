@@ -11,6 +11,12 @@
 //! throughput, the median queueing delay stays within the controller's target plus [`DELAY_MARGIN`], and
 //! the node alone uses ≥ 80 % of the uplink. `normal` is measured for contrast; only its direction is
 //! asserted (the backup gets less, the call waits longer).
+//!
+//! The latecomer: the backup starts first and fills the buffer, then the clients connect, so that every
+//! connection of the node first sees the uplink with the owner's standing queue in it (LEDBAT's known
+//! weakness: that queue reads as base delay). The owner should keep ≥ 90 %; the controller does not manage
+//! it yet (docs/benchmarks.md), so only that it keeps more than with the node at `normal` is asserted. Each phase with the node at `low` also
+//! reads its `fog_node_ledbat_*` metrics: it backed off for delay while the owner uploaded.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -150,6 +156,16 @@ enum Owner {
     Call,
 }
 
+/// Whether the node serves during a phase, and when its clients connect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Node {
+    Absent,
+    /// [`LEAD`] seconds before the owner starts.
+    First,
+    /// [`LEAD`] seconds after the owner started: its queue is there before any of the node's connections.
+    Late,
+}
+
 /// One phase's measurements: rates in bits/s, delays in ms.
 #[derive(Debug, Default, Clone, Copy)]
 struct Measured {
@@ -157,6 +173,44 @@ struct Measured {
     node: Option<f64>,
     rtt_p50: f64,
     rtt_p90: f64,
+    /// What the node's LEDBAT++ controllers did during the phase, if it ran at `low`.
+    ledbat: Option<Ledbat>,
+}
+
+/// The node's `fog_node_ledbat_*` metrics: counters (or their growth over a phase) and the latest delays.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ledbat {
+    backoffs: u64,
+    slowdowns: u64,
+    loss_reductions: u64,
+    base_ms: u64,
+    queueing_ms: u64,
+}
+
+impl Ledbat {
+    fn parse(metrics: &str) -> Ledbat {
+        let get = |name: &str| {
+            let line = metrics.lines().find(|l| l.split(' ').next() == Some(name));
+            line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+        };
+        Ledbat {
+            backoffs: get("fog_node_ledbat_delay_backoffs_total"),
+            slowdowns: get("fog_node_ledbat_slowdowns_total"),
+            loss_reductions: get("fog_node_ledbat_loss_reductions_total"),
+            base_ms: get("fog_node_ledbat_base_delay_ms"),
+            queueing_ms: get("fog_node_ledbat_queueing_delay_ms"),
+        }
+    }
+
+    /// The counters' growth since `before`, with the delays as they are now.
+    fn since(self, before: Ledbat) -> Ledbat {
+        Ledbat {
+            backoffs: self.backoffs - before.backoffs,
+            slowdowns: self.slowdowns - before.slowdowns,
+            loss_reductions: self.loss_reductions - before.loss_reductions,
+            ..self
+        }
+    }
 }
 
 /// The owner's far end, killed with the test.
@@ -172,6 +226,8 @@ impl Drop for Sink {
 struct Home {
     net: Net,
     node: Option<Proc>,
+    /// The node's `--upload-priority`.
+    priority: &'static str,
     node_data: std::path::PathBuf,
     sink_port: u16,
     _sink: Sink,
@@ -187,11 +243,21 @@ impl Home {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"))
     }
 
+    /// The node's LEDBAT++ metrics, from its status address.
+    fn ledbat(&self) -> Ledbat {
+        let addr = std::fs::read_to_string(self.node_data.join("status.addr")).expect("the node's status address");
+        let url = format!("http://{}/metrics", addr.trim());
+        let out = self.net.lab.exec(Site::Home1, "curl", &["-sS", "--max-time", "5", &url]);
+        assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        Ledbat::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// (Re)starts the node in the home at `priority`, and waits until the tracker reaches it directly.
-    async fn start_node(&mut self, priority: &str, forwarded: std::net::SocketAddr) {
+    async fn start_node(&mut self, priority: &'static str, forwarded: std::net::SocketAddr) {
         if let Some(mut old) = self.node.take() {
             let _ = old.terminate().await;
         }
+        self.priority = priority;
         let args: Vec<String> = [
             "--tracker",
             &format!("http://{}", self.net.tracker),
@@ -223,30 +289,39 @@ impl Home {
             .await;
     }
 
-    /// Runs one phase: the node serving clients (if `node`), joined after [`LEAD`] seconds by the owner
-    /// and the probes.
-    fn phase(&self, owner: Owner, node: bool) -> Measured {
+    /// Runs one phase: the node serving clients ([`Node::First`]), joined after [`LEAD`] seconds by the
+    /// owner and the probes; or the owner and the probes, joined after [`LEAD`] seconds by the node's
+    /// clients ([`Node::Late`]), the owner measured from [`WARMUP`] seconds after they came.
+    fn phase(&self, owner: Owner, node: Node) -> Measured {
         let sink = (Site::Public.addr().to_string(), self.sink_port.to_string());
-        let window = [WARMUP.to_string(), MEASURE.to_string()];
-        std::thread::scope(|scope| {
-            let clients = node.then(|| {
-                scope.spawn(|| {
+        let owner_warmup = if node == Node::Late { LEAD + WARMUP } else { WARMUP };
+        let window = [owner_warmup.to_string(), MEASURE.to_string()];
+        let ledbat_before = (node != Node::Absent).then(|| self.ledbat());
+        let measured = std::thread::scope(|scope| {
+            let clients = (node != Node::Absent).then(|| {
+                scope.spawn(move || {
+                    // Its window: to the end of the owner's, from 1 s after it starts if it starts first.
+                    let seconds = match node {
+                        Node::Late => {
+                            std::thread::sleep(Duration::from_secs(LEAD));
+                            WARMUP + MEASURE
+                        }
+                        _ => LEAD + WARMUP + MEASURE - 1,
+                    };
                     let tracker = format!("http://{}", self.net.tracker);
                     let url = format!("http://{}/video.bin", self.net.origin);
-                    // Its window: from 1 s after it starts to the end of the owner's.
-                    let seconds = (LEAD + WARMUP + MEASURE - 1).to_string();
-                    let clients = CLIENTS.to_string();
+                    let (clients, secs) = (CLIENTS.to_string(), seconds.to_string());
                     let loadgen = bin("fog-loadgen");
-                    let args = ["--clients", &clients, "--seconds", &seconds, "quic", "--tracker", &tracker, &url];
+                    let args = ["--clients", &clients, "--seconds", &secs, "quic", "--tracker", &tracker, &url];
                     let out = self.net.lab.exec(Site::Client, loadgen.to_str().expect("utf8"), &args);
                     assert!(out.status.success(), "fog-loadgen: {}", String::from_utf8_lossy(&out.stderr));
                     let report: Value = serde_json::from_slice(&out.stdout).expect("loadgen JSON");
                     let node_log = self.node.as_ref().map(|n| tail(&n.log_text())).unwrap_or_default();
                     assert_eq!(report["errors"].as_u64(), Some(0), "{report}; the node's log:\n{node_log}");
-                    report["bytes"].as_f64().expect("bytes") * 8.0 / (LEAD + WARMUP + MEASURE - 1) as f64
+                    report["bytes"].as_f64().expect("bytes") * 8.0 / seconds as f64
                 })
             });
-            if node {
+            if node == Node::First {
                 std::thread::sleep(Duration::from_secs(LEAD));
             }
             let probe = scope.spawn(|| {
@@ -270,8 +345,12 @@ impl Home {
                 node: clients.map(|c| c.join().expect("clients")),
                 rtt_p50: probe["p50_ms"].as_f64().expect("probes answered"),
                 rtt_p90: probe["p90_ms"].as_f64().expect("probes answered"),
+                ledbat: None,
             }
-        })
+        });
+        // Read within the 10 s the node shows its last connection's delays for.
+        let ledbat = ledbat_before.map(|before| self.ledbat().since(before));
+        Measured { ledbat: ledbat.filter(|_| self.priority == "low"), ..measured }
     }
 }
 
@@ -310,38 +389,45 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
         Net { lab, origin: origin.addr.clone(), tracker: tracker.addr.clone(), procs: vec![origin, tracker], dir };
     let node_data = net.dir.path().join("node");
     let sink_port = port.trim().parse().expect("sink port");
-    let mut home = Home { net, node: None, node_data, sink_port, _sink: Sink(sink) };
+    let mut home = Home { net, node: None, priority: "", node_data, sink_port, _sink: Sink(sink) };
 
     home.start_node("low", forwarded).await;
     home.net.fetch("cold");
     let warm = home.net.fetch("warm");
     assert_eq!(warm["origin_bytes"].as_u64(), Some(0), "the node did not keep the object: {warm}");
 
-    let idle = home.phase(Owner::Idle, false);
+    let idle = home.phase(Owner::Idle, Node::Absent);
     let base = idle.rtt_p50;
     let mut rows = vec![("idle", idle)];
     for (name, owner, node) in [
-        ("backup alone", Owner::Backup, false),
-        ("backup + node low", Owner::Backup, true),
-        ("call alone", Owner::Call, false),
-        ("call + node low", Owner::Call, true),
-        ("node low alone", Owner::Idle, true),
+        ("backup alone", Owner::Backup, Node::Absent),
+        ("backup + node low", Owner::Backup, Node::First),
+        ("backup, then node low (latecomer)", Owner::Backup, Node::Late),
+        ("call alone", Owner::Call, Node::Absent),
+        ("call + node low", Owner::Call, Node::First),
+        ("node low alone", Owner::Idle, Node::First),
     ] {
         rows.push((name, home.phase(owner, node)));
     }
     home.start_node("normal", forwarded).await;
     for (name, owner, node) in [
-        ("backup + node normal", Owner::Backup, true),
-        ("call + node normal", Owner::Call, true),
-        ("node normal alone", Owner::Idle, true),
+        ("backup + node normal", Owner::Backup, Node::First),
+        ("call + node normal", Owner::Call, Node::First),
+        ("node normal alone", Owner::Idle, Node::First),
     ] {
         rows.push((name, home.phase(owner, node)));
     }
     eprintln!("uplink {} Mbit/s, {UPLINK_BUFFER:?} buffer; idle RTT {base:.1} ms", UPLINK_BITS_PER_SEC / 1_000_000);
-    eprintln!("| phase | owner Mbit/s | node Mbit/s | queueing p50 / p90 ms |");
+    eprintln!(
+        "| phase | owner Mbit/s | node Mbit/s | queueing p50 / p90 ms | LEDBAT++ back-offs / slowdowns / loss \
+         reductions; base / queueing delay ms |"
+    );
     for (name, m) in &rows {
         let (q50, q90) = (m.rtt_p50 - base, m.rtt_p90 - base);
-        eprintln!("| {name} | {} | {} | {q50:.1} / {q90:.1} |", mbit(m.owner), mbit(m.node));
+        let ledbat = m.ledbat.map_or("—".into(), |l| {
+            format!("{} / {} / {}; {} / {}", l.backoffs, l.slowdowns, l.loss_reductions, l.base_ms, l.queueing_ms)
+        });
+        eprintln!("| {name} | {} | {} | {q50:.1} / {q90:.1} | {ledbat} |", mbit(m.owner), mbit(m.node));
     }
 
     let get = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).expect("phase");
@@ -366,6 +452,24 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
         mbit(Some(node_alone)),
         UPLINK_BITS_PER_SEC / 1_000_000
     );
+    // What the metrics show: the node backed off for the owner's queue, and slowed down in every phase.
+    let ledbat = |name: &str| get(name).ledbat.expect("the node's LEDBAT++ metrics");
+    assert!(ledbat("backup + node low").backoffs > 0, "{:?}", ledbat("backup + node low"));
+    assert!(
+        ledbat("backup, then node low (latecomer)").slowdowns > 0,
+        "{:?}",
+        ledbat("backup, then node low (latecomer)")
+    );
     assert!(owner("backup + node normal") < owner("backup + node low"), "normal priority took no more from the backup");
     assert!(queueing("call + node normal") > queueing("call + node low"), "normal priority queued no more");
+    // The latecomer: measured 2026-12-02, it left the backup 70–80 % (docs/benchmarks.md), short of the 90 %
+    // the node keeps when it starts first: the controller's open weakness. What holds: it still gives way
+    // where a best-effort flow does not.
+    let late = "backup, then node low (latecomer)";
+    assert!(
+        owner(late) > owner("backup + node normal"),
+        "{late}: {} Mbit/s, no more than with the node at normal ({} Mbit/s)",
+        mbit(Some(owner(late))),
+        mbit(Some(owner("backup + node normal")))
+    );
 }

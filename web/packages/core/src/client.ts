@@ -14,12 +14,14 @@ import {
   type Resolve,
 } from "./manifest.js";
 import { fogDisabled, Sessions } from "./sessions.js";
+import { trackerList, Trackers, type CurrentTracker } from "./trackers.js";
 import { Verifier } from "./verify.js";
 import { encodeRequest, readResponseHead, StreamReader, type ChunkRequest } from "./wire.js";
 
 export interface FogOptions {
-  /** The tracker's base URL, e.g. `https://tracker.example.com`. */
-  tracker: string;
+  /** The tracker's base URL, e.g. `https://tracker.example.com`; or a cell's replicas, as a list or
+   * comma-separated: requests stick to the one that answered last and fail over to the next. */
+  tracker: string | string[];
   /** Chunks fetched at once by one `fetchObject` (default 4). */
   parallel?: number;
   /** How long a node may take to the first byte of a response (default 5000: a miss costs it an origin
@@ -83,6 +85,8 @@ export interface Stats {
   verifyInWorkers: boolean;
   /** Receipts nodes accepted from this page (each pays for the chunks a node delivered before it). */
   receiptsHanded: number;
+  /** The tracker URL requests go to now. */
+  tracker: CurrentTracker;
 }
 
 const RESOLVE_TTL_MS = 30_000;
@@ -111,6 +115,7 @@ interface Attempt {
 export class FogClient {
   private readonly opts: Required<Omit<FogOptions, "chunkDeadlineMs">> & { chunkDeadlineMs?: number };
   private readonly sessions: Sessions;
+  private readonly trackers: Trackers;
   private readonly verifier = new Verifier();
   private readonly resolves = new Map<string, { at: number; resolve: Promise<Resolve> }>();
   /** Nodes that sent wrong bytes, per content id: never asked again for that object. */
@@ -131,8 +136,8 @@ export class FogClient {
       handshakeTimeoutMs: 5000,
       maxBytes: 256 << 20,
       ...opts,
-      tracker: opts.tracker.replace(/\/+$/, ""),
     };
+    this.trackers = new Trackers(trackerList(opts.tracker));
     this.sessions = new Sessions(this.opts.handshakeTimeoutMs);
   }
 
@@ -155,7 +160,7 @@ export class FogClient {
     const q = new URLSearchParams({ url, from: String(from) });
     const key = await this.sessionKey();
     if (key) q.set("client_key", key.hex);
-    const resp = await fetch(`${this.opts.tracker}/v1/resolve?${q}`);
+    const resp = await this.trackers.fetch(`/v1/resolve?${q}`);
     if (!resp.ok) {
       const body = await resp.json().catch(() => ({}));
       throw new FogError("tracker", `resolve: ${resp.status} ${body.error ?? ""} ${body.message ?? ""}`);
@@ -511,6 +516,7 @@ export class FogClient {
       fogDisabled: fogDisabled(),
       verifyInWorkers: this.verifier.inWorkers,
       receiptsHanded: this.receiptsHanded,
+      tracker: this.trackers.current,
     };
   }
 
@@ -532,11 +538,8 @@ export class FogClient {
       passthrough_bytes: totals.passthrough - this.reported.passthrough,
       node_failures,
     };
-    const resp = await fetch(`${this.opts.tracker}/v1/reports`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(body),
-    });
+    const init = { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) };
+    const resp = await this.trackers.fetch("/v1/reports", init, false);
     if (!resp.ok) throw new FogError("tracker", `report: ${resp.status}`);
     this.reported = { ...totals, failures };
   }

@@ -1,10 +1,18 @@
 //! Credits: ticket issuance, receipt redemption and the tamper-evident ledger (`docs/credits.md`).
 //!
+//! This module is the ledger's logic — what a receipt must prove, why it is refused, what it credits, the
+//! Merkle log's appends, proofs and signed heads — written once over a [`LedgerStore`]. Two stores keep the
+//! state: [`RocksStore`] in the tracker's RocksDB (the default, its on-disk format unchanged) and
+//! [`PgStore`] in PostgreSQL for a cell of replicas, where one replica at a time sequences the appends under
+//! a lease fenced by a token (`pg.rs`).
+//!
 //! Everything a redemption changes — the chain's redeemed index, the ticket's and node's totals, the new
-//! ledger leaf and the Merkle subtrees it completes — is written in one synced RocksDB batch, and only
-//! then acknowledged. A tracker killed at any point has either applied a receipt completely or not at all;
+//! ledger leaves and the Merkle subtrees they complete — is one [`Append`], which a store applies atomically
+//! and durably (a synced RocksDB batch; a PostgreSQL transaction with synchronous commit), and only then is
+//! it acknowledged. A tracker killed at any point has either applied a receipt completely or not at all;
 //! the node retries what was not acknowledged, and a retry of an applied receipt is a `duplicate`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -19,23 +27,19 @@ use fog_proto::credits::{
 };
 use fog_proto::merkle::{self, Hash, SubtreeSource};
 use fog_proto::{ContentId, NodeId};
-use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::db::Db;
 
-const CF_TICKETS: &str = "credit_tickets";
-const CF_CHAINS: &str = "credit_chains";
-const CF_TICKET_USED: &str = "credit_ticket_used";
-const CF_NODE_EPOCHS: &str = "credit_node_epochs";
-const CF_LEAVES: &str = "ledger_leaves";
-const CF_TREE: &str = "ledger_tree";
-const CF_HEADS: &str = "ledger_heads";
-const CF_REJECTED: &str = "credit_rejected";
-const CF_META: &str = "ledger_meta";
-pub(crate) const COLUMN_FAMILIES: [&str; 9] =
-    [CF_TICKETS, CF_CHAINS, CF_TICKET_USED, CF_NODE_EPOCHS, CF_LEAVES, CF_TREE, CF_HEADS, CF_REJECTED, CF_META];
+mod pg;
+mod rocks;
+#[cfg(test)]
+mod tests;
+
+pub use pg::{export_to_postgres, ExportStats, PgStore, LEASE};
+pub use rocks::RocksStore;
+pub(crate) use rocks::COLUMN_FAMILIES;
 
 /// Records at most in one answer of [`Ledger::records`].
 pub const MAX_RECORDS: usize = 64;
@@ -48,16 +52,49 @@ const MEMBERSHIP_TTL: Duration = Duration::from_secs(24 * 3600);
 pub enum LedgerError {
     #[error("ledger storage: {0}")]
     Rocks(#[from] rocksdb::Error),
+    #[error("ledger database: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("ledger database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("ledger database: {what} took longer than {0:?}", LEDGER_QUERY_TIMEOUT)]
+    Timeout { what: &'static str },
+    #[error("ledger database client stopped")]
+    Stopped,
+    #[error("cannot set up the ledger database client: {0}")]
+    Setup(String),
     #[error("ledger record {cf}/{key} is unreadable: {source}")]
     Corrupt { cf: &'static str, key: String, source: serde_json::Error },
     #[error("ledger key {cf}/{key} is malformed")]
     BadKey { cf: &'static str, key: String },
+    #[error("ledger subtree {level}/{index} is missing: the log is damaged")]
+    MissingSubtree { level: u32, index: u64 },
+    /// This replica lost the sequencer's lease to another (a newer token): the append was not written.
+    #[error("another replica took over the ledger (this one held token {token}); nothing was written")]
+    Fenced { token: u64 },
+    /// Another replica holds the sequencer's lease: the node keeps its receipts and redeems again.
+    #[error("the replica at {holder_url} sequences the ledger now; redeem again shortly")]
+    NotSequencer { holder_url: String },
+    #[error("cannot export the ledger into a database that already holds one ({size} records)")]
+    NotEmpty { size: u64 },
+    #[error("the exported ledger differs from the original: {0}")]
+    ExportMismatch(String),
 }
 
+/// How long one ledger database operation may take before it counts as failed (retryable).
+pub const LEDGER_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl LedgerError {
-    /// Whether trying again may help: storage trouble may pass, damaged records stay damaged.
+    /// Whether trying again may help: storage trouble and lost leases pass, damaged records stay damaged.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Corrupt { .. } | Self::BadKey { .. })
+        !matches!(
+            self,
+            Self::Corrupt { .. }
+                | Self::BadKey { .. }
+                | Self::MissingSubtree { .. }
+                | Self::NotEmpty { .. }
+                | Self::Setup(_)
+                | Self::ExportMismatch(_)
+        )
     }
 }
 
@@ -93,20 +130,27 @@ enum Refusal {
 }
 
 /// Per (session, node) chain: how far it has been redeemed and for how much.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct ChainState {
-    index: u32,
-    credited: u64,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainState {
+    pub index: u32,
+    pub credited: u64,
 }
 
+/// An issued ticket as the ledger keeps it until it can no longer be redeemed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredTicket {
-    signed: Signed,
-    ticket: Ticket,
+pub struct StoredTicket {
+    pub signed: Signed,
+    pub ticket: Ticket,
+}
+
+/// Whether a ticket can no longer be redeemed at `now_ms` (expired before `horizon_ms`, and past its grace
+/// epoch), so its state may be forgotten. `PgStore` says the same in SQL.
+fn prunable(t: &Ticket, horizon_ms: u64, current_epoch: u64) -> bool {
+    t.expiry_ms < horizon_ms && current_epoch > t.epoch + 1
 }
 
 /// One rejected receipt in a node's statement.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
     pub at_ms: u64,
     pub chain_id: ChainId,
@@ -114,13 +158,13 @@ pub struct Rejection {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochLine {
     pub epoch: u64,
     pub credited_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCredits {
     pub node_id: NodeId,
     pub credited_bytes: u64,
@@ -144,61 +188,166 @@ pub struct NodeStatement {
     pub rejected: Vec<Rejection>,
 }
 
+/// Everything one redemption batch changes, applied by [`LedgerStore::commit`] all at once or not at all.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// The sequencer's fencing token ([`LedgerStore::sequence`]) when the batch's state was read.
+    pub token: u64,
+    /// Leaves in the log when the batch's state was read: the first new leaf's index.
+    pub base_size: u64,
+    /// New leaves (index, the leaf's canonical bytes), contiguous from `base_size`.
+    pub leaves: Vec<(u64, Vec<u8>)>,
+    /// Complete subtrees the new leaves close: (level, index, hash).
+    pub subtrees: Vec<(u32, u64, Hash)>,
+    pub chains: Vec<(SessionId, NodeId, ChainState)>,
+    /// Bytes credited so far per ticket (its session).
+    pub used: Vec<(SessionId, u64)>,
+    /// The redeeming node.
+    pub node: NodeId,
+    /// The node's new total in an epoch, when it changed.
+    pub node_epoch: Option<(u64, u64)>,
+    /// New rejections with their sequence numbers, and older ones to forget.
+    pub rejections: Vec<(u64, Rejection)>,
+    pub forget_rejections: Vec<u64>,
+    /// The node's next rejection sequence number.
+    pub rejected_seq: u64,
+}
+
+impl Append {
+    /// Nothing yet, for `node`, read under `token` from a log of `base_size` leaves.
+    pub fn new(node: NodeId, token: u64, base_size: u64) -> Self {
+        Self {
+            token,
+            base_size,
+            leaves: Vec::new(),
+            subtrees: Vec::new(),
+            chains: Vec::new(),
+            used: Vec::new(),
+            node,
+            node_epoch: None,
+            rejections: Vec::new(),
+            forget_rejections: Vec::new(),
+            rejected_seq: 0,
+        }
+    }
+
+    /// The log's size once this is applied.
+    pub fn new_size(&self) -> u64 {
+        self.base_size + self.leaves.len() as u64
+    }
+}
+
+/// Where the ledger's state lives. Reads see committed state only; every change goes through
+/// [`commit`](Self::commit) (a redemption), [`seal`](Self::seal), [`put_ticket`](Self::put_ticket) or
+/// [`prune_tickets`](Self::prune_tickets). Blocking: called off the async workers (or briefly on them for
+/// reads, as RocksDB reads always were).
+pub trait LedgerStore: Send + Sync + std::fmt::Debug {
+    /// Makes this process the log's sequencer if it may be, and returns its fencing token: a store shared by
+    /// replicas fails with [`LedgerError::NotSequencer`] while another holds the lease.
+    fn sequence(&self) -> Result<u64, LedgerError>;
+    /// Applies `append` atomically and durably, or nothing: fails with [`LedgerError::Fenced`] when
+    /// `append.token` is no longer the sequencer's token or the log no longer has `append.base_size` leaves.
+    fn commit(&self, append: &Append) -> Result<(), LedgerError>;
+    /// Keeps `head` as the one that sealed `epoch`, and marks epochs before `epoch + 1` sealed (fenced
+    /// like `commit`).
+    fn seal(&self, token: u64, epoch: u64, head: &Signed) -> Result<(), LedgerError>;
+    fn put_ticket(&self, ticket: &StoredTicket) -> Result<(), LedgerError>;
+    /// Forgets tickets that are [`prunable`], with their chains and spending; returns how many.
+    fn prune_tickets(&self, horizon_ms: u64, current_epoch: u64) -> Result<usize, LedgerError>;
+
+    fn size(&self) -> Result<u64, LedgerError>;
+    /// The first epoch not sealed yet.
+    fn sealed(&self) -> Result<u64, LedgerError>;
+    fn subtree(&self, level: u32, index: u64) -> Result<Option<Hash>, LedgerError>;
+    fn leaf(&self, index: u64) -> Result<Option<LedgerLeaf>, LedgerError>;
+    /// The node's leaves among indices `from..to`, newest first, at most `max`.
+    fn node_records(
+        &self,
+        node: &NodeId,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, LedgerLeaf)>, LedgerError>;
+    fn epoch_head(&self, epoch: u64) -> Result<Option<Signed>, LedgerError>;
+    fn ticket(&self, session: &SessionId) -> Result<Option<StoredTicket>, LedgerError>;
+    fn chain(&self, session: &SessionId, node: &NodeId) -> Result<Option<ChainState>, LedgerError>;
+    fn ticket_used(&self, session: &SessionId) -> Result<u64, LedgerError>;
+    fn node_epoch(&self, node: &NodeId, epoch: u64) -> Result<u64, LedgerError>;
+    /// The node's credit per epoch, oldest first.
+    fn node_epochs(&self, node: &NodeId) -> Result<Vec<EpochLine>, LedgerError>;
+    /// Nodes with credit, in id order.
+    fn credited_nodes(&self) -> Result<Vec<NodeId>, LedgerError>;
+    fn rejected_seq(&self, node: &NodeId) -> Result<u64, LedgerError>;
+    /// The node's kept rejections, oldest first.
+    fn rejections(&self, node: &NodeId) -> Result<Vec<Rejection>, LedgerError>;
+}
+
 #[derive(Debug)]
 pub struct Ledger {
-    db: Arc<Db>,
+    store: Arc<dyn LedgerStore>,
     key: SigningKey,
     epoch_len: Duration,
     ticket_ttl: Duration,
     clock: Clock,
-    /// Serialises redemptions: ledger appends are sequential.
+    /// Serialises this process's redemptions and seals: ledger appends are sequential.
     write: Mutex<()>,
     /// Tickets per client source per minute: self-dealing through fake clients needs many sources.
     tickets: PerSource,
 }
 
-fn node_epoch_key(node: &NodeId, epoch: u64) -> Vec<u8> {
-    [node.as_bytes().as_slice(), &epoch.to_be_bytes()].concat()
-}
-
-/// Tickets, their spending and their chains are keyed by the session's hex form, as they always were:
-/// existing ledgers stay readable.
-fn session_key(session: &SessionId) -> String {
-    session.to_hex()
-}
-
-fn chain_key(session: &SessionId, node: &NodeId) -> Vec<u8> {
-    [session_key(session).as_bytes(), b"/", node.as_bytes().as_slice()].concat()
-}
-
-fn tree_key(level: u32, index: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&level.to_be_bytes());
-    k[4..].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
-/// Reads complete subtrees from the store, with the batch being written layered on top.
+/// Complete subtrees of the committed log, with the batch being built layered on top; the first read error
+/// is kept and returned once the proof is built (a proof from a half-read tree must not be served).
 struct TreeView<'a> {
-    db: &'a Db,
-    pending: &'a HashMap<(u32, u64), Hash>,
+    store: &'a dyn LedgerStore,
+    pending: Option<&'a HashMap<(u32, u64), Hash>>,
+    error: RefCell<Option<LedgerError>>,
+}
+
+impl<'a> TreeView<'a> {
+    fn new(store: &'a dyn LedgerStore, pending: Option<&'a HashMap<(u32, u64), Hash>>) -> Self {
+        Self { store, pending, error: RefCell::new(None) }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, LedgerError> {
+        self.error.into_inner().map_or(Ok(value), Err)
+    }
 }
 
 impl SubtreeSource for TreeView<'_> {
     fn subtree(&self, level: u32, index: u64) -> Hash {
-        if let Some(h) = self.pending.get(&(level, index)) {
+        if let Some(h) = self.pending.and_then(|p| p.get(&(level, index))) {
             return *h;
         }
-        let raw = self.db.raw().get_pinned_cf(self.db.cf(CF_TREE), tree_key(level, index)).ok().flatten();
-        raw.and_then(|v| <[u8; 32]>::try_from(&*v).ok()).unwrap_or([0u8; 32])
+        match self.store.subtree(level, index) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                self.error.borrow_mut().get_or_insert(LedgerError::MissingSubtree { level, index });
+                [0; 32]
+            }
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                [0; 32]
+            }
+        }
     }
 }
 
 impl Ledger {
-    /// `clock` dates tickets, receipts' redemption, epochs and tree heads.
+    /// A ledger in the tracker's RocksDB. `clock` dates tickets, receipts' redemption, epochs and tree heads.
     pub fn new(db: Arc<Db>, key: SigningKey, epoch_len: Duration, tickets_per_minute: u32, clock: Clock) -> Self {
+        Self::with_store(Arc::new(RocksStore::new(db)), key, epoch_len, tickets_per_minute, clock)
+    }
+
+    /// A ledger kept in `store` (a [`PgStore`] for a cell of replicas).
+    pub fn with_store(
+        store: Arc<dyn LedgerStore>,
+        key: SigningKey,
+        epoch_len: Duration,
+        tickets_per_minute: u32,
+        clock: Clock,
+    ) -> Self {
         Self {
-            db,
+            store,
             key,
             epoch_len,
             ticket_ttl: Duration::from_secs(6 * 3600),
@@ -226,23 +375,9 @@ impl Ledger {
         self.epoch_at(self.clock.now_ms())
     }
 
-    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>, LedgerError> {
-        let Some(v) = self.db.raw().get_pinned_cf(self.db.cf(cf), key)? else { return Ok(None) };
-        serde_json::from_slice(&v).map(Some).map_err(|source| LedgerError::Corrupt {
-            cf,
-            key: hex::encode(key),
-            source,
-        })
-    }
-
-    fn get_u64(&self, cf: &str, key: &[u8]) -> Result<u64, LedgerError> {
-        let v = self.db.raw().get_pinned_cf(self.db.cf(cf), key)?;
-        Ok(v.and_then(|v| <[u8; 8]>::try_from(&*v).ok()).map_or(0, u64::from_be_bytes))
-    }
-
     /// Leaves in the log.
     pub fn size(&self) -> Result<u64, LedgerError> {
-        self.get_u64(CF_META, b"size")
+        self.store.size()
     }
 
     /// Issues a ticket for `client_key`'s session over `nodes` (with their assigned chunk counts), or `None`
@@ -281,14 +416,12 @@ impl Ledger {
             tracing::warn!(len, nodes = ticket.nodes.len(), "ticket too long for a chunk request; issuing none");
             return Ok(None);
         }
-        let stored = serde_json::to_vec(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() })
-            .expect("tickets serialise");
-        self.db.raw().put_cf(self.db.cf(CF_TICKETS), session_key(&ticket.session), stored)?;
+        self.store.put_ticket(&StoredTicket { signed: signed.clone(), ticket })?;
         Ok(Some(signed))
     }
 
     /// Redeems a node's receipts: each is credited, a duplicate, or rejected with a reason.
-    /// Blocking (signature checks, hash-chain walks, a synced write): call it off the async workers.
+    /// Blocking (signature checks, hash-chain walks, a durable write): call it off the async workers.
     pub fn redeem(&self, node: NodeId, receipts: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
         let now = self.clock.now_ms();
         let epoch = self.epoch_at(now);
@@ -296,15 +429,17 @@ impl Ledger {
         // expensive receipts delays only its own redemption.
         let verified = receipts.iter().map(|r| self.verify(node, r, now)).collect::<Result<Vec<_>, _>>()?;
         let _guard = self.write.lock().expect("ledger write lock");
-        let mut size = self.size()?;
-        let mut batch = WriteBatch::default();
+        // The token before any state is read: if another replica takes over meanwhile, the commit fails.
+        let token = self.store.sequence()?;
+        let base_size = self.store.size()?;
+        let mut out = Append::new(node, token, base_size);
         let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
         // State touched earlier in this batch must be seen by later receipts in it.
-        let mut chains: HashMap<Vec<u8>, ChainState> = HashMap::new();
+        let mut chains: HashMap<(SessionId, NodeId), ChainState> = HashMap::new();
         let mut used: HashMap<SessionId, u64> = HashMap::new();
-        let mut node_epoch: u64 = self.get_u64(CF_NODE_EPOCHS, &node_epoch_key(&node, epoch))?;
+        let mut node_epoch = self.store.node_epoch(&node, epoch)?;
         let node_epoch_before = node_epoch;
-        let mut rejected_seq = self.get_u64(CF_META, &[b"rejseq/".as_slice(), node.as_bytes()].concat())?;
+        let mut rejected_seq = self.store.rejected_seq(&node)?;
         let mut results = Vec::with_capacity(receipts.len());
         for (r, verified) in receipts.iter().zip(verified) {
             let chain_id = r.chain_id();
@@ -316,12 +451,9 @@ impl Ledger {
                 Check::Reject(refusal) => {
                     let reason = refusal.to_string();
                     let rej = Rejection { at_ms: now, chain_id, index: r.index, reason: reason.clone() };
-                    let key = [node.as_bytes().as_slice(), &rejected_seq.to_be_bytes()].concat();
-                    batch.put_cf(self.db.cf(CF_REJECTED), key, serde_json::to_vec(&rej).expect("serialises"));
+                    out.rejections.push((rejected_seq, rej));
                     if rejected_seq >= REJECTIONS_KEPT {
-                        let old =
-                            [node.as_bytes().as_slice(), &(rejected_seq - REJECTIONS_KEPT).to_be_bytes()].concat();
-                        batch.delete_cf(self.db.cf(CF_REJECTED), old);
+                        out.forget_rejections.push(rejected_seq - REJECTIONS_KEPT);
                     }
                     rejected_seq += 1;
                     Redeemed {
@@ -343,9 +475,8 @@ impl Ledger {
                 },
                 Check::Credit { session, bytes, capped } => {
                     let leaf = LedgerLeaf { epoch, node, session, chain_index: r.index, credited_bytes: bytes };
-                    let leaf_index = size;
-                    self.append(&mut batch, &mut pending_tree, leaf_index, &leaf.bytes());
-                    size += 1;
+                    let leaf_index = out.new_size();
+                    self.append(&mut out, &mut pending_tree, leaf_index, leaf.bytes())?;
                     node_epoch += bytes;
                     Redeemed {
                         chain_id,
@@ -359,30 +490,19 @@ impl Ledger {
             };
             results.push(result);
         }
-        for (key, state) in chains {
-            batch.put_cf(self.db.cf(CF_CHAINS), key, serde_json::to_vec(&state).expect("serialises"));
-        }
-        for (session, total) in used {
-            batch.put_cf(self.db.cf(CF_TICKET_USED), session_key(&session), total.to_be_bytes());
-        }
+        out.chains = chains.into_iter().map(|((s, n), state)| (s, n, state)).collect();
+        out.used = used.into_iter().collect();
         // A batch that credited nothing leaves no zero line in the node's statement.
         if node_epoch != node_epoch_before {
-            batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&node, epoch), node_epoch.to_be_bytes());
+            out.node_epoch = Some((epoch, node_epoch));
         }
-        batch.put_cf(
-            self.db.cf(CF_META),
-            [b"rejseq/".as_slice(), node.as_bytes()].concat(),
-            rejected_seq.to_be_bytes(),
-        );
-        batch.put_cf(self.db.cf(CF_META), b"size", size.to_be_bytes());
-        let mut opts = rocksdb::WriteOptions::default();
-        opts.set_sync(true);
-        self.db.raw().write_opt(batch, &opts)?;
+        out.rejected_seq = rejected_seq;
+        self.store.commit(&out)?;
         Ok(results)
     }
 
-    /// What can be checked of a receipt without ledger state: the client's signature, the ticket it names,
-    /// the node's assignment, and the hash chain. The walk is bounded by the chunks the ticket covers,
+    /// What can be checked of a receipt without redemption state: the client's signature, the ticket it
+    /// names, the node's assignment, and the hash chain. The walk is bounded by the chunks the ticket covers,
     /// which is checked first. `now`: when the redemption is made.
     fn verify(&self, node: NodeId, r: &Receipt, now: u64) -> Result<Result<Verified, Refusal>, LedgerError> {
         let reject = |why| Ok(Err(why));
@@ -391,7 +511,7 @@ impl Ledger {
             Err(SignedError::Payload { .. }) => return reject(Refusal::Malformed),
             Err(SignedError::BadKey | SignedError::BadSignature) => return reject(Refusal::Forged),
         };
-        let Some(stored) = self.get::<StoredTicket>(CF_TICKETS, session_key(&c.session).as_bytes())? else {
+        let Some(stored) = self.store.ticket(&c.session)? else {
             return reject(Refusal::NoTicket);
         };
         let t = &stored.ticket;
@@ -425,8 +545,7 @@ impl Ledger {
             return reject(Refusal::BadChain);
         }
         Ok(Ok(Verified {
-            key: chain_key(&c.session, &node),
-            session: c.session,
+            chain: (c.session, node),
             index: r.index,
             unit: u64::from(t.unit),
             node_cap: u64::from(assigned) * u64::from(t.unit),
@@ -438,42 +557,52 @@ impl Ledger {
     fn apply(
         &self,
         v: Verified,
-        chains: &mut HashMap<Vec<u8>, ChainState>,
+        chains: &mut HashMap<(SessionId, NodeId), ChainState>,
         used: &mut HashMap<SessionId, u64>,
     ) -> Result<Check, LedgerError> {
-        let state = match chains.get(&v.key) {
+        let (session, node) = v.chain;
+        let state = match chains.get(&v.chain) {
             Some(s) => *s,
-            None => self.get::<ChainState>(CF_CHAINS, &v.key)?.unwrap_or_default(),
+            None => self.store.chain(&session, &node)?.unwrap_or_default(),
         };
         if v.index <= state.index {
             return Ok(Check::Duplicate);
         }
-        let spent = match used.get(&v.session) {
+        let spent = match used.get(&session) {
             Some(u) => *u,
-            None => self.get_u64(CF_TICKET_USED, session_key(&v.session).as_bytes())?,
+            None => self.store.ticket_used(&session)?,
         };
         let claimed = u64::from(v.index - state.index) * v.unit;
         let bytes = claimed.min(v.node_cap.saturating_sub(state.credited)).min(v.byte_budget.saturating_sub(spent));
-        chains.insert(v.key, ChainState { index: v.index, credited: state.credited + bytes });
-        used.insert(v.session, spent + bytes);
+        chains.insert(v.chain, ChainState { index: v.index, credited: state.credited + bytes });
+        used.insert(session, spent + bytes);
         if bytes == 0 {
             return Ok(Check::Reject(Refusal::NothingLeft));
         }
-        Ok(Check::Credit { session: v.session, bytes, capped: bytes < claimed })
+        Ok(Check::Credit { session, bytes, capped: bytes < claimed })
     }
 
-    /// Adds leaf `index` and the complete subtrees it closes to `batch`.
-    fn append(&self, batch: &mut WriteBatch, pending: &mut HashMap<(u32, u64), Hash>, index: u64, leaf: &[u8]) {
-        batch.put_cf(self.db.cf(CF_LEAVES), index.to_be_bytes(), leaf);
-        let mut hash = merkle::leaf_hash(leaf);
+    /// Adds leaf `index` and the complete subtrees it closes to `out`.
+    fn append(
+        &self,
+        out: &mut Append,
+        pending: &mut HashMap<(u32, u64), Hash>,
+        index: u64,
+        leaf: Vec<u8>,
+    ) -> Result<(), LedgerError> {
+        let mut hash = merkle::leaf_hash(&leaf);
+        out.leaves.push((index, leaf));
         let (mut level, mut i) = (0u32, index);
         loop {
             pending.insert((level, i), hash);
-            batch.put_cf(self.db.cf(CF_TREE), tree_key(level, i), hash);
-            if i % 2 == 0 {
-                break;
+            out.subtrees.push((level, i, hash));
+            if i.is_multiple_of(2) {
+                return Ok(());
             }
-            let left = TreeView { db: &self.db, pending }.subtree(level, i - 1);
+            let left = match pending.get(&(level, i - 1)) {
+                Some(h) => *h,
+                None => self.store.subtree(level, i - 1)?.ok_or(LedgerError::MissingSubtree { level, index: i - 1 })?,
+            };
             hash = merkle::node_hash(&left, &hash);
             level += 1;
             i /= 2;
@@ -481,8 +610,7 @@ impl Ledger {
     }
 
     fn view(&self) -> TreeView<'_> {
-        static EMPTY: std::sync::OnceLock<HashMap<(u32, u64), Hash>> = std::sync::OnceLock::new();
-        TreeView { db: &self.db, pending: EMPTY.get_or_init(HashMap::new) }
+        TreeView::new(&*self.store, None)
     }
 
     /// The signed head of the log as it is now.
@@ -491,84 +619,72 @@ impl Ledger {
     }
 
     fn head_at(&self, now_ms: u64) -> Result<Signed, LedgerError> {
-        let size = self.size()?;
-        let head = TreeHead {
-            size,
-            root: Digest(merkle::root(&self.view(), size)),
-            epoch: self.epoch_at(now_ms),
-            timestamp_ms: now_ms,
-        };
+        // Leaves below `size` and their subtrees are final once committed: the root read after the size is
+        // the root of that size, whoever appends meanwhile.
+        let size = self.store.size()?;
+        let view = self.view();
+        let root = merkle::root(&view, size);
+        let head =
+            TreeHead { size, root: Digest(view.finish(root)?), epoch: self.epoch_at(now_ms), timestamp_ms: now_ms };
         Ok(Signed::sign(&self.key, KIND_TREE_HEAD, &head))
     }
 
     /// The head signed when `epoch` ended, if it has.
     pub fn epoch_head(&self, epoch: u64) -> Result<Option<Signed>, LedgerError> {
-        self.get(CF_HEADS, &epoch.to_be_bytes())
+        self.store.epoch_head(epoch)
     }
 
     /// Forgets tickets that can no longer be redeemed (expired, and past the grace epoch), with their
     /// chains' redemption state: receipts for them are refused by the epoch check before that state is
     /// consulted. Keeps the ticket store bounded by the ticket lifetime. Returns how many were dropped.
     fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
-        let _guard = self.write.lock().expect("ledger write lock");
         let horizon = now_ms.saturating_sub(self.epoch_len.as_millis() as u64 * 2);
-        let mut batch = WriteBatch::default();
-        let mut dropped = 0;
-        for item in self.db.raw().iterator_cf(self.db.cf(CF_TICKETS), rocksdb::IteratorMode::Start) {
-            let (k, v) = item?;
-            let Ok(stored) = serde_json::from_slice::<StoredTicket>(&v) else { continue };
-            if stored.ticket.expiry_ms >= horizon || self.epoch_at(now_ms) <= stored.ticket.epoch + 1 {
-                continue;
-            }
-            batch.delete_cf(self.db.cf(CF_TICKETS), &k);
-            batch.delete_cf(self.db.cf(CF_TICKET_USED), &k);
-            for node in &stored.ticket.nodes {
-                batch.delete_cf(self.db.cf(CF_CHAINS), chain_key(&stored.ticket.session, node));
-            }
-            dropped += 1;
-        }
-        self.db.raw().write(batch)?;
-        Ok(dropped)
+        self.store.prune_tickets(horizon, self.epoch_at(now_ms))
     }
 
     /// Signs and keeps the head for every finished epoch not sealed yet, and prunes dead tickets
-    /// (called periodically).
+    /// (called periodically). With replicas, the sequencer seals; the others leave it to it.
     pub fn seal_epochs(&self) -> Result<(), LedgerError> {
         let now = self.clock.now_ms();
         let current = self.epoch_at(now);
-        let last = self.get_u64(CF_META, b"sealed")?;
-        if current == 0 || last >= current {
+        if current == 0 || self.store.sealed()? >= current {
             return Ok(());
         }
+        let _guard = self.write.lock().expect("ledger write lock");
+        let token = match self.store.sequence() {
+            Ok(token) => token,
+            Err(LedgerError::NotSequencer { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let dropped = self.prune_expired(now)?;
         if dropped > 0 {
             tracing::info!(dropped, "forgot expired credit tickets");
         }
         let head = self.head_at(now)?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.db.cf(CF_HEADS), (current - 1).to_be_bytes(), serde_json::to_vec(&head).expect("serialises"));
-        batch.put_cf(self.db.cf(CF_META), b"sealed", current.to_be_bytes());
-        self.db.raw().write(batch)?;
-        Ok(())
+        self.store.seal(token, current - 1, &head)
     }
 
     pub fn leaf(&self, index: u64) -> Result<Option<LedgerLeaf>, LedgerError> {
-        self.get(CF_LEAVES, &index.to_be_bytes())
+        self.store.leaf(index)
     }
 
     pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Digest>, LedgerError> {
-        let size = size.min(self.size()?);
-        Ok(merkle::inclusion_proof(&self.view(), index, size).into_iter().map(Digest).collect())
+        let size = size.min(self.store.size()?);
+        let view = self.view();
+        let proof = merkle::inclusion_proof(&view, index, size);
+        Ok(view.finish(proof)?.into_iter().map(Digest).collect())
     }
 
     /// Leaves `indices` (at most [`MAX_RECORDS`]) with their inclusion proofs in the tree of `size` leaves,
     /// so a node checks a round of its records in one request; indices beyond the tree are left out.
     pub fn records(&self, indices: &[u64], size: u64) -> Result<Vec<RecordProof>, LedgerError> {
-        let size = size.min(self.size()?);
+        let size = size.min(self.store.size()?);
         let mut out = Vec::new();
         for &index in indices.iter().take(MAX_RECORDS).filter(|&&i| i < size) {
             if let Some(leaf) = self.leaf(index)? {
-                let proof = merkle::inclusion_proof(&self.view(), index, size).into_iter().map(Digest).collect();
+                let view = self.view();
+                let proof = merkle::inclusion_proof(&view, index, size);
+                let proof = view.finish(proof)?.into_iter().map(Digest).collect();
                 out.push(RecordProof { index, leaf, proof });
             }
         }
@@ -576,8 +692,10 @@ impl Ledger {
     }
 
     pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<Digest>, LedgerError> {
-        let second = second.min(self.size()?);
-        Ok(merkle::consistency_proof(&self.view(), first.min(second), second).into_iter().map(Digest).collect())
+        let second = second.min(self.store.size()?);
+        let view = self.view();
+        let proof = merkle::consistency_proof(&view, first.min(second), second);
+        Ok(view.finish(proof)?.into_iter().map(Digest).collect())
     }
 
     /// Bytes credited to `node` over all epochs.
@@ -586,63 +704,22 @@ impl Ledger {
     }
 
     fn node_totals(&self, node: &NodeId) -> Result<NodeCredits, LedgerError> {
-        let mut epochs = Vec::new();
-        let prefix = node.as_bytes().to_vec();
-        let iter = self.db.raw().prefix_iterator_cf(self.db.cf(CF_NODE_EPOCHS), &prefix);
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let epoch = k.get(32..40).and_then(|e| <[u8; 8]>::try_from(e).ok()).map(u64::from_be_bytes);
-            let epoch = epoch.ok_or_else(|| LedgerError::BadKey { cf: CF_NODE_EPOCHS, key: hex::encode(&k) })?;
-            let bytes = <[u8; 8]>::try_from(&*v).map_or(0, u64::from_be_bytes);
-            epochs.push(EpochLine { epoch, credited_bytes: bytes });
-        }
+        let epochs = self.store.node_epochs(node)?;
         Ok(NodeCredits { node_id: *node, credited_bytes: epochs.iter().map(|e| e.credited_bytes).sum(), epochs })
     }
 
     /// Every node's credit, per epoch (`GET /v1/credits`).
     pub fn all_credits(&self) -> Result<Vec<NodeCredits>, LedgerError> {
-        let mut nodes: Vec<NodeId> = Vec::new();
-        for item in self.db.raw().iterator_cf(self.db.cf(CF_NODE_EPOCHS), rocksdb::IteratorMode::Start) {
-            let (k, _) = item?;
-            if let Ok(id) = <[u8; 32]>::try_from(&k[..32]) {
-                if nodes.last() != Some(&NodeId(id)) {
-                    nodes.push(NodeId(id));
-                }
-            }
-        }
-        nodes.iter().map(|n| self.node_totals(n)).collect()
+        self.store.credited_nodes()?.iter().map(|n| self.node_totals(n)).collect()
     }
 
     /// A node's itemised statement: totals, latest records, rejected receipts with reasons.
     pub fn statement(&self, node: &NodeId, max_records: usize) -> Result<NodeStatement, LedgerError> {
         let totals = self.node_totals(node)?;
-        let mut records = Vec::new();
-        let size = self.size()?;
-        // Newest first; the scan is bounded by `max_records` of this node's and 10 000 leaves overall.
-        for index in (size.saturating_sub(10_000)..size).rev() {
-            if records.len() >= max_records {
-                break;
-            }
-            if let Some(leaf) = self.leaf(index)? {
-                if leaf.node == *node {
-                    records.push((index, leaf));
-                }
-            }
-        }
-        let mut rejected = Vec::new();
-        let prefix = node.as_bytes().to_vec();
-        for item in self.db.raw().prefix_iterator_cf(self.db.cf(CF_REJECTED), &prefix) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            if let Ok(r) = serde_json::from_slice::<Rejection>(&v) {
-                rejected.push(r);
-            }
-        }
+        // Newest first, among the newest 10 000 leaves: the statement's cost stays bounded.
+        let size = self.store.size()?;
+        let records = self.store.node_records(node, size.saturating_sub(10_000), size, max_records)?;
+        let mut rejected = self.store.rejections(node)?;
         rejected.reverse();
         Ok(NodeStatement { totals, records, rejected })
     }
@@ -651,8 +728,8 @@ impl Ledger {
 /// A receipt whose signature, ticket, assignment and chain checked out.
 #[derive(Debug)]
 struct Verified {
-    key: Vec<u8>,
-    session: SessionId,
+    /// (session, node)
+    chain: (SessionId, NodeId),
     index: u32,
     unit: u64,
     node_cap: u64,
@@ -663,128 +740,4 @@ enum Check {
     Credit { session: SessionId, bytes: u64, capped: bool },
     Duplicate,
     Reject(Refusal),
-}
-
-#[cfg(test)]
-mod tests {
-    use fog_proto::credits::{payment_chain, ticket_id};
-
-    use super::*;
-
-    /// An epoch boundary (of both lengths the tests use) well after zero: epoch 0 is never sealed.
-    const START_MS: u64 = 1000 * 24 * 3600 * 1000;
-    const MINUTE: Duration = Duration::from_secs(60);
-
-    struct Fixture {
-        ledger: Ledger,
-        clock: Clock,
-        client: SigningKey,
-        node: NodeId,
-        _dir: tempfile::TempDir,
-    }
-
-    fn fixture(epoch_len: Duration) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path()).expect("db"));
-        let clock = Clock::manual(START_MS);
-        let ledger = Ledger::new(db, SigningKey::from_bytes(&[1; 32]), epoch_len, 100, clock.clone());
-        let node = SigningKey::from_bytes(&[3; 32]).verifying_key().into();
-        Fixture { ledger, clock, client: SigningKey::from_bytes(&[2; 32]), node, _dir: dir }
-    }
-
-    impl Fixture {
-        /// A ticket paying `self.node` for up to 4 one-byte chunks.
-        fn issue(&self) -> (Signed, Ticket) {
-            let client = self.client.verifying_key().into();
-            let signed = self
-                .ledger
-                .issue_ticket(Some([127, 0, 0, 1].into()), client, ContentId([0; 32]), vec![self.node], vec![4], 1, 4)
-                .expect("issue")
-                .expect("a ticket");
-            let ticket = signed.open(KIND_TICKET).expect("ticket");
-            (signed, ticket)
-        }
-
-        fn receipt(&self, (signed, ticket): &(Signed, Ticket), index: u32) -> Receipt {
-            let chain = payment_chain([9; 32], 4);
-            let c = Commitment {
-                session: ticket.session,
-                ticket_id: ticket_id(signed),
-                node: self.node,
-                anchor: chain[0],
-                length: 4,
-                epoch: ticket.epoch,
-            };
-            Receipt {
-                commitment: Signed::sign(&self.client, KIND_COMMITMENT, &c),
-                index,
-                preimage: chain[index as usize],
-            }
-        }
-
-        fn redeem(&self, receipt: Receipt) -> Redeemed {
-            self.ledger.redeem(self.node, &[receipt]).expect("redeem").remove(0)
-        }
-    }
-
-    fn refused(r: &Redeemed, why: Refusal) {
-        assert_eq!((r.outcome, r.reason.as_deref()), (Outcome::Rejected, Some(why.to_string().as_str())), "{r:?}");
-    }
-
-    #[test]
-    fn receipts_are_redeemable_in_their_tickets_epoch_and_the_next_only() {
-        let f = fixture(MINUTE);
-        let ticket = f.issue();
-        f.clock.advance(MINUTE);
-        let r = f.redeem(f.receipt(&ticket, 1));
-        assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 1), "{r:?}");
-        assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Duplicate);
-        f.clock.advance(MINUTE);
-        refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::WrongEpoch);
-        let statement = f.ledger.statement(&f.node, 10).expect("statement");
-        assert_eq!(statement.rejected.len(), 1);
-        assert_eq!(statement.rejected[0].at_ms, f.clock.now_ms());
-    }
-
-    #[test]
-    fn tickets_expire_after_their_lifetime_and_one_epoch_of_grace() {
-        let day = Duration::from_secs(24 * 3600);
-        let f = fixture(day);
-        let ticket = f.issue();
-        f.clock.advance(f.ledger.ticket_ttl + day);
-        assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Credited, "expired at the last moment of grace");
-        f.clock.advance(Duration::from_millis(1));
-        refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::Expired);
-    }
-
-    #[test]
-    fn each_finished_epoch_is_sealed_by_a_signed_head() {
-        let f = fixture(MINUTE);
-        let epoch = f.ledger.epoch();
-        f.ledger.seal_epochs().expect("seal");
-        let ticket = f.issue();
-        assert_eq!(f.redeem(f.receipt(&ticket, 2)).outcome, Outcome::Credited);
-        f.ledger.seal_epochs().expect("seal");
-        assert!(f.ledger.epoch_head(epoch).expect("read").is_none(), "sealed before the epoch ended");
-        f.clock.advance(MINUTE);
-        f.ledger.seal_epochs().expect("seal");
-        let head = f.ledger.epoch_head(epoch).expect("read").expect("the finished epoch is sealed");
-        let head: TreeHead = head.open(KIND_TREE_HEAD).expect("signed by the tracker");
-        assert_eq!((head.size, head.timestamp_ms), (1, f.clock.now_ms()));
-        let leaf = f.ledger.leaf(0).expect("read").expect("leaf");
-        assert!(merkle::verify_inclusion(&leaf.bytes(), 0, 1, &[], &head.root.0));
-    }
-
-    #[test]
-    fn expired_tickets_are_pruned_and_live_ones_kept() {
-        let f = fixture(MINUTE);
-        let (a, b) = (f.issue(), f.issue());
-        assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
-        f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
-        assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 2);
-        for (_, t) in [a, b] {
-            let key = session_key(&t.session);
-            assert!(f.ledger.get::<StoredTicket>(CF_TICKETS, key.as_bytes()).expect("get").is_none());
-        }
-    }
 }

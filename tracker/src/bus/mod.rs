@@ -1,0 +1,361 @@
+//! The cell's bus (issue #15): with `--nats`, the tracker is one replica of a cell, and the replicas share
+//! their soft state over NATS core pub/sub (no JetStream: nothing here needs to outlive the processes).
+//!
+//! - A replica that accepts a node's registration or heartbeat (signature, clock and replay checked, the
+//!   addresses dialled back) publishes the node's whole soft state ([`wire::NodeRecord`]); every replica
+//!   merges it last-writer-wins by the node's signed timestamp ([`merge`]), so each holds the whole cell
+//!   and schedules locally. Receivers do not check the node's signature again: at 10^5 heartbeats/s that
+//!   would cost every replica several cores; the bus is the operator's (its servers and credentials), and
+//!   every field is bounds-checked before it is merged, so a malformed message cannot do more than one
+//!   node's own heartbeat could.
+//! - The scheduler's load and chunk popularity: each replica publishes what it charged (a delta) every
+//!   [`LOAD_EVERY`], or sooner when the delta grows, and adds the others' (so bounded load holds across
+//!   replicas).
+//! - Operator blocks, enforced by every replica as the message arrives.
+//! - Probes: replicas announce themselves every [`ALIVE_EVERY`]; each node is probed by the live replica
+//!   ranking first for it by rendezvous, which publishes its verdicts.
+//! - Readiness: a replica holds the whole cell one heartbeat interval after it subscribed (every live node
+//!   heartbeated to some replica meanwhile); until then, and again after a lost connection, `/readyz` says
+//!   503 and heartbeats of nodes it does not know yet are answered "retry" rather than "register again",
+//!   so a restarted replica causes no re-registration storm.
+
+pub mod merge;
+pub mod wire;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fog_proto::api::now_ms;
+use fog_proto::NodeId;
+use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::mpsc;
+
+use crate::app::App;
+use crate::config::TrackerConfig;
+use merge::Replicas;
+use wire::{Alive, Message, Refused};
+
+/// How often a replica announces itself, and how long one not heard from counts as alive.
+pub const ALIVE_EVERY: Duration = Duration::from_millis(500);
+const REPLICA_TTL: Duration = Duration::from_secs(2);
+/// How often a replica publishes the load it charged.
+pub const LOAD_EVERY: Duration = Duration::from_millis(250);
+/// Messages waiting to be published; past this they are dropped (and counted): soft state is sent again.
+const OUTBOX: usize = 16_384;
+/// Messages received and not yet merged, per subscription, before the client drops them (counted by NATS
+/// as a slow consumer).
+const INBOX: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("NATS servers {urls}: {source}")]
+    Connect { urls: String, source: async_nats::ConnectError },
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe { subject: String, source: async_nats::SubscribeError },
+}
+
+impl BusError {
+    /// Neither clears by itself: a server list that does not parse, or a client already closed.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// `fog_tracker_bus_*`.
+#[derive(Debug, Clone, Default)]
+pub struct BusMetrics {
+    pub published: Family<KindLabel, Counter>,
+    pub received: Family<KindLabel, Counter>,
+    /// Node records that changed what this replica holds.
+    pub merged: Counter,
+    /// Node records older than (or the same as) what this replica holds.
+    pub stale: Counter,
+    pub malformed: Counter,
+    pub unknown_version: Counter,
+    /// Messages not published (the outbox was full, or the client failed).
+    pub dropped: Counter,
+    pub peers_live: Gauge,
+    pub ready: Gauge,
+}
+
+impl BusMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register("fog_tracker_bus_published", "Bus messages published by kind", self.published.clone());
+        registry.register("fog_tracker_bus_received", "Bus messages received by kind", self.received.clone());
+        registry.register(
+            "fog_tracker_bus_merged",
+            "Node records from other replicas merged (newer than the one held)",
+            self.merged.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_stale",
+            "Node records from other replicas not newer than the one held (dropped)",
+            self.stale.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_malformed",
+            "Bus messages dropped as malformed or out of bounds",
+            self.malformed.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_unknown_version",
+            "Bus messages of a version this replica does not speak (dropped)",
+            self.unknown_version.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_dropped",
+            "Bus messages not published (outbox full or client failure)",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_peers_live",
+            "Other live, ready replicas of this cell",
+            self.peers_live.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_ready",
+            "1 when this replica holds the whole cell (subscribed for a heartbeat interval)",
+            self.ready.clone(),
+        );
+    }
+}
+
+/// This replica's side of the bus.
+#[derive(Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    cell: String,
+    /// This replica's id (random per process): what probes are divided by.
+    pub replica: NodeId,
+    heartbeat: Duration,
+    outbox: mpsc::Sender<Message>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Message>>>,
+    /// Since when the client has been connected (and so subscribed) without a break.
+    connected_since: Mutex<Option<Instant>>,
+    replicas: Mutex<Replicas>,
+    /// The live replicas at the last announcement tick, this one included.
+    live: Mutex<Vec<NodeId>>,
+    metrics: BusMetrics,
+}
+
+impl Bus {
+    /// Connects to the cell's NATS servers (retrying in the background until one answers, and reconnecting
+    /// to any of them after a loss) and subscribes to the cell's subjects.
+    pub async fn connect(
+        cfg: &TrackerConfig,
+        metrics: BusMetrics,
+    ) -> Result<(Arc<Bus>, async_nats::Subscriber), BusError> {
+        let replica = NodeId(rand::random());
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("fog-tracker {} {}", cfg.cell, &replica.to_hex()[..16]))
+            // A replica's own messages are already applied where it made them.
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(2000)))
+            .subscription_capacity(INBOX)
+            .connect(cfg.nats.as_slice())
+            .await
+            .map_err(|source| BusError::Connect { urls: cfg.nats.join(","), source })?;
+        let subject = wire::wildcard(&cfg.cell);
+        let subscriber =
+            client.subscribe(subject.clone()).await.map_err(|source| BusError::Subscribe { subject, source })?;
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+        let bus = Bus {
+            client,
+            cell: cfg.cell.clone(),
+            replica,
+            heartbeat: cfg.heartbeat_interval,
+            outbox,
+            outbox_rx: Mutex::new(Some(outbox_rx)),
+            connected_since: Mutex::new(None),
+            replicas: Mutex::new(Replicas::new(replica, REPLICA_TTL)),
+            live: Mutex::new(vec![replica]),
+            metrics,
+        };
+        Ok((Arc::new(bus), subscriber))
+    }
+
+    /// Queues `message` for the other replicas; never waits (a full outbox drops it: soft state is sent
+    /// again with the next heartbeat, tick or probe).
+    pub fn publish(&self, message: Message) {
+        if self.outbox.try_send(message).is_err() {
+            self.metrics.dropped.inc();
+        }
+    }
+
+    /// Whether this replica holds the whole cell.
+    pub fn ready(&self) -> bool {
+        merge::complete(*self.connected_since.lock().expect("bus lock"), Instant::now(), self.heartbeat)
+    }
+
+    /// Why it is not ready, for `/readyz`.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let since = *self.connected_since.lock().expect("bus lock");
+        match since {
+            None => Some("not connected to any NATS server".into()),
+            Some(_) if !merge::complete(since, Instant::now(), self.heartbeat) => {
+                Some(format!("subscribed less than a heartbeat interval ({:?}) ago", self.heartbeat))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Whether this replica probes `node` (the live replica ranking first for it).
+    pub fn probes(&self, node: &NodeId) -> bool {
+        merge::prober(node, &self.live.lock().expect("bus lock")) == Some(self.replica)
+    }
+
+    /// Publishes the load this replica charged since the last time, if any.
+    pub fn flush_load(&self, app: &App) {
+        let delta = app.load.lock().expect("load lock").take_delta();
+        if !delta.is_empty() {
+            self.publish(Message::Load(delta));
+        }
+    }
+
+    /// [`Bus::flush_load`] early, when the delta has grown to the size one message carries.
+    pub fn flush_load_if_full(&self, load: &mut fog_sched::scheduler::Load) {
+        if load.delta_len() >= wire::FLUSH_LOAD_ENTRIES {
+            self.publish(Message::Load(load.take_delta()));
+        }
+    }
+
+    /// One announcement tick: follows the connection, publishes this replica's liveness, refreshes the
+    /// live set.
+    fn tick(&self) {
+        let now = Instant::now();
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        {
+            let mut since = self.connected_since.lock().expect("bus lock");
+            match (connected, *since) {
+                (true, None) => {
+                    tracing::info!(cell = self.cell, "connected to the cell's bus");
+                    *since = Some(now);
+                }
+                (false, Some(_)) => {
+                    tracing::warn!(cell = self.cell, "lost the cell's bus: not ready until reconnected");
+                    *since = None;
+                }
+                _ => {}
+            }
+        }
+        let ready = self.ready();
+        self.metrics.ready.set(i64::from(ready));
+        self.publish(Message::Alive(Alive { replica: self.replica, ready }));
+        let mut replicas = self.replicas.lock().expect("bus lock");
+        replicas.expire(now);
+        let live = replicas.live(now);
+        self.metrics.peers_live.set(live.len() as i64 - 1);
+        *self.live.lock().expect("bus lock") = live;
+    }
+}
+
+/// Runs the bus until the process ends: publishes what the outbox gets, merges what the subscription
+/// brings, announces this replica and its load.
+pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subscriber) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let outbox = bus.outbox_rx.lock().expect("bus lock").take();
+    if let Some(mut outbox) = outbox {
+        let bus = bus.clone();
+        tasks.spawn(async move {
+            while let Some(message) = outbox.recv().await {
+                let kind = message.kind();
+                let subject = wire::subject(&bus.cell, kind);
+                match bus.client.publish(subject, message.encode().into()).await {
+                    Ok(()) => {
+                        bus.metrics.published.get_or_create(&KindLabel { kind: kind.name() }).inc();
+                    }
+                    Err(e) => {
+                        bus.metrics.dropped.inc();
+                        tracing::debug!(error = %e, "bus publish failed");
+                    }
+                }
+            }
+        });
+    }
+    let ticking = bus.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(ALIVE_EVERY);
+        loop {
+            tick.tick().await;
+            ticking.tick();
+        }
+    });
+    let (flushing, app_load) = (bus.clone(), app.clone());
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(LOAD_EVERY);
+        loop {
+            tick.tick().await;
+            flushing.flush_load(&app_load);
+        }
+    });
+    while let Some(message) = subscriber.next().await {
+        receive(&app, &bus, &message.subject, &message.payload);
+    }
+    tracing::error!("the bus subscription ended");
+    tasks.abort_all();
+}
+
+/// Decodes one message from the bus and merges it.
+fn receive(app: &App, bus: &Bus, subject: &str, payload: &[u8]) {
+    let m = &bus.metrics;
+    let message = match wire::parse_subject(&bus.cell, subject).and_then(|kind| {
+        m.received.get_or_create(&KindLabel { kind: kind.name() }).inc();
+        Message::decode(kind, payload)
+    }) {
+        Ok(message) => message,
+        Err(Refused::UnknownVersion(v)) => {
+            m.unknown_version.inc();
+            tracing::debug!(version = v, "bus message of another version skipped");
+            return;
+        }
+        Err(e @ Refused::Malformed(_)) => {
+            m.malformed.inc();
+            tracing::warn!(error = %e, "bus message dropped");
+            return;
+        }
+    };
+    apply(app, bus, message);
+}
+
+/// Merges one decoded message into this replica's state.
+fn apply(app: &App, bus: &Bus, message: Message) {
+    let m = &bus.metrics;
+    match message {
+        Message::Node(record) => match app.registry.merge(*record, now_ms()) {
+            Ok(merge::Merge::Insert | merge::Merge::Replace) => {
+                m.merged.inc();
+            }
+            Ok(merge::Merge::Stale | merge::Merge::Duplicate) => {
+                m.stale.inc();
+            }
+            // Blocked here, too far off this replica's clock, or no room: the node's next message decides.
+            Err(e) => tracing::debug!(error = %e, "node record not merged"),
+        },
+        Message::Health(h) => app.registry.merge_health(&h.id, h.down, h.quarantined),
+        Message::Web(w) => app.registry.record_web_probe(&w.id, w.served),
+        Message::Block(b) => {
+            if let Err(e) = app.apply_block(b.id, b.block) {
+                tracing::error!(node = %b.id, error = %e, "cannot apply another replica's block");
+            }
+        }
+        Message::Load(delta) => {
+            let snapshot = app.registry.snapshot();
+            app.load.lock().expect("load lock").apply(&delta, &snapshot, now_ms(), app.registry.params());
+        }
+        Message::Alive(a) => {
+            bus.replicas.lock().expect("bus lock").heard(a.replica, a.ready, Instant::now());
+        }
+    }
+}

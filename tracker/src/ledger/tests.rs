@@ -1,0 +1,615 @@
+//! The ledger's conformance suite, run against both stores (PostgreSQL skips, saying why, where it cannot
+//! run), and the fenced sequencer's tests on a real PostgreSQL.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use fog_proto::credits::{payment_chain, ticket_id};
+use fog_testkit::pg::TestPostgres;
+
+use super::*;
+
+/// An epoch boundary (of both lengths the tests use) well after zero: epoch 0 is never sealed.
+const START_MS: u64 = 1000 * 24 * 3600 * 1000;
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Makes a fresh, empty store per call.
+type NewStore<'a> = &'a mut dyn FnMut() -> Arc<dyn LedgerStore>;
+
+struct Fixture {
+    ledger: Ledger,
+    clock: Clock,
+    client: SigningKey,
+    node: NodeId,
+}
+
+fn fixture(store: Arc<dyn LedgerStore>, epoch_len: Duration) -> Fixture {
+    let clock = Clock::manual(START_MS);
+    let ledger = Ledger::with_store(store, SigningKey::from_bytes(&[1; 32]), epoch_len, 100, clock.clone());
+    let node = SigningKey::from_bytes(&[3; 32]).verifying_key().into();
+    Fixture { ledger, clock, client: SigningKey::from_bytes(&[2; 32]), node }
+}
+
+/// A receipt for `node` paying `index` chunks of the ticket, from a chain of `length` seeded by `seed`.
+fn receipt(client: &SigningKey, (signed, ticket): &(Signed, Ticket), node: NodeId, seed: u8, index: u32) -> Receipt {
+    let length = ticket.assigned_chunks.iter().copied().max().unwrap_or(0).max(4);
+    let chain = payment_chain([seed; 32], length);
+    let c = Commitment {
+        session: ticket.session,
+        ticket_id: ticket_id(signed),
+        node,
+        anchor: chain[0],
+        length,
+        epoch: ticket.epoch,
+    };
+    Receipt { commitment: Signed::sign(client, KIND_COMMITMENT, &c), index, preimage: chain[index as usize] }
+}
+
+impl Fixture {
+    /// A ticket paying `self.node` for up to 4 one-byte chunks.
+    fn issue(&self) -> (Signed, Ticket) {
+        let client = self.client.verifying_key().into();
+        let signed = self
+            .ledger
+            .issue_ticket(Some([127, 0, 0, 1].into()), client, ContentId([0; 32]), vec![self.node], vec![4], 1, 4)
+            .expect("issue")
+            .expect("a ticket");
+        let ticket = signed.open(KIND_TICKET).expect("ticket");
+        (signed, ticket)
+    }
+
+    fn receipt(&self, ticket: &(Signed, Ticket), index: u32) -> Receipt {
+        receipt(&self.client, ticket, self.node, 9, index)
+    }
+
+    fn redeem(&self, receipt: Receipt) -> Redeemed {
+        self.ledger.redeem(self.node, &[receipt]).expect("redeem").remove(0)
+    }
+}
+
+fn refused(r: &Redeemed, why: Refusal) {
+    assert_eq!((r.outcome, r.reason.as_deref()), (Outcome::Rejected, Some(why.to_string().as_str())), "{r:?}");
+}
+
+fn head_of(ledger: &Ledger) -> TreeHead {
+    let signed = ledger.head().expect("head");
+    assert_eq!(signed.node_id, ledger.public_key());
+    signed.open(KIND_TREE_HEAD).expect("signed by the tracker")
+}
+
+/// Every leaf below `head.size` is there and proves its inclusion; `earlier` heads are consistent with it.
+fn check_log(ledger: &Ledger, head: &TreeHead, earlier: &[TreeHead]) {
+    for index in 0..head.size {
+        let leaf = ledger.leaf(index).expect("read").unwrap_or_else(|| panic!("leaf {index} of {} missing", head.size));
+        let proof: Vec<Hash> = ledger.inclusion(index, head.size).expect("proof").iter().map(|d| d.0).collect();
+        assert!(merkle::verify_inclusion(&leaf.bytes(), index, head.size, &proof, &head.root.0), "leaf {index}");
+    }
+    for old in earlier {
+        let proof: Vec<Hash> = ledger.consistency(old.size, head.size).expect("proof").iter().map(|d| d.0).collect();
+        assert!(
+            merkle::verify_consistency(old.size, head.size, &proof, &old.root.0, &head.root.0),
+            "the head of size {} is not consistent with the one of size {}",
+            old.size,
+            head.size
+        );
+    }
+}
+
+// The conformance suite: each case gets fresh stores from `new`.
+
+fn receipts_are_redeemable_in_their_tickets_epoch_and_the_next_only(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let ticket = f.issue();
+    f.clock.advance(MINUTE);
+    let r = f.redeem(f.receipt(&ticket, 1));
+    assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 1), "{r:?}");
+    assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Duplicate);
+    f.clock.advance(MINUTE);
+    refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::WrongEpoch);
+    let statement = f.ledger.statement(&f.node, 10).expect("statement");
+    assert_eq!(statement.rejected.len(), 1);
+    assert_eq!(statement.rejected[0].at_ms, f.clock.now_ms());
+}
+
+fn tickets_expire_after_their_lifetime_and_one_epoch_of_grace(new: NewStore) {
+    let day = Duration::from_secs(24 * 3600);
+    let f = fixture(new(), day);
+    let ticket = f.issue();
+    f.clock.advance(f.ledger.ticket_ttl + day);
+    assert_eq!(f.redeem(f.receipt(&ticket, 1)).outcome, Outcome::Credited, "expired at the last moment of grace");
+    f.clock.advance(Duration::from_millis(1));
+    refused(&f.redeem(f.receipt(&ticket, 2)), Refusal::Expired);
+}
+
+fn each_finished_epoch_is_sealed_by_a_signed_head(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let epoch = f.ledger.epoch();
+    f.ledger.seal_epochs().expect("seal");
+    let ticket = f.issue();
+    assert_eq!(f.redeem(f.receipt(&ticket, 2)).outcome, Outcome::Credited);
+    f.ledger.seal_epochs().expect("seal");
+    assert!(f.ledger.epoch_head(epoch).expect("read").is_none(), "sealed before the epoch ended");
+    f.clock.advance(MINUTE);
+    f.ledger.seal_epochs().expect("seal");
+    let head = f.ledger.epoch_head(epoch).expect("read").expect("the finished epoch is sealed");
+    let head: TreeHead = head.open(KIND_TREE_HEAD).expect("signed by the tracker");
+    assert_eq!((head.size, head.timestamp_ms), (1, f.clock.now_ms()));
+    let leaf = f.ledger.leaf(0).expect("read").expect("leaf");
+    assert!(merkle::verify_inclusion(&leaf.bytes(), 0, 1, &[], &head.root.0));
+}
+
+fn expired_tickets_are_pruned_and_live_ones_kept(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let (a, b) = (f.issue(), f.issue());
+    assert_eq!(f.redeem(f.receipt(&a, 1)).outcome, Outcome::Credited);
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
+    f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 2);
+    for (_, t) in [&a, &b] {
+        assert!(f.ledger.store.ticket(&t.session).expect("get").is_none());
+        assert_eq!(f.ledger.store.ticket_used(&t.session).expect("get"), 0);
+        assert!(f.ledger.store.chain(&t.session, &f.node).expect("get").is_none());
+    }
+    assert_eq!(f.ledger.credited(&f.node).expect("credit"), 1, "pruning tickets forgot credit");
+}
+
+/// Credits, caps, duplicates and refusals across tickets and nodes; totals, statements and proofs.
+fn credits_totals_statements_and_proofs_agree(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let other: NodeId = SigningKey::from_bytes(&[4; 32]).verifying_key().into();
+    let client_key: NodeId = f.client.verifying_key().into();
+    let issue = |budget: u64| {
+        let signed = f
+            .ledger
+            .issue_ticket(None, client_key, ContentId([0; 32]), vec![f.node, other], vec![3, 3], 100, budget)
+            .expect("issue")
+            .expect("a ticket");
+        let ticket: Ticket = signed.open(KIND_TICKET).expect("ticket");
+        (signed, ticket)
+    };
+    let (t1, t2) = (issue(600), issue(400));
+    let mut heads = vec![head_of(&f.ledger)];
+    // One batch: t1 pays 2 chunks, then 3 (one more), t2 pays 3 for f.node, and a forged receipt.
+    let mut forged = receipt(&f.client, &t1, f.node, 7, 1);
+    forged.preimage = Digest([0; 32]);
+    let batch = [
+        receipt(&f.client, &t1, f.node, 5, 2),
+        receipt(&f.client, &t1, f.node, 5, 3),
+        receipt(&f.client, &t2, f.node, 6, 3),
+        forged,
+        receipt(&f.client, &t1, other, 8, 1),
+    ];
+    let results = f.ledger.redeem(f.node, &batch).expect("redeem");
+    let outcomes: Vec<_> = results.iter().map(|r| (r.outcome, r.credited_bytes, r.leaf_index)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Outcome::Credited, 200, Some(0)),
+            (Outcome::Credited, 100, Some(1)),
+            (Outcome::Credited, 300, Some(2)),
+            (Outcome::Rejected, 0, None),
+            (Outcome::Rejected, 0, None),
+        ]
+    );
+    refused(&results[3], Refusal::BadChain);
+    refused(&results[4], Refusal::NotYours);
+    heads.push(head_of(&f.ledger));
+    // The other node: t2's budget has 100 bytes left for it, though its assignment allows 300.
+    let results = f.ledger.redeem(other, &[receipt(&f.client, &t2, other, 8, 3)]).expect("redeem");
+    assert_eq!(
+        (results[0].outcome, results[0].credited_bytes, results[0].leaf_index),
+        (Outcome::Credited, 100, Some(3))
+    );
+    assert!(results[0].reason.is_some(), "a capped credit says so");
+    let results = f.ledger.redeem(f.node, &[receipt(&f.client, &t1, f.node, 5, 3)]).expect("redeem");
+    assert_eq!(results[0].outcome, Outcome::Duplicate);
+    let head = head_of(&f.ledger);
+    assert_eq!(head.size, 4);
+    check_log(&f.ledger, &head, &heads);
+    assert_eq!(f.ledger.credited(&f.node).expect("credit"), 600);
+    assert_eq!(f.ledger.credited(&other).expect("credit"), 100);
+    let epoch = f.ledger.epoch();
+    let mut all = f.ledger.all_credits().expect("all");
+    all.sort_by_key(|c| c.node_id);
+    let mut expected = vec![
+        NodeCredits { node_id: f.node, credited_bytes: 600, epochs: vec![EpochLine { epoch, credited_bytes: 600 }] },
+        NodeCredits { node_id: other, credited_bytes: 100, epochs: vec![EpochLine { epoch, credited_bytes: 100 }] },
+    ];
+    expected.sort_by_key(|c| c.node_id);
+    assert_eq!(all, expected);
+    let statement = f.ledger.statement(&f.node, 2).expect("statement");
+    let indices: Vec<u64> = statement.records.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indices, [2, 1], "newest first, at most as many as asked");
+    let reasons: Vec<_> = statement.rejected.iter().map(|r| r.reason.clone()).collect();
+    assert_eq!(reasons, [Refusal::NotYours.to_string(), Refusal::BadChain.to_string()], "newest first");
+    let records = f.ledger.records(&[3, 0, 9], head.size).expect("records");
+    assert_eq!(records.iter().map(|r| r.index).collect::<Vec<_>>(), [3, 0], "beyond the tree is left out");
+    for r in records {
+        let proof: Vec<Hash> = r.proof.iter().map(|d| d.0).collect();
+        assert!(merkle::verify_inclusion(&r.leaf.bytes(), r.index, head.size, &proof, &head.root.0));
+    }
+}
+
+/// A node's statement keeps its newest rejections only.
+fn rejections_are_kept_bounded(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let mut bad = f.receipt(&f.issue(), 1);
+    bad.preimage = Digest([0; 32]);
+    let batch: Vec<Receipt> = (0..REJECTIONS_KEPT + 5).map(|_| bad.clone()).collect();
+    f.ledger.redeem(f.node, &batch).expect("redeem");
+    f.ledger.redeem(f.node, &batch[..3]).expect("redeem");
+    let statement = f.ledger.statement(&f.node, 10).expect("statement");
+    assert_eq!(statement.rejected.len() as u64, REJECTIONS_KEPT);
+    assert_eq!(f.ledger.store.rejected_seq(&f.node).expect("seq"), REJECTIONS_KEPT + 8);
+    assert_eq!(f.ledger.size().expect("size"), 0);
+}
+
+fn conformance(new: NewStore) {
+    receipts_are_redeemable_in_their_tickets_epoch_and_the_next_only(new);
+    tickets_expire_after_their_lifetime_and_one_epoch_of_grace(new);
+    each_finished_epoch_is_sealed_by_a_signed_head(new);
+    expired_tickets_are_pruned_and_live_ones_kept(new);
+    credits_totals_statements_and_proofs_agree(new);
+    rejections_are_kept_bounded(new);
+}
+
+#[test]
+fn conformance_rocksdb() {
+    let dirs = Mutex::new(Vec::new());
+    conformance(&mut || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path()).expect("db"));
+        dirs.lock().expect("dirs").push(dir);
+        Arc::new(RocksStore::new(db))
+    });
+}
+
+/// The embedded ledger writes the keys and values every earlier tracker wrote: existing ledgers stay
+/// readable, and what a tracker writes now an older one reads.
+#[test]
+fn rocksdb_format_is_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Arc::new(Db::open(dir.path()).expect("db"));
+    let f = fixture(Arc::new(RocksStore::new(db.clone())), MINUTE);
+    let ticket = f.issue();
+    assert_eq!(f.redeem(f.receipt(&ticket, 2)).outcome, Outcome::Credited);
+    let get = |cf: &str, key: &[u8]| db.raw().get_cf(db.cf(cf), key).expect("read").expect("written");
+    let session = ticket.1.session.to_hex();
+    let leaf = LedgerLeaf {
+        epoch: f.ledger.epoch(),
+        node: f.node,
+        session: ticket.1.session,
+        chain_index: 2,
+        credited_bytes: 2,
+    };
+    assert_eq!(get("ledger_meta", b"size"), 1u64.to_be_bytes());
+    assert_eq!(get("ledger_leaves", &0u64.to_be_bytes()), leaf.bytes());
+    assert_eq!(get("ledger_tree", &[0u8; 12]), merkle::leaf_hash(&leaf.bytes()));
+    let chain_key = [session.as_bytes(), b"/", f.node.as_bytes()].concat();
+    assert_eq!(get("credit_chains", &chain_key), br#"{"index":2,"credited":2}"#);
+    assert_eq!(get("credit_ticket_used", session.as_bytes()), 2u64.to_be_bytes());
+    let node_epoch = [f.node.as_bytes().as_slice(), &f.ledger.epoch().to_be_bytes()].concat();
+    assert_eq!(get("credit_node_epochs", &node_epoch), 2u64.to_be_bytes());
+    let stored: serde_json::Value = serde_json::from_slice(&get("credit_tickets", session.as_bytes())).expect("json");
+    assert_eq!(stored["signed"], serde_json::to_value(&ticket.0).expect("json"));
+    assert_eq!(get("ledger_meta", &[b"rejseq/".as_slice(), f.node.as_bytes()].concat()), 0u64.to_be_bytes());
+}
+
+/// A PostgreSQL server for this test, or `None` (the test skips, saying why).
+fn postgres() -> Option<TestPostgres> {
+    if let Some(why) = TestPostgres::unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(TestPostgres::start())
+}
+
+/// A store in a fresh database of `pg`.
+fn pg_store(pg: &TestPostgres, db: &str, lease: Duration) -> Arc<PgStore> {
+    pg.create_database(db);
+    Arc::new(PgStore::connect(&pg.conn_str_db(db), &format!("http://{db}.test"), lease).expect("connect"))
+}
+
+#[test]
+fn conformance_postgres() {
+    let Some(pg) = postgres() else { return };
+    let mut n = 0;
+    conformance(&mut || {
+        n += 1;
+        pg_store(&pg, &format!("conformance{n}"), LEASE)
+    });
+}
+
+/// The embedded ledger, copied into PostgreSQL, keeps its leaves, indices and roots: the heads nodes
+/// verified still verify, and redemption goes on where it left off.
+#[test]
+fn export_keeps_indices_and_roots() {
+    let Some(pg) = postgres() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Arc::new(Db::open(dir.path()).expect("db"));
+    let f = fixture(Arc::new(RocksStore::new(db.clone())), MINUTE);
+    let tickets: Vec<_> = (0..5).map(|_| f.issue()).collect();
+    for t in &tickets {
+        f.redeem(f.receipt(t, 2));
+    }
+    let mut bad = f.receipt(&tickets[0], 1);
+    bad.preimage = Digest([0; 32]);
+    f.redeem(bad);
+    f.clock.advance(MINUTE);
+    f.ledger.seal_epochs().expect("seal");
+    let before = head_of(&f.ledger);
+    let sealed = f.ledger.epoch_head(f.ledger.epoch() - 1).expect("read").expect("sealed");
+    pg.create_database("exported");
+    let stats = export_to_postgres(db.clone(), &pg.conn_str_db("exported")).expect("export");
+    assert_eq!((stats.size, stats.leaves, stats.heads, stats.tickets), (5, 5, 1, 5));
+    assert_eq!(stats.root, before.root);
+    let again = export_to_postgres(db.clone(), &pg.conn_str_db("exported")).expect("export again");
+    assert_eq!((again.copied, again.size, again.root), (false, 5, before.root), "an export run again copies nothing");
+
+    // A replica on the copy: the export released its lease, so the replica appends at once.
+    let store = Arc::new(PgStore::connect(&pg.conn_str_db("exported"), "http://replica.test", LEASE).expect("connect"));
+    let copy = Ledger::with_store(store, SigningKey::from_bytes(&[1; 32]), MINUTE, 100, f.clock.clone());
+    let after = head_of(&copy);
+    assert_eq!((after.size, after.root), (before.size, before.root));
+    assert_eq!(copy.epoch_head(f.ledger.epoch() - 1).expect("read"), Some(sealed));
+    assert_eq!(copy.statement(&f.node, 10).expect("statement").rejected.len(), 1);
+    check_log(&copy, &after, &[]);
+    // Receipts of the same tickets go on: a duplicate stays a duplicate, more chunks credit more.
+    let results =
+        copy.redeem(f.node, &[f.receipt(&tickets[0], 2), f.receipt(&tickets[1], 3)]).expect("redeem on the copy");
+    assert_eq!(
+        results.iter().map(|r| (r.outcome, r.leaf_index)).collect::<Vec<_>>(),
+        [(Outcome::Duplicate, None), (Outcome::Credited, Some(5))]
+    );
+    let grown = head_of(&copy);
+    check_log(&copy, &grown, &[before]);
+    assert_eq!(copy.credited(&f.node).expect("credit"), 11);
+    // The database's ledger has moved on: exporting the old one over it is refused.
+    let refused = export_to_postgres(db, &pg.conn_str_db("exported"));
+    assert!(matches!(refused, Err(LedgerError::NotEmpty { size: 6 })), "{refused:?}");
+}
+
+/// Two replicas' ledgers on one database, with a short lease.
+fn replica(store: &Arc<PgStore>, clock: &Clock) -> Ledger {
+    Ledger::with_store(store.clone(), SigningKey::from_bytes(&[1; 32]), Duration::from_secs(3600), 100, clock.clone())
+}
+
+#[test]
+fn a_stale_sequencer_writes_nothing_and_the_next_continues_the_log() {
+    let Some(pg) = postgres() else { return };
+    // Long enough for the steps between a takeover and the checks that no other replica took over.
+    let lease = Duration::from_secs(2);
+    let a = pg_store(&pg, "fenced", lease);
+    let b = Arc::new(PgStore::connect(&pg.conn_str_db("fenced"), "http://b.test", lease).expect("connect"));
+    let clock = Clock::manual(START_MS);
+    let (la, lb) = (replica(&a, &clock), replica(&b, &clock));
+    let f = fixture(a.clone(), Duration::from_secs(3600));
+    let tickets: Vec<_> = (0..4).map(|_| f.issue()).collect();
+    let r = la.redeem(f.node, &[f.receipt(&tickets[0], 1), f.receipt(&tickets[1], 2)]).expect("redeem");
+    assert_eq!(r.iter().map(|r| r.leaf_index).collect::<Vec<_>>(), [Some(0), Some(1)]);
+    let first = head_of(&la);
+    let stale = a.sequence().expect("a holds the lease");
+    match lb.redeem(f.node, &[f.receipt(&tickets[2], 1)]) {
+        Err(LedgerError::NotSequencer { holder_url }) => assert_eq!(holder_url, "http://fenced.test"),
+        other => panic!("a replica appended while another held the lease: {other:?}"),
+    }
+    std::thread::sleep(lease * 2);
+    let r = lb.redeem(f.node, &[f.receipt(&tickets[2], 1)]).expect("b takes the expired lease");
+    assert_eq!(r[0].leaf_index, Some(2), "the new sequencer continues the log where it was");
+    let token = b.sequence().expect("b holds the lease");
+    assert_eq!(token, stale + 1);
+
+    // The old sequencer, still believing its lease (a pause), appends what it read before: fenced.
+    let leaf = LedgerLeaf { epoch: 0, node: f.node, session: tickets[3].1.session, chain_index: 1, credited_bytes: 1 };
+    let forged = Append {
+        leaves: vec![(3, leaf.bytes())],
+        subtrees: vec![(0, 3, merkle::leaf_hash(&leaf.bytes()))],
+        node_epoch: Some((0, 1)),
+        ..Append::new(f.node, stale, 3)
+    };
+    assert!(matches!(a.commit(&forged), Err(LedgerError::Fenced { token }) if token == stale));
+    // The current token with a stale view of the log is refused too.
+    let behind = Append { token, base_size: 2, ..forged.clone() };
+    assert!(matches!(b.commit(&behind), Err(LedgerError::Fenced { .. })));
+    assert_eq!(b.size().expect("size"), 3);
+    assert!(b.leaf(3).expect("read").is_none());
+    assert!(b.subtree(0, 3).expect("read").is_none());
+    assert_eq!(b.node_epoch(&f.node, 0).expect("read"), 0);
+    // A stale seal is fenced the same way.
+    assert!(matches!(a.seal(stale, 7, &la.head().expect("head")), Err(LedgerError::Fenced { .. })));
+    assert!(b.epoch_head(7).expect("read").is_none());
+    // The old sequencer's ledger now defers to the new one, and its reads see the new log.
+    assert!(matches!(la.redeem(f.node, &[f.receipt(&tickets[3], 1)]), Err(LedgerError::NotSequencer { .. })));
+    let head = head_of(&la);
+    assert_eq!(head.size, 3);
+    check_log(&lb, &head, &[first]);
+    assert_eq!(lb.credited(&f.node).expect("credit"), 4);
+}
+
+/// One client session's receipts, as a node holds them: the newest per chain, until acknowledged.
+struct Chain {
+    ticket: (Signed, Ticket),
+    client: SigningKey,
+    node: NodeId,
+    seed: u8,
+    /// Chunks delivered so far (the newest receipt's index) and acknowledged.
+    delivered: u32,
+    acknowledged: u32,
+}
+
+/// Two replicas redeem a stream of receipts on one database while the sequencer is killed again and again
+/// (its client cut off mid-transaction, as a SIGKILL would) and restarted: every byte is credited exactly
+/// once, leaf indices are contiguous, every acknowledged credit is in the log, and the heads seen before
+/// each takeover are consistent with the last.
+#[test]
+fn killing_the_sequencer_during_redemptions_loses_nothing() {
+    let Some(pg) = postgres() else { return };
+    const CHUNKS: u32 = 32;
+    const UNIT: u32 = 1000;
+    const KILLS: usize = 5;
+    let lease = Duration::from_millis(300);
+    let clock = Clock::manual(START_MS);
+    pg.create_database("killed");
+    let conn = pg.conn_str_db("killed");
+    let start = |n: usize| {
+        let store = Arc::new(PgStore::connect(&conn, &format!("http://replica{n}.test"), lease).expect("connect"));
+        (store.clone(), Arc::new(replica(&store, &clock)))
+    };
+    let replicas = Mutex::new(vec![start(0), start(1)]);
+    let ids: Vec<NodeId> = (0..3u8).map(|n| SigningKey::from_bytes(&[40 + n; 32]).verifying_key().into()).collect();
+    let issuer = replicas.lock().expect("replicas")[0].1.clone();
+    let mut chains = Vec::new();
+    for s in 0..12u8 {
+        let client = SigningKey::from_bytes(&[100 + s; 32]);
+        let signed = issuer
+            .issue_ticket(
+                None,
+                client.verifying_key().into(),
+                ContentId([s; 32]),
+                ids.clone(),
+                vec![CHUNKS; ids.len()],
+                UNIT,
+                u64::from(CHUNKS * UNIT) * ids.len() as u64,
+            )
+            .expect("issue")
+            .expect("a ticket");
+        let ticket: Ticket = signed.open(KIND_TICKET).expect("ticket");
+        for (n, node) in ids.iter().enumerate() {
+            let seed = s.wrapping_mul(3).wrapping_add(n as u8);
+            chains.push(Chain {
+                ticket: (signed.clone(), ticket.clone()),
+                client: client.clone(),
+                node: *node,
+                seed,
+                delivered: 0,
+                acknowledged: 0,
+            });
+        }
+    }
+
+    let done = AtomicBool::new(false);
+    let kills = std::thread::scope(|scope| {
+        // The killer: every so often cuts off whichever replica holds the lease, and starts a new one.
+        let killer = scope.spawn(|| {
+            let mut kills = 0;
+            let mut next = 2;
+            while kills < KILLS && !done.load(Ordering::Relaxed) {
+                std::thread::sleep(lease * 2);
+                let holder = replicas.lock().expect("replicas").iter().position(|(s, _)| s.holds_lease());
+                let Some(slot) = holder else { continue };
+                let (store, ledger) = replicas.lock().expect("replicas")[slot].clone();
+                // Preferably while a node's redemption runs on it (the node holds its own reference).
+                let busy = Instant::now() + lease;
+                while Arc::strong_count(&ledger) < 3 && Instant::now() < busy {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                store.kill();
+                replicas.lock().expect("replicas")[slot] = start(next);
+                next += 1;
+                kills += 1;
+            }
+            kills
+        });
+        // The nodes: clients deliver a chunk at a time on every chain; each node redeems its newest
+        // receipts in batches at the replicas in turn, keeping them until acknowledged.
+        let mut acknowledged: HashMap<u64, LedgerLeaf> = HashMap::new();
+        let mut heads: Vec<TreeHead> = Vec::new();
+        let mut pending: VecDeque<usize> = VecDeque::new();
+        let mut turn = 0usize;
+        let mut refusals: HashMap<String, usize> = HashMap::new();
+        let stop = Instant::now() + Duration::from_secs(120);
+        loop {
+            for (i, c) in chains.iter_mut().enumerate() {
+                if c.delivered < CHUNKS {
+                    c.delivered += 1;
+                    if !pending.contains(&i) {
+                        pending.push_back(i);
+                    }
+                }
+            }
+            for node in &ids {
+                let mine: Vec<usize> = pending.iter().copied().filter(|&i| chains[i].node == *node).take(16).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let batch: Vec<Receipt> = mine
+                    .iter()
+                    .map(|&i| {
+                        let c = &chains[i];
+                        receipt(&c.client, &c.ticket, c.node, c.seed, c.delivered)
+                    })
+                    .collect();
+                turn += 1;
+                let ledger = replicas.lock().expect("replicas")[turn % 2].1.clone();
+                match ledger.redeem(*node, &batch) {
+                    Ok(results) => {
+                        for (&i, (r, sent)) in mine.iter().zip(results.iter().zip(&batch)) {
+                            assert_ne!(r.outcome, Outcome::Rejected, "{r:?}");
+                            if let Some(index) = r.leaf_index {
+                                let leaf = LedgerLeaf {
+                                    epoch: clock.now_ms() / 3_600_000,
+                                    node: *node,
+                                    session: chains[i].ticket.1.session,
+                                    chain_index: sent.index,
+                                    credited_bytes: r.credited_bytes,
+                                };
+                                assert!(acknowledged.insert(index, leaf).is_none(), "leaf {index} acknowledged twice");
+                            }
+                            chains[i].acknowledged = sent.index;
+                            if chains[i].acknowledged == chains[i].delivered {
+                                pending.retain(|&p| p != i);
+                            }
+                        }
+                        if let Ok(head) = ledger.head() {
+                            heads.push(head.open(KIND_TREE_HEAD).expect("signed head"));
+                        }
+                    }
+                    // The node keeps its receipts and redeems them again later.
+                    Err(e) => {
+                        assert!(e.is_retryable(), "{e}");
+                        let kind = format!("{e:?}");
+                        *refusals.entry(kind.split([' ', '(', '{']).next().unwrap_or("").to_string()).or_default() += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            let all_delivered = chains.iter().all(|c| c.delivered == CHUNKS);
+            if all_delivered && pending.is_empty() && killer.is_finished() {
+                break;
+            }
+            // Clients deliver a chunk per chain a few times per lease, so kills land mid-stream.
+            std::thread::sleep(lease / 5);
+            assert!(Instant::now() < stop, "redemptions did not finish: {} chains pending", pending.len());
+        }
+        done.store(true, Ordering::Relaxed);
+        let kills = killer.join().expect("killer");
+
+        // Whatever replica serves it, the log is the same.
+        let ledger = replicas.lock().expect("replicas")[0].1.clone();
+        let head = head_of(&ledger);
+        check_log(&ledger, &head, &heads);
+        for (index, leaf) in &acknowledged {
+            assert_eq!(ledger.leaf(*index).expect("read").as_ref(), Some(leaf), "acknowledged leaf {index} lost");
+        }
+        let mut per_node: HashMap<NodeId, u64> = HashMap::new();
+        let mut per_chain: HashMap<(SessionId, NodeId), u32> = HashMap::new();
+        for index in 0..head.size {
+            let leaf = ledger.leaf(index).expect("read").expect("contiguous leaves");
+            *per_node.entry(leaf.node).or_default() += leaf.credited_bytes;
+            let last = per_chain.entry((leaf.session, leaf.node)).or_default();
+            assert!(leaf.chain_index > *last, "a chain's index went backwards at leaf {index}");
+            *last = leaf.chain_index;
+        }
+        let sessions = chains.len() as u64 / ids.len() as u64;
+        for node in &ids {
+            let exact = sessions * u64::from(CHUNKS * UNIT);
+            assert_eq!(per_node.get(node).copied(), Some(exact), "the log's credit of {node}");
+            assert_eq!(ledger.credited(node).expect("credit"), exact, "the totals of {node}");
+        }
+        assert_eq!(ledger.size().expect("size"), head.size);
+        eprintln!("{} records, {} heads checked, retried redemptions: {refusals:?}", head.size, heads.len());
+        kills
+    });
+    assert_eq!(kills, KILLS, "the sequencer was not killed as often as planned");
+}

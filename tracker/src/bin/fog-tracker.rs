@@ -33,6 +33,12 @@ fn main() -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
         let key = fog_net::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
+        if !cfg.nats.is_empty() && cfg.postgres.is_none() {
+            tracing::warn!(
+                "--nats without --postgres: this replica keeps its own manifests and ledger, so receipts redeem only \
+                 at the replica that issued their tickets; give every replica of the cell the same --postgres"
+            );
+        }
         let stores = match &cfg.postgres {
             None => Stores::embedded(db.clone()).await?,
             Some(conn) => postgres_stores(conn).await?,

@@ -56,6 +56,8 @@ pub enum LedgerError {
     Pg(#[from] tokio_postgres::Error),
     #[error("ledger database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("ledger database: {0}")]
+    Store(#[from] crate::store::pg::PgError),
     #[error("ledger database: {what} took longer than {0:?}", LEDGER_QUERY_TIMEOUT)]
     Timeout { what: &'static str },
     #[error("ledger database client stopped")]
@@ -86,15 +88,16 @@ pub const LEDGER_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 impl LedgerError {
     /// Whether trying again may help: storage trouble and lost leases pass, damaged records stay damaged.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
+        match self {
+            Self::Store(e) => e.is_retryable(),
             Self::Corrupt { .. }
-                | Self::BadKey { .. }
-                | Self::MissingSubtree { .. }
-                | Self::NotEmpty { .. }
-                | Self::Setup(_)
-                | Self::ExportMismatch(_)
-        )
+            | Self::BadKey { .. }
+            | Self::MissingSubtree { .. }
+            | Self::NotEmpty { .. }
+            | Self::Setup(_)
+            | Self::ExportMismatch(_) => false,
+            _ => true,
+        }
     }
 }
 

@@ -16,35 +16,31 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use fog_proto::api::Signed;
 use fog_proto::credits::{Digest, LedgerLeaf, SessionId};
 use fog_proto::merkle::{self, Hash};
 use fog_proto::NodeId;
 use serde::de::DeserializeOwned;
-use tokio_postgres::NoTls;
 
 use super::rocks::RocksStore;
 use super::{
     Append, ChainState, EpochLine, LedgerError, LedgerStore, Rejection, StoredTicket, TreeView, LEDGER_QUERY_TIMEOUT,
 };
 use crate::db::Db;
+use crate::store::pg as store_pg;
 
 /// How long a sequencer's lease lasts; it renews it when half has passed while it appends. A replica that
 /// dies holds up appends (nodes keep their receipts and redeem again) for at most this long.
 pub const LEASE: Duration = Duration::from_secs(5);
 /// The only shard for now.
 const SHARD: i32 = 0;
-/// Connections per replica: a sequencer appends one batch at a time; reads (heads, proofs, statements) go
-/// in parallel.
-const POOL_SIZE: usize = 8;
 /// Rows per transaction of an export.
 const EXPORT_BATCH: usize = 4096;
-/// Serialises schema creation between replicas starting at once.
-const SCHEMA_LOCK: i64 = 0x666f_675f_6c65_6467;
 
+/// The ledger's tables: migration 1 of its component in `fog_schema` (`store::pg::migrate`).
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS ledger_shards (
+CREATE TABLE ledger_shards (
     shard integer PRIMARY KEY,
     size bigint NOT NULL DEFAULT 0,
     sealed bigint NOT NULL DEFAULT 0,
@@ -53,38 +49,38 @@ CREATE TABLE IF NOT EXISTS ledger_shards (
     holder_url text,
     lease_until timestamptz NOT NULL DEFAULT '-infinity'
 );
-CREATE TABLE IF NOT EXISTS ledger_leaves (
+CREATE TABLE ledger_leaves (
     shard integer NOT NULL, idx bigint NOT NULL, node bytea NOT NULL, leaf bytea NOT NULL,
     PRIMARY KEY (shard, idx)
 );
-CREATE INDEX IF NOT EXISTS ledger_leaves_by_node ON ledger_leaves (shard, node, idx);
-CREATE TABLE IF NOT EXISTS ledger_tree (
+CREATE INDEX ledger_leaves_by_node ON ledger_leaves (shard, node, idx);
+CREATE TABLE ledger_tree (
     shard integer NOT NULL, level integer NOT NULL, idx bigint NOT NULL, hash bytea NOT NULL,
     PRIMARY KEY (shard, level, idx)
 );
-CREATE TABLE IF NOT EXISTS ledger_heads (
+CREATE TABLE ledger_heads (
     shard integer NOT NULL, epoch bigint NOT NULL, head text NOT NULL, PRIMARY KEY (shard, epoch)
 );
-CREATE TABLE IF NOT EXISTS ledger_tickets (
+CREATE TABLE ledger_tickets (
     shard integer NOT NULL, session bytea NOT NULL, expiry_ms bigint NOT NULL, epoch bigint NOT NULL,
     stored text NOT NULL, PRIMARY KEY (shard, session)
 );
-CREATE TABLE IF NOT EXISTS ledger_chains (
+CREATE TABLE ledger_chains (
     shard integer NOT NULL, session bytea NOT NULL, node bytea NOT NULL, idx bigint NOT NULL,
     credited bigint NOT NULL, PRIMARY KEY (shard, session, node)
 );
-CREATE TABLE IF NOT EXISTS ledger_ticket_used (
+CREATE TABLE ledger_ticket_used (
     shard integer NOT NULL, session bytea NOT NULL, used bigint NOT NULL, PRIMARY KEY (shard, session)
 );
-CREATE TABLE IF NOT EXISTS ledger_node_epochs (
+CREATE TABLE ledger_node_epochs (
     shard integer NOT NULL, node bytea NOT NULL, epoch bigint NOT NULL, bytes bigint NOT NULL,
     PRIMARY KEY (shard, node, epoch)
 );
-CREATE TABLE IF NOT EXISTS ledger_rejections (
+CREATE TABLE ledger_rejections (
     shard integer NOT NULL, node bytea NOT NULL, seq bigint NOT NULL, rejection text NOT NULL,
     PRIMARY KEY (shard, node, seq)
 );
-CREATE TABLE IF NOT EXISTS ledger_rejected_seq (
+CREATE TABLE ledger_rejected_seq (
     shard integer NOT NULL, node bytea NOT NULL, seq bigint NOT NULL, PRIMARY KEY (shard, node)
 );
 ";
@@ -167,17 +163,14 @@ impl PgStore {
     /// Connects to `conn` (a libpq connection string; several hosts with `target_session_attrs=read-write`
     /// follow a failover), creates the ledger's tables if missing, and names this replica by `url`.
     pub fn connect(conn: &str, url: &str, lease: Duration) -> Result<Self, LedgerError> {
-        let mut config: tokio_postgres::Config = conn.parse()?;
-        let options = [config.get_options().unwrap_or_default(), "-c synchronous_commit=on"].join(" ");
-        config.options(options.trim());
+        // Money: every ledger commit waits until the synchronous standby has it.
+        let pool = store_pg::pool(conn, "-c synchronous_commit=on")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fog-ledger-pg")
             .enable_all()
             .build()
             .map_err(|e| LedgerError::Setup(e.to_string()))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager).max_size(POOL_SIZE).build().map_err(|e| LedgerError::Setup(e.to_string()))?;
         let store = Self {
             rt: Mutex::new(Some(rt)),
             pool,
@@ -189,14 +182,9 @@ impl PgStore {
         };
         let (pool, shard) = (store.pool.clone(), store.shard);
         store.block("creating the ledger's tables", async move {
-            let mut c = pool.get().await?;
-            let tx = c.transaction().await?;
-            // Tables that exist already are no news.
-            tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
-            tx.batch_execute(SCHEMA).await?;
-            tx.execute("INSERT INTO ledger_shards (shard) VALUES ($1) ON CONFLICT DO NOTHING", &[&shard]).await?;
-            tx.commit().await?;
+            store_pg::migrate(&pool, "ledger", &[SCHEMA]).await?;
+            let c = pool.get().await?;
+            c.execute("INSERT INTO ledger_shards (shard) VALUES ($1) ON CONFLICT DO NOTHING", &[&shard]).await?;
             Ok(())
         })?;
         Ok(store)

@@ -96,10 +96,15 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
             .contains(code)
 }
 
-/// A bounded pool for `conn` (libpq key=value or URL form) that always asks for a read-write session.
+/// A bounded pool for `conn` (libpq key=value or URL form) that always asks for a read-write session, every
+/// session starting with `settings` (libpq `options`, e.g. `-c synchronous_commit=on`; empty for none).
 /// Connects lazily: the first operation finds out whether the database is there.
-pub fn pool(conn: &str) -> Result<Pool, PgError> {
+pub fn pool(conn: &str, settings: &str) -> Result<Pool, PgError> {
     let mut config: tokio_postgres::Config = conn.parse().map_err(PgError::Config)?;
+    if !settings.is_empty() {
+        let options = [config.get_options().unwrap_or_default(), settings].join(" ");
+        config.options(options.trim());
+    }
     config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -160,7 +165,7 @@ impl PgStore {
     /// Connects to `conn` and creates or migrates the schema: fails (retryably) if no read-write server
     /// answers.
     pub async fn connect(conn: &str) -> Result<Self, PgError> {
-        let pool = pool(conn)?;
+        let pool = pool(conn, "")?;
         bounded(migrate(&pool, COMPONENT, MIGRATIONS)).await?;
         Ok(Self { pool })
     }

@@ -56,9 +56,10 @@ for n in a b; do
     "${as_pg[@]}" pg_autoctl create postgres --pgdata "$work/pg/$n" --pgport "$(free_port)" --hostname 127.0.0.1 \
         --auth trust --no-ssl --dbname fogcdn --monitor "$monitor" --name "pg-$n" > "$work/pg-$n.log" 2>&1
     setsid "${as_pg[@]}" pg_autoctl run --pgdata "$work/pg/$n" >> "$work/pg-$n.log" 2>&1 & pids+=($!)
-    # The standby is created from the running primary: wait for this node to reach its assigned state.
+    # The standby is created from the running primary: wait for this node to reach its assigned state (a
+    # lone first node is `single` until the standby joins).
     for _ in $(seq 1 150); do
-        "${as_pg[@]}" pg_autoctl show state --pgdata "$work/pg/monitor" 2>/dev/null | grep -q "pg-$n .*\(primary\|secondary\) *| *\(primary\|secondary\)" && break
+        "${as_pg[@]}" pg_autoctl show state --pgdata "$work/pg/monitor" 2>/dev/null | grep -q "pg-$n .*\(single\|primary\|secondary\) *| *\(single\|primary\|secondary\)" && break
         sleep 0.2
     done
 done

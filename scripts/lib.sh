@@ -38,6 +38,28 @@ ensure_geckodriver() {
     env -u CARGO_TARGET_DIR cargo install geckodriver --locked --version "$version" --root "$HOME/.cache/fogcdn/tools" >&2
 }
 
+# pg_cmd CMD...: runs a PostgreSQL program of the packaged server, as the postgres user when root
+# (PostgreSQL refuses to run as root).
+pg_cmd() {
+    local bin; bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- env PATH="$bin:$PATH" "$@"; else env PATH="$bin:$PATH" "$@"; fi
+}
+
+# start_postgres DIR PORT: a throwaway PostgreSQL server in DIR (its parent must be traversable by the
+# postgres user) on 127.0.0.1:PORT with a database fogcdn, trusting local connections; prints its
+# connection string. stop_postgres DIR stops it.
+start_postgres() {
+    local dir=$1 port=$2
+    mkdir -p "$dir" && chmod 700 "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
+    pg_cmd initdb -D "$dir" -U postgres --auth=trust > /dev/null
+    pg_cmd pg_ctl -D "$dir" -l "$dir/server.log" -w -o "-c listen_addresses=127.0.0.1 -c port=$port \
+-c unix_socket_directories='$dir' -c shared_buffers=32MB" start > /dev/null
+    pg_cmd createdb -h 127.0.0.1 -p "$port" -U postgres fogcdn
+    printf 'host=127.0.0.1 port=%s user=postgres dbname=fogcdn\n' "$port"
+}
+stop_postgres() { pg_cmd pg_ctl -D "$1" -m fast stop > /dev/null 2>&1 || true; }
+
 build_release() {
     log "building (release; the first build compiles RocksDB and takes ~20 min) into $CARGO_TARGET_DIR"
     cargo build --release --locked --workspace

@@ -253,10 +253,14 @@ impl Resolved {
     }
 }
 
+/// A receipt, and the signed ticket (as chunk requests carry it) it was made under: a node redeems the
+/// receipt with it, since the tracker keeps no tickets.
+type Paid = (Receipt, Option<Vec<u8>>);
+
 #[derive(Debug)]
 struct ChunkOutcome {
     /// What the serving node is owed for this chunk.
-    receipt: Option<(NodeContact, Receipt)>,
+    receipt: Option<(NodeContact, Paid)>,
     /// The last node that sent any of the chunk: (id, ms spent, RTT ms).
     node: Option<(NodeId, u64, Option<u64>)>,
     /// The chunk's first bytes came from nodes, this many (the rest from the origin).
@@ -274,15 +278,15 @@ const RECEIPT_EVERY: u32 = 16;
 #[derive(Debug)]
 struct Owed {
     node: NodeContact,
-    newest: Option<Receipt>,
+    newest: Option<Paid>,
     handed: u32,
 }
 
 impl Owed {
     /// The newest receipt, if it pays for at least `chunks` more than the last one handed over.
-    fn due(&mut self, chunks: u32) -> Option<Receipt> {
-        let due = self.newest.take_if(|r| r.index >= self.handed.saturating_add(chunks))?;
-        self.handed = due.index;
+    fn due(&mut self, chunks: u32) -> Option<Paid> {
+        let due = self.newest.take_if(|(r, _)| r.index >= self.handed.saturating_add(chunks))?;
+        self.handed = due.0.index;
         Some(due)
     }
 }
@@ -576,7 +580,7 @@ impl FogClient {
             report.merge_chunk(&outcome, delivered);
             if let Some((node, receipt)) = outcome.receipt {
                 let debt = owed.entry(node.id).or_insert_with(|| Owed { node, newest: None, handed: 0 });
-                if debt.newest.as_ref().is_none_or(|r| r.index < receipt.index) {
+                if debt.newest.as_ref().is_none_or(|(r, _)| r.index < receipt.0.index) {
                     debt.newest = Some(receipt);
                 }
                 if let Some(due) = debt.due(RECEIPT_EVERY) {
@@ -823,7 +827,7 @@ impl Inner {
                 Ok(()) => {
                     // Only a node that delivered the whole chunk earns a receipt for it.
                     let paid = (from == 0).then(|| resolved.1.as_ref().and_then(|s| s.pay(node.id))).flatten();
-                    let receipt = paid.map(|r| (node.clone(), r));
+                    let receipt = paid.map(|r| (node.clone(), (r, req.ticket.clone())));
                     // Every byte came from nodes: this one, and any that delivered part before it.
                     let node = Some((node.id, ms, rtt));
                     return Ok(ChunkOutcome { receipt, node, node_bytes: u64::from(len), failures });
@@ -876,10 +880,11 @@ impl Inner {
         Ok(ChunkOutcome { receipt: None, node: node_used, node_bytes: u64::from(from), failures })
     }
 
-    /// Hands `node` a receipt for chunks it delivered (best effort: a later receipt covers this one too).
-    async fn hand_over(self: Arc<Self>, node: NodeContact, receipt: Receipt) {
+    /// Hands `node` a receipt for chunks it delivered, with the ticket it was made under (best effort: a
+    /// later receipt covers this one too).
+    async fn hand_over(self: Arc<Self>, node: NodeContact, (receipt, ticket): Paid) {
         let Ok(json) = serde_json::to_vec(&receipt) else { return };
-        let req = ChunkRequest::receipt_only(json);
+        let req = ChunkRequest { ticket, ..ChunkRequest::receipt_only(json) };
         let (result, _) = self.fetch_from_node(&node, &req, 0, self.cfg.deadlines, None, &mut |_| true).await;
         if let Err(e) = result {
             tracing::debug!(node = %node.id, error = %e, "could not hand over a receipt");

@@ -192,7 +192,12 @@ mod tests {
     }
 
     fn contact(i: u8, port: u16) -> PeerContact {
-        PeerContact { id: node(i), addrs: vec![format!("/ip4/10.0.0.{i}/udp/{port}/quic-v1")], rendezvous: None }
+        PeerContact {
+            id: node(i),
+            addrs: vec![format!("/ip4/10.0.0.{i}/udp/{port}/quic-v1")],
+            rendezvous: None,
+            via: None,
+        }
     }
 
     fn cell(list: CellList, previous: Option<&Cell>) -> Cell {

@@ -6,7 +6,8 @@
 //! there, and each finished epoch's sealed head is checked against the verified log, so the node's own
 //! totals per epoch can be compared with the tracker's to the byte.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,12 @@ use ed25519_dalek::SigningKey;
 use fog_net::tracker::{TrackerClient, TrackerError};
 use fog_proto::api::{Signed, SignedError};
 use fog_proto::credits::{
-    chain_links, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt, RedeemBatch, TreeHead, KIND_COMMITMENT,
-    KIND_REDEEM, KIND_TREE_HEAD, MAX_BATCH,
+    chain_links, redeem_body_bound, ticket_id, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt, RedeemBatch,
+    TicketId, TreeHead, KIND_COMMITMENT, KIND_REDEEM, KIND_TREE_HEAD, MAX_BATCH, MAX_REDEEM_BODY,
 };
 use fog_proto::merkle;
 use fog_proto::merkle::Hash;
+use fog_proto::wire::MAX_TICKET_LEN;
 use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -174,8 +176,11 @@ pub struct Credits {
     me: NodeId,
     held: AtomicU64,
     /// Serialises read-compare-write of held receipts: receipts for one chain arrive on parallel streams,
-    /// and an older one must never overwrite a newer one (the client does not send it again).
-    write: Mutex<()>,
+    /// and an older one must never overwrite a newer one (the client does not send it again). Holds how
+    /// many held receipts (chains) name each ticket, so a ticket goes with the last of them.
+    write: Mutex<HashMap<TicketId, u32>>,
+    /// Whether the last redemption batch left receipts behind (it was full): the next one goes at once.
+    backlog: AtomicBool,
     bad_receipts: AtomicU64,
     view: Mutex<CreditView>,
     earnings: Arc<Earnings>,
@@ -187,11 +192,24 @@ pub struct Credits {
 impl Credits {
     pub fn new(receipts: Arc<ReceiptDb>, me: NodeId, earnings: Arc<Earnings>) -> Self {
         let held = receipts.count();
+        let mut named: HashMap<TicketId, u32> = HashMap::new();
+        for json in receipts.first(usize::MAX) {
+            if let Some(id) = serde_json::from_slice::<Receipt>(&json).ok().as_ref().and_then(named_ticket) {
+                *named.entry(id).or_default() += 1;
+            }
+        }
+        // Tickets no held receipt names (held before a crash between two writes cannot happen: each write
+        // is one batch; but a damaged database repaired may have lost receipts) are dropped.
+        let unnamed: Vec<TicketId> = receipts.ticket_ids().into_iter().filter(|id| !named.contains_key(id)).collect();
+        if let Err(e) = receipts.delete_all(&[], &unnamed) {
+            tracing::warn!(error = %e, "cannot drop tickets no held receipt names");
+        }
         Self {
             receipts,
             me,
             held: AtomicU64::new(held),
-            write: Mutex::new(()),
+            write: Mutex::new(named),
+            backlog: AtomicBool::new(false),
             bad_receipts: AtomicU64::new(0),
             view: Mutex::new(CreditView::default()),
             earnings,
@@ -214,9 +232,10 @@ impl Credits {
 
     /// Checks a receipt a client handed over and keeps it (synced) if it pays more than the one held for its
     /// chain, by at most `max_advance` chunks (what the client's connection delivered: checked before any
-    /// hashing). Blocking: call it off the async workers.
-    pub fn accept(&self, json: &[u8], max_advance: u32) -> Result<(), ReceiptRefused> {
-        let result = self.check_and_store(json, max_advance);
+    /// hashing), with `ticket` (the request's: the signed ticket the receipt's commitment names, which the
+    /// tracker wants with the receipt) unless that is held already. Blocking: call it off the async workers.
+    pub fn accept(&self, json: &[u8], ticket: Option<&[u8]>, max_advance: u32) -> Result<(), ReceiptRefused> {
+        let result = self.check_and_store(json, ticket, max_advance);
         if let Err(e) = &result {
             self.bad_receipts.fetch_add(1, Ordering::Relaxed);
             self.earnings.note_refusal(e.kind());
@@ -224,7 +243,7 @@ impl Credits {
         result
     }
 
-    fn check_and_store(&self, json: &[u8], max_advance: u32) -> Result<(), ReceiptRefused> {
+    fn check_and_store(&self, json: &[u8], ticket: Option<&[u8]>, max_advance: u32) -> Result<(), ReceiptRefused> {
         let r: Receipt = serde_json::from_slice(json).map_err(ReceiptRefused::NotAReceipt)?;
         let c: Commitment = r.commitment.open(KIND_COMMITMENT).map_err(ReceiptRefused::Commitment)?;
         if c.node != self.me {
@@ -234,14 +253,33 @@ impl Credits {
             return Err(ReceiptRefused::OutsideChain);
         }
         let id = r.chain_id();
-        let _guard = self.write.lock().expect("receipts lock");
+        let mut named = self.write.lock().expect("receipts lock");
         let held: Option<Receipt> = self.receipts.get(&id)?.and_then(|v| serde_json::from_slice(&v).ok());
         if held.is_none() && self.held.load(Ordering::Relaxed) >= MAX_HELD {
             return Err(ReceiptRefused::Full);
         }
+        // The ticket the commitment names, if the request brought it and it is not held yet. One the
+        // commitment does not name is not kept (the receipt is: the tracker may have stored its ticket).
+        let ticket = match ticket {
+            Some(t) if self.receipts.ticket(&c.ticket_id)?.is_none() => {
+                let signed = serde_json::from_slice::<Signed>(t).ok().filter(|s| ticket_id(s) == c.ticket_id);
+                if signed.is_none() {
+                    tracing::debug!(chain = %id, "a receipt came with a ticket its commitment does not name");
+                }
+                signed.and_then(|s| serde_json::to_vec(&s).ok()).filter(|t| t.len() <= MAX_TICKET_LEN)
+            }
+            _ => None,
+        };
+        let ticket = ticket.as_deref().map(|t| (&c.ticket_id, t));
         // Check only the new links: one hash per chunk, not the whole chain again.
         let (base, base_index) = match &held {
-            Some(h) if h.index >= r.index => return Ok(()),
+            Some(h) if h.index >= r.index => {
+                // Nothing new to keep but, perhaps, the ticket of a receipt held without it.
+                if ticket.is_some() {
+                    self.receipts.put(None, ticket)?;
+                }
+                return Ok(());
+            }
             Some(h) => (h.preimage, h.index),
             None => (c.anchor, 0),
         };
@@ -252,32 +290,73 @@ impl Credits {
         if !chain_links(&base, base_index, &r.preimage, r.index) {
             return Err(ReceiptRefused::BadChain);
         }
-        self.receipts.put(&id, json)?;
+        self.receipts.put(Some((&id, json)), ticket)?;
         if held.is_none() {
             self.held.fetch_add(1, Ordering::Relaxed);
+            *named.entry(c.ticket_id).or_default() += 1;
         }
         Ok(())
     }
 
-    fn held_batch(&self) -> Vec<Receipt> {
-        self.receipts.first(MAX_BATCH).iter().filter_map(|v| serde_json::from_slice(v).ok()).collect()
+    /// Held receipts to redeem, with the tickets they name (those held), at most [`MAX_BATCH`] receipts and
+    /// a signed body below [`MAX_REDEEM_BODY`]; notes whether receipts were left for the next batch.
+    fn held_batch(&self) -> (Vec<Receipt>, Vec<Signed>) {
+        // The signed message around the batch, with room to spare.
+        let mut size = 1024;
+        let (mut receipts, mut tickets) = (Vec::new(), Vec::new());
+        let mut included: Vec<TicketId> = Vec::new();
+        let held = self.receipts.first(MAX_BATCH);
+        let mut full = held.len() >= MAX_BATCH;
+        for json in &held {
+            let Ok(r) = serde_json::from_slice::<Receipt>(json) else { continue };
+            let id = named_ticket(&r).filter(|id| !included.contains(id));
+            let ticket = id.and_then(|id| self.receipts.ticket(&id).ok().flatten().map(|t| (id, t)));
+            let ticket = ticket.and_then(|(id, t)| Some((id, serde_json::from_slice::<Signed>(&t).ok()?, t.len())));
+            let grows =
+                redeem_body_bound(json.len()) + ticket.as_ref().map_or(0, |(_, _, len)| redeem_body_bound(*len));
+            if size + grows > MAX_REDEEM_BODY {
+                full = true;
+                break;
+            }
+            size += grows;
+            receipts.push(r);
+            if let Some((id, signed, _)) = ticket {
+                included.push(id);
+                tickets.push(signed);
+            }
+        }
+        self.backlog.store(full, Ordering::Relaxed);
+        (receipts, tickets)
     }
 
-    /// Drops held receipts the tracker settled (in one synced write), except chains for which a newer
-    /// receipt arrived since. Blocking.
+    /// Drops held receipts the tracker settled, and the tickets no held receipt names any more (in one synced
+    /// write), except chains for which a newer receipt arrived since. Blocking.
     fn settle(&self, settled: &[(ChainId, u32)]) {
-        let _guard = self.write.lock().expect("receipts lock");
-        let done: Vec<ChainId> = settled
-            .iter()
-            .filter(|(id, index)| {
-                let held = self.receipts.get(id).ok().flatten();
-                held.and_then(|v| serde_json::from_slice::<Receipt>(&v).ok()).is_some_and(|h| h.index == *index)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        match self.receipts.delete_all(&done) {
+        let mut named = self.write.lock().expect("receipts lock");
+        let mut done = Vec::new();
+        let mut counts = named.clone();
+        let mut unnamed = Vec::new();
+        for (id, index) in settled {
+            let held = self.receipts.get(id).ok().flatten();
+            let Some(h) = held.and_then(|v| serde_json::from_slice::<Receipt>(&v).ok()) else { continue };
+            if h.index != *index {
+                continue;
+            }
+            done.push(*id);
+            if let Some(ticket) = named_ticket(&h) {
+                if let Some(n) = counts.get_mut(&ticket) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(&ticket);
+                        unnamed.push(ticket);
+                    }
+                }
+            }
+        }
+        match self.receipts.delete_all(&done, &unnamed) {
             Ok(()) => {
                 self.held.fetch_sub(done.len() as u64, Ordering::Relaxed);
+                *named = counts;
             }
             Err(e) => tracing::error!(error = %e, "cannot drop settled receipts; they will be redeemed again"),
         }
@@ -323,7 +402,7 @@ impl Credits {
             }
             // A backlog (after the tracker was away, or on a busy node) is redeemed batch after batch, not
             // one batch per tick.
-            if outcome.is_ok() && self.held.load(Ordering::Relaxed) >= MAX_BATCH as u64 {
+            if outcome.is_ok() && self.backlog.load(Ordering::Relaxed) {
                 tick.reset_immediately();
             }
         }
@@ -333,12 +412,12 @@ impl Credits {
     /// before the receipts are dropped.
     pub async fn redeem_once(self: &Arc<Self>, tracker: &TrackerClient, key: &SigningKey) -> Result<bool, RedeemError> {
         let me = self.clone();
-        let receipts = tokio::task::spawn_blocking(move || me.held_batch()).await?;
+        let (receipts, tickets) = tokio::task::spawn_blocking(move || me.held_batch()).await?;
         if receipts.is_empty() {
             return Ok(false);
         }
         let now = crate::tracker_link::now_ms();
-        let batch = RedeemBatch { timestamp_ms: now, receipts };
+        let batch = RedeemBatch { timestamp_ms: now, receipts, tickets };
         let mut resp = tracker.redeem(&Signed::sign(key, KIND_REDEEM, &batch)).await?;
         resp.results.truncate(batch.receipts.len());
         let results = Arc::new(resp.results);
@@ -502,9 +581,95 @@ impl Credits {
     }
 }
 
+/// The ticket a receipt's commitment names (read unverified: the node checked the commitment when it took
+/// the receipt).
+fn named_ticket(r: &Receipt) -> Option<TicketId> {
+    serde_json::from_str::<Commitment>(&r.commitment.payload).ok().map(|c| c.ticket_id)
+}
+
 /// When the epoch of `head` ends (unix ms), estimated from its timestamp: epochs are equal periods counted
 /// from 1970, so the length is at most `timestamp / epoch` and the estimate is never early.
 fn epoch_end_ms(head: &TreeHead) -> Option<u64> {
     let len = head.timestamp_ms.checked_div(head.epoch)?;
     (head.epoch + 1).checked_mul(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use fog_proto::credits::{payment_chain, SessionId, Ticket, KIND_TICKET};
+
+    use super::*;
+
+    /// A receipt paying `index` chunks of a chain seeded by `seed`, under `ticket`, for `node`.
+    fn receipt(ticket: &Signed, node: NodeId, seed: u8, index: u32) -> Vec<u8> {
+        let t: Ticket = serde_json::from_str(&ticket.payload).expect("ticket");
+        let chain = payment_chain([seed; 32], 8);
+        let c = Commitment {
+            session: t.session,
+            ticket_id: ticket_id(ticket),
+            node,
+            anchor: chain[0],
+            length: 8,
+            epoch: t.epoch,
+        };
+        let client = SigningKey::from_bytes(&[2; 32]);
+        let r =
+            Receipt { commitment: Signed::sign(&client, KIND_COMMITMENT, &c), index, preimage: chain[index as usize] };
+        serde_json::to_vec(&r).expect("json")
+    }
+
+    fn open(dir: &std::path::Path, me: NodeId) -> Credits {
+        let receipts = Arc::new(ReceiptDb::open(&dir.join("receipts"), &dir.join("store")).expect("receipts"));
+        Credits::new(receipts, me, Arc::new(Earnings::open(&dir.join("earnings")).expect("earnings")))
+    }
+
+    /// A node keeps the ticket its receipts name (once, and only the one their commitment names), across a
+    /// restart, sends it with them, and drops it with the last of them.
+    #[test]
+    fn tickets_are_kept_with_their_receipts_and_go_with_the_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me: NodeId = SigningKey::from_bytes(&[3; 32]).verifying_key().into();
+        let tracker = SigningKey::from_bytes(&[1; 32]);
+        let ticket = |session: u8| {
+            let t = Ticket {
+                session: SessionId([session; 16]),
+                client_key: SigningKey::from_bytes(&[2; 32]).verifying_key().into(),
+                content_id: fog_proto::ContentId([0; 32]),
+                nodes: vec![me],
+                assigned_chunks: vec![8],
+                unit: 1,
+                byte_budget: 8,
+                expiry_ms: 1 << 50,
+                epoch: 0,
+            };
+            Signed::sign(&tracker, KIND_TICKET, &t)
+        };
+        let (t1, t2) = (ticket(1), ticket(2));
+        let wire = |t: &Signed| serde_json::to_vec(t).expect("json");
+        let ids: Vec<ChainId>;
+        {
+            let credits = open(dir.path(), me);
+            // Two chains under t1 (the first brings the ticket), one under t2 brought with t1's ticket.
+            let (a, b, c) = (receipt(&t1, me, 5, 2), receipt(&t1, me, 6, 1), receipt(&t2, me, 7, 1));
+            credits.accept(&a, Some(&wire(&t1)), 64).expect("keep");
+            credits.accept(&b, None, 64).expect("keep");
+            credits.accept(&c, Some(&wire(&t1)), 64).expect("kept without the ticket it does not name");
+            assert_eq!(credits.receipts.ticket_ids(), [ticket_id(&t1)]);
+            ids = [&a, &b, &c].map(|r| serde_json::from_slice::<Receipt>(r).expect("receipt").chain_id()).to_vec();
+        }
+        let credits = open(dir.path(), me);
+        let (receipts, tickets) = credits.held_batch();
+        assert_eq!(receipts.len(), 3);
+        assert_eq!(tickets, std::slice::from_ref(&t1), "each held ticket once, after a restart");
+        fog_proto::credits::check_batch(&receipts, &tickets).expect("within the tracker's bounds");
+        // t2's chain hands over its ticket later, with an older receipt.
+        credits.accept(&receipt(&t2, me, 7, 1), Some(&wire(&t2)), 64).expect("keep");
+        assert_eq!(credits.held_batch().1.len(), 2);
+        let index = |id: &ChainId| receipts.iter().find(|r| r.chain_id() == *id).expect("held").index;
+        credits.settle(&[(ids[0], index(&ids[0])), (ids[2], index(&ids[2]))]);
+        assert_eq!(credits.receipts.ticket_ids(), [ticket_id(&t1)], "t1 still names a held receipt");
+        credits.settle(&[(ids[1], index(&ids[1]))]);
+        assert!(credits.receipts.ticket_ids().is_empty());
+        assert_eq!(credits.view().receipts_held, 0);
+    }
 }

@@ -3,10 +3,10 @@
 //! punching), measure RTTs to each other (ping), and fill cache misses from each other.
 //!
 //! A miss is asked of a peer over the peer's own QUIC endpoint (`fog_proto::wire::PEER_ALPN`), dialled from
-//! this node's, where the uploading peer's congestion controller is the node's own (LEDBAT++ at
-//! `--upload-priority low`); over a libp2p stream (`fog_proto::wire::PEER_PROTOCOL`) only when that endpoint
-//! is unknown (a peer behind NAT) or cannot be reached. libp2p's transports choose their congestion control
-//! themselves.
+//! this node's (for a peer behind NAT, on a path punched through its rendezvous, as clients reach it), where
+//! the uploading peer's congestion controller is the node's own (LEDBAT++ at `--upload-priority low`); over
+//! a libp2p stream (`fog_proto::wire::PEER_PROTOCOL`) only when that endpoint is unknown or cannot be
+//! reached. libp2p's transports choose their congestion control themselves.
 //!
 //! Clients never speak libp2p: they use the quinn chunk protocol. The overlay is node-to-node only.
 //!
@@ -22,8 +22,8 @@ use ed25519_dalek::SigningKey;
 use fog_net::frame_io::{read_frame_within, write_last_frame, ReadError};
 use fog_net::transport;
 use fog_proto::api::{
-    CellDelta, CellList, Families, OverlayReport, PeerContact, Reachability, RttSample, MAX_ADDR_LEN, MAX_PEERS_LISTED,
-    MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
+    CellDelta, CellList, Families, OverlayReport, PeerContact, Reachability, Rendezvous, RttSample, MAX_ADDR_LEN,
+    MAX_PEERS_LISTED, MAX_PEER_ADDRS, MAX_RTT_SAMPLES, NEIGHBOURHOOD,
 };
 use fog_proto::groups::GroupHashes;
 use fog_proto::placement::{peers_to_ask, PEERS_ASKED};
@@ -83,15 +83,16 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// A peer is dialled again at most this often.
 const REDIAL_AFTER: Duration = Duration::from_secs(30);
 const COMMANDS: usize = 64;
-/// How long dialling a peer's QUIC endpoint may take, the hello's welcome included, before libp2p is asked.
+/// How long the handshake with a peer's QUIC endpoint may take (for a peer behind NAT, the punch through
+/// its rendezvous included), and then the hello's welcome, before libp2p is asked.
 const QUIC_DIAL: Duration = PEER_FIRST_BYTE;
 /// Idle timeout of a connection to a peer's QUIC endpoint (keep-alives every third of it; the peer closes
 /// one that carries no fill for a minute).
 const QUIC_IDLE: Duration = Duration::from_secs(30);
 /// A peer whose QUIC endpoint did not answer or did not welcome this node is asked over libp2p for this long.
 const QUIC_RETRY_AFTER: Duration = REDIAL_AFTER;
-/// Public peers' QUIC endpoints remembered from the tracker's bootstrap lists (cell members' come with the
-/// cell list); past it, the memory starts over.
+/// Peers' QUIC routes remembered from the tracker's bootstrap lists (cell members' come with the cell
+/// list); past it, the memory starts over.
 const MAX_QUIC_ADDRS: usize = 16 * MAX_PEERS_LISTED;
 /// Connections to peers' QUIC endpoints kept open, as many as libp2p's outbound ones.
 const MAX_QUIC_CONNS: usize = MAX_ESTABLISHED_OUT as usize;
@@ -130,6 +131,10 @@ enum FetchError {
 enum QuicDialError {
     #[error("{0}")]
     Connect(#[from] transport::ConnectError),
+    #[error("{0}")]
+    Punch(#[source] Box<fog_net::rendezvous::PunchError>),
+    #[error("no punched handshake within {QUIC_DIAL:?}")]
+    PunchTimeout,
     #[error("cannot export keying material for the hello")]
     Exporter,
     #[error("cannot frame the hello: {0}")]
@@ -152,6 +157,30 @@ pub enum PeerPath {
     Libp2p,
 }
 
+/// How this node asked a peer: over libp2p, over the peer's QUIC endpoint, or over one punched through the
+/// peer's rendezvous (a peer behind NAT). Counted apart, so operators see how much went which way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Libp2p,
+    Quic,
+    Punched,
+}
+
+/// Where a peer's QUIC endpoint is, as the tracker lists it ([`PeerContact`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum QuicRoute {
+    /// A public peer's endpoint ([`PeerContact::rendezvous`]).
+    Direct(SocketAddr),
+    /// A peer behind NAT: punched through this rendezvous, as clients reach it ([`PeerContact::via`]).
+    Via(Rendezvous),
+}
+
+impl QuicRoute {
+    fn of(contact: &PeerContact) -> Option<Self> {
+        contact.rendezvous.map(Self::Direct).or_else(|| contact.via.clone().map(Self::Via))
+    }
+}
+
 /// What asking peers over this node's own QUIC endpoint needs.
 #[derive(Debug, Clone)]
 pub struct QuicLink {
@@ -168,8 +197,8 @@ pub struct QuicLink {
 #[derive(Debug)]
 struct QuicPeers {
     link: QuicLink,
-    /// Public peers' chunk endpoints from the tracker's bootstrap lists ([`PeerContact::rendezvous`]).
-    addrs: Mutex<HashMap<NodeId, SocketAddr>>,
+    /// Peers' QUIC routes from the tracker's bootstrap lists.
+    routes: Mutex<HashMap<NodeId, QuicRoute>>,
     /// One connection per peer, dialled once however many misses want it at the same time.
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::OnceCell<quinn::Connection>>>>,
     /// Peers whose endpoint did not answer or did not welcome this node, and when.
@@ -177,9 +206,9 @@ struct QuicPeers {
 }
 
 impl QuicPeers {
-    /// The open, welcomed connection to `node` at `addr`, dialled now if there is none; `None` when it
+    /// The open, welcomed connection to `node` by `route`, dialled now if there is none; `None` when it
     /// cannot be had (the reason is logged), so the peer is asked over libp2p.
-    async fn connection(&self, node: NodeId, addr: SocketAddr) -> Option<quinn::Connection> {
+    async fn connection(&self, node: NodeId, route: &QuicRoute) -> Option<quinn::Connection> {
         let failed_lately =
             || self.failed.lock().expect("quic lock").get(&node).is_some_and(|t| t.elapsed() < QUIC_RETRY_AFTER);
         if failed_lately() {
@@ -208,14 +237,14 @@ impl QuicPeers {
                 if failed_lately() {
                     return Err(None);
                 }
-                self.dial(node, addr, &membership).await.map_err(Some)
+                self.dial(node, route, &membership).await.map_err(Some)
             })
             .await;
         match dialled {
             Ok(conn) => Some(conn.clone()),
             Err(None) => None,
             Err(Some(e)) => {
-                tracing::debug!(%node, %addr, error = %e, "peer's QUIC endpoint not usable; asking over libp2p");
+                tracing::debug!(%node, ?route, error = %e, "peer's QUIC endpoint not usable; asking over libp2p");
                 let mut failed = self.failed.lock().expect("quic lock");
                 if failed.len() >= MAX_QUIC_ADDRS {
                     failed.retain(|_, t| t.elapsed() < QUIC_RETRY_AFTER);
@@ -229,15 +258,29 @@ impl QuicPeers {
     }
 
     /// Dials `node` (its key pinned) and shows it this node's hello, bound to the connection by a TLS
-    /// exporter; the peer welcomes it by finishing the hello's stream.
+    /// exporter; the peer welcomes it by finishing the hello's stream. A peer behind NAT is punched first,
+    /// through the client path's code: its rendezvous has it send packets towards this node's endpoint (as
+    /// its rendezvous sees it: this node's NAT mapping, if any), which opens its NAT to this node's
+    /// handshake.
     async fn dial(
         &self,
         node: NodeId,
-        addr: SocketAddr,
+        route: &QuicRoute,
         membership: &fog_proto::api::Signed,
     ) -> Result<quinn::Connection, QuicDialError> {
         let cfg = transport::client_config_for(node, QUIC_IDLE, PEER_ALPN);
-        let conn = transport::connect_with(&self.link.endpoint, cfg, addr, QUIC_DIAL).await?;
+        let endpoint = &self.link.endpoint;
+        let conn = match route {
+            QuicRoute::Direct(addr) => transport::connect_with(endpoint, cfg, *addr, QUIC_DIAL).await?,
+            QuicRoute::Via(via) => tokio::time::timeout(QUIC_DIAL, async {
+                let addr = fog_net::rendezvous::punch(endpoint, via, node, QUIC_DIAL)
+                    .await
+                    .map_err(|e| QuicDialError::Punch(Box::new(e)))?;
+                Ok::<_, QuicDialError>(transport::connect_with(endpoint, cfg, addr, QUIC_DIAL).await?)
+            })
+            .await
+            .map_err(|_| QuicDialError::PunchTimeout)??,
+        };
         let mut exporter = [0u8; PEER_EXPORTER_LEN];
         conn.export_keying_material(&mut exporter, PEER_EXPORTER_LABEL, b"").map_err(|_| QuicDialError::Exporter)?;
         let hello =
@@ -527,7 +570,7 @@ impl Overlay {
             quic: quic.map(|link| {
                 Arc::new(QuicPeers {
                     link,
-                    addrs: Default::default(),
+                    routes: Default::default(),
                     conns: Default::default(),
                     failed: Default::default(),
                 })
@@ -546,12 +589,12 @@ impl Overlay {
         };
         let mut relay_asked = relaying || !behind_nat;
         if let Some(quic) = &self.quic {
-            let mut addrs = quic.addrs.lock().expect("quic lock");
-            for (id, addr) in peers.iter().filter_map(|p| Some((p.id, p.rendezvous?))) {
-                if addrs.len() >= MAX_QUIC_ADDRS && !addrs.contains_key(&id) {
-                    addrs.clear();
+            let mut routes = quic.routes.lock().expect("quic lock");
+            for (id, route) in peers.iter().filter_map(|p| Some((p.id, QuicRoute::of(p)?))) {
+                if routes.len() >= MAX_QUIC_ADDRS && !routes.contains_key(&id) {
+                    routes.clear();
                 }
-                addrs.insert(id, addr);
+                routes.insert(id, route);
             }
         }
         for p in peers {
@@ -665,8 +708,8 @@ impl Overlay {
         let chosen = loop {
             let Some((peer, node, answer)) = asks.next().await else { return false };
             match answer {
-                Ok(Ok((path, PeerAnswer::Chunk(body)))) if body.len == feed.chunk_len() => {
-                    break (peer, node, path, body)
+                Ok(Ok((asked, PeerAnswer::Chunk(body)))) if body.len == feed.chunk_len() => {
+                    break (peer, node, asked, body)
                 }
                 Ok(Ok((_, PeerAnswer::Chunk(_)))) => self.punish(peer, node),
                 Ok(Ok((_, PeerAnswer::NotFound))) => {}
@@ -684,13 +727,16 @@ impl Overlay {
         };
         // The others are not needed any more (dropping their streams tells them).
         drop(asks);
-        let (peer, node, path, mut body) = chosen;
+        let (peer, node, asked, mut body) = chosen;
         let from = feed.verified();
         match body.stream_into(feed).await {
             Ok(()) => {
                 Counters::add(&self.counters.peer_fills, 1);
-                if path == PeerPath::Quic {
+                if asked != Asked::Libp2p {
                     Counters::add(&self.counters.peer_fills_quic, 1);
+                }
+                if asked == Asked::Punched {
+                    Counters::add(&self.counters.peer_fills_punched, 1);
                 }
                 Counters::add(&self.counters.peer_fill_bytes, u64::from(feed.verified() - from));
                 return true;
@@ -780,17 +826,19 @@ impl Overlay {
     }
 
     /// Sends `req` to `peer` (`node`) and reads its answer's head; a chunk's bytes follow on the stream.
-    /// Over the peer's QUIC endpoint when this node knows it and it welcomes this node, else over libp2p.
-    async fn ask(&self, peer: PeerId, node: NodeId, req: ChunkRequest) -> Result<(PeerPath, PeerAnswer), FetchError> {
+    /// Over the peer's QUIC endpoint when this node knows it (or its rendezvous) and it welcomes this node,
+    /// else over libp2p.
+    async fn ask(&self, peer: PeerId, node: NodeId, req: ChunkRequest) -> Result<(Asked, PeerAnswer), FetchError> {
         let frame = req.encode_framed().map_err(FetchError::Frame)?;
         let first_byte = if req.origin.is_some() { PEER_WHOLE_CHUNK } else { PEER_FIRST_BYTE };
-        if let Some((quic, addr)) = self.quic.as_ref().zip(self.quic_addr(&node)) {
-            if let Some(conn) = quic.connection(node, addr).await {
+        if let Some((quic, route)) = self.quic.as_ref().zip(self.quic_route(&node)) {
+            if let Some(conn) = quic.connection(node, &route).await {
+                let asked = if matches!(route, QuicRoute::Via(_)) { Asked::Punched } else { Asked::Quic };
                 // A connection that closed since (the peer restarted, say) is dialled again next time.
                 match conn.open_bi().await {
                     Ok((mut send, recv)) => {
                         write_last_frame(&mut send, &frame).await.map_err(FetchError::Send)?;
-                        return Ok((PeerPath::Quic, read_answer(Box::new(recv), first_byte).await?));
+                        return Ok((asked, read_answer(Box::new(recv), first_byte).await?));
                     }
                     Err(e) => tracing::debug!(%node, error = %e, "peer's QUIC connection closed; asking over libp2p"),
                 }
@@ -798,18 +846,18 @@ impl Overlay {
         }
         let mut stream = self.control.clone().open_stream(peer, CHUNK_PROTOCOL).await?.compat();
         write_last_frame(&mut stream, &frame).await.map_err(FetchError::Send)?;
-        Ok((PeerPath::Libp2p, read_answer(Box::new(stream), first_byte).await?))
+        Ok((Asked::Libp2p, read_answer(Box::new(stream), first_byte).await?))
     }
 
-    /// `node`'s QUIC chunk endpoint, if the tracker listed it as public: in this node's cell list, or among
-    /// its bootstrap peers.
-    fn quic_addr(&self, node: &NodeId) -> Option<SocketAddr> {
+    /// How to reach `node`'s QUIC chunk endpoint, as the tracker listed it (public, or behind NAT with a
+    /// rendezvous): in this node's cell list, or among its bootstrap peers.
+    fn quic_route(&self, node: &NodeId) -> Option<QuicRoute> {
         let listed = {
             let s = self.state.lock().expect("overlay lock");
             let members = s.cell.as_ref().map(|c| &c.listed.members);
-            members.and_then(|m| m.binary_search_by_key(node, |m| m.id).ok().and_then(|i| m[i].rendezvous))
+            members.and_then(|m| m.binary_search_by_key(node, |m| m.id).ok().and_then(|i| QuicRoute::of(&m[i])))
         };
-        listed.or_else(|| self.quic.as_ref()?.addrs.lock().expect("quic lock").get(node).copied())
+        listed.or_else(|| self.quic.as_ref()?.routes.lock().expect("quic lock").get(node).cloned())
     }
 
     /// A peer sent bytes that do not match the hash: disconnect, ban, and tell the tracker.
@@ -1203,7 +1251,12 @@ mod tests {
 
     /// [`connect`], the tracker having listed `peer`'s QUIC endpoint as `quic`.
     async fn connect_listing(asker: &Overlay, peer: &Overlay, id: NodeId, quic: Option<SocketAddr>) {
-        asker.bootstrap(&[PeerContact { id, addrs: listen_addrs(peer).await, rendezvous: quic }], false);
+        connect_contact(asker, peer, PeerContact { id, addrs: Vec::new(), rendezvous: quic, via: None }).await;
+    }
+
+    /// [`connect`], the tracker having listed `peer` as `contact` (its libp2p addresses added).
+    async fn connect_contact(asker: &Overlay, peer: &Overlay, contact: PeerContact) {
+        asker.bootstrap(&[PeerContact { addrs: listen_addrs(peer).await, ..contact }], false);
         for _ in 0..100 {
             if !asker.neighbourhood().is_empty() {
                 break;
@@ -1250,14 +1303,23 @@ mod tests {
         assert_eq!(asker.counters.peer_bad_chunks.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
+    /// The test's tracker, which signs memberships.
+    fn tracker_key() -> SigningKey {
+        SigningKey::from_bytes(&[99; 32])
+    }
+
+    /// The membership the test's tracker signed for `key`'s node.
+    fn membership_of(key: &SigningKey) -> SharedMembership {
+        let m = fog_proto::api::Membership { node_id: key.verifying_key().into(), issued_ms: 0, expiry_ms: u64::MAX };
+        let signed = fog_proto::api::Signed::sign(&tracker_key(), fog_proto::api::KIND_MEMBERSHIP, &m);
+        Arc::new(Mutex::new(Some(signed)))
+    }
+
     /// An asker whose overlay asks over its own QUIC endpoint, showing a membership the test's tracker signed.
     fn start_with_quic(seed: u8) -> (Overlay, IncomingChunkStreams) {
         let key = SigningKey::from_bytes(&[seed; 32]);
-        let tracker = SigningKey::from_bytes(&[99; 32]);
-        let m = fog_proto::api::Membership { node_id: key.verifying_key().into(), issued_ms: 0, expiry_ms: u64::MAX };
-        let membership = fog_proto::api::Signed::sign(&tracker, fog_proto::api::KIND_MEMBERSHIP, &m);
         let endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), None).expect("endpoint");
-        let link = QuicLink { endpoint, key: key.clone(), membership: Arc::new(Mutex::new(Some(membership))) };
+        let link = QuicLink { endpoint, key: key.clone(), membership: membership_of(&key) };
         let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr");
         Overlay::start(&key, &[listen], Arc::new(Counters::default()), Some(link)).expect("overlay")
     }
@@ -1265,11 +1327,18 @@ mod tests {
     /// A scripted peer's QUIC endpoint (`fog-peer/1`, holding `key`): welcomes every hello unchecked, then
     /// answers each fill request with `answer`, whatever was asked. Counts the requests.
     fn answer_every_request_over_quic(key: &SigningKey, answer: Vec<u8>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (endpoint, asked) = answer_every_request_on_endpoint(key, answer);
+        (endpoint.local_addr().expect("addr"), asked)
+    }
+
+    /// [`answer_every_request_over_quic`], giving the endpoint.
+    fn answer_every_request_on_endpoint(key: &SigningKey, answer: Vec<u8>) -> (quinn::Endpoint, Arc<AtomicUsize>) {
         let config = transport::server_config(key, 8).expect("server config");
         let endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), Some(config)).expect("endpoint");
-        let (addr, asked) = (endpoint.local_addr().expect("addr"), Arc::new(AtomicUsize::new(0)));
-        let counted = asked.clone();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (counted, accepting) = (asked.clone(), endpoint.clone());
         tokio::spawn(async move {
+            let endpoint = accepting;
             while let Some(incoming) = endpoint.accept().await {
                 let (answer, asked) = (answer.clone(), counted.clone());
                 tokio::spawn(async move {
@@ -1288,7 +1357,7 @@ mod tests {
                 });
             }
         });
-        (addr, asked)
+        (endpoint, asked)
     }
 
     /// Over a peer's QUIC endpoint: an honest peer's chunk arrives (counted as a QUIC fill) and never
@@ -1350,5 +1419,65 @@ mod tests {
         assert_eq!(fetch(&asker, hash, 50_000).await, Some(chunk));
         assert_eq!(asker.counters.peer_fills.load(Ordering::Relaxed), 1);
         assert_eq!(asker.counters.peer_fills_quic.load(Ordering::Relaxed), 0);
+    }
+
+    /// A peer behind NAT, listed with no endpoint but the rendezvous it is attached to, is punched through
+    /// that rendezvous (the clients' code) and asked over its QUIC endpoint; the fill counts as QUIC and as
+    /// punched, and never touches libp2p. Loopback has no NAT, so this checks the path, not the hole:
+    /// `testkit/tests/it/netns.rs` checks that through masquerading routers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_behind_nat_is_asked_over_a_path_punched_through_its_rendezvous() {
+        use crate::rendezvous::{attach_forever, RendezvousServer, SharedAttachment};
+        let chunk = Bytes::from(vec![6u8; 60_000]);
+        let hash = ChunkHash::of(&chunk);
+        let mut answer = PeerResponseHead::Ok { len: 60_000 }.encode();
+        answer.extend_from_slice(&chunk);
+
+        // A public node running the rendezvous on its endpoint.
+        let r_key = SigningKey::from_bytes(&[21; 32]);
+        let r_id = NodeId::from(r_key.verifying_key());
+        let rendezvous = Arc::new(RendezvousServer::new(r_id));
+        rendezvous.set_tracker_key(Some(NodeId::from(tracker_key().verifying_key())));
+        let config = transport::server_config(&r_key, 8).expect("server config");
+        let r_endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), Some(config)).expect("endpoint");
+        let via = Rendezvous { id: r_id, addr: r_endpoint.local_addr().expect("addr") };
+        let server = rendezvous.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = r_endpoint.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        server.serve_connection(conn).await;
+                    }
+                });
+            }
+        });
+
+        // The peer: its endpoint answers fill requests and is attached to the rendezvous from it; over libp2p
+        // it has nothing.
+        let p_key = SigningKey::from_bytes(&[22; 32]);
+        let (p_endpoint, asked) = answer_every_request_on_endpoint(&p_key, answer);
+        let (_plan, plan) = tokio::sync::watch::channel(Some(vec![via.clone()]));
+        let attachment = SharedAttachment::default();
+        tokio::spawn(attach_forever(p_endpoint, p_key.clone(), plan, attachment.clone(), membership_of(&p_key)));
+        for _ in 0..200 {
+            if attachment.lock().expect("attachment lock").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(rendezvous.attached(), 1, "the peer did not attach");
+        let (peer, peer_incoming, peer_id) = start(22);
+        answer_every_request(peer_incoming, PeerResponseHead::NotFound.encode());
+
+        let (asker, _asker_incoming) = start_with_quic(23);
+        let contact = PeerContact { id: peer_id, addrs: Vec::new(), rendezvous: None, via: Some(via) };
+        connect_contact(&asker, &peer, contact).await;
+        assert_eq!(fetch(&asker, hash, 60_000).await, Some(chunk.clone()), "the chunk over the punched path");
+        assert_eq!(fetch(&asker, hash, 60_000).await, Some(chunk), "again, on the same connection");
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let c = &asker.counters;
+        assert_eq!((count(&c.peer_fills), count(&c.peer_fills_quic), count(&c.peer_fills_punched)), (2, 2, 2));
     }
 }

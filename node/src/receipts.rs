@@ -5,11 +5,16 @@
 //! receipts database that does not open is repaired (RocksDB's repairer salvages what its files still
 //! hold); if even that fails it is moved aside, not deleted, and the node starts with none.
 //! Write buffers are small so the WAL, which holds only receipts, stays around 1 MiB.
+//!
+//! Beside the receipts (the default column family, keyed by chain id) are the tracker-signed tickets they
+//! were made under (`tickets`, keyed by ticket id): the tracker keeps no tickets, so a receipt is redeemed
+//! with its ticket. A ticket is written with the first receipt that brings it and deleted with the last
+//! receipt naming it, in the same synced writes.
 
 use std::path::{Path, PathBuf};
 
-use fog_proto::credits::ChainId;
-use rocksdb::{DBRecoveryMode, IteratorMode, Options, WriteOptions, DB};
+use fog_proto::credits::{ChainId, TicketId};
+use rocksdb::{DBRecoveryMode, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::store::{is_damage_error, is_lock_error};
 
@@ -19,6 +24,8 @@ pub const MAX_HELD: u64 = 16_384;
 
 /// The column family receipts lived in inside the chunk store before they moved here.
 pub(crate) const LEGACY_CF: &str = "receipts";
+/// The tickets held receipts name, by ticket id.
+const TICKETS_CF: &str = "tickets";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptsError {
@@ -49,6 +56,8 @@ pub struct ReceiptDb {
 fn options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
+    // Databases from before tickets were kept here gain the column family.
+    o.create_missing_column_families(true);
     // A torn last write (power cut mid-append) is dropped. Damage before the tail fails the open instead
     // of silently dropping every later receipt, and the repairer then salvages each intact record.
     o.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
@@ -91,8 +100,7 @@ impl ReceiptDb {
                             aside.display()
                         );
                         tracing::error!("{why}");
-                        let db = DB::open(&options(), path)
-                            .map_err(|source| ReceiptsError::Open { path: display, source })?;
+                        let db = open_db(path).map_err(|source| ReceiptsError::Open { path: display, source })?;
                         (db, Some(why))
                     }
                 }
@@ -112,18 +120,48 @@ impl ReceiptDb {
         Ok(self.db.get(key(chain_id))?)
     }
 
-    /// Stores a receipt, synced to disk before it returns. Blocking.
-    pub fn put(&self, chain_id: &ChainId, json: &[u8]) -> Result<(), ReceiptsError> {
-        Ok(self.db.put_opt(key(chain_id), json, &synced())?)
+    fn tickets(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(TICKETS_CF).expect("opened with the tickets column family")
     }
 
-    /// Deletes settled receipts in one synced write. Blocking.
-    pub fn delete_all(&self, chain_ids: &[ChainId]) -> Result<(), ReceiptsError> {
-        let mut batch = rocksdb::WriteBatch::default();
+    /// The ticket (JSON of the tracker-signed ticket) held under `id`.
+    pub fn ticket(&self, id: &TicketId) -> Result<Option<Vec<u8>>, ReceiptsError> {
+        Ok(self.db.get_cf(self.tickets(), id.as_bytes())?)
+    }
+
+    /// Stores a receipt (its chain id and JSON) and a ticket to keep with it (its id and JSON), either or
+    /// both, in one write synced to disk before it returns. Blocking.
+    pub fn put(
+        &self,
+        receipt: Option<(&ChainId, &[u8])>,
+        ticket: Option<(&TicketId, &[u8])>,
+    ) -> Result<(), ReceiptsError> {
+        let mut batch = WriteBatch::default();
+        if let Some((id, json)) = receipt {
+            batch.put(key(id), json);
+        }
+        if let Some((id, json)) = ticket {
+            batch.put_cf(self.tickets(), id.as_bytes(), json);
+        }
+        Ok(self.db.write_opt(batch, &synced())?)
+    }
+
+    /// Deletes settled receipts, and the tickets no receipt names any more, in one synced write. Blocking.
+    pub fn delete_all(&self, chain_ids: &[ChainId], tickets: &[TicketId]) -> Result<(), ReceiptsError> {
+        let mut batch = WriteBatch::default();
         for id in chain_ids {
             batch.delete(key(id));
         }
+        for id in tickets {
+            batch.delete_cf(self.tickets(), id.as_bytes());
+        }
         Ok(self.db.write_opt(batch, &synced())?)
+    }
+
+    /// The ids of the tickets held.
+    pub fn ticket_ids(&self) -> Vec<TicketId> {
+        let ids = self.db.iterator_cf(self.tickets(), IteratorMode::Start).filter_map(Result::ok);
+        ids.filter_map(|(k, _)| <[u8; 32]>::try_from(&*k).ok().map(TicketId)).collect()
     }
 
     /// Up to `n` held receipts' JSON, in key order; unreadable entries are skipped.
@@ -171,10 +209,18 @@ fn key(chain_id: &ChainId) -> String {
     chain_id.to_hex()
 }
 
+fn open_db(path: &Path) -> Result<DB, rocksdb::Error> {
+    DB::open_cf(&options(), path, [TICKETS_CF])
+}
+
 /// Opens the database and reads every record once, so damage shows now rather than at redemption.
 fn open_checked(path: &Path) -> Result<DB, rocksdb::Error> {
-    let db = DB::open(&options(), path)?;
+    let db = open_db(path)?;
     for item in db.iterator(IteratorMode::Start) {
+        item?;
+    }
+    let tickets = db.cf_handle(TICKETS_CF).expect("opened with the tickets column family");
+    for item in db.iterator_cf(tickets, IteratorMode::Start) {
         item?;
     }
     Ok(db)
@@ -199,10 +245,10 @@ mod tests {
         {
             let r = ReceiptDb::open(&path, &legacy).expect("open");
             for i in 0..200 {
-                r.put(&ChainId([i; 16]), format!("{{\"n\":{i}}}").as_bytes()).expect("put");
+                r.put(Some((&ChainId([i; 16]), format!("{{\"n\":{i}}}").as_bytes())), None).expect("put");
             }
             r.db.flush().expect("flush");
-            r.put(&ChainId([255; 16]), b"{}").expect("put after flush");
+            r.put(Some((&ChainId([255; 16]), b"{}")), Some((&TicketId([1; 32]), b"{}"))).expect("put after flush");
         }
         // Damage the middle of every table file (as a dying SD card would).
         for e in std::fs::read_dir(&path).expect("dir").filter_map(Result::ok) {
@@ -217,6 +263,7 @@ mod tests {
         assert!(r.recovered().is_some(), "damage went unnoticed");
         // The write that only reached the WAL is always kept; what the repairer salvages of the table varies.
         assert!(r.get(&ChainId([255; 16])).expect("get").is_some());
+        assert!(r.ticket(&TicketId([1; 32])).expect("get").is_some());
     }
 
     #[test]

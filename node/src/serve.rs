@@ -359,10 +359,12 @@ impl Server {
     /// long hash chain for free.
     async fn check_receipt(&self, req: &ChunkRequest, served: &AtomicU32) {
         let Some(receipt) = req.receipt.clone() else { return };
+        // The ticket the receipt was made under goes with it to the tracker.
+        let ticket = req.ticket.clone();
         let max_advance = served.load(Ordering::Relaxed).saturating_add(RECEIPT_SLACK);
         // Checking walks hash-chain links and the write is synced: off the async workers.
         let credits = self.credits.clone();
-        match tokio::task::spawn_blocking(move || credits.accept(&receipt, max_advance)).await {
+        match tokio::task::spawn_blocking(move || credits.accept(&receipt, ticket.as_deref(), max_advance)).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "refused a client's receipt"),
             Err(e) => tracing::error!(error = %e, "receipt check failed"),
             Ok(Ok(())) => {}

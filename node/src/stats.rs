@@ -28,6 +28,8 @@ pub struct Counters {
     /// Of `peer_fills` and `peer_served_bytes`, those over the nodes' own QUIC endpoints (`fog-peer/1`).
     pub peer_fills_quic: AtomicU64,
     pub peer_served_quic_bytes: AtomicU64,
+    /// Of `peer_fills_quic`, those from peers behind NAT, over a path punched through their rendezvous.
+    pub peer_fills_punched: AtomicU64,
 }
 
 impl Counters {
@@ -59,6 +61,7 @@ impl Counters {
             unlicensed_hints: get(&self.unlicensed_hints),
             peer_fills_quic: get(&self.peer_fills_quic),
             peer_served_quic_bytes: get(&self.peer_served_quic_bytes),
+            peer_fills_punched: get(&self.peer_fills_punched),
         }
     }
 }

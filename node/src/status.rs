@@ -537,6 +537,23 @@ impl Status {
 type ReadCounter = fn(&NodeStats) -> u64;
 type ReadGauge = fn(&NodeStatus) -> u64;
 
+/// Registers one metric per `(name, help, read)` and pairs it with the function that reads its value.
+fn register_each<M, R>(
+    registry: &mut prometheus_client::registry::Registry,
+    defs: impl IntoIterator<Item = (&'static str, &'static str, R)>,
+) -> Vec<(M, R)>
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    defs.into_iter()
+        .map(|(name, help, read)| {
+            let metric = M::default();
+            registry.register(name, help, metric.clone());
+            (metric, read)
+        })
+        .collect()
+}
+
 /// Prometheus metrics of a node (`fog_node_*`).
 #[derive(Debug)]
 struct NodeMetrics {
@@ -559,7 +576,7 @@ struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
-        let counter_defs: [(&str, &str, ReadCounter); 17] = [
+        let counter_defs: [(&str, &str, ReadCounter); 18] = [
             ("fog_node_requests", "Chunk requests received", |s| s.requests),
             ("fog_node_hits", "Requests served from the cache", |s| s.hits),
             ("fog_node_misses", "Requests not in the cache", |s| s.misses),
@@ -581,6 +598,11 @@ impl Default for NodeMetrics {
                 "fog_node_peer_served_quic_bytes",
                 "Of fog_node_peer_served_bytes, those sent over this node's QUIC endpoint (under --upload-priority)",
                 |s| s.peer_served_quic_bytes,
+            ),
+            (
+                "fog_node_peer_fills_punched",
+                "Of fog_node_peer_fills_quic, those from peers behind NAT, over a path punched through their rendezvous",
+                |s| s.peer_fills_punched,
             ),
             ("fog_node_unlicensed_hints", "Origin hints ignored for want of a valid ticket with fills left", |s| {
                 s.unlicensed_hints
@@ -692,32 +714,9 @@ impl Default for NodeMetrics {
                 |s| s.ledbat.as_ref().and_then(|l| l.queueing_delay_ms).map_or(0, |d| d.round() as u64),
             ),
         ];
-        let status_counters = ledbat_counter_defs
-            .into_iter()
-            .map(|(name, help, read)| {
-                let c = Counter::default();
-                registry.register(name, help, c.clone());
-                (c, read)
-            })
-            .collect();
-        let counters = counter_defs
-            .into_iter()
-            .map(|(name, help, read)| {
-                let c = Counter::default();
-                registry.register(name, help, c.clone());
-                (c, read)
-            })
-            .collect();
-        let gauges = gauge_defs
-            .into_iter()
-            .chain(upload_defs)
-            .chain(ledbat_gauge_defs)
-            .map(|(name, help, read)| {
-                let g = Gauge::default();
-                registry.register(name, help, g.clone());
-                (g, read)
-            })
-            .collect();
+        let status_counters = register_each(&mut registry, ledbat_counter_defs);
+        let counters = register_each(&mut registry, counter_defs);
+        let gauges = register_each(&mut registry, gauge_defs.into_iter().chain(upload_defs).chain(ledbat_gauge_defs));
         let web_sessions = Family::default();
         registry.register("fog_node_web_sessions", "Browsers' WebTransport sessions by outcome", web_sessions.clone());
         let web_cert_rotations = Family::default();

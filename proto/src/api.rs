@@ -220,6 +220,11 @@ pub struct PeerContact {
     /// The peer's QUIC chunk endpoint, when it is publicly reachable (a possible rendezvous).
     #[serde(default)]
     pub rendezvous: Option<SocketAddr>,
+    /// For a peer behind NAT (no `rendezvous`): the rendezvous it is attached to, which punches a path to
+    /// its QUIC endpoint as for clients ([`NodeContact::via`]), so fills from it go under its congestion
+    /// controller too. Nodes that predate it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Rendezvous>,
 }
 
 /// Most members a cell lists to its nodes (`fog_sched::cells` splits bigger cells into parts).
@@ -291,9 +296,13 @@ impl CellList {
             for a in &m.addrs {
                 text(&mut h, a);
             }
-            match m.rendezvous {
-                Some(r) => text(&mut h, &r.to_string()),
-                None => text(&mut h, ""),
+            let rendezvous = m.rendezvous.map(|r| r.to_string()).unwrap_or_default();
+            match &m.via {
+                // In the rendezvous's text (no address contains " via "), so lists without peers behind NAT
+                // keep the versions nodes that predate `via` compute; those nodes get whole lists when a
+                // list with one changes.
+                Some(via) => text(&mut h, &format!("{rendezvous} via {}@{}", via.id, via.addr)),
+                None => text(&mut h, &rendezvous),
             }
         }
         let mut first = [0u8; 8];
@@ -729,6 +738,9 @@ pub struct NodeStats {
     /// the rest went over libp2p, under libp2p's or the kernel's congestion control.
     #[serde(default)]
     pub peer_served_quic_bytes: u64,
+    /// Of `peer_fills_quic`, those from peers behind NAT, over a path punched through their rendezvous.
+    #[serde(default)]
+    pub peer_fills_punched: u64,
 }
 
 impl NodeStats {
@@ -756,6 +768,7 @@ impl NodeStats {
             ("unlicensed_hints", self.unlicensed_hints),
             ("peer_fills_quic", self.peer_fills_quic),
             ("peer_served_quic_bytes", self.peer_served_quic_bytes),
+            ("peer_fills_punched", self.peer_fills_punched),
         ];
         check_counts("node stats", &counts, MAX_REPORTED)
     }
@@ -1102,6 +1115,7 @@ mod tests {
             id: NodeId([i; 32]),
             addrs: vec![format!("/ip4/10.0.0.{i}/udp/{port}/quic-v1")],
             rendezvous: None,
+            via: None,
         }
     }
 
@@ -1146,11 +1160,35 @@ mod tests {
         let with_rendezvous = PeerContact { rendezvous: Some("10.0.0.1:7700".parse().expect("addr")), ..contact(1, 1) };
         let split = PeerContact { addrs: vec!["/a".into(), "/b".into()], ..contact(1, 1) };
         let joined = PeerContact { addrs: vec!["/a\0/b".into()], ..contact(1, 1) };
-        let versions = [vec![contact(1, 1)], vec![contact(1, 2)], vec![with_rendezvous], vec![split], vec![joined]]
-            .map(|m| CellList::version_of(&m));
+        let via = |port| Some(Rendezvous { id: NodeId([2; 32]), addr: SocketAddr::from(([10, 0, 0, 2], port)) });
+        let (with_via, other_via) =
+            (PeerContact { via: via(7700), ..contact(1, 1) }, PeerContact { via: via(7701), ..contact(1, 1) });
+        let versions = [
+            vec![contact(1, 1)],
+            vec![contact(1, 2)],
+            vec![with_rendezvous],
+            vec![split],
+            vec![joined],
+            vec![with_via.clone()],
+            vec![other_via],
+        ]
+        .map(|m| CellList::version_of(&m));
         for (i, v) in versions.iter().enumerate() {
             assert!(!versions[..i].contains(v), "version {i} repeats");
         }
+        // A rendezvous to punch through travels in lists and changes; nodes that predate it read them.
+        let list = CellList::new(vec![with_via, contact(3, 1)]);
+        let wire: CellList = serde_json::from_slice(&serde_json::to_vec(&list).expect("json")).expect("parse");
+        assert_eq!(wire, list);
+        #[derive(Deserialize)]
+        struct OldContact {
+            id: NodeId,
+            addrs: Vec<String>,
+            rendezvous: Option<SocketAddr>,
+        }
+        let old: Vec<OldContact> =
+            serde_json::from_value(serde_json::to_value(&list.members).expect("json")).expect("old");
+        assert_eq!((old[0].id, old[0].addrs.len(), old[0].rendezvous), (list.members[0].id, 1, None));
     }
 
     #[test]

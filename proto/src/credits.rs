@@ -140,11 +140,74 @@ impl Receipt {
     }
 }
 
+/// Largest body of `POST /v1/credits/redeem` a tracker reads: a node keeps its signed batches below it
+/// ([`redeem_body_bound`]), taking fewer receipts per batch when their tickets are long.
+pub const MAX_REDEEM_BODY: usize = 2 << 20;
+
 /// `POST /v1/credits/redeem`, signed by the node (`KIND_REDEEM`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RedeemBatch {
     pub timestamp_ms: u64,
     pub receipts: Vec<Receipt>,
+    /// The tracker-signed tickets the receipts' commitments name ([`ticket_id`]): the tracker keeps none
+    /// at issue, so a receipt is redeemed with its ticket. At most one per ticket, each named by a receipt
+    /// of the batch and at most [`MAX_TICKET_LEN`] long ([`check_batch`]). Older nodes send none: their
+    /// receipts redeem only where the tracker stored the ticket.
+    #[serde(default)]
+    pub tickets: Vec<Signed>,
+}
+
+/// Why a redemption batch was refused as a whole (the node's fault, not the receipts').
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("at most {MAX_BATCH} receipts per batch, got {0}")]
+    TooManyReceipts(usize),
+    #[error("at most one ticket per receipt and {MAX_BATCH} per batch, got {tickets} for {receipts} receipts")]
+    TooManyTickets { tickets: usize, receipts: usize },
+    #[error("ticket {index} is {len} bytes long; at most {MAX_TICKET_LEN}")]
+    TicketTooLong { index: usize, len: usize },
+    #[error("ticket {index} is in the batch twice")]
+    DuplicateTicket { index: usize },
+    #[error("ticket {index} is named by no receipt of the batch")]
+    UnnamedTicket { index: usize },
+}
+
+/// Checks a redemption batch's bounds before anything in it is verified: at most [`MAX_BATCH`] receipts,
+/// and at most one ticket per ticket its receipts' commitments name (read unverified: the names only
+/// bound the batch), each at most [`MAX_TICKET_LEN`] bytes of JSON.
+pub fn check_batch(receipts: &[Receipt], tickets: &[Signed]) -> Result<(), BatchError> {
+    if receipts.len() > MAX_BATCH {
+        return Err(BatchError::TooManyReceipts(receipts.len()));
+    }
+    if tickets.len() > receipts.len() {
+        return Err(BatchError::TooManyTickets { tickets: tickets.len(), receipts: receipts.len() });
+    }
+    let named: std::collections::HashSet<TicketId> = receipts
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Commitment>(&r.commitment.payload).ok())
+        .map(|c| c.ticket_id)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (index, t) in tickets.iter().enumerate() {
+        let len = serde_json::to_vec(t).map_or(usize::MAX, |v| v.len());
+        if len > MAX_TICKET_LEN {
+            return Err(BatchError::TicketTooLong { index, len });
+        }
+        let id = ticket_id(t);
+        if !seen.insert(id) {
+            return Err(BatchError::DuplicateTicket { index });
+        }
+        if !named.contains(&id) {
+            return Err(BatchError::UnnamedTicket { index });
+        }
+    }
+    Ok(())
+}
+
+/// At most how many bytes `json` (a receipt's or a ticket's JSON) adds to a signed redemption body: the
+/// batch is a JSON string in the signed message, where escaping at most doubles it.
+pub fn redeem_body_bound(json_len: usize) -> usize {
+    2 * json_len + 2
 }
 
 /// What the tracker did with one receipt. Every outcome is final: the node drops the receipt either way.
@@ -251,5 +314,8 @@ mod tests {
             )
         );
         assert!(serde_json::from_str::<SessionId>(&format!("\"{}\"", "00".repeat(32))).is_err(), "wrong length");
+        // Older nodes' batches carry no tickets.
+        let batch: RedeemBatch = serde_json::from_str(r#"{"timestamp_ms":1,"receipts":[]}"#).expect("parse");
+        assert!(batch.tickets.is_empty());
     }
 }

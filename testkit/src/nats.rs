@@ -2,7 +2,6 @@
 //! routed to each other, each in its own process group that is killed on drop (or by [`NatsCluster::kill`]).
 //! Without `nats-server` installed, [`NatsCluster::start`] says why and the test skips.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,16 +67,13 @@ pub struct NatsCluster {
 }
 
 /// A port free on 127.0.0.1 now (the OS does not hand it out again at once).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
 impl NatsCluster {
     /// Starts `n` routed servers logging into `dir`, and waits (up to 30 s) until each has a route to every
     /// other. `Err`: why they cannot run here (the caller skips).
     pub async fn start(n: usize, dir: &Path) -> Result<NatsCluster, String> {
         let bin = nats_server()?;
-        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> =
+            (0..n).map(|_| (crate::free_port(), crate::free_port(), crate::free_port())).collect();
         let routes = ports.iter().map(|(_, cluster, _)| format!("nats://127.0.0.1:{cluster}")).collect::<Vec<_>>();
         let mut servers = Vec::new();
         for (i, (client, cluster, monitor)) in ports.iter().enumerate() {

@@ -361,14 +361,19 @@ impl Lab {
 }
 
 /// Makes `router`'s `table` (`iptables` or `ip6tables`) pass inbound packets from `wan` only for flows the
-/// inside started, like a consumer router.
+/// inside started, like a consumer router: to the inside, and to the router itself. The latter matters to
+/// hole punching between two homes: a punch packet that reached the router's own stack unasked would be
+/// answered (ICMP) and leave a conntrack entry for its flow, which makes the router masquerade the inside's
+/// own packets of that flow from another port, which the other home's router then drops.
 fn drop_unsolicited(router: &str, table: &str, wan: &str) {
-    let established =
-        ["-A", "FORWARD", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"];
-    for rule in [&established[..], &["-A", "FORWARD", "-i", wan, "-j", "DROP"]] {
-        let mut args = vec![table];
-        args.extend_from_slice(rule);
-        run_in(router, &args);
+    for chain in ["FORWARD", "INPUT"] {
+        let established =
+            ["-A", chain, "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"];
+        for rule in [&established[..], &["-A", chain, "-i", wan, "-j", "DROP"]] {
+            let mut args = vec![table];
+            args.extend_from_slice(rule);
+            run_in(router, &args);
+        }
     }
 }
 

@@ -17,7 +17,6 @@
 //! pg.restart(); // the same data directory and port again
 //! ```
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,7 +27,7 @@ use tempfile::TempDir;
 /// Where Debian installs the server binaries; FOG_TEST_PG_BIN names another directory.
 const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The OS user the server runs as when the tests run as root.
-const OS_USER: &str = "postgres";
+pub(crate) const OS_USER: &str = "postgres";
 
 /// A PostgreSQL server of one test.
 #[derive(Debug)]
@@ -41,16 +40,12 @@ pub struct TestPostgres {
     as_root: bool,
 }
 
-fn bin_dir() -> PathBuf {
+pub(crate) fn bin_dir() -> PathBuf {
     std::env::var_os("FOG_TEST_PG_BIN").map(PathBuf::from).unwrap_or_else(|| DEFAULT_BIN.into())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port()
 }
 
 impl TestPostgres {
@@ -83,7 +78,7 @@ impl TestPostgres {
     /// server's log) if it cannot; check [`TestPostgres::unavailable`] first.
     pub fn start() -> TestPostgres {
         let dir = tempfile::Builder::new().prefix("fogcdn-pg").tempdir().expect("tempdir");
-        let mut pg = TestPostgres { dir, bin: bin_dir(), port: free_port(), child: None, as_root: is_root() };
+        let mut pg = TestPostgres { dir, bin: bin_dir(), port: crate::free_port(), child: None, as_root: is_root() };
         if std::env::var_os("FOG_TEST_KEEP").is_some() {
             pg.dir.disable_cleanup(true);
             eprintln!("keeping {}", pg.dir.path().display());
@@ -114,15 +109,7 @@ impl TestPostgres {
     /// `program` from the server's bin directory, run as the server's OS user (as root) in the test's
     /// directory (a root-only working directory would make PostgreSQL complain).
     fn command(&self, program: &str) -> Command {
-        let mut c = if self.as_root {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid", OS_USER, "--regid", OS_USER, "--clear-groups", "--"]).arg(self.bin.join(program));
-            c
-        } else {
-            Command::new(self.bin.join(program))
-        };
-        c.current_dir(self.dir.path()).stdin(Stdio::null());
-        c
+        as_server_user(&self.bin.join(program), self.as_root, self.dir.path())
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -160,14 +147,8 @@ impl TestPostgres {
 
     /// [`TestPostgres::psql`] in database `db`.
     pub fn psql_db(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
-            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        assert!(out.status.success(), "psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+        psql(&self.bin, &format!("port={} dbname={db}", self.port), sql)
+            .unwrap_or_else(|e| panic!("psql {sql:?} failed: {e}"))
     }
 
     /// Creates an empty database, so that several stores can share one server without seeing each other.
@@ -254,8 +235,36 @@ impl TestPostgres {
     }
 }
 
+/// Runs `sql` with psql as the `postgres` role at 127.0.0.1 and `conn` (libpq key=value pairs: port, dbname,
+/// …); its unaligned, tuples-only output, or psql's message.
+pub(crate) fn psql(bin: &Path, conn: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(bin.join("psql"))
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
+        .args(["-d", &format!("host=127.0.0.1 user=postgres connect_timeout=5 {conn}"), "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+}
+
+/// `program`, run as the server's OS user when `as_root` (PostgreSQL refuses root), in `dir`, stdin closed.
+pub(crate) fn as_server_user(program: &Path, as_root: bool, dir: &Path) -> Command {
+    let mut c = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", OS_USER, "--regid", OS_USER, "--clear-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    c.current_dir(dir).stdin(Stdio::null());
+    c
+}
+
 /// Sends `signal` to the process group `leader` leads.
-fn signal_group(leader: u32, signal: &str) {
+pub(crate) fn signal_group(leader: u32, signal: &str) {
     let group = format!("-{leader}");
     let _ = Command::new("kill").args([&format!("-{signal}"), "--", &group]).stderr(Stdio::null()).status();
 }

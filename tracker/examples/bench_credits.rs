@@ -27,6 +27,8 @@ fn main() -> anyhow::Result<()> {
     // Sessions, each paying the node for 4 chunks.
     let sessions = 20_000;
     let mut receipts = Vec::with_capacity(sessions);
+    // Each redeemed with its ticket, as nodes send them (the tracker stores none).
+    let mut tickets = Vec::with_capacity(sessions);
     for s in 0..sessions {
         let mut seed = [3u8; 32];
         seed[..8].copy_from_slice(&(s as u64).to_be_bytes());
@@ -53,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             epoch: ticket.epoch,
         };
         receipts.push(Receipt { commitment: Signed::sign(&client, KIND_COMMITMENT, &c), index: 4, preimage: chain[4] });
+        tickets.push(signed);
     }
 
     // Verification alone: what a node does per receipt it is handed, and the tracker per redemption.
@@ -66,8 +69,8 @@ fn main() -> anyhow::Result<()> {
     // Redemption into the ledger in full batches, each one synced write.
     let started = Instant::now();
     let mut credited = 0u64;
-    for batch in receipts.chunks(MAX_BATCH) {
-        for r in ledger.redeem(node_id, batch)? {
+    for (batch, tickets) in receipts.chunks(MAX_BATCH).zip(tickets.chunks(MAX_BATCH)) {
+        for r in ledger.redeem(node_id, batch, tickets)? {
             credited += r.credited_bytes;
         }
     }

@@ -17,7 +17,7 @@ use fog_proto::api::{
     Reachability, Register, RegisterResponse, Resolve, RttSample, Signed, SignedError, TrackerStats, UploadPlan,
     MAX_PEERS_LISTED, WANT_PEERS,
 };
-use fog_proto::credits::{RedeemBatch, RedeemResponse, MAX_BATCH};
+use fog_proto::credits::{RedeemBatch, RedeemResponse};
 use fog_proto::{ChunkHash, ContentId, Manifest, NodeId};
 use fog_sched::coords::{ClientCoords, ClientNet};
 use fog_sched::scheduler;
@@ -601,12 +601,12 @@ impl App {
                 "too many redeems from your network; hold the receipts and try again in a minute",
             ));
         }
-        if batch.receipts.len() > MAX_BATCH {
-            return Err(AppError::BadRequest(format!("at most {MAX_BATCH} receipts per batch")));
-        }
+        // Bounds first (receipts, and the tickets they were made under), before any verification.
+        fog_proto::credits::check_batch(&batch.receipts, &batch.tickets)
+            .map_err(|e| AppError::BadRequest(format!("redemption batch refused: {e}")))?;
         // Signature checks, chain walks and a synced write: off the async workers.
-        let results =
-            tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts)).inspect_err(|e| match e {
+        let results = tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts, &batch.tickets))
+            .inspect_err(|e| match e {
                 // Routine in a cell: the node tries the replica that sequences the ledger.
                 LedgerError::NotSequencer { .. } => tracing::debug!(error = %e, "redemption left to the sequencer"),
                 e => tracing::error!(error = %e, "ledger failure"),

@@ -1,7 +1,7 @@
 //! fog-tracker configuration: flags, `FOG_TRACKER_*` environment variables, optional TOML file (`--config`).
 //! A flag or variable wins over the file; the file wins over the defaults.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -111,6 +111,11 @@ pub struct TrackerArgs {
     /// whichever is the primary. `fog-tracker export` moves an embedded tracker's state there.
     #[arg(long, env = "FOG_TRACKER_POSTGRES", hide_env_values = true)]
     pub postgres: Option<String>,
+    /// The URL other replicas, nodes and operators reach this tracker at (`http://10.0.0.1:7700`): the
+    /// ledger's lease names it as the sequencer's. [default: http:// and the listen address; listening on
+    /// all addresses (0.0.0.0, [::]), the host's primary address]
+    #[arg(long, env = "FOG_TRACKER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     #[command(subcommand)]
     #[serde(skip)]
     pub command: Option<TrackerCommand>,
@@ -171,6 +176,75 @@ pub struct TrackerConfig {
     pub cell: String,
     /// PostgreSQL connection string for the durable state; `None`: the embedded database.
     pub postgres: Option<String>,
+    /// `--advertise-url`, checked and without a trailing `/`; `None`: derived ([`TrackerConfig::advertised_url`]).
+    pub advertise_url: Option<String>,
+}
+
+/// Longest `--advertise-url`.
+const MAX_ADVERTISE_URL: usize = 256;
+
+/// `url` as a base URL others can dial: http(s), a host, nothing after the path, printable.
+fn check_advertise_url(url: &str) -> Result<String, ConfigError> {
+    let url = url.trim().trim_end_matches('/');
+    let bad = |why: &str| ConfigError::Invalid(format!("--advertise-url {url:?}: {why}"));
+    if url.len() > MAX_ADVERTISE_URL || !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(&format!("at most {MAX_ADVERTISE_URL} printable characters")));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(bad("an http:// or https:// URL with a host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad("a base URL, without a query or fragment"));
+    }
+    if parsed
+        .host_str()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified())
+    {
+        return Err(bad("an address others can dial, not an unspecified one"));
+    }
+    Ok(url.to_string())
+}
+
+/// `http://` and `local` (the address the tracker listens on), the host's primary address in place of an
+/// unspecified one (`primary(v6)` finds it, in that family); whether it was guessed so.
+fn url_of(local: SocketAddr, primary: impl Fn(bool) -> Option<IpAddr>) -> (String, bool) {
+    if !local.ip().is_unspecified() {
+        return (format!("http://{local}"), false);
+    }
+    // A `[::]` listener takes IPv4 too (dual stack): its IPv6 address if the host has a route, else IPv4.
+    let ip = match local.ip() {
+        IpAddr::V4(_) => primary(false),
+        IpAddr::V6(_) => primary(true).or_else(|| primary(false)),
+    };
+    let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    (format!("http://{}", SocketAddr::new(ip, local.port())), true)
+}
+
+/// The address this host sends from by its default route, in one family: a UDP socket connected to a
+/// documentation address (nothing is sent) says which.
+fn primary_ip(v6: bool) -> Option<IpAddr> {
+    let (bind, to): (IpAddr, SocketAddr) = if v6 {
+        (Ipv6Addr::UNSPECIFIED.into(), SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 9)))
+    } else {
+        (Ipv4Addr::UNSPECIFIED.into(), SocketAddr::from(([192, 0, 2, 1], 9)))
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).ok()?;
+    socket.connect(to).ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+}
+
+impl TrackerConfig {
+    /// The URL this tracker is reached at, which the ledger's lease names as the sequencer's:
+    /// `--advertise-url`, else derived from `local`, the address it listens on. Whether it was guessed
+    /// (listening on all addresses, the host's primary one stands in).
+    pub fn advertised_url(&self, local: SocketAddr) -> (String, bool) {
+        match &self.advertise_url {
+            Some(url) => (url.clone(), false),
+            None => url_of(local, primary_ip),
+        }
+    }
 }
 
 impl TrackerArgs {
@@ -202,7 +276,17 @@ impl TrackerArgs {
             return Err(ConfigError::Invalid("--admin-token must be at least 16 characters".into()));
         }
         let nats: Vec<String> = if self.nats.is_empty() { file.nats } else { self.nats };
-        let nats = nats.into_iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        let nats: Vec<String> = nats.into_iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        let postgres = self.postgres.or(file.postgres).map(|c| c.trim().to_string()).filter(|c| !c.is_empty());
+        // Replicas share the tracker key, so each would accept the others' tickets: with a ledger of its own
+        // each, one receipt could be credited once per replica.
+        if !nats.is_empty() && postgres.is_none() {
+            return Err(ConfigError::Invalid(
+                "--nats needs --postgres: the replicas of a cell keep one ledger and one set of manifests in \
+                 PostgreSQL (without --nats the tracker runs alone on its embedded database)"
+                    .into(),
+            ));
+        }
         let cell = self.cell.or(file.cell).unwrap_or_else(|| "default".into());
         // The cell is a token of NATS subjects: no dots, wildcards or spaces.
         if cell.is_empty()
@@ -240,7 +324,8 @@ impl TrackerArgs {
             web_origins,
             nats,
             cell,
-            postgres: self.postgres.or(file.postgres).map(|c| c.trim().to_string()).filter(|c| !c.is_empty()),
+            postgres,
+            advertise_url: self.advertise_url.or(file.advertise_url).map(|u| check_advertise_url(&u)).transpose()?,
         })
     }
 }
@@ -289,8 +374,10 @@ mod tests {
         let single = TrackerArgs::parse_from(["t", "--origin", "http://a"]).resolve().expect("single");
         assert!(single.nats.is_empty());
         assert_eq!(single.cell, "default");
-        let args =
-            ["t", "--origin", "http://a", "--nats", "nats://127.0.0.1:4222,nats://127.0.0.1:4223", "--cell", "eu-1"];
+        let nats = ["--nats", "nats://127.0.0.1:4222,nats://127.0.0.1:4223", "--cell", "eu-1"];
+        let alone = TrackerArgs::parse_from(["t", "--origin", "http://a"].into_iter().chain(nats)).resolve();
+        assert!(matches!(alone, Err(ConfigError::Invalid(e)) if e.contains("--nats needs --postgres")));
+        let args = ["t", "--origin", "http://a", "--postgres", "host=pg dbname=fog"].into_iter().chain(nats);
         let replica = TrackerArgs::parse_from(args).resolve().expect("replica");
         assert_eq!(replica.nats, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
         assert_eq!(replica.cell, "eu-1");
@@ -310,5 +397,40 @@ mod tests {
         let export = TrackerArgs::parse_from(["t", "export", "--postgres", conn, "--data-dir", "/var/lib/fog"]);
         let Some(TrackerCommand::Export(export)) = export.command else { panic!("export parsed") };
         assert_eq!((export.postgres.as_str(), export.data_dir()), (conn, PathBuf::from("/var/lib/fog")));
+    }
+
+    #[test]
+    fn the_advertised_url_is_checked_or_derived_from_the_listen_address() {
+        let advertise =
+            |u: &str| TrackerArgs::parse_from(["t", "--origin", "http://a", "--advertise-url", u]).resolve();
+        let cfg = advertise("http://10.0.0.1:7700/").expect("valid");
+        assert_eq!(cfg.advertise_url.as_deref(), Some("http://10.0.0.1:7700"));
+        let local: SocketAddr = "0.0.0.0:7700".parse().expect("addr");
+        assert_eq!(cfg.advertised_url(local), ("http://10.0.0.1:7700".into(), false), "given: never guessed");
+        assert!(advertise("https://t1.example.com").is_ok());
+        for bad in [
+            "10.0.0.1:7700",
+            "ftp://a",
+            "http://",
+            "http://0.0.0.0:7700",
+            "http://[::]:1",
+            "http://a/?x=1",
+            "http://a b",
+        ] {
+            assert!(matches!(advertise(bad), Err(ConfigError::Invalid(_))), "{bad:?}");
+        }
+        assert!(matches!(advertise(&format!("http://{}", "a".repeat(300))), Err(ConfigError::Invalid(_))));
+
+        let host =
+            |v6: bool| Some(if v6 { "2001:db8::5".parse().expect("ip") } else { "10.0.0.5".parse().expect("ip") });
+        let none = |_| None;
+        let addr = |a: &str| a.parse::<SocketAddr>().expect("addr");
+        assert_eq!(url_of(addr("10.0.0.1:7700"), host), ("http://10.0.0.1:7700".into(), false));
+        assert_eq!(url_of(addr("[2001:db8::1]:7700"), host), ("http://[2001:db8::1]:7700".into(), false));
+        assert_eq!(url_of(addr("0.0.0.0:7700"), host), ("http://10.0.0.5:7700".into(), true));
+        assert_eq!(url_of(addr("[::]:7700"), host), ("http://[2001:db8::5]:7700".into(), true));
+        let v4_only = |v6: bool| (!v6).then(|| "10.0.0.5".parse().expect("ip"));
+        assert_eq!(url_of(addr("[::]:7700"), v4_only), ("http://10.0.0.5:7700".into(), true));
+        assert_eq!(url_of(addr("0.0.0.0:7700"), none), ("http://127.0.0.1:7700".into(), true), "no route at all");
     }
 }

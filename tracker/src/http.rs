@@ -9,6 +9,7 @@ use bytes::Bytes;
 use fog_net::http_server::{self, json, reply, Reply};
 use fog_net::origin::OriginError;
 use fog_proto::api::{ApiError, ClientReport, ErrorCode, Families, Signed};
+use fog_proto::credits::MAX_REDEEM_BODY;
 use fog_proto::manifest::MAX_MANIFEST_JSON;
 use fog_proto::{ContentId, NodeId};
 use hyper::body::Incoming;
@@ -123,7 +124,8 @@ async fn route(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, browser:
     let result = match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/resolve") => resolve(&app, &query, peer.ip(), browser).await,
         (&Method::GET, "/v1/origins") => ok(&app.cfg.origins),
-        (&Method::POST, "/v1/credits/redeem") => match signed_body(req).await {
+        // A batch of receipts with their tickets: larger than other signed messages.
+        (&Method::POST, "/v1/credits/redeem") => match json_body::<Signed>(req, MAX_REDEEM_BODY).await {
             Ok(signed) => app.redeem(&signed, peer.ip()).and_then(|r| ok(&r)),
             Err(e) => Err(e),
         },

@@ -1,9 +1,13 @@
 //! Prometheus metrics of the tracker (`GET /metrics`). Labels stay low-cardinality: no URLs, no node ids.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -281,9 +285,75 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds the ledger's lease metrics (a PostgreSQL ledger's store makes them before the tracker is
+    /// built).
+    pub fn register_ledger(&mut self, ledger: &LedgerMetrics) {
+        ledger.register(&mut self.registry);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// `fog_tracker_ledger_*`: the sequencer's lease of a ledger in PostgreSQL, as this replica sees it.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerMetrics {
+    pub sequencer: LeaseGauge,
+    /// Leases this replica took over from another holder (expired, or given up by it).
+    pub takeovers: Counter,
+    /// Appends and seals refused because another replica had taken the lease over.
+    pub fenced: Counter,
+}
+
+impl LedgerMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "fog_tracker_ledger_sequencer",
+            "1 while this replica holds the ledger's lease (it sequences the appends)",
+            self.sequencer.clone(),
+        );
+        registry.register(
+            "fog_tracker_ledger_takeovers",
+            "Ledger leases this replica took over from another replica",
+            self.takeovers.clone(),
+        );
+        registry.register(
+            "fog_tracker_ledger_fenced",
+            "Ledger appends and seals refused because this replica had lost the lease",
+            self.fenced.clone(),
+        );
+    }
+}
+
+/// 1 until the lease this replica took or renewed last runs out, read when scraped: a sequencer with
+/// nothing to append does not renew, and its lease ends by itself.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseGauge(Arc<Mutex<Option<Instant>>>);
+
+impl LeaseGauge {
+    /// The lease held lasts until `until` (`None`: not held).
+    pub fn held_until(&self, until: Option<Instant>) {
+        *self.0.lock().expect("lease gauge lock") = until;
+    }
+
+    pub fn get(&self) -> i64 {
+        i64::from(self.0.lock().expect("lease gauge lock").is_some_and(|until| Instant::now() < until))
+    }
+}
+
+impl TypedMetric for LeaseGauge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for LeaseGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }

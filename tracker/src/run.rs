@@ -78,6 +78,8 @@ async fn seal_forever(app: Arc<App>) {
         let app = app.clone();
         match tokio::task::spawn_blocking(move || app.ledger.seal_epochs()).await {
             Ok(Ok(())) => {}
+            // A database outage or a lost lease passes: the next tick seals what this one could not.
+            Ok(Err(e)) if e.is_retryable() => tracing::warn!(error = %e, "cannot seal the ledger's epoch head yet"),
             Ok(Err(e)) => tracing::error!(error = %e, "cannot seal the ledger's epoch head"),
             Err(e) => tracing::error!(error = %e, "the ledger sealer panicked"),
         }

@@ -667,7 +667,7 @@ async fn junk_redeem(t: Arc<Target>, c: Arc<Class>, i: u64) {
             }
         })
         .collect();
-    let batch = RedeemBatch { timestamp_ms: now_ms(), receipts };
+    let batch = RedeemBatch { timestamp_ms: now_ms(), receipts, tickets: Vec::new() };
     let body = Signed::sign(&key, KIND_REDEEM, &batch);
     match t.http.post(format!("{}/v1/credits/redeem", t.tracker)).json(&body).send().await {
         Ok(r) => c.count(format!("{which}: {}", r.status().as_u16())),

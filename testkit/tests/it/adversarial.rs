@@ -219,7 +219,7 @@ async fn out_of_range_fields_and_junk_redeems_are_refused() {
 
     let long = register("v".repeat(1 << 20), now);
     assert_eq!(status(post("/v1/nodes/register", signed(&key, KIND_REGISTER, &long)).await), 400, "1 MiB version");
-    let junk = RedeemBatch { timestamp_ms: now, receipts: Vec::new() };
+    let junk = RedeemBatch { timestamp_ms: now, receipts: Vec::new(), tickets: Vec::new() };
     assert_eq!(
         status(post("/v1/credits/redeem", signed(&key, KIND_REDEEM, &junk)).await),
         401,

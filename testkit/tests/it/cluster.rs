@@ -1,5 +1,5 @@
 //! Tracker replicas of one cell over NATS (issue #15, the registry's soft state): three nats-servers, three
-//! replicas sharing the tracker key, a fleet of synthetic signed nodes heartbeating to them (a tenth with a
+//! replicas sharing the tracker key and a PostgreSQL, a fleet of synthetic signed nodes heartbeating to them (a tenth with a
 //! QUIC endpoint that answers dial-backs, so they are healthy), real nodes and a client.
 //!
 //! - every replica holds the same nodes, and a node registered at one is counted by all within a heartbeat
@@ -21,6 +21,7 @@ use fog_proto::NodeId;
 use fog_testkit::harness::{handshake_only_endpoint, test_dir, Proc};
 use fog_testkit::nats::NatsCluster;
 use fog_testkit::origin::{Quirks, TestOrigin};
+use fog_testkit::pg::TestPostgres;
 
 const HEARTBEAT: Duration = Duration::from_secs(3);
 const SYNTHETIC: usize = 2000;
@@ -34,33 +35,22 @@ const REAL_NODES: usize = 2;
 /// The replicas' base URLs (one changes when its replica restarts).
 type Urls = Arc<RwLock<Vec<String>>>;
 
-fn tracker_args(dir: &std::path::Path, i: usize, origin: &str, nats: &[String]) -> Vec<String> {
+fn tracker_args(dir: &std::path::Path, i: usize, origin: &str, nats: &[String], postgres: &str) -> Vec<String> {
     let data = dir.join(format!("tracker{i}"));
-    [
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data.display().to_string(),
-        "--origin",
-        origin,
+    let (heartbeat, nats) = (HEARTBEAT.as_secs().to_string(), nats.join(","));
+    let extra = [
         "--heartbeat-secs",
-        &HEARTBEAT.as_secs().to_string(),
+        &heartbeat,
         "--nats",
-        &nats.join(","),
+        &nats,
+        "--postgres",
+        postgres,
         "--cell",
         "test",
-        "--admin-token",
-        ADMIN,
-        // Probes would fail against the synthetic nodes (they serve nothing); their division is unit-tested.
-        "--probe-secs",
-        "0",
         "--chunk-size",
         "64KiB",
-        "--resolve-wait-ms",
-        "20000",
-    ]
-    .map(String::from)
-    .to_vec()
+    ];
+    crate::common::tracker_args(&data, "127.0.0.1:0", origin, ADMIN, &extra)
 }
 
 async fn get_json<T: serde::de::DeserializeOwned>(url: String) -> T {
@@ -212,6 +202,11 @@ async fn replicas_share_the_registry_blocks_and_survive_losing_a_server_and_a_re
             return;
         }
     };
+    if let Some(why) = TestPostgres::unavailable() {
+        eprintln!("skipping the cluster test: {why}");
+        return;
+    }
+    let pg = TestPostgres::start();
     let origin = TestOrigin::start(([127, 0, 0, 1], 0).into(), None, Quirks::default()).await.expect("origin");
     let object = fog_testkit::test_bytes(256 << 10, 15);
     origin.put("/video.bin", object.clone());
@@ -227,7 +222,7 @@ async fn replicas_share_the_registry_blocks_and_survive_losing_a_server_and_a_re
         std::fs::copy(dir.path().join("tracker0/tracker.key"), to).expect("share the key");
     }
     let args: Vec<Vec<String>> =
-        (0..3).map(|i| tracker_args(dir.path(), i, &origin.base_url(), &nats.urls())).collect();
+        (0..3).map(|i| tracker_args(dir.path(), i, &origin.base_url(), &nats.urls(), &pg.conn_str())).collect();
     let mut trackers = Vec::new();
     for (i, a) in args.iter().enumerate() {
         trackers.push(Proc::spawn("fog-tracker", a, dir.path().join(format!("tracker{i}.log"))).await);

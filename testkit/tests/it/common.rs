@@ -1,5 +1,7 @@
 //! What several test modules share.
 
+use std::path::Path;
+
 use fog_proto::api::Resolve;
 use fog_proto::NodeId;
 use fog_testkit::harness::Cluster;
@@ -31,4 +33,14 @@ pub(crate) async fn meshed(cluster: &Cluster, n: usize) -> Vec<NodeId> {
 
 pub(crate) async fn resolve(cluster: &Cluster, url: &str) -> Resolve {
     resolve_response(cluster, url).await.json().await.expect("resolve json")
+}
+
+/// A `fog-tracker` replica's flags for the cluster tests: its data directory and address, the origin and
+/// the admin token, probes off (the synthetic nodes of some tests serve nothing; probe division is
+/// unit-tested), a first fetch waiting for the whole ingest; then `extra` (`--nats`, `--postgres`, …).
+pub(crate) fn tracker_args(data: &Path, listen: &str, origin: &str, admin: &str, extra: &[&str]) -> Vec<String> {
+    let data = data.display().to_string();
+    let base = ["--listen", listen, "--data-dir", &data, "--origin", origin, "--admin-token", admin];
+    let more = ["--probe-secs", "0", "--resolve-wait-ms", "20000"];
+    base.iter().chain(&more).chain(extra).map(|a| a.to_string()).collect()
 }

@@ -77,8 +77,16 @@ fn receipt(client: &SigningKey, signed_ticket: &Signed, ticket: &Ticket, node: N
     Receipt { commitment: Signed::sign(client, KIND_COMMITMENT, &c), index, preimage: chain[index as usize] }
 }
 
-async fn redeem(cluster: &Cluster, node: &SigningKey, receipts: Vec<Receipt>) -> Result<RedeemResponse, String> {
-    let batch = Signed::sign(node, KIND_REDEEM, &RedeemBatch { timestamp_ms: now_ms(), receipts });
+/// Redeems `receipts` for `node` with `tickets` (the tracker keeps none: a batch carries the tickets its
+/// receipts were made under).
+async fn redeem(
+    cluster: &Cluster,
+    node: &SigningKey,
+    receipts: Vec<Receipt>,
+    tickets: &[&Signed],
+) -> Result<RedeemResponse, String> {
+    let tickets = tickets.iter().map(|t| (*t).clone()).collect();
+    let batch = Signed::sign(node, KIND_REDEEM, &RedeemBatch { timestamp_ms: now_ms(), receipts, tickets });
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/credits/redeem", cluster.tracker_url()))
         .json(&batch)
@@ -180,7 +188,7 @@ async fn fraud_is_rejected_with_reasons() {
 
     // Honest: two chunks to `node`. Then the same receipt again (replay) is a duplicate.
     let honest = receipt(&client, &signed, &ticket, id(&node), 2);
-    let r = redeem(&cluster, &node, vec![honest.clone(), honest.clone()]).await.expect("redeem");
+    let r = redeem(&cluster, &node, vec![honest.clone(), honest.clone()], &[&signed]).await.expect("redeem");
     assert_eq!((r.results[0].outcome, r.results[0].credited_bytes), (Outcome::Credited, 2 * MIB as u64));
     assert_eq!(r.results[1].outcome, Outcome::Duplicate);
 
@@ -191,32 +199,46 @@ async fn fraud_is_rejected_with_reasons() {
         ..forged.commitment
     };
     // A receipt transferred to another node; a node the ticket did not name; a session the tracker never
-    // issued (a node minting its own client keys); the right session signed by a key the node made up.
+    // issued (a node minting its own client keys, and a ticket for them); the right session signed by a key
+    // the node made up; a receipt without its ticket (the tracker keeps none).
     let stranger = key(4);
     let mut minted_ticket = ticket.clone();
     minted_ticket.session = SessionId([0; 16]);
-    let minted = receipt(&key(5), &signed, &minted_ticket, id(&node), 1);
+    minted_ticket.client_key = id(&key(5));
+    let minted_signed = Signed::sign(&node, KIND_TICKET, &minted_ticket);
+    let minted = receipt(&key(5), &minted_signed, &minted_ticket, id(&node), 1);
     let hijacked = receipt(&key(5), &signed, &ticket, id(&node), 1);
-    let r = redeem(&cluster, &node, vec![forged, minted, hijacked]).await.expect("redeem");
+    let r = redeem(&cluster, &node, vec![forged, minted, hijacked], &[&signed, &minted_signed]).await.expect("redeem");
     assert!(reason(&r, 0).contains("forged"), "{r:?}");
-    assert!(reason(&r, 1).contains("no ticket"), "{r:?}");
+    assert!(reason(&r, 1).contains("forged ticket"), "{r:?}");
     assert!(reason(&r, 2).contains("wrong client"), "{r:?}");
+    let r = redeem(&cluster, &node, vec![receipt(&client, &signed, &ticket, id(&node), 3)], &[]).await.expect("redeem");
+    assert!(reason(&r, 0).contains("no ticket"), "{r:?}");
+    // Tickets beyond the batch's receipts: the whole batch is refused.
+    let two = redeem(&cluster, &node, vec![honest.clone()], &[&signed, &minted_signed]).await;
+    assert!(two.as_ref().is_err_and(|e| e.contains("400")), "{two:?}");
     let to_other = receipt(&client, &signed, &ticket, id(&node), 1);
-    let r = redeem(&cluster, &other, vec![to_other]).await.expect("redeem");
+    let r = redeem(&cluster, &other, vec![to_other], &[&signed]).await.expect("redeem");
     assert!(reason(&r, 0).contains("not yours"), "{r:?}");
     // A key the tracker never registered writes nothing; registered after the ticket, it was not assigned.
-    let unregistered = redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)]).await;
+    let unregistered =
+        redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)], &[&signed]).await;
     assert!(unregistered.as_ref().is_err_and(|e| e.contains("401")), "{unregistered:?}");
     let _stranger_endpoint = register_fake_node(&cluster, &stranger).await;
-    let r =
-        redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)]).await.expect("redeem");
+    let r = redeem(&cluster, &stranger, vec![receipt(&client, &signed, &ticket, id(&stranger), 1)], &[&signed])
+        .await
+        .expect("redeem");
     assert!(reason(&r, 0).contains("did not assign"), "{r:?}");
 
     // Beyond the budget: `other` claims all three chunks, only the one left in the budget is credited,
     // and nothing more after that.
-    let r = redeem(&cluster, &other, vec![receipt(&client, &signed, &ticket, id(&other), 3)]).await.expect("redeem");
+    let r = redeem(&cluster, &other, vec![receipt(&client, &signed, &ticket, id(&other), 3)], &[&signed])
+        .await
+        .expect("redeem");
     assert_eq!(r.results[0].credited_bytes, MIB as u64, "{r:?}");
-    let r = redeem(&cluster, &node, vec![receipt(&client, &signed, &ticket, id(&node), 3)]).await.expect("redeem");
+    let r = redeem(&cluster, &node, vec![receipt(&client, &signed, &ticket, id(&node), 3)], &[&signed])
+        .await
+        .expect("redeem");
     assert!(reason(&r, 0).contains("nothing left"), "{r:?}");
     assert_eq!(credited(&cluster, id(&node)).await + credited(&cluster, id(&other)).await, 3 * MIB as u64);
 
@@ -232,11 +254,12 @@ async fn fraud_is_rejected_with_reasons() {
     // Replays in a later epoch, expired tickets and sealed epoch heads are the ledger's unit tests (they
     // move a manual clock rather than wait out epochs here).
 
-    // Every refusal is itemised in the node's statement: forged, no ticket, wrong client, nothing left.
+    // Every refusal is itemised in the node's statement: forged, forged ticket, wrong client, no ticket,
+    // nothing left.
     let s: Value = get_json(format!("{}/v1/nodes/{}/credits", cluster.tracker_url(), id(&node))).await;
     let reasons: Vec<&str> =
         s["rejected"].as_array().expect("rejected").iter().map(|r| r["reason"].as_str().unwrap_or("")).collect();
-    assert_eq!(reasons.len(), 4, "{s:#}");
+    assert_eq!(reasons.len(), 5, "{s:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +276,7 @@ async fn killing_the_tracker_mid_redemption_loses_and_doubles_nothing() {
         let client = key(100 + s);
         let (_, t) = resolve_with_ticket(&cluster, &url, &client).await;
         let (signed, ticket) = t.expect("ticket");
-        pending.push(receipt(&client, &signed, &ticket, id(&node), 2));
+        pending.push((receipt(&client, &signed, &ticket, id(&node), 2), signed));
     }
     let expected = 40 * 2 * MIB as u64;
     // Redeem in batches of 4 (retrying what was not acknowledged, as fog-node does), killing the tracker
@@ -261,13 +284,15 @@ async fn killing_the_tracker_mid_redemption_loses_and_doubles_nothing() {
     let mut kills = 0;
     let mut killed_at = None;
     while !pending.is_empty() {
-        let batch: Vec<Receipt> = pending.iter().take(4).cloned().collect();
+        let batch: Vec<Receipt> = pending.iter().take(4).map(|(r, _)| r.clone()).collect();
+        let tickets: Vec<Signed> = pending.iter().take(4).map(|(_, t)| t.clone()).collect();
         let cluster_ref = &cluster;
         let attempt = tokio::spawn({
             let (url, batch) = (cluster_ref.tracker_url(), batch.clone());
             let node = node.clone();
             async move {
-                let body = Signed::sign(&node, KIND_REDEEM, &RedeemBatch { timestamp_ms: now_ms(), receipts: batch });
+                let batch = RedeemBatch { timestamp_ms: now_ms(), receipts: batch, tickets };
+                let body = Signed::sign(&node, KIND_REDEEM, &batch);
                 let resp =
                     reqwest::Client::new().post(format!("{url}/v1/credits/redeem")).json(&body).send().await.ok()?;
                 resp.json::<RedeemResponse>().await.ok()

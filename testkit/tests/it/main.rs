@@ -7,6 +7,7 @@ mod common;
 mod adversarial;
 mod c_abi;
 mod cluster;
+mod cluster_failover;
 mod cluster_store;
 mod credits;
 mod cut_through;

@@ -84,9 +84,14 @@ impl Net {
 
     /// Fetches the test object from the client network; returns the fetch report.
     fn fetch(&self, round: &str) -> Value {
+        self.fetch_object(round, "video.bin")
+    }
+
+    /// Fetches `name` (in the origin's content directory) from the client network; returns the fetch report.
+    fn fetch_object(&self, round: &str, name: &str) -> Value {
         let out_file = self.dir.path().join(format!("fetched-{round}"));
         let fog = bin("fog");
-        let url = format!("http://{}/video.bin", self.origin);
+        let url = format!("http://{}/{name}", self.origin);
         let tracker = format!("http://{}", self.tracker);
         let out = self.lab.exec(
             Site::Client,
@@ -95,7 +100,7 @@ impl Net {
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "fog get ({round}) failed: {stderr}");
-        let expected = std::fs::read(self.dir.path().join("content/video.bin")).expect("content");
+        let expected = std::fs::read(self.dir.path().join("content").join(name)).expect("content");
         assert!(std::fs::read(&out_file).expect("fetched") == expected, "{round}: fetched bytes differ");
         serde_json::from_str(stderr.lines().last().expect("report line")).expect("report JSON")
     }
@@ -249,4 +254,35 @@ async fn overlay_serves_from_behind_home_nats() {
     let counters = &net.node_status(Site::Public, &fourth)["counters"];
     assert!(counters["peer_fills"].as_u64().unwrap_or(0) > 0, "the new node filled nothing from peers: {counters}");
     assert_eq!(counters["origin_fills"].as_u64(), Some(0), "{counters}");
+
+    // Peer fills from the nodes behind NAT go over their own QUIC endpoints (`fog-peer/1`, under their
+    // congestion controller), punched through their rendezvous as clients' paths are, not over libp2p, to
+    // public nodes and between the homes, behind their two NATs. A new object fetched cold now that every
+    // node has been told every other's route: a node scheduled a chunk asks the chunk's home among its
+    // peers to fill it through, for each home a home about a third of the time.
+    let count = |c: &Value, name: &str| c[name].as_u64().unwrap_or(0);
+    let home_counters = |net: &Net| {
+        [(Site::Home1, &home1), (Site::Home2, &home2)].map(|(site, d)| net.node_status(site, d)["counters"].clone())
+    };
+    let before = home_counters(&net);
+    let other = fog_testkit::test_bytes(CHUNK * CHUNKS, 8);
+    std::fs::write(net.dir.path().join("content/other.bin"), other).expect("content");
+    let cold = net.fetch_object("other-cold", "other.bin");
+    eprintln!("another object, cold: {}", cold["nodes"]);
+    let after = home_counters(&net);
+    eprintln!("home counters: {after:#?}");
+    let grew: Vec<_> =
+        before.iter().zip(&after).map(|(b, a)| move |name: &str| count(a, name) - count(b, name)).collect();
+    assert!(
+        grew.iter().map(|g| g("peer_fills_punched")).sum::<u64>() > 0,
+        "no home filled from the other over a punched QUIC path: {after:#?}"
+    );
+    for ((home, grew), counters) in ["home1", "home2"].iter().zip(&grew).zip(&after) {
+        assert!(grew("peer_served_quic_bytes") > 0, "{home} served no peer over QUIC: {counters}");
+        assert_eq!(
+            grew("peer_served_quic_bytes"),
+            grew("peer_served_bytes"),
+            "{home} served peers over libp2p: {counters}"
+        );
+    }
 }

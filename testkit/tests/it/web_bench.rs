@@ -7,7 +7,6 @@
 //! Besides rates it reports the CPU time the whole machine spent per GiB fetched (every process involved).
 //! Settings: FOG_BENCH_SIZE_MIB (64), FOG_BENCH_RUNS (5).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -23,10 +22,6 @@ const NGINX: &str = "/usr/sbin/nginx";
 
 fn web_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../web")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port()
 }
 
 fn setting(name: &str, default: usize) -> usize {
@@ -59,7 +54,7 @@ impl Nginx {
             .output()
             .expect("run openssl");
         assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
-        let (http, https) = (free_port(), free_port());
+        let (http, https) = (fog_testkit::free_port(), fog_testkit::free_port());
         let user = if running_as_root() { "user root;" } else { "" };
         let conf = format!(
             "{user}\nworker_processes auto;\npid {work}/nginx.pid;\nerror_log {work}/nginx-error.log;\n\

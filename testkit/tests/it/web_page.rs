@@ -277,7 +277,7 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     site.put("media/movie.bin", content.clone());
     let url = site.url("media/movie.bin");
     // A native client warms the nodes, so the page finds its chunks cached whether or not it gets a ticket.
-    let (got, _) = cluster.client().get(&url).await.expect("native fetch");
+    let (got, native) = cluster.client().get(&url).await.expect("native fetch");
     assert!(got == content);
     // The tracker gives pages only nodes it probed over WebTransport: wait until it vouches for all three.
     wait_page_gets_every_node(&cluster, &page_origin, &url).await;
@@ -313,6 +313,24 @@ async fn a_page_fetches_verified_bytes_from_nodes_over_webtransport_and_falls_ba
     let (offset, length) = (MIB + MIB / 2 + 7, 3 * MIB);
     let outcome = fetch_in_page(&browser, &tracker, &url, Some((offset, length))).await;
     check_bytes(&outcome, &content[offset..offset + length]);
+
+    // The page hands its ticket over with its receipts (the tracker keeps no tickets), so the nodes redeem
+    // them: the ledger comes to hold the native client's fog bytes and the page's.
+    let wanted = native.fog_bytes + fog;
+    let waited = std::time::Instant::now();
+    loop {
+        let all: Value =
+            http.get(format!("{tracker}/v1/credits")).send().await.expect("credits").json().await.expect("json");
+        let total: u64 = all.as_array().expect("list").iter().filter_map(|n| n["credited_bytes"].as_u64()).sum();
+        if total >= wanted {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the page's receipts were not credited: {total} of {wanted}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Every node gone: the page still gets the right bytes, from the origin, and turns the fog off for
     // itself after two failed handshakes instead of slowing the browser's later ones.

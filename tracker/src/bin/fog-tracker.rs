@@ -15,7 +15,9 @@ use fog_tracker::store::{StoreError, Stores};
 const POSTGRES_START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
-    fog_net::bin_support::init_logging("info");
+    // The NATS client logs every event at INFO, a slow consumer once per dropped batch: the bus logs and
+    // counts them itself (`fog_tracker_bus_inbox_full_total`).
+    fog_net::bin_support::init_logging("info,async_nats=warn");
     let args = TrackerArgs::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(TrackerCommand::Export(export)) = &args.command {
@@ -33,10 +35,12 @@ fn main() -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(origins = ?cfg.origins.prefixes(), chunk_size = cfg.chunk_size, "fog-tracker listening on http://{local}");
         let key = fog_net::identity::load_or_create(&cfg.data_dir.join("tracker.key"))?;
-        if !cfg.nats.is_empty() && cfg.postgres.is_none() {
+        let (advertised, guessed) = cfg.advertised_url(local);
+        if guessed && (!cfg.nats.is_empty() || cfg.postgres.is_some()) {
             tracing::warn!(
-                "--nats without --postgres: this replica keeps its own manifests and ledger, so receipts redeem only \
-                 at the replica that issued their tickets; give every replica of the cell the same --postgres"
+                url = advertised,
+                "listening on all addresses: this replica advertises its host's primary address to the cell; give \
+                 --advertise-url if other replicas and nodes reach it at another"
             );
         }
         let stores = match &cfg.postgres {
@@ -44,15 +48,20 @@ fn main() -> anyhow::Result<()> {
             Some(conn) => postgres_stores(conn).await?,
         };
         // With PostgreSQL (up by now) the ledger lives there too, appended by one replica at a time.
-        let ledger = match &cfg.postgres {
-            None => Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute, Clock::System),
+        let (ledger, lease_metrics) = match &cfg.postgres {
+            None => (Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute, Clock::System), None),
             Some(conn) => {
-                let store = PgStore::connect(conn, &format!("http://{local}"), LEASE)?;
-                Ledger::with_store(Arc::new(store), key, cfg.epoch, cfg.tickets_per_minute, Clock::System)
+                let store = PgStore::connect(conn, &advertised, LEASE)?;
+                let metrics = store.metrics();
+                (Ledger::with_store(Arc::new(store), key, cfg.epoch, cfg.tickets_per_minute, Clock::System), Some(metrics))
             }
         };
         tracing::info!(tracker_key = %ledger.public_key(), "signing tickets and ledger heads");
-        let app = Arc::new(App::new(cfg, stores, origin, ledger));
+        let mut app = App::new(cfg, stores, origin, ledger);
+        if let Some(metrics) = &lease_metrics {
+            app.metrics.register_ledger(metrics);
+        }
+        let app = Arc::new(app);
         run(app, listener, fog_net::bin_support::shutdown()).await;
         tracing::info!("fog-tracker stopped");
         anyhow::Ok(())

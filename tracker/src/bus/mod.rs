@@ -14,6 +14,9 @@
 //! - Operator blocks, enforced by every replica as the message arrives.
 //! - Probes: replicas announce themselves every [`ALIVE_EVERY`]; each node is probed by the live replica
 //!   ranking first for it by rendezvous, which publishes its verdicts.
+//! - Manifest writes: once a replica's write of a manifest is durable it names the URL and the new content,
+//!   and the others drop a cached manifest of that URL that differs (`store::cache`). A replica that was
+//!   off the bus may have missed some: it drops every cached manifest when it (re)connects.
 //! - Readiness: a replica holds the whole cell one heartbeat interval after it subscribed (every live node
 //!   heartbeated to some replica meanwhile); until then, and again after a lost connection, `/readyz` says
 //!   503 and heartbeats of nodes it does not know yet are answered "retry" rather than "register again",
@@ -37,7 +40,7 @@ use tokio::sync::mpsc;
 use crate::app::App;
 use crate::config::TrackerConfig;
 use merge::Replicas;
-use wire::{Alive, Message, Refused};
+use wire::{Alive, ManifestWritten, Message, Refused};
 
 /// How often a replica announces itself, and how long one not heard from counts as alive.
 pub const ALIVE_EVERY: Duration = Duration::from_millis(500);
@@ -83,6 +86,8 @@ pub struct BusMetrics {
     pub unknown_version: Counter,
     /// Messages not published (the outbox was full, or the client failed).
     pub dropped: Counter,
+    /// Times the subscription's inbox ([`INBOX`]) was full and the NATS client dropped messages.
+    pub inbox_full: Counter,
     pub peers_live: Gauge,
     pub ready: Gauge,
 }
@@ -115,6 +120,12 @@ impl BusMetrics {
             "fog_tracker_bus_dropped",
             "Bus messages not published (outbox full or client failure)",
             self.dropped.clone(),
+        );
+        registry.register(
+            "fog_tracker_bus_inbox_full",
+            "Times received messages were dropped because this replica merged slower than they arrived (the \
+             NATS client's slow-consumer events)",
+            self.inbox_full.clone(),
         );
         registry.register(
             "fog_tracker_bus_peers_live",
@@ -164,6 +175,20 @@ impl Bus {
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(2000)))
             .subscription_capacity(INBOX)
+            .event_callback({
+                let inbox_full = metrics.inbox_full.clone();
+                move |event| {
+                    // One line per event, at most: a replica falling behind gets one per dropped batch.
+                    match &event {
+                        async_nats::Event::SlowConsumer(_) => {
+                            inbox_full.inc();
+                        }
+                        async_nats::Event::Connected => tracing::info!("bus: {event}"),
+                        _ => tracing::warn!("bus: {event}"),
+                    }
+                    async {}
+                }
+            })
             .connect(cfg.nats.as_slice())
             .await
             .map_err(|source| BusError::Connect { urls: cfg.nats.join(","), source })?;
@@ -232,24 +257,26 @@ impl Bus {
     }
 
     /// One announcement tick: follows the connection, publishes this replica's liveness, refreshes the
-    /// live set.
-    fn tick(&self) {
+    /// live set. Whether the replica has just (re)connected.
+    fn tick(&self) -> bool {
         let now = Instant::now();
         let connected = self.client.connection_state() == async_nats::connection::State::Connected;
-        {
+        let joined = {
             let mut since = self.connected_since.lock().expect("bus lock");
             match (connected, *since) {
                 (true, None) => {
                     tracing::info!(cell = self.cell, "connected to the cell's bus");
                     *since = Some(now);
+                    true
                 }
                 (false, Some(_)) => {
                     tracing::warn!(cell = self.cell, "lost the cell's bus: not ready until reconnected");
                     *since = None;
+                    false
                 }
-                _ => {}
+                _ => false,
             }
-        }
+        };
         let ready = self.ready();
         self.metrics.ready.set(i64::from(ready));
         self.publish(Message::Alive(Alive { replica: self.replica, ready }));
@@ -258,6 +285,7 @@ impl Bus {
         let live = replicas.live(now);
         self.metrics.peers_live.set(live.len() as i64 - 1);
         *self.live.lock().expect("bus lock") = live;
+        joined
     }
 }
 
@@ -265,6 +293,10 @@ impl Bus {
 /// brings, announces this replica and its load.
 pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subscriber) {
     let mut tasks = tokio::task::JoinSet::new();
+    let announcing = bus.clone();
+    app.ingest.cache().on_written(move |url, content| {
+        announcing.publish(Message::Manifest(ManifestWritten { url: url.to_string(), content }));
+    });
     let outbox = bus.outbox_rx.lock().expect("bus lock").take();
     if let Some(mut outbox) = outbox {
         let bus = bus.clone();
@@ -284,12 +316,15 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
             }
         });
     }
-    let ticking = bus.clone();
+    let (ticking, cache) = (bus.clone(), app.ingest.cache().clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(ALIVE_EVERY);
         loop {
             tick.tick().await;
-            ticking.tick();
+            if ticking.tick() {
+                // Other replicas' manifest writes announced while this one was off the bus were missed.
+                cache.forget_all();
+            }
         }
     });
     let (flushing, app_load) = (bus.clone(), app.clone());
@@ -357,5 +392,6 @@ fn apply(app: &App, bus: &Bus, message: Message) {
         Message::Alive(a) => {
             bus.replicas.lock().expect("bus lock").heard(a.replica, a.ready, Instant::now());
         }
+        Message::Manifest(m) => app.ingest.cache().invalidate(&m.url, m.content),
     }
 }

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use fog_proto::api::{
     CertHash, NodeStats, OverlayReport, UploadPlan, WebTransportEndpoint, MAX_QUIC_ADDRS, MAX_REPORTED, MAX_VERSION_LEN,
 };
-use fog_proto::{ChunkHash, NodeId};
+use fog_proto::wire::MAX_URL_LEN;
+use fog_proto::{ChunkHash, ContentId, NodeId};
 use fog_sched::coords::Coord;
 use fog_sched::scheduler::LoadDelta;
 use serde::{Deserialize, Serialize};
@@ -35,10 +36,12 @@ pub enum Kind {
     Block,
     Load,
     Alive,
+    Manifest,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Self::Node, Self::Health, Self::Web, Self::Block, Self::Load, Self::Alive];
+    pub const ALL: [Kind; 7] =
+        [Self::Node, Self::Health, Self::Web, Self::Block, Self::Load, Self::Alive, Self::Manifest];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +51,7 @@ impl Kind {
             Self::Block => "block",
             Self::Load => "load",
             Self::Alive => "alive",
+            Self::Manifest => "manifest",
         }
     }
 }
@@ -191,6 +195,14 @@ pub struct Alive {
     pub ready: bool,
 }
 
+/// A replica stored a manifest for `url` (durably: it is in the cell's database when this is sent), with
+/// this content: the others drop a cached manifest of the URL that differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestWritten {
+    pub url: String,
+    pub content: ContentId,
+}
+
 /// A load delta on the wire: bytes charged per node (all, and fetched now), requests per chunk, total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Load {
@@ -236,6 +248,7 @@ pub enum Message {
     Block(Block),
     Load(LoadDelta),
     Alive(Alive),
+    Manifest(ManifestWritten),
 }
 
 impl Message {
@@ -247,6 +260,7 @@ impl Message {
             Self::Block(_) => Kind::Block,
             Self::Load(_) => Kind::Load,
             Self::Alive(_) => Kind::Alive,
+            Self::Manifest(_) => Kind::Manifest,
         }
     }
 
@@ -258,6 +272,7 @@ impl Message {
             Self::Block(b) => serde_json::to_vec(b),
             Self::Load(d) => serde_json::to_vec(&Load::from_delta(d)),
             Self::Alive(a) => serde_json::to_vec(a),
+            Self::Manifest(m) => serde_json::to_vec(m),
         };
         json.expect("bus messages always serialise")
     }
@@ -289,6 +304,13 @@ impl Message {
                 Self::Load(load.into_delta().map_err(bad)?)
             }
             Kind::Alive => Self::Alive(serde_json::from_slice(payload).map_err(json)?),
+            Kind::Manifest => {
+                let m: ManifestWritten = serde_json::from_slice(payload).map_err(json)?;
+                if m.url.is_empty() || m.url.len() > MAX_URL_LEN {
+                    return Err(bad(format!("a URL of 1..={MAX_URL_LEN} bytes")));
+                }
+                Self::Manifest(m)
+            }
         })
     }
 }
@@ -341,6 +363,7 @@ mod tests {
             Message::Web(Web { id: NodeId([2; 32]), served: Some(CertHash([3; 32])) }),
             Message::Block(Block { id: NodeId([4; 32]), block: true }),
             Message::Alive(Alive { replica: NodeId([5; 32]), ready: false }),
+            Message::Manifest(ManifestWritten { url: "https://o.example/a.mp4".into(), content: ContentId([6; 32]) }),
         ];
         for m in messages {
             assert_eq!(Message::decode(m.kind(), &m.encode()).expect("decodes"), m);
@@ -380,5 +403,10 @@ mod tests {
         assert!(malformed(Kind::Load, &serde_json::to_vec(&load(MAX_LOAD_ENTRIES + 1, 1.0)).expect("json")));
         assert!(malformed(Kind::Load, &serde_json::to_vec(&load(1, -1.0)).expect("json")));
         assert!(malformed(Kind::Load, &serde_json::to_vec(&load(1, 1e300)).expect("json")));
+        let written = |url: String| ManifestWritten { url, content: ContentId([1; 32]) };
+        assert!(malformed(Kind::Manifest, &serde_json::to_vec(&written(String::new())).expect("json")));
+        let long = format!("https://o.example/{}", "a".repeat(MAX_URL_LEN));
+        assert!(malformed(Kind::Manifest, &serde_json::to_vec(&written(long)).expect("json")));
+        assert!(malformed(Kind::Manifest, br#"{"url":"https://o.example/a","content":"zz"}"#));
     }
 }

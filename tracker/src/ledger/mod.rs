@@ -22,8 +22,8 @@ use ed25519_dalek::SigningKey;
 use fog_net::per_source::PerSource;
 use fog_proto::api::{Membership, Signed, SignedError, KIND_MEMBERSHIP};
 use fog_proto::credits::{
-    chain_links, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt, Redeemed, SessionId, Ticket, TreeHead,
-    KIND_COMMITMENT, KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
+    chain_links, check_batch, ticket_id, BatchError, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt,
+    Redeemed, SessionId, Ticket, TicketId, TreeHead, KIND_COMMITMENT, KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
 };
 use fog_proto::merkle::{self, Hash, SubtreeSource};
 use fog_proto::{ContentId, NodeId};
@@ -80,6 +80,9 @@ pub enum LedgerError {
     NotEmpty { size: u64 },
     #[error("the exported ledger differs from the original: {0}")]
     ExportMismatch(String),
+    /// The redemption batch is out of bounds as a whole: nothing in it was looked at.
+    #[error("redemption batch refused: {0}")]
+    Batch(#[from] BatchError),
 }
 
 /// How long one ledger database operation may take before it counts as failed (retryable).
@@ -95,7 +98,8 @@ impl LedgerError {
             | Self::MissingSubtree { .. }
             | Self::NotEmpty { .. }
             | Self::Setup(_)
-            | Self::ExportMismatch(_) => false,
+            | Self::ExportMismatch(_)
+            | Self::Batch(_) => false,
             _ => true,
         }
     }
@@ -108,8 +112,12 @@ enum Refusal {
     Forged,
     #[error("malformed: the commitment is signed but is not a valid commitment")]
     Malformed,
-    #[error("no ticket: the tracker never issued this session")]
+    #[error("no ticket: the batch carries none for this commitment and the tracker stored none")]
     NoTicket,
+    #[error("forged ticket: the batch's ticket for this commitment is not signed by this tracker")]
+    ForgedTicket,
+    #[error("the commitment's session is not its ticket's")]
+    WrongSession,
     #[error("wrong client: the commitment is not signed by the ticket's client key")]
     WrongClient,
     #[error("the commitment names another ticket")]
@@ -139,17 +147,28 @@ pub struct ChainState {
     pub credited: u64,
 }
 
-/// An issued ticket as the ledger keeps it until it can no longer be redeemed.
+/// A ticket as trackers before stateless tickets stored it at issue. Rows written then are still read, so
+/// that receipts under them redeem until they expire; no ticket is stored any more.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredTicket {
     pub signed: Signed,
     pub ticket: Ticket,
 }
 
-/// Whether a ticket can no longer be redeemed at `now_ms` (expired before `horizon_ms`, and past its grace
-/// epoch), so its state may be forgotten. `PgStore` says the same in SQL.
-fn prunable(t: &Ticket, horizon_ms: u64, current_epoch: u64) -> bool {
-    t.expiry_ms < horizon_ms && current_epoch > t.epoch + 1
+/// What a ticket's receipts have been credited so far, with the ticket's own expiry and epoch: its usage
+/// is forgotten by them, with no ticket stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TicketUse {
+    pub used: u64,
+    pub expiry_ms: u64,
+    pub epoch: u64,
+}
+
+/// Whether a ticket that expires at `expiry_ms`, issued in `epoch`, can no longer be redeemed (expired
+/// before `horizon_ms`, and past its grace epoch), so its state may be forgotten. `PgStore` says the same
+/// in SQL.
+fn prunable(expiry_ms: u64, epoch: u64, horizon_ms: u64, current_epoch: u64) -> bool {
+    expiry_ms < horizon_ms && current_epoch > epoch + 1
 }
 
 /// One rejected receipt in a node's statement.
@@ -203,8 +222,8 @@ pub struct Append {
     /// Complete subtrees the new leaves close: (level, index, hash).
     pub subtrees: Vec<(u32, u64, Hash)>,
     pub chains: Vec<(SessionId, NodeId, ChainState)>,
-    /// Bytes credited so far per ticket (its session).
-    pub used: Vec<(SessionId, u64)>,
+    /// Bytes credited so far per ticket (its session), with what forgets it.
+    pub used: Vec<(SessionId, TicketUse)>,
     /// The redeeming node.
     pub node: NodeId,
     /// The node's new total in an epoch, when it changed.
@@ -241,9 +260,9 @@ impl Append {
 }
 
 /// Where the ledger's state lives. Reads see committed state only; every change goes through
-/// [`commit`](Self::commit) (a redemption), [`seal`](Self::seal), [`put_ticket`](Self::put_ticket) or
-/// [`prune_tickets`](Self::prune_tickets). Blocking: called off the async workers (or briefly on them for
-/// reads, as RocksDB reads always were).
+/// [`commit`](Self::commit) (a redemption), [`seal`](Self::seal) or [`prune_tickets`](Self::prune_tickets):
+/// issuing a ticket writes nothing. Blocking: called off the async workers (or briefly on them for reads, as
+/// RocksDB reads always were).
 pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     /// Makes this process the log's sequencer if it may be, and returns its fencing token: a store shared by
     /// replicas fails with [`LedgerError::NotSequencer`] while another holds the lease.
@@ -254,8 +273,11 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     /// Keeps `head` as the one that sealed `epoch`, and marks epochs before `epoch + 1` sealed (fenced
     /// like `commit`).
     fn seal(&self, token: u64, epoch: u64, head: &Signed) -> Result<(), LedgerError>;
+    /// Stores a ticket as trackers before stateless tickets did: what the tests' older rows are made with.
+    #[cfg(test)]
     fn put_ticket(&self, ticket: &StoredTicket) -> Result<(), LedgerError>;
-    /// Forgets tickets that are [`prunable`], with their chains and spending; returns how many.
+    /// Forgets the redemption state (spending, chains) of tickets that are [`prunable`] by the expiry kept
+    /// with their spending, and stored tickets that are, with theirs; returns how many tickets.
     fn prune_tickets(&self, horizon_ms: u64, current_epoch: u64) -> Result<usize, LedgerError>;
 
     fn size(&self) -> Result<u64, LedgerError>;
@@ -272,6 +294,7 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
         max: usize,
     ) -> Result<Vec<(u64, LedgerLeaf)>, LedgerError>;
     fn epoch_head(&self, epoch: u64) -> Result<Option<Signed>, LedgerError>;
+    /// A ticket an older tracker stored at issue.
     fn ticket(&self, session: &SessionId) -> Result<Option<StoredTicket>, LedgerError>;
     fn chain(&self, session: &SessionId, node: &NodeId) -> Result<Option<ChainState>, LedgerError>;
     fn ticket_used(&self, session: &SessionId) -> Result<u64, LedgerError>;
@@ -385,7 +408,8 @@ impl Ledger {
 
     /// Issues a ticket for `client_key`'s session over `nodes` (with their assigned chunk counts), or `None`
     /// when the client's address used up its tickets (its traffic then earns nobody anything). `client`:
-    /// `None` for the tracker's own probes, which no share limits.
+    /// `None` for the tracker's own probes, which no share limits. Writes nothing: the ticket is signed and
+    /// self-contained, and comes back with the receipts made under it ([`redeem`](Self::redeem)).
     #[allow(clippy::too_many_arguments)]
     pub fn issue_ticket(
         &self,
@@ -419,18 +443,21 @@ impl Ledger {
             tracing::warn!(len, nodes = ticket.nodes.len(), "ticket too long for a chunk request; issuing none");
             return Ok(None);
         }
-        self.store.put_ticket(&StoredTicket { signed: signed.clone(), ticket })?;
         Ok(Some(signed))
     }
 
-    /// Redeems a node's receipts: each is credited, a duplicate, or rejected with a reason.
-    /// Blocking (signature checks, hash-chain walks, a durable write): call it off the async workers.
-    pub fn redeem(&self, node: NodeId, receipts: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
+    /// Redeems a node's receipts, with the tickets they were made under (`RedeemBatch::tickets`): each is
+    /// credited, a duplicate, or rejected with a reason. A batch out of bounds is refused whole
+    /// ([`LedgerError::Batch`]). Blocking (signature checks, hash-chain walks, a durable write): call it off
+    /// the async workers.
+    pub fn redeem(&self, node: NodeId, receipts: &[Receipt], tickets: &[Signed]) -> Result<Vec<Redeemed>, LedgerError> {
+        check_batch(receipts, tickets)?;
         let now = self.clock.now_ms();
         let epoch = self.epoch_at(now);
         // Signatures and chain walks need no ledger state: done before taking the lock, so a batch of
         // expensive receipts delays only its own redemption.
-        let verified = receipts.iter().map(|r| self.verify(node, r, now)).collect::<Result<Vec<_>, _>>()?;
+        let tickets = self.open_tickets(tickets);
+        let verified = receipts.iter().map(|r| self.verify(node, r, &tickets, now)).collect::<Result<Vec<_>, _>>()?;
         let _guard = self.write.lock().expect("ledger write lock");
         // The token before any state is read: if another replica takes over meanwhile, the commit fails.
         let token = self.store.sequence()?;
@@ -439,7 +466,7 @@ impl Ledger {
         let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
         // State touched earlier in this batch must be seen by later receipts in it.
         let mut chains: HashMap<(SessionId, NodeId), ChainState> = HashMap::new();
-        let mut used: HashMap<SessionId, u64> = HashMap::new();
+        let mut used: HashMap<SessionId, TicketUse> = HashMap::new();
         let mut node_epoch = self.store.node_epoch(&node, epoch)?;
         let node_epoch_before = node_epoch;
         let mut rejected_seq = self.store.rejected_seq(&node)?;
@@ -504,25 +531,55 @@ impl Ledger {
         Ok(results)
     }
 
+    /// The batch's tickets by id: each opened if this tracker signed it, or why not.
+    fn open_tickets(&self, tickets: &[Signed]) -> BatchTickets {
+        let me = self.public_key();
+        let mut out = BatchTickets::default();
+        for signed in tickets {
+            let opened = match signed.open::<Ticket>(KIND_TICKET) {
+                Ok(t) if signed.node_id == me => Ok(t),
+                _ => Err(Refusal::ForgedTicket),
+            };
+            if let Ok(t) = &opened {
+                out.sessions.insert(t.session);
+            }
+            out.by_id.insert(ticket_id(signed), opened);
+        }
+        out
+    }
+
     /// What can be checked of a receipt without redemption state: the client's signature, the ticket it
-    /// names, the node's assignment, and the hash chain. The walk is bounded by the chunks the ticket covers,
-    /// which is checked first. `now`: when the redemption is made.
-    fn verify(&self, node: NodeId, r: &Receipt, now: u64) -> Result<Result<Verified, Refusal>, LedgerError> {
+    /// names (in the batch, or stored by an older tracker), the node's assignment, and the hash chain. The
+    /// walk is bounded by the chunks the ticket covers, which is checked first. `now`: when the redemption
+    /// is made.
+    fn verify(
+        &self,
+        node: NodeId,
+        r: &Receipt,
+        tickets: &BatchTickets,
+        now: u64,
+    ) -> Result<Result<Verified, Refusal>, LedgerError> {
         let reject = |why| Ok(Err(why));
         let c = match r.commitment.open::<Commitment>(KIND_COMMITMENT) {
             Ok(c) => c,
             Err(SignedError::Payload { .. }) => return reject(Refusal::Malformed),
             Err(SignedError::BadKey | SignedError::BadSignature) => return reject(Refusal::Forged),
         };
-        let Some(stored) = self.store.ticket(&c.session)? else {
-            return reject(Refusal::NoTicket);
+        let ticket = match tickets.by_id.get(&c.ticket_id) {
+            Some(Ok(t)) if t.session != c.session => return reject(Refusal::WrongSession),
+            Some(Ok(t)) => t.clone(),
+            Some(Err(why)) => return reject(*why),
+            // Not in the batch: a ticket an older tracker stored (an older node sends none).
+            None => match self.store.ticket(&c.session)? {
+                Some(stored) if c.ticket_id != ticket_id(&stored.signed) => return reject(Refusal::OtherTicket),
+                Some(stored) => stored.ticket,
+                None if tickets.sessions.contains(&c.session) => return reject(Refusal::OtherTicket),
+                None => return reject(Refusal::NoTicket),
+            },
         };
-        let t = &stored.ticket;
+        let t = &ticket;
         if r.commitment.node_id != t.client_key {
             return reject(Refusal::WrongClient);
-        }
-        if c.ticket_id != fog_proto::credits::ticket_id(&stored.signed) {
-            return reject(Refusal::OtherTicket);
         }
         if c.node != node {
             return reject(Refusal::NotYours);
@@ -553,6 +610,8 @@ impl Ledger {
             unit: u64::from(t.unit),
             node_cap: u64::from(assigned) * u64::from(t.unit),
             byte_budget: t.byte_budget,
+            expiry_ms: t.expiry_ms,
+            ticket_epoch: t.epoch,
         }))
     }
 
@@ -561,7 +620,7 @@ impl Ledger {
         &self,
         v: Verified,
         chains: &mut HashMap<(SessionId, NodeId), ChainState>,
-        used: &mut HashMap<SessionId, u64>,
+        used: &mut HashMap<SessionId, TicketUse>,
     ) -> Result<Check, LedgerError> {
         let (session, node) = v.chain;
         let state = match chains.get(&v.chain) {
@@ -572,13 +631,14 @@ impl Ledger {
             return Ok(Check::Duplicate);
         }
         let spent = match used.get(&session) {
-            Some(u) => *u,
+            Some(u) => u.used,
             None => self.store.ticket_used(&session)?,
         };
         let claimed = u64::from(v.index - state.index) * v.unit;
         let bytes = claimed.min(v.node_cap.saturating_sub(state.credited)).min(v.byte_budget.saturating_sub(spent));
         chains.insert(v.chain, ChainState { index: v.index, credited: state.credited + bytes });
-        used.insert(session, spent + bytes);
+        let spent = TicketUse { used: spent + bytes, expiry_ms: v.expiry_ms, epoch: v.ticket_epoch };
+        used.insert(session, spent);
         if bytes == 0 {
             return Ok(Check::Reject(Refusal::NothingLeft));
         }
@@ -637,9 +697,9 @@ impl Ledger {
         self.store.epoch_head(epoch)
     }
 
-    /// Forgets tickets that can no longer be redeemed (expired, and past the grace epoch), with their
-    /// chains' redemption state: receipts for them are refused by the epoch check before that state is
-    /// consulted. Keeps the ticket store bounded by the ticket lifetime. Returns how many were dropped.
+    /// Forgets the redemption state of tickets that can no longer be redeemed (expired, and past the grace
+    /// epoch): receipts for them are refused by the epoch check before that state is consulted. Keeps the
+    /// state bounded by the ticket lifetime. Returns how many tickets were forgotten.
     fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
         let horizon = now_ms.saturating_sub(self.epoch_len.as_millis() as u64 * 2);
         self.store.prune_tickets(horizon, self.epoch_at(now_ms))
@@ -737,6 +797,17 @@ struct Verified {
     unit: u64,
     node_cap: u64,
     byte_budget: u64,
+    /// The ticket's, kept with its spending so that it is forgotten in time.
+    expiry_ms: u64,
+    ticket_epoch: u64,
+}
+
+/// The tickets a redemption batch carries, by id: opened, or why they are refused; and the sessions of the
+/// good ones (a commitment naming another ticket of one of them names the wrong ticket).
+#[derive(Default)]
+struct BatchTickets {
+    by_id: HashMap<TicketId, Result<Ticket, Refusal>>,
+    sessions: std::collections::HashSet<SessionId>,
 }
 
 enum Check {

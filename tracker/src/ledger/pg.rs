@@ -28,6 +28,7 @@ use super::{
     Append, ChainState, EpochLine, LedgerError, LedgerStore, Rejection, StoredTicket, TreeView, LEDGER_QUERY_TIMEOUT,
 };
 use crate::db::Db;
+use crate::metrics::LedgerMetrics;
 use crate::store::pg as store_pg;
 
 /// How long a sequencer's lease lasts; it renews it when half has passed while it appends. A replica that
@@ -85,6 +86,13 @@ CREATE TABLE ledger_rejected_seq (
 );
 ";
 
+/// Migration 2, stateless tickets: a ticket's spending carries the ticket's expiry and epoch, which forget
+/// it (no ticket is stored any more). Rows written before hold none; their stored ticket forgets them.
+const TICKET_USE: &str = "
+ALTER TABLE ledger_ticket_used ADD COLUMN expiry_ms bigint, ADD COLUMN epoch bigint;
+CREATE INDEX ledger_ticket_used_by_expiry ON ledger_ticket_used (shard, expiry_ms);
+";
+
 /// Takes the lease if it expired (token + 1) or renews it if this replica holds it (same token: nobody
 /// else can have written since it took it). Times are the database's, so replicas' clocks do not matter.
 const TAKE_LEASE: &str = "
@@ -94,14 +102,15 @@ UPDATE ledger_shards
  WHERE shard = $1 AND (holder = $2 OR lease_until < clock_timestamp())
 RETURNING token";
 
-/// One ledger record, as `fog-tracker export` copies it.
+/// One ledger record, as `fog-tracker export` copies it. A ticket's spending (`Used`) carries the ticket's
+/// (expiry, epoch), unless the ticket is stored (`Ticket`, from before tickets were stateless).
 pub(super) enum Record {
     Leaf { index: u64, node: NodeId, bytes: Vec<u8> },
     Subtree { level: u32, index: u64, hash: Hash },
     Head { epoch: u64, head: Signed },
     Ticket(StoredTicket),
     Chain { session: SessionId, node: NodeId, state: ChainState },
-    Used { session: SessionId, used: u64 },
+    Used { session: SessionId, used: u64, expiry: Option<(u64, u64)> },
     NodeEpoch { node: NodeId, epoch: u64, bytes: u64 },
     Rejection { node: NodeId, seq: u64, rejection: Rejection },
     RejectedSeq { node: NodeId, seq: u64 },
@@ -126,6 +135,9 @@ pub struct PgStore {
     url: String,
     lease: Duration,
     held: Mutex<Option<Held>>,
+    /// The token this process held last (0: none): a token taken that is neither is a takeover.
+    last_token: Mutex<u64>,
+    metrics: LedgerMetrics,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -179,10 +191,12 @@ impl PgStore {
             url: url.to_string(),
             lease,
             held: Mutex::new(None),
+            last_token: Mutex::new(0),
+            metrics: LedgerMetrics::default(),
         };
         let (pool, shard) = (store.pool.clone(), store.shard);
         store.block("creating the ledger's tables", async move {
-            store_pg::migrate(&pool, "ledger", &[SCHEMA]).await?;
+            store_pg::migrate(&pool, "ledger", &[SCHEMA, TICKET_USE]).await?;
             let c = pool.get().await?;
             c.execute("INSERT INTO ledger_shards (shard) VALUES ($1) ON CONFLICT DO NOTHING", &[&shard]).await?;
             Ok(())
@@ -285,9 +299,15 @@ impl PgStore {
                             .big(state.index.into())
                             .big(state.credited),
                     ),
-                    Record::Used { session, used } => (
-                        "INSERT INTO ledger_ticket_used (shard, session, used) VALUES ($1, $2, $3)",
-                        Params::new().int(shard).bytes(session.as_bytes()).big(used),
+                    Record::Used { session, used, expiry } => (
+                        "INSERT INTO ledger_ticket_used (shard, session, used, expiry_ms, epoch)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        Params::new()
+                            .int(shard)
+                            .bytes(session.as_bytes())
+                            .big(used)
+                            .opt(expiry.map(|(expiry_ms, _)| expiry_ms))
+                            .opt(expiry.map(|(_, epoch)| epoch)),
                     ),
                     Record::NodeEpoch { node, epoch, bytes } => (
                         "INSERT INTO ledger_node_epochs (shard, node, epoch, bytes) VALUES ($1, $2, $3, $4)",
@@ -314,10 +334,24 @@ impl PgStore {
         })
     }
 
+    /// The lease's metrics (`fog_tracker_ledger_*`), for the tracker's registry.
+    pub fn metrics(&self) -> LedgerMetrics {
+        self.metrics.clone()
+    }
+
+    /// The lease was lost to another replica: `what` was refused.
+    fn fenced(&self, token: u64, what: &str) {
+        tracing::warn!(token, "lost the ledger's lease to another replica; {what}");
+        *self.held.lock().expect("ledger lease lock") = None;
+        self.metrics.sequencer.held_until(None);
+        self.metrics.fenced.inc();
+    }
+
     /// Gives up the lease if this replica holds it, so that another takes over without waiting it out.
     pub fn release(&self) -> Result<(), LedgerError> {
         let (pool, shard, replica) = (self.pool.clone(), self.shard, self.replica.clone());
         *self.held.lock().expect("ledger lease lock") = None;
+        self.metrics.sequencer.held_until(None);
         self.block("releasing the ledger's lease", async move {
             let c = pool.get().await?;
             let sql = "UPDATE ledger_shards SET lease_until = '-infinity' WHERE shard = $1 AND holder = $2";
@@ -381,6 +415,11 @@ impl Params {
         self
     }
 
+    fn opt(mut self, v: Option<u64>) -> Self {
+        self.0.push(Box::new(v.map(i)));
+        self
+    }
+
     fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         self.0.iter().map(|b| &**b as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
     }
@@ -427,11 +466,20 @@ impl LedgerStore for PgStore {
                 if held.is_none_or(|h| h.token != token) {
                     tracing::info!(token, shard = self.shard, "this replica sequences the ledger now");
                 }
+                // The token moves on only when the holder changes; 1 is the first holder's.
+                let mut last = self.last_token.lock().expect("ledger lease lock");
+                if token != *last && token > 1 {
+                    self.metrics.takeovers.inc();
+                }
+                *last = token;
                 *held = Some(Held { token, renew_at: started + self.lease / 2 });
+                // The database started the lease after `started`: it lasts at least this long.
+                self.metrics.sequencer.held_until(Some(started + self.lease));
                 Ok(token)
             }
             Ok(Err(holder_url)) => {
                 *held = None;
+                self.metrics.sequencer.held_until(None);
                 Err(LedgerError::NotSequencer { holder_url })
             }
             Err(e) => Err(e),
@@ -483,15 +531,18 @@ impl LedgerStore for PgStore {
             }
             if !a.used.is_empty() {
                 let sessions: Vec<&[u8]> = a.used.iter().map(|(s, _)| s.as_bytes().as_slice()).collect();
-                let used: Vec<i64> = a.used.iter().map(|(_, u)| i(*u)).collect();
+                let used: Vec<i64> = a.used.iter().map(|(_, u)| i(u.used)).collect();
+                let expiry: Vec<i64> = a.used.iter().map(|(_, u)| i(u.expiry_ms)).collect();
+                let epochs: Vec<i64> = a.used.iter().map(|(_, u)| i(u.epoch)).collect();
                 let st = tx
                     .prepare_cached(
-                        "INSERT INTO ledger_ticket_used (shard, session, used)
-                         SELECT $1::int4, * FROM UNNEST($2::bytea[], $3::int8[])
-                         ON CONFLICT (shard, session) DO UPDATE SET used = EXCLUDED.used",
+                        "INSERT INTO ledger_ticket_used (shard, session, used, expiry_ms, epoch)
+                         SELECT $1::int4, * FROM UNNEST($2::bytea[], $3::int8[], $4::int8[], $5::int8[])
+                         ON CONFLICT (shard, session) DO UPDATE
+                         SET used = EXCLUDED.used, expiry_ms = EXCLUDED.expiry_ms, epoch = EXCLUDED.epoch",
                     )
                     .await?;
-                tx.execute(&st, &[&shard, &sessions, &used]).await?;
+                tx.execute(&st, &[&shard, &sessions, &used, &expiry, &epochs]).await?;
             }
             if let Some((epoch, bytes)) = a.node_epoch {
                 let st = tx
@@ -531,15 +582,14 @@ impl LedgerStore for PgStore {
             Ok(())
         });
         if let Err(LedgerError::Fenced { token }) = &result {
-            tracing::warn!(token, "lost the ledger's lease to another replica; the batch was not written");
-            *self.held.lock().expect("ledger lease lock") = None;
+            self.fenced(*token, "the batch was not written");
         }
         result
     }
 
     fn seal(&self, token: u64, epoch: u64, head: &Signed) -> Result<(), LedgerError> {
         let (pool, shard, head) = (self.pool.clone(), self.shard, to_json(head));
-        self.block("sealing an epoch", async move {
+        let result = self.block("sealing an epoch", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;
             fence(&tx, shard, token, None).await?;
@@ -555,9 +605,14 @@ impl LedgerStore for PgStore {
             .await?;
             tx.commit().await?;
             Ok(())
-        })
+        });
+        if let Err(LedgerError::Fenced { token }) = &result {
+            self.fenced(*token, "the epoch's head was not sealed");
+        }
+        result
     }
 
+    #[cfg(test)]
     fn put_ticket(&self, t: &StoredTicket) -> Result<(), LedgerError> {
         let (pool, shard) = (self.pool.clone(), self.shard);
         let (session, expiry, epoch, stored) =
@@ -580,17 +635,27 @@ impl LedgerStore for PgStore {
         self.block("forgetting expired tickets", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;
-            // `prunable` in SQL: expired before the horizon, and past the grace epoch.
+            // `prunable` in SQL: expired before the horizon, and past the grace epoch. Tickets older
+            // trackers stored, then the spending that carries its ticket's expiry.
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&shard, &i(horizon_ms), &i(current_epoch)];
             let rows = tx
                 .query(
                     "DELETE FROM ledger_tickets WHERE shard = $1 AND expiry_ms < $2 AND epoch + 1 < $3 RETURNING session",
-                    &[&shard, &i(horizon_ms), &i(current_epoch)],
+                    &params,
                 )
                 .await?;
-            let sessions: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
-            tx.execute("DELETE FROM ledger_chains WHERE shard = $1 AND session = ANY($2)", &[&shard, &sessions]).await?;
+            let mut sessions: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
             tx.execute("DELETE FROM ledger_ticket_used WHERE shard = $1 AND session = ANY($2)", &[&shard, &sessions])
                 .await?;
+            let rows = tx
+                .query(
+                    "DELETE FROM ledger_ticket_used WHERE shard = $1 AND expiry_ms < $2 AND epoch + 1 < $3
+                     RETURNING session",
+                    &params,
+                )
+                .await?;
+            sessions.extend(rows.iter().map(|r| r.get::<_, Vec<u8>>(0)));
+            tx.execute("DELETE FROM ledger_chains WHERE shard = $1 AND session = ANY($2)", &[&shard, &sessions]).await?;
             tx.commit().await?;
             Ok(sessions.len())
         })
@@ -720,7 +785,7 @@ impl std::fmt::Display for ExportStats {
         }
         write!(
             f,
-            "ledger: {} records (root {}), {} sealed heads, {} live tickets",
+            "ledger: {} records (root {}), {} sealed heads, {} stored tickets (from before tickets were stateless)",
             self.size, self.root, self.heads, self.tickets
         )
     }

@@ -12,7 +12,7 @@ use rocksdb::{IteratorMode, WriteBatch};
 use serde::Deserialize;
 
 use super::pg::Record;
-use super::{prunable, Append, ChainState, EpochLine, LedgerError, LedgerStore, Rejection, StoredTicket};
+use super::{prunable, Append, ChainState, EpochLine, LedgerError, LedgerStore, Rejection, StoredTicket, TicketUse};
 use crate::db::Db;
 
 const CF_TICKETS: &str = "credit_tickets";
@@ -59,6 +59,25 @@ fn rejection_key(node: &NodeId, seq: u64) -> Vec<u8> {
 
 fn be_u64(v: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
+}
+
+/// A ticket's spending: the bytes credited, then (since tickets are not stored) the ticket's expiry and
+/// epoch, which forget it. Older rows hold the bytes only; their ticket is stored, and forgets them.
+fn use_value(u: &TicketUse) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&u.used.to_be_bytes());
+    v[8..16].copy_from_slice(&u.expiry_ms.to_be_bytes());
+    v[16..].copy_from_slice(&u.epoch.to_be_bytes());
+    v
+}
+
+/// The bytes credited, and the ticket's (expiry, epoch) when the row carries them.
+fn read_use(v: &[u8]) -> Option<(u64, Option<(u64, u64)>)> {
+    match v.len() {
+        8 => Some((be_u64(v)?, None)),
+        24 => Some((be_u64(&v[..8])?, Some((be_u64(&v[8..16])?, be_u64(&v[16..])?)))),
+        _ => None,
+    }
 }
 
 #[derive(Debug)]
@@ -145,8 +164,10 @@ impl RocksStore {
         for item in self.db.raw().iterator_cf(cf(CF_TICKET_USED), IteratorMode::Start) {
             let (k, v) = item?;
             let session = std::str::from_utf8(&k).ok().and_then(|h| h.parse::<SessionId>().ok());
-            let (Some(session), Some(used)) = (session, be_u64(&v)) else { return Err(bad(CF_TICKET_USED, &k)) };
-            each(Record::Used { session, used })?;
+            let (Some(session), Some((used, expiry))) = (session, read_use(&v)) else {
+                return Err(bad(CF_TICKET_USED, &k));
+            };
+            each(Record::Used { session, used, expiry })?;
         }
         for item in self.db.raw().iterator_cf(cf(CF_NODE_EPOCHS), IteratorMode::Start) {
             let (k, v) = item?;
@@ -193,7 +214,7 @@ impl LedgerStore for RocksStore {
             self.put_json(&mut batch, CF_CHAINS, chain_key(session, node), state);
         }
         for (session, used) in &a.used {
-            batch.put_cf(self.db.cf(CF_TICKET_USED), session_key(session), used.to_be_bytes());
+            batch.put_cf(self.db.cf(CF_TICKET_USED), session_key(session), use_value(used));
         }
         if let Some((epoch, bytes)) = a.node_epoch {
             batch.put_cf(self.db.cf(CF_NODE_EPOCHS), node_epoch_key(&a.node, epoch), bytes.to_be_bytes());
@@ -218,6 +239,7 @@ impl LedgerStore for RocksStore {
         Ok(())
     }
 
+    #[cfg(test)]
     fn put_ticket(&self, t: &StoredTicket) -> Result<(), LedgerError> {
         let stored = serde_json::to_vec(t).expect("tickets serialise");
         self.db.raw().put_cf(self.db.cf(CF_TICKETS), session_key(&t.ticket.session), stored)?;
@@ -226,11 +248,12 @@ impl LedgerStore for RocksStore {
 
     fn prune_tickets(&self, horizon_ms: u64, current_epoch: u64) -> Result<usize, LedgerError> {
         let mut batch = WriteBatch::default();
-        let mut dropped = 0;
+        let mut dropped = std::collections::HashSet::new();
+        // Tickets older trackers stored, with their spending and chains.
         for item in self.db.raw().iterator_cf(self.db.cf(CF_TICKETS), IteratorMode::Start) {
             let (k, v) = item?;
             let Ok(stored) = serde_json::from_slice::<StoredTicket>(&v) else { continue };
-            if !prunable(&stored.ticket, horizon_ms, current_epoch) {
+            if !prunable(stored.ticket.expiry_ms, stored.ticket.epoch, horizon_ms, current_epoch) {
                 continue;
             }
             batch.delete_cf(self.db.cf(CF_TICKETS), &k);
@@ -238,10 +261,29 @@ impl LedgerStore for RocksStore {
             for node in &stored.ticket.nodes {
                 batch.delete_cf(self.db.cf(CF_CHAINS), chain_key(&stored.ticket.session, node));
             }
-            dropped += 1;
+            dropped.insert(k);
+        }
+        // Spending that carries its ticket's expiry, and the session's chains (keys `session/node`).
+        for item in self.db.raw().iterator_cf(self.db.cf(CF_TICKET_USED), IteratorMode::Start) {
+            let (k, v) = item?;
+            let Some((_, Some((expiry_ms, epoch)))) = read_use(&v) else { continue };
+            if !prunable(expiry_ms, epoch, horizon_ms, current_epoch) || dropped.contains(&k) {
+                continue;
+            }
+            batch.delete_cf(self.db.cf(CF_TICKET_USED), &k);
+            let prefix = [&*k, b"/"].concat();
+            let from = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+            for chain in self.db.raw().iterator_cf(self.db.cf(CF_CHAINS), from) {
+                let (ck, _) = chain?;
+                if !ck.starts_with(&prefix) {
+                    break;
+                }
+                batch.delete_cf(self.db.cf(CF_CHAINS), &ck);
+            }
+            dropped.insert(k);
         }
         self.db.raw().write(batch)?;
-        Ok(dropped)
+        Ok(dropped.len())
     }
 
     fn size(&self) -> Result<u64, LedgerError> {
@@ -295,7 +337,8 @@ impl LedgerStore for RocksStore {
     }
 
     fn ticket_used(&self, session: &SessionId) -> Result<u64, LedgerError> {
-        self.get_u64(CF_TICKET_USED, session_key(session).as_bytes())
+        let v = self.db.raw().get_pinned_cf(self.db.cf(CF_TICKET_USED), session_key(session))?;
+        Ok(v.and_then(|v| read_use(&v)).map_or(0, |(used, _)| used))
     }
 
     fn node_epoch(&self, node: &NodeId, epoch: u64) -> Result<u64, LedgerError> {

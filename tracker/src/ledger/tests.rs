@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use fog_proto::credits::{payment_chain, ticket_id};
+use fog_proto::credits::{payment_chain, ticket_id, MAX_BATCH};
 use fog_testkit::pg::TestPostgres;
 
 use super::*;
@@ -22,13 +22,32 @@ struct Fixture {
     clock: Clock,
     client: SigningKey,
     node: NodeId,
+    /// Every ticket issued, as the nodes holding their receipts keep them.
+    issued: Mutex<Vec<Signed>>,
 }
 
 fn fixture(store: Arc<dyn LedgerStore>, epoch_len: Duration) -> Fixture {
     let clock = Clock::manual(START_MS);
     let ledger = Ledger::with_store(store, SigningKey::from_bytes(&[1; 32]), epoch_len, 100, clock.clone());
     let node = SigningKey::from_bytes(&[3; 32]).verifying_key().into();
-    Fixture { ledger, clock, client: SigningKey::from_bytes(&[2; 32]), node }
+    Fixture { ledger, clock, client: SigningKey::from_bytes(&[2; 32]), node, issued: Mutex::new(Vec::new()) }
+}
+
+/// The tickets of `known` that `batch`'s commitments name, once each: what a node sends with the batch.
+fn tickets_for<'a>(batch: &[Receipt], known: impl IntoIterator<Item = &'a Signed>) -> Vec<Signed> {
+    let named: Vec<TicketId> = batch
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Commitment>(&r.commitment.payload).ok())
+        .map(|c| c.ticket_id)
+        .collect();
+    let mut out: Vec<Signed> = Vec::new();
+    for t in known {
+        let id = ticket_id(t);
+        if named.contains(&id) && !out.iter().any(|o| ticket_id(o) == id) {
+            out.push(t.clone());
+        }
+    }
+    out
 }
 
 /// A receipt for `node` paying `index` chunks of the ticket, from a chain of `length` seeded by `seed`.
@@ -55,6 +74,7 @@ impl Fixture {
             .issue_ticket(Some([127, 0, 0, 1].into()), client, ContentId([0; 32]), vec![self.node], vec![4], 1, 4)
             .expect("issue")
             .expect("a ticket");
+        self.issued.lock().expect("issued").push(signed.clone());
         let ticket = signed.open(KIND_TICKET).expect("ticket");
         (signed, ticket)
     }
@@ -63,8 +83,14 @@ impl Fixture {
         receipt(&self.client, ticket, self.node, 9, index)
     }
 
+    /// Redeems `batch` for `node` with the issued tickets it names.
+    fn redeem_on(&self, ledger: &Ledger, node: NodeId, batch: &[Receipt]) -> Result<Vec<Redeemed>, LedgerError> {
+        let tickets = tickets_for(batch, self.issued.lock().expect("issued").iter());
+        ledger.redeem(node, batch, &tickets)
+    }
+
     fn redeem(&self, receipt: Receipt) -> Redeemed {
-        self.ledger.redeem(self.node, &[receipt]).expect("redeem").remove(0)
+        self.redeem_on(&self.ledger, self.node, &[receipt]).expect("redeem").remove(0)
     }
 }
 
@@ -145,7 +171,8 @@ fn expired_tickets_are_pruned_and_live_ones_kept(new: NewStore) {
     assert_eq!(f.redeem(f.receipt(&a, 1)).outcome, Outcome::Credited);
     assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
     f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 2);
+    // Only a ticket with receipts redeemed left state behind (issuing stores nothing).
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
     for (_, t) in [&a, &b] {
         assert!(f.ledger.store.ticket(&t.session).expect("get").is_none());
         assert_eq!(f.ledger.store.ticket_used(&t.session).expect("get"), 0);
@@ -180,7 +207,8 @@ fn credits_totals_statements_and_proofs_agree(new: NewStore) {
         forged,
         receipt(&f.client, &t1, other, 8, 1),
     ];
-    let results = f.ledger.redeem(f.node, &batch).expect("redeem");
+    let redeem = |node: NodeId, batch: &[Receipt]| f.ledger.redeem(node, batch, &tickets_for(batch, [&t1.0, &t2.0]));
+    let results = redeem(f.node, &batch).expect("redeem");
     let outcomes: Vec<_> = results.iter().map(|r| (r.outcome, r.credited_bytes, r.leaf_index)).collect();
     assert_eq!(
         outcomes,
@@ -196,13 +224,13 @@ fn credits_totals_statements_and_proofs_agree(new: NewStore) {
     refused(&results[4], Refusal::NotYours);
     heads.push(head_of(&f.ledger));
     // The other node: t2's budget has 100 bytes left for it, though its assignment allows 300.
-    let results = f.ledger.redeem(other, &[receipt(&f.client, &t2, other, 8, 3)]).expect("redeem");
+    let results = redeem(other, &[receipt(&f.client, &t2, other, 8, 3)]).expect("redeem");
     assert_eq!(
         (results[0].outcome, results[0].credited_bytes, results[0].leaf_index),
         (Outcome::Credited, 100, Some(3))
     );
     assert!(results[0].reason.is_some(), "a capped credit says so");
-    let results = f.ledger.redeem(f.node, &[receipt(&f.client, &t1, f.node, 5, 3)]).expect("redeem");
+    let results = redeem(f.node, &[receipt(&f.client, &t1, f.node, 5, 3)]).expect("redeem");
     assert_eq!(results[0].outcome, Outcome::Duplicate);
     let head = head_of(&f.ledger);
     assert_eq!(head.size, 4);
@@ -237,15 +265,149 @@ fn rejections_are_kept_bounded(new: NewStore) {
     let mut bad = f.receipt(&f.issue(), 1);
     bad.preimage = Digest([0; 32]);
     let batch: Vec<Receipt> = (0..REJECTIONS_KEPT + 5).map(|_| bad.clone()).collect();
-    f.ledger.redeem(f.node, &batch).expect("redeem");
-    f.ledger.redeem(f.node, &batch[..3]).expect("redeem");
+    f.redeem_on(&f.ledger, f.node, &batch).expect("redeem");
+    f.redeem_on(&f.ledger, f.node, &batch[..3]).expect("redeem");
     let statement = f.ledger.statement(&f.node, 10).expect("statement");
     assert_eq!(statement.rejected.len() as u64, REJECTIONS_KEPT);
     assert_eq!(f.ledger.store.rejected_seq(&f.node).expect("seq"), REJECTIONS_KEPT + 8);
     assert_eq!(f.ledger.size().expect("size"), 0);
 }
 
+/// A ticket is stored nowhere: the batch carries it, and a receipt credits against it.
+fn stateless_tickets_redeem_with_nothing_stored_at_issue(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let ticket = f.issue();
+    assert!(f.ledger.store.ticket(&ticket.1.session).expect("read").is_none(), "issuing stored the ticket");
+    assert_eq!(f.ledger.store.ticket_used(&ticket.1.session).expect("read"), 0);
+    assert_eq!(f.ledger.size().expect("size"), 0);
+    let r = f.redeem(f.receipt(&ticket, 2));
+    assert_eq!((r.outcome, r.credited_bytes, r.leaf_index), (Outcome::Credited, 2, Some(0)), "{r:?}");
+    assert!(f.ledger.store.ticket(&ticket.1.session).expect("read").is_none(), "redeeming stored the ticket");
+    assert_eq!(f.ledger.store.ticket_used(&ticket.1.session).expect("read"), 2);
+    // Without its ticket, nothing says the session was issued.
+    let r = &f.ledger.redeem(f.node, &[f.receipt(&ticket, 3)], &[]).expect("redeem")[0];
+    refused(r, Refusal::NoTicket);
+}
+
+/// A batch's tickets must be this tracker's and the ones the commitments name; batches out of bounds are
+/// refused whole.
+fn batch_tickets_are_checked(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let good = f.issue();
+    // Signed by another key, with a valid signature.
+    let stranger = SigningKey::from_bytes(&[9; 32]);
+    let forged = Signed::sign(&stranger, KIND_TICKET, &good.1);
+    let r = receipt(&f.client, &(forged.clone(), good.1.clone()), f.node, 9, 1);
+    refused(&f.ledger.redeem(f.node, &[r], &[forged]).expect("redeem")[0], Refusal::ForgedTicket);
+    // This tracker's name on a ticket it did not sign.
+    let mut tampered = good.0.clone();
+    tampered.payload = tampered.payload.replace("\"byte_budget\":4", "\"byte_budget\":4000");
+    let r = receipt(&f.client, &(tampered.clone(), good.1.clone()), f.node, 9, 1);
+    refused(&f.ledger.redeem(f.node, &[r], &[tampered]).expect("redeem")[0], Refusal::ForgedTicket);
+    // A commitment naming another ticket than the one its session's ticket is.
+    let other = f.issue();
+    let mut c: Commitment = f.receipt(&good, 1).commitment.open(KIND_COMMITMENT).expect("commitment");
+    c.ticket_id = ticket_id(&other.0);
+    let chain = payment_chain([9; 32], c.length);
+    let wrong = Receipt { commitment: Signed::sign(&f.client, KIND_COMMITMENT, &c), index: 1, preimage: chain[1] };
+    let r = &f.ledger.redeem(f.node, std::slice::from_ref(&wrong), std::slice::from_ref(&other.0)).expect("redeem")[0];
+    refused(r, Refusal::WrongSession);
+    c.ticket_id = TicketId([7; 32]);
+    let unknown = Receipt { commitment: Signed::sign(&f.client, KIND_COMMITMENT, &c), index: 1, preimage: chain[1] };
+    let batch = [unknown, f.receipt(&good, 1)];
+    let results = f.ledger.redeem(f.node, &batch, std::slice::from_ref(&good.0)).expect("redeem");
+    refused(&results[0], Refusal::OtherTicket);
+    assert_eq!(results[1].outcome, Outcome::Credited, "{:?}", results[1]);
+    // Past its epochs, though carried (`tickets_expire_after_…` checks the expiry itself).
+    f.clock.advance(f.ledger.ticket_ttl + MINUTE * 3);
+    refused(&f.redeem(f.receipt(&good, 2)), Refusal::WrongEpoch);
+
+    // Out of bounds: the whole batch is refused, saying why, and nothing is written.
+    let size = f.ledger.size().expect("size");
+    let fresh = f.issue();
+    let one = [f.receipt(&fresh, 1)];
+    let refusal = |receipts: &[Receipt], tickets: &[Signed]| match f.ledger.redeem(f.node, receipts, tickets) {
+        Err(LedgerError::Batch(e)) => {
+            assert!(!LedgerError::Batch(e.clone()).is_retryable());
+            e
+        }
+        other => panic!("an out-of-bounds batch was taken: {other:?}"),
+    };
+    let e = refusal(&one, &[fresh.0.clone(), good.0.clone()]);
+    assert!(matches!(e, BatchError::TooManyTickets { tickets: 2, receipts: 1 }), "{e}");
+    let two = [f.receipt(&fresh, 1), f.receipt(&fresh, 2)];
+    let e = refusal(&two, &[fresh.0.clone(), fresh.0.clone()]);
+    assert!(matches!(e, BatchError::DuplicateTicket { index: 1 }), "{e}");
+    let e = refusal(&two, std::slice::from_ref(&good.0));
+    assert!(matches!(e, BatchError::UnnamedTicket { index: 0 }), "{e}");
+    let mut long = fresh.0.clone();
+    long.payload.push_str(&" ".repeat(fog_proto::wire::MAX_TICKET_LEN));
+    let e = refusal(&one, &[long]);
+    assert!(e.to_string().contains("at most 4096"), "{e}");
+    let many: Vec<Receipt> = (0..=MAX_BATCH).map(|_| one[0].clone()).collect();
+    let e = refusal(&many, std::slice::from_ref(&fresh.0));
+    assert_eq!(e, BatchError::TooManyReceipts(MAX_BATCH + 1));
+    assert_eq!(f.ledger.size().expect("size"), size);
+    assert_eq!(f.ledger.store.ticket_used(&fresh.1.session).expect("read"), 0);
+}
+
+/// A ticket's budget is kept with its spending, across batches and nodes, and across a prune that keeps
+/// it; once pruned, its receipts are refused before that state would be read.
+fn budget_holds_across_batches_and_a_prune(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let other: NodeId = SigningKey::from_bytes(&[4; 32]).verifying_key().into();
+    let client_key: NodeId = f.client.verifying_key().into();
+    let signed = f
+        .ledger
+        .issue_ticket(None, client_key, ContentId([0; 32]), vec![f.node, other], vec![4, 4], 1, 5)
+        .expect("issue")
+        .expect("a ticket");
+    f.issued.lock().expect("issued").push(signed.clone());
+    let t = (signed.clone(), signed.open::<Ticket>(KIND_TICKET).expect("ticket"));
+    let paid = |node: NodeId, index: u32| {
+        let r = f.redeem_on(&f.ledger, node, &[receipt(&f.client, &t, node, 5, index)]).expect("redeem");
+        (r[0].outcome, r[0].credited_bytes)
+    };
+    assert_eq!(paid(f.node, 3), (Outcome::Credited, 3));
+    f.clock.advance(MINUTE);
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0);
+    assert_eq!(paid(other, 4), (Outcome::Credited, 2), "the budget's rest, across the prune");
+    assert_eq!(paid(f.node, 4).1, 0, "the budget is used up");
+    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 5);
+    f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
+    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 0);
+    assert!(f.ledger.store.chain(&t.1.session, &f.node).expect("read").is_none());
+    assert!(f.ledger.store.chain(&t.1.session, &other).expect("read").is_none());
+    let r = f.redeem_on(&f.ledger, other, &[receipt(&f.client, &t, other, 6, 4)]).expect("redeem");
+    refused(&r[0], Refusal::WrongEpoch);
+    assert_eq!(f.ledger.credited(&f.node).expect("credit") + f.ledger.credited(&other).expect("credit"), 5);
+}
+
+/// Receipts under a ticket an older tracker stored at issue still redeem without it in the batch, and the
+/// stored ticket is forgotten once it expired.
+fn tickets_stored_by_older_trackers_still_redeem(new: NewStore) {
+    let f = fixture(new(), MINUTE);
+    let (signed, ticket) = f.issue();
+    f.ledger.store.put_ticket(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() }).expect("store");
+    let t = (signed, ticket);
+    let r = &f.ledger.redeem(f.node, &[f.receipt(&t, 1)], &[]).expect("redeem")[0];
+    assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 1), "{r:?}");
+    // A newer node sends the ticket too: the same chain goes on.
+    assert_eq!(f.redeem(f.receipt(&t, 3)).credited_bytes, 2);
+    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 3);
+    f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
+    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
+    assert!(f.ledger.store.ticket(&t.1.session).expect("read").is_none());
+    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 0);
+    assert!(f.ledger.store.chain(&t.1.session, &f.node).expect("read").is_none());
+}
+
 fn conformance(new: NewStore) {
+    stateless_tickets_redeem_with_nothing_stored_at_issue(new);
+    batch_tickets_are_checked(new);
+    budget_holds_across_batches_and_a_prune(new);
+    tickets_stored_by_older_trackers_still_redeem(new);
     receipts_are_redeemable_in_their_tickets_epoch_and_the_next_only(new);
     tickets_expire_after_their_lifetime_and_one_epoch_of_grace(new);
     each_finished_epoch_is_sealed_by_a_signed_head(new);
@@ -265,8 +427,10 @@ fn conformance_rocksdb() {
     });
 }
 
-/// The embedded ledger writes the keys and values every earlier tracker wrote: existing ledgers stay
-/// readable, and what a tracker writes now an older one reads.
+/// The embedded ledger writes the keys and values every earlier tracker wrote, so existing ledgers stay
+/// readable and what a tracker writes now an older one reads; but for a ticket's spending, which carries
+/// the ticket's expiry and epoch after the bytes since tickets are not stored (an older tracker, which
+/// would need the stored ticket, cannot redeem those receipts anyway).
 #[test]
 fn rocksdb_format_is_unchanged() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -288,12 +452,22 @@ fn rocksdb_format_is_unchanged() {
     assert_eq!(get("ledger_tree", &[0u8; 12]), merkle::leaf_hash(&leaf.bytes()));
     let chain_key = [session.as_bytes(), b"/", f.node.as_bytes()].concat();
     assert_eq!(get("credit_chains", &chain_key), br#"{"index":2,"credited":2}"#);
-    assert_eq!(get("credit_ticket_used", session.as_bytes()), 2u64.to_be_bytes());
+    let used = [2u64, ticket.1.expiry_ms, ticket.1.epoch].map(u64::to_be_bytes).concat();
+    assert_eq!(get("credit_ticket_used", session.as_bytes()), used);
     let node_epoch = [f.node.as_bytes().as_slice(), &f.ledger.epoch().to_be_bytes()].concat();
     assert_eq!(get("credit_node_epochs", &node_epoch), 2u64.to_be_bytes());
-    let stored: serde_json::Value = serde_json::from_slice(&get("credit_tickets", session.as_bytes())).expect("json");
-    assert_eq!(stored["signed"], serde_json::to_value(&ticket.0).expect("json"));
+    assert!(db.raw().get_cf(db.cf("credit_tickets"), session.as_bytes()).expect("read").is_none());
     assert_eq!(get("ledger_meta", &[b"rejseq/".as_slice(), f.node.as_bytes()].concat()), 0u64.to_be_bytes());
+    // A ticket an older tracker stored, and the spending it wrote: read as they were written.
+    let old = f.issue();
+    f.ledger.store.put_ticket(&StoredTicket { signed: old.0.clone(), ticket: old.1.clone() }).expect("store");
+    let stored: serde_json::Value =
+        serde_json::from_slice(&get("credit_tickets", old.1.session.to_hex().as_bytes())).expect("json");
+    assert_eq!(stored["signed"], serde_json::to_value(&old.0).expect("json"));
+    db.raw().put_cf(db.cf("credit_ticket_used"), old.1.session.to_hex(), 1u64.to_be_bytes()).expect("put");
+    assert_eq!(f.ledger.store.ticket_used(&old.1.session).expect("read"), 1);
+    let r = &f.ledger.redeem(f.node, &[f.receipt(&old, 3)], &[]).expect("redeem")[0];
+    assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 3), "{r:?}");
 }
 
 /// A PostgreSQL server for this test, or `None` (the test skips, saying why).
@@ -330,6 +504,9 @@ fn export_keeps_indices_and_roots() {
     let db = Arc::new(Db::open(dir.path()).expect("db"));
     let f = fixture(Arc::new(RocksStore::new(db.clone())), MINUTE);
     let tickets: Vec<_> = (0..5).map(|_| f.issue()).collect();
+    // One of them stored, as an older tracker did.
+    let (signed, ticket) = tickets[4].clone();
+    f.ledger.store.put_ticket(&StoredTicket { signed, ticket }).expect("store");
     for t in &tickets {
         f.redeem(f.receipt(t, 2));
     }
@@ -342,7 +519,7 @@ fn export_keeps_indices_and_roots() {
     let sealed = f.ledger.epoch_head(f.ledger.epoch() - 1).expect("read").expect("sealed");
     pg.create_database("exported");
     let stats = export_to_postgres(db.clone(), &pg.conn_str_db("exported")).expect("export");
-    assert_eq!((stats.size, stats.leaves, stats.heads, stats.tickets), (5, 5, 1, 5));
+    assert_eq!((stats.size, stats.leaves, stats.heads, stats.tickets), (5, 5, 1, 1));
     assert_eq!(stats.root, before.root);
     let again = export_to_postgres(db.clone(), &pg.conn_str_db("exported")).expect("export again");
     assert_eq!((again.copied, again.size, again.root), (false, 5, before.root), "an export run again copies nothing");
@@ -355,19 +532,29 @@ fn export_keeps_indices_and_roots() {
     assert_eq!(copy.epoch_head(f.ledger.epoch() - 1).expect("read"), Some(sealed));
     assert_eq!(copy.statement(&f.node, 10).expect("statement").rejected.len(), 1);
     check_log(&copy, &after, &[]);
-    // Receipts of the same tickets go on: a duplicate stays a duplicate, more chunks credit more.
-    let results =
-        copy.redeem(f.node, &[f.receipt(&tickets[0], 2), f.receipt(&tickets[1], 3)]).expect("redeem on the copy");
+    // Receipts of the same tickets go on: a duplicate stays a duplicate, more chunks credit more, up to the
+    // budget kept with the spending; the stored ticket is there too.
+    let batch = [f.receipt(&tickets[0], 2), f.receipt(&tickets[1], 3), f.receipt(&tickets[2], 4)];
+    let results = f.redeem_on(&copy, f.node, &batch).expect("redeem on the copy");
+    let stored = copy.redeem(f.node, &[f.receipt(&tickets[4], 3)], &[]).expect("redeem on the copy");
     assert_eq!(
-        results.iter().map(|r| (r.outcome, r.leaf_index)).collect::<Vec<_>>(),
-        [(Outcome::Duplicate, None), (Outcome::Credited, Some(5))]
+        results.iter().chain(&stored).map(|r| (r.outcome, r.leaf_index)).collect::<Vec<_>>(),
+        [
+            (Outcome::Duplicate, None),
+            (Outcome::Credited, Some(5)),
+            (Outcome::Credited, Some(6)),
+            (Outcome::Credited, Some(7))
+        ]
     );
     let grown = head_of(&copy);
     check_log(&copy, &grown, &[before]);
-    assert_eq!(copy.credited(&f.node).expect("credit"), 11);
+    assert_eq!(copy.credited(&f.node).expect("credit"), 14);
+    // The copied spending forgets its tickets by their expiry, as the stored ticket forgets its own.
+    let later = f.clock.now_ms() + (f.ledger.ticket_ttl + 3 * MINUTE).as_millis() as u64;
+    assert_eq!(copy.prune_expired(later).expect("prune"), 5);
     // The database's ledger has moved on: exporting the old one over it is refused.
     let refused = export_to_postgres(db, &pg.conn_str_db("exported"));
-    assert!(matches!(refused, Err(LedgerError::NotEmpty { size: 6 })), "{refused:?}");
+    assert!(matches!(refused, Err(LedgerError::NotEmpty { size: 8 })), "{refused:?}");
 }
 
 /// Two replicas' ledgers on one database, with a short lease.
@@ -386,19 +573,22 @@ fn a_stale_sequencer_writes_nothing_and_the_next_continues_the_log() {
     let (la, lb) = (replica(&a, &clock), replica(&b, &clock));
     let f = fixture(a.clone(), Duration::from_secs(3600));
     let tickets: Vec<_> = (0..4).map(|_| f.issue()).collect();
-    let r = la.redeem(f.node, &[f.receipt(&tickets[0], 1), f.receipt(&tickets[1], 2)]).expect("redeem");
+    let r = f.redeem_on(&la, f.node, &[f.receipt(&tickets[0], 1), f.receipt(&tickets[1], 2)]).expect("redeem");
     assert_eq!(r.iter().map(|r| r.leaf_index).collect::<Vec<_>>(), [Some(0), Some(1)]);
     let first = head_of(&la);
     let stale = a.sequence().expect("a holds the lease");
-    match lb.redeem(f.node, &[f.receipt(&tickets[2], 1)]) {
+    match f.redeem_on(&lb, f.node, &[f.receipt(&tickets[2], 1)]) {
         Err(LedgerError::NotSequencer { holder_url }) => assert_eq!(holder_url, "http://fenced.test"),
         other => panic!("a replica appended while another held the lease: {other:?}"),
     }
     std::thread::sleep(lease * 2);
-    let r = lb.redeem(f.node, &[f.receipt(&tickets[2], 1)]).expect("b takes the expired lease");
+    let r = f.redeem_on(&lb, f.node, &[f.receipt(&tickets[2], 1)]).expect("b takes the expired lease");
     assert_eq!(r[0].leaf_index, Some(2), "the new sequencer continues the log where it was");
     let token = b.sequence().expect("b holds the lease");
     assert_eq!(token, stale + 1);
+    let (ma, mb) = (a.metrics(), b.metrics());
+    assert_eq!((ma.sequencer.get(), mb.sequencer.get()), (0, 1), "a's lease ran out; b's is fresh");
+    assert_eq!((ma.takeovers.get(), mb.takeovers.get()), (0, 1), "the first lease is nobody's takeover");
 
     // The old sequencer, still believing its lease (a pause), appends what it read before: fenced.
     let leaf = LedgerLeaf { epoch: 0, node: f.node, session: tickets[3].1.session, chain_index: 1, credited_bytes: 1 };
@@ -419,8 +609,10 @@ fn a_stale_sequencer_writes_nothing_and_the_next_continues_the_log() {
     // A stale seal is fenced the same way.
     assert!(matches!(a.seal(stale, 7, &la.head().expect("head")), Err(LedgerError::Fenced { .. })));
     assert!(b.epoch_head(7).expect("read").is_none());
+    assert_eq!(ma.fenced.get(), 2, "the stale append and the stale seal");
     // The old sequencer's ledger now defers to the new one, and its reads see the new log.
-    assert!(matches!(la.redeem(f.node, &[f.receipt(&tickets[3], 1)]), Err(LedgerError::NotSequencer { .. })));
+    let late = f.redeem_on(&la, f.node, &[f.receipt(&tickets[3], 1)]);
+    assert!(matches!(late, Err(LedgerError::NotSequencer { .. })), "{late:?}");
     let head = head_of(&la);
     assert_eq!(head.size, 3);
     check_log(&lb, &head, &[first]);
@@ -542,7 +734,8 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
                     .collect();
                 turn += 1;
                 let ledger = replicas.lock().expect("replicas")[turn % 2].1.clone();
-                match ledger.redeem(*node, &batch) {
+                let tickets = tickets_for(&batch, mine.iter().map(|&i| &chains[i].ticket.0));
+                match ledger.redeem(*node, &batch, &tickets) {
                     Ok(results) => {
                         for (&i, (r, sent)) in mine.iter().zip(results.iter().zip(&batch)) {
                             assert_ne!(r.outcome, Outcome::Rejected, "{r:?}");

@@ -6,7 +6,7 @@
 //! changes only when its members or their addresses do, and a node is sent its list only then: as the
 //! change from the version it holds while the tracker keeps that change (a few versions, while small), else
 //! whole. With churn nearly every rebuild changes every large cell, and whole lists (up to 2048 contacts,
-//! ~435 KB) to every node every rebuild would be gigabytes per second of egress at 10^6 nodes.
+//! ~544 KB) to every node every rebuild would be gigabytes per second of egress at 10^6 nodes.
 
 use std::iter;
 
@@ -87,10 +87,11 @@ impl CellEntry {
     }
 }
 
-/// About a contact's size in JSON (a 64-character id, field names, punctuation, a rendezvous address):
-/// only compared with [`list_bytes`], so it need not be exact.
+/// About a contact's size in JSON (a 64-character id, field names, punctuation, a rendezvous address, and
+/// a rendezvous to punch through for a node behind NAT): only compared with [`list_bytes`], so it need not
+/// be exact.
 fn contact_bytes(c: &PeerContact) -> usize {
-    120 + c.addrs.iter().map(|a| a.len() + 3).sum::<usize>()
+    120 + c.addrs.iter().map(|a| a.len() + 3).sum::<usize>() + c.via.as_ref().map_or(0, |_| 110)
 }
 
 fn list_bytes(list: &CellList) -> usize {
@@ -181,7 +182,10 @@ impl Registry {
                     .into_iter()
                     .map(|i| {
                         let (id, n) = members[i];
-                        PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous: n.rendezvous_addr(None) }
+                        let rendezvous = n.rendezvous_addr(None);
+                        // Behind NAT: where members punch through to its QUIC endpoint, as clients do.
+                        let via = rendezvous.is_none().then(|| self.punch_via(&nodes, id, n)).flatten();
+                        PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous, via }
                     })
                     .collect();
                 (key, CellEntry::after(previous.remove(&key), CellList::new(contacts)))
@@ -202,9 +206,10 @@ mod tests {
     }
 
     /// A member as nodes typically advertise themselves: QUIC and TCP over IPv4, QUIC over IPv6, and half
-    /// of them publicly reachable (a rendezvous).
+    /// of them publicly reachable (a rendezvous), the others behind NAT, attached to one of those.
     fn contact(i: u32, port: u16) -> PeerContact {
         let v4 = format!("198.51.{}.{}", (i >> 8) & 0xff, i & 0xff);
+        let public = |i: u32| SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 7701));
         PeerContact {
             id: id(i),
             addrs: vec![
@@ -212,7 +217,8 @@ mod tests {
                 format!("/ip4/{v4}/tcp/{port}"),
                 format!("/ip6/2001:db8::{i:x}/udp/{port}/quic-v1"),
             ],
-            rendezvous: (i.is_multiple_of(2)).then(|| SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 7701))),
+            rendezvous: (i.is_multiple_of(2)).then(|| public(i)),
+            via: (!i.is_multiple_of(2)).then(|| Rendezvous { id: id(i - 1), addr: public(i - 1) }),
         }
     }
 

@@ -31,7 +31,7 @@ pub use web::WebState;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use fog_proto::api::{
@@ -158,7 +158,16 @@ const MAX_NEIGHBOURS: usize = 64;
 /// A scheduling snapshot is reused this long unless the node set changed.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
 /// A snapshot, when it was built and the generation it was built at.
-type SnapshotCache = Mutex<Option<(Instant, u64, Arc<Snapshot>)>>;
+type Built = (Instant, u64, Arc<Snapshot>);
+
+/// The last snapshot built, and the lock its builders take. A build takes long with many nodes (~80 ms at
+/// 10^5): resolves keep the snapshot in hand while it is only older than [`SNAPSHOT_TTL`] and another is
+/// being built, instead of queueing behind the build; a changed node set is waited for.
+#[derive(Debug, Default)]
+struct SnapshotCache {
+    current: Mutex<Option<Built>>,
+    building: Mutex<()>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -218,8 +227,8 @@ impl Registry {
             tracker_coord: Mutex::new(Coord::default()),
             params: Params::default(),
             generation: AtomicU64::new(0),
-            snapshot: Mutex::new(None),
-            web_snapshot: Mutex::new(None),
+            snapshot: SnapshotCache::default(),
+            web_snapshot: SnapshotCache::default(),
             blocked: RwLock::new(blocked),
             totals: Totals::default(),
             clock: Clock::System,
@@ -275,28 +284,42 @@ impl Registry {
         contact: impl Fn(&HashMap<NodeId, NodeEntry>, &NodeId, &NodeEntry) -> Option<NodeContact>,
     ) -> Arc<Snapshot> {
         let generation = self.generation.load(Ordering::Relaxed);
-        let mut cached = cache.lock().expect("snapshot lock");
-        if let Some((built, g, snap)) = cached.as_ref() {
-            if *g == generation && self.since(*built) < SNAPSHOT_TTL {
-                return snap.clone();
-            }
+        // Built at this generation or a later one, and young enough.
+        let usable = |b: &Built| b.1 >= generation && self.since(b.0) < SNAPSHOT_TTL;
+        let held = cache.current.lock().expect("snapshot lock").clone();
+        let _building = match held {
+            Some(b) if usable(&b) => return b.2,
+            // Only aged: the one in hand serves while another caller builds the next.
+            Some((_, g, snap)) if g >= generation => match cache.building.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::WouldBlock) => return snap,
+                Err(TryLockError::Poisoned(e)) => panic!("snapshot builder panicked: {e}"),
+            },
+            _ => cache.building.lock().expect("snapshot builder lock"),
+        };
+        // Built by the caller this one waited for.
+        if let Some(b) = cache.current.lock().expect("snapshot lock").clone().filter(usable) {
+            return b.2;
         }
-        let nodes = self.nodes.read().expect("registry lock");
-        let infos = nodes
-            .iter()
-            .filter(|(_, n)| self.healthy(n) && self.resting(n).is_none())
-            .filter_map(|(id, n)| {
-                // The cap in force (a schedule's window may change it) over the one registered.
-                let upload = n.plan.as_ref().map_or(n.reg.upload_limit, |p| p.plan.now.cap());
-                Some(NodeInfo {
-                    contact: contact(&nodes, id, n)?,
-                    coord: n.coord,
-                    upload: upload.unwrap_or(DEFAULT_UPLOAD),
+        let infos = {
+            let nodes = self.nodes.read().expect("registry lock");
+            nodes
+                .iter()
+                .filter(|(_, n)| self.healthy(n) && self.resting(n).is_none())
+                .filter_map(|(id, n)| {
+                    // The cap in force (a schedule's window may change it) over the one registered.
+                    let upload = n.plan.as_ref().map_or(n.reg.upload_limit, |p| p.plan.now.cap());
+                    Some(NodeInfo {
+                        contact: contact(&nodes, id, n)?,
+                        coord: n.coord,
+                        upload: upload.unwrap_or(DEFAULT_UPLOAD),
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        // Indexing happens outside the registry lock: heartbeats and merges go on meanwhile.
         let snap = Arc::new(Snapshot::new(infos, &self.params));
-        *cached = Some((self.clock.now(), generation, snap.clone()));
+        *cache.current.lock().expect("snapshot lock") = Some((self.clock.now(), generation, snap.clone()));
         snap
     }
 

@@ -77,7 +77,12 @@ impl Registry {
     /// The rendezvous clients punch through to `n`, if it is attached to one that is alive, directly
     /// reachable and lists it (the node's word alone is not enough). Its address is in the family the node
     /// attached in, which is the family its NAT mapping is in.
-    fn punch_via(&self, nodes: &HashMap<NodeId, NodeEntry>, id: &NodeId, n: &NodeEntry) -> Option<Rendezvous> {
+    pub(super) fn punch_via(
+        &self,
+        nodes: &HashMap<NodeId, NodeEntry>,
+        id: &NodeId,
+        n: &NodeEntry,
+    ) -> Option<Rendezvous> {
         let r_id = n.overlay.rendezvous?;
         let r = nodes.get(&r_id).filter(|r| self.alive(r) && r.overlay.attached.contains(id))?;
         let family = n.overlay.external_quic.map(|a| Families::of(a.ip()));
@@ -155,7 +160,8 @@ impl Registry {
     }
 
     /// The (reachable, other) overlay contacts of live nodes (joining ones too: peers should dial them),
-    /// and the reachable ones' verified addresses; rebuilt at most every [`PEER_DIRECTORY_TTL`].
+    /// the others with the rendezvous peers punch through to their QUIC endpoints (as clients do), and the
+    /// reachable ones' verified addresses; rebuilt at most every [`PEER_DIRECTORY_TTL`].
     pub(super) fn peer_directory(&self) -> Arc<Contacts> {
         let mut dir = self.directory.lock().expect("directory lock");
         if dir.built.is_none_or(|t| self.since(t) >= PEER_DIRECTORY_TTL) {
@@ -164,7 +170,8 @@ impl Registry {
             for (id, n) in nodes.iter().filter(|(_, n)| self.alive(n) && !n.overlay.addrs.is_empty()) {
                 let addrs = n.direct_addrs();
                 let rendezvous = rendezvous_among(&addrs, None);
-                let contact = PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous };
+                let via = rendezvous.is_none().then(|| self.punch_via(&nodes, id, n)).flatten();
+                let contact = PeerContact { id: *id, addrs: n.overlay.addrs.clone(), rendezvous, via };
                 if rendezvous.is_some() {
                     reachable.push(contact);
                     direct.insert(*id, addrs);

@@ -175,7 +175,7 @@ fn bootstrap_peers_start_with_the_nearest_nodes() {
 
 #[test]
 fn nodes_behind_nat_are_scheduled_only_through_a_live_rendezvous() {
-    let r = Registry::new(Duration::from_secs(60), 10, HashSet::new());
+    let r = Registry::new(Duration::from_secs(60), 10, HashSet::new()).with_cells(Some(100.0));
     let now = 10_000_000;
     r.register(id(1), reg(), now, now).expect("public node");
     let natted = Registration { reachable: false, addr: SocketAddr::from(([10, 0, 0, 2], 7701)), ..reg() };
@@ -204,11 +204,18 @@ fn nodes_behind_nat_are_scheduled_only_through_a_live_rendezvous() {
         1
     );
     // Node 1 has no overlay addresses yet; node 2 does and is offered to node 1, without a rendezvous
-    // address since the tracker cannot dial it.
+    // address since the tracker cannot dial it, but with the rendezvous its peers punch through (as clients
+    // do), in its cell's list too.
     let peers = r.peers_for(&id(1), 8);
     assert_eq!(peers.len(), 1);
-    assert_eq!((peers[0].id, peers[0].rendezvous), (id(2), None));
+    let via = Some(Rendezvous { id: id(1), addr: reg().addr });
+    assert_eq!((peers[0].id, peers[0].rendezvous, &peers[0].via), (id(2), None, &via));
     assert!(r.peers_for(&id(2), 8).is_empty());
+    let cell = r.cell_list_for(&id(2), None).expect("a cell list");
+    assert_eq!(
+        cell.members.iter().map(|m| (m.id, m.rendezvous, m.via.clone())).collect::<Vec<_>>(),
+        [(id(2), None, via)]
+    );
     // The rendezvous leaves: node 2 is no longer reachable.
     r.block(id(1));
     assert!(r.snapshot().nodes.is_empty());

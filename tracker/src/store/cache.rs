@@ -8,11 +8,20 @@
 //!   write waits in a bounded queue, retried with backoff in order until the database is back. Later writes
 //!   queue behind them rather than each waiting on the database. A manifest can always be made again from
 //!   its origin, so one lost with its replica (before the database came back) costs a re-ingest.
+//! - Replicas of a cell each cache what they read, so a write (a re-ingest after the origin changed, a
+//!   published manifest) is announced to the others once it is durable ([`ManifestCache::on_written`], over
+//!   the bus), and each drops a cached manifest of that URL whose content differs
+//!   ([`ManifestCache::invalidate`]); its next resolve reads the database. A read or write of that URL
+//!   still under way when the announcement arrives may have read or written what it replaced, so its
+//!   result is served but not kept.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+
+use fog_proto::ContentId;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +40,9 @@ pub const GET_WAIT: Duration = Duration::from_secs(2);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// How often a count of a store other trackers write is read again.
 const RECOUNT_EVERY: Duration = Duration::from_secs(60);
+/// Invalidations are counted per slot, by a hash of the URL: fixed memory however many arrive; two URLs
+/// sharing a slot only cost a read not kept.
+const INVALIDATION_SLOTS: usize = 4096;
 
 /// Bounds of the cache and of the writes held for an unavailable database.
 #[derive(Debug, Clone, Copy)]
@@ -54,13 +66,23 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
-/// `fog_tracker_store_*` and `fog_tracker_manifest_cache_bytes`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `sent` (this replica wrote) or `received` (another one did).
+    pub direction: &'static str,
+}
+
+/// `fog_tracker_store_*` and `fog_tracker_manifest_*`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreMetrics {
     pub pending_writes: Gauge,
     /// Failed store operations by `op` (`get`, `put`, `count`).
     pub errors: Family<OpLabel, Counter>,
     pub cache_bytes: Gauge,
+    /// Manifest writes announced to the other replicas, and announcements received from them.
+    pub invalidations: Family<DirectionLabel, Counter>,
+    /// Cached manifests dropped because another replica wrote a different one.
+    pub invalidated: Counter,
 }
 
 impl StoreMetrics {
@@ -76,6 +98,27 @@ impl StoreMetrics {
             "Estimated bytes of manifests cached in memory",
             self.cache_bytes.clone(),
         );
+        registry.register(
+            "fog_tracker_manifest_invalidations",
+            "Manifest writes announced to the cell's other replicas (sent) and announced by them (received)",
+            self.invalidations.clone(),
+        );
+        registry.register(
+            "fog_tracker_manifest_invalidations_applied",
+            "Cached manifests dropped because another replica wrote a different one for the URL",
+            self.invalidated.clone(),
+        );
+    }
+}
+
+/// Told of each manifest write once it is durable: its URL and new content.
+type OnWritten = Box<dyn Fn(&str, ContentId) + Send + Sync>;
+
+struct Listener(OnWritten);
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Listener")
     }
 }
 
@@ -89,6 +132,7 @@ pub struct ManifestCache {
     /// Manifests stored (as of the last count, plus new URLs written since).
     count: AtomicU64,
     metrics: StoreMetrics,
+    written: OnceLock<Listener>,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +146,9 @@ struct State {
     pending_by_url: HashMap<String, u64>,
     pending_bytes: usize,
     next_seq: u64,
+    /// Invalidations received, per slot of URLs ([`INVALIDATION_SLOTS`]), and of everything at once.
+    invalidations: Vec<u64>,
+    forgotten: u64,
 }
 
 /// Estimated memory a manifest takes: its hashes, mostly.
@@ -112,6 +159,11 @@ fn approx_bytes(s: &StoredManifest) -> usize {
     let text =
         m.url.len() * 2 + m.content_type.as_ref().map_or(0, String::len) + m.etag.as_ref().map_or(0, String::len);
     256 + text + std::mem::size_of_val(&m.chunks[..]) + groups + progress
+}
+
+/// `url`'s slot of invalidations.
+fn slot(url: &str) -> usize {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(url) as usize % INVALIDATION_SLOTS
 }
 
 impl State {
@@ -149,7 +201,39 @@ impl State {
         Some(m)
     }
 
-    /// Drops the write `seq` (done), unless a later one for its URL replaced it.
+    /// What changes when `url` is invalidated: a read or write that began at another mark may be older
+    /// than what the invalidation announced.
+    fn mark(&self, url: &str) -> (u64, u64) {
+        (self.forgotten, self.invalidations[slot(url)])
+    }
+
+    fn bump(&mut self, url: &str) {
+        self.invalidations[slot(url)] += 1;
+    }
+
+    /// Drops `url`'s cached manifest, if it is `held` (not one cached since); whether it did.
+    fn forget(&mut self, url: &str, held: &Arc<StoredManifest>) -> bool {
+        for (generation, bytes) in [(&mut self.hot, &mut self.hot_bytes), (&mut self.cold, &mut self.cold_bytes)] {
+            if generation.get(url).is_some_and(|m| Arc::ptr_eq(m, held)) {
+                generation.remove(url);
+                *bytes -= approx_bytes(held);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drops whatever is cached for `url`.
+    fn evict(&mut self, url: &str) {
+        if let Some(old) = self.hot.remove(url) {
+            self.hot_bytes -= approx_bytes(&old);
+        }
+        if let Some(old) = self.cold.remove(url) {
+            self.cold_bytes -= approx_bytes(&old);
+        }
+    }
+
+    /// Drops `url`'s write `seq` (done), unless a later one for its URL replaced it.
     fn written(&mut self, seq: u64) {
         let Some(stored) = self.pending.remove(&seq) else { return };
         self.pending_bytes -= approx_bytes(&stored);
@@ -162,7 +246,65 @@ impl State {
 impl ManifestCache {
     /// A cache over `store`, which holds `count` manifests.
     pub fn new(store: Arc<dyn ManifestStore>, limits: CacheLimits, count: u64, metrics: StoreMetrics) -> Self {
-        Self { store, limits, state: Mutex::default(), queued: Notify::new(), count: AtomicU64::new(count), metrics }
+        let state = State { invalidations: vec![0; INVALIDATION_SLOTS], ..Default::default() };
+        Self {
+            store,
+            limits,
+            state: Mutex::new(state),
+            queued: Notify::new(),
+            count: AtomicU64::new(count),
+            metrics,
+            written: OnceLock::new(),
+        }
+    }
+
+    /// Calls `tell` with the URL and content of every manifest write once it is durable (set once: the
+    /// bus, which tells the cell's other replicas).
+    pub fn on_written(&self, tell: impl Fn(&str, ContentId) + Send + Sync + 'static) {
+        let _ = self.written.set(Listener(Box::new(tell)));
+    }
+
+    fn announce(&self, stored: &StoredManifest) {
+        if let Some(Listener(tell)) = self.written.get() {
+            tell(&stored.manifest.url, stored.manifest.content_id());
+            self.metrics.invalidations.get_or_create(&DirectionLabel { direction: "sent" }).inc();
+        }
+    }
+
+    /// Another replica stored `content` for `url`: a cached manifest of it that differs is dropped (the
+    /// next resolve reads the database, where that write is by now), and reads or writes of it under way
+    /// are not kept. A write of it this replica still holds for the database stays: it is stored after
+    /// that one, and announced then.
+    pub fn invalidate(&self, url: &str, content: ContentId) {
+        self.metrics.invalidations.get_or_create(&DirectionLabel { direction: "received" }).inc();
+        let held = {
+            let mut state = self.state();
+            state.bump(url);
+            if state.pending_by_url.contains_key(url) {
+                return;
+            }
+            state.hot.get(url).or_else(|| state.cold.get(url)).cloned()
+        };
+        // Hashing a large manifest's chunk list takes a while: outside the lock.
+        let Some(held) = held.filter(|m| m.manifest.content_id() != content) else { return };
+        let mut state = self.state();
+        if state.forget(url, &held) {
+            self.metrics.invalidated.inc();
+            self.update_gauges(&state);
+        }
+    }
+
+    /// Drops every manifest cached (writes held for the database stay), and keeps no read or write under
+    /// way: announcements of other replicas' writes may have been missed (the bus was lost).
+    pub fn forget_all(&self) {
+        let mut state = self.state();
+        let state = &mut *state;
+        state.forgotten += 1;
+        for (generation, bytes) in [(&mut state.hot, &mut state.hot_bytes), (&mut state.cold, &mut state.cold_bytes)] {
+            generation.retain(|url, _| state.pending_by_url.contains_key(url));
+            *bytes = generation.values().map(|m| approx_bytes(m)).sum();
+        }
+        self.update_gauges(state);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -198,20 +340,32 @@ impl ManifestCache {
         if let Some(m) = self.cached(url) {
             return Ok(Some(m));
         }
-        let read = tokio::time::timeout(GET_WAIT, self.store.get(url))
-            .await
-            .unwrap_or(Err(StoreError::NoAnswer(GET_WAIT)))
-            .inspect_err(|_| self.failed("get"))?;
-        let Some(stored) = read else { return Ok(None) };
-        let mut state = self.state();
-        // A write while this read was under way is newer than what it read.
-        if let Some(newer) = state.lookup(url, self.limits.cache_bytes) {
-            return Ok(Some(newer));
+        // Read again once if another replica's write was announced meanwhile: this read may predate it.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mark = self.state().mark(url);
+            let read = tokio::time::timeout(GET_WAIT, self.store.get(url))
+                .await
+                .unwrap_or(Err(StoreError::NoAnswer(GET_WAIT)))
+                .inspect_err(|_| self.failed("get"))?;
+            let Some(stored) = read else { return Ok(None) };
+            let mut state = self.state();
+            // A write while this read was under way is newer than what it read.
+            if let Some(newer) = state.lookup(url, self.limits.cache_bytes) {
+                return Ok(Some(newer));
+            }
+            let stored = Arc::new(stored);
+            if state.mark(url) == mark {
+                state.remember(stored.clone(), self.limits.cache_bytes);
+                self.update_gauges(&state);
+                return Ok(Some(stored));
+            }
+            if attempts == 2 {
+                // Announcements keep arriving: served, not kept, so the next resolve reads again.
+                return Ok(Some(stored));
+            }
         }
-        let stored = Arc::new(stored);
-        state.remember(stored.clone(), self.limits.cache_bytes);
-        self.update_gauges(&state);
-        Ok(Some(stored))
     }
 
     /// Stores `stored` (replacing its URL's): durably before returning, or, while the database is
@@ -224,6 +378,7 @@ impl ManifestCache {
             self.enqueue(&stored)?;
             return Ok(stored);
         }
+        let mark = self.state().mark(&stored.manifest.url);
         let put = tokio::time::timeout(PUT_WAIT, self.store.put(&stored)).await;
         let error = match put.unwrap_or(Err(StoreError::NoAnswer(PUT_WAIT))) {
             Ok(new) => {
@@ -231,8 +386,16 @@ impl ManifestCache {
                     self.count.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut state = self.state();
-                state.remember(stored.clone(), self.limits.cache_bytes);
+                // Another replica's write of the URL, announced meanwhile, may have been stored after
+                // this one: the next resolve reads which.
+                if state.mark(&stored.manifest.url) == mark {
+                    state.remember(stored.clone(), self.limits.cache_bytes);
+                } else {
+                    state.evict(&stored.manifest.url);
+                }
                 self.update_gauges(&state);
+                drop(state);
+                self.announce(&stored);
                 return Ok(stored);
             }
             Err(e) if !e.is_retryable() => {
@@ -294,6 +457,7 @@ impl ManifestCache {
                 }
                 continue;
             };
+            let mark = self.state().mark(&stored.manifest.url);
             match self.store.put(&stored).await {
                 Ok(new) => {
                     if new {
@@ -301,11 +465,19 @@ impl ManifestCache {
                     }
                     let mut state = self.state();
                     state.written(seq);
+                    // As for a write through: another replica's, announced meanwhile, may be the later one.
+                    if state.mark(&stored.manifest.url) != mark
+                        && !state.pending_by_url.contains_key(&stored.manifest.url)
+                    {
+                        state.evict(&stored.manifest.url);
+                    }
                     self.update_gauges(&state);
                     if failing && state.pending.is_empty() {
                         failing = false;
                         tracing::info!("manifest store available again: every queued write is stored");
                     }
+                    drop(state);
+                    self.announce(&stored);
                     backoff = BACKOFF.0;
                 }
                 Err(e) if !e.is_retryable() => {

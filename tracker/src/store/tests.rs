@@ -276,3 +276,127 @@ async fn export_copies_once_and_refuses_to_overwrite() {
     assert!(!conflict.is_retryable());
     assert_eq!(to.manifests.get("http://o.example/3").await.expect("get"), Some(theirs));
 }
+
+/// A real store whose next read (or write), once armed, holds its answer until released: a read or write
+/// under way when another replica's write is announced.
+#[derive(Debug)]
+struct Held {
+    inner: Arc<dyn ManifestStore>,
+    armed: std::sync::atomic::AtomicBool,
+    armed_put: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl ManifestStore for Held {
+    fn get<'a>(&'a self, url: &'a str) -> StoreFuture<'a, Option<StoredManifest>> {
+        Box::pin(async move {
+            let read = self.inner.get(url).await;
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            read
+        })
+    }
+    fn put<'a>(&'a self, stored: &'a StoredManifest) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let put = self.inner.put(stored).await;
+            if self.armed_put.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            put
+        })
+    }
+    fn insert<'a>(&'a self, stored: &'a StoredManifest) -> StoreFuture<'a, Inserted> {
+        self.inner.insert(stored)
+    }
+    fn count(&self) -> StoreFuture<'_, u64> {
+        self.inner.count()
+    }
+    fn page<'a>(&'a self, after: Option<&'a str>, limit: usize) -> StoreFuture<'a, Vec<StoredManifest>> {
+        self.inner.page(after, limit)
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+fn invalidations(metrics: &StoreMetrics, direction: &'static str) -> u64 {
+    metrics.invalidations.get_or_create(&super::cache::DirectionLabel { direction }).get()
+}
+
+/// Two replicas' caches over one store: a write at one, once stored, drops the other's cached manifest
+/// if it differs; a read under way when the write is announced is read again rather than kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_announced_by_another_replica_replaces_the_cached_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stores = Stores::embedded(Arc::new(Db::open(dir.path()).expect("db"))).await.expect("stores");
+    let held = Arc::new(Held {
+        inner: stores.manifests.clone(),
+        armed: false.into(),
+        armed_put: false.into(),
+        entered: Default::default(),
+        release: Default::default(),
+    });
+    let (ma, mb) = (StoreMetrics::default(), StoreMetrics::default());
+    let a = Arc::new(ManifestCache::new(stores.manifests.clone(), CacheLimits::default(), 0, ma.clone()));
+    let b = Arc::new(ManifestCache::new(held.clone(), CacheLimits::default(), 0, mb.clone()));
+    // What the bus carries from A to B, in order, once each write is durable.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    a.on_written(move |url, content| tx.send((url.to_string(), content)).expect("B listens"));
+    let deliver = |(url, content): (String, fog_proto::ContentId)| b.invalidate(&url, content);
+
+    let url = "http://o.example/changing.mp4";
+    let (v1, v2, v3) = (manifest(url, 1), manifest(url, 2), manifest(url, 3));
+    a.put(v1.clone()).await.expect("put");
+    let announced = rx.try_recv().expect("announced once stored");
+    assert_eq!(announced, (url.to_string(), v1.manifest.content_id()));
+    assert_eq!(b.get(url).await.expect("get").as_deref(), Some(&v1));
+    deliver(announced);
+    assert_eq!(b.cached(url).as_deref(), Some(&v1), "the same content stays cached");
+    assert_eq!(mb.invalidated.get(), 0);
+
+    // The origin changed; A ingested it again: B drops v1 and reads v2 from the store.
+    a.put(v2.clone()).await.expect("put");
+    deliver(rx.try_recv().expect("announced"));
+    assert!(b.cached(url).is_none(), "the old manifest is not served from memory");
+    assert_eq!(mb.invalidated.get(), 1);
+    assert_eq!(b.get(url).await.expect("get").as_deref(), Some(&v2));
+    assert_eq!(b.cached(url).as_deref(), Some(&v2));
+
+    // B reads (its cache emptied, as after a bus reconnection) and the read is slow: A's next write is
+    // announced before it answers with v2. That answer is not kept: B reads again and keeps v3.
+    b.forget_all();
+    assert!(b.cached(url).is_none());
+    held.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reading = tokio::spawn({
+        let b = b.clone();
+        async move { b.get(url).await.expect("get").map(|m| (*m).clone()) }
+    });
+    held.entered.notified().await;
+    a.put(v3.clone()).await.expect("put");
+    deliver(rx.try_recv().expect("announced"));
+    held.release.notify_one();
+    assert_eq!(reading.await.expect("read").as_ref(), Some(&v3), "read again after the announcement");
+    assert_eq!(b.cached(url).as_deref(), Some(&v3));
+    assert_eq!((invalidations(&ma, "sent"), invalidations(&mb, "received")), (3, 3));
+    assert_eq!(invalidations(&mb, "sent"), 0, "B announces nothing without a listener");
+
+    // Both write the URL at once, A's stored last: B's own write, announced over by A's before B took
+    // it back, is not kept; B serves what the store holds.
+    let (vb, va) = (manifest(url, 4), manifest(url, 5));
+    held.armed_put.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writing = tokio::spawn({
+        let (b, vb) = (b.clone(), vb.clone());
+        async move { b.put(vb).await.expect("put") }
+    });
+    held.entered.notified().await;
+    a.put(va.clone()).await.expect("put");
+    deliver(rx.try_recv().expect("announced"));
+    held.release.notify_one();
+    writing.await.expect("write");
+    assert!(b.cached(url).is_none(), "B's own write may not be the latest");
+    assert_eq!(b.get(url).await.expect("get").as_deref(), Some(&va));
+}

@@ -98,10 +98,13 @@ const MAX_REPORTED_FAILURES = 256;
  * the session delivered (as the native client, client-lib/src/fetch.rs). */
 const RECEIPT_EVERY = 16;
 
-/** A node's newest receipt in one fetch, not handed over yet, and the chunk count the last one paid to. */
+/** A node's newest receipt in one fetch, not handed over yet, and the chunk count the last one paid to; and
+ * the signed ticket the receipts were made under, which goes with them (the tracker keeps no tickets: a node
+ * redeems a receipt with its ticket). */
 interface Owed {
   node: NodeContact;
   newest?: Receipt;
+  ticket?: Uint8Array;
   handed: number;
 }
 
@@ -229,7 +232,7 @@ export class FogClient {
       if (settled) return;
       settled = true;
       next = last + 1;
-      const pay = () => payOwed(owed, handovers, (node, receipt) => this.handOver(node, receipt));
+      const pay = () => payOwed(owed, handovers, (node, receipt, ticket) => this.handOver(node, receipt, ticket));
       Promise.allSettled(ahead).then(pay);
     };
     let i = first;
@@ -308,7 +311,7 @@ export class FogClient {
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.opts.parallel, last - first + 1) }, worker));
-    payOwed(owed, handovers, (node, receipt) => this.handOver(node, receipt));
+    payOwed(owed, handovers, (node, receipt, ticket) => this.handOver(node, receipt, ticket));
     await Promise.all(handovers);
     return out;
   }
@@ -338,9 +341,12 @@ export class FogClient {
           if (receipt) {
             const o = owed.get(node.id) ?? { node, handed: 0 };
             owed.set(node.id, o);
-            if (o.newest === undefined || o.newest.index < receipt.index) o.newest = receipt;
+            if (o.newest === undefined || o.newest.index < receipt.index) {
+              o.newest = receipt;
+              o.ticket = ticketJson(r);
+            }
             if (o.newest.index >= o.handed + RECEIPT_EVERY) {
-              handovers.push(this.handOver(node, o.newest));
+              handovers.push(this.handOver(node, o.newest, o.ticket));
               o.handed = o.newest.index;
               o.newest = undefined;
             }
@@ -373,9 +379,10 @@ export class FogClient {
     return bytes;
   }
 
-  /** Hands `node` a receipt on its session (best effort: a later receipt pays for this one's chunks too). */
-  private async handOver(node: NodeContact, receipt: Receipt): Promise<void> {
-    const req = { hash: new Uint8Array(32), receipt: new TextEncoder().encode(JSON.stringify(receipt)) };
+  /** Hands `node` a receipt on its session, with the ticket it was made under (best effort: a later receipt
+   * pays for this one's chunks too). */
+  private async handOver(node: NodeContact, receipt: Receipt, ticket?: Uint8Array): Promise<void> {
+    const req = { hash: new Uint8Array(32), receipt: new TextEncoder().encode(JSON.stringify(receipt)), ticket };
     const attempt = await this.fromNode(node, req, 0);
     if (attempt.error === undefined) this.receiptsHanded++;
   }
@@ -386,7 +393,7 @@ export class FogClient {
       // The hint is only worth its bytes with a ticket: without one a node ignores it.
       const [offset, length] = chunkSpan(r.manifest, i);
       req.origin = { url: r.manifest.url, offset, length };
-      req.ticket = new TextEncoder().encode(JSON.stringify(r.ticket));
+      req.ticket = ticketJson(r);
       req.groups = groupHashes(r.manifest, i);
     }
     return req;
@@ -562,10 +569,15 @@ function checkRange(m: Manifest, offset: number, length: number, maxBytes: numbe
 function payOwed(
   owed: Map<string, Owed>,
   handovers: Promise<void>[],
-  handOver: (node: NodeContact, receipt: Receipt) => Promise<void>,
+  handOver: (node: NodeContact, receipt: Receipt, ticket?: Uint8Array) => Promise<void>,
 ): void {
-  for (const o of owed.values()) if (o.newest) handovers.push(handOver(o.node, o.newest));
+  for (const o of owed.values()) if (o.newest) handovers.push(handOver(o.node, o.newest, o.ticket));
   owed.clear();
+}
+
+/** The resolve's signed ticket as requests carry it (JSON), if it came with one. */
+function ticketJson(r: Resolve): Uint8Array | undefined {
+  return r.ticket === undefined ? undefined : new TextEncoder().encode(JSON.stringify(r.ticket));
 }
 
 export type { Manifest };

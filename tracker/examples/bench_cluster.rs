@@ -7,7 +7,8 @@
 //!
 //! `apply`: in process, what each replica pays per merged record (decode, then merge into a registry built
 //! as the tracker builds it), the scheduling snapshot's rebuild at a given population, and a load delta's
-//! decode and apply, with no network or HTTP in the way: CPU time of the measuring thread.
+//! decode and apply, with no network or HTTP in the way: CPU time of the measuring thread; and records merged
+//! per second of wall time by 1, 2, … threads (the bus's workers), which needs the cores free.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -283,6 +284,37 @@ fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
     let merge_us = cpu_since(started) * 1e6 / updates as f64;
     anyhow::ensure!(replaced == updates, "{replaced} of {updates} records replaced the held one");
 
+    // Records decoded and merged per second (wall time) by 1, 2, … threads sharing the registry, as the
+    // bus's workers do: what a replica with that many cores free takes in at most.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let mut merged_per_s = serde_json::Map::new();
+    for threads in 1..=cores {
+        // Newer than everything merged before (the steady state's timestamps stay within 20 s a round).
+        let base = start_ms + 20_000 * threads as u64;
+        let batch: Vec<Vec<u8>> = (0..updates)
+            .map(|u| Message::Node(Box::new(record(u % nodes, nodes, base + (u / nodes) as u64))).encode())
+            .collect();
+        let started = Instant::now();
+        let replaced = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            // Each thread its own nodes, in order: a node's records are newer one after the other.
+            for t in 0..threads {
+                let (registry, replaced, batch) = (&registry, &replaced, &batch);
+                scope.spawn(move || {
+                    for payload in batch.iter().enumerate().filter(|(u, _)| u % nodes % threads == t).map(|(_, p)| p) {
+                        let merged = decode(payload).and_then(|r| Ok(registry.merge(r, now_ms())?));
+                        if matches!(merged, Ok(fog_tracker::bus::merge::Merge::Replace)) {
+                            replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let per_s = updates as f64 / started.elapsed().as_secs_f64();
+        anyhow::ensure!(replaced.into_inner() == updates, "{threads} threads: not every record replaced the held one");
+        merged_per_s.insert(threads.to_string(), per_s.round().into());
+    }
+
     // Another replica's load delta, as full as one is published (`FLUSH_LOAD_ENTRIES` nodes and chunks).
     let snapshot = registry.snapshot();
     let mut delta = LoadDelta::default();
@@ -312,6 +344,7 @@ fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
         "update_decode_us": decode_us,
         "update_merge_us": merge_us,
         "update_us": decode_us + merge_us,
+        "merged_per_s_by_threads": merged_per_s,
         "load_delta_bytes": payload.len(),
         "load_delta_us": load_us,
     });

@@ -2,6 +2,7 @@
 //! with the HTTP server.
 //!
 //! - the sampler: a dashboard sample every [`SAMPLE_EVERY`], forgetting the load of nodes that left;
+//! - the snapshot refresher: rebuilds the scheduling snapshot every half [`SNAPSHOT_TTL`], off the workers;
 //! - the sealer: signs the ledger head that closes each epoch, once the epoch has ended;
 //! - the prober (with `--probe-every`): fetches a chunk from each node as a client would, and at once from
 //!   nodes reported to serve wrong bytes;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::dashboard::SAMPLE_EVERY;
+use crate::registry::SNAPSHOT_TTL;
 
 /// How often the sealer looks for an ended epoch; epochs last minutes, so a late seal is seconds late.
 const SEAL_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -41,6 +43,7 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl std::futur
         }
     }
     tasks.spawn(sample_forever(app.clone()));
+    tasks.spawn(refresh_snapshots_forever(app.clone()));
     tasks.spawn(seal_forever(app.clone()));
     let manifests = app.ingest.cache().clone();
     tasks.spawn(manifests.clone().write_pending_forever());
@@ -67,6 +70,20 @@ async fn sample_forever(app: Arc<App>) {
     loop {
         tick.tick().await;
         app.sample();
+    }
+}
+
+/// Keeps the scheduling snapshots fresh off the async workers, so resolves never wait for a rebuild that is
+/// due only to the snapshot's age (~80 ms of CPU at 10^5 nodes).
+async fn refresh_snapshots_forever(app: Arc<App>) {
+    let mut tick = tokio::time::interval(SNAPSHOT_TTL / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let app = app.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || app.registry.refresh_snapshots()).await {
+            tracing::error!(error = %e, "the snapshot refresher panicked");
+        }
     }
 }
 

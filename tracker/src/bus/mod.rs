@@ -17,6 +17,7 @@
 //! - Manifest writes: once a replica's write of a manifest is durable it names the URL and the new content,
 //!   and the others drop a cached manifest of that URL that differs (`store::cache`). A replica that was
 //!   off the bus may have missed some: it drops every cached manifest when it (re)connects.
+//! - Node records are decoded and merged by a worker per core; the other kinds in order, as they arrive.
 //! - Readiness: a replica holds the whole cell one heartbeat interval after it subscribed (every live node
 //!   heartbeated to some replica meanwhile); until then, and again after a lost connection, `/readyz` says
 //!   503 and heartbeats of nodes it does not know yet are answered "retry" rather than "register again",
@@ -52,6 +53,14 @@ const OUTBOX: usize = 16_384;
 /// Messages received and not yet merged, per subscription, before the client drops them (counted by NATS
 /// as a slow consumer).
 const INBOX: usize = 65_536;
+/// Node records queued for each decoding worker.
+const WORKER_QUEUE: usize = 1024;
+
+/// Decoding workers: one per core, at most 8 (a merge takes the registry's write lock, ~1/6 of a record's
+/// cost, so more would mostly wait for it).
+fn decoders() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -335,8 +344,32 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
             flushing.flush_load(&app_load);
         }
     });
+    // Node records are nearly all the traffic, and decoding one costs ~6× merging it: they are decoded and
+    // merged by one worker per core. Merges are last-writer-wins by the node's signed timestamp, so records
+    // may be merged out of order. The other kinds are few and keep their order here.
+    let workers: Vec<mpsc::Sender<async_nats::Message>> = (0..decoders())
+        .map(|_| {
+            let (tx, mut rx) = mpsc::channel::<async_nats::Message>(WORKER_QUEUE);
+            let (app, bus) = (app.clone(), bus.clone());
+            tasks.spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    receive(&app, &bus, &message.subject, &message.payload);
+                }
+            });
+            tx
+        })
+        .collect();
+    let mut next = 0;
     while let Some(message) = subscriber.next().await {
-        receive(&app, &bus, &message.subject, &message.payload);
+        if matches!(wire::parse_subject(&bus.cell, &message.subject), Ok(wire::Kind::Node)) {
+            next = (next + 1) % workers.len();
+            // A full worker holds the subscription back: the NATS client's inbox fills and drops, counted.
+            if workers[next].send(message).await.is_err() {
+                break;
+            }
+        } else {
+            receive(&app, &bus, &message.subject, &message.payload);
+        }
     }
     tracing::error!("the bus subscription ended");
     tasks.abort_all();

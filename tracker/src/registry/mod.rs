@@ -30,7 +30,7 @@ pub use web::WebState;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -156,13 +156,17 @@ pub const TRACKER: NodeId = NodeId([0; 32]);
 /// Neighbours kept per node for its coordinate.
 const MAX_NEIGHBOURS: usize = 64;
 /// A scheduling snapshot is reused this long unless the node set changed.
-const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+/// While snapshots are refreshed in the background, how old one may get before a resolve builds it itself
+/// (the refresher is stuck or far behind).
+const AGED_LIMIT: Duration = Duration::from_secs(5);
 /// A snapshot, when it was built and the generation it was built at.
 type Built = (Instant, u64, Arc<Snapshot>);
 
 /// The last snapshot built, and the lock its builders take. A build takes long with many nodes (~80 ms at
-/// 10^5): resolves keep the snapshot in hand while it is only older than [`SNAPSHOT_TTL`] and another is
-/// being built, instead of queueing behind the build; a changed node set is waited for.
+/// 10^5, ~1 s at 10^6): resolves keep the snapshot in hand while it is only older than [`SNAPSHOT_TTL`] and
+/// another is being built or a background task refreshes it ([`Registry::refresh_snapshots`]), instead of
+/// queueing behind the build; a changed node set is waited for.
 #[derive(Debug, Default)]
 struct SnapshotCache {
     current: Mutex<Option<Built>>,
@@ -208,6 +212,8 @@ pub struct Registry {
     snapshot: SnapshotCache,
     /// [`Registry::web_snapshot`]'s.
     web_snapshot: SnapshotCache,
+    /// Set once a background task refreshes the snapshots: resolves then serve an aged one.
+    refreshed: AtomicBool,
     blocked: RwLock<HashSet<NodeId>>,
     pub totals: Totals,
     clock: Clock,
@@ -229,6 +235,7 @@ impl Registry {
             generation: AtomicU64::new(0),
             snapshot: SnapshotCache::default(),
             web_snapshot: SnapshotCache::default(),
+            refreshed: AtomicBool::new(false),
             blocked: RwLock::new(blocked),
             totals: Totals::default(),
             clock: Clock::System,
@@ -274,13 +281,32 @@ impl Registry {
     /// after [`SNAPSHOT_TTL`] (coordinates and heartbeat timeouts move continuously; one scan per second
     /// instead of one per request keeps resolves cheap with many nodes).
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.cached_snapshot(&self.snapshot, |nodes, id, n| self.contact(nodes, id, n))
+        self.cached_snapshot(&self.snapshot, self.serve_aged(), |nodes, id, n| self.contact(nodes, id, n))
     }
 
-    /// The snapshot in `cache`, or a new one of the healthy nodes `contact` gives a contact for.
+    /// Rebuilds the scheduling snapshots that are older than [`SNAPSHOT_TTL`] (blocking: ~80 ms at 10^5
+    /// nodes). Called every half TTL off the async workers, so that from then on resolves never build one
+    /// for its age alone; the pages' snapshot only once pages asked for it.
+    pub fn refresh_snapshots(&self) {
+        self.refreshed.store(true, Ordering::Relaxed);
+        self.cached_snapshot(&self.snapshot, false, |nodes, id, n| self.contact(nodes, id, n));
+        if self.web_snapshot.current.lock().expect("snapshot lock").is_some() {
+            self.web_snapshot_built(false);
+        }
+    }
+
+    /// Whether an aged snapshot serves a resolve: a background task is refreshing them.
+    fn serve_aged(&self) -> bool {
+        self.refreshed.load(Ordering::Relaxed)
+    }
+
+    /// The snapshot in `cache`, or a new one of the healthy nodes `contact` gives a contact for. An aged one
+    /// (same node set, older than [`SNAPSHOT_TTL`]) is kept when `serve_aged` (up to [`AGED_LIMIT`]), or
+    /// while another caller builds the next.
     fn cached_snapshot(
         &self,
         cache: &SnapshotCache,
+        serve_aged: bool,
         contact: impl Fn(&HashMap<NodeId, NodeEntry>, &NodeId, &NodeEntry) -> Option<NodeContact>,
     ) -> Arc<Snapshot> {
         let generation = self.generation.load(Ordering::Relaxed);
@@ -289,7 +315,8 @@ impl Registry {
         let held = cache.current.lock().expect("snapshot lock").clone();
         let _building = match held {
             Some(b) if usable(&b) => return b.2,
-            // Only aged: the one in hand serves while another caller builds the next.
+            // Only aged: the one in hand serves while the refresher or another caller builds the next.
+            Some((built, g, snap)) if g >= generation && serve_aged && self.since(built) < AGED_LIMIT => return snap,
             Some((_, g, snap)) if g >= generation => match cache.building.try_lock() {
                 Ok(guard) => guard,
                 Err(TryLockError::WouldBlock) => return snap,

@@ -90,7 +90,11 @@ impl Registry {
     /// [`Registry::snapshot`] for browser pages: only nodes with a probed WebTransport endpoint and a
     /// direct address, each contact at that one address with its [`WebContact`].
     pub fn web_snapshot(&self) -> Arc<Snapshot> {
-        self.cached_snapshot(&self.web_snapshot, |_, id, n| {
+        self.web_snapshot_built(self.serve_aged())
+    }
+
+    pub(super) fn web_snapshot_built(&self, serve_aged: bool) -> Arc<Snapshot> {
+        self.cached_snapshot(&self.web_snapshot, serve_aged, |_, id, n| {
             let web = n.web.as_ref().filter(|w| w.served.is_some())?;
             let addr = n.web_addr()?;
             let mut contact = NodeContact::direct(*id, addr);

@@ -360,3 +360,24 @@ fn cells_group_nodes_by_coordinate_or_label_and_list_them_once() {
         assert!(members.contains(&home));
     }
 }
+
+#[test]
+fn with_the_refresher_running_resolves_keep_an_aged_snapshot_but_not_a_changed_node_set() {
+    let clock = Clock::manual(10_000_000);
+    let r = Registry::new(Duration::from_secs(3), 8, HashSet::new()).with_clock(clock.clone());
+    let now = 10_000_000;
+    r.register(id(1), reg(), now, now).expect("register");
+    r.refresh_snapshots();
+    assert_eq!(r.snapshot().nodes.len(), 1);
+    // Node 1 falls silent past its timeout: only the snapshot's age calls for a rebuild.
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(r.snapshot().nodes.len(), 1, "an aged snapshot serves while the refresher runs");
+    r.refresh_snapshots();
+    assert!(r.snapshot().nodes.is_empty(), "the refresher rebuilt it");
+    // A new node changes the node set: the next resolve builds at once.
+    r.register(id(2), reg(), now + 4_000, now + 4_000).expect("register");
+    assert_eq!(r.snapshot().nodes.len(), 1);
+    // A refresher that stopped: past AGED_LIMIT a resolve builds the snapshot itself.
+    clock.advance(AGED_LIMIT + Duration::from_secs(1));
+    assert!(r.snapshot().nodes.is_empty(), "a snapshot older than AGED_LIMIT is not served");
+}

@@ -30,13 +30,23 @@
 //! `RttEstimator`: quinn hands the estimator to `on_ack` before updating it with that ACK's sample, its
 //! latest sample is not public, and its smoothed RTT trails the path by about eight samples.
 //!
+//! One addition: base delays are remembered per remote address ([`PathMemory`]). A connection opened while
+//! the owner's upload holds a standing queue in the uplink would otherwise take that queue for its base
+//! delay (LEDBAT's latecomer problem): a loss-based flow on a bufferbloated uplink keeps most of the buffer
+//! full for as long as it runs, so no slowdown of ours ever shows the real base, and the connection competes
+//! with the owner instead of giving way. A connection to an address the node sent to in the last
+//! [`BASE_HISTORY`] minutes starts from the base delay measured then, as Linux keeps per-destination RTTs
+//! (`tcp_metrics`). A new address whose first packets meet such a queue is still a latecomer.
+//!
 //! What the controllers do is counted node-wide in [`LedbatStats`] (the node's status page and `/metrics`
-//! show it): back-offs for delay, slowdowns, reductions for loss, and the latest delays measured.
+//! show it): back-offs for delay, slowdowns, reductions for loss, connections that started from a remembered
+//! base delay, and the latest delays measured.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
@@ -54,6 +64,10 @@ const MAX_GAIN_DIVISOR: f64 = 16.0;
 /// base path (a route change) is believed within ten minutes.
 pub const BASE_HISTORY: usize = 10;
 const BASE_BUCKET: Duration = Duration::from_secs(60);
+
+/// Remote addresses whose base delays a process remembers; past it, the one measured longest ago is
+/// forgotten. Each is ten buckets (~300 bytes), and a connection's handshake costs far more than the scan.
+pub const REMEMBERED_PATHS: usize = 4096;
 
 /// The current delay is the minimum of this many recent samples (one per batch of ACKs).
 pub const CURRENT_FILTER: usize = 4;
@@ -83,6 +97,7 @@ pub struct LedbatStats {
     delay_backoffs: AtomicU64,
     slowdowns: AtomicU64,
     loss_reductions: AtomicU64,
+    remembered_bases: AtomicU64,
     /// Of the connection that took an RTT sample last: its base delay and queueing delay (µs), and when
     /// (µs since `epoch`, plus one: 0 is never).
     base_delay_us: AtomicU64,
@@ -100,6 +115,8 @@ pub struct LedbatSnapshot {
     pub slowdowns: u64,
     /// Losses that reduced a window (at most one per round trip and connection).
     pub loss_reductions: u64,
+    /// Connections that started from the base delay remembered for their remote address.
+    pub remembered_bases: u64,
     /// The base and the queueing delay the connection that measured an RTT last saw, if that was within
     /// [`DELAYS_SHOWN_FOR`].
     pub base_delay: Option<Duration>,
@@ -115,6 +132,7 @@ impl LedbatStats {
             delay_backoffs: AtomicU64::new(0),
             slowdowns: AtomicU64::new(0),
             loss_reductions: AtomicU64::new(0),
+            remembered_bases: AtomicU64::new(0),
             base_delay_us: AtomicU64::new(0),
             queueing_delay_us: AtomicU64::new(0),
             sampled_at_us: AtomicU64::new(0),
@@ -148,6 +166,7 @@ impl LedbatStats {
             delay_backoffs: get(&self.delay_backoffs),
             slowdowns: get(&self.slowdowns),
             loss_reductions: get(&self.loss_reductions),
+            remembered_bases: get(&self.remembered_bases),
             base_delay: fresh.then(|| Duration::from_micros(get(&self.base_delay_us))),
             queueing_delay: fresh.then(|| Duration::from_micros(get(&self.queueing_delay_us))),
         }
@@ -161,13 +180,100 @@ impl Default for LedbatStats {
 }
 
 /// Builds a [`Ledbat`] controller for each connection, counting into [`LedbatStats::process`]: give it to
-/// `quinn::TransportConfig::congestion_controller_factory`.
+/// `quinn::TransportConfig::congestion_controller_factory`. quinn does not tell a factory whom a connection
+/// is with, so a server that knows ([`quinn::Incoming::remote_address`]) builds a factory per connection
+/// with [`LedbatFactory::for_remote`], whose controller starts from the [`PathMemory`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct LedbatFactory;
+pub struct LedbatFactory {
+    remote: Option<IpAddr>,
+}
+
+impl LedbatFactory {
+    /// For a connection with `remote`: its controller remembers its base delay in [`PathMemory::process`]
+    /// and starts from what was remembered.
+    pub fn for_remote(remote: IpAddr) -> Self {
+        Self { remote: Some(remote) }
+    }
+}
 
 impl ControllerFactory for LedbatFactory {
-    fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(Ledbat::new(current_mtu, LedbatStats::process().clone()))
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        let stats = LedbatStats::process().clone();
+        Box::new(match self.remote {
+            Some(remote) => Ledbat::for_path(now, current_mtu, stats, PathMemory::process().clone(), remote),
+            None => Ledbat::new(current_mtu, stats),
+        })
+    }
+}
+
+/// Base delays measured to each remote address over the last [`BASE_HISTORY`] minutes, shared by a
+/// process's controllers (see the module documentation). An IPv6 address counts by its /64, where a host's
+/// temporary addresses come and go; an IPv4-mapped address as its IPv4 one.
+#[derive(Default)]
+pub struct PathMemory {
+    paths: Mutex<HashMap<IpAddr, BaseDelay>>,
+}
+
+impl std::fmt::Debug for PathMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathMemory").field("paths", &self.lock().len()).finish()
+    }
+}
+
+static PROCESS_PATHS: LazyLock<Arc<PathMemory>> = LazyLock::new(|| Arc::new(PathMemory::default()));
+
+impl PathMemory {
+    /// The process's memory, which [`LedbatFactory::for_remote`]'s controllers share.
+    pub fn process() -> &'static Arc<PathMemory> {
+        &PROCESS_PATHS
+    }
+
+    /// The key `remote` is remembered under.
+    pub fn path_of(remote: IpAddr) -> IpAddr {
+        match remote.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+            v4 => v4,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, BaseDelay>> {
+        // A panic elsewhere leaves at worst a stale minimum behind, which ages out like any other.
+        self.paths.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What was measured to `path` within the last [`BASE_HISTORY`] minutes, if anything.
+    fn recall(&self, now: Instant, path: IpAddr) -> Option<BaseDelay> {
+        let mut recalled = self.lock().get(&path)?.clone();
+        recalled.forget_before(now);
+        (!recalled.buckets.is_empty()).then_some(recalled)
+    }
+
+    /// A connection to `path` measured `sample` at `now`.
+    fn record(&self, now: Instant, path: IpAddr, sample: Duration) {
+        let mut paths = self.lock();
+        if !paths.contains_key(&path) && paths.len() >= REMEMBERED_PATHS {
+            paths.retain(|_, base| {
+                base.forget_before(now);
+                !base.buckets.is_empty()
+            });
+            if paths.len() >= REMEMBERED_PATHS {
+                let oldest = paths.iter().min_by_key(|(_, base)| base.latest()).map(|(path, _)| *path);
+                oldest.map(|oldest| paths.remove(&oldest));
+            }
+        }
+        paths.entry(path).or_default().update(now, sample);
+    }
+
+    /// How many paths are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -194,20 +300,41 @@ struct BaseDelay {
 }
 
 impl BaseDelay {
-    fn update(&mut self, now: Instant, sample: Duration) {
+    /// Takes `sample`, measured at `now`; whether the history changed (a new bucket or a new minimum).
+    fn update(&mut self, now: Instant, sample: Duration) -> bool {
+        self.forget_before(now);
         match self.buckets.back_mut() {
-            Some((start, min)) if now.saturating_duration_since(*start) < BASE_BUCKET => *min = (*min).min(sample),
+            Some((start, min)) if now.saturating_duration_since(*start) < BASE_BUCKET => {
+                let changed = sample < *min;
+                *min = (*min).min(sample);
+                changed
+            }
             _ => {
                 self.buckets.push_back((now, sample));
                 if self.buckets.len() > BASE_HISTORY {
                     self.buckets.pop_front();
                 }
+                true
             }
+        }
+    }
+
+    /// Drops the buckets that began over [`BASE_HISTORY`] minutes before `now`: a connection that sent
+    /// nothing for a while, or a remembered path, holds no minimum older than that.
+    fn forget_before(&mut self, now: Instant) {
+        let horizon = BASE_BUCKET * BASE_HISTORY as u32;
+        while self.buckets.front().is_some_and(|(start, _)| now.saturating_duration_since(*start) >= horizon) {
+            self.buckets.pop_front();
         }
     }
 
     fn get(&self) -> Option<Duration> {
         self.buckets.iter().map(|(_, min)| *min).min()
+    }
+
+    /// When the newest bucket began.
+    fn latest(&self) -> Option<Instant> {
+        self.buckets.back().map(|(start, _)| *start)
     }
 }
 
@@ -233,6 +360,8 @@ pub struct Ledbat {
     /// When a back-off for delay was last counted: one count per round trip, not per ACK.
     counted_backoff: Option<Instant>,
     stats: Arc<LedbatStats>,
+    /// Where this connection's base delays are remembered, and under which path.
+    memory: Option<(Arc<PathMemory>, IpAddr)>,
 }
 
 impl Ledbat {
@@ -252,7 +381,27 @@ impl Ledbat {
             next_slowdown: None,
             counted_backoff: None,
             stats,
+            memory: None,
         }
+    }
+
+    /// A controller for a connection with `remote`, which starts from the base delay `memory` holds for
+    /// it and adds what it measures there.
+    pub fn for_path(
+        now: Instant,
+        current_mtu: u16,
+        stats: Arc<LedbatStats>,
+        memory: Arc<PathMemory>,
+        remote: IpAddr,
+    ) -> Self {
+        let path = PathMemory::path_of(remote);
+        let mut cc = Self::new(current_mtu, stats);
+        if let Some(recalled) = memory.recall(now, path) {
+            cc.base = recalled;
+            Self::count(&cc.stats.remembered_bases);
+        }
+        cc.memory = Some((memory, path));
+        cc
     }
 
     fn min_window(&self) -> f64 {
@@ -293,7 +442,11 @@ impl Ledbat {
     fn end_acks(&mut self, now: Instant, app_limited: bool) {
         let acked = std::mem::take(&mut self.batch_bytes) as f64;
         let Some(sample) = self.batch_rtt.take() else { return };
-        self.base.update(now, sample);
+        if self.base.update(now, sample) {
+            if let Some((memory, path)) = &self.memory {
+                memory.record(now, *path, sample);
+            }
+        }
         if self.recent.len() == CURRENT_FILTER {
             self.recent.pop_front();
         }
@@ -484,10 +637,14 @@ mod tests {
 
     impl Sim {
         fn new(path: Path) -> Self {
-            let start = Instant::now();
+            Self::with(path, Instant::now(), |_| Ledbat::new(MTU, Arc::new(LedbatStats::new())))
+        }
+
+        /// A sender starting at `start` with the controller `cc` builds for that moment.
+        fn with(path: Path, start: Instant, cc: impl FnOnce(Instant) -> Ledbat) -> Self {
             let mut sim = Self {
                 path,
-                cc: Ledbat::new(MTU, Arc::new(LedbatStats::new())),
+                cc: cc(start),
                 start,
                 now: start,
                 link_free: start,
@@ -692,6 +849,72 @@ mod tests {
         let from = after.1 - sim.start + secs(5.0);
         let (mean, _) = sim.queueing(from, from + secs(10.0));
         assert!(mean <= TARGET_DELAY, "mean queueing {mean:?} after the base was found");
+    }
+
+    #[test]
+    fn a_connection_to_a_remembered_address_gives_way_to_a_queue_that_was_there_before_it() {
+        let memory = Arc::new(PathMemory::default());
+        let client: IpAddr = [192, 0, 2, 7].into();
+        let remembered = |memory: &Arc<PathMemory>, remote: IpAddr| {
+            let memory = memory.clone();
+            move |now| Ledbat::for_path(now, MTU, Arc::new(LedbatStats::new()), memory, remote)
+        };
+        // A first connection to the client while the uplink is quiet measures the real base delay.
+        let mut first = Sim::with(home_uplink(|_| Duration::ZERO), Instant::now(), remembered(&memory, client));
+        first.run_until(secs(5.0));
+        assert_eq!(first.stats().remembered_bases, 0, "nothing was remembered yet");
+        assert_eq!(memory.len(), 1);
+        // A minute later the owner's upload holds 80 ms of queue in the uplink from before the next
+        // connection's first packet to the end.
+        let standing = |_| Duration::from_millis(80);
+        let later = first.now + secs(60.0);
+        let mut again = Sim::with(home_uplink(standing), later, remembered(&memory, client));
+        assert_eq!(again.stats().remembered_bases, 1);
+        again.run_until(secs(30.0));
+        assert_base(&again, again.path.base);
+        let yielded = again.throughput(secs(2.0), secs(30.0));
+        assert!(yielded < 0.05 * again.path.rate, "{yielded:.0} bytes/s on top of the owner's queue");
+        // A connection to an address never seen takes the queue for its base and sends on top of it: the
+        // latecomer problem that remembering fixes only for addresses the node sent to lately.
+        let stranger: IpAddr = [198, 51, 100, 1].into();
+        let mut new = Sim::with(home_uplink(standing), later, remembered(&memory, stranger));
+        new.run_until(secs(30.0));
+        assert_base(&new, again.path.base + Duration::from_millis(80));
+        assert!(new.throughput(secs(2.0), secs(30.0)) > 0.5 * new.path.rate);
+    }
+
+    #[test]
+    fn paths_are_remembered_per_address_for_ten_minutes_and_bounded() {
+        let t0 = Instant::now();
+        let v6 = |s: &str| -> IpAddr { s.parse().expect("an address") };
+        // A host's temporary IPv6 addresses share its /64; an IPv4-mapped address is its IPv4 one.
+        assert_eq!(PathMemory::path_of(v6("2001:db8:1:2:aaaa::1")), PathMemory::path_of(v6("2001:db8:1:2:bbbb::9")));
+        assert_ne!(PathMemory::path_of(v6("2001:db8:1:2::1")), PathMemory::path_of(v6("2001:db8:1:3::1")));
+        assert_eq!(PathMemory::path_of(v6("::ffff:192.0.2.7")), IpAddr::from([192, 0, 2, 7]));
+
+        let memory = PathMemory::default();
+        let a: IpAddr = [192, 0, 2, 1].into();
+        memory.record(t0, a, Duration::from_millis(50));
+        memory.record(t0 + secs(30.0), a, Duration::from_millis(40));
+        memory.record(t0 + secs(90.0), a, Duration::from_millis(70));
+        let recalled = memory.recall(t0 + secs(120.0), a).expect("remembered");
+        assert_eq!(recalled.get(), Some(Duration::from_millis(40)));
+        // Ten minutes after the first bucket began it is forgotten; the later one still counts.
+        let late = memory.recall(t0 + secs(600.0), a).expect("the later minute");
+        assert_eq!(late.get(), Some(Duration::from_millis(70)));
+        assert!(memory.recall(t0 + secs(690.0), a).is_none(), "forgotten after ten minutes");
+
+        // Full: the path measured longest ago makes room.
+        let memory = PathMemory::default();
+        for i in 0..REMEMBERED_PATHS as u32 {
+            memory.record(t0 + Duration::from_millis(u64::from(i)), IpAddr::from(i.to_be_bytes()), secs(0.05));
+        }
+        let newcomer: IpAddr = [203, 0, 113, 9].into();
+        memory.record(t0 + secs(10.0), newcomer, secs(0.05));
+        assert_eq!(memory.len(), REMEMBERED_PATHS);
+        assert!(memory.recall(t0 + secs(10.0), IpAddr::from(0u32.to_be_bytes())).is_none(), "the oldest went");
+        assert!(memory.recall(t0 + secs(10.0), IpAddr::from(1u32.to_be_bytes())).is_some());
+        assert!(memory.recall(t0 + secs(10.0), newcomer).is_some());
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl<'de> serde::Deserialize<'de> for UploadPriority {
 /// Server configuration for a node: certificate from its identity key, ALPN `fog/1` (and rendezvous), at
 /// most `max_streams_per_connection` concurrent requests per client, quinn's default congestion control.
 pub fn server_config(key: &SigningKey, max_streams_per_connection: u32) -> Result<quinn::ServerConfig, TransportError> {
-    node_server_config(key, max_streams_per_connection, None, UploadPriority::Normal)
+    Ok(node_server_config(key, max_streams_per_connection, None, UploadPriority::Normal)?.config)
 }
 
 /// [`server_config`] that also offers `h3` to browsers, showing them the certificate in `web` (which the
@@ -101,7 +101,32 @@ pub fn server_config_with_web(
     max_streams_per_connection: u32,
     web: Arc<WebCertSlot>,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    node_server_config(key, max_streams_per_connection, Some(web), UploadPriority::Normal)
+    Ok(node_server_config(key, max_streams_per_connection, Some(web), UploadPriority::Normal)?.config)
+}
+
+/// A node's server configuration ([`node_server_config`]), and how it accepts each connection.
+#[derive(Debug, Clone)]
+pub struct NodeServerConfig {
+    /// What the node's endpoint is built with.
+    pub config: quinn::ServerConfig,
+    max_streams_per_connection: u32,
+    web: bool,
+    upload: UploadPriority,
+}
+
+impl NodeServerConfig {
+    /// Accepts `incoming`. At `low` upload priority the connection gets a transport of its own, whose
+    /// LEDBAT++ controller starts from the base delay remembered for the client's address
+    /// ([`crate::ledbat::PathMemory`]): quinn does not tell the endpoint's one factory whom a connection is with.
+    pub fn accept(&self, incoming: quinn::Incoming) -> Result<quinn::Connecting, quinn::ConnectionError> {
+        if self.upload != UploadPriority::Low {
+            return incoming.accept();
+        }
+        let ledbat = crate::ledbat::LedbatFactory::for_remote(incoming.remote_address().ip());
+        let mut config = self.config.clone();
+        config.transport_config(Arc::new(node_transport(self.max_streams_per_connection, self.web, Some(ledbat))));
+        incoming.accept_with(Arc::new(config))
+    }
 }
 
 /// The node's server configuration: [`server_config`], offering `h3` to browsers if `web` is given, and
@@ -111,7 +136,7 @@ pub fn node_server_config(
     max_streams_per_connection: u32,
     web: Option<Arc<WebCertSlot>>,
     upload: UploadPriority,
-) -> Result<quinn::ServerConfig, TransportError> {
+) -> Result<NodeServerConfig, TransportError> {
     let pkcs8 = key.to_pkcs8_der().map_err(TransportError::KeyEncoding)?;
     let key_pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(TransportError::Certificate)?;
     let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(TransportError::Certificate)?;
@@ -135,11 +160,23 @@ pub fn node_server_config(
     tls.alpn_protocols = alpn_protocols;
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(TransportError::Quic)?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let ledbat = (upload == UploadPriority::Low).then(crate::ledbat::LedbatFactory::default);
+    config.transport_config(Arc::new(node_transport(max_streams_per_connection, web_enabled, ledbat)));
+    Ok(NodeServerConfig { config, max_streams_per_connection, web: web_enabled, upload })
+}
+
+/// The transport of a node's connections: `max_streams_per_connection` requests at a time, browsers' HTTP/3
+/// streams if `web`, and uploads under `ledbat` (LEDBAT++) if given, quinn's CUBIC otherwise.
+fn node_transport(
+    max_streams_per_connection: u32,
+    web: bool,
+    ledbat: Option<crate::ledbat::LedbatFactory>,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // HTTP/3 needs the browser's control stream and its two QPACK streams (a browser hangs without them);
     // native clients open none. Unread, they can hold at most 3 stream windows per connection.
-    let uni_streams: u8 = if web_enabled { 3 } else { 0 };
+    let uni_streams: u8 = if web { 3 } else { 0 };
     t.stream_receive_window(quinn::VarInt::from_u32(64 << 10))
         .send_window(32 << 20)
         .max_concurrent_bidi_streams(max_streams_per_connection.into())
@@ -148,11 +185,10 @@ pub fn node_server_config(
         // expect the transport parameter: a small buffer keeps what a peer can park here bounded.
         .datagram_receive_buffer_size(Some(16 << 10))
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("fits")));
-    if upload == UploadPriority::Low {
-        t.congestion_controller_factory(Arc::new(crate::ledbat::LedbatFactory));
+    if let Some(ledbat) = ledbat {
+        t.congestion_controller_factory(Arc::new(ledbat));
     }
-    cfg.transport_config(Arc::new(t));
-    Ok(cfg)
+    t
 }
 
 /// The ALPN protocol of HTTP/3, which browsers' WebTransport sessions negotiate.

@@ -76,9 +76,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         transport::node_server_config(&key, STREAMS_PER_CONNECTION, Some(web.cert_slot()), cfg.upload_priority)?;
     // `[::]` is one dual-stack socket for IPv4 and IPv6 clients; a host without IPv6 gets `0.0.0.0`.
     let v4_only = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port());
-    let endpoint = transport::endpoint(cfg.listen, Some(server_config.clone()))
+    let endpoint = transport::endpoint(cfg.listen, Some(server_config.config.clone()))
         .or_else(|e| match cfg.listen.ip() {
-            IpAddr::V6(ip) if ip.is_unspecified() => transport::endpoint(v4_only, Some(server_config)),
+            IpAddr::V6(ip) if ip.is_unspecified() => transport::endpoint(v4_only, Some(server_config.config.clone())),
             _ => Err(e),
         })
         .map_err(|source| transport::TransportError::Bind { addr: cfg.listen, source })?;
@@ -190,7 +190,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tracker_rtt: Default::default(),
     };
     let link_task = tokio::spawn(link.run(stop_rx));
-    let serve_task = tokio::spawn(server.clone().run(endpoint.clone()));
+    let serve_task = tokio::spawn(server.clone().run(endpoint.clone(), server_config));
 
     shutdown.await;
     tracing::info!("shutting down: refusing new connections, draining in-flight requests");

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use fog_net::frame_io::{read_frame, write_last_frame, ReadError};
 use fog_net::origin::{OriginClient, OriginError, SharedOrigins};
 use fog_net::per_source::Held;
+use fog_net::transport::NodeServerConfig;
 use fog_proto::api::now_ms;
 use fog_proto::groups::{GroupHashes, Verifier};
 use fog_proto::web::WebOrigins;
@@ -237,8 +238,8 @@ impl Server {
         self.web.set_tracker_origins(origins);
     }
 
-    /// Accepts connections until the endpoint is closed.
-    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    /// Accepts connections until the endpoint is closed, each as `config` says.
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, config: NodeServerConfig) {
         while let Some(incoming) = endpoint.accept().await {
             let source = incoming.remote_address().ip();
             let open = self.connections.load(Ordering::Relaxed);
@@ -253,13 +254,18 @@ impl Server {
             self.connections.fetch_add(1, Ordering::Relaxed);
             let slot = self.by_source.hold(source);
             let server = self.clone();
-            let span = tracing::info_span!("connection", remote = %incoming.remote_address());
+            let remote = incoming.remote_address();
+            let span = tracing::info_span!("connection", %remote);
+            let connecting = config.accept(incoming);
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     let _gauge = Gauge(&server.connections);
                     let _slot = slot;
-                    let remote = incoming.remote_address();
-                    match incoming.await {
+                    let conn = match connecting {
+                        Ok(connecting) => connecting.await,
+                        Err(e) => Err(e),
+                    };
+                    match conn {
                         Ok(conn) if negotiated(&conn, fog_proto::rendezvous::ALPN) => {
                             server.rendezvous.clone().serve_connection(conn).await
                         }

@@ -127,6 +127,10 @@ pub struct LedbatStatus {
     pub slowdowns: u64,
     /// Window reductions for loss (at most one per round trip and connection).
     pub loss_reductions: u64,
+    /// Connections that started from the base delay measured to their client's address in the last 10 min,
+    /// rather than taking a queue already in the uplink for the path's.
+    #[serde(default)]
+    pub remembered_bases: u64,
     /// Of the connection that measured an RTT last (within 10 s; none while nothing is sent): its path's
     /// base delay and the queueing delay above it, the uplink's queue being common to all connections.
     pub base_delay_ms: Option<f64>,
@@ -141,6 +145,7 @@ impl LedbatStatus {
             delay_backoffs: s.delay_backoffs,
             slowdowns: s.slowdowns,
             loss_reductions: s.loss_reductions,
+            remembered_bases: s.remembered_bases,
             base_delay_ms: ms(s.base_delay),
             queueing_delay_ms: ms(s.queueing_delay),
         }
@@ -684,7 +689,7 @@ impl Default for NodeMetrics {
                 |s| s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.left),
             ),
         ];
-        let ledbat_counter_defs: [(&str, &str, ReadGauge); 3] = [
+        let ledbat_counter_defs: [(&str, &str, ReadGauge); 4] = [
             (
                 "fog_node_ledbat_delay_backoffs",
                 "Round trips in which an upload (--upload-priority low, LEDBAT++) shrank its window because the \
@@ -699,6 +704,12 @@ impl Default for NodeMetrics {
             ("fog_node_ledbat_loss_reductions", "LEDBAT++ window reductions for packet loss", |s| {
                 s.ledbat.as_ref().map_or(0, |l| l.loss_reductions)
             }),
+            (
+                "fog_node_ledbat_remembered_bases",
+                "LEDBAT++ uploads that started from the base delay measured to their client's address in the last \
+                 10 min, so that a queue already in the uplink does not read as the path's base",
+                |s| s.ledbat.as_ref().map_or(0, |l| l.remembered_bases),
+            ),
         ];
         let ledbat_gauge_defs: [(&str, &str, ReadGauge); 2] = [
             (
@@ -894,8 +905,9 @@ fn render_ledbat(l: &LedbatStatus) -> String {
         _ => String::new(),
     };
     format!(
-        "{} round trips backed off for the owner's traffic (LEDBAT++), {} slowdowns, {} reductions for loss{delays}",
-        l.delay_backoffs, l.slowdowns, l.loss_reductions
+        "{} round trips backed off for the owner's traffic (LEDBAT++), {} slowdowns, {} reductions for loss, {} \
+         connections started from a remembered base delay{delays}",
+        l.delay_backoffs, l.slowdowns, l.loss_reductions, l.remembered_bases
     )
 }
 

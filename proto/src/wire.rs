@@ -225,33 +225,22 @@ impl ChunkRequest {
     /// is too long, or both together make a body longer than a node reads ([`MAX_REQUEST_LEN`]).
     pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
         if let Some(o) = &self.origin {
-            if o.url.len() > MAX_URL_LEN {
-                return Err(FrameError::TooLong { what: "origin URL", len: o.url.len(), max: MAX_URL_LEN });
-            }
+            within("origin URL", o.url.len(), MAX_URL_LEN)?;
         }
         if let Some(r) = &self.receipt {
-            if r.len() > MAX_RECEIPT_LEN {
-                return Err(FrameError::TooLong { what: "receipt", len: r.len(), max: MAX_RECEIPT_LEN });
-            }
+            within("receipt", r.len(), MAX_RECEIPT_LEN)?;
         }
         if let Some(t) = &self.ticket {
-            if t.len() > MAX_TICKET_LEN {
-                return Err(FrameError::TooLong { what: "ticket", len: t.len(), max: MAX_TICKET_LEN });
-            }
+            within("ticket", t.len(), MAX_TICKET_LEN)?;
         }
         if let Some((size, hashes)) = &self.groups {
             if groups::check_size(*size).is_err() || size.trailing_zeros() > u32::from(MAX_GROUP_LOG2) {
                 return Err(FrameError::GroupSize(*size));
             }
-            if hashes.0.len() > MAX_GROUPS_PER_CHUNK {
-                let len = hashes.0.len();
-                return Err(FrameError::TooLong { what: "group hashes", len, max: MAX_GROUPS_PER_CHUNK });
-            }
+            within("group hashes", hashes.0.len(), MAX_GROUPS_PER_CHUNK)?;
         }
         let body = self.encode();
-        if body.len() > MAX_REQUEST_LEN {
-            return Err(FrameError::TooLong { what: "request", len: body.len(), max: MAX_REQUEST_LEN });
-        }
+        within("request", body.len(), MAX_REQUEST_LEN)?;
         let mut out = Vec::with_capacity(body.len() + 2);
         out.extend_from_slice(&(body.len() as u16).to_be_bytes());
         out.extend_from_slice(&body);
@@ -260,20 +249,13 @@ impl ChunkRequest {
 
     /// Checks a length prefix before the body is read.
     fn check_len(len: u16) -> Result<usize, FrameError> {
-        let len = usize::from(len);
-        if len > MAX_REQUEST_LEN {
-            return Err(FrameError::TooLong { what: "request", len, max: MAX_REQUEST_LEN });
-        }
-        Ok(len)
+        within("request", usize::from(len), MAX_REQUEST_LEN)
     }
 
     /// The request body (after its length prefix), which must be exactly one request.
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader(body);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(FrameError::Version(version));
-        }
+        read_version(&mut r)?;
         let flags = r.u8()?;
         if flags & !(FLAG_RANGE | FLAG_ORIGIN | FLAG_RECEIPT | FLAG_TICKET | FLAG_GROUPS) != 0 {
             return Err(FrameError::Flags(flags));
@@ -291,17 +273,9 @@ impl ChunkRequest {
         let origin = if flags & FLAG_ORIGIN != 0 {
             let offset = r.u64()?;
             let length = r.u32()?;
-            if length > MAX_PAYLOAD_LEN {
-                return Err(FrameError::TooLong {
-                    what: "hinted chunk",
-                    len: length as usize,
-                    max: MAX_PAYLOAD_LEN as usize,
-                });
-            }
+            within("hinted chunk", length as usize, MAX_PAYLOAD_LEN as usize)?;
             let url_len = usize::from(r.u16()?);
-            if url_len > MAX_URL_LEN {
-                return Err(FrameError::TooLong { what: "origin URL", len: url_len, max: MAX_URL_LEN });
-            }
+            within("origin URL", url_len, MAX_URL_LEN)?;
             let url = std::str::from_utf8(r.take(url_len)?).map_err(|_| FrameError::Utf8)?.to_owned();
             Some(OriginHint { url, offset, length })
         } else {
@@ -311,10 +285,7 @@ impl ChunkRequest {
             if flags & flag == 0 {
                 return Ok(None);
             }
-            let len = usize::from(r.u16()?);
-            if len > max {
-                return Err(FrameError::TooLong { what, len, max });
-            }
+            let len = within(what, usize::from(r.u16()?), max)?;
             Ok(Some(r.take(len)?.to_vec()))
         };
         let receipt = blob(FLAG_RECEIPT, "receipt", MAX_RECEIPT_LEN)?;
@@ -325,9 +296,7 @@ impl ChunkRequest {
                 return Err(FrameError::GroupSize(1u32.checked_shl(u32::from(log2)).unwrap_or(0)));
             }
             let count = usize::from(r.u16()?);
-            if count > MAX_GROUPS_PER_CHUNK {
-                return Err(FrameError::TooLong { what: "group hashes", len: count, max: MAX_GROUPS_PER_CHUNK });
-            }
+            within("group hashes", count, MAX_GROUPS_PER_CHUNK)?;
             let hashes = GroupHashes::from_bytes(r.take(32 * count)?).expect("a multiple of 32 bytes");
             Some((1 << log2, hashes))
         } else {
@@ -452,10 +421,7 @@ impl Decode for ResponseHead {
             if status == Status::Ok {
                 return Ok(Self::Ok { len: check_payload_len(r.u32()?)? });
             }
-            let len = usize::from(r.u16()?);
-            if len > MAX_MESSAGE_LEN {
-                return Err(FrameError::TooLong { what: "message", len, max: MAX_MESSAGE_LEN });
-            }
+            let len = within("message", usize::from(r.u16()?), MAX_MESSAGE_LEN)?;
             Ok(Self::Error { status, message: String::from_utf8_lossy(r.take(len)?).into_owned() })
         })();
         progress(head, buf.len() - r.0.len())
@@ -463,10 +429,24 @@ impl Decode for ResponseHead {
 }
 
 fn check_payload_len(len: u32) -> Result<u32, FrameError> {
-    if len > MAX_PAYLOAD_LEN {
-        return Err(FrameError::TooLong { what: "payload", len: len as usize, max: MAX_PAYLOAD_LEN as usize });
+    within("payload", len as usize, MAX_PAYLOAD_LEN as usize)?;
+    Ok(len)
+}
+
+/// `len` of `what`, if it is at most `max`.
+fn within(what: &'static str, len: usize, max: usize) -> Result<usize, FrameError> {
+    if len > max {
+        return Err(FrameError::TooLong { what, len, max });
     }
     Ok(len)
+}
+
+/// Reads the version byte that opens a body; this side speaks only [`VERSION`].
+fn read_version(r: &mut Reader<'_>) -> Result<(), FrameError> {
+    match r.u8()? {
+        VERSION => Ok(()),
+        other => Err(FrameError::Version(other)),
+    }
 }
 
 /// A head decoded from the bytes so far: done, or how many more bytes its next field needs (a head's fields
@@ -628,10 +608,7 @@ impl PeerHello {
     /// u16 BE body length, then the body: version, node key, signature, u16 BE membership length and the
     /// membership. Fails if the membership is longer than [`MAX_MEMBERSHIP_LEN`].
     pub fn encode_framed(&self) -> Result<Vec<u8>, FrameError> {
-        let len = self.membership.len();
-        if len > MAX_MEMBERSHIP_LEN {
-            return Err(FrameError::TooLong { what: "membership", len, max: MAX_MEMBERSHIP_LEN });
-        }
+        let len = within("membership", self.membership.len(), MAX_MEMBERSHIP_LEN)?;
         let body_len = 1 + 32 + 64 + 2 + len;
         let mut out = Vec::with_capacity(2 + body_len);
         out.extend_from_slice(&(body_len as u16).to_be_bytes());
@@ -644,26 +621,16 @@ impl PeerHello {
     }
 
     fn check_len(len: u16) -> Result<usize, FrameError> {
-        let len = usize::from(len);
-        if len > MAX_PEER_HELLO_LEN {
-            return Err(FrameError::TooLong { what: "peer hello", len, max: MAX_PEER_HELLO_LEN });
-        }
-        Ok(len)
+        within("peer hello", usize::from(len), MAX_PEER_HELLO_LEN)
     }
 
     /// The body (after its length prefix), which must be exactly one hello.
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader(body);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(FrameError::Version(version));
-        }
+        read_version(&mut r)?;
         let node = crate::NodeId(r.array()?);
         let signature = r.array()?;
-        let len = usize::from(r.u16()?);
-        if len > MAX_MEMBERSHIP_LEN {
-            return Err(FrameError::TooLong { what: "membership", len, max: MAX_MEMBERSHIP_LEN });
-        }
+        let len = within("membership", usize::from(r.u16()?), MAX_MEMBERSHIP_LEN)?;
         let membership = r.take(len)?.to_vec();
         if !r.0.is_empty() {
             return Err(FrameError::Trailing(r.0.len()));

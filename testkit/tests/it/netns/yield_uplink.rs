@@ -14,8 +14,12 @@
 //!
 //! The latecomer: the backup starts first and fills the buffer, then the clients connect, so that every
 //! connection of the node first sees the uplink with the owner's standing queue in it (LEDBAT's known
-//! weakness: that queue reads as base delay). The owner should keep ≥ 90 %; the controller does not manage
-//! it yet (docs/benchmarks.md), so only that it keeps more than with the node at `normal` is asserted. Each phase with the node at `low` also
+//! weakness: that queue reads as base delay). Clients from the client network, which the node served in
+//! the phases before, start from the base delay the node remembers for their address
+//! (`fog_net::ledbat::PathMemory`), and the owner keeps ≥ 90 % again. Clients from an address the node never
+//! served (the second home; the public network's address is the tracker's, whose reachability checks the node
+//! answers) are the latecomer the memory cannot help: measured, and only asserted to leave
+//! the owner more than a `normal` node does (docs/benchmarks.md). Each phase with the node at `low` also
 //! reads its `fog_node_ledbat_*` metrics: it backed off for delay while the owner uploaded.
 
 use std::io::{BufRead, BufReader};
@@ -162,8 +166,9 @@ enum Node {
     Absent,
     /// [`LEAD`] seconds before the owner starts.
     First,
-    /// [`LEAD`] seconds after the owner started: its queue is there before any of the node's connections.
-    Late,
+    /// [`LEAD`] seconds after the owner started, its clients in `Site`: the owner's queue is there before any
+    /// of the node's connections.
+    Late(Site),
 }
 
 /// One phase's measurements: rates in bits/s, delays in ms.
@@ -183,6 +188,7 @@ struct Ledbat {
     backoffs: u64,
     slowdowns: u64,
     loss_reductions: u64,
+    remembered_bases: u64,
     base_ms: u64,
     queueing_ms: u64,
 }
@@ -197,6 +203,7 @@ impl Ledbat {
             backoffs: get("fog_node_ledbat_delay_backoffs_total"),
             slowdowns: get("fog_node_ledbat_slowdowns_total"),
             loss_reductions: get("fog_node_ledbat_loss_reductions_total"),
+            remembered_bases: get("fog_node_ledbat_remembered_bases_total"),
             base_ms: get("fog_node_ledbat_base_delay_ms"),
             queueing_ms: get("fog_node_ledbat_queueing_delay_ms"),
         }
@@ -208,6 +215,7 @@ impl Ledbat {
             backoffs: self.backoffs - before.backoffs,
             slowdowns: self.slowdowns - before.slowdowns,
             loss_reductions: self.loss_reductions - before.loss_reductions,
+            remembered_bases: self.remembered_bases - before.remembered_bases,
             ..self
         }
     }
@@ -294,26 +302,27 @@ impl Home {
     /// clients ([`Node::Late`]), the owner measured from [`WARMUP`] seconds after they came.
     fn phase(&self, owner: Owner, node: Node) -> Measured {
         let sink = (Site::Public.addr().to_string(), self.sink_port.to_string());
-        let owner_warmup = if node == Node::Late { LEAD + WARMUP } else { WARMUP };
+        let late = matches!(node, Node::Late(_));
+        let owner_warmup = if late { LEAD + WARMUP } else { WARMUP };
         let window = [owner_warmup.to_string(), MEASURE.to_string()];
         let ledbat_before = (node != Node::Absent).then(|| self.ledbat());
         let measured = std::thread::scope(|scope| {
             let clients = (node != Node::Absent).then(|| {
                 scope.spawn(move || {
                     // Its window: to the end of the owner's, from 1 s after it starts if it starts first.
-                    let seconds = match node {
-                        Node::Late => {
+                    let (seconds, site) = match node {
+                        Node::Late(site) => {
                             std::thread::sleep(Duration::from_secs(LEAD));
-                            WARMUP + MEASURE
+                            (WARMUP + MEASURE, site)
                         }
-                        _ => LEAD + WARMUP + MEASURE - 1,
+                        _ => (LEAD + WARMUP + MEASURE - 1, Site::Client),
                     };
                     let tracker = format!("http://{}", self.net.tracker);
                     let url = format!("http://{}/video.bin", self.net.origin);
                     let (clients, secs) = (CLIENTS.to_string(), seconds.to_string());
                     let loadgen = bin("fog-loadgen");
                     let args = ["--clients", &clients, "--seconds", &secs, "quic", "--tracker", &tracker, &url];
-                    let out = self.net.lab.exec(Site::Client, loadgen.to_str().expect("utf8"), &args);
+                    let out = self.net.lab.exec(site, loadgen.to_str().expect("utf8"), &args);
                     assert!(out.status.success(), "fog-loadgen: {}", String::from_utf8_lossy(&out.stderr));
                     let report: Value = serde_json::from_slice(&out.stdout).expect("loadgen JSON");
                     let node_log = self.node.as_ref().map(|n| tail(&n.log_text())).unwrap_or_default();
@@ -402,7 +411,8 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     for (name, owner, node) in [
         ("backup alone", Owner::Backup, Node::Absent),
         ("backup + node low", Owner::Backup, Node::First),
-        ("backup, then node low (latecomer)", Owner::Backup, Node::Late),
+        ("backup, then node low (latecomer, returning clients)", Owner::Backup, Node::Late(Site::Client)),
+        ("backup, then node low (latecomer, new clients)", Owner::Backup, Node::Late(Site::Home2)),
         ("call alone", Owner::Call, Node::Absent),
         ("call + node low", Owner::Call, Node::First),
         ("node low alone", Owner::Idle, Node::First),
@@ -420,12 +430,13 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     eprintln!("uplink {} Mbit/s, {UPLINK_BUFFER:?} buffer; idle RTT {base:.1} ms", UPLINK_BITS_PER_SEC / 1_000_000);
     eprintln!(
         "| phase | owner Mbit/s | node Mbit/s | queueing p50 / p90 ms | LEDBAT++ back-offs / slowdowns / loss \
-         reductions; base / queueing delay ms |"
+         reductions / remembered bases; base / queueing delay ms |"
     );
     for (name, m) in &rows {
         let (q50, q90) = (m.rtt_p50 - base, m.rtt_p90 - base);
         let ledbat = m.ledbat.map_or("—".into(), |l| {
-            format!("{} / {} / {}; {} / {}", l.backoffs, l.slowdowns, l.loss_reductions, l.base_ms, l.queueing_ms)
+            let counts = format!("{} / {} / {} / {}", l.backoffs, l.slowdowns, l.loss_reductions, l.remembered_bases);
+            format!("{counts}; {} / {}", l.base_ms, l.queueing_ms)
         });
         eprintln!("| {name} | {} | {} | {q50:.1} / {q90:.1} | {ledbat} |", mbit(m.owner), mbit(m.node));
     }
@@ -434,7 +445,10 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     let queueing = |name: &str| Duration::from_secs_f64((get(name).rtt_p50 - base).max(0.0) / 1000.0);
     let owner = |name: &str| get(name).owner.expect("owner rate");
     let limit = TARGET_DELAY + DELAY_MARGIN;
-    for (with, alone) in [("backup + node low", "backup alone"), ("call + node low", "call alone")] {
+    let late = "backup, then node low (latecomer, returning clients)";
+    for (with, alone) in
+        [("backup + node low", "backup alone"), (late, "backup alone"), ("call + node low", "call alone")]
+    {
         assert!(
             owner(with) >= 0.9 * owner(alone),
             "{with}: {} of {} Mbit/s",
@@ -455,21 +469,19 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     // What the metrics show: the node backed off for the owner's queue, and slowed down in every phase.
     let ledbat = |name: &str| get(name).ledbat.expect("the node's LEDBAT++ metrics");
     assert!(ledbat("backup + node low").backoffs > 0, "{:?}", ledbat("backup + node low"));
-    assert!(
-        ledbat("backup, then node low (latecomer)").slowdowns > 0,
-        "{:?}",
-        ledbat("backup, then node low (latecomer)")
-    );
+    // The returning clients' connections started from the base delay measured before the owner's queue.
+    assert!(ledbat(late).remembered_bases > 0, "{late}: {:?}", ledbat(late));
     assert!(owner("backup + node normal") < owner("backup + node low"), "normal priority took no more from the backup");
     assert!(queueing("call + node normal") > queueing("call + node low"), "normal priority queued no more");
-    // The latecomer: measured 2026-12-02, it left the backup 70–80 % (docs/benchmarks.md), short of the 90 %
-    // the node keeps when it starts first: the controller's open weakness. What holds: it still gives way
-    // where a best-effort flow does not.
-    let late = "backup, then node low (latecomer)";
+    // New clients meeting the owner's queue: measured 2026-12-02 at 70–80 % of the backup's solo rate
+    // (docs/benchmarks.md), short of the 90 %: nothing the node measured says the queue is not the path's
+    // (its first connection remembers the queue as base, and the next ones start from that). What holds: it
+    // still gives way where a best-effort flow does not.
+    let new = "backup, then node low (latecomer, new clients)";
     assert!(
-        owner(late) > owner("backup + node normal"),
-        "{late}: {} Mbit/s, no more than with the node at normal ({} Mbit/s)",
-        mbit(Some(owner(late))),
+        owner(new) > owner("backup + node normal"),
+        "{new}: {} Mbit/s, no more than with the node at normal ({} Mbit/s)",
+        mbit(Some(owner(new))),
         mbit(Some(owner("backup + node normal")))
     );
 }

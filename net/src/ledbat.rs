@@ -36,11 +36,15 @@
 //! full for as long as it runs, so no slowdown of ours ever shows the real base, and the connection competes
 //! with the owner instead of giving way. A connection to an address the node sent to in the last
 //! [`BASE_HISTORY`] minutes starts from the base delay measured then, as Linux keeps per-destination RTTs
-//! (`tcp_metrics`). A new address whose first packets meet such a queue is still a latecomer.
+//! (`tcp_metrics`). A connection to a new address, opened while other connections of the node are sending,
+//! borrows their view of the uplink: its first base delay is its first RTT minus the smallest queueing delay
+//! they measured in the last [`LEND_SLOT`] or two (the uplink's queue is common to them all; the smallest, so
+//! that one connection's mistaken base cannot make a new one give way for nothing). A new address whose
+//! first packets meet such a queue while the node sends nothing else is still a latecomer.
 //!
 //! What the controllers do is counted node-wide in [`LedbatStats`] (the node's status page and `/metrics`
 //! show it): back-offs for delay, slowdowns, reductions for loss, connections that started from a remembered
-//! base delay, and the latest delays measured.
+//! or a borrowed base delay, and the latest delays measured.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -68,6 +72,12 @@ const BASE_BUCKET: Duration = Duration::from_secs(60);
 /// Remote addresses whose base delays a process remembers; past it, the one measured longest ago is
 /// forgotten. Each is ten buckets (~300 bytes), and a connection's handshake costs far more than the scan.
 pub const REMEMBERED_PATHS: usize = 4096;
+
+/// Queueing delays are lent to new connections from the current and the previous slot of this length.
+pub const LEND_SLOT: Duration = Duration::from_millis(500);
+/// The queueing delay field of [`LedbatStats::lendable`] (µs; the slot number above it).
+const LEND_VALUE_BITS: u32 = 40;
+const LEND_VALUE_MASK: u64 = (1 << LEND_VALUE_BITS) - 1;
 
 /// The current delay is the minimum of this many recent samples (one per batch of ACKs).
 pub const CURRENT_FILTER: usize = 4;
@@ -98,6 +108,10 @@ pub struct LedbatStats {
     slowdowns: AtomicU64,
     loss_reductions: AtomicU64,
     remembered_bases: AtomicU64,
+    borrowed_bases: AtomicU64,
+    /// The smallest queueing delay any connection measured in the latest [`LEND_SLOT`]: the slot's number
+    /// (plus one: 0 is never) above [`LEND_VALUE_BITS`], the delay in µs below.
+    lendable: AtomicU64,
     /// Of the connection that took an RTT sample last: its base delay and queueing delay (µs), and when
     /// (µs since `epoch`, plus one: 0 is never).
     base_delay_us: AtomicU64,
@@ -117,6 +131,9 @@ pub struct LedbatSnapshot {
     pub loss_reductions: u64,
     /// Connections that started from the base delay remembered for their remote address.
     pub remembered_bases: u64,
+    /// Connections to new addresses that started from their first RTT less the queueing delay other
+    /// connections measured at the time.
+    pub borrowed_bases: u64,
     /// The base and the queueing delay the connection that measured an RTT last saw, if that was within
     /// [`DELAYS_SHOWN_FOR`].
     pub base_delay: Option<Duration>,
@@ -133,6 +150,8 @@ impl LedbatStats {
             slowdowns: AtomicU64::new(0),
             loss_reductions: AtomicU64::new(0),
             remembered_bases: AtomicU64::new(0),
+            borrowed_bases: AtomicU64::new(0),
+            lendable: AtomicU64::new(0),
             base_delay_us: AtomicU64::new(0),
             queueing_delay_us: AtomicU64::new(0),
             sampled_at_us: AtomicU64::new(0),
@@ -154,6 +173,27 @@ impl LedbatStats {
         self.base_delay_us.store(us(base), Ordering::Relaxed);
         self.queueing_delay_us.store(us(queueing), Ordering::Relaxed);
         self.sampled_at_us.store(self.since_epoch_us(now) + 1, Ordering::Relaxed);
+        let slot = self.lend_slot(now);
+        let queueing = us(queueing).min(LEND_VALUE_MASK);
+        let _ = self.lendable.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |packed| {
+            let kept =
+                if packed >> LEND_VALUE_BITS == slot { (packed & LEND_VALUE_MASK).min(queueing) } else { queueing };
+            Some(slot << LEND_VALUE_BITS | kept)
+        });
+    }
+
+    /// The number of the [`LEND_SLOT`] `now` is in, plus one.
+    fn lend_slot(&self, now: Instant) -> u64 {
+        (self.since_epoch_us(now) / LEND_SLOT.as_micros() as u64 + 1) & (u64::MAX >> LEND_VALUE_BITS)
+    }
+
+    /// The smallest queueing delay a connection measured in the latest slot, if that is this one or the one
+    /// before: what a new connection may take away from its first RTT.
+    fn lendable_queueing(&self, now: Instant) -> Option<Duration> {
+        let packed = self.lendable.load(Ordering::Relaxed);
+        let (slot, now_slot) = (packed >> LEND_VALUE_BITS, self.lend_slot(now));
+        let fresh = slot != 0 && (slot == now_slot || slot + 1 == now_slot);
+        fresh.then(|| Duration::from_micros(packed & LEND_VALUE_MASK))
     }
 
     /// The counts, and the latest delays if they were measured within [`DELAYS_SHOWN_FOR`] of `now`.
@@ -167,6 +207,7 @@ impl LedbatStats {
             slowdowns: get(&self.slowdowns),
             loss_reductions: get(&self.loss_reductions),
             remembered_bases: get(&self.remembered_bases),
+            borrowed_bases: get(&self.borrowed_bases),
             base_delay: fresh.then(|| Duration::from_micros(get(&self.base_delay_us))),
             queueing_delay: fresh.then(|| Duration::from_micros(get(&self.queueing_delay_us))),
         }
@@ -442,9 +483,12 @@ impl Ledbat {
     fn end_acks(&mut self, now: Instant, app_limited: bool) {
         let acked = std::mem::take(&mut self.batch_bytes) as f64;
         let Some(sample) = self.batch_rtt.take() else { return };
-        if self.base.update(now, sample) {
-            if let Some((memory, path)) = &self.memory {
-                memory.record(now, *path, sample);
+        let borrowed = self.base_delay().is_none().then(|| self.borrow_base(now, sample)).flatten();
+        for sample in borrowed.into_iter().chain([sample]) {
+            if self.base.update(now, sample) {
+                if let Some((memory, path)) = &self.memory {
+                    memory.record(now, *path, sample);
+                }
             }
         }
         if self.recent.len() == CURRENT_FILTER {
@@ -505,6 +549,14 @@ impl Ledbat {
                 }
             }
         }
+    }
+
+    /// For a connection with no base delay yet, whose first RTT is `first`: that RTT less the queueing delay
+    /// other connections measure now, if they do.
+    fn borrow_base(&self, now: Instant, first: Duration) -> Option<Duration> {
+        let queueing = self.stats.lendable_queueing(now).filter(|q| !q.is_zero() && *q < first)?;
+        Self::count(&self.stats.borrowed_bases);
+        Some(first - queueing)
     }
 
     fn count(counter: &AtomicU64) {
@@ -881,6 +933,30 @@ mod tests {
         new.run_until(secs(30.0));
         assert_base(&new, again.path.base + Duration::from_millis(80));
         assert!(new.throughput(secs(2.0), secs(30.0)) > 0.5 * new.path.rate);
+    }
+
+    #[test]
+    fn a_connection_to_a_new_address_borrows_the_queueing_delay_others_measure_now() {
+        // A connection that has sent since before the owner's 80 ms queue appeared at 20 s sees it as queueing.
+        let owner_from_20s = |t: Duration| Duration::from_millis(if t.as_secs_f64() >= 20.0 { 80 } else { 0 });
+        let mut old = Sim::new(home_uplink(owner_from_20s));
+        old.run_until(secs(30.0));
+        let stats = old.cc.stats.clone();
+        assert!(stats.lendable_queueing(old.now).is_some_and(|q| q >= Duration::from_millis(79)), "{stats:?}");
+        // A connection opened now, on the same uplink, takes its first RTT less that for its base delay.
+        let standing = |_| Duration::from_millis(80);
+        let mut new = Sim::with(home_uplink(standing), old.now, |_| Ledbat::new(MTU, stats.clone()));
+        new.run_until(secs(30.0));
+        assert_eq!(stats.snapshot(new.now).borrowed_bases, 1);
+        assert_base(&new, new.path.base);
+        let yielded = new.throughput(secs(2.0), secs(30.0));
+        assert!(yielded < 0.05 * new.path.rate, "{yielded:.0} bytes/s on top of the owner's queue");
+        // Two slots after the last measurement there is nothing to borrow: a latecomer again.
+        let stale = new.now + LEND_SLOT * 2;
+        let mut late = Sim::with(home_uplink(standing), stale, |_| Ledbat::new(MTU, stats.clone()));
+        late.run_until(secs(5.0));
+        assert_eq!(stats.snapshot(late.now).borrowed_bases, 1, "borrowed a stale queueing delay");
+        assert_base(&late, late.path.base + Duration::from_millis(80));
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub struct LedbatStatus {
     /// rather than taking a queue already in the uplink for the path's.
     #[serde(default)]
     pub remembered_bases: u64,
+    /// Connections to new addresses that started from their first RTT less the queueing delay the node's
+    /// other connections measured then.
+    #[serde(default)]
+    pub borrowed_bases: u64,
     /// Of the connection that measured an RTT last (within 10 s; none while nothing is sent): its path's
     /// base delay and the queueing delay above it, the uplink's queue being common to all connections.
     pub base_delay_ms: Option<f64>,
@@ -146,6 +150,7 @@ impl LedbatStatus {
             slowdowns: s.slowdowns,
             loss_reductions: s.loss_reductions,
             remembered_bases: s.remembered_bases,
+            borrowed_bases: s.borrowed_bases,
             base_delay_ms: ms(s.base_delay),
             queueing_delay_ms: ms(s.queueing_delay),
         }
@@ -689,7 +694,7 @@ impl Default for NodeMetrics {
                 |s| s.upload.as_ref().and_then(|u| u.budget.as_ref()).map_or(0, |b| b.left),
             ),
         ];
-        let ledbat_counter_defs: [(&str, &str, ReadGauge); 4] = [
+        let ledbat_counter_defs: [(&str, &str, ReadGauge); 5] = [
             (
                 "fog_node_ledbat_delay_backoffs",
                 "Round trips in which an upload (--upload-priority low, LEDBAT++) shrank its window because the \
@@ -709,6 +714,12 @@ impl Default for NodeMetrics {
                 "LEDBAT++ uploads that started from the base delay measured to their client's address in the last \
                  10 min, so that a queue already in the uplink does not read as the path's base",
                 |s| s.ledbat.as_ref().map_or(0, |l| l.remembered_bases),
+            ),
+            (
+                "fog_node_ledbat_borrowed_bases",
+                "LEDBAT++ uploads to new addresses that started from their first RTT less the queueing delay the \
+                 node's other uploads measured then",
+                |s| s.ledbat.as_ref().map_or(0, |l| l.borrowed_bases),
             ),
         ];
         let ledbat_gauge_defs: [(&str, &str, ReadGauge); 2] = [
@@ -906,8 +917,8 @@ fn render_ledbat(l: &LedbatStatus) -> String {
     };
     format!(
         "{} round trips backed off for the owner's traffic (LEDBAT++), {} slowdowns, {} reductions for loss, {} \
-         connections started from a remembered base delay{delays}",
-        l.delay_backoffs, l.slowdowns, l.loss_reductions, l.remembered_bases
+         connections started from a remembered and {} from a borrowed base delay{delays}",
+        l.delay_backoffs, l.slowdowns, l.loss_reductions, l.remembered_bases, l.borrowed_bases
     )
 }
 

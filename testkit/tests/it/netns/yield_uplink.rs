@@ -169,6 +169,9 @@ enum Node {
     /// [`LEAD`] seconds after the owner started, its clients in `Site`: the owner's queue is there before any
     /// of the node's connections.
     Late(Site),
+    /// [`Node::First`], and [`LEAD`] seconds after the owner started more clients in `Site` join: their
+    /// connections open onto the owner's queue while the first ones are sending.
+    Joined(Site),
 }
 
 /// One phase's measurements: rates in bits/s, delays in ms.
@@ -176,6 +179,8 @@ enum Node {
 struct Measured {
     owner: Option<f64>,
     node: Option<f64>,
+    /// Of the clients that joined ([`Node::Joined`]).
+    joined: Option<f64>,
     rtt_p50: f64,
     rtt_p90: f64,
     /// What the node's LEDBAT++ controllers did during the phase, if it ran at `low`.
@@ -189,6 +194,7 @@ struct Ledbat {
     slowdowns: u64,
     loss_reductions: u64,
     remembered_bases: u64,
+    borrowed_bases: u64,
     base_ms: u64,
     queueing_ms: u64,
 }
@@ -204,6 +210,7 @@ impl Ledbat {
             slowdowns: get("fog_node_ledbat_slowdowns_total"),
             loss_reductions: get("fog_node_ledbat_loss_reductions_total"),
             remembered_bases: get("fog_node_ledbat_remembered_bases_total"),
+            borrowed_bases: get("fog_node_ledbat_borrowed_bases_total"),
             base_ms: get("fog_node_ledbat_base_delay_ms"),
             queueing_ms: get("fog_node_ledbat_queueing_delay_ms"),
         }
@@ -216,6 +223,7 @@ impl Ledbat {
             slowdowns: self.slowdowns - before.slowdowns,
             loss_reductions: self.loss_reductions - before.loss_reductions,
             remembered_bases: self.remembered_bases - before.remembered_bases,
+            borrowed_bases: self.borrowed_bases - before.borrowed_bases,
             ..self
         }
     }
@@ -297,42 +305,34 @@ impl Home {
             .await;
     }
 
-    /// Runs one phase: the node serving clients ([`Node::First`]), joined after [`LEAD`] seconds by the
-    /// owner and the probes; or the owner and the probes, joined after [`LEAD`] seconds by the node's
-    /// clients ([`Node::Late`]), the owner measured from [`WARMUP`] seconds after they came.
+    /// Runs one phase: the owner (and the probes) and the node's clients as `node` says, the owner
+    /// measured for [`MEASURE`] seconds after a warm-up.
     fn phase(&self, owner: Owner, node: Node) -> Measured {
         let sink = (Site::Public.addr().to_string(), self.sink_port.to_string());
-        let late = matches!(node, Node::Late(_));
-        let owner_warmup = if late { LEAD + WARMUP } else { WARMUP };
+        // (clients' site, when they start after the phase does, seconds they pull), when the owner starts,
+        // and the owner's warm-up: the node's clients pull until the owner's window ends.
+        let (clients, owner_at, owner_warmup) = match node {
+            Node::Absent => (vec![], 0, WARMUP),
+            Node::First => (vec![(Site::Client, 0, LEAD + WARMUP + MEASURE - 1)], LEAD, WARMUP),
+            Node::Late(site) => (vec![(site, LEAD, WARMUP + MEASURE)], 0, LEAD + WARMUP),
+            Node::Joined(site) => {
+                let first = (Site::Client, 0, 2 * LEAD + WARMUP + MEASURE - 1);
+                (vec![first, (site, 2 * LEAD, WARMUP + MEASURE)], LEAD, LEAD + WARMUP)
+            }
+        };
         let window = [owner_warmup.to_string(), MEASURE.to_string()];
         let ledbat_before = (node != Node::Absent).then(|| self.ledbat());
         let measured = std::thread::scope(|scope| {
-            let clients = (node != Node::Absent).then(|| {
-                scope.spawn(move || {
-                    // Its window: to the end of the owner's, from 1 s after it starts if it starts first.
-                    let (seconds, site) = match node {
-                        Node::Late(site) => {
-                            std::thread::sleep(Duration::from_secs(LEAD));
-                            (WARMUP + MEASURE, site)
-                        }
-                        _ => (LEAD + WARMUP + MEASURE - 1, Site::Client),
-                    };
-                    let tracker = format!("http://{}", self.net.tracker);
-                    let url = format!("http://{}/video.bin", self.net.origin);
-                    let (clients, secs) = (CLIENTS.to_string(), seconds.to_string());
-                    let loadgen = bin("fog-loadgen");
-                    let args = ["--clients", &clients, "--seconds", &secs, "quic", "--tracker", &tracker, &url];
-                    let out = self.net.lab.exec(site, loadgen.to_str().expect("utf8"), &args);
-                    assert!(out.status.success(), "fog-loadgen: {}", String::from_utf8_lossy(&out.stderr));
-                    let report: Value = serde_json::from_slice(&out.stdout).expect("loadgen JSON");
-                    let node_log = self.node.as_ref().map(|n| tail(&n.log_text())).unwrap_or_default();
-                    assert_eq!(report["errors"].as_u64(), Some(0), "{report}; the node's log:\n{node_log}");
-                    report["bytes"].as_f64().expect("bytes") * 8.0 / seconds as f64
+            let clients: Vec<_> = clients
+                .into_iter()
+                .map(|(site, after, seconds)| {
+                    scope.spawn(move || {
+                        std::thread::sleep(Duration::from_secs(after));
+                        self.pull(site, seconds)
+                    })
                 })
-            });
-            if node == Node::First {
-                std::thread::sleep(Duration::from_secs(LEAD));
-            }
+                .collect();
+            std::thread::sleep(Duration::from_secs(owner_at));
             let probe = scope.spawn(|| {
                 let args = ["probe".into(), sink.0.clone(), sink.1.clone(), window[0].clone(), window[1].clone()];
                 self.python(Site::Home1, &args)
@@ -349,9 +349,11 @@ impl Home {
                 self.python(Site::Home1, &args)["bits_per_sec"].as_f64().expect("owner rate")
             });
             let probe = probe.join().expect("probe");
+            let mut rates = clients.into_iter().map(|c| c.join().expect("clients"));
             Measured {
                 owner,
-                node: clients.map(|c| c.join().expect("clients")),
+                node: rates.next(),
+                joined: rates.next(),
                 rtt_p50: probe["p50_ms"].as_f64().expect("probes answered"),
                 rtt_p90: probe["p90_ms"].as_f64().expect("probes answered"),
                 ledbat: None,
@@ -360,6 +362,22 @@ impl Home {
         // Read within the 10 s the node shows its last connection's delays for.
         let ledbat = ledbat_before.map(|before| self.ledbat().since(before));
         Measured { ledbat: ledbat.filter(|_| self.priority == "low"), ..measured }
+    }
+
+    /// [`CLIENTS`] `fog-loadgen` clients in `site` pull the object from the node for `seconds`, without an
+    /// error; their goodput in bits/s.
+    fn pull(&self, site: Site, seconds: u64) -> f64 {
+        let tracker = format!("http://{}", self.net.tracker);
+        let url = format!("http://{}/video.bin", self.net.origin);
+        let (clients, secs) = (CLIENTS.to_string(), seconds.to_string());
+        let loadgen = bin("fog-loadgen");
+        let args = ["--clients", &clients, "--seconds", &secs, "quic", "--tracker", &tracker, &url];
+        let out = self.net.lab.exec(site, loadgen.to_str().expect("utf8"), &args);
+        assert!(out.status.success(), "fog-loadgen: {}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("loadgen JSON");
+        let node_log = self.node.as_ref().map(|n| tail(&n.log_text())).unwrap_or_default();
+        assert_eq!(report["errors"].as_u64(), Some(0), "{report}; the node's log:\n{node_log}");
+        report["bytes"].as_f64().expect("bytes") * 8.0 / seconds as f64
     }
 }
 
@@ -419,6 +437,11 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     ] {
         rows.push((name, home.phase(owner, node)));
     }
+    // Restarted, the node remembers no address: the second home's clients are new again, and join while the
+    // client network's connections are sending.
+    home.start_node("low", forwarded).await;
+    let joined = "backup + node low, new clients join";
+    rows.push((joined, home.phase(Owner::Backup, Node::Joined(Site::Home2))));
     home.start_node("normal", forwarded).await;
     for (name, owner, node) in [
         ("backup + node normal", Owner::Backup, Node::First),
@@ -430,15 +453,20 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     eprintln!("uplink {} Mbit/s, {UPLINK_BUFFER:?} buffer; idle RTT {base:.1} ms", UPLINK_BITS_PER_SEC / 1_000_000);
     eprintln!(
         "| phase | owner Mbit/s | node Mbit/s | queueing p50 / p90 ms | LEDBAT++ back-offs / slowdowns / loss \
-         reductions / remembered bases; base / queueing delay ms |"
+         reductions / remembered / borrowed bases; base / queueing delay ms |"
     );
     for (name, m) in &rows {
         let (q50, q90) = (m.rtt_p50 - base, m.rtt_p90 - base);
         let ledbat = m.ledbat.map_or("—".into(), |l| {
-            let counts = format!("{} / {} / {} / {}", l.backoffs, l.slowdowns, l.loss_reductions, l.remembered_bases);
+            let bases = format!("{} / {}", l.remembered_bases, l.borrowed_bases);
+            let counts = format!("{} / {} / {} / {bases}", l.backoffs, l.slowdowns, l.loss_reductions);
             format!("{counts}; {} / {}", l.base_ms, l.queueing_ms)
         });
-        eprintln!("| {name} | {} | {} | {q50:.1} / {q90:.1} | {ledbat} |", mbit(m.owner), mbit(m.node));
+        let node = match m.joined {
+            Some(joined) => format!("{} + {} joined", mbit(m.node), mbit(Some(joined))),
+            None => mbit(m.node),
+        };
+        eprintln!("| {name} | {} | {node} | {q50:.1} / {q90:.1} | {ledbat} |", mbit(m.owner));
     }
 
     let get = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).expect("phase");
@@ -446,9 +474,8 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     let owner = |name: &str| get(name).owner.expect("owner rate");
     let limit = TARGET_DELAY + DELAY_MARGIN;
     let late = "backup, then node low (latecomer, returning clients)";
-    for (with, alone) in
-        [("backup + node low", "backup alone"), (late, "backup alone"), ("call + node low", "call alone")]
-    {
+    let keeps = [("backup + node low", "backup alone"), (late, "backup alone"), (joined, "backup alone")];
+    for (with, alone) in keeps.into_iter().chain([("call + node low", "call alone")]) {
         assert!(
             owner(with) >= 0.9 * owner(alone),
             "{with}: {} of {} Mbit/s",
@@ -471,6 +498,8 @@ async fn a_low_priority_node_gives_way_to_its_owners_uploads() {
     assert!(ledbat("backup + node low").backoffs > 0, "{:?}", ledbat("backup + node low"));
     // The returning clients' connections started from the base delay measured before the owner's queue.
     assert!(ledbat(late).remembered_bases > 0, "{late}: {:?}", ledbat(late));
+    // The joining clients' first connection took its base from the queueing the others measured.
+    assert!(ledbat(joined).borrowed_bases > 0, "{joined}: {:?}", ledbat(joined));
     assert!(owner("backup + node normal") < owner("backup + node low"), "normal priority took no more from the backup");
     assert!(queueing("call + node normal") > queueing("call + node low"), "normal priority queued no more");
     // New clients meeting the owner's queue: measured 2026-12-02 at 70–80 % of the backup's solo rate

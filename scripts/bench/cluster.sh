@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cluster benchmark (issue #15): what replicating the registry costs one tracker replica. ~10 min after the build.
 #   scripts/bench/cluster.sh [--nodes 100000] [--rates 1000,10000,100000] [--seconds 15] [--connections 32]
-#                            [--apply-nodes 100000,250000,1000000] [--core 0]
+#                            [--apply-nodes 100000,250000,1000000] [--formats v1,v2] [--core 0]
 # One fog-tracker at a time, pinned to one core (--core) with taskset; wrk, nats-server and the bus load
 # tool share the other core. wrk loads GET /v1/resolve of a 4-chunk and a 64-chunk object (1 MiB chunks,
 # stored manifests, no client key: no ticket) for --seconds each. In order:
@@ -9,13 +9,15 @@
 #   2. a replica (--nats and --postgres, same flags otherwise), empty registry, nothing on the bus;
 #   3. the same replica once `bench_cluster publish` brought --nodes synthetic nodes over the bus, no updates;
 #   4. the same, while `bench_cluster publish` sends each rate of --rates node records/s (round-robin over
-#      the population, each as the replica that accepted the node's heartbeat publishes it);
+#      the population, each as the replica that accepted the node's heartbeat publishes it), once in each
+#      of --formats (v1: JSON, as replicas publish while an older replica is live; v2: binary);
 #   5. the embedded tracker again (the anchor at the end: drift of the machine over the run).
 # The replica's PostgreSQL runs on the load's core (resolves of stored objects do not read it); both run with --probe-secs 0 (the synthetic nodes' addresses are not
 # dialable; probing them would be a cost of the benchmark, not of replication) and --heartbeat-secs 120 (a
 # node timeout of 6 min: every rate keeps the whole population schedulable, so only the rate changes).
-# Then `bench_cluster apply`, alone: µs per merged record, snapshot rebuild, load-delta apply (CPU time), and
-# records merged per second by one thread per core (the bus's workers; wall time).
+# The population arrives in the first of --formats. Then `bench_cluster apply`, alone: µs per merged record
+# in each format, snapshot rebuild, load-delta apply (CPU time), and records merged per second by one thread
+# per core (the bus's workers; wall time).
 # Prints a row per phase and object (resolves/s, p50/p99 latency, the tracker's CPU and its core's, node
 # records received and merged per second, CPU per resolve and per merged record) and JSON lines.
 set -euo pipefail
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 
 nodes=100000 rates=1000,10000,100000 seconds=15 connections=32 apply_nodes=100000,250000,1000000 core=0
+formats=v1,v2
 while [ $# -gt 0 ]; do
     case $1 in
         --nodes) nodes=$2; shift 2 ;;
@@ -30,6 +33,7 @@ while [ $# -gt 0 ]; do
         --seconds) seconds=$2; shift 2 ;;
         --connections) connections=$2; shift 2 ;;
         --apply-nodes) apply_nodes=$2; shift 2 ;;
+        --formats) formats=$2; shift 2 ;;
         --core) core=$2; shift 2 ;;
         *) log "unknown argument $1"; exit 2 ;;
     esac
@@ -160,7 +164,8 @@ start_tracker replica --nats "$nats" --postgres "$postgres" --cell bench
 measure replica "empty" 0
 log "   bringing $nodes nodes over the bus"
 for _ in 1 2 3; do
-    taskset -c "$other" "$tool" publish --nats "$nats" --cell bench --nodes "$nodes" --rate 20000 >> "$work/publish.json"
+    taskset -c "$other" "$tool" publish --nats "$nats" --cell bench --nodes "$nodes" --rate 20000 \
+        --format "${formats%%,*}" >> "$work/publish.json"
     sleep 2
     [ "$(held)" -ge "$nodes" ] && break
 done
@@ -168,12 +173,14 @@ have=$(held)
 [ "$have" -ge "$nodes" ] || log "warning: the replica holds $have of $nodes nodes after three arrivals"
 measure replica "$have nodes" 0 base
 for rate in ${rates//,/ }; do
-    log "   $rate records/s"
-    taskset -c "$other" "$tool" publish --nats "$nats" --cell bench --nodes "$nodes" --rate "$rate" \
-        --seconds $((2 * seconds + 6)) >> "$work/publish.json" & pub=$!
-    sleep 2
-    measure replica "$have nodes" "$rate"
-    wait "$pub"
+    for format in ${formats//,/ }; do
+        log "   $rate records/s, $format"
+        taskset -c "$other" "$tool" publish --nats "$nats" --cell bench --nodes "$nodes" --rate "$rate" \
+            --seconds $((2 * seconds + 6)) --format "$format" >> "$work/publish.json" & pub=$!
+        sleep 2
+        measure replica "$have nodes" "$rate $format"
+        wait "$pub"
+    done
 done
 # What did not arrive was dropped on the way (the NATS client's buffer for the subscription is bounded).
 sleep 2
@@ -188,7 +195,7 @@ stop_tracker
 log "in-process costs"
 # Unpinned, with nothing else running: its CPU-time figures do not depend on the core, and the records merged
 # per second by 1, 2, … threads need them all.
-"$tool" apply --nodes "$apply_nodes" | tee "$work/apply.json"
+"$tool" apply --nodes "$apply_nodes" --formats "$formats" | tee "$work/apply.json"
 echo
 cat "$work/table"
 echo

@@ -1,14 +1,16 @@
 //! Cluster benchmark tool (issue #15; run by `scripts/bench/cluster.sh`).
 //!
 //! `publish`: a population of synthetic nodes whose heartbeats other replicas accepted — the node records
-//! those replicas publish on the cell's bus, built and encoded by the bus's own types, one message per
+//! those replicas publish on the cell's bus, built and encoded by the bus's own types (`--format v1`: JSON,
+//! as replicas publish them while an older one is live; `v2`: binary, otherwise), one message per
 //! heartbeat, at a fixed rate, round-robin over the population (a node's full overlay of RTT samples,
 //! counters, its signed timestamp = now). A replica under test merges them as it would its peers'.
 //!
 //! `apply`: in process, what each replica pays per merged record (decode, then merge into a registry built
-//! as the tracker builds it), the scheduling snapshot's rebuild at a given population, and a load delta's
-//! decode and apply, with no network or HTTP in the way: CPU time of the measuring thread; and records merged
-//! per second of wall time by 1, 2, … threads (the bus's workers), which needs the cores free.
+//! as the tracker builds it) in each format, the scheduling snapshot's rebuild at a given population, and a
+//! load delta's decode and apply, with no network or HTTP in the way: CPU time of the measuring thread; and
+//! records merged per second of wall time by 1, 2, … threads (the bus's workers), which needs the cores
+//! free.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use fog_proto::api::{now_ms, NodeStats, OverlayReport, Reachability, RttSample, 
 use fog_proto::{ChunkHash, NodeId};
 use fog_sched::coords::{Coord, DIMS};
 use fog_sched::scheduler::{Load, LoadDelta, Params};
-use fog_tracker::bus::wire::{self, Kind, Message, NodeRecord};
+use fog_tracker::bus::wire::{self, Kind, Message, NodeRecord, Version};
 use fog_tracker::registry::{PlanRule, Registry};
 
 #[derive(Parser, Debug)]
@@ -31,7 +33,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Mode {
-    /// Publishes node records on `fog.<cell>.v1.node` at `rate` per second.
+    /// Publishes node records on `fog.<cell>.<format>.node` at `rate` per second.
     Publish {
         #[arg(long)]
         nats: String,
@@ -45,15 +47,36 @@ enum Mode {
         /// How long to publish; without it, each node once (the population's arrival).
         #[arg(long)]
         seconds: Option<f64>,
+        /// `v1` (JSON) or `v2` (binary).
+        #[arg(long, default_value = "v2", value_parser = parse_format)]
+        format: Version,
     },
     /// Merge, snapshot and load-delta costs in process, at each population size given.
     Apply {
         #[arg(long, value_delimiter = ',', default_value = "100000,250000,1000000")]
         nodes: Vec<usize>,
-        /// Records decoded and merged per population (each replacing a held node's record).
+        /// Records decoded and merged per population and format (each replacing a held node's record).
         #[arg(long, default_value_t = 200_000)]
         updates: usize,
+        /// The formats measured, side by side; the population arrives in the first.
+        #[arg(long, value_delimiter = ',', default_value = "v1,v2", value_parser = parse_format)]
+        formats: Vec<Version>,
     },
+}
+
+fn parse_format(s: &str) -> Result<Version, String> {
+    match s {
+        "v1" => Ok(Version::V1),
+        "v2" => Ok(Version::V2),
+        _ => Err(format!("{s:?}: v1 (JSON) or v2 (binary)")),
+    }
+}
+
+/// Node `i`'s record as of `ts`, as a replica publishes it in `format`.
+fn encode_record(format: Version, i: usize, population: usize, ts: u64) -> Vec<u8> {
+    let (version, payload) = Message::Node(Box::new(record(i, population, ts))).encode(format == Version::V2);
+    assert_eq!(version, format);
+    payload
 }
 
 /// Regions the population is spread over (coordinates around a centre each), as the scheduling benchmark.
@@ -152,25 +175,39 @@ fn record(i: usize, population: usize, ts: u64) -> NodeRecord {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().mode {
-        Mode::Publish { nats, cell, nodes, rate, seconds } => publish(&nats, &cell, nodes, rate, seconds).await,
-        Mode::Apply { nodes, updates } => {
+        Mode::Publish { nats, cell, nodes, rate, seconds, format } => {
+            publish(&nats, &cell, nodes, rate, seconds, format).await
+        }
+        Mode::Apply { nodes, updates, formats } => {
+            anyhow::ensure!(!formats.is_empty(), "--formats names none");
             for n in nodes {
-                apply(n, updates)?;
+                apply(n, updates, &formats)?;
             }
             Ok(())
         }
     }
 }
 
-async fn publish(nats: &str, cell: &str, nodes: usize, rate: u64, seconds: Option<f64>) -> anyhow::Result<()> {
+async fn publish(
+    nats: &str,
+    cell: &str,
+    nodes: usize,
+    rate: u64,
+    seconds: Option<f64>,
+    format: Version,
+) -> anyhow::Result<()> {
     anyhow::ensure!(nodes > 0 && rate > 0, "--nodes and --rate must be positive");
     let client = async_nats::connect(nats).await.with_context(|| format!("NATS {nats}"))?;
-    let subject = wire::subject(cell, Kind::Node);
+    let subject = wire::subject(cell, format, Kind::Node);
     let total = seconds.map_or(nodes as u64, |s| (s * rate as f64) as u64);
-    // Each node's record is encoded once; later messages rewrite only its timestamp's digits (13 of them
-    // until the year 2286), so the sender keeps up with 10^5 records/s on a shared core. The bytes are the
-    // encoder's for that record at that timestamp.
-    let mut encoded: Vec<Option<(Vec<u8>, usize)>> = vec![None; nodes];
+    // Each node's record is encoded once; later messages rewrite only its timestamp (v1: its 13 decimal
+    // digits, until the year 2286; v2: its 8 bytes), so the sender keeps up with 10^5 records/s on a
+    // shared core. The bytes are the encoder's for that record at that timestamp.
+    let stamp = |ts: u64| match format {
+        Version::V1 => format!("\"ts\":{ts}").into_bytes(),
+        Version::V2 => ts.to_be_bytes().to_vec(),
+    };
+    let mut encoded: Vec<Option<(Vec<u8>, usize, usize)>> = vec![None; nodes];
     // A node's timestamps must grow (an equal one is a duplicate): milliseconds, bumped past the last.
     let mut last_ts = vec![0u64; nodes];
     let (mut sent, mut bytes) = (0u64, 0u64);
@@ -181,15 +218,14 @@ async fn publish(nats: &str, cell: &str, nodes: usize, rate: u64, seconds: Optio
             let i = (sent % nodes as u64) as usize;
             let ts = now_ms().max(last_ts[i] + 1);
             last_ts[i] = ts;
-            let (payload, at) = encoded[i].get_or_insert_with(|| {
-                let payload = Message::Node(Box::new(record(i, nodes, ts))).encode();
-                let key = format!("\"ts\":{ts}");
-                let at = payload.windows(key.len()).position(|w| w == key.as_bytes()).expect("ts field") + 5;
-                (payload, at)
+            let stamped = stamp(ts);
+            let (payload, at, width) = encoded[i].get_or_insert_with(|| {
+                let payload = encode_record(format, i, nodes, ts);
+                let at = payload.windows(stamped.len()).position(|w| w == stamped).expect("ts field");
+                (payload, at, stamped.len())
             });
-            let digits = ts.to_string();
-            anyhow::ensure!(digits.len() == 13, "timestamp {ts} is not 13 digits");
-            payload[*at..*at + 13].copy_from_slice(digits.as_bytes());
+            anyhow::ensure!(stamped.len() == *width, "timestamp {ts} changed width");
+            payload[*at..*at + stamped.len()].copy_from_slice(&stamped);
             bytes += payload.len() as u64;
             client.publish(subject.clone(), payload.clone().into()).await?;
             sent += 1;
@@ -199,6 +235,7 @@ async fn publish(nats: &str, cell: &str, nodes: usize, rate: u64, seconds: Optio
     client.flush().await?;
     let secs = started.elapsed().as_secs_f64();
     let line = serde_json::json!({
+        "format": format.name(),
         "published": sent,
         "seconds": secs,
         "rate": sent as f64 / secs,
@@ -231,7 +268,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
+fn apply(nodes: usize, updates: usize, formats: &[Version]) -> anyhow::Result<()> {
     // Built as `App` builds it, with the defaults' parameters (3 candidates, ε 0.25, 100 ms cells).
     let params = Params { k: 3, epsilon: 0.25, ..Default::default() };
     let registry = Registry::new(Duration::from_secs(3600), nodes + 1, HashSet::new())
@@ -239,16 +276,15 @@ fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
         .with_cells(Some(fog_sched::cells::DEFAULT_EDGE_MS))
         .with_plan_rule(PlanRule { heartbeat: Duration::from_secs(10), chunk_size: 1 << 20 });
     let start_ms = now_ms();
-    let decode = |payload: &[u8]| match Message::decode(Kind::Node, payload) {
+    let decode = |format: Version, payload: &[u8]| match Message::decode(format, Kind::Node, payload) {
         Ok(Message::Node(record)) => Ok(*record),
         other => anyhow::bail!("not a node record: {other:?}"),
     };
 
-    // The population's arrival: every record new here.
+    // The population's arrival, in the first format: every record new here.
     let started = cpu_secs();
     for i in 0..nodes {
-        let payload = Message::Node(Box::new(record(i, nodes, start_ms))).encode();
-        registry.merge(decode(&payload)?, now_ms())?;
+        registry.merge(decode(formats[0], &encode_record(formats[0], i, nodes, start_ms))?, now_ms())?;
     }
     let arrival = cpu_since(started);
     let rss = rss_mib();
@@ -265,54 +301,72 @@ fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
         registry.merge(toggled, now_ms())?;
     }
 
-    // Steady state: records replacing held ones, encoded beforehand (the sender's cost, not the receiver's).
-    let batch: Vec<Vec<u8>> = (0..updates)
-        .map(|u| {
-            let ts = start_ms + 10 + (u / nodes) as u64 * 1000 + (u % 1000) as u64;
-            Message::Node(Box::new(record(u % nodes, nodes, ts))).encode()
-        })
-        .collect();
-    let bytes = batch.iter().map(Vec::len).sum::<usize>() / updates.max(1);
-    let started = cpu_secs();
-    let records = batch.iter().map(|p| decode(p)).collect::<Result<Vec<_>, _>>()?;
-    let decode_us = cpu_since(started) * 1e6 / updates as f64;
-    let started = cpu_secs();
-    let mut replaced = 0usize;
-    for r in records {
-        replaced += usize::from(registry.merge(r, now_ms())? == fog_tracker::bus::merge::Merge::Replace);
-    }
-    let merge_us = cpu_since(started) * 1e6 / updates as f64;
-    anyhow::ensure!(replaced == updates, "{replaced} of {updates} records replaced the held one");
-
-    // Records decoded and merged per second (wall time) by 1, 2, … threads sharing the registry, as the
-    // bus's workers do: what a replica with that many cores free takes in at most.
+    // Each format in turn, with timestamps newer than everything merged before it (a format's rounds stay
+    // within 100 s; all of them within the registry's 5-minute clock check).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let mut merged_per_s = serde_json::Map::new();
-    for threads in 1..=cores {
-        // Newer than everything merged before (the steady state's timestamps stay within 20 s a round).
-        let base = start_ms + 20_000 * threads as u64;
+    let mut by_format = serde_json::Map::new();
+    for (f, &format) in formats.iter().enumerate() {
+        let base_ms = start_ms + 10 + 100_000 * f as u64;
+        // Steady state: records replacing held ones, encoded beforehand (the sender's cost, not the receiver's).
         let batch: Vec<Vec<u8>> = (0..updates)
-            .map(|u| Message::Node(Box::new(record(u % nodes, nodes, base + (u / nodes) as u64))).encode())
+            .map(|u| {
+                let ts = base_ms + (u / nodes) as u64 * 1000 + (u % 1000) as u64;
+                encode_record(format, u % nodes, nodes, ts)
+            })
             .collect();
-        let started = Instant::now();
-        let replaced = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            // Each thread its own nodes, in order: a node's records are newer one after the other.
-            for t in 0..threads {
-                let (registry, replaced, batch) = (&registry, &replaced, &batch);
-                scope.spawn(move || {
-                    for payload in batch.iter().enumerate().filter(|(u, _)| u % nodes % threads == t).map(|(_, p)| p) {
-                        let merged = decode(payload).and_then(|r| Ok(registry.merge(r, now_ms())?));
-                        if matches!(merged, Ok(fog_tracker::bus::merge::Merge::Replace)) {
-                            replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bytes = batch.iter().map(Vec::len).sum::<usize>() / updates.max(1);
+        let started = cpu_secs();
+        let records = batch.iter().map(|p| decode(format, p)).collect::<Result<Vec<_>, _>>()?;
+        let decode_us = cpu_since(started) * 1e6 / updates as f64;
+        let started = cpu_secs();
+        let mut replaced = 0usize;
+        for r in records {
+            replaced += usize::from(registry.merge(r, now_ms())? == fog_tracker::bus::merge::Merge::Replace);
+        }
+        let merge_us = cpu_since(started) * 1e6 / updates as f64;
+        anyhow::ensure!(replaced == updates, "{replaced} of {updates} records replaced the held one");
+
+        // Records decoded and merged per second (wall time) by 1, 2, … threads sharing the registry, as the
+        // bus's workers do: what a replica with that many cores free takes in at most.
+        let mut merged_per_s = serde_json::Map::new();
+        for threads in 1..=cores {
+            // Newer than everything merged before (the steady state's timestamps stay within 3 s of the base).
+            let base = base_ms + 10_000 * threads as u64;
+            let batch: Vec<Vec<u8>> =
+                (0..updates).map(|u| encode_record(format, u % nodes, nodes, base + (u / nodes) as u64)).collect();
+            let started = Instant::now();
+            let replaced = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                // Each thread its own nodes, in order: a node's records are newer one after the other.
+                for t in 0..threads {
+                    let (registry, replaced, batch, decode) = (&registry, &replaced, &batch, &decode);
+                    scope.spawn(move || {
+                        for payload in
+                            batch.iter().enumerate().filter(|(u, _)| u % nodes % threads == t).map(|(_, p)| p)
+                        {
+                            let merged = decode(format, payload).and_then(|r| Ok(registry.merge(r, now_ms())?));
+                            if matches!(merged, Ok(fog_tracker::bus::merge::Merge::Replace)) {
+                                replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
-                    }
-                });
-            }
+                    });
+                }
+            });
+            let per_s = updates as f64 / started.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                replaced.into_inner() == updates,
+                "{threads} threads: not every record replaced the held one"
+            );
+            merged_per_s.insert(threads.to_string(), per_s.round().into());
+        }
+        let line = serde_json::json!({
+            "bytes_per_record": bytes,
+            "update_decode_us": decode_us,
+            "update_merge_us": merge_us,
+            "update_us": decode_us + merge_us,
+            "merged_per_s_by_threads": merged_per_s,
         });
-        let per_s = updates as f64 / started.elapsed().as_secs_f64();
-        anyhow::ensure!(replaced.into_inner() == updates, "{threads} threads: not every record replaced the held one");
-        merged_per_s.insert(threads.to_string(), per_s.round().into());
+        by_format.insert(format.name().into(), line);
     }
 
     // Another replica's load delta, as full as one is published (`FLUSH_LOAD_ENTRIES` nodes and chunks).
@@ -323,28 +377,27 @@ fn apply(nodes: usize, updates: usize) -> anyhow::Result<()> {
         delta.chunks.insert(ChunkHash(*blake3::hash(&k.to_be_bytes()).as_bytes()), 1.0);
     }
     delta.total = 1e9;
-    let payload = Message::Load(delta).encode();
+    let (version, payload) = Message::Load(delta).encode(true);
     let mut load = Load::default();
     let rounds = 200;
     let started = cpu_secs();
     for _ in 0..rounds {
-        let Ok(Message::Load(delta)) = Message::decode(Kind::Load, &payload) else { anyhow::bail!("load delta") };
+        let Ok(Message::Load(delta)) = Message::decode(version, Kind::Load, &payload) else {
+            anyhow::bail!("load delta")
+        };
         load.apply(&delta, &snapshot, now_ms(), &params);
     }
     let load_us = cpu_since(started) * 1e6 / rounds as f64;
 
     let line = serde_json::json!({
         "nodes": nodes,
-        "bytes_per_record": bytes,
+        "arrival_format": formats[0].name(),
         "arrival_us_per_record": arrival * 1e6 / nodes as f64,
         "rss_mib": rss,
         "snapshot_ms_first": rebuilds[0],
         "snapshot_ms_median": median(rebuilds.clone()),
         "snapshot_ms_min": rebuilds.iter().copied().fold(f64::INFINITY, f64::min),
-        "update_decode_us": decode_us,
-        "update_merge_us": merge_us,
-        "update_us": decode_us + merge_us,
-        "merged_per_s_by_threads": merged_per_s,
+        "formats": by_format,
         "load_delta_bytes": payload.len(),
         "load_delta_us": load_us,
     });

@@ -39,8 +39,8 @@ pub const MAX_REPLICAS: usize = 256;
 #[derive(Debug)]
 pub struct Replicas {
     me: NodeId,
-    /// When each other replica was last heard, and whether it said it was ready.
-    heard: HashMap<NodeId, (Instant, bool)>,
+    /// When each other replica was last heard, whether it said it was ready, and the bus level it reads.
+    heard: HashMap<NodeId, (Instant, bool, u32)>,
     /// A replica not heard for this long is gone.
     ttl: Duration,
 }
@@ -50,8 +50,9 @@ impl Replicas {
         Self { me, heard: HashMap::new(), ttl }
     }
 
-    /// `replica` announced itself at `now`. False if it was ignored (the map is full of live replicas).
-    pub fn heard(&mut self, replica: NodeId, ready: bool, now: Instant) -> bool {
+    /// `replica`, reading bus `level`, announced itself at `now`. False if it was ignored (the map is full
+    /// of live replicas).
+    pub fn heard(&mut self, replica: NodeId, ready: bool, level: u32, now: Instant) -> bool {
         if replica == self.me {
             return true;
         }
@@ -61,14 +62,14 @@ impl Replicas {
                 return false;
             }
         }
-        self.heard.insert(replica, (now, ready));
+        self.heard.insert(replica, (now, ready, level));
         true
     }
 
     /// Forgets replicas not heard within the TTL.
     pub fn expire(&mut self, now: Instant) {
         let ttl = self.ttl;
-        self.heard.retain(|_, (at, _)| now.saturating_duration_since(*at) <= ttl);
+        self.heard.retain(|_, (at, _, _)| now.saturating_duration_since(*at) <= ttl);
     }
 
     /// The replicas probes are divided among, sorted: the others alive and ready (a replica still catching
@@ -76,10 +77,17 @@ impl Replicas {
     /// another replica probes too, never leave one unprobed).
     pub fn live(&self, now: Instant) -> Vec<NodeId> {
         let others =
-            self.heard.iter().filter(|(_, (at, ready))| *ready && now.saturating_duration_since(*at) <= self.ttl);
+            self.heard.iter().filter(|(_, (at, ready, _))| *ready && now.saturating_duration_since(*at) <= self.ttl);
         let mut live: Vec<NodeId> = others.map(|(id, _)| *id).chain([self.me]).collect();
         live.sort_unstable();
         live
+    }
+
+    /// Whether every other replica heard within the TTL, ready or not, reads bus `level`: what this one may
+    /// publish in it (a replica still catching up merges records too).
+    pub fn all_read(&self, level: u32, now: Instant) -> bool {
+        let mut alive = self.heard.values().filter(|(at, _, _)| now.saturating_duration_since(*at) <= self.ttl);
+        alive.all(|(_, _, l)| *l >= level)
     }
 }
 
@@ -125,18 +133,37 @@ mod tests {
         let me = NodeId([0; 32]);
         let mut r = Replicas::new(me, ttl);
         assert_eq!(r.live(t0), [me]);
-        assert!(r.heard(NodeId([1; 32]), true, t0));
-        assert!(r.heard(NodeId([2; 32]), false, t0));
+        assert!(r.heard(NodeId([1; 32]), true, 2, t0));
+        assert!(r.heard(NodeId([2; 32]), false, 2, t0));
         assert_eq!(r.live(t0), [me, NodeId([1; 32])], "a replica still catching up probes nothing for others");
         assert_eq!(r.live(t0 + 3 * ttl), [me], "a silent replica is gone");
         for i in 2..MAX_REPLICAS {
             let mut id = [7u8; 32];
             id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            assert!(r.heard(NodeId(id), false, t0));
+            assert!(r.heard(NodeId(id), false, 2, t0));
         }
-        assert!(!r.heard(NodeId([9; 32]), true, t0), "full of live replicas");
-        assert!(r.heard(NodeId([9; 32]), true, t0 + 3 * ttl), "room once the silent ones expired");
+        assert!(!r.heard(NodeId([9; 32]), true, 2, t0), "full of live replicas");
+        assert!(r.heard(NodeId([9; 32]), true, 2, t0 + 3 * ttl), "room once the silent ones expired");
         assert_eq!(r.live(t0 + 3 * ttl).len(), 2);
+    }
+
+    #[test]
+    fn a_level_is_used_once_every_live_replica_reads_it() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(2);
+        let mut r = Replicas::new(NodeId([0; 32]), ttl);
+        assert!(r.all_read(2, t0), "alone");
+        r.heard(NodeId([1; 32]), true, 2, t0);
+        assert!(r.all_read(2, t0));
+        // An older replica, even one not ready yet (it merges records all the same), holds the cell at 1.
+        r.heard(NodeId([2; 32]), false, 1, t0 + ttl / 2);
+        assert!(!r.all_read(2, t0 + ttl / 2));
+        assert!(r.all_read(1, t0 + ttl / 2));
+        // Until it is gone; a newer one does not hold anyone back.
+        r.heard(NodeId([1; 32]), true, 3, t0 + 3 * ttl);
+        assert!(r.all_read(2, t0 + 3 * ttl));
+        r.heard(NodeId([2; 32]), true, 2, t0 + 3 * ttl);
+        assert!(r.all_read(2, t0 + 3 * ttl), "upgraded");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! - A replica that accepts a node's registration or heartbeat (signature, clock and replay checked, the
 //!   addresses dialled back) publishes the node's whole soft state ([`wire::NodeRecord`]); every replica
 //!   merges it last-writer-wins by the node's signed timestamp ([`merge`]), so each holds the whole cell
-//!   and schedules locally. Receivers do not check the node's signature again: at 10^5 heartbeats/s that
-//!   would cost every replica several cores; the bus is the operator's (its servers and credentials), and
-//!   every field is bounds-checked before it is merged, so a malformed message cannot do more than one
-//!   node's own heartbeat could.
+//!   and schedules locally. Records go in the binary v2 form ([`record`]) once every live replica
+//!   announced it reads it, in v1 JSON before (a cell in a rolling upgrade); both are read. Receivers do
+//!   not check the node's signature again (a record carries what the accepting replica verified, not the
+//!   signed message): at 10^5 heartbeats/s that would cost every replica several cores; the bus is the
+//!   operator's (its servers and credentials), and every field is bounds-checked before it is merged, so
+//!   a malformed message cannot do more than one node's own heartbeat could.
 //! - The scheduler's load and chunk popularity: each replica publishes what it charged (a delta) every
 //!   [`LOAD_EVERY`], or sooner when the delta grows, and adds the others' (so bounded load holds across
 //!   replicas).
@@ -24,8 +26,10 @@
 //!   so a restarted replica causes no re-registration storm.
 
 pub mod merge;
+pub mod record;
 pub mod wire;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,7 +60,7 @@ const INBOX: usize = 65_536;
 /// Node records queued for each decoding worker.
 const WORKER_QUEUE: usize = 1024;
 
-/// Decoding workers: one per core, at most 8 (a merge takes the registry's write lock, ~1/6 of a record's
+/// Decoding workers: one per core, at most 8 (a merge holds the registry's write lock for part of a record's
 /// cost, so more would mostly wait for it).
 fn decoders() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
@@ -164,6 +168,8 @@ pub struct Bus {
     replicas: Mutex<Replicas>,
     /// The live replicas at the last announcement tick, this one included.
     live: Mutex<Vec<NodeId>>,
+    /// Node records go out as v2: every replica heard for a whole [`REPLICA_TTL`] reads them.
+    node_v2: AtomicBool,
     metrics: BusMetrics,
 }
 
@@ -215,6 +221,7 @@ impl Bus {
             connected_since: Mutex::new(None),
             replicas: Mutex::new(Replicas::new(replica, REPLICA_TTL)),
             live: Mutex::new(vec![replica]),
+            node_v2: AtomicBool::new(false),
             metrics,
         };
         Ok((Arc::new(bus), subscriber))
@@ -270,9 +277,9 @@ impl Bus {
     fn tick(&self) -> bool {
         let now = Instant::now();
         let connected = self.client.connection_state() == async_nats::connection::State::Connected;
-        let joined = {
+        let (joined, connected_for) = {
             let mut since = self.connected_since.lock().expect("bus lock");
-            match (connected, *since) {
+            let joined = match (connected, *since) {
                 (true, None) => {
                     tracing::info!(cell = self.cell, "connected to the cell's bus");
                     *since = Some(now);
@@ -284,13 +291,27 @@ impl Bus {
                     false
                 }
                 _ => false,
-            }
+            };
+            (joined, since.map(|s| now.saturating_duration_since(s)))
         };
         let ready = self.ready();
         self.metrics.ready.set(i64::from(ready));
-        self.publish(Message::Alive(Alive { replica: self.replica, ready }));
+        self.publish(Message::Alive(Alive { replica: self.replica, ready, level: wire::LEVEL }));
         let mut replicas = self.replicas.lock().expect("bus lock");
         replicas.expire(now);
+        // v2 only once connected long enough to have heard every live replica announce itself; a replica
+        // of an older build (or one of those joining) turns it back to v1 within an announcement.
+        let heard_all = connected_for.is_some_and(|d| d >= REPLICA_TTL);
+        let all_read = replicas.all_read(wire::LEVEL, now);
+        let node_v2 = heard_all && all_read;
+        if self.node_v2.swap(node_v2, Ordering::Relaxed) != node_v2 {
+            let form = match (heard_all, all_read) {
+                (true, true) => "v2 (every live replica reads it)",
+                (false, _) => "v1 (until every live replica has been heard since connecting)",
+                (true, false) => "v1 (a live replica reads only v1)",
+            };
+            tracing::info!(cell = self.cell, "bus: publishing node records as {form}");
+        }
         let live = replicas.live(now);
         self.metrics.peers_live.set(live.len() as i64 - 1);
         *self.live.lock().expect("bus lock") = live;
@@ -312,8 +333,9 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
         tasks.spawn(async move {
             while let Some(message) = outbox.recv().await {
                 let kind = message.kind();
-                let subject = wire::subject(&bus.cell, kind);
-                match bus.client.publish(subject, message.encode().into()).await {
+                let (version, payload) = message.encode(bus.node_v2.load(Ordering::Relaxed));
+                let subject = wire::subject(&bus.cell, version, kind);
+                match bus.client.publish(subject, payload.into()).await {
                     Ok(()) => {
                         bus.metrics.published.get_or_create(&KindLabel { kind: kind.name() }).inc();
                     }
@@ -344,9 +366,10 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
             flushing.flush_load(&app_load);
         }
     });
-    // Node records are nearly all the traffic, and decoding one costs ~6× merging it: they are decoded and
-    // merged by one worker per core. Merges are last-writer-wins by the node's signed timestamp, so records
-    // may be merged out of order. The other kinds are few and keep their order here.
+    // Node records are nearly all the traffic (decoding a v1 one costs ~8× merging it, a v2 one about as
+    // much as merging): they are decoded and merged by one worker per core. Merges are last-writer-wins by
+    // the node's signed timestamp, so records may be merged out of order. The other kinds are few and keep
+    // their order here.
     let workers: Vec<mpsc::Sender<async_nats::Message>> = (0..decoders())
         .map(|_| {
             let (tx, mut rx) = mpsc::channel::<async_nats::Message>(WORKER_QUEUE);
@@ -361,7 +384,7 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
         .collect();
     let mut next = 0;
     while let Some(message) = subscriber.next().await {
-        if matches!(wire::parse_subject(&bus.cell, &message.subject), Ok(wire::Kind::Node)) {
+        if matches!(wire::parse_subject(&bus.cell, &message.subject), Ok((_, wire::Kind::Node))) {
             next = (next + 1) % workers.len();
             // A full worker holds the subscription back: the NATS client's inbox fills and drops, counted.
             if workers[next].send(message).await.is_err() {
@@ -378,9 +401,9 @@ pub async fn run(app: Arc<App>, bus: Arc<Bus>, mut subscriber: async_nats::Subsc
 /// Decodes one message from the bus and merges it.
 fn receive(app: &App, bus: &Bus, subject: &str, payload: &[u8]) {
     let m = &bus.metrics;
-    let message = match wire::parse_subject(&bus.cell, subject).and_then(|kind| {
+    let message = match wire::parse_subject(&bus.cell, subject).and_then(|(version, kind)| {
         m.received.get_or_create(&KindLabel { kind: kind.name() }).inc();
-        Message::decode(kind, payload)
+        Message::decode(version, kind, payload)
     }) {
         Ok(message) => message,
         Err(Refused::UnknownVersion(v)) => {
@@ -388,7 +411,7 @@ fn receive(app: &App, bus: &Bus, subject: &str, payload: &[u8]) {
             tracing::debug!(version = v, "bus message of another version skipped");
             return;
         }
-        Err(e @ Refused::Malformed(_)) => {
+        Err(e @ (Refused::Malformed(_) | Refused::Record(_))) => {
             m.malformed.inc();
             tracing::warn!(error = %e, "bus message dropped");
             return;
@@ -423,7 +446,7 @@ fn apply(app: &App, bus: &Bus, message: Message) {
             app.load.lock().expect("load lock").apply(&delta, &snapshot, now_ms(), app.registry.params());
         }
         Message::Alive(a) => {
-            bus.replicas.lock().expect("bus lock").heard(a.replica, a.ready, Instant::now());
+            bus.replicas.lock().expect("bus lock").heard(a.replica, a.ready, a.level, Instant::now());
         }
         Message::Manifest(m) => app.ingest.cache().invalidate(&m.url, m.content),
     }

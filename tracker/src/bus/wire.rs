@@ -1,9 +1,13 @@
 //! What the replicas of a cell tell each other: subjects, messages and their bounds.
 //!
-//! Subjects are `fog.<cell>.<version>.<kind>`: the version is in the subject, so a replica skips a message
-//! of a version it does not speak without parsing it (and counts it). Payloads are compact JSON, at most
-//! [`MAX_MESSAGE`] bytes, and every field is checked against the same bounds a node's own message is held
-//! to before anything is merged: a malformed or hostile message is dropped whole and counted.
+//! Subjects are `fog.<cell>.<version>.<kind>`: the version names the payload's encoding, so a replica skips
+//! a message of a version or kind it does not read without parsing it (and counts it as of an unknown
+//! version: a newer replica's). v1 is compact JSON, every kind; v2 is the binary node record
+//! ([`super::record`]), the only v2 kind. A replica reads both, and publishes node records as v2 only once
+//! every live replica announced it reads them ([`Alive::level`]), so older replicas keep getting v1 in a
+//! mixed cell. Payloads are at most [`MAX_MESSAGE`] bytes, and every field is checked against the same
+//! bounds a node's own message is held to before anything is merged: a malformed or hostile message is
+//! dropped whole and counted.
 
 use std::net::SocketAddr;
 
@@ -16,8 +20,11 @@ use fog_sched::coords::Coord;
 use fog_sched::scheduler::LoadDelta;
 use serde::{Deserialize, Serialize};
 
-/// The message version this build speaks.
-pub const VERSION: &str = "v1";
+use super::record::RecordError;
+
+/// What this build reads, as it announces it ([`Alive::level`]): 2, every v1 kind and v2 node records.
+/// Replicas from before v2 announce nothing, which reads as 1.
+pub const LEVEL: u32 = 2;
 /// Largest payload decoded (a node record is a few KiB at most; a load delta up to ~100 KiB).
 pub const MAX_MESSAGE: usize = 256 << 10;
 /// Most node and chunk entries one load delta carries; a replica publishes its delta before it holds
@@ -25,7 +32,25 @@ pub const MAX_MESSAGE: usize = 256 << 10;
 pub const MAX_LOAD_ENTRIES: usize = 2048;
 pub const FLUSH_LOAD_ENTRIES: usize = 1024;
 /// Longest quarantine reason carried.
-const MAX_REASON: usize = 256;
+pub(crate) const MAX_REASON: usize = 256;
+
+/// A payload's encoding, named in the subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// JSON, every kind.
+    V1,
+    /// The binary node record ([`super::record`]); node records only.
+    V2,
+}
+
+impl Version {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
 
 /// The kinds of message, each on its own subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,11 +79,16 @@ impl Kind {
             Self::Manifest => "manifest",
         }
     }
+
+    /// Whether this build reads this kind in `version`.
+    pub fn reads(self, version: Version) -> bool {
+        version == Version::V1 || self == Self::Node
+    }
 }
 
-/// The subject `kind` is published on in `cell`.
-pub fn subject(cell: &str, kind: Kind) -> String {
-    format!("fog.{cell}.{VERSION}.{}", kind.name())
+/// The subject a message of `kind` in `version` is published on in `cell`.
+pub fn subject(cell: &str, version: Version, kind: Kind) -> String {
+    format!("fog.{cell}.{}.{}", version.name(), kind.name())
 }
 
 /// The subject a replica of `cell` subscribes to: every version and kind.
@@ -69,22 +99,27 @@ pub fn wildcard(cell: &str) -> String {
 /// Why a received message was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
-    #[error("message version {0:?} is not {VERSION}")]
+    /// A version, or a kind in a version, this replica does not read: a newer replica's.
+    #[error("bus message {0:?} is of a version or kind this replica does not read")]
     UnknownVersion(String),
     #[error("malformed bus message: {0}")]
     Malformed(String),
+    #[error("malformed v2 node record: {0}")]
+    Record(#[from] RecordError),
 }
 
-/// The kind of a message on `subject`, a subject of `cell`'s.
-pub fn parse_subject(cell: &str, subject: &str) -> Result<Kind, Refused> {
+/// The version and kind of a message on `subject`, a subject of `cell`'s.
+pub fn parse_subject(cell: &str, subject: &str) -> Result<(Version, Kind), Refused> {
     let rest = subject.strip_prefix("fog.").and_then(|s| s.strip_prefix(cell)).and_then(|s| s.strip_prefix('.'));
     let Some((version, kind)) = rest.and_then(|r| r.split_once('.')) else {
         return Err(Refused::Malformed(format!("subject {subject:?}")));
     };
-    if version != VERSION {
-        return Err(Refused::UnknownVersion(version.chars().take(16).collect()));
+    let v = [Version::V1, Version::V2].into_iter().find(|v| v.name() == version);
+    let k = Kind::ALL.into_iter().find(|k| k.name() == kind);
+    match (v, k) {
+        (Some(v), Some(k)) if k.reads(v) => Ok((v, k)),
+        _ => Err(Refused::UnknownVersion(format!("{version}.{kind}").chars().take(32).collect())),
     }
-    Kind::ALL.into_iter().find(|k| k.name() == kind).ok_or_else(|| Refused::Malformed(format!("kind {kind:?}")))
 }
 
 /// A node's whole soft state as the replica that accepted its latest signed message holds it: every
@@ -188,11 +223,19 @@ pub struct Block {
     pub block: bool,
 }
 
-/// A replica says it is alive (every [`super::ALIVE_EVERY`]), and whether it holds the whole cell yet.
+/// A replica says it is alive (every [`super::ALIVE_EVERY`]), whether it holds the whole cell yet, and what
+/// it reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alive {
     pub replica: NodeId,
     pub ready: bool,
+    /// [`LEVEL`] of the replica's build; absent (1) from replicas older than v2 records, which ignore it.
+    #[serde(default = "level_1")]
+    pub level: u32,
+}
+
+fn level_1() -> u32 {
+    1
 }
 
 /// A replica stored a manifest for `url` (durably: it is in the cell's database when this is sent), with
@@ -264,8 +307,11 @@ impl Message {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The payload and its version: a node record as v2 if `node_v2` (every live replica reads it), else
+    /// v1; every other kind as v1.
+    pub fn encode(&self, node_v2: bool) -> (Version, Vec<u8>) {
         let json = match self {
+            Self::Node(r) if node_v2 => return (Version::V2, r.encode_v2()),
             Self::Node(r) => serde_json::to_vec(r),
             Self::Health(h) => serde_json::to_vec(h),
             Self::Web(w) => serde_json::to_vec(w),
@@ -274,11 +320,17 @@ impl Message {
             Self::Alive(a) => serde_json::to_vec(a),
             Self::Manifest(m) => serde_json::to_vec(m),
         };
-        json.expect("bus messages always serialise")
+        (Version::V1, json.expect("bus messages always serialise"))
     }
 
-    /// A message of `kind` from `payload`, if it is within every bound.
-    pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message, Refused> {
+    /// A message of `kind` in `version` from `payload`, if it is within every bound.
+    pub fn decode(version: Version, kind: Kind, payload: &[u8]) -> Result<Message, Refused> {
+        if version == Version::V2 {
+            return match kind {
+                Kind::Node => Ok(Self::Node(Box::new(NodeRecord::decode_v2(payload)?))),
+                _ => Err(Refused::UnknownVersion(format!("v2.{}", kind.name()))),
+            };
+        }
         if payload.len() > MAX_MESSAGE {
             return Err(Refused::Malformed(format!("{} bytes is over {MAX_MESSAGE}", payload.len())));
         }
@@ -346,11 +398,16 @@ mod tests {
 
     #[test]
     fn subjects_name_the_version_and_kind() {
-        let s = subject("eu-1", Kind::Node);
+        let s = subject("eu-1", Version::V1, Kind::Node);
         assert_eq!(s, "fog.eu-1.v1.node");
-        assert_eq!(parse_subject("eu-1", &s), Ok(Kind::Node));
-        assert_eq!(parse_subject("eu-1", "fog.eu-1.v2.node"), Err(Refused::UnknownVersion("v2".into())));
-        assert!(matches!(parse_subject("eu-1", "fog.eu-1.v1.gossip"), Err(Refused::Malformed(_))));
+        assert_eq!(parse_subject("eu-1", &s), Ok((Version::V1, Kind::Node)));
+        assert_eq!(parse_subject("eu-1", "fog.eu-1.v2.node"), Ok((Version::V2, Kind::Node)));
+        assert_eq!(parse_subject("eu-1", "fog.eu-1.v1.manifest"), Ok((Version::V1, Kind::Manifest)));
+        // What a newer replica may send: a version, or a kind, this one does not read. Not malformed.
+        let unknown = |s: &str| Err(Refused::UnknownVersion(s.into()));
+        assert_eq!(parse_subject("eu-1", "fog.eu-1.v3.node"), unknown("v3.node"));
+        assert_eq!(parse_subject("eu-1", "fog.eu-1.v2.health"), unknown("v2.health"));
+        assert_eq!(parse_subject("eu-1", "fog.eu-1.v1.gossip"), unknown("v1.gossip"));
         assert!(matches!(parse_subject("eu-1", "fog.eu-2.v1.node"), Err(Refused::Malformed(_))));
         assert!(matches!(parse_subject("eu-1", "fog.eu-1"), Err(Refused::Malformed(_))));
     }
@@ -362,23 +419,49 @@ mod tests {
             Message::Health(Health { id: NodeId([2; 32]), down: true, quarantined: Some("wrong bytes".into()) }),
             Message::Web(Web { id: NodeId([2; 32]), served: Some(CertHash([3; 32])) }),
             Message::Block(Block { id: NodeId([4; 32]), block: true }),
-            Message::Alive(Alive { replica: NodeId([5; 32]), ready: false }),
+            Message::Alive(Alive { replica: NodeId([5; 32]), ready: false, level: LEVEL }),
             Message::Manifest(ManifestWritten { url: "https://o.example/a.mp4".into(), content: ContentId([6; 32]) }),
         ];
         for m in messages {
-            assert_eq!(Message::decode(m.kind(), &m.encode()).expect("decodes"), m);
+            for node_v2 in [false, true] {
+                let (version, payload) = m.encode(node_v2);
+                let v2 = node_v2 && m.kind() == Kind::Node;
+                assert_eq!(version, if v2 { Version::V2 } else { Version::V1 }, "only node records go as v2");
+                assert_eq!(Message::decode(version, m.kind(), &payload).expect("decodes"), m);
+            }
         }
-        assert!(Message::Node(Box::new(record(1, 5))).encode().len() < 1024);
+        let node = Message::Node(Box::new(record(1, 5)));
+        assert!(node.encode(false).1.len() < 1024);
+        assert!(node.encode(true).1.len() < 300);
         let mut delta = LoadDelta::default();
         delta.nodes.insert(NodeId([1; 32]), (1e6, 5e5));
         delta.chunks.insert(ChunkHash([2; 32]), 3.0);
         delta.total = 1e6;
-        assert_eq!(Message::decode(Kind::Load, &Message::Load(delta.clone()).encode()), Ok(Message::Load(delta)));
+        let (version, payload) = Message::Load(delta.clone()).encode(true);
+        assert_eq!(Message::decode(version, Kind::Load, &payload), Ok(Message::Load(delta)));
+    }
+
+    #[test]
+    fn an_older_replicas_alive_reads_as_level_1_and_ours_parses_there() {
+        let old = br#"{"replica":"0505050505050505050505050505050505050505050505050505050505050505","ready":true}"#;
+        let Ok(Message::Alive(alive)) = Message::decode(Version::V1, Kind::Alive, old) else { panic!("an Alive") };
+        assert_eq!(alive.level, 1);
+        // An older build's Alive had only these two fields; serde skips the new one.
+        #[derive(Deserialize)]
+        struct OldAlive {
+            replica: NodeId,
+            ready: bool,
+        }
+        let ours = Message::Alive(Alive { replica: NodeId([5; 32]), ready: true, level: LEVEL }).encode(true).1;
+        let theirs: OldAlive = serde_json::from_slice(&ours).expect("parses");
+        assert_eq!((theirs.replica, theirs.ready), (NodeId([5; 32]), true));
+        assert_eq!(Message::decode(Version::V2, Kind::Alive, b"{}"), Err(Refused::UnknownVersion("v2.alive".into())));
     }
 
     #[test]
     fn garbage_and_out_of_bounds_messages_are_refused() {
-        let malformed = |kind, payload: &[u8]| matches!(Message::decode(kind, payload), Err(Refused::Malformed(_)));
+        let malformed =
+            |kind, payload: &[u8]| matches!(Message::decode(Version::V1, kind, payload), Err(Refused::Malformed(_)));
         assert!(malformed(Kind::Node, b"{\"id\":"));
         assert!(malformed(Kind::Node, &vec![b' '; MAX_MESSAGE + 1]));
         let mut r = record(1, 5);

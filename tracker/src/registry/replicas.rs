@@ -56,8 +56,8 @@ impl Registry {
     pub fn merge(&self, rec: NodeRecord, now_ms: u64) -> Result<Merge, RegistryError> {
         check_clock(now_ms, rec.ts)?;
         self.check_blocked(&rec.id)?;
-        let mut nodes = self.nodes.write().expect("registry lock");
-        let verdict = merge(nodes.get(&rec.id).map(|n| n.last_timestamp_ms), rec.ts);
+        // What the entry is made of is built before the write lock, which every bus worker and heartbeat
+        // takes: it is held only to compare and move.
         let now = self.clock.now();
         let reg = Registration {
             addr: rec.addr,
@@ -79,6 +79,8 @@ impl Registry {
             .chain(rec.overlay.tracker_rtt_ms.map(|rtt_ms| Neighbour { id: TRACKER, rtt_ms, at_ms: now_ms }))
             .filter(|s| s.id != rec.id)
             .collect();
+        let mut nodes = self.nodes.write().expect("registry lock");
+        let verdict = merge(nodes.get(&rec.id).map(|n| n.last_timestamp_ms), rec.ts);
         match verdict {
             Merge::Stale | Merge::Duplicate => return Ok(verdict),
             Merge::Insert => {

@@ -4,7 +4,9 @@
 //! and a consistency proof from the last head it verified (so history was not rewritten). Every credit
 //! the tracker answers is written down in the node's books (`earnings.rs`) and its ledger record checked
 //! there, and each finished epoch's sealed head is checked against the verified log, so the node's own
-//! totals per epoch can be compared with the tracker's to the byte.
+//! totals per epoch can be compared with the tracker's to the byte. A ledger split into shards is one log
+//! per shard: each answer names its record's shard, and heads, proofs and consistency are checked per
+//! shard (a head of one shard is only ever compared with heads of the same shard).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +26,7 @@ use fog_proto::wire::MAX_TICKET_LEN;
 use fog_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::earnings::{check_record, Earnings, EarningsError, Verification, VerifiedHead};
+use crate::earnings::{check_record, Earnings, EarningsError, Sealed, Verification, VerifiedHead};
 use crate::receipts::{ReceiptDb, ReceiptsError, MAX_HELD};
 use crate::tracker_link::SharedLinkState;
 
@@ -100,12 +102,14 @@ pub enum LedgerCheckError {
     WrongSigner,
     #[error("tree head: {0}")]
     Head(#[source] SignedError),
+    #[error("asked for a head of ledger shard {asked}, got one of shard {got}")]
+    WrongShard { asked: u32, got: u32 },
     #[error("the ledger shrank from {old} to {new} records")]
     Shrank { old: u64, new: u64 },
     #[error("the ledger of size {new} does not extend the one of size {old}")]
     Inconsistent { old: u64, new: u64 },
-    #[error("ledger record {index}: {why}")]
-    BadRecord { index: u64, why: String },
+    #[error("ledger record {index} of shard {shard}: {why}")]
+    BadRecord { shard: u32, index: u64, why: String },
     #[error("the node's books: {0}")]
     Books(#[from] EarningsError),
     #[error("reading or writing the node's books: {0}")]
@@ -161,7 +165,8 @@ pub struct CreditView {
     /// Receipts clients handed over that this node refused (malformed, forged, or paying for more than
     /// their connection delivered).
     pub receipts_refused: u64,
-    /// Largest ledger size whose signed head, inclusion and consistency proofs this node verified.
+    /// Largest ledger size whose signed head, inclusion and consistency proofs this node verified (with
+    /// shards: the sum of the shards' verified sizes).
     pub ledger_verified_size: Option<u64>,
     /// Set when verification failed: the tracker's ledger cannot be trusted.
     pub ledger_problem: Option<String>,
@@ -437,26 +442,62 @@ impl Credits {
         Ok(results.iter().any(|r| r.leaf_index.is_some()))
     }
 
-    /// Checks the tracker's signed head against the last one verified, the ledger records awaiting
-    /// verification against it, and the sealed heads of finished epochs against the verified log; writes
-    /// down what it found in the node's books.
+    /// Checks, in every ledger shard the node has records in, the tracker's signed head against the last
+    /// one verified, and the records awaiting verification against it; then the sealed heads of finished
+    /// epochs against the verified logs. Writes down what it found in the node's books.
     pub async fn check_ledger(&self, tracker: &TrackerClient, tracker_key: NodeId) -> Result<(), LedgerCheckError> {
         let books = self.earnings.clone();
-        let previous = tokio::task::spawn_blocking(move || books.verified_head()).await??;
-        let (head, root) = self.signed_head(tracker, tracker_key, "/v1/ledger/head").await?;
+        let shards = tokio::task::spawn_blocking(move || books.shards()).await??;
+        let mut verified = Vec::with_capacity(shards.len());
+        let mut first_failure = None;
+        let mut current = None;
+        for shard in shards {
+            let (head, root, failure) = self.check_shard(tracker, tracker_key, shard).await?;
+            if first_failure.is_none() {
+                first_failure = failure.map(|(index, why)| LedgerCheckError::BadRecord { shard, index, why });
+            }
+            current = current.max(Some((head.epoch, head.timestamp_ms)));
+            verified.push((shard, head.size, root));
+        }
+        {
+            let mut v = self.view.lock().expect("credits lock");
+            v.ledger_verified_size = Some(verified.iter().map(|(_, size, _)| size).sum());
+            v.ledger_problem = None;
+        }
+        if let Some(failure) = first_failure {
+            return Err(failure);
+        }
+        let (epoch, timestamp_ms) = current.unwrap_or_default();
+        let waiting = self.check_sealed(tracker, tracker_key, epoch, &verified).await?;
+        let next = if waiting { 0 } else { epoch_end_ms(epoch, timestamp_ms).unwrap_or(0) };
+        self.settle_at_ms.store(next, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One shard: its signed head, consistent with the last one verified, and a round of its records
+    /// awaiting verification checked against it; the head with its root, and the first record that failed.
+    async fn check_shard(
+        &self,
+        tracker: &TrackerClient,
+        tracker_key: NodeId,
+        shard: u32,
+    ) -> Result<(TreeHead, Hash, Option<(u64, String)>), LedgerCheckError> {
+        let books = self.earnings.clone();
+        let previous = tokio::task::spawn_blocking(move || books.verified_head(shard)).await??;
+        let (head, root) = self.signed_head(tracker, tracker_key, shard, None).await?;
         if let Some(old) = previous {
             if old.size > head.size {
                 return Err(LedgerCheckError::Shrank { old: old.size, new: head.size });
             }
-            self.check_consistency(tracker, (old.size, old.root.0), (head.size, root)).await?;
+            self.check_consistency(tracker, shard, (old.size, old.root.0), (head.size, root)).await?;
         }
         let books = self.earnings.clone();
-        let pending = tokio::task::spawn_blocking(move || books.pending_records(RECORDS_PER_ROUND)).await??;
+        let pending = tokio::task::spawn_blocking(move || books.pending_records(shard, RECORDS_PER_ROUND)).await??;
         let pending: Vec<_> = pending.into_iter().filter(|(index, _)| *index < head.size).collect();
         let mut found = Verification::default();
         for part in pending.chunks(RECORDS_PER_REQUEST) {
             let list = part.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(",");
-            let path = format!("/v1/ledger/records?size={}&index={list}", head.size);
+            let path = format!("/v1/ledger/records?size={}&index={list}{}", head.size, shard_param("&", shard));
             let got: Records = tracker
                 .get_json(&path)
                 .await
@@ -477,91 +518,100 @@ impl Credits {
         let first_failure = found.failed.first().map(|(index, _, why)| (*index, why.clone()));
         let verified = VerifiedHead { size: head.size, root: Digest(root) };
         let books = self.earnings.clone();
-        tokio::task::spawn_blocking(move || books.record_verification(verified, &found)).await??;
-        {
-            let mut v = self.view.lock().expect("credits lock");
-            v.ledger_verified_size = Some(head.size);
-            v.ledger_problem = None;
-        }
-        if let Some((index, why)) = first_failure {
-            return Err(LedgerCheckError::BadRecord { index, why });
-        }
-        let waiting = self.check_sealed(tracker, tracker_key, head.epoch, (head.size, root)).await?;
-        let next = if waiting { 0 } else { epoch_end_ms(&head).unwrap_or(0) };
-        self.settle_at_ms.store(next, Ordering::Relaxed);
-        Ok(())
+        tokio::task::spawn_blocking(move || books.record_verification(shard, verified, &found)).await??;
+        Ok((head, root, first_failure))
     }
 
-    /// Checks the heads that sealed finished epochs with records in the books against the verified log;
-    /// `Ok(true)` while a finished epoch still waits for its sealed head or its records' verification.
+    /// Checks the heads that sealed finished epochs with records in the books, in every shard of
+    /// `verified` (shard, size and root of its verified head), against the verified logs; `Ok(true)` while
+    /// a finished epoch still waits for a sealed head or its records' verification.
     async fn check_sealed(
         &self,
         tracker: &TrackerClient,
         tracker_key: NodeId,
         current_epoch: u64,
-        verified: (u64, Hash),
+        verified: &[(u32, u64, Hash)],
     ) -> Result<bool, LedgerCheckError> {
         let books = self.earnings.clone();
         let epochs = tokio::task::spawn_blocking(move || books.unsettled(current_epoch, SEALS_PER_ROUND)).await??;
         let mut problem = None;
         let mut waiting = false;
-        for epoch in epochs {
-            let path = format!("/v1/ledger/head?epoch={epoch}");
-            let (head, root, note) = match self.signed_head(tracker, tracker_key, &path).await {
-                Ok((head, root)) => (head, root, None),
-                // The tracker seals each epoch within a second or so of its end; one it never sealed (it
-                // was down then) is settled against the verified head, which holds all of its records.
-                Err(LedgerCheckError::Fetch { .. }) if epoch + 2 <= current_epoch => {
-                    let note =
-                        format!("the tracker never sealed this epoch: settled against the head of size {}", verified.0);
-                    let head =
-                        TreeHead { size: verified.0, root: Digest(verified.1), epoch: current_epoch, timestamp_ms: 0 };
-                    (head, verified.1, Some(note))
-                }
-                Err(LedgerCheckError::Fetch { .. }) => {
-                    waiting = true;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let consistent = match self.check_consistency(tracker, (head.size, root), verified).await {
-                Ok(()) => Ok(()),
-                Err(e @ LedgerCheckError::Fetch { .. }) => return Err(e),
-                Err(e) => {
-                    let why = format!("the head that sealed epoch {epoch}: {e}");
-                    problem.get_or_insert(LedgerCheckError::BadRecord { index: head.size, why: why.clone() });
-                    Err(why)
-                }
-            };
+        'epochs: for epoch in epochs {
+            let mut seals = Vec::with_capacity(verified.len());
+            let mut notes = Vec::new();
+            for &(shard, size, root) in verified {
+                let (sealed_size, sealed_root) = match self.signed_head(tracker, tracker_key, shard, Some(epoch)).await
+                {
+                    Ok((head, root)) => (head.size, root),
+                    // The tracker seals each epoch within a second or so of its end; one it never sealed (it
+                    // was down then) is settled against the verified head, which holds all of its records.
+                    Err(LedgerCheckError::Fetch { .. }) if epoch + 2 <= current_epoch => {
+                        notes.push(format!(
+                            "the tracker never sealed this epoch in shard {shard}: settled against the head of size \
+                             {size}"
+                        ));
+                        (size, root)
+                    }
+                    Err(LedgerCheckError::Fetch { .. }) => {
+                        waiting = true;
+                        continue 'epochs;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let consistent =
+                    match self.check_consistency(tracker, shard, (sealed_size, sealed_root), (size, root)).await {
+                        Ok(()) => Ok(()),
+                        Err(e @ LedgerCheckError::Fetch { .. }) => return Err(e),
+                        Err(e) => {
+                            let why = format!("the head that sealed epoch {epoch} in shard {shard}: {e}");
+                            problem.get_or_insert(LedgerCheckError::BadRecord {
+                                shard,
+                                index: sealed_size,
+                                why: why.clone(),
+                            });
+                            Err(why)
+                        }
+                    };
+                seals.push(Sealed { shard, size: sealed_size, consistent });
+            }
             let books = self.earnings.clone();
-            let settled =
-                tokio::task::spawn_blocking(move || books.record_sealed(epoch, head.size, consistent, note)).await??;
+            let settled = tokio::task::spawn_blocking(move || books.record_sealed(epoch, &seals, notes)).await??;
             waiting |= !settled;
         }
         problem.map_or(Ok(waiting), Err)
     }
 
-    /// A tree head the tracker signed, fetched from `path`, with its root.
+    /// A tree head of `shard` the tracker signed (now, or the one that sealed `epoch`), with its root.
     async fn signed_head(
         &self,
         tracker: &TrackerClient,
         tracker_key: NodeId,
-        path: &str,
+        shard: u32,
+        epoch: Option<u64>,
     ) -> Result<(TreeHead, Hash), LedgerCheckError> {
+        // Shard 0 is asked for as before shards, so a tracker from then answers.
+        let path = match epoch {
+            None => format!("/v1/ledger/head{}", shard_param("?", shard)),
+            Some(e) => format!("/v1/ledger/head?epoch={e}{}", shard_param("&", shard)),
+        };
         let head: Signed =
-            tracker.get_json(path).await.map_err(|source| LedgerCheckError::Fetch { what: "a tree head", source })?;
+            tracker.get_json(&path).await.map_err(|source| LedgerCheckError::Fetch { what: "a tree head", source })?;
         if head.node_id != tracker_key {
             return Err(LedgerCheckError::WrongSigner);
         }
         let head: TreeHead = head.open(KIND_TREE_HEAD).map_err(LedgerCheckError::Head)?;
+        if head.shard != shard {
+            return Err(LedgerCheckError::WrongShard { asked: shard, got: head.shard });
+        }
         let root = head.root.0;
         Ok((head, root))
     }
 
-    /// Checks that the smaller of two verified-signature heads is a prefix of the larger.
+    /// Checks that the smaller of two verified-signature heads of `shard` is a prefix of the larger.
     async fn check_consistency(
         &self,
         tracker: &TrackerClient,
+        shard: u32,
         a: (u64, Hash),
         b: (u64, Hash),
     ) -> Result<(), LedgerCheckError> {
@@ -569,7 +619,7 @@ impl Credits {
         if old == new {
             return if old_root == new_root { Ok(()) } else { Err(LedgerCheckError::Inconsistent { old, new }) };
         }
-        let path = format!("/v1/ledger/consistency?first={old}&second={new}");
+        let path = format!("/v1/ledger/consistency?first={old}&second={new}{}", shard_param("&", shard));
         let proof: Proof = tracker
             .get_json(&path)
             .await
@@ -587,11 +637,20 @@ fn named_ticket(r: &Receipt) -> Option<TicketId> {
     serde_json::from_str::<Commitment>(&r.commitment.payload).ok().map(|c| c.ticket_id)
 }
 
-/// When the epoch of `head` ends (unix ms), estimated from its timestamp: epochs are equal periods counted
-/// from 1970, so the length is at most `timestamp / epoch` and the estimate is never early.
-fn epoch_end_ms(head: &TreeHead) -> Option<u64> {
-    let len = head.timestamp_ms.checked_div(head.epoch)?;
-    (head.epoch + 1).checked_mul(len)
+/// `shard=S` after `sep` for the `/v1/ledger/*` endpoints; nothing for shard 0, as before shards.
+fn shard_param(sep: &str, shard: u32) -> String {
+    if shard == 0 {
+        String::new()
+    } else {
+        format!("{sep}shard={shard}")
+    }
+}
+
+/// When `epoch` ends (unix ms), estimated from a head's `timestamp_ms` in it: epochs are equal periods
+/// counted from 1970, so the length is at most `timestamp / epoch` and the estimate is never early.
+fn epoch_end_ms(epoch: u64, timestamp_ms: u64) -> Option<u64> {
+    let len = timestamp_ms.checked_div(epoch)?;
+    (epoch + 1).checked_mul(len)
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@
 //! signed head the node verified, whether the head that sealed the epoch is consistent with every head the
 //! node verified, and the tracker's own total for the epoch, so the two can be compared to the byte.
 //!
+//! A tracker's ledger may be split into shards, each a log of its own: records awaiting verification and
+//! the last verified head are kept per shard (shard 0's under the keys they always had), and an epoch is
+//! settled once every shard the node has records in has sealed it.
+//!
 //! Kept in a small RocksDB database of its own (`<data-dir>/earnings`, synced like receipts, apart from the
 //! cache that may be rebuilt empty), for [`KEEP_DAYS`] days. `fog-node earnings` reads it while the node
 //! runs: RocksDB lets a read-only opener in beside the writer (it takes no lock).
@@ -16,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fog_proto::credits::{LedgerLeaf, Outcome, Redeemed};
+use fog_proto::credits::{LedgerLeaf, Outcome, Redeemed, MAX_SHARDS};
 use fog_proto::merkle;
 use rocksdb::{DBRecoveryMode, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -45,7 +49,10 @@ const EPOCH_PREFIX: &str = "epoch/";
 const PENDING_PREFIX: &str = "pending/";
 /// Epochs not settled yet: a small index beside the epoch records, so finding them costs no scan.
 const OPEN_PREFIX: &str = "open/";
+/// Shard 0's verified head; shard s's is `head/s`.
 const HEAD_KEY: &str = "head";
+/// The ledger shards other than 0 this node has had records in (a JSON list).
+const SHARDS_KEY: &str = "shards";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EarningsError {
@@ -105,8 +112,12 @@ pub struct Epoch {
     pub records_failed: u64,
     /// The tracker's total for this node in the epoch, from its latest statement.
     pub tracker_bytes: Option<u64>,
-    /// Size of the head that sealed the epoch, once the node checked it against its verified heads.
+    /// Size of the head that sealed the epoch, once the node checked it against its verified heads (with
+    /// shards: the sum over them).
     pub sealed_size: Option<u64>,
+    /// With shards: the size of each shard's head that sealed the epoch.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sealed_shards: BTreeMap<u32, u64>,
     /// Whether that head is consistent with the log the node verified (`None`: not checked yet).
     pub consistent: Option<bool>,
     /// Every record of this node below the sealed size is verified: the epoch's totals can be compared.
@@ -148,6 +159,15 @@ pub struct PendingRecord {
 pub struct VerifiedHead {
     pub size: u64,
     pub root: fog_proto::credits::Digest,
+}
+
+/// The head that sealed an epoch in one shard, as the node checked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub shard: u32,
+    pub size: u64,
+    /// Whether it is consistent with the shard's verified log, or why not.
+    pub consistent: Result<(), String>,
 }
 
 /// What verification of a round of records found.
@@ -247,8 +267,26 @@ fn open_key(epoch: u64) -> String {
     format!("{OPEN_PREFIX}{epoch:020}")
 }
 
-fn pending_key(index: u64) -> String {
-    format!("{PENDING_PREFIX}{index:020}")
+/// Where shard `shard`'s records awaiting verification are kept: shard 0's straight under
+/// [`PENDING_PREFIX`] (as before shards), another's under `pending/s<shard>/`.
+fn pending_prefix(shard: u32) -> String {
+    if shard == 0 {
+        PENDING_PREFIX.into()
+    } else {
+        format!("{PENDING_PREFIX}s{shard:010}/")
+    }
+}
+
+fn pending_key(shard: u32, index: u64) -> String {
+    format!("{}{index:020}", pending_prefix(shard))
+}
+
+fn head_key(shard: u32) -> String {
+    if shard == 0 {
+        HEAD_KEY.into()
+    } else {
+        format!("{HEAD_KEY}/{shard}")
+    }
 }
 
 /// Today's local date, `YYYY-MM-DD`.
@@ -409,16 +447,23 @@ impl Earnings {
         let mut day = self.day(&today())?;
         let mut batch = WriteBatch::default();
         let mut pending = self.pending.load(Ordering::Relaxed);
+        let mut shards = self.shards()?;
+        let known = shards.len();
         for r in results {
             day.receipts_claimed += 1;
             match r.outcome {
                 Outcome::Credited => {
                     day.receipts_credited += 1;
                     day.credited_bytes += r.credited_bytes;
-                    if let Some(leaf) = r.leaf_index {
+                    // A shard beyond any ledger's is not kept (its record stays unverified, and the
+                    // comparison with the tracker's totals shows it).
+                    if let Some(leaf) = r.leaf_index.filter(|_| r.shard < MAX_SHARDS) {
                         let record = PendingRecord { credited_bytes: r.credited_bytes, chain_index: r.index };
-                        Self::put(&mut batch, &pending_key(leaf), &record);
+                        Self::put(&mut batch, &pending_key(r.shard, leaf), &record);
                         pending += 1;
+                        if !shards.contains(&r.shard) {
+                            shards.push(r.shard);
+                        }
                     }
                 }
                 Outcome::Duplicate => day.receipts_duplicate += 1,
@@ -429,6 +474,10 @@ impl Earnings {
             }
         }
         Self::put(&mut batch, &format!("{DAY_PREFIX}{}", day.date), &day);
+        if shards.len() != known {
+            shards.sort_unstable();
+            Self::put(&mut batch, SHARDS_KEY, &shards[1..].to_vec());
+        }
         self.db.write_opt(batch, &synced())?;
         self.pending.store(pending, Ordering::Relaxed);
         if pending > MAX_PENDING as u64 {
@@ -440,10 +489,14 @@ impl Earnings {
     /// Drops the `n` oldest records awaiting verification (the tracker's ledger could not be read for
     /// long). Their epochs are unknown; the comparison with the tracker's totals shows the gap.
     fn give_up_oldest(&self, n: u64) -> Result<(), EarningsError> {
-        let oldest: Vec<_> = self.pending_records(n as usize)?.into_iter().map(|(i, _)| i).collect();
+        let mut oldest = Vec::new();
+        for shard in self.shards()? {
+            let left = n as usize - oldest.len();
+            oldest.extend(self.pending_records(shard, left)?.into_iter().map(|(i, _)| (shard, i)));
+        }
         let mut batch = WriteBatch::default();
-        for i in &oldest {
-            batch.delete(pending_key(*i));
+        for (shard, i) in &oldest {
+            batch.delete(pending_key(*shard, *i));
         }
         self.db.write_opt(batch, &synced())?;
         self.pending.fetch_sub(oldest.len() as u64, Ordering::Relaxed);
@@ -451,15 +504,27 @@ impl Earnings {
         Ok(())
     }
 
-    /// Up to `n` records awaiting verification, oldest first.
-    pub fn pending_records(&self, n: usize) -> Result<Vec<(u64, PendingRecord)>, EarningsError> {
+    /// The ledger shards this node has had records in: 0 and those written down, in order.
+    pub fn shards(&self) -> Result<Vec<u32>, EarningsError> {
+        let mut shards = vec![0];
+        shards.extend(self.get::<Vec<u32>>(SHARDS_KEY)?.unwrap_or_default().into_iter().filter(|s| *s != 0));
+        Ok(shards)
+    }
+
+    /// Up to `n` of a shard's records awaiting verification, oldest first.
+    pub fn pending_records(&self, shard: u32, n: usize) -> Result<Vec<(u64, PendingRecord)>, EarningsError> {
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator(PENDING_PREFIX) {
+        if n == 0 {
+            return Ok(out);
+        }
+        let prefix = pending_prefix(shard);
+        for item in self.db.prefix_iterator(&prefix) {
             let (k, v) = item?;
-            let Some(index) = k.strip_prefix(PENDING_PREFIX.as_bytes()) else { break };
+            let Some(index) = k.strip_prefix(prefix.as_bytes()) else { break };
+            // Shard 0's keys end in the index; other shards' (after them) do not parse.
             let Some(index) = std::str::from_utf8(index).ok().and_then(|i| i.parse().ok()) else { break };
             let record = serde_json::from_slice(&v)
-                .map_err(|source| EarningsError::Corrupt { key: pending_key(index), source })?;
+                .map_err(|source| EarningsError::Corrupt { key: pending_key(shard, index), source })?;
             out.push((index, record));
             if out.len() >= n {
                 break;
@@ -472,12 +537,19 @@ impl Earnings {
         self.pending.load(Ordering::Relaxed)
     }
 
-    pub fn verified_head(&self) -> Result<Option<VerifiedHead>, EarningsError> {
-        self.get(HEAD_KEY)
+    /// The last head of `shard` whose signature and consistency this node verified.
+    pub fn verified_head(&self, shard: u32) -> Result<Option<VerifiedHead>, EarningsError> {
+        self.get(&head_key(shard))
     }
 
-    /// Writes down a verified head and what verifying records against it found, in one synced write.
-    pub fn record_verification(&self, head: VerifiedHead, found: &Verification) -> Result<(), EarningsError> {
+    /// Writes down a verified head of `shard` and what verifying the shard's records against it found, in
+    /// one synced write.
+    pub fn record_verification(
+        &self,
+        shard: u32,
+        head: VerifiedHead,
+        found: &Verification,
+    ) -> Result<(), EarningsError> {
         let _guard = self.write.lock().expect("earnings lock");
         let mut epochs: BTreeMap<u64, Epoch> = BTreeMap::new();
         let mut batch = WriteBatch::default();
@@ -488,7 +560,7 @@ impl Earnings {
             };
             e.node_bytes += leaf.credited_bytes;
             e.records_verified += 1;
-            batch.delete(pending_key(*index));
+            batch.delete(pending_key(shard, *index));
         }
         let mut unknown_epoch = Vec::new();
         for (index, epoch, why) in &found.failed {
@@ -503,7 +575,7 @@ impl Earnings {
                 }
                 None => unknown_epoch.push(format!("ledger record {index}: {why}")),
             }
-            batch.delete(pending_key(*index));
+            batch.delete(pending_key(shard, *index));
         }
         for e in epochs.values() {
             Self::put(&mut batch, &epoch_key(e.epoch), e);
@@ -511,7 +583,7 @@ impl Earnings {
                 batch.put(open_key(e.epoch), b"");
             }
         }
-        Self::put(&mut batch, HEAD_KEY, &head);
+        Self::put(&mut batch, &head_key(shard), &head);
         self.db.write_opt(batch, &synced())?;
         self.pending.fetch_sub((found.included.len() + found.failed.len()) as u64, Ordering::Relaxed);
         for why in unknown_epoch {
@@ -544,30 +616,32 @@ impl Earnings {
             .is_some_and(|(k, _)| k.starts_with(OPEN_PREFIX.as_bytes()))
     }
 
-    /// Writes down the check of the head that sealed `epoch`: its size, and whether it is consistent with
-    /// the node's verified log. The epoch is settled once no record below that size awaits verification.
-    /// `note`: how the epoch was settled, when not by its own sealed head.
-    pub fn record_sealed(
-        &self,
-        epoch: u64,
-        size: u64,
-        consistent: Result<(), String>,
-        note: Option<String>,
-    ) -> Result<bool, EarningsError> {
+    /// Writes down the check of the heads that sealed `epoch`, one per shard the node has records in: each
+    /// one's size, and whether it is consistent with the node's verified log of its shard. The epoch is
+    /// settled once no record of a shard below its sealed size awaits verification. `notes`: how the epoch
+    /// was settled, when not by its own sealed heads.
+    pub fn record_sealed(&self, epoch: u64, seals: &[Sealed], notes: Vec<String>) -> Result<bool, EarningsError> {
         let _guard = self.write.lock().expect("earnings lock");
         let mut e = self.epoch(epoch)?;
-        e.sealed_size = Some(size);
-        if let Some(note) = note {
+        e.sealed_size = Some(seals.iter().map(|s| s.size).sum());
+        e.sealed_shards = match seals {
+            [only] if only.shard == 0 => BTreeMap::new(),
+            _ => seals.iter().map(|s| (s.shard, s.size)).collect(),
+        };
+        for note in notes {
             e.problem(note);
         }
-        match consistent {
-            Ok(()) => e.consistent = Some(e.consistent != Some(false)),
-            Err(why) => {
-                e.consistent = Some(false);
-                e.problem(why);
+        let mut waiting = false;
+        for seal in seals {
+            match &seal.consistent {
+                Ok(()) => e.consistent = Some(e.consistent != Some(false)),
+                Err(why) => {
+                    e.consistent = Some(false);
+                    e.problem(why.clone());
+                }
             }
+            waiting |= self.pending_records(seal.shard, 1)?.first().is_some_and(|(i, _)| *i < seal.size);
         }
-        let waiting = self.pending_records(1)?.first().is_some_and(|(i, _)| *i < size);
         e.settled = !waiting;
         let mut batch = WriteBatch::default();
         Self::put(&mut batch, &epoch_key(epoch), &e);
@@ -925,7 +999,12 @@ mod tests {
             outcome: Outcome::Credited,
             reason: None,
             leaf_index: Some(leaf),
+            shard: 0,
         }
+    }
+
+    fn sealed(shard: u32, size: u64) -> Sealed {
+        Sealed { shard, size, consistent: Ok(()) }
     }
 
     fn leaf(epoch: u64, bytes: u64, index: u32) -> LedgerLeaf {
@@ -960,13 +1039,13 @@ mod tests {
         let head = VerifiedHead { size: 2, root: Digest([0; 32]) };
         let found =
             Verification { included: vec![(0, leaf(7, 1000, 1))], failed: vec![(1, Some(7), "not included".into())] };
-        books.record_verification(head, &found).expect("verified");
+        books.record_verification(0, head, &found).expect("verified");
         assert_eq!(books.pending_count(), 0);
-        assert_eq!(books.verified_head().expect("head"), Some(head));
+        assert_eq!(books.verified_head(0).expect("head"), Some(head));
         books.record_tracker_totals(&[(7, 1000), (3, 99)]).expect("tracker totals");
         assert_eq!(books.unsettled(8, 10).expect("unsettled"), vec![7]);
         assert!(books.has_open());
-        assert!(books.record_sealed(7, 2, Ok(()), None).expect("sealed"), "nothing awaits verification");
+        assert!(books.record_sealed(7, &[sealed(0, 2)], vec![]).expect("sealed"), "nothing awaits verification");
         assert!(!books.has_open() && books.unsettled(8, 10).expect("unsettled").is_empty());
 
         let report = books.this_month().expect("report");
@@ -995,9 +1074,9 @@ mod tests {
         let books = Earnings::open(&dir.path().join("earnings")).expect("open");
         books.record_redemption(&[credited(0, 1000, 1)]).expect("record");
         let found = Verification { included: vec![(0, leaf(5, 1000, 1))], failed: vec![] };
-        books.record_verification(VerifiedHead { size: 1, root: Digest([0; 32]) }, &found).expect("verified");
+        books.record_verification(0, VerifiedHead { size: 1, root: Digest([0; 32]) }, &found).expect("verified");
         books.record_tracker_totals(&[(5, 1200), (6, 300)]).expect("tracker totals");
-        books.record_sealed(5, 1, Ok(()), None).expect("sealed");
+        books.record_sealed(5, &[sealed(0, 1)], vec![]).expect("sealed");
         let report = books.this_month().expect("report");
         assert_eq!(report.epochs[0].agreement(), "disagree");
         assert_eq!((report.epochs[1].node_bytes, report.epochs[1].tracker_bytes), (0, Some(300)), "unseen credit");
@@ -1010,5 +1089,38 @@ mod tests {
         }
         assert_eq!(reasons.len(), MAX_REASONS + 1);
         assert_eq!(reasons[OTHER_REASONS], 40 - MAX_REASONS as u64);
+    }
+
+    /// Records of several shards: kept, verified and settled per shard, shard 0's where they always were.
+    #[test]
+    fn records_are_kept_and_settled_per_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let books = Earnings::open(&dir.path().join("earnings")).expect("open");
+        let in_shard = |shard, leaf, bytes| Redeemed { shard, ..credited(leaf, bytes, 1) };
+        let answers = [in_shard(0, 0, 100), in_shard(2, 0, 200), in_shard(2, 1, 300), in_shard(1, 0, 400)];
+        books.record_redemption(&answers).expect("record");
+        assert_eq!(books.shards().expect("shards"), [0, 1, 2]);
+        assert_eq!(books.pending_count(), 4);
+        assert!(books.db.get(pending_key(0, 0)).expect("read").is_some(), "shard 0's where it always was");
+        let ids = |shard| -> Vec<u64> {
+            books.pending_records(shard, 10).expect("pending").into_iter().map(|(i, _)| i).collect()
+        };
+        assert_eq!((ids(0), ids(1), ids(2)), (vec![0], vec![0], vec![0, 1]));
+        assert!(ids(3).is_empty());
+        // Shard 2's records verified against its head; shards 0 and 1 not yet.
+        let head = VerifiedHead { size: 2, root: Digest([2; 32]) };
+        let found = Verification { included: vec![(0, leaf(5, 200, 1)), (1, leaf(5, 300, 1))], failed: vec![] };
+        books.record_verification(2, head, &found).expect("verified");
+        assert_eq!((books.verified_head(2).expect("head"), books.verified_head(0).expect("head")), (Some(head), None));
+        assert_eq!(books.pending_count(), 2);
+        // Sealed in every shard, but shard 1's record below its sealed size awaits verification.
+        let seals = [sealed(0, 0), sealed(1, 1), sealed(2, 2)];
+        assert!(!books.record_sealed(5, &seals, vec![]).expect("sealed"), "shard 1 waits");
+        let found = Verification { included: vec![(0, leaf(5, 400, 1))], failed: vec![] };
+        books.record_verification(1, VerifiedHead { size: 1, root: Digest([1; 32]) }, &found).expect("verified");
+        assert!(books.record_sealed(5, &seals, vec![]).expect("sealed"), "every shard verified");
+        let epoch = books.this_month().expect("report").epochs.remove(0);
+        assert_eq!((epoch.node_bytes, epoch.sealed_size, epoch.settled), (900, Some(3), true));
+        assert_eq!(epoch.sealed_shards, BTreeMap::from([(0, 0), (1, 1), (2, 2)]));
     }
 }

@@ -231,11 +231,34 @@ pub struct Redeemed {
     pub reason: Option<String>,
     /// Ledger leaf holding this credit.
     pub leaf_index: Option<u64>,
+    /// The ledger shard (its own Merkle log) `leaf_index` is in: [`shard_of`] the receipt's session. Left out
+    /// for shard 0, so one-shard ledgers answer as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shard: u32,
 }
 
+/// The tracker's answers, in the batch's order, for the receipts it redeemed now. A receipt without an
+/// answer was not looked at (its shard's sequencer could not be reached): the node keeps it and redeems it
+/// again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RedeemResponse {
     pub results: Vec<Redeemed>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Most shards a ledger has: each is a log with a lease, a sequencer and a sealed head per epoch, and a
+/// node keeps a verified head per shard it has records in.
+pub const MAX_SHARDS: u32 = 256;
+
+/// The ledger shard of a credit session, among `shards`: the session id's first four bytes (big-endian)
+/// modulo the count. Session ids are random bytes the tracker picks, so sessions spread evenly, and a
+/// session's receipts always land in the same shard (its chains' state lives there).
+pub fn shard_of(session: &SessionId, shards: u32) -> u32 {
+    let b = session.as_bytes();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) % shards.max(1)
 }
 
 /// One ledger record, the leaf data of the Merkle log (its canonical JSON bytes are hashed).
@@ -261,6 +284,11 @@ pub struct TreeHead {
     pub root: Digest,
     pub epoch: u64,
     pub timestamp_ms: u64,
+    /// The ledger shard whose log this is the head of. Left out for shard 0: heads of one-shard ledgers,
+    /// and those signed before ledgers had shards, read as shard 0 (the signature covers the payload as
+    /// signed, so they verify as they did).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shard: u32,
 }
 
 #[cfg(test)]
@@ -288,6 +316,7 @@ mod tests {
             outcome: Outcome::Duplicate,
             reason: None,
             leaf_index: None,
+            shard: 0,
         };
         let json = serde_json::to_string(&redeemed).expect("json");
         assert_eq!(
@@ -317,5 +346,30 @@ mod tests {
         // Older nodes' batches carry no tickets.
         let batch: RedeemBatch = serde_json::from_str(r#"{"timestamp_ms":1,"receipts":[]}"#).expect("parse");
         assert!(batch.tickets.is_empty());
+        // Shard 0 is left out: heads and answers of one-shard ledgers are what they were.
+        let head = TreeHead { size: 2, root: Digest([3; 32]), epoch: 4, timestamp_ms: 5, shard: 0 };
+        let old = format!(r#"{{"size":2,"root":"{}","epoch":4,"timestamp_ms":5}}"#, "03".repeat(32));
+        assert_eq!(serde_json::to_string(&head).expect("json"), old);
+        assert_eq!(serde_json::from_str::<TreeHead>(&old).expect("parse"), head);
+        let sharded = TreeHead { shard: 2, ..head };
+        assert!(serde_json::to_string(&sharded).expect("json").ends_with(r#","shard":2}"#));
+        let answer = Redeemed { shard: 3, leaf_index: Some(9), ..redeemed };
+        let json = serde_json::to_string(&answer).expect("json");
+        assert!(json.ends_with(r#""leaf_index":9,"shard":3}"#), "{json}");
+    }
+
+    #[test]
+    fn sessions_map_to_stable_shards() {
+        let s = SessionId([0, 0, 1, 2, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]);
+        assert_eq!(shard_of(&s, 1), 0);
+        assert_eq!(shard_of(&s, 0), 0, "no shards count as one");
+        assert_eq!(shard_of(&s, 7), 258 % 7, "the first four bytes, big-endian");
+        // Random sessions spread over the shards.
+        let mut counts = [0u32; 4];
+        for i in 0..4000u32 {
+            let id = *blake3::hash(&i.to_le_bytes()).as_bytes();
+            counts[shard_of(&SessionId(id[..16].try_into().expect("16 bytes")), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
     }
 }

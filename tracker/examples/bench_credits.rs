@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             "batch_size": MAX_BATCH,
             "receipt_bytes": receipt_bytes,
             "wire_overhead_per_1MiB_chunk": format!("{:.4} %", overhead * 100.0),
-            "ledger_size": ledger.size()?,
+            "ledger_size": ledger.size(0)?,
         })
     );
     Ok(())

@@ -3,6 +3,7 @@
 //! reports, dashboard views and operator actions. Every refusal is an [`AppError`], which `http` maps to a
 //! status and an [`ApiError`](fog_proto::api::ApiError) in one place.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -192,6 +193,8 @@ pub struct App {
     registrations_by_source: PerSource,
     ingests_by_source: PerSource,
     redeems_by_source: PerSource,
+    /// Passes receipts on to the replicas sequencing their shards.
+    forwarder: reqwest::Client,
 }
 
 /// What the dashboard's header, charts and side panels show; pushed every sample over the live stream.
@@ -271,6 +274,10 @@ impl App {
             registrations_by_source: PerSource::new(REGISTRATIONS_PER_SOURCE.1, REGISTRATIONS_PER_SOURCE.0),
             ingests_by_source: PerSource::new(INGESTS_PER_SOURCE.1, INGESTS_PER_SOURCE.0),
             redeems_by_source: PerSource::new(REDEEMS_PER_SOURCE.1, REDEEMS_PER_SOURCE.0),
+            forwarder: reqwest::Client::builder()
+                .connect_timeout(crate::ledger::FORWARD_TIMEOUT)
+                .build()
+                .expect("an HTTP client without TLS settings builds"),
         }
     }
 
@@ -588,8 +595,9 @@ impl App {
         reaches(self.dial_back_endpoints.for_addr(&addr).cloned(), node, addr).await
     }
 
-    /// A node's signed batch of receipts, from `peer`.
-    pub fn redeem(&self, signed: &Signed, peer: IpAddr) -> Result<RedeemResponse, AppError> {
+    /// A node's signed batch of receipts, from `peer`. The receipts of shards another replica sequences
+    /// are passed on to it (`ledger::forward`); the answer leaves out receipts redeemed nowhere now.
+    pub async fn redeem(&self, signed: &Signed, peer: IpAddr) -> Result<RedeemResponse, AppError> {
         let (node, batch): (NodeId, RedeemBatch) = self.open_signed(signed, fog_proto::credits::KIND_REDEEM)?;
         // Rejections are kept per node: only registered nodes may write them (and credits go to nodes
         // the tracker schedules). A node the tracker forgot registers again, then redeems.
@@ -601,25 +609,101 @@ impl App {
                 "too many redeems from your network; hold the receipts and try again in a minute",
             ));
         }
+        let done = self.redeem_here(node, &batch, None)?;
+        let mut results = done.results;
+        // Shards another replica sequences: the node's batch goes there, once, naming them.
+        let mut elsewhere: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (shard, e) in done.failed {
+            match e {
+                LedgerError::NotSequencer { holder_url } if !holder_url.is_empty() => {
+                    elsewhere.entry(holder_url).or_default().push(shard)
+                }
+                e => failed.push(e),
+            }
+        }
+        let forwards = elsewhere.into_iter().map(|(url, shards)| {
+            let wrapped = self.ledger.sign_forward(shards, signed);
+            async move { (crate::ledger::forward(&self.forwarder, &url, &wrapped).await, url) }
+        });
+        for (answer, url) in futures::future::join_all(forwards).await {
+            let result = if answer.is_ok() { "ok" } else { "failed" };
+            self.metrics.ledger_forwarded.get_or_create(&ResultLabel { result }).inc();
+            match answer {
+                Ok(answer) => {
+                    // Matched to the batch by chain and index: a holder answers in the batch's order, for
+                    // its shards' receipts only.
+                    for r in answer.results {
+                        let slot = batch.receipts.iter().zip(results.iter_mut()).find(|(sent, slot)| {
+                            slot.is_none() && sent.index == r.index && sent.chain_id() == r.chain_id
+                        });
+                        if let Some((_, slot)) = slot {
+                            *slot = Some(r);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pass receipts on to the replica sequencing their shard");
+                    failed.push(LedgerError::NotSequencer { holder_url: url });
+                }
+            }
+        }
+        if results.iter().all(Option::is_none) {
+            if let Some(e) = failed.into_iter().next() {
+                return Err(e.into());
+            }
+        }
+        Ok(RedeemResponse { results: results.into_iter().flatten().collect() })
+    }
+
+    /// A forward from another replica of the cell (`POST /v1/ledger/forward`): the node's batch, redeemed
+    /// in the shards it names only, and passed on nowhere.
+    pub fn redeem_forwarded(&self, signed: &Signed) -> Result<RedeemResponse, AppError> {
+        let Some(forward) = self.ledger.open_forward(signed) else {
+            return Err(AppError::BadRequest("not a forward signed by a replica of this cell".into()));
+        };
+        let (node, batch): (NodeId, RedeemBatch) = self.open_signed(&forward.batch, fog_proto::credits::KIND_REDEEM)?;
+        let mut done = self.redeem_here(node, &batch, Some(&forward.shards))?;
+        if done.results.iter().all(Option::is_none) && !done.failed.is_empty() {
+            return Err(done.failed.swap_remove(0).1.into());
+        }
+        Ok(RedeemResponse { results: done.answered() })
+    }
+
+    /// Redeems the batch's receipts of `only` these shards (all: `None`) that this replica sequences, and
+    /// counts what it credited and rejected.
+    fn redeem_here(
+        &self,
+        node: NodeId,
+        batch: &RedeemBatch,
+        only: Option<&[u32]>,
+    ) -> Result<crate::ledger::Redemption, AppError> {
         // Bounds first (receipts, and the tickets they were made under), before any verification.
         fog_proto::credits::check_batch(&batch.receipts, &batch.tickets)
             .map_err(|e| AppError::BadRequest(format!("redemption batch refused: {e}")))?;
         // Signature checks, chain walks and a synced write: off the async workers.
-        let results = tokio::task::block_in_place(|| self.ledger.redeem(node, &batch.receipts, &batch.tickets))
-            .inspect_err(|e| match e {
-                // Routine in a cell: the node tries the replica that sequences the ledger.
-                LedgerError::NotSequencer { .. } => tracing::debug!(error = %e, "redemption left to the sequencer"),
-                e => tracing::error!(error = %e, "ledger failure"),
-            })?;
-        let credited: u64 = results.iter().map(|r| r.credited_bytes).sum();
-        let rejected = results.iter().filter(|r| r.outcome == fog_proto::credits::Outcome::Rejected).count();
+        let done =
+            tokio::task::block_in_place(|| self.ledger.redeem_shards(node, &batch.receipts, &batch.tickets, only))
+                .inspect_err(|e| tracing::error!(error = %e, "ledger failure"))?;
+        for (shard, e) in &done.failed {
+            match e {
+                // Routine in a cell: the shard's sequencer is another replica.
+                LedgerError::NotSequencer { .. } => {
+                    tracing::debug!(shard, error = %e, "receipts left to the sequencer")
+                }
+                e => tracing::error!(shard, error = %e, "ledger failure"),
+            }
+        }
+        let answered = done.results.iter().flatten();
+        let credited: u64 = answered.clone().map(|r| r.credited_bytes).sum();
+        let rejected = answered.filter(|r| r.outcome == fog_proto::credits::Outcome::Rejected).count();
         self.metrics.credited_bytes.inc_by(credited);
         self.metrics.rejected_receipts.inc_by(rejected as u64);
         if rejected > 0 {
             let short = &node.to_hex()[..16];
             self.dashboard.event("receipts_rejected", format!("node {short}: {rejected} receipt(s) rejected"));
         }
-        Ok(RedeemResponse { results })
+        Ok(done)
     }
 
     /// A client's report, from `peer`: counted for dashboards and metrics, and its RTTs place its network

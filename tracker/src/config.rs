@@ -116,6 +116,12 @@ pub struct TrackerArgs {
     /// all addresses (0.0.0.0, [::]), the host's primary address]
     #[arg(long, env = "FOG_TRACKER_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Shards of the ledger in PostgreSQL (with --postgres): credit sessions are divided among this many
+    /// Merkle logs, each appended by its own sequencer, and the replicas of the cell divide the sequencers.
+    /// Recorded in the database the first time; a replica given another count refuses to start (it would
+    /// move sessions between logs) [default: 1].
+    #[arg(long, env = "FOG_TRACKER_LEDGER_SHARDS")]
+    pub ledger_shards: Option<u32>,
     #[command(subcommand)]
     #[serde(skip)]
     pub command: Option<TrackerCommand>,
@@ -178,6 +184,8 @@ pub struct TrackerConfig {
     pub postgres: Option<String>,
     /// `--advertise-url`, checked and without a trailing `/`; `None`: derived ([`TrackerConfig::advertised_url`]).
     pub advertise_url: Option<String>,
+    /// Shards of the ledger in PostgreSQL; 1 for the embedded one.
+    pub ledger_shards: u32,
 }
 
 /// Longest `--advertise-url`.
@@ -287,6 +295,16 @@ impl TrackerArgs {
                     .into(),
             ));
         }
+        let ledger_shards = self.ledger_shards.or(file.ledger_shards).unwrap_or(1);
+        let max_shards = crate::ledger::MAX_SHARDS;
+        if !(1..=max_shards).contains(&ledger_shards) {
+            return Err(ConfigError::Invalid(format!("--ledger-shards {ledger_shards}: 1 to {max_shards}")));
+        }
+        if ledger_shards > 1 && postgres.is_none() {
+            return Err(ConfigError::Invalid(
+                "--ledger-shards needs --postgres: the embedded ledger is one log, appended by this tracker".into(),
+            ));
+        }
         let cell = self.cell.or(file.cell).unwrap_or_else(|| "default".into());
         // The cell is a token of NATS subjects: no dots, wildcards or spaces.
         if cell.is_empty()
@@ -326,6 +344,7 @@ impl TrackerArgs {
             cell,
             postgres,
             advertise_url: self.advertise_url.or(file.advertise_url).map(|u| check_advertise_url(&u)).transpose()?,
+            ledger_shards,
         })
     }
 }
@@ -394,6 +413,20 @@ mod tests {
         let conn = "host=pg1,pg2 port=5432,5433 user=fog dbname=fog";
         let replica = TrackerArgs::parse_from(["t", "--origin", "http://a", "--postgres", conn]).resolve();
         assert_eq!(replica.expect("replica").postgres.as_deref(), Some(conn));
+        assert_eq!(single.ledger_shards, 1);
+        let sharded = |n: &str, pg: bool| {
+            let mut args = vec!["t", "--origin", "http://a", "--ledger-shards", n];
+            if pg {
+                args.extend(["--postgres", conn]);
+            }
+            TrackerArgs::parse_from(args).resolve()
+        };
+        assert_eq!(sharded("4", true).expect("sharded").ledger_shards, 4);
+        assert!(matches!(sharded("4", false), Err(ConfigError::Invalid(e)) if e.contains("needs --postgres")));
+        assert_eq!(sharded("1", false).expect("one shard alone").ledger_shards, 1);
+        for bad in ["0", "100000"] {
+            assert!(matches!(sharded(bad, true), Err(ConfigError::Invalid(_))), "{bad}");
+        }
         let export = TrackerArgs::parse_from(["t", "export", "--postgres", conn, "--data-dir", "/var/lib/fog"]);
         let Some(TrackerCommand::Export(export)) = export.command else { panic!("export parsed") };
         assert_eq!((export.postgres.as_str(), export.data_dir()), (conn, PathBuf::from("/var/lib/fog")));

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use fog_net::http_server::{self, json, reply, Reply};
 use fog_net::origin::OriginError;
 use fog_proto::api::{ApiError, ClientReport, ErrorCode, Families, Signed};
-use fog_proto::credits::MAX_REDEEM_BODY;
+use fog_proto::credits::{redeem_body_bound, MAX_REDEEM_BODY};
 use fog_proto::manifest::MAX_MANIFEST_JSON;
 use fog_proto::{ContentId, NodeId};
 use hyper::body::Incoming;
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use crate::app::{App, AppError, Reach};
 use crate::dashboard::SAMPLE_EVERY;
 use crate::ingest::IngestError;
-use crate::ledger::{LedgerError, MAX_RECORDS};
+use crate::ledger::{LedgerError, FORWARD_PATH, MAX_RECORDS};
 use crate::metrics::ResultLabel;
 use crate::registry::SortBy;
 
@@ -126,22 +126,29 @@ async fn route(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr, browser:
         (&Method::GET, "/v1/origins") => ok(&app.cfg.origins),
         // A batch of receipts with their tickets: larger than other signed messages.
         (&Method::POST, "/v1/credits/redeem") => match json_body::<Signed>(req, MAX_REDEEM_BODY).await {
-            Ok(signed) => app.redeem(&signed, peer.ip()).and_then(|r| ok(&r)),
+            Ok(signed) => app.redeem(&signed, peer.ip()).await.and_then(|r| ok(&r)),
             Err(e) => Err(e),
         },
+        // Another replica passing on receipts of shards this one sequences: the batch, wrapped.
+        (&Method::POST, FORWARD_PATH) => {
+            match json_body::<Signed>(req, redeem_body_bound(MAX_REDEEM_BODY) + 4096).await {
+                Ok(signed) => app.redeem_forwarded(&signed).and_then(|r| ok(&r)),
+                Err(e) => Err(e),
+            }
+        }
         (&Method::GET, "/v1/credits") => app.ledger.all_credits().map_err(ledger_failure).and_then(|c| ok(&c)),
         (&Method::GET, "/v1/ledger/head") => ledger_head(&app, &query),
         (&Method::GET, "/v1/ledger/leaf") => required(&query, &["index"]).and_then(|[i]| {
-            let leaf = app.ledger.leaf(i).map_err(ledger_failure)?;
+            let leaf = app.ledger.leaf(shard(&app, &query)?, i).map_err(ledger_failure)?;
             ok(&leaf.ok_or(AppError::NotFound { what: "no such leaf".into(), retryable: false })?)
         }),
         (&Method::GET, "/v1/ledger/inclusion") => required(&query, &["index", "size"]).and_then(|[i, n]| {
-            let proof = app.ledger.inclusion(i, n).map_err(ledger_failure)?;
+            let proof = app.ledger.inclusion(shard(&app, &query)?, i, n).map_err(ledger_failure)?;
             ok(&serde_json::json!({ "proof": proof }))
         }),
         (&Method::GET, "/v1/ledger/records") => ledger_records(&app, &query),
         (&Method::GET, "/v1/ledger/consistency") => required(&query, &["first", "second"]).and_then(|[a, b]| {
-            let proof = app.ledger.consistency(a, b).map_err(ledger_failure)?;
+            let proof = app.ledger.consistency(shard(&app, &query)?, a, b).map_err(ledger_failure)?;
             ok(&serde_json::json!({ "proof": proof }))
         }),
         (&Method::GET, p) if p.starts_with("/v1/nodes/") && p.ends_with("/credits") => {
@@ -324,19 +331,35 @@ async fn resolve(app: &App, query: &str, peer: IpAddr, browser: bool) -> Result<
     ok(&app.resolve(&url, stale, client_key, from, peer, Reach { families, browser }).await?)
 }
 
-/// `GET /v1/ledger/head[?epoch=E]`: the signed head now, or the one that sealed epoch E.
+/// `?shard=S` of the `/v1/ledger/*` endpoints: the ledger shard asked about (0 when not given, so nodes
+/// from before shards read the only log there was).
+fn shard(app: &App, query: &str) -> Result<u32, AppError> {
+    let Some((_, v)) = query_pairs(query).find(|(k, _)| k == "shard") else { return Ok(0) };
+    match v.parse::<u32>() {
+        Ok(s) if s < app.ledger.shard_count() => Ok(s),
+        _ => Err(AppError::NotFound {
+            what: format!("no ledger shard {v:?}: this ledger has {}", app.ledger.shard_count()),
+            retryable: false,
+        }),
+    }
+}
+
+/// `GET /v1/ledger/head[?epoch=E][&shard=S]`: the shard's signed head now, or the one that sealed epoch E.
 fn ledger_head(app: &App, query: &str) -> Result<Reply, AppError> {
+    let shard = shard(app, query)?;
     match query_u64(query, "epoch") {
-        None => ok(&app.ledger.head().map_err(ledger_failure)?),
-        Some(e) => match app.ledger.epoch_head(e).map_err(ledger_failure)? {
+        None => ok(&app.ledger.head(shard).map_err(ledger_failure)?),
+        Some(e) => match app.ledger.epoch_head(shard, e).map_err(ledger_failure)? {
             Some(h) => ok(&h),
             None => Err(AppError::NotFound { what: format!("epoch {e} is not sealed yet"), retryable: true }),
         },
     }
 }
 
-/// `GET /v1/ledger/records?size=N&index=I,J,…`: leaves with their inclusion proofs in the tree of size N.
+/// `GET /v1/ledger/records?size=N&index=I,J,…[&shard=S]`: a shard's leaves with their inclusion proofs in
+/// its tree of size N.
 fn ledger_records(app: &App, query: &str) -> Result<Reply, AppError> {
+    let shard = shard(app, query)?;
     let size = query_u64(query, "size").ok_or_else(|| AppError::BadRequest("missing query parameter size".into()))?;
     let list = query_pairs(query).find(|(k, _)| k == "index").map(|(_, v)| v).unwrap_or_default();
     let indices = list
@@ -347,7 +370,7 @@ fn ledger_records(app: &App, query: &str) -> Result<Reply, AppError> {
     if indices.len() > MAX_RECORDS {
         return Err(AppError::BadRequest(format!("at most {MAX_RECORDS} indices")));
     }
-    let records = app.ledger.records(&indices, size).map_err(ledger_failure)?;
+    let records = app.ledger.records(shard, &indices, size).map_err(ledger_failure)?;
     ok(&serde_json::json!({ "records": records }))
 }
 

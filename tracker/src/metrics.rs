@@ -86,6 +86,8 @@ pub struct Metrics {
     pub node_failure_reports: Family<ResultLabel, Counter>,
     pub credited_bytes: Counter,
     pub rejected_receipts: Counter,
+    /// Redemption batches passed on to the replica sequencing their shards, by result (`ok`, `failed`).
+    pub ledger_forwarded: Family<ResultLabel, Counter>,
     pub probes: Family<ResultLabel, Counter>,
     /// Requests browsers made from other sites, by result (`allowed`, `preflight`, `refused`).
     pub web_requests: Family<ResultLabel, Counter>,
@@ -146,7 +148,7 @@ impl Default for Metrics {
         let (node_requests, corrupt_chunks) = (Counter::default(), Counter::default());
         let (client_bytes, node_failure_reports) = (Family::default(), Family::default());
         let (credited_bytes, rejected_receipts) = (Counter::default(), Counter::default());
-        let probes = Family::default();
+        let (probes, ledger_forwarded) = (Family::default(), Family::default());
         let (nodes_by_client_path, nodes_by_reachability) = (Family::default(), Family::default());
         let mut registry = Registry::default();
         registry.register("fog_tracker_probes", "Active probes of nodes by result", probes.clone());
@@ -159,6 +161,11 @@ impl Default for Metrics {
             "fog_tracker_rejected_receipts",
             "Receipts rejected at redemption",
             rejected_receipts.clone(),
+        );
+        registry.register(
+            "fog_tracker_ledger_forwarded",
+            "Redemption batches passed on to the replica sequencing their ledger shards, by result",
+            ledger_forwarded.clone(),
         );
         registry.register("fog_tracker_resolves", "Resolve requests by result", resolves.clone());
         registry.register("fog_tracker_ingest_errors", "Origin ingests that failed", ingest_errors.clone());
@@ -277,6 +284,7 @@ impl Default for Metrics {
             node_failure_reports,
             credited_bytes,
             rejected_receipts,
+            ledger_forwarded,
             probes,
             web_requests,
             web_probes,
@@ -298,32 +306,68 @@ impl Metrics {
     }
 }
 
-/// `fog_tracker_ledger_*`: the sequencer's lease of a ledger in PostgreSQL, as this replica sees it.
+/// The ledger shard a metric is about.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: u32,
+}
+
+/// `fog_tracker_ledger_*`: the sequencers' leases of a ledger in PostgreSQL, per shard, as this replica sees
+/// them, and the size of each shard's log as this replica appended it.
 #[derive(Debug, Clone, Default)]
 pub struct LedgerMetrics {
-    pub sequencer: LeaseGauge,
+    sequencer: Family<ShardLabel, LeaseGauge>,
     /// Leases this replica took over from another holder (expired, or given up by it).
-    pub takeovers: Counter,
+    takeovers: Family<ShardLabel, Counter>,
     /// Appends and seals refused because another replica had taken the lease over.
-    pub fenced: Counter,
+    fenced: Family<ShardLabel, Counter>,
+    size: Family<ShardLabel, Gauge>,
 }
 
 impl LedgerMetrics {
+    pub fn sequencer(&self, shard: u32) -> LeaseGauge {
+        self.sequencer.get_or_create(&ShardLabel { shard }).clone()
+    }
+
+    pub fn takeovers(&self, shard: u32) -> Counter {
+        self.takeovers.get_or_create(&ShardLabel { shard }).clone()
+    }
+
+    pub fn fenced(&self, shard: u32) -> Counter {
+        self.fenced.get_or_create(&ShardLabel { shard }).clone()
+    }
+
+    pub fn size(&self, shard: u32) -> Gauge {
+        self.size.get_or_create(&ShardLabel { shard }).clone()
+    }
+
+    /// Makes every shard's series exist from the start (a shard this replica never sequences shows 0).
+    pub fn shards(&self, shards: u32) {
+        for shard in 0..shards {
+            let _ = (self.sequencer(shard), self.takeovers(shard), self.fenced(shard));
+        }
+    }
+
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "fog_tracker_ledger_sequencer",
-            "1 while this replica holds the ledger's lease (it sequences the appends)",
+            "1 while this replica holds the lease of the ledger shard (it sequences the shard's appends)",
             self.sequencer.clone(),
         );
         registry.register(
             "fog_tracker_ledger_takeovers",
-            "Ledger leases this replica took over from another replica",
+            "Ledger shard leases this replica took over from another replica",
             self.takeovers.clone(),
         );
         registry.register(
             "fog_tracker_ledger_fenced",
-            "Ledger appends and seals refused because this replica had lost the lease",
+            "Ledger appends and seals refused because this replica had lost the shard's lease",
             self.fenced.clone(),
+        );
+        registry.register(
+            "fog_tracker_ledger_size",
+            "Records in the ledger shard's log, as this replica last appended or sealed it",
+            self.size.clone(),
         );
     }
 }

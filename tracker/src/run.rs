@@ -3,7 +3,8 @@
 //!
 //! - the sampler: a dashboard sample every [`SAMPLE_EVERY`], forgetting the load of nodes that left;
 //! - the snapshot refresher: rebuilds the scheduling snapshot every half [`SNAPSHOT_TTL`], off the workers;
-//! - the sealer: signs the ledger head that closes each epoch, once the epoch has ended;
+//! - the sealer: keeps the leases of the ledger shards this replica sequences, and signs each one's head
+//!   that closes an epoch, once the epoch has ended;
 //! - the prober (with `--probe-every`): fetches a chunk from each node as a client would, and at once from
 //!   nodes reported to serve wrong bytes;
 //! - the live follower: polls the live playlists players report and pushes their new segments (`live`);

@@ -1,13 +1,18 @@
 //! Failovers of a cell's durable state (issue #15), all real processes on 127.0.0.1: three nats-servers,
 //! PostgreSQL under pg_auto_failover (monitor, primary, synchronous standby), three `fog-tracker` replicas
 //! sharing the tracker key, real nodes given every replica, and real clients fetching through them, so the
-//! redemptions are the nodes' own. While the clients fetch, the replica holding the ledger's sequencer
-//! lease is SIGKILLed (and restarted) three times and the PostgreSQL primary once. Then:
+//! redemptions are the nodes' own. The ledger is split into shards (`--ledger-shards`), which the replicas
+//! divide: a node's batch spans shards, and the replica it reaches passes the other shards' receipts on to
+//! their sequencers. While the clients fetch, a replica holding some shard's sequencer lease is SIGKILLed
+//! (and restarted) three times and the PostgreSQL primary once. Then:
 //!
-//! - every node's credit in the ledger is, to the byte, the sum of its leaves, what the tracker answered
-//!   it (its own books), and what it verified; the cell's total is what the clients verified;
-//! - the leaves are exactly 0..size (their root is the signed head's), and every head fetched before,
-//!   during and after the failovers is consistent with every later one (`fog_proto::merkle`);
+//! - every node's credit in the ledger, summed over the shards, is to the byte the sum of its leaves, what
+//!   the tracker answered it (its own books), and what it verified; the cell's total is what the clients
+//!   verified;
+//! - in every shard the leaves are exactly 0..size (their root is the shard's signed head's), and every
+//!   head of the shard fetched before, during and after the failovers is consistent with every later one
+//!   (`fog_proto::merkle`);
+//! - replicas passed receipts on to the sequencers of shards they did not hold, and those were answered;
 //! - every record a node was told "credited" is in the log (the node verified each one);
 //! - objects first resolved while the database failed over are served, after every replica restarted with
 //!   an empty cache, with the same manifests, from PostgreSQL (the origin is not read again).
@@ -39,6 +44,10 @@ const OBJECT_LEN: usize = 384 << 10;
 /// Objects first resolved while PostgreSQL fails over (two at each replica).
 const DURING: usize = 6;
 const SEQUENCER_KILLS: usize = 3;
+/// Ledger shards: as many as replicas, so that batches span sequencers.
+const SHARDS: u32 = 3;
+/// The counter of forwards the holders answered.
+const FORWARDED_OK: &str = "fog_tracker_ledger_forwarded_total{result=\"ok\"}";
 /// Long enough for anything this test waits for (a lease to expire and be taken, a failover, a redemption
 /// round); never a bound on how fast things must be.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -106,13 +115,14 @@ impl Replicas {
     }
 }
 
-/// A head fetched from the cell and checked: signed by the cell's key.
-async fn head(urls: &[String], key: NodeId) -> (u64, Hash) {
+/// A shard's head fetched from the cell and checked: signed by the cell's key, for that shard.
+async fn head(urls: &[String], key: NodeId, shard: u32) -> (u64, Hash) {
     poll("a signed head", async || {
         for u in urls {
-            if let Ok(signed) = get_json::<Signed>(&format!("{u}/v1/ledger/head")).await {
+            if let Ok(signed) = get_json::<Signed>(&format!("{u}/v1/ledger/head?shard={shard}")).await {
                 assert_eq!(signed.node_id, key, "a head signed by another key");
                 let h: TreeHead = signed.open(KIND_TREE_HEAD).expect("the head's signature verifies");
+                assert_eq!(h.shard, shard, "asked for a head of shard {shard}");
                 return Some((h.size, h.root.0));
             }
         }
@@ -121,11 +131,48 @@ async fn head(urls: &[String], key: NodeId) -> (u64, Hash) {
     .await
 }
 
-/// The lease as the database has it: (holder's URL, token, log size).
-fn lease(pg: &PgFailover) -> Option<(String, u64, u64)> {
-    let row = pg.psql("SELECT coalesce(holder_url, ''), token, size FROM ledger_shards WHERE shard = 0").ok()?;
-    let mut f = row.split('|');
-    Some((f.next()?.to_string(), f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+/// Every shard's head, in shard order.
+async fn heads_now(urls: &[String], key: NodeId) -> Vec<(u64, Hash)> {
+    let mut out = Vec::new();
+    for shard in 0..SHARDS {
+        out.push(head(urls, key, shard).await);
+    }
+    out
+}
+
+/// A shard's lease as the database has it.
+#[derive(Debug, Clone)]
+struct Lease {
+    holder_url: String,
+    token: u64,
+    size: u64,
+    /// Not run out (a killed holder's lease names it until another replica takes it).
+    live: bool,
+}
+
+/// Every shard's lease, in shard order (`None` while the database cannot be read).
+fn leases(pg: &PgFailover) -> Option<Vec<Lease>> {
+    let sql = "SELECT coalesce(holder_url, ''), token, size, coalesce(lease_until > clock_timestamp(), false)
+               FROM ledger_shards ORDER BY shard";
+    let rows = pg.psql(sql).ok()?;
+    let leases: Option<Vec<Lease>> = rows
+        .lines()
+        .map(|row| {
+            let mut f = row.split('|');
+            Some(Lease {
+                holder_url: f.next()?.to_string(),
+                token: f.next()?.parse().ok()?,
+                size: f.next()?.parse().ok()?,
+                live: f.next()? == "t",
+            })
+        })
+        .collect();
+    leases.filter(|l| l.len() == SHARDS as usize)
+}
+
+/// Records in all shards.
+fn total_size(leases: &[Lease]) -> u64 {
+    leases.iter().map(|l| l.size).sum()
 }
 
 #[derive(Default)]
@@ -199,7 +246,7 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
         std::fs::copy(dir.path().join("tracker0/tracker.key"), to).expect("share the key");
     }
     let listen: Vec<String> = (0..REPLICAS).map(|_| format!("127.0.0.1:{}", fog_testkit::free_port())).collect();
-    let (conn, nats_urls) = (pg.conn_str(), nats.urls().join(","));
+    let (conn, nats_urls, shards) = (pg.conn_str(), nats.urls().join(","), SHARDS.to_string());
     let extra = [
         "--nats",
         &nats_urls,
@@ -216,6 +263,8 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
         // Every fetch paid for: the clients resolve more often than a viewer's default allowance.
         "--tickets-per-minute",
         "100000",
+        "--ledger-shards",
+        &shards,
     ];
     let mut replicas = Replicas {
         dir: dir.path().to_path_buf(),
@@ -278,26 +327,47 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
             c * 3,
         ));
     }
-    let mut heads = vec![head(&urls, key).await];
-    // The first redemptions: some replica holds the lease, and the log grows.
-    poll("a first credit in the ledger", async || lease(&pg).filter(|l| !l.0.is_empty() && l.2 > 0)).await;
+    // Each shard's heads, in the order fetched.
+    let mut heads: Vec<Vec<(u64, Hash)>> = heads_now(&urls, key).await.into_iter().map(|h| vec![h]).collect();
+    let push_heads = |heads: &mut Vec<Vec<(u64, Hash)>>, now: Vec<(u64, Hash)>| {
+        for (shard, h) in now.into_iter().enumerate() {
+            heads[shard].push(h);
+        }
+    };
+    // The first redemptions: every shard has a sequencer, and every shard's log grows.
+    poll("a first credit in every shard", async || leases(&pg).filter(|l| l.iter().all(|l| l.live && l.size > 0)))
+        .await;
 
+    // Forwards the holders answered, counted at replicas before they were killed.
+    let mut forwarded = 0.0;
     let mut failovers = Vec::new();
     let mut during: BTreeMap<String, (usize, Resolve)> = BTreeMap::new();
     for round in 0..SEQUENCER_KILLS {
-        // The sequencer: the replica the lease names.
-        let (holder, token, size) = poll("the lease", async || lease(&pg)).await;
-        let i = urls.iter().position(|u| *u == holder).unwrap_or_else(|| panic!("the lease names {holder:?}"));
+        // A sequencer: the replica holding shard `round`'s lease (any shard's, if that one is between holders).
+        let (i, held) = poll("a replica holding a lease", async || {
+            let l = leases(&pg)?;
+            let i = (0..SHARDS as usize)
+                .map(|k| &l[(round + k) % SHARDS as usize])
+                .filter(|l| l.live)
+                .find_map(|l| urls.iter().position(|u| *u == l.holder_url))?;
+            let held: Vec<(usize, Lease)> =
+                l.into_iter().enumerate().filter(|(_, l)| l.holder_url == urls[i]).collect();
+            Some((i, held))
+        })
+        .await;
+        forwarded += metric(&urls[i], FORWARDED_OK).await;
         replicas.kill(i);
-        eprintln!("round {round}: killed the sequencer, replica {i} (token {token}, log size {size})");
+        eprintln!("round {round}: killed replica {i}, the sequencer of (shard, lease) {held:?}");
         tokio::time::sleep(Duration::from_secs(1)).await;
         replicas.start(i).await;
-        // Another replica (or the restarted one) takes the lease once it expires, and appends.
-        let taken =
-            poll("the lease taken over and the log growing", async || lease(&pg).filter(|l| l.1 > token && l.2 > size))
-                .await;
-        eprintln!("round {round}: replica {:?} sequences now (token {})", taken.0, taken.1);
-        heads.push(head(&urls, key).await);
+        // Other replicas (or the restarted one) take its shards once their leases expire, and append.
+        let taken = poll("the killed sequencer's shards taken over and growing", async || {
+            let l = leases(&pg)?;
+            held.iter().all(|(s, old)| l[*s].live && l[*s].token > old.token && l[*s].size > old.size).then_some(l)
+        })
+        .await;
+        eprintln!("round {round}: the shards' leases now {taken:?}");
+        push_heads(&mut heads, heads_now(&urls, key).await);
         replicas.ready(i).await;
 
         if round == 0 {
@@ -319,11 +389,11 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
             eprintln!("PostgreSQL: pg-{} killed, the standby promoted and writable after {took:?}", ["a", "b"][killed]);
             failovers.push(took);
             let promoted = Instant::now();
-            let size = poll("the lease on the new primary", async || lease(&pg)).await.2;
+            let size = total_size(&poll("the leases on the new primary", async || leases(&pg)).await);
             // Credits flow again on the new primary, and the held manifests reach it.
-            poll("a credit on the new primary", async || lease(&pg).filter(|l| l.2 > size)).await;
+            poll("a credit on the new primary", async || leases(&pg).filter(|l| total_size(l) > size)).await;
             eprintln!("the log grew again {:?} after the promotion", promoted.elapsed());
-            heads.push(head(&urls, key).await);
+            push_heads(&mut heads, heads_now(&urls, key).await);
             for u in &urls {
                 poll("the manifests held during the failover stored", async || {
                     (metric(u, "fog_tracker_store_pending_writes").await == 0.0).then_some(())
@@ -360,49 +430,60 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
         .await;
         books.push(s);
     }
-    let last = head(&urls, key).await;
-    heads.push(last);
+    push_heads(&mut heads, heads_now(&urls, key).await);
 
-    // The log: leaves exactly 0..size, whose root is the signed head's.
-    let (size, root) = last;
-    let mut log = MemoryLog::default();
+    // Per shard, the log: leaves exactly 0..size, whose root is the shard's signed head's; and every head of
+    // the shard consistent with every later one.
     let mut per_node: BTreeMap<NodeId, u64> = BTreeMap::new();
-    for index in 0..size {
-        let leaf: LedgerLeaf = get_json(&format!("{}/v1/ledger/leaf?index={index}", urls[index as usize % REPLICAS]))
-            .await
-            .unwrap_or_else(|e| panic!("leaf {index} of {size}: {e}"));
-        log.push(&leaf.bytes());
-        *per_node.entry(leaf.node).or_default() += leaf.credited_bytes;
-    }
-    let past = reqwest::get(format!("{}/v1/ledger/leaf?index={size}", urls[0])).await.expect("leaf past the end");
-    assert_eq!(past.status().as_u16(), 404, "a leaf past the head's size");
-    assert_eq!(merkle::root(&log, size), root, "the leaves 0..{size} are not the log the head signs");
-
-    // Every head is consistent with every later one.
-    for (a, (first, first_root)) in heads.iter().enumerate() {
-        for (second, second_root) in &heads[a + 1..] {
-            if *first == 0 || first == second {
-                assert!(*first != *second || first_root == second_root, "two roots for size {first}");
-                continue;
-            }
-            let url = format!("{}/v1/ledger/consistency?first={first}&second={second}", urls[0]);
-            let proof: Value = get_json(&url).await.expect("consistency proof");
-            let proof: Vec<Hash> = serde_json::from_value::<Vec<fog_proto::credits::Digest>>(proof["proof"].clone())
-                .expect("proof")
-                .into_iter()
-                .map(|d| d.0)
-                .collect();
-            assert!(
-                merkle::verify_consistency(*first, *second, &proof, first_root, second_root),
-                "the head of size {first} is not consistent with the head of size {second}"
-            );
+    for (shard, heads) in heads.iter().enumerate() {
+        let (size, root) = *heads.last().expect("heads");
+        let mut log = MemoryLog::default();
+        for index in 0..size {
+            let at = &urls[index as usize % REPLICAS];
+            let leaf: LedgerLeaf = get_json(&format!("{at}/v1/ledger/leaf?index={index}&shard={shard}"))
+                .await
+                .unwrap_or_else(|e| panic!("leaf {index} of {size} in shard {shard}: {e}"));
+            log.push(&leaf.bytes());
+            *per_node.entry(leaf.node).or_default() += leaf.credited_bytes;
         }
+        let past = reqwest::get(format!("{}/v1/ledger/leaf?index={size}&shard={shard}", urls[0]));
+        let past = past.await.expect("leaf past the end");
+        assert_eq!(past.status().as_u16(), 404, "a leaf past the head's size in shard {shard}");
+        assert_eq!(
+            merkle::root(&log, size),
+            root,
+            "shard {shard}: the leaves 0..{size} are not the log its head signs"
+        );
+
+        for (a, (first, first_root)) in heads.iter().enumerate() {
+            for (second, second_root) in &heads[a + 1..] {
+                if *first == 0 || first == second {
+                    assert!(
+                        *first != *second || first_root == second_root,
+                        "shard {shard}: two roots for size {first}"
+                    );
+                    continue;
+                }
+                let url = format!("{}/v1/ledger/consistency?first={first}&second={second}&shard={shard}", urls[0]);
+                let proof: Value = get_json(&url).await.expect("consistency proof");
+                let proof: Vec<Hash> =
+                    serde_json::from_value::<Vec<fog_proto::credits::Digest>>(proof["proof"].clone())
+                        .expect("proof")
+                        .into_iter()
+                        .map(|d| d.0)
+                        .collect();
+                assert!(
+                    merkle::verify_consistency(*first, *second, &proof, first_root, second_root),
+                    "shard {shard}: the head of size {first} is not consistent with the head of size {second}"
+                );
+            }
+        }
+        eprintln!(
+            "shard {shard}: log of {size} leaves; {} heads checked pairwise: {:?}",
+            heads.len(),
+            heads.iter().map(|h| h.0).collect::<Vec<_>>()
+        );
     }
-    eprintln!(
-        "log of {size} leaves; {} heads checked pairwise: {:?}",
-        heads.len(),
-        heads.iter().map(|h| h.0).collect::<Vec<_>>()
-    );
 
     // Each node's credit: its leaves, the tracker's statement, its own books, to the byte.
     let mut total = 0;
@@ -447,6 +528,13 @@ async fn credits_and_manifests_survive_sequencer_and_database_failovers() {
     } else {
         assert!(total >= fog_bytes, "the ledger credits less than the bytes clients verified");
     }
+
+    // Batches crossed replicas: some reached one not sequencing all their shards, which passed the rest on.
+    for u in &urls {
+        forwarded += metric(u, FORWARDED_OK).await;
+    }
+    eprintln!("{forwarded} redemption batches passed on between replicas and answered");
+    assert!(forwarded > 0.0, "no replica passed receipts on to another shard's sequencer");
 
     // Every replica restarted (empty caches): the manifests ingested during the database failover are
     // served from PostgreSQL as they were, and the origin is not read again.

@@ -227,7 +227,7 @@ async fn a_changed_object_reaches_every_replica_and_the_lease_moves_to_the_survi
     assert_eq!(origin.full_gets_for("/changing.bin"), 2, "nobody read the origin for it again");
 
     // The ledger's lease: one replica sequences, naming its advertised URL.
-    const SEQUENCER: &str = "fog_tracker_ledger_sequencer";
+    const SEQUENCER: &str = "fog_tracker_ledger_sequencer{shard=\"0\"}";
     let started = Instant::now();
     let holder = loop {
         let held = [value(&replicas[0], SEQUENCER).await, value(&replicas[1], SEQUENCER).await];
@@ -243,7 +243,7 @@ async fn a_changed_object_reaches_every_replica_and_the_lease_moves_to_the_survi
     replicas[holder].kill();
     let survivor = &replicas[1 - holder];
     eventually("the survivor sequences", || async move { value(survivor, SEQUENCER).await == 1.0 }).await;
-    assert_eq!(metric(survivor, "fog_tracker_ledger_takeovers_total").await, 1.0);
-    assert_eq!(metric(survivor, "fog_tracker_ledger_fenced_total").await, 0.0);
+    assert_eq!(metric(survivor, "fog_tracker_ledger_takeovers_total{shard=\"0\"}").await, 1.0);
+    assert_eq!(metric(survivor, "fog_tracker_ledger_fenced_total{shard=\"0\"}").await, 0.0);
     assert_eq!(holder_url(), advertised[1 - holder]);
 }

@@ -7,7 +7,7 @@ use fog_tracker::app::App;
 use fog_tracker::clock::Clock;
 use fog_tracker::config::{ExportArgs, TrackerArgs, TrackerCommand};
 use fog_tracker::db::Db;
-use fog_tracker::ledger::{export_to_postgres, Ledger, PgStore, LEASE};
+use fog_tracker::ledger::{export_to_postgres, Ledger, LedgerStore, PgStore, LEASE};
 use fog_tracker::run::run;
 use fog_tracker::store::{StoreError, Stores};
 
@@ -51,9 +51,11 @@ fn main() -> anyhow::Result<()> {
         let (ledger, lease_metrics) = match &cfg.postgres {
             None => (Ledger::new(db.clone(), key, cfg.epoch, cfg.tickets_per_minute, Clock::System), None),
             Some(conn) => {
-                let store = PgStore::connect(conn, &advertised, LEASE)?;
-                let metrics = store.metrics();
-                (Ledger::with_store(Arc::new(store), key, cfg.epoch, cfg.tickets_per_minute, Clock::System), Some(metrics))
+                let shards = PgStore::connect_shards(conn, &advertised, LEASE, cfg.ledger_shards)?;
+                let metrics = shards[0].metrics();
+                let stores = shards.into_iter().map(|s| s as Arc<dyn LedgerStore>).collect();
+                let ledger = Ledger::with_shards(stores, key, cfg.epoch, cfg.tickets_per_minute, Clock::System);
+                (ledger, Some(metrics))
             }
         };
         tracing::info!(tracker_key = %ledger.public_key(), "signing tickets and ledger heads");

@@ -6,6 +6,11 @@
 //! [`PgStore`] in PostgreSQL for a cell of replicas, where one replica at a time sequences the appends under
 //! a lease fenced by a token (`pg.rs`).
 //!
+//! The ledger is one or more **shards** ([`shard_of`] a receipt's session): each is a Merkle log of its own
+//! in its own store, with its own leaves, heads, sealed epochs and sequencer, so the shards of a cell are
+//! appended by different replicas at once. A redemption batch is split by shard; each shard's part is one
+//! append. The embedded store is one shard.
+//!
 //! Everything a redemption changes — the chain's redeemed index, the ticket's and node's totals, the new
 //! ledger leaves and the Merkle subtrees they complete — is one [`Append`], which a store applies atomically
 //! and durably (a synced RocksDB batch; a PostgreSQL transaction with synchronous commit), and only then is
@@ -22,8 +27,8 @@ use ed25519_dalek::SigningKey;
 use fog_net::per_source::PerSource;
 use fog_proto::api::{Membership, Signed, SignedError, KIND_MEMBERSHIP};
 use fog_proto::credits::{
-    chain_links, check_batch, ticket_id, BatchError, ChainId, Commitment, Digest, LedgerLeaf, Outcome, Receipt,
-    Redeemed, SessionId, Ticket, TicketId, TreeHead, KIND_COMMITMENT, KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
+    chain_links, check_batch, shard_of, ticket_id, BatchError, ChainId, Commitment, Digest, LedgerLeaf, Outcome,
+    Receipt, Redeemed, SessionId, Ticket, TicketId, TreeHead, KIND_COMMITMENT, KIND_TICKET, KIND_TREE_HEAD, MAX_CHAIN,
 };
 use fog_proto::merkle::{self, Hash, SubtreeSource};
 use fog_proto::{ContentId, NodeId};
@@ -32,11 +37,14 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Clock;
 use crate::db::Db;
 
+mod forward;
 mod pg;
 mod rocks;
 #[cfg(test)]
 mod tests;
 
+pub use fog_proto::credits::MAX_SHARDS;
+pub use forward::{forward, Forward, ForwardError, FORWARD_PATH, FORWARD_TIMEOUT, KIND_FORWARD};
 pub use pg::{export_to_postgres, ExportStats, PgStore, LEASE};
 pub use rocks::RocksStore;
 pub(crate) use rocks::COLUMN_FAMILIES;
@@ -76,6 +84,14 @@ pub enum LedgerError {
     /// Another replica holds the sequencer's lease: the node keeps its receipts and redeems again.
     #[error("the replica at {holder_url} sequences the ledger now; redeem again shortly")]
     NotSequencer { holder_url: String },
+    /// The database's ledger was made with another shard count: sessions would move between logs.
+    #[error(
+        "the ledger in this database has {database} shard(s), not {configured}: changing the count would move \
+         sessions between logs; start every replica with --ledger-shards {database}"
+    )]
+    ShardCount { database: u32, configured: u32 },
+    #[error("no ledger shard {0}")]
+    NoShard(u32),
     #[error("cannot export the ledger into a database that already holds one ({size} records)")]
     NotEmpty { size: u64 },
     #[error("the exported ledger differs from the original: {0}")]
@@ -99,6 +115,8 @@ impl LedgerError {
             | Self::NotEmpty { .. }
             | Self::Setup(_)
             | Self::ExportMismatch(_)
+            | Self::ShardCount { .. }
+            | Self::NoShard(_)
             | Self::Batch(_) => false,
             _ => true,
         }
@@ -205,8 +223,11 @@ pub struct RecordProof {
 pub struct NodeStatement {
     #[serde(flatten)]
     pub totals: NodeCredits,
-    /// The node's latest ledger records, newest first, with their leaf indices.
+    /// The node's latest ledger records, newest first, with their leaf indices (in their shard's log).
     pub records: Vec<(u64, LedgerLeaf)>,
+    /// The shard of each record, in the same order; left out for a one-shard ledger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<u32>,
     pub rejected: Vec<Rejection>,
 }
 
@@ -264,6 +285,12 @@ impl Append {
 /// issuing a ticket writes nothing. Blocking: called off the async workers (or briefly on them for reads, as
 /// RocksDB reads always were).
 pub trait LedgerStore: Send + Sync + std::fmt::Debug {
+    /// Called every second or so: whether this process should sequence this shard (a store shared by
+    /// replicas divides its shards among the live ones, and gives up the lease of one it no longer
+    /// should); a store of its own always should.
+    fn tend(&self) -> Result<bool, LedgerError> {
+        Ok(true)
+    }
     /// Makes this process the log's sequencer if it may be, and returns its fencing token: a store shared by
     /// replicas fails with [`LedgerError::NotSequencer`] while another holds the lease.
     fn sequence(&self) -> Result<u64, LedgerError>;
@@ -299,26 +326,48 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     fn chain(&self, session: &SessionId, node: &NodeId) -> Result<Option<ChainState>, LedgerError>;
     fn ticket_used(&self, session: &SessionId) -> Result<u64, LedgerError>;
     fn node_epoch(&self, node: &NodeId, epoch: u64) -> Result<u64, LedgerError>;
-    /// The node's credit per epoch, oldest first.
+    /// The node's credit per epoch, oldest first, summed over every shard of the store's database.
     fn node_epochs(&self, node: &NodeId) -> Result<Vec<EpochLine>, LedgerError>;
-    /// Nodes with credit, in id order.
+    /// Nodes with credit in any shard of the store's database, in id order.
     fn credited_nodes(&self) -> Result<Vec<NodeId>, LedgerError>;
     fn rejected_seq(&self, node: &NodeId) -> Result<u64, LedgerError>;
-    /// The node's kept rejections, oldest first.
+    /// The node's kept rejections in every shard of the store's database, oldest first per shard.
     fn rejections(&self, node: &NodeId) -> Result<Vec<Rejection>, LedgerError>;
+}
+
+/// One shard: its store, and the lock that makes this process's appends to it sequential.
+#[derive(Debug)]
+struct Shard {
+    store: Arc<dyn LedgerStore>,
+    /// Serialises this process's redemptions and seals in the shard: its appends are sequential.
+    write: Mutex<()>,
 }
 
 #[derive(Debug)]
 pub struct Ledger {
-    store: Arc<dyn LedgerStore>,
+    shards: Vec<Shard>,
     key: SigningKey,
     epoch_len: Duration,
     ticket_ttl: Duration,
     clock: Clock,
-    /// Serialises this process's redemptions and seals: ledger appends are sequential.
-    write: Mutex<()>,
     /// Tickets per client source per minute: self-dealing through fake clients needs many sources.
     tickets: PerSource,
+}
+
+/// What [`Ledger::redeem_shards`] did with a batch: an answer per receipt redeemed, and the shards whose
+/// receipts it could not redeem here, with why (another replica sequences it, or the database failed).
+#[derive(Debug, Default)]
+pub struct Redemption {
+    /// In the batch's order; `None` for the receipts of the shards in `failed` (and of shards not asked for).
+    pub results: Vec<Option<Redeemed>>,
+    pub failed: Vec<(u32, LedgerError)>,
+}
+
+impl Redemption {
+    /// The answers, in the batch's order, leaving out receipts not redeemed.
+    pub fn answered(self) -> Vec<Redeemed> {
+        self.results.into_iter().flatten().collect()
+    }
 }
 
 /// Complete subtrees of the committed log, with the batch being built layered on top; the first read error
@@ -364,7 +413,7 @@ impl Ledger {
         Self::with_store(Arc::new(RocksStore::new(db)), key, epoch_len, tickets_per_minute, clock)
     }
 
-    /// A ledger kept in `store` (a [`PgStore`] for a cell of replicas).
+    /// A ledger of one shard kept in `store`.
     pub fn with_store(
         store: Arc<dyn LedgerStore>,
         key: SigningKey,
@@ -372,15 +421,46 @@ impl Ledger {
         tickets_per_minute: u32,
         clock: Clock,
     ) -> Self {
+        Self::with_shards(vec![store], key, epoch_len, tickets_per_minute, clock)
+    }
+
+    /// A ledger of `stores.len()` shards, shard `i` kept in `stores[i]` ([`PgStore::connect_shards`] for a
+    /// cell of replicas).
+    pub fn with_shards(
+        stores: Vec<Arc<dyn LedgerStore>>,
+        key: SigningKey,
+        epoch_len: Duration,
+        tickets_per_minute: u32,
+        clock: Clock,
+    ) -> Self {
+        assert!(!stores.is_empty(), "a ledger has at least one shard");
         Self {
-            store,
+            shards: stores.into_iter().map(|store| Shard { store, write: Mutex::new(()) }).collect(),
             key,
             epoch_len,
             ticket_ttl: Duration::from_secs(6 * 3600),
             clock,
-            write: Mutex::new(()),
             tickets: PerSource::new(tickets_per_minute, tickets_per_minute),
         }
+    }
+
+    /// How many shards the ledger has.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    fn store(&self, shard: u32) -> Result<&dyn LedgerStore, LedgerError> {
+        self.shards.get(shard as usize).map(|s| &*s.store).ok_or(LedgerError::NoShard(shard))
+    }
+
+    /// The store of the shard `session` is in.
+    fn store_of(&self, session: &SessionId) -> &dyn LedgerStore {
+        &*self.shards[shard_of(session, self.shard_count()) as usize].store
+    }
+
+    /// The store that answers for every shard of its database (a node's totals, rejections): shard 0's.
+    fn any_store(&self) -> &dyn LedgerStore {
+        &*self.shards[0].store
     }
 
     pub fn public_key(&self) -> NodeId {
@@ -401,9 +481,9 @@ impl Ledger {
         self.epoch_at(self.clock.now_ms())
     }
 
-    /// Leaves in the log.
-    pub fn size(&self) -> Result<u64, LedgerError> {
-        self.store.size()
+    /// Leaves in a shard's log.
+    pub fn size(&self, shard: u32) -> Result<u64, LedgerError> {
+        self.store(shard)?.size()
     }
 
     /// Issues a ticket for `client_key`'s session over `nodes` (with their assigned chunk counts), or `None`
@@ -447,34 +527,108 @@ impl Ledger {
     }
 
     /// Redeems a node's receipts, with the tickets they were made under (`RedeemBatch::tickets`): each is
-    /// credited, a duplicate, or rejected with a reason. A batch out of bounds is refused whole
-    /// ([`LedgerError::Batch`]). Blocking (signature checks, hash-chain walks, a durable write): call it off
-    /// the async workers.
+    /// credited, a duplicate, or rejected with a reason; the answers are in the batch's order. A batch out
+    /// of bounds is refused whole ([`LedgerError::Batch`]). The receipts of a shard this process cannot
+    /// append to now (another replica sequences it) are left out of the answers; when that is every
+    /// receipt, the first shard's error is returned. Blocking (signature checks, hash-chain walks, a
+    /// durable write): call it off the async workers.
     pub fn redeem(&self, node: NodeId, receipts: &[Receipt], tickets: &[Signed]) -> Result<Vec<Redeemed>, LedgerError> {
+        let mut done = self.redeem_shards(node, receipts, tickets, None)?;
+        if !done.failed.is_empty() && done.results.iter().all(Option::is_none) {
+            return Err(done.failed.swap_remove(0).1);
+        }
+        Ok(done.answered())
+    }
+
+    /// Redeems the receipts of `only` these shards (all: `None`), each shard's part in one append, and says
+    /// which shards' parts it could not append ([`Redemption`]).
+    pub fn redeem_shards(
+        &self,
+        node: NodeId,
+        receipts: &[Receipt],
+        tickets: &[Signed],
+        only: Option<&[u32]>,
+    ) -> Result<Redemption, LedgerError> {
         check_batch(receipts, tickets)?;
         let now = self.clock.now_ms();
-        let epoch = self.epoch_at(now);
-        // Signatures and chain walks need no ledger state: done before taking the lock, so a batch of
+        let shards: Vec<u32> = receipts.iter().map(|r| self.receipt_shard(r)).collect();
+        let wanted = |shard: u32| only.is_none_or(|o| o.contains(&shard));
+        // Signatures and chain walks need no ledger state: done before taking a shard's lock, so a batch of
         // expensive receipts delays only its own redemption.
         let tickets = self.open_tickets(tickets);
-        let verified = receipts.iter().map(|r| self.verify(node, r, &tickets, now)).collect::<Result<Vec<_>, _>>()?;
-        let _guard = self.write.lock().expect("ledger write lock");
+        let mut verified = Vec::with_capacity(receipts.len());
+        for (r, &shard) in receipts.iter().zip(&shards) {
+            verified.push(if wanted(shard) { Some(self.verify(node, r, &tickets, now)?) } else { None });
+        }
+        let mut todo: Vec<u32> = shards.iter().copied().filter(|&s| wanted(s)).collect();
+        todo.sort_unstable();
+        todo.dedup();
+        let mut done = Redemption { results: vec![None; receipts.len()], failed: Vec::new() };
+        for shard in todo {
+            let part: Vec<usize> = (0..receipts.len()).filter(|&i| shards[i] == shard).collect();
+            let checks: Vec<(&Receipt, Result<Verified, Refusal>)> =
+                part.iter().filter_map(|&i| Some((&receipts[i], verified[i].take()?))).collect();
+            match self.redeem_part(shard, node, now, checks) {
+                Ok(results) => {
+                    for (i, r) in part.into_iter().zip(results) {
+                        done.results[i] = Some(r);
+                    }
+                }
+                Err(e) => done.failed.push((shard, e)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// `batch` (a node's signed redemption) wrapped for the replica sequencing `shards`, signed with the
+    /// tracker key the replicas share.
+    pub fn sign_forward(&self, shards: Vec<u32>, batch: &Signed) -> Signed {
+        Signed::sign(&self.key, KIND_FORWARD, &Forward { shards, batch: batch.clone() })
+    }
+
+    /// A forward another replica of this cell signed, or `None` if it is not one.
+    pub fn open_forward(&self, signed: &Signed) -> Option<Forward> {
+        if signed.node_id != self.public_key() {
+            return None;
+        }
+        signed.open::<Forward>(KIND_FORWARD).ok().filter(|f| f.shards.len() <= MAX_SHARDS as usize)
+    }
+
+    /// The shard a receipt is redeemed in: its session's, as the commitment names it (read unverified:
+    /// a receipt whose commitment is forged or malformed is refused in whichever shard this says, 0 if none).
+    fn receipt_shard(&self, r: &Receipt) -> u32 {
+        serde_json::from_str::<Commitment>(&r.commitment.payload)
+            .map_or(0, |c| shard_of(&c.session, self.shard_count()))
+    }
+
+    /// One shard's part of a batch, as one append to the shard's log.
+    fn redeem_part(
+        &self,
+        shard: u32,
+        node: NodeId,
+        now: u64,
+        checks: Vec<(&Receipt, Result<Verified, Refusal>)>,
+    ) -> Result<Vec<Redeemed>, LedgerError> {
+        let epoch = self.epoch_at(now);
+        let Shard { store, write } = &self.shards[shard as usize];
+        let store = &**store;
+        let _guard = write.lock().expect("ledger write lock");
         // The token before any state is read: if another replica takes over meanwhile, the commit fails.
-        let token = self.store.sequence()?;
-        let base_size = self.store.size()?;
+        let token = store.sequence()?;
+        let base_size = store.size()?;
         let mut out = Append::new(node, token, base_size);
         let mut pending_tree: HashMap<(u32, u64), Hash> = HashMap::new();
         // State touched earlier in this batch must be seen by later receipts in it.
         let mut chains: HashMap<(SessionId, NodeId), ChainState> = HashMap::new();
         let mut used: HashMap<SessionId, TicketUse> = HashMap::new();
-        let mut node_epoch = self.store.node_epoch(&node, epoch)?;
+        let mut node_epoch = store.node_epoch(&node, epoch)?;
         let node_epoch_before = node_epoch;
-        let mut rejected_seq = self.store.rejected_seq(&node)?;
-        let mut results = Vec::with_capacity(receipts.len());
-        for (r, verified) in receipts.iter().zip(verified) {
+        let mut rejected_seq = store.rejected_seq(&node)?;
+        let mut results = Vec::with_capacity(checks.len());
+        for (r, verified) in checks {
             let chain_id = r.chain_id();
             let outcome = match verified {
-                Ok(v) => self.apply(v, &mut chains, &mut used)?,
+                Ok(v) => self.apply(store, v, &mut chains, &mut used)?,
                 Err(reason) => Check::Reject(reason),
             };
             let result = match outcome {
@@ -493,6 +647,7 @@ impl Ledger {
                         outcome: Outcome::Rejected,
                         reason: Some(reason),
                         leaf_index: None,
+                        shard,
                     }
                 }
                 Check::Duplicate => Redeemed {
@@ -502,11 +657,12 @@ impl Ledger {
                     outcome: Outcome::Duplicate,
                     reason: None,
                     leaf_index: None,
+                    shard,
                 },
                 Check::Credit { session, bytes, capped } => {
                     let leaf = LedgerLeaf { epoch, node, session, chain_index: r.index, credited_bytes: bytes };
                     let leaf_index = out.new_size();
-                    self.append(&mut out, &mut pending_tree, leaf_index, leaf.bytes())?;
+                    append(store, &mut out, &mut pending_tree, leaf_index, leaf.bytes())?;
                     node_epoch += bytes;
                     Redeemed {
                         chain_id,
@@ -515,6 +671,7 @@ impl Ledger {
                         outcome: Outcome::Credited,
                         reason: capped.then(|| "capped at the ticket's budget or the node's assignment".into()),
                         leaf_index: Some(leaf_index),
+                        shard,
                     }
                 }
             };
@@ -527,7 +684,7 @@ impl Ledger {
             out.node_epoch = Some((epoch, node_epoch));
         }
         out.rejected_seq = rejected_seq;
-        self.store.commit(&out)?;
+        store.commit(&out)?;
         Ok(results)
     }
 
@@ -570,7 +727,7 @@ impl Ledger {
             Some(Ok(t)) => t.clone(),
             Some(Err(why)) => return reject(*why),
             // Not in the batch: a ticket an older tracker stored (an older node sends none).
-            None => match self.store.ticket(&c.session)? {
+            None => match self.store_of(&c.session).ticket(&c.session)? {
                 Some(stored) if c.ticket_id != ticket_id(&stored.signed) => return reject(Refusal::OtherTicket),
                 Some(stored) => stored.ticket,
                 None if tickets.sessions.contains(&c.session) => return reject(Refusal::OtherTicket),
@@ -615,9 +772,11 @@ impl Ledger {
         }))
     }
 
-    /// Credits a verified receipt against the chain's and the ticket's state (under the write lock).
+    /// Credits a verified receipt against the chain's and the ticket's state in `store`, its session's
+    /// shard (under the shard's write lock).
     fn apply(
         &self,
+        store: &dyn LedgerStore,
         v: Verified,
         chains: &mut HashMap<(SessionId, NodeId), ChainState>,
         used: &mut HashMap<SessionId, TicketUse>,
@@ -625,14 +784,14 @@ impl Ledger {
         let (session, node) = v.chain;
         let state = match chains.get(&v.chain) {
             Some(s) => *s,
-            None => self.store.chain(&session, &node)?.unwrap_or_default(),
+            None => store.chain(&session, &node)?.unwrap_or_default(),
         };
         if v.index <= state.index {
             return Ok(Check::Duplicate);
         }
         let spent = match used.get(&session) {
             Some(u) => u.used,
-            None => self.store.ticket_used(&session)?,
+            None => store.ticket_used(&session)?,
         };
         let claimed = u64::from(v.index - state.index) * v.unit;
         let bytes = claimed.min(v.node_cap.saturating_sub(state.credited)).min(v.byte_budget.saturating_sub(spent));
@@ -645,107 +804,103 @@ impl Ledger {
         Ok(Check::Credit { session, bytes, capped: bytes < claimed })
     }
 
-    /// Adds leaf `index` and the complete subtrees it closes to `out`.
-    fn append(
-        &self,
-        out: &mut Append,
-        pending: &mut HashMap<(u32, u64), Hash>,
-        index: u64,
-        leaf: Vec<u8>,
-    ) -> Result<(), LedgerError> {
-        let mut hash = merkle::leaf_hash(&leaf);
-        out.leaves.push((index, leaf));
-        let (mut level, mut i) = (0u32, index);
-        loop {
-            pending.insert((level, i), hash);
-            out.subtrees.push((level, i, hash));
-            if i.is_multiple_of(2) {
-                return Ok(());
-            }
-            let left = match pending.get(&(level, i - 1)) {
-                Some(h) => *h,
-                None => self.store.subtree(level, i - 1)?.ok_or(LedgerError::MissingSubtree { level, index: i - 1 })?,
-            };
-            hash = merkle::node_hash(&left, &hash);
-            level += 1;
-            i /= 2;
-        }
+    /// The signed head of a shard's log as it is now.
+    pub fn head(&self, shard: u32) -> Result<Signed, LedgerError> {
+        self.head_at(shard, self.clock.now_ms())
     }
 
-    fn view(&self) -> TreeView<'_> {
-        TreeView::new(&*self.store, None)
-    }
-
-    /// The signed head of the log as it is now.
-    pub fn head(&self) -> Result<Signed, LedgerError> {
-        self.head_at(self.clock.now_ms())
-    }
-
-    fn head_at(&self, now_ms: u64) -> Result<Signed, LedgerError> {
+    fn head_at(&self, shard: u32, now_ms: u64) -> Result<Signed, LedgerError> {
+        let store = self.store(shard)?;
         // Leaves below `size` and their subtrees are final once committed: the root read after the size is
         // the root of that size, whoever appends meanwhile.
-        let size = self.store.size()?;
-        let view = self.view();
+        let size = store.size()?;
+        let view = TreeView::new(store, None);
         let root = merkle::root(&view, size);
-        let head =
-            TreeHead { size, root: Digest(view.finish(root)?), epoch: self.epoch_at(now_ms), timestamp_ms: now_ms };
+        let head = TreeHead {
+            size,
+            root: Digest(view.finish(root)?),
+            epoch: self.epoch_at(now_ms),
+            timestamp_ms: now_ms,
+            shard,
+        };
         Ok(Signed::sign(&self.key, KIND_TREE_HEAD, &head))
     }
 
-    /// The head signed when `epoch` ended, if it has.
-    pub fn epoch_head(&self, epoch: u64) -> Result<Option<Signed>, LedgerError> {
-        self.store.epoch_head(epoch)
+    /// The head signed when `epoch` ended in a shard, if it has.
+    pub fn epoch_head(&self, shard: u32, epoch: u64) -> Result<Option<Signed>, LedgerError> {
+        self.store(shard)?.epoch_head(epoch)
     }
 
-    /// Forgets the redemption state of tickets that can no longer be redeemed (expired, and past the grace
-    /// epoch): receipts for them are refused by the epoch check before that state is consulted. Keeps the
-    /// state bounded by the ticket lifetime. Returns how many tickets were forgotten.
-    fn prune_expired(&self, now_ms: u64) -> Result<usize, LedgerError> {
+    /// Forgets the redemption state of a shard's tickets that can no longer be redeemed (expired, and past
+    /// the grace epoch): receipts for them are refused by the epoch check before that state is consulted.
+    /// Keeps the state bounded by the ticket lifetime. Returns how many tickets were forgotten.
+    fn prune_expired(&self, shard: u32, now_ms: u64) -> Result<usize, LedgerError> {
         let horizon = now_ms.saturating_sub(self.epoch_len.as_millis() as u64 * 2);
-        self.store.prune_tickets(horizon, self.epoch_at(now_ms))
+        self.store(shard)?.prune_tickets(horizon, self.epoch_at(now_ms))
     }
 
-    /// Signs and keeps the head for every finished epoch not sealed yet, and prunes dead tickets
-    /// (called periodically). With replicas, the sequencer seals; the others leave it to it.
+    /// For every shard this process should sequence ([`LedgerStore::tend`]): keeps its lease, signs and
+    /// keeps the head of every finished epoch not sealed yet, and prunes dead tickets (called every second
+    /// or so). Shards other replicas sequence are left to them. Returns the first shard's error, after
+    /// tending the others.
     pub fn seal_epochs(&self) -> Result<(), LedgerError> {
         let now = self.clock.now_ms();
-        let current = self.epoch_at(now);
-        if current == 0 || self.store.sealed()? >= current {
+        let mut first = None;
+        for shard in 0..self.shard_count() {
+            if let Err(e) = self.tend_shard(shard, now) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn tend_shard(&self, shard: u32, now: u64) -> Result<(), LedgerError> {
+        let Shard { store, write } = &self.shards[shard as usize];
+        if !store.tend()? {
             return Ok(());
         }
-        let _guard = self.write.lock().expect("ledger write lock");
-        let token = match self.store.sequence() {
-            Ok(token) => token,
-            Err(LedgerError::NotSequencer { .. }) => return Ok(()),
-            Err(e) => return Err(e),
+        let sequence = || match store.sequence() {
+            Ok(token) => Ok(Some(token)),
+            Err(LedgerError::NotSequencer { .. }) => Ok(None),
+            Err(e) => Err(e),
         };
-        let dropped = self.prune_expired(now)?;
-        if dropped > 0 {
-            tracing::info!(dropped, "forgot expired credit tickets");
+        let current = self.epoch_at(now);
+        if current == 0 || store.sealed()? >= current {
+            // The shard's sequencer keeps its lease while idle, so its receipts find it ready.
+            return sequence().map(drop);
         }
-        let head = self.head_at(now)?;
-        self.store.seal(token, current - 1, &head)
+        let _guard = write.lock().expect("ledger write lock");
+        let Some(token) = sequence()? else { return Ok(()) };
+        let dropped = self.prune_expired(shard, now)?;
+        if dropped > 0 {
+            tracing::info!(dropped, shard, "forgot expired credit tickets");
+        }
+        let head = self.head_at(shard, now)?;
+        store.seal(token, current - 1, &head)
     }
 
-    pub fn leaf(&self, index: u64) -> Result<Option<LedgerLeaf>, LedgerError> {
-        self.store.leaf(index)
+    pub fn leaf(&self, shard: u32, index: u64) -> Result<Option<LedgerLeaf>, LedgerError> {
+        self.store(shard)?.leaf(index)
     }
 
-    pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Digest>, LedgerError> {
-        let size = size.min(self.store.size()?);
-        let view = self.view();
+    pub fn inclusion(&self, shard: u32, index: u64, size: u64) -> Result<Vec<Digest>, LedgerError> {
+        let store = self.store(shard)?;
+        let size = size.min(store.size()?);
+        let view = TreeView::new(store, None);
         let proof = merkle::inclusion_proof(&view, index, size);
         Ok(view.finish(proof)?.into_iter().map(Digest).collect())
     }
 
-    /// Leaves `indices` (at most [`MAX_RECORDS`]) with their inclusion proofs in the tree of `size` leaves,
-    /// so a node checks a round of its records in one request; indices beyond the tree are left out.
-    pub fn records(&self, indices: &[u64], size: u64) -> Result<Vec<RecordProof>, LedgerError> {
-        let size = size.min(self.store.size()?);
+    /// A shard's leaves `indices` (at most [`MAX_RECORDS`]) with their inclusion proofs in its tree of
+    /// `size` leaves, so a node checks a round of its records in one request; indices beyond the tree are
+    /// left out.
+    pub fn records(&self, shard: u32, indices: &[u64], size: u64) -> Result<Vec<RecordProof>, LedgerError> {
+        let store = self.store(shard)?;
+        let size = size.min(store.size()?);
         let mut out = Vec::new();
         for &index in indices.iter().take(MAX_RECORDS).filter(|&&i| i < size) {
-            if let Some(leaf) = self.leaf(index)? {
-                let view = self.view();
+            if let Some(leaf) = store.leaf(index)? {
+                let view = TreeView::new(store, None);
                 let proof = merkle::inclusion_proof(&view, index, size);
                 let proof = view.finish(proof)?.into_iter().map(Digest).collect();
                 out.push(RecordProof { index, leaf, proof });
@@ -754,37 +909,76 @@ impl Ledger {
         Ok(out)
     }
 
-    pub fn consistency(&self, first: u64, second: u64) -> Result<Vec<Digest>, LedgerError> {
-        let second = second.min(self.store.size()?);
-        let view = self.view();
+    pub fn consistency(&self, shard: u32, first: u64, second: u64) -> Result<Vec<Digest>, LedgerError> {
+        let store = self.store(shard)?;
+        let second = second.min(store.size()?);
+        let view = TreeView::new(store, None);
         let proof = merkle::consistency_proof(&view, first.min(second), second);
         Ok(view.finish(proof)?.into_iter().map(Digest).collect())
     }
 
-    /// Bytes credited to `node` over all epochs.
+    /// Bytes credited to `node` over all epochs and shards.
     pub fn credited(&self, node: &NodeId) -> Result<u64, LedgerError> {
         Ok(self.node_totals(node)?.credited_bytes)
     }
 
     fn node_totals(&self, node: &NodeId) -> Result<NodeCredits, LedgerError> {
-        let epochs = self.store.node_epochs(node)?;
+        let epochs = self.any_store().node_epochs(node)?;
         Ok(NodeCredits { node_id: *node, credited_bytes: epochs.iter().map(|e| e.credited_bytes).sum(), epochs })
     }
 
     /// Every node's credit, per epoch (`GET /v1/credits`).
     pub fn all_credits(&self) -> Result<Vec<NodeCredits>, LedgerError> {
-        self.store.credited_nodes()?.iter().map(|n| self.node_totals(n)).collect()
+        self.any_store().credited_nodes()?.iter().map(|n| self.node_totals(n)).collect()
     }
 
-    /// A node's itemised statement: totals, latest records, rejected receipts with reasons.
+    /// A node's itemised statement: totals, latest records (of every shard), rejected receipts with reasons.
     pub fn statement(&self, node: &NodeId, max_records: usize) -> Result<NodeStatement, LedgerError> {
         let totals = self.node_totals(node)?;
-        // Newest first, among the newest 10 000 leaves: the statement's cost stays bounded.
-        let size = self.store.size()?;
-        let records = self.store.node_records(node, size.saturating_sub(10_000), size, max_records)?;
-        let mut rejected = self.store.rejections(node)?;
+        // Newest first, among each shard's newest 10 000 leaves: the statement's cost stays bounded.
+        let mut records = Vec::new();
+        for shard in 0..self.shard_count() {
+            let store = self.store(shard)?;
+            let size = store.size()?;
+            let mine = store.node_records(node, size.saturating_sub(10_000), size, max_records)?;
+            records.extend(mine.into_iter().map(|(index, leaf)| (shard, index, leaf)));
+        }
+        // Newest first across shards: by epoch, then by index within a shard.
+        records.sort_by_key(|r| std::cmp::Reverse((r.2.epoch, r.1)));
+        records.truncate(max_records);
+        let shards = if self.shard_count() > 1 { records.iter().map(|r| r.0).collect() } else { Vec::new() };
+        let records = records.into_iter().map(|(_, index, leaf)| (index, leaf)).collect();
+        let mut rejected = self.any_store().rejections(node)?;
         rejected.reverse();
-        Ok(NodeStatement { totals, records, rejected })
+        Ok(NodeStatement { totals, records, shards, rejected })
+    }
+}
+
+/// Adds leaf `index` and the complete subtrees it closes to `out`, reading the left siblings not in the
+/// batch from `store`, the leaf's shard.
+fn append(
+    store: &dyn LedgerStore,
+    out: &mut Append,
+    pending: &mut HashMap<(u32, u64), Hash>,
+    index: u64,
+    leaf: Vec<u8>,
+) -> Result<(), LedgerError> {
+    let mut hash = merkle::leaf_hash(&leaf);
+    out.leaves.push((index, leaf));
+    let (mut level, mut i) = (0u32, index);
+    loop {
+        pending.insert((level, i), hash);
+        out.subtrees.push((level, i, hash));
+        if i.is_multiple_of(2) {
+            return Ok(());
+        }
+        let left = match pending.get(&(level, i - 1)) {
+            Some(h) => *h,
+            None => store.subtree(level, i - 1)?.ok_or(LedgerError::MissingSubtree { level, index: i - 1 })?,
+        };
+        hash = merkle::node_hash(&left, &hash);
+        level += 1;
+        i /= 2;
     }
 }
 

@@ -1,13 +1,20 @@
 //! The ledger in PostgreSQL, shared by the replicas of a cell (`docs/credits.md`, Storage).
 //!
-//! The log is split into shards (the schema and the code carry the shard key; one shard, 0, for now). Each
-//! shard's appends are made by one **sequencer**: the replica holding the shard's lease, a row in
+//! The log is split into shards (`--ledger-shards`, recorded in `ledger_config` the first time: changing it
+//! would move sessions between logs, so a replica started with another count refuses to start). Each
+//! shard is a Merkle log of its own, with its own leaves, subtrees, sealed heads and chain state, and its
+//! appends are made by one **sequencer**: the replica holding the shard's lease, a row in
 //! `ledger_shards` with the holder, its advertised URL, the lease's end and a **fencing token**. Every
 //! append is one transaction that reads the shard row `FOR UPDATE`, compares the token (and the log's
 //! size) with the ones its state was read under, writes the leaves, subtrees, chains and totals, bumps the
 //! size and commits: a replica that lost the lease (paused, partitioned, presumed dead) fails there and
 //! writes nothing. Any replica takes over a lease that expired, with the token + 1. Every session runs with
 //! `synchronous_commit = on` (money, and leases: a lost takeover could hand one token to two replicas).
+//!
+//! The replicas divide the shards: each says it is alive in `ledger_replicas` every second
+//! ([`LedgerStore::tend`]), and a shard belongs to the live replica rendezvous hashing picks for it. That
+//! replica takes and keeps its lease; another takes it only while its owner is not alive (and gives it
+//! back once it is), so leases move only when replicas come and go.
 //!
 //! The store caches nothing but its lease: every read goes to the database, so a replica that takes over
 //! has nothing to rebuild, and what it reads is what the previous sequencer committed.
@@ -18,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use fog_proto::api::Signed;
-use fog_proto::credits::{Digest, LedgerLeaf, SessionId};
+use fog_proto::credits::{Digest, LedgerLeaf, SessionId, MAX_SHARDS};
 use fog_proto::merkle::{self, Hash};
 use fog_proto::NodeId;
 use serde::de::DeserializeOwned;
@@ -34,8 +41,9 @@ use crate::store::pg as store_pg;
 /// How long a sequencer's lease lasts; it renews it when half has passed while it appends. A replica that
 /// dies holds up appends (nodes keep their receipts and redeem again) for at most this long.
 pub const LEASE: Duration = Duration::from_secs(5);
-/// The only shard for now.
-const SHARD: i32 = 0;
+/// How often a replica says it is alive and reads who else is (at most; a quarter lease if that is
+/// shorter). A replica not seen for a lease is not alive; one not seen for ten is forgotten.
+const TEND_EVERY: Duration = Duration::from_secs(1);
 /// Rows per transaction of an export.
 const EXPORT_BATCH: usize = 4096;
 
@@ -93,13 +101,33 @@ ALTER TABLE ledger_ticket_used ADD COLUMN expiry_ms bigint, ADD COLUMN epoch big
 CREATE INDEX ledger_ticket_used_by_expiry ON ledger_ticket_used (shard, expiry_ms);
 ";
 
-/// Takes the lease if it expired (token + 1) or renews it if this replica holds it (same token: nobody
-/// else can have written since it took it). Times are the database's, so replicas' clocks do not matter.
+/// Migration 3, shards: how many the ledger has (one row, written once), and the replicas alive lately,
+/// among which the shards are divided.
+const SHARDS: &str = "
+CREATE TABLE ledger_config (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    shards integer NOT NULL
+);
+CREATE TABLE ledger_replicas (replica text PRIMARY KEY, seen timestamptz NOT NULL);
+";
+
+/// Records the shard count the first time; a ledger written before shards were counted has one (its
+/// sessions are all in shard 0, and must stay there).
+const RECORD_SHARDS: &str = "
+INSERT INTO ledger_config (shards)
+SELECT CASE WHEN EXISTS (SELECT 1 FROM ledger_shards WHERE size > 0 OR sealed > 0)
+              OR EXISTS (SELECT 1 FROM ledger_chains) OR EXISTS (SELECT 1 FROM ledger_tickets)
+            THEN 1 ELSE $1::int4 END
+ON CONFLICT DO NOTHING";
+
+/// Renews the lease if this replica holds it (same token: nobody else can have written since it took it),
+/// or, if `$5`, takes it if it expired (token + 1). Times are the database's, so replicas' clocks do not
+/// matter.
 const TAKE_LEASE: &str = "
 UPDATE ledger_shards
    SET token = CASE WHEN holder = $2 THEN token ELSE token + 1 END,
        holder = $2, holder_url = $3, lease_until = clock_timestamp() + make_interval(secs => $4)
- WHERE shard = $1 AND (holder = $2 OR lease_until < clock_timestamp())
+ WHERE shard = $1 AND (holder = $2 OR ($5 AND lease_until < clock_timestamp()))
 RETURNING token";
 
 /// One ledger record, as `fog-tracker export` copies it. A ticket's spending (`Used`) carries the ticket's
@@ -124,29 +152,42 @@ struct Held {
     renew_at: Instant,
 }
 
-pub struct PgStore {
+/// What the shards of one replica share: the database client, and who this replica is.
+struct Client {
     /// The client's own runtime: the ledger's callers are blocking code, on any runtime or none.
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     pool: Pool,
-    shard: i32,
-    /// This process, as the lease's holder.
+    /// This process, as the leases' holder.
     replica: String,
-    /// Where this replica answers, advertised in the lease for operators and for the nodes' errors.
+    /// Where this replica answers, advertised in the lease for operators and for the other replicas, which
+    /// forward a shard's receipts there.
     url: String,
     lease: Duration,
+    metrics: LedgerMetrics,
+    /// The replicas alive at the last look (sorted; empty: never looked, as a store nobody tends), and when
+    /// that was.
+    live: Mutex<(Option<Instant>, Vec<String>)>,
+}
+
+/// One shard of the ledger in PostgreSQL, as one replica sees it.
+pub struct PgStore {
+    client: Arc<Client>,
+    shard: i32,
     held: Mutex<Option<Held>>,
     /// The token this process held last (0: none): a token taken that is neither is a takeover.
     last_token: Mutex<u64>,
-    metrics: LedgerMetrics,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgStore").field("shard", &self.shard).field("replica", &self.replica).finish_non_exhaustive()
+        f.debug_struct("PgStore")
+            .field("shard", &self.shard)
+            .field("replica", &self.client.replica)
+            .finish_non_exhaustive()
     }
 }
 
-impl Drop for PgStore {
+impl Drop for Client {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which an async caller's thread must not; its tasks need no goodbye.
         if let Some(rt) = self.rt.get_mut().ok().and_then(Option::take) {
@@ -171,10 +212,34 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("ledger records serialise")
 }
 
+/// The live replica rendezvous hashing gives `shard` to: the highest hash of (shard, replica).
+pub(super) fn owner(shard: u32, live: &[String]) -> Option<&str> {
+    let weight = |r: &String| {
+        let mut h = blake3::Hasher::new();
+        h.update(b"fog-ledger-shard-v1");
+        h.update(&shard.to_be_bytes());
+        h.update(r.as_bytes());
+        *h.finalize().as_bytes()
+    };
+    live.iter().max_by_key(|r| weight(r)).map(String::as_str)
+}
+
 impl PgStore {
-    /// Connects to `conn` (a libpq connection string; several hosts with `target_session_attrs=read-write`
-    /// follow a failover), creates the ledger's tables if missing, and names this replica by `url`.
+    /// A one-shard ledger: [`connect_shards`](Self::connect_shards) with one shard, as a database exported
+    /// from an embedded tracker has.
     pub fn connect(conn: &str, url: &str, lease: Duration) -> Result<Self, LedgerError> {
+        let mut shards = Self::connect_shards(conn, url, lease, 1)?;
+        Ok(Arc::into_inner(shards.remove(0)).expect("only this reference"))
+    }
+
+    /// Connects to `conn` (a libpq connection string; several hosts with `target_session_attrs=read-write`
+    /// follow a failover), creates the ledger's tables if missing, records `shards` if no count is
+    /// recorded yet, and names this replica by `url`: the stores of shards `0..shards`, sharing one client.
+    /// Fails with [`LedgerError::ShardCount`] when the database's ledger has another count.
+    pub fn connect_shards(conn: &str, url: &str, lease: Duration, shards: u32) -> Result<Vec<Arc<Self>>, LedgerError> {
+        if !(1..=MAX_SHARDS).contains(&shards) {
+            return Err(LedgerError::Setup(format!("a ledger has 1 to {MAX_SHARDS} shards, not {shards}")));
+        }
         // Money: every ledger commit waits until the synchronous standby has it.
         let pool = store_pg::pool(conn, "-c synchronous_commit=on")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -183,27 +248,65 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| LedgerError::Setup(e.to_string()))?;
-        let store = Self {
+        let client = Arc::new(Client {
             rt: Mutex::new(Some(rt)),
             pool,
-            shard: SHARD,
             replica: hex::encode(rand::random::<[u8; 8]>()),
             url: url.to_string(),
             lease,
-            held: Mutex::new(None),
-            last_token: Mutex::new(0),
             metrics: LedgerMetrics::default(),
-        };
-        let (pool, shard) = (store.pool.clone(), store.shard);
-        store.block("creating the ledger's tables", async move {
-            store_pg::migrate(&pool, "ledger", &[SCHEMA, TICKET_USE]).await?;
+            live: Mutex::new((None, Vec::new())),
+        });
+        let pool = client.pool.clone();
+        let recorded = client.block("creating the ledger's tables", async move {
+            store_pg::migrate(&pool, "ledger", &[SCHEMA, TICKET_USE, SHARDS]).await?;
             let c = pool.get().await?;
-            c.execute("INSERT INTO ledger_shards (shard) VALUES ($1) ON CONFLICT DO NOTHING", &[&shard]).await?;
-            Ok(())
+            c.execute(RECORD_SHARDS, &[&(shards as i32)]).await?;
+            let recorded: i32 = c.query_one("SELECT shards FROM ledger_config", &[]).await?.get(0);
+            if recorded as u32 == shards {
+                let sql =
+                    "INSERT INTO ledger_shards (shard) SELECT generate_series(0, $1::int4 - 1) ON CONFLICT DO NOTHING";
+                c.execute(sql, &[&(shards as i32)]).await?;
+            }
+            Ok(recorded as u32)
         })?;
-        Ok(store)
+        if recorded != shards {
+            return Err(LedgerError::ShardCount { database: recorded, configured: shards });
+        }
+        client.metrics.shards(shards);
+        Ok((0..shards)
+            .map(|shard| {
+                Arc::new(Self {
+                    client: client.clone(),
+                    shard: shard as i32,
+                    held: Mutex::new(None),
+                    last_token: Mutex::new(0),
+                })
+            })
+            .collect())
     }
 
+    fn pool(&self) -> Pool {
+        self.client.pool.clone()
+    }
+
+    fn block<T, F>(&self, what: &'static str, fut: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, LedgerError>> + Send + 'static,
+    {
+        self.client.block(what, fut)
+    }
+
+    /// Whether this replica may take this shard's lease: it is the shard's owner among the live replicas,
+    /// or it does not know who is alive (nobody tends this store).
+    fn may_take(&self) -> bool {
+        let live = self.client.live.lock().expect("ledger replicas lock");
+        live.1.is_empty() || owner(self.shard as u32, &live.1) == Some(self.client.replica.as_str())
+    }
+}
+
+impl Client {
     /// Runs `fut` on the client's runtime and waits for it, for at most [`LEDGER_QUERY_TIMEOUT`].
     fn block<T, F>(&self, what: &'static str, fut: F) -> Result<T, LedgerError>
     where
@@ -228,12 +331,46 @@ impl PgStore {
         }
     }
 
+    /// Says this replica is alive and reads which replicas are (at most once per [`TEND_EVERY`]).
+    fn tend(&self) -> Result<(), LedgerError> {
+        let every = TEND_EVERY.min(self.lease / 4);
+        if self.live.lock().expect("ledger replicas lock").0.is_some_and(|at| at.elapsed() < every) {
+            return Ok(());
+        }
+        let (pool, replica, alive) = (self.pool.clone(), self.replica.clone(), self.lease.as_secs_f64());
+        let live = self.block("saying this replica is alive", async move {
+            let c = pool.get().await?;
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO ledger_replicas (replica, seen) VALUES ($1, clock_timestamp())
+                     ON CONFLICT (replica) DO UPDATE SET seen = EXCLUDED.seen",
+                )
+                .await?;
+            c.execute(&st, &[&replica]).await?;
+            let st = c
+                .prepare_cached("DELETE FROM ledger_replicas WHERE seen < clock_timestamp() - make_interval(secs => $1::float8 * 10)")
+                .await?;
+            c.execute(&st, &[&alive]).await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT replica FROM ledger_replicas WHERE seen > clock_timestamp() - make_interval(secs => $1::float8)
+                     ORDER BY replica",
+                )
+                .await?;
+            Ok(c.query(&st, &[&alive]).await?.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        })?;
+        *self.live.lock().expect("ledger replicas lock") = (Some(Instant::now()), live);
+        Ok(())
+    }
+}
+
+impl PgStore {
     /// One row's first column, or `None`.
     fn one<T>(&self, what: &'static str, sql: &'static str, params: Params) -> Result<Option<T>, LedgerError>
     where
         T: for<'a> tokio_postgres::types::FromSql<'a> + Send + 'static,
     {
-        let pool = self.pool.clone();
+        let pool = self.pool();
         self.block(what, async move {
             let c = pool.get().await?;
             let st = c.prepare_cached(sql).await?;
@@ -248,7 +385,7 @@ impl PgStore {
         T: Send + 'static,
         F: Fn(&tokio_postgres::Row) -> Result<T, LedgerError> + Send + 'static,
     {
-        let pool = self.pool.clone();
+        let pool = self.pool();
         self.block(what, async move {
             let c = pool.get().await?;
             let st = c.prepare_cached(sql).await?;
@@ -261,7 +398,7 @@ impl PgStore {
     /// while an export runs).
     fn import(&self, records: Vec<Record>) -> Result<(), LedgerError> {
         let token = self.sequence()?;
-        let (pool, shard) = (self.pool.clone(), self.shard);
+        let (pool, shard) = (self.pool(), self.shard);
         self.block("importing ledger records", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;
@@ -336,25 +473,27 @@ impl PgStore {
 
     /// The lease's metrics (`fog_tracker_ledger_*`), for the tracker's registry.
     pub fn metrics(&self) -> LedgerMetrics {
-        self.metrics.clone()
+        self.client.metrics.clone()
     }
 
     /// The lease was lost to another replica: `what` was refused.
     fn fenced(&self, token: u64, what: &str) {
-        tracing::warn!(token, "lost the ledger's lease to another replica; {what}");
+        tracing::warn!(token, shard = self.shard, "lost the ledger shard's lease to another replica; {what}");
         *self.held.lock().expect("ledger lease lock") = None;
-        self.metrics.sequencer.held_until(None);
-        self.metrics.fenced.inc();
+        self.client.metrics.sequencer(self.shard as u32).held_until(None);
+        self.client.metrics.fenced(self.shard as u32).inc();
     }
 
     /// Gives up the lease if this replica holds it, so that another takes over without waiting it out.
     pub fn release(&self) -> Result<(), LedgerError> {
-        let (pool, shard, replica) = (self.pool.clone(), self.shard, self.replica.clone());
+        let (pool, shard, replica) = (self.pool(), self.shard, self.client.replica.clone());
         *self.held.lock().expect("ledger lease lock") = None;
-        self.metrics.sequencer.held_until(None);
+        self.client.metrics.sequencer(self.shard as u32).held_until(None);
         self.block("releasing the ledger's lease", async move {
             let c = pool.get().await?;
-            let sql = "UPDATE ledger_shards SET lease_until = '-infinity' WHERE shard = $1 AND holder = $2";
+            // No holder: whoever takes it next, this replica included, moves the token on.
+            let sql = "UPDATE ledger_shards SET lease_until = '-infinity', holder = NULL, holder_url = NULL
+                       WHERE shard = $1 AND holder = $2";
             c.execute(sql, &[&shard, &replica]).await?;
             Ok(())
         })
@@ -374,13 +513,19 @@ impl PgStore {
     pub(super) fn holds_lease(&self) -> bool {
         let sql = "SELECT holder FROM ledger_shards WHERE shard = $1";
         let holder = self.one::<Option<String>>("reading the lease", sql, Params::new().int(self.shard));
-        holder.ok().flatten().flatten().as_deref() == Some(self.replica.as_str())
+        holder.ok().flatten().flatten().as_deref() == Some(self.client.replica.as_str())
+    }
+
+    /// This replica's id, as leases and `ledger_replicas` name it.
+    #[cfg(test)]
+    pub(super) fn replica(&self) -> &str {
+        &self.client.replica
     }
 
     /// Ends the client as a killed replica's would end: in-flight transactions are cut off mid-way.
     #[cfg(test)]
     pub(super) fn kill(&self) {
-        if let Some(rt) = self.rt.lock().expect("ledger runtime lock").take() {
+        if let Some(rt) = self.client.rt.lock().expect("ledger runtime lock").take() {
             rt.shutdown_background();
         }
     }
@@ -442,6 +587,19 @@ async fn fence(
 }
 
 impl LedgerStore for PgStore {
+    fn tend(&self) -> Result<bool, LedgerError> {
+        self.client.tend()?;
+        if self.may_take() {
+            return Ok(true);
+        }
+        // Another live replica owns this shard: it takes the lease once this one gives it up.
+        if self.held.lock().expect("ledger lease lock").is_some() {
+            tracing::info!(shard = self.shard, "handing the ledger shard's lease to the replica that owns it");
+            self.release()?;
+        }
+        Ok(false)
+    }
+
     fn sequence(&self) -> Result<u64, LedgerError> {
         let mut held = self.held.lock().expect("ledger lease lock");
         if let Some(h) = *held {
@@ -450,12 +608,13 @@ impl LedgerStore for PgStore {
             }
         }
         let started = Instant::now();
-        let (pool, shard, replica, url) = (self.pool.clone(), self.shard, self.replica.clone(), self.url.clone());
-        let lease = self.lease.as_secs_f64();
+        let (pool, shard, replica, url) =
+            (self.pool(), self.shard, self.client.replica.clone(), self.client.url.clone());
+        let (lease, may_take) = (self.client.lease.as_secs_f64(), self.may_take());
         let got = self.block("taking the ledger's lease", async move {
             let c = pool.get().await?;
             let st = c.prepare_cached(TAKE_LEASE).await?;
-            if let Some(row) = c.query_opt(&st, &[&shard, &replica, &url, &lease]).await? {
+            if let Some(row) = c.query_opt(&st, &[&shard, &replica, &url, &lease, &may_take]).await? {
                 return Ok(Ok(u(row.get::<_, i64>(0))));
             }
             let row = c.query_one("SELECT holder_url FROM ledger_shards WHERE shard = $1", &[&shard]).await?;
@@ -464,22 +623,22 @@ impl LedgerStore for PgStore {
         match got {
             Ok(Ok(token)) => {
                 if held.is_none_or(|h| h.token != token) {
-                    tracing::info!(token, shard = self.shard, "this replica sequences the ledger now");
+                    tracing::info!(token, shard = self.shard, "this replica sequences the ledger shard now");
                 }
                 // The token moves on only when the holder changes; 1 is the first holder's.
                 let mut last = self.last_token.lock().expect("ledger lease lock");
                 if token != *last && token > 1 {
-                    self.metrics.takeovers.inc();
+                    self.client.metrics.takeovers(self.shard as u32).inc();
                 }
                 *last = token;
-                *held = Some(Held { token, renew_at: started + self.lease / 2 });
+                *held = Some(Held { token, renew_at: started + self.client.lease / 2 });
                 // The database started the lease after `started`: it lasts at least this long.
-                self.metrics.sequencer.held_until(Some(started + self.lease));
+                self.client.metrics.sequencer(self.shard as u32).held_until(Some(started + self.client.lease));
                 Ok(token)
             }
             Ok(Err(holder_url)) => {
                 *held = None;
-                self.metrics.sequencer.held_until(None);
+                self.client.metrics.sequencer(self.shard as u32).held_until(None);
                 Err(LedgerError::NotSequencer { holder_url })
             }
             Err(e) => Err(e),
@@ -487,7 +646,8 @@ impl LedgerStore for PgStore {
     }
 
     fn commit(&self, a: &Append) -> Result<(), LedgerError> {
-        let (pool, shard, a) = (self.pool.clone(), self.shard, a.clone());
+        let a_size = a.new_size();
+        let (pool, shard, a) = (self.pool(), self.shard, a.clone());
         let result = self.block("appending to the ledger", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;
@@ -581,6 +741,9 @@ impl LedgerStore for PgStore {
             tx.commit().await?;
             Ok(())
         });
+        if result.is_ok() {
+            self.client.metrics.size(self.shard as u32).set(i(a_size));
+        }
         if let Err(LedgerError::Fenced { token }) = &result {
             self.fenced(*token, "the batch was not written");
         }
@@ -588,7 +751,7 @@ impl LedgerStore for PgStore {
     }
 
     fn seal(&self, token: u64, epoch: u64, head: &Signed) -> Result<(), LedgerError> {
-        let (pool, shard, head) = (self.pool.clone(), self.shard, to_json(head));
+        let (pool, shard, head) = (self.pool(), self.shard, to_json(head));
         let result = self.block("sealing an epoch", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;
@@ -614,7 +777,7 @@ impl LedgerStore for PgStore {
 
     #[cfg(test)]
     fn put_ticket(&self, t: &StoredTicket) -> Result<(), LedgerError> {
-        let (pool, shard) = (self.pool.clone(), self.shard);
+        let (pool, shard) = (self.pool(), self.shard);
         let (session, expiry, epoch, stored) =
             (t.ticket.session.as_bytes().to_vec(), i(t.ticket.expiry_ms), i(t.ticket.epoch), to_json(t));
         self.block("storing a ticket", async move {
@@ -631,7 +794,7 @@ impl LedgerStore for PgStore {
     }
 
     fn prune_tickets(&self, horizon_ms: u64, current_epoch: u64) -> Result<usize, LedgerError> {
-        let (pool, shard) = (self.pool.clone(), self.shard);
+        let (pool, shard) = (self.pool(), self.shard);
         self.block("forgetting expired tickets", async move {
             let mut c = pool.get().await?;
             let tx = c.transaction().await?;

@@ -89,6 +89,11 @@ impl Fixture {
         ledger.redeem(node, batch, &tickets)
     }
 
+    /// The (only) shard's store.
+    fn store(&self) -> &dyn LedgerStore {
+        self.ledger.store(0).expect("shard 0")
+    }
+
     fn redeem(&self, receipt: Receipt) -> Redeemed {
         self.redeem_on(&self.ledger, self.node, &[receipt]).expect("redeem").remove(0)
     }
@@ -99,20 +104,32 @@ fn refused(r: &Redeemed, why: Refusal) {
 }
 
 fn head_of(ledger: &Ledger) -> TreeHead {
-    let signed = ledger.head().expect("head");
-    assert_eq!(signed.node_id, ledger.public_key());
-    signed.open(KIND_TREE_HEAD).expect("signed by the tracker")
+    head_in(ledger, 0)
 }
 
-/// Every leaf below `head.size` is there and proves its inclusion; `earlier` heads are consistent with it.
+/// The signed head of `shard`, checked to be the tracker's and to name the shard.
+fn head_in(ledger: &Ledger, shard: u32) -> TreeHead {
+    let signed = ledger.head(shard).expect("head");
+    assert_eq!(signed.node_id, ledger.public_key());
+    let head: TreeHead = signed.open(KIND_TREE_HEAD).expect("signed by the tracker");
+    assert_eq!(head.shard, shard);
+    head
+}
+
+/// Every leaf below `head.size` of the head's shard is there and proves its inclusion; `earlier` heads of
+/// the shard are consistent with it.
 fn check_log(ledger: &Ledger, head: &TreeHead, earlier: &[TreeHead]) {
+    let shard = head.shard;
     for index in 0..head.size {
-        let leaf = ledger.leaf(index).expect("read").unwrap_or_else(|| panic!("leaf {index} of {} missing", head.size));
-        let proof: Vec<Hash> = ledger.inclusion(index, head.size).expect("proof").iter().map(|d| d.0).collect();
+        let leaf = ledger.leaf(shard, index).expect("read");
+        let leaf = leaf.unwrap_or_else(|| panic!("leaf {index} of {} in shard {shard} missing", head.size));
+        let proof: Vec<Hash> = ledger.inclusion(shard, index, head.size).expect("proof").iter().map(|d| d.0).collect();
         assert!(merkle::verify_inclusion(&leaf.bytes(), index, head.size, &proof, &head.root.0), "leaf {index}");
     }
     for old in earlier {
-        let proof: Vec<Hash> = ledger.consistency(old.size, head.size).expect("proof").iter().map(|d| d.0).collect();
+        assert_eq!(old.shard, shard, "consistency is between heads of one shard");
+        let proof: Vec<Hash> =
+            ledger.consistency(shard, old.size, head.size).expect("proof").iter().map(|d| d.0).collect();
         assert!(
             merkle::verify_consistency(old.size, head.size, &proof, &old.root.0, &head.root.0),
             "the head of size {} is not consistent with the one of size {}",
@@ -155,13 +172,13 @@ fn each_finished_epoch_is_sealed_by_a_signed_head(new: NewStore) {
     let ticket = f.issue();
     assert_eq!(f.redeem(f.receipt(&ticket, 2)).outcome, Outcome::Credited);
     f.ledger.seal_epochs().expect("seal");
-    assert!(f.ledger.epoch_head(epoch).expect("read").is_none(), "sealed before the epoch ended");
+    assert!(f.ledger.epoch_head(0, epoch).expect("read").is_none(), "sealed before the epoch ended");
     f.clock.advance(MINUTE);
     f.ledger.seal_epochs().expect("seal");
-    let head = f.ledger.epoch_head(epoch).expect("read").expect("the finished epoch is sealed");
+    let head = f.ledger.epoch_head(0, epoch).expect("read").expect("the finished epoch is sealed");
     let head: TreeHead = head.open(KIND_TREE_HEAD).expect("signed by the tracker");
     assert_eq!((head.size, head.timestamp_ms), (1, f.clock.now_ms()));
-    let leaf = f.ledger.leaf(0).expect("read").expect("leaf");
+    let leaf = f.ledger.leaf(0, 0).expect("read").expect("leaf");
     assert!(merkle::verify_inclusion(&leaf.bytes(), 0, 1, &[], &head.root.0));
 }
 
@@ -169,14 +186,14 @@ fn expired_tickets_are_pruned_and_live_ones_kept(new: NewStore) {
     let f = fixture(new(), MINUTE);
     let (a, b) = (f.issue(), f.issue());
     assert_eq!(f.redeem(f.receipt(&a, 1)).outcome, Outcome::Credited);
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
+    assert_eq!(f.ledger.prune_expired(0, f.clock.now_ms()).expect("prune"), 0, "live tickets were dropped");
     f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
     // Only a ticket with receipts redeemed left state behind (issuing stores nothing).
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
+    assert_eq!(f.ledger.prune_expired(0, f.clock.now_ms()).expect("prune"), 1);
     for (_, t) in [&a, &b] {
-        assert!(f.ledger.store.ticket(&t.session).expect("get").is_none());
-        assert_eq!(f.ledger.store.ticket_used(&t.session).expect("get"), 0);
-        assert!(f.ledger.store.chain(&t.session, &f.node).expect("get").is_none());
+        assert!(f.store().ticket(&t.session).expect("get").is_none());
+        assert_eq!(f.store().ticket_used(&t.session).expect("get"), 0);
+        assert!(f.store().chain(&t.session, &f.node).expect("get").is_none());
     }
     assert_eq!(f.ledger.credited(&f.node).expect("credit"), 1, "pruning tickets forgot credit");
 }
@@ -251,7 +268,7 @@ fn credits_totals_statements_and_proofs_agree(new: NewStore) {
     assert_eq!(indices, [2, 1], "newest first, at most as many as asked");
     let reasons: Vec<_> = statement.rejected.iter().map(|r| r.reason.clone()).collect();
     assert_eq!(reasons, [Refusal::NotYours.to_string(), Refusal::BadChain.to_string()], "newest first");
-    let records = f.ledger.records(&[3, 0, 9], head.size).expect("records");
+    let records = f.ledger.records(0, &[3, 0, 9], head.size).expect("records");
     assert_eq!(records.iter().map(|r| r.index).collect::<Vec<_>>(), [3, 0], "beyond the tree is left out");
     for r in records {
         let proof: Vec<Hash> = r.proof.iter().map(|d| d.0).collect();
@@ -269,21 +286,21 @@ fn rejections_are_kept_bounded(new: NewStore) {
     f.redeem_on(&f.ledger, f.node, &batch[..3]).expect("redeem");
     let statement = f.ledger.statement(&f.node, 10).expect("statement");
     assert_eq!(statement.rejected.len() as u64, REJECTIONS_KEPT);
-    assert_eq!(f.ledger.store.rejected_seq(&f.node).expect("seq"), REJECTIONS_KEPT + 8);
-    assert_eq!(f.ledger.size().expect("size"), 0);
+    assert_eq!(f.store().rejected_seq(&f.node).expect("seq"), REJECTIONS_KEPT + 8);
+    assert_eq!(f.ledger.size(0).expect("size"), 0);
 }
 
 /// A ticket is stored nowhere: the batch carries it, and a receipt credits against it.
 fn stateless_tickets_redeem_with_nothing_stored_at_issue(new: NewStore) {
     let f = fixture(new(), MINUTE);
     let ticket = f.issue();
-    assert!(f.ledger.store.ticket(&ticket.1.session).expect("read").is_none(), "issuing stored the ticket");
-    assert_eq!(f.ledger.store.ticket_used(&ticket.1.session).expect("read"), 0);
-    assert_eq!(f.ledger.size().expect("size"), 0);
+    assert!(f.store().ticket(&ticket.1.session).expect("read").is_none(), "issuing stored the ticket");
+    assert_eq!(f.store().ticket_used(&ticket.1.session).expect("read"), 0);
+    assert_eq!(f.ledger.size(0).expect("size"), 0);
     let r = f.redeem(f.receipt(&ticket, 2));
     assert_eq!((r.outcome, r.credited_bytes, r.leaf_index), (Outcome::Credited, 2, Some(0)), "{r:?}");
-    assert!(f.ledger.store.ticket(&ticket.1.session).expect("read").is_none(), "redeeming stored the ticket");
-    assert_eq!(f.ledger.store.ticket_used(&ticket.1.session).expect("read"), 2);
+    assert!(f.store().ticket(&ticket.1.session).expect("read").is_none(), "redeeming stored the ticket");
+    assert_eq!(f.store().ticket_used(&ticket.1.session).expect("read"), 2);
     // Without its ticket, nothing says the session was issued.
     let r = &f.ledger.redeem(f.node, &[f.receipt(&ticket, 3)], &[]).expect("redeem")[0];
     refused(r, Refusal::NoTicket);
@@ -323,7 +340,7 @@ fn batch_tickets_are_checked(new: NewStore) {
     refused(&f.redeem(f.receipt(&good, 2)), Refusal::WrongEpoch);
 
     // Out of bounds: the whole batch is refused, saying why, and nothing is written.
-    let size = f.ledger.size().expect("size");
+    let size = f.ledger.size(0).expect("size");
     let fresh = f.issue();
     let one = [f.receipt(&fresh, 1)];
     let refusal = |receipts: &[Receipt], tickets: &[Signed]| match f.ledger.redeem(f.node, receipts, tickets) {
@@ -347,8 +364,8 @@ fn batch_tickets_are_checked(new: NewStore) {
     let many: Vec<Receipt> = (0..=MAX_BATCH).map(|_| one[0].clone()).collect();
     let e = refusal(&many, std::slice::from_ref(&fresh.0));
     assert_eq!(e, BatchError::TooManyReceipts(MAX_BATCH + 1));
-    assert_eq!(f.ledger.size().expect("size"), size);
-    assert_eq!(f.ledger.store.ticket_used(&fresh.1.session).expect("read"), 0);
+    assert_eq!(f.ledger.size(0).expect("size"), size);
+    assert_eq!(f.store().ticket_used(&fresh.1.session).expect("read"), 0);
 }
 
 /// A ticket's budget is kept with its spending, across batches and nodes, and across a prune that keeps
@@ -370,15 +387,15 @@ fn budget_holds_across_batches_and_a_prune(new: NewStore) {
     };
     assert_eq!(paid(f.node, 3), (Outcome::Credited, 3));
     f.clock.advance(MINUTE);
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 0);
+    assert_eq!(f.ledger.prune_expired(0, f.clock.now_ms()).expect("prune"), 0);
     assert_eq!(paid(other, 4), (Outcome::Credited, 2), "the budget's rest, across the prune");
     assert_eq!(paid(f.node, 4).1, 0, "the budget is used up");
-    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 5);
+    assert_eq!(f.store().ticket_used(&t.1.session).expect("read"), 5);
     f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
-    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 0);
-    assert!(f.ledger.store.chain(&t.1.session, &f.node).expect("read").is_none());
-    assert!(f.ledger.store.chain(&t.1.session, &other).expect("read").is_none());
+    assert_eq!(f.ledger.prune_expired(0, f.clock.now_ms()).expect("prune"), 1);
+    assert_eq!(f.store().ticket_used(&t.1.session).expect("read"), 0);
+    assert!(f.store().chain(&t.1.session, &f.node).expect("read").is_none());
+    assert!(f.store().chain(&t.1.session, &other).expect("read").is_none());
     let r = f.redeem_on(&f.ledger, other, &[receipt(&f.client, &t, other, 6, 4)]).expect("redeem");
     refused(&r[0], Refusal::WrongEpoch);
     assert_eq!(f.ledger.credited(&f.node).expect("credit") + f.ledger.credited(&other).expect("credit"), 5);
@@ -389,18 +406,18 @@ fn budget_holds_across_batches_and_a_prune(new: NewStore) {
 fn tickets_stored_by_older_trackers_still_redeem(new: NewStore) {
     let f = fixture(new(), MINUTE);
     let (signed, ticket) = f.issue();
-    f.ledger.store.put_ticket(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() }).expect("store");
+    f.store().put_ticket(&StoredTicket { signed: signed.clone(), ticket: ticket.clone() }).expect("store");
     let t = (signed, ticket);
     let r = &f.ledger.redeem(f.node, &[f.receipt(&t, 1)], &[]).expect("redeem")[0];
     assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 1), "{r:?}");
     // A newer node sends the ticket too: the same chain goes on.
     assert_eq!(f.redeem(f.receipt(&t, 3)).credited_bytes, 2);
-    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 3);
+    assert_eq!(f.store().ticket_used(&t.1.session).expect("read"), 3);
     f.clock.advance(f.ledger.ticket_ttl + 3 * MINUTE);
-    assert_eq!(f.ledger.prune_expired(f.clock.now_ms()).expect("prune"), 1);
-    assert!(f.ledger.store.ticket(&t.1.session).expect("read").is_none());
-    assert_eq!(f.ledger.store.ticket_used(&t.1.session).expect("read"), 0);
-    assert!(f.ledger.store.chain(&t.1.session, &f.node).expect("read").is_none());
+    assert_eq!(f.ledger.prune_expired(0, f.clock.now_ms()).expect("prune"), 1);
+    assert!(f.store().ticket(&t.1.session).expect("read").is_none());
+    assert_eq!(f.store().ticket_used(&t.1.session).expect("read"), 0);
+    assert!(f.store().chain(&t.1.session, &f.node).expect("read").is_none());
 }
 
 fn conformance(new: NewStore) {
@@ -460,12 +477,12 @@ fn rocksdb_format_is_unchanged() {
     assert_eq!(get("ledger_meta", &[b"rejseq/".as_slice(), f.node.as_bytes()].concat()), 0u64.to_be_bytes());
     // A ticket an older tracker stored, and the spending it wrote: read as they were written.
     let old = f.issue();
-    f.ledger.store.put_ticket(&StoredTicket { signed: old.0.clone(), ticket: old.1.clone() }).expect("store");
+    f.store().put_ticket(&StoredTicket { signed: old.0.clone(), ticket: old.1.clone() }).expect("store");
     let stored: serde_json::Value =
         serde_json::from_slice(&get("credit_tickets", old.1.session.to_hex().as_bytes())).expect("json");
     assert_eq!(stored["signed"], serde_json::to_value(&old.0).expect("json"));
     db.raw().put_cf(db.cf("credit_ticket_used"), old.1.session.to_hex(), 1u64.to_be_bytes()).expect("put");
-    assert_eq!(f.ledger.store.ticket_used(&old.1.session).expect("read"), 1);
+    assert_eq!(f.store().ticket_used(&old.1.session).expect("read"), 1);
     let r = &f.ledger.redeem(f.node, &[f.receipt(&old, 3)], &[]).expect("redeem")[0];
     assert_eq!((r.outcome, r.credited_bytes), (Outcome::Credited, 3), "{r:?}");
 }
@@ -506,7 +523,7 @@ fn export_keeps_indices_and_roots() {
     let tickets: Vec<_> = (0..5).map(|_| f.issue()).collect();
     // One of them stored, as an older tracker did.
     let (signed, ticket) = tickets[4].clone();
-    f.ledger.store.put_ticket(&StoredTicket { signed, ticket }).expect("store");
+    f.store().put_ticket(&StoredTicket { signed, ticket }).expect("store");
     for t in &tickets {
         f.redeem(f.receipt(t, 2));
     }
@@ -516,7 +533,7 @@ fn export_keeps_indices_and_roots() {
     f.clock.advance(MINUTE);
     f.ledger.seal_epochs().expect("seal");
     let before = head_of(&f.ledger);
-    let sealed = f.ledger.epoch_head(f.ledger.epoch() - 1).expect("read").expect("sealed");
+    let sealed = f.ledger.epoch_head(0, f.ledger.epoch() - 1).expect("read").expect("sealed");
     pg.create_database("exported");
     let stats = export_to_postgres(db.clone(), &pg.conn_str_db("exported")).expect("export");
     assert_eq!((stats.size, stats.leaves, stats.heads, stats.tickets), (5, 5, 1, 1));
@@ -529,7 +546,7 @@ fn export_keeps_indices_and_roots() {
     let copy = Ledger::with_store(store, SigningKey::from_bytes(&[1; 32]), MINUTE, 100, f.clock.clone());
     let after = head_of(&copy);
     assert_eq!((after.size, after.root), (before.size, before.root));
-    assert_eq!(copy.epoch_head(f.ledger.epoch() - 1).expect("read"), Some(sealed));
+    assert_eq!(copy.epoch_head(0, f.ledger.epoch() - 1).expect("read"), Some(sealed));
     assert_eq!(copy.statement(&f.node, 10).expect("statement").rejected.len(), 1);
     check_log(&copy, &after, &[]);
     // Receipts of the same tickets go on: a duplicate stays a duplicate, more chunks credit more, up to the
@@ -551,7 +568,7 @@ fn export_keeps_indices_and_roots() {
     assert_eq!(copy.credited(&f.node).expect("credit"), 14);
     // The copied spending forgets its tickets by their expiry, as the stored ticket forgets its own.
     let later = f.clock.now_ms() + (f.ledger.ticket_ttl + 3 * MINUTE).as_millis() as u64;
-    assert_eq!(copy.prune_expired(later).expect("prune"), 5);
+    assert_eq!(copy.prune_expired(0, later).expect("prune"), 5);
     // The database's ledger has moved on: exporting the old one over it is refused.
     let refused = export_to_postgres(db, &pg.conn_str_db("exported"));
     assert!(matches!(refused, Err(LedgerError::NotEmpty { size: 8 })), "{refused:?}");
@@ -587,8 +604,8 @@ fn a_stale_sequencer_writes_nothing_and_the_next_continues_the_log() {
     let token = b.sequence().expect("b holds the lease");
     assert_eq!(token, stale + 1);
     let (ma, mb) = (a.metrics(), b.metrics());
-    assert_eq!((ma.sequencer.get(), mb.sequencer.get()), (0, 1), "a's lease ran out; b's is fresh");
-    assert_eq!((ma.takeovers.get(), mb.takeovers.get()), (0, 1), "the first lease is nobody's takeover");
+    assert_eq!((ma.sequencer(0).get(), mb.sequencer(0).get()), (0, 1), "a's lease ran out; b's is fresh");
+    assert_eq!((ma.takeovers(0).get(), mb.takeovers(0).get()), (0, 1), "the first lease is nobody's takeover");
 
     // The old sequencer, still believing its lease (a pause), appends what it read before: fenced.
     let leaf = LedgerLeaf { epoch: 0, node: f.node, session: tickets[3].1.session, chain_index: 1, credited_bytes: 1 };
@@ -607,9 +624,9 @@ fn a_stale_sequencer_writes_nothing_and_the_next_continues_the_log() {
     assert!(b.subtree(0, 3).expect("read").is_none());
     assert_eq!(b.node_epoch(&f.node, 0).expect("read"), 0);
     // A stale seal is fenced the same way.
-    assert!(matches!(a.seal(stale, 7, &la.head().expect("head")), Err(LedgerError::Fenced { .. })));
+    assert!(matches!(a.seal(stale, 7, &la.head(0).expect("head")), Err(LedgerError::Fenced { .. })));
     assert!(b.epoch_head(7).expect("read").is_none());
-    assert_eq!(ma.fenced.get(), 2, "the stale append and the stale seal");
+    assert_eq!(ma.fenced(0).get(), 2, "the stale append and the stale seal");
     // The old sequencer's ledger now defers to the new one, and its reads see the new log.
     let late = f.redeem_on(&la, f.node, &[f.receipt(&tickets[3], 1)]);
     assert!(matches!(late, Err(LedgerError::NotSequencer { .. })), "{late:?}");
@@ -637,23 +654,60 @@ struct Chain {
 #[test]
 fn killing_the_sequencer_during_redemptions_loses_nothing() {
     let Some(pg) = postgres() else { return };
+    kill_sequencers_while_redeeming(&pg, "killed", 1, 2);
+}
+
+/// The same with three shards and three replicas dividing them (each tends its shards, as the sealer
+/// does): every shard's log is contiguous and consistent across the kills, and the totals exact.
+#[test]
+fn killing_sequencers_of_a_sharded_ledger_loses_nothing() {
+    let Some(pg) = postgres() else { return };
+    kill_sequencers_while_redeeming(&pg, "killed_sharded", 3, 3);
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A replica of the kill tests: its shards' stores and its ledger.
+type Replica = (Vec<Arc<PgStore>>, Arc<Ledger>);
+
+fn kill_sequencers_while_redeeming(pg: &TestPostgres, db: &str, shards: u32, replica_count: usize) {
     const CHUNKS: u32 = 32;
     const UNIT: u32 = 1000;
     const KILLS: usize = 5;
     let lease = Duration::from_millis(300);
     let clock = Clock::manual(START_MS);
-    pg.create_database("killed");
-    let conn = pg.conn_str_db("killed");
-    let start = |n: usize| {
-        let store = Arc::new(PgStore::connect(&conn, &format!("http://replica{n}.test"), lease).expect("connect"));
-        (store.clone(), Arc::new(replica(&store, &clock)))
+    pg.create_database(db);
+    let conn = pg.conn_str_db(db);
+    let start = |n: usize| -> Replica {
+        let stores =
+            PgStore::connect_shards(&conn, &format!("http://replica{n}.test"), lease, shards).expect("connect");
+        let dyns = stores.iter().map(|s| s.clone() as Arc<dyn LedgerStore>).collect();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        (stores, Arc::new(Ledger::with_shards(dyns, key, Duration::from_secs(3600), 100, clock.clone())))
     };
-    let replicas = Mutex::new(vec![start(0), start(1)]);
+    let replicas = Mutex::new((0..replica_count).map(start).collect::<Vec<_>>());
     let ids: Vec<NodeId> = (0..3u8).map(|n| SigningKey::from_bytes(&[40 + n; 32]).verifying_key().into()).collect();
     let issuer = replicas.lock().expect("replicas")[0].1.clone();
-    let mut chains = Vec::new();
-    for s in 0..12u8 {
-        let client = SigningKey::from_bytes(&[100 + s; 32]);
+    let mut chains: Vec<Chain> = Vec::new();
+    // At least 12 sessions, and at least two in every shard.
+    let covered = |chains: &[Chain]| {
+        (0..shards).all(|shard| {
+            let sessions = chains.iter().filter(|c| shard_of(&c.ticket.1.session, shards) == shard);
+            sessions.count() >= 2 * ids.len()
+        })
+    };
+    for s in 0..=u8::MAX {
+        if s >= 12 && covered(&chains) {
+            break;
+        }
+        let client = SigningKey::from_bytes(&[s; 32]);
         let signed = issuer
             .issue_ticket(
                 None,
@@ -679,24 +733,44 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
             });
         }
     }
+    assert!(covered(&chains), "sessions in every shard");
 
     let done = AtomicBool::new(false);
     let kills = std::thread::scope(|scope| {
-        // The killer: every so often cuts off whichever replica holds the lease, and starts a new one.
+        // The helpers stop however this ends (a failed assertion too: the scope waits for them).
+        let _stop = StopOnDrop(&done);
+        // With shards, every replica tends its own, as the sealer does: replicas divide the leases.
+        if shards > 1 {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let ledgers: Vec<_> = replicas.lock().expect("replicas").iter().map(|r| r.1.clone()).collect();
+                    for ledger in ledgers {
+                        // A killed replica's client fails: it is replaced meanwhile.
+                        let _ = ledger.seal_epochs();
+                    }
+                    std::thread::sleep(lease / 4);
+                }
+            });
+        }
+        // The killer: every so often cuts off a replica holding a lease, and starts a new one.
         let killer = scope.spawn(|| {
             let mut kills = 0;
-            let mut next = 2;
+            let mut next = replica_count;
             while kills < KILLS && !done.load(Ordering::Relaxed) {
                 std::thread::sleep(lease * 2);
-                let holder = replicas.lock().expect("replicas").iter().position(|(s, _)| s.holds_lease());
+                let holder = replicas
+                    .lock()
+                    .expect("replicas")
+                    .iter()
+                    .position(|(stores, _)| stores.iter().any(|s| s.holds_lease()));
                 let Some(slot) = holder else { continue };
-                let (store, ledger) = replicas.lock().expect("replicas")[slot].clone();
+                let (stores, ledger) = replicas.lock().expect("replicas")[slot].clone();
                 // Preferably while a node's redemption runs on it (the node holds its own reference).
                 let busy = Instant::now() + lease;
                 while Arc::strong_count(&ledger) < 3 && Instant::now() < busy {
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                store.kill();
+                stores[0].kill();
                 replicas.lock().expect("replicas")[slot] = start(next);
                 next += 1;
                 kills += 1;
@@ -704,11 +778,13 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
             kills
         });
         // The nodes: clients deliver a chunk at a time on every chain; each node redeems its newest
-        // receipts in batches at the replicas in turn, keeping them until acknowledged.
-        let mut acknowledged: HashMap<u64, LedgerLeaf> = HashMap::new();
-        let mut heads: Vec<TreeHead> = Vec::new();
+        // receipts in batches at the replicas in turn, keeping them until acknowledged (a replica answers
+        // for the shards it sequences only).
+        let mut acknowledged: HashMap<(u32, u64), LedgerLeaf> = HashMap::new();
+        let mut heads: HashMap<u32, Vec<TreeHead>> = HashMap::new();
         let mut pending: VecDeque<usize> = VecDeque::new();
-        let mut turn = 0usize;
+        // Each node goes to the replicas in turn, starting at its own.
+        let mut turns: HashMap<NodeId, usize> = ids.iter().enumerate().map(|(n, id)| (*id, n)).collect();
         let mut refusals: HashMap<String, usize> = HashMap::new();
         let stop = Instant::now() + Duration::from_secs(120);
         loop {
@@ -732,30 +808,49 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
                         receipt(&c.client, &c.ticket, c.node, c.seed, c.delivered)
                     })
                     .collect();
-                turn += 1;
-                let ledger = replicas.lock().expect("replicas")[turn % 2].1.clone();
+                let turn = turns.get_mut(node).expect("a node of the test");
+                *turn += 1;
+                let ledger = {
+                    let replicas = replicas.lock().expect("replicas");
+                    replicas[*turn % replicas.len()].1.clone()
+                };
                 let tickets = tickets_for(&batch, mine.iter().map(|&i| &chains[i].ticket.0));
                 match ledger.redeem(*node, &batch, &tickets) {
                     Ok(results) => {
-                        for (&i, (r, sent)) in mine.iter().zip(results.iter().zip(&batch)) {
+                        let mut answered = std::collections::BTreeSet::new();
+                        for r in &results {
                             assert_ne!(r.outcome, Outcome::Rejected, "{r:?}");
+                            let j = batch
+                                .iter()
+                                .position(|sent| sent.chain_id() == r.chain_id && sent.index == r.index)
+                                .expect("an answer for a receipt of the batch");
+                            let (i, sent) = (mine[j], &batch[j]);
+                            let session = chains[i].ticket.1.session;
+                            assert_eq!(r.shard, shard_of(&session, shards), "{r:?}");
                             if let Some(index) = r.leaf_index {
                                 let leaf = LedgerLeaf {
                                     epoch: clock.now_ms() / 3_600_000,
                                     node: *node,
-                                    session: chains[i].ticket.1.session,
+                                    session,
                                     chain_index: sent.index,
                                     credited_bytes: r.credited_bytes,
                                 };
-                                assert!(acknowledged.insert(index, leaf).is_none(), "leaf {index} acknowledged twice");
+                                let fresh = acknowledged.insert((r.shard, index), leaf).is_none();
+                                assert!(fresh, "leaf {index} of shard {} acknowledged twice", r.shard);
                             }
+                            answered.insert(r.shard);
                             chains[i].acknowledged = sent.index;
                             if chains[i].acknowledged == chains[i].delivered {
                                 pending.retain(|&p| p != i);
                             }
                         }
-                        if let Ok(head) = ledger.head() {
-                            heads.push(head.open(KIND_TREE_HEAD).expect("signed head"));
+                        if results.len() < batch.len() {
+                            *refusals.entry("partly answered".into()).or_default() += 1;
+                        }
+                        for shard in answered {
+                            if let Ok(head) = ledger.head(shard) {
+                                heads.entry(shard).or_default().push(head.open(KIND_TREE_HEAD).expect("signed head"));
+                            }
                         }
                     }
                     // The node keeps its receipts and redeems them again later.
@@ -773,26 +868,36 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
             }
             // Clients deliver a chunk per chain a few times per lease, so kills land mid-stream.
             std::thread::sleep(lease / 5);
-            assert!(Instant::now() < stop, "redemptions did not finish: {} chains pending", pending.len());
+            if Instant::now() >= stop {
+                let leases = pg.psql_db(db, "SELECT shard, holder, token, lease_until > now() FROM ledger_shards");
+                panic!("redemptions did not finish: {} chains pending; leases:\n{leases}", pending.len());
+            }
         }
         done.store(true, Ordering::Relaxed);
         let kills = killer.join().expect("killer");
 
-        // Whatever replica serves it, the log is the same.
+        // Whatever replica serves it, each shard's log is the same.
         let ledger = replicas.lock().expect("replicas")[0].1.clone();
-        let head = head_of(&ledger);
-        check_log(&ledger, &head, &heads);
-        for (index, leaf) in &acknowledged {
-            assert_eq!(ledger.leaf(*index).expect("read").as_ref(), Some(leaf), "acknowledged leaf {index} lost");
-        }
         let mut per_node: HashMap<NodeId, u64> = HashMap::new();
         let mut per_chain: HashMap<(SessionId, NodeId), u32> = HashMap::new();
-        for index in 0..head.size {
-            let leaf = ledger.leaf(index).expect("read").expect("contiguous leaves");
-            *per_node.entry(leaf.node).or_default() += leaf.credited_bytes;
-            let last = per_chain.entry((leaf.session, leaf.node)).or_default();
-            assert!(leaf.chain_index > *last, "a chain's index went backwards at leaf {index}");
-            *last = leaf.chain_index;
+        let mut sizes = Vec::new();
+        for shard in 0..shards {
+            let head = head_in(&ledger, shard);
+            check_log(&ledger, &head, heads.get(&shard).map_or(&[][..], Vec::as_slice));
+            for index in 0..head.size {
+                let leaf = ledger.leaf(shard, index).expect("read").expect("contiguous leaves");
+                assert_eq!(shard_of(&leaf.session, shards), shard, "leaf {index} is in its session's shard");
+                *per_node.entry(leaf.node).or_default() += leaf.credited_bytes;
+                let last = per_chain.entry((leaf.session, leaf.node)).or_default();
+                assert!(leaf.chain_index > *last, "a chain's index went backwards at leaf {index}");
+                *last = leaf.chain_index;
+            }
+            assert_eq!(ledger.size(shard).expect("size"), head.size);
+            sizes.push(head.size);
+        }
+        for ((shard, index), leaf) in &acknowledged {
+            let found = ledger.leaf(*shard, *index).expect("read");
+            assert_eq!(found.as_ref(), Some(leaf), "acknowledged leaf {index} of shard {shard} lost");
         }
         let sessions = chains.len() as u64 / ids.len() as u64;
         for node in &ids {
@@ -800,9 +905,182 @@ fn killing_the_sequencer_during_redemptions_loses_nothing() {
             assert_eq!(per_node.get(node).copied(), Some(exact), "the log's credit of {node}");
             assert_eq!(ledger.credited(node).expect("credit"), exact, "the totals of {node}");
         }
-        assert_eq!(ledger.size().expect("size"), head.size);
-        eprintln!("{} records, {} heads checked, retried redemptions: {refusals:?}", head.size, heads.len());
+        let checked: usize = heads.values().map(Vec::len).sum();
+        eprintln!("records per shard {sizes:?}, {checked} heads checked, retried redemptions: {refusals:?}");
         kills
     });
     assert_eq!(kills, KILLS, "the sequencer was not killed as often as planned");
+}
+
+/// The live replica rendezvous hashing picks for each shard: stable, and spread over the replicas.
+#[test]
+fn shards_are_divided_among_live_replicas_by_rendezvous() {
+    let live: Vec<String> = (0..3).map(|n| format!("replica{n}")).collect();
+    let owners: Vec<&str> = (0..300).map(|shard| pg::owner(shard, &live).expect("an owner")).collect();
+    for r in &live {
+        let n = owners.iter().filter(|o| **o == r.as_str()).count();
+        assert!((70..130).contains(&n), "{r} owns {n} of 300 shards");
+    }
+    // A replica leaving moves only its own shards.
+    let fewer = &live[..2];
+    for (shard, owner) in owners.iter().enumerate() {
+        let now = pg::owner(shard as u32, fewer).expect("an owner");
+        if *owner != "replica2" {
+            assert_eq!(now, *owner, "shard {shard} moved though its owner stayed");
+        }
+    }
+    assert_eq!(pg::owner(0, &[]), None);
+}
+
+/// A ledger of 3 shards: each session's receipts land in its shard's own log, with contiguous leaves,
+/// heads naming the shard, inclusion and consistency per shard, an epoch sealed per shard, and one
+/// statement over all of them. The count is recorded: a replica with another refuses to start, and a
+/// ledger written with one shard stays one.
+#[test]
+fn a_sharded_ledger_keeps_a_log_per_shard() {
+    let Some(pg) = postgres() else { return };
+    const SHARDS: u32 = 3;
+    pg.create_database("sharded");
+    let conn = pg.conn_str_db("sharded");
+    let stores = PgStore::connect_shards(&conn, "http://sharded.test", LEASE, SHARDS).expect("connect");
+    let dyns: Vec<Arc<dyn LedgerStore>> = stores.iter().map(|s| s.clone() as Arc<dyn LedgerStore>).collect();
+    let clock = Clock::manual(START_MS);
+    let ledger = Ledger::with_shards(dyns, SigningKey::from_bytes(&[1; 32]), MINUTE, 1000, clock.clone());
+    let f = Fixture {
+        ledger,
+        clock,
+        client: SigningKey::from_bytes(&[2; 32]),
+        node: SigningKey::from_bytes(&[3; 32]).verifying_key().into(),
+        issued: Mutex::new(Vec::new()),
+    };
+    // Tickets until every shard has two sessions.
+    let mut tickets: Vec<(Signed, Ticket)> = Vec::new();
+    while (0..SHARDS).any(|s| tickets.iter().filter(|t| shard_of(&t.1.session, SHARDS) == s).count() < 2) {
+        tickets.push(f.issue());
+    }
+    let shard = |t: &(Signed, Ticket)| shard_of(&t.1.session, SHARDS);
+    // One batch over every shard: answered in order, each receipt in its session's shard.
+    let batch: Vec<Receipt> = tickets.iter().map(|t| f.receipt(t, 2)).collect();
+    let results = f.redeem_on(&f.ledger, f.node, &batch).expect("redeem");
+    assert_eq!(results.len(), batch.len());
+    let mut next = [0u64; SHARDS as usize];
+    for (r, t) in results.iter().zip(&tickets) {
+        assert_eq!((r.outcome, r.shard), (Outcome::Credited, shard(t)), "{r:?}");
+        assert_eq!(r.leaf_index, Some(next[r.shard as usize]), "contiguous leaves in shard {}", r.shard);
+        next[r.shard as usize] += 1;
+    }
+    let first: Vec<TreeHead> = (0..SHARDS).map(|s| head_in(&f.ledger, s)).collect();
+    for (s, head) in first.iter().enumerate() {
+        assert_eq!(head.size, next[s]);
+        check_log(&f.ledger, head, &[]);
+    }
+    // More receipts: each shard's log grows on, consistent with its earlier head.
+    let batch: Vec<Receipt> = tickets.iter().map(|t| f.receipt(t, 4)).collect();
+    assert!(f.redeem_on(&f.ledger, f.node, &batch).expect("redeem").iter().all(|r| r.credited_bytes == 2));
+    assert_eq!(f.redeem_on(&f.ledger, f.node, &batch).expect("redeem")[0].outcome, Outcome::Duplicate);
+    for (s, old) in first.iter().enumerate() {
+        let head = head_in(&f.ledger, s as u32);
+        assert_eq!(head.size, 2 * next[s]);
+        check_log(&f.ledger, &head, std::slice::from_ref(old));
+    }
+    // A forged receipt is refused in the shard its commitment names.
+    let mut bad = f.receipt(&tickets[0], 4);
+    bad.preimage = Digest([0; 32]);
+    let r = f.redeem_on(&f.ledger, f.node, &[bad]).expect("redeem").remove(0);
+    assert_eq!((r.outcome, r.shard), (Outcome::Rejected, shard(&tickets[0])), "{r:?}");
+    // Each shard seals the finished epoch with a head naming it.
+    f.clock.advance(MINUTE);
+    f.ledger.seal_epochs().expect("seal");
+    for s in 0..SHARDS {
+        let sealed = f.ledger.epoch_head(s, f.ledger.epoch() - 1).expect("read").expect("sealed");
+        let sealed: TreeHead = sealed.open(KIND_TREE_HEAD).expect("head");
+        assert_eq!((sealed.shard, sealed.size), (s, 2 * next[s as usize]));
+    }
+    // One statement over the shards: every record, with its shard.
+    let total = 4 * tickets.len() as u64;
+    assert_eq!(f.ledger.credited(&f.node).expect("credit"), total);
+    let statement = f.ledger.statement(&f.node, 100).expect("statement");
+    assert_eq!(statement.records.len(), 2 * tickets.len());
+    assert_eq!(statement.shards.len(), statement.records.len());
+    for ((index, leaf), s) in statement.records.iter().zip(&statement.shards) {
+        assert_eq!(shard_of(&leaf.session, SHARDS), *s);
+        assert_eq!(f.ledger.leaf(*s, *index).expect("read").as_ref(), Some(leaf));
+    }
+    assert!(matches!(f.ledger.head(SHARDS), Err(LedgerError::NoShard(SHARDS))));
+
+    // The count is the database's now.
+    let other = PgStore::connect_shards(&conn, "http://other.test", LEASE, 2);
+    assert!(matches!(other, Err(LedgerError::ShardCount { database: 3, configured: 2 })), "{other:?}");
+    assert_eq!(PgStore::connect_shards(&conn, "http://again.test", LEASE, 3).expect("same count").len(), 3);
+    // A ledger written with one shard (as an export makes, or before shards were counted) stays one.
+    let one = pg_store(&pg, "one_shard", LEASE);
+    let g = fixture(one, MINUTE);
+    g.redeem(g.receipt(&g.issue(), 1));
+    pg.psql_db("one_shard", "DELETE FROM ledger_config");
+    let more = PgStore::connect_shards(&pg.conn_str_db("one_shard"), "http://more.test", LEASE, 4);
+    assert!(matches!(more, Err(LedgerError::ShardCount { database: 1, configured: 4 })), "{more:?}");
+}
+
+/// Three replicas tending a ledger of 4 shards: each shard's lease is held by the replica rendezvous
+/// picks among the live ones; when one is cut off, its shards move to the others, and a receipt of any
+/// shard is redeemed at the shard's holder (at the others, it is left for it).
+#[test]
+fn replicas_divide_the_shards_and_take_over_a_dead_ones() {
+    let Some(pg) = postgres() else { return };
+    const SHARDS: u32 = 4;
+    let lease = Duration::from_millis(400);
+    pg.create_database("divided");
+    let conn = pg.conn_str_db("divided");
+    let clock = Clock::manual(START_MS);
+    let replicas: Vec<Replica> = (0..3)
+        .map(|n| {
+            let stores = PgStore::connect_shards(&conn, &format!("http://r{n}.test"), lease, SHARDS).expect("connect");
+            let dyns = stores.iter().map(|s| s.clone() as Arc<dyn LedgerStore>).collect();
+            let key = SigningKey::from_bytes(&[1; 32]);
+            (stores, Arc::new(Ledger::with_shards(dyns, key, Duration::from_secs(3600), 100, clock.clone())))
+        })
+        .collect();
+    let tend = |alive: &[usize], until: &dyn Fn() -> bool| {
+        let stop = Instant::now() + Duration::from_secs(30);
+        while !until() {
+            assert!(Instant::now() < stop, "the leases did not settle");
+            for &r in alive {
+                let _ = replicas[r].1.seal_epochs();
+            }
+            std::thread::sleep(lease / 8);
+        }
+    };
+    let ids = |alive: &[usize]| {
+        let mut ids: Vec<String> = alive.iter().map(|&r| replicas[r].0[0].replica().to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let settled = |alive: &[usize]| {
+        let live = ids(alive);
+        (0..SHARDS).all(|shard| {
+            let owner = pg::owner(shard, &live).expect("an owner");
+            alive.iter().all(|&r| {
+                let store = &replicas[r].0[shard as usize];
+                store.holds_lease() == (store.replica() == owner)
+            })
+        })
+    };
+    tend(&[0, 1, 2], &|| settled(&[0, 1, 2]));
+    let holder = |shard: u32| (0..3).find(|&r| replicas[r].0[shard as usize].holds_lease()).expect("a holder");
+    // Cut off the holder of shard 0; the two others take its shards over.
+    let dead = holder(0);
+    replicas[dead].0[0].kill();
+    let alive: Vec<usize> = (0..3).filter(|&r| r != dead).collect();
+    tend(&alive, &|| settled(&alive));
+    let f = fixture(replicas[alive[0]].0[0].clone(), Duration::from_secs(3600));
+    let ticket = f.issue();
+    let s = shard_of(&ticket.1.session, SHARDS);
+    let at = holder(s);
+    let elsewhere = alive.iter().copied().find(|&r| r != at).expect("another replica");
+    let receipt = f.receipt(&ticket, 1);
+    let tickets = tickets_for(std::slice::from_ref(&receipt), [&ticket.0]);
+    let left = replicas[elsewhere].1.redeem(f.node, std::slice::from_ref(&receipt), &tickets);
+    assert!(matches!(left, Err(LedgerError::NotSequencer { .. })), "{left:?}");
+    let done = replicas[at].1.redeem(f.node, std::slice::from_ref(&receipt), &tickets).expect("at the holder");
+    assert_eq!((done[0].outcome, done[0].shard, done[0].leaf_index), (Outcome::Credited, s, Some(0)));
 }
